@@ -1,0 +1,362 @@
+"""One strict configuration tree, loaded once at start.
+
+Sources, weakest first: built-in defaults, a YAML file (``--config`` or ``EDGECAM_CONFIG``),
+then ``EDGECAM_SECTION__KEY`` environment variables. Every model forbids unknown keys, so a
+misspelt key is an error that names it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from edgecam.errors import ConfigError
+
+__all__ = [
+    "CameraConfig",
+    "EncoderConfig",
+    "FileServerConfig",
+    "OverlayConfig",
+    "RecorderConfig",
+    "Settings",
+    "StreamingConfig",
+    "TrackerConfig",
+    "VisionConfig",
+    "VotingConfig",
+    "load_settings",
+]
+
+MODELS_DIR = Path(__file__).parent / "models"
+CONFIG_ENV = "EDGECAM_CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CameraConfig(_Section):
+    name: str = Field(
+        "main",
+        pattern=r"^[A-Za-z0-9_-]{1,32}$",
+        description="Camera name, used in topics, clip names and the RTSP path.",
+    )
+    source: str = Field(
+        "test://",
+        description="A video file path, rtsp://..., v4l2:///dev/videoN or test:// (a pattern).",
+    )
+    loop: bool = Field(False, description="Play a file source again from the start at its end.")
+    width: int = Field(1280, ge=16, le=7680, description="Frame width for test:// and v4l2://.")
+    height: int = Field(720, ge=16, le=4320, description="Frame height for test:// and v4l2://.")
+    fps: int = Field(30, ge=1, le=240, description="Frame rate for test:// and v4l2://.")
+    rtsp_latency_ms: int = Field(200, ge=0, le=10000, description="rtspsrc jitter buffer.")
+    rtsp_transport: Literal["tcp", "udp"] = Field("tcp", description="RTSP transport.")
+    reconnect_min_s: float = Field(1.0, gt=0, le=60, description="First reconnect delay.")
+    reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="Longest reconnect delay.")
+    stall_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="No frame for this long from a live source: reconnect."
+    )
+    rtp_port: int | None = Field(
+        None,
+        ge=1024,
+        le=65533,
+        description="First of this camera's two loopback RTP ports (streaming, recorder); "
+        "default 5400 + 10 * camera index.",
+    )
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> CameraConfig:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        return self
+
+
+class VisionConfig(_Section):
+    profile: Literal["mask", "people"] = Field(
+        "mask", description="mask: faces + mask classifier; people: person detector."
+    )
+    detect_fps: float = Field(
+        10.0,
+        ge=0,
+        le=240,
+        description="Detections a second of video (0 = off). Offline exact; live an upper "
+        "bound: the detector takes the newest frame whenever it is free.",
+    )
+    provider: Literal["cpu", "cuda"] = Field("cpu", description="ONNX Runtime provider.")
+    threads: int = Field(2, ge=1, le=64, description="ONNX Runtime intra-op threads.")
+    face_model: Path = Field(
+        MODELS_DIR / "centerface.onnx", description="CenterFace-family face detector ONNX."
+    )
+    face_input: tuple[int, int] = Field(
+        (640, 352), description="Face detector input (width, height), multiples of 32."
+    )
+    face_threshold: float = Field(0.5, gt=0, lt=1, description="Face score threshold.")
+    mask_model: Path = Field(
+        MODELS_DIR / "mask_classifier.onnx", description="Mask classifier ONNX (224x224 NHWC)."
+    )
+    mask_crop_margin: float = Field(
+        0.3, ge=0, le=1, description="Face box enlargement before classification."
+    )
+    person_model: Path = Field(
+        MODELS_DIR / "nanodet_g.onnx", description="NanoDet-family COCO detector ONNX."
+    )
+    person_input: tuple[int, int] = Field((416, 416), description="Person detector input.")
+    person_threshold: float = Field(0.45, gt=0, lt=1, description="Person score threshold.")
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> VisionConfig:
+        w, h = self.face_input
+        if w % 32 or h % 32 or w <= 0 or h <= 0:
+            raise ValueError(f"face_input {self.face_input} must be positive multiples of 32")
+        return self
+
+
+class TrackerConfig(_Section):
+    distance_threshold: float = Field(
+        0.8, gt=0, le=1, description="Max IoU distance (1 - IoU) to match a detection."
+    )
+    hit_counter_max: int = Field(
+        15, ge=1, le=1000, description="Frames a track survives without detections."
+    )
+    initialization_delay: int = Field(
+        2, ge=0, le=100, description="Detections before a track is shown at all."
+    )
+    min_age_frames: int = Field(
+        5, ge=0, le=10000, description="Frames a track must live before it is counted."
+    )
+
+
+class VotingConfig(_Section):
+    window: int = Field(15, ge=1, le=1000, description="Classifier votes kept per track.")
+    min_votes: int = Field(3, ge=1, le=1000, description="Votes before a track leaves undecided.")
+    mask_threshold: float = Field(
+        0.5, gt=0, lt=1, description="P(mask) above which one vote says mask."
+    )
+    enter: float = Field(
+        0.7, gt=0.5, le=1, description="Share of votes needed to take a label."
+    )
+    leave: float = Field(
+        0.5, ge=0, lt=1, description="Share below which a track drops its label (hysteresis)."
+    )
+
+    @model_validator(mode="after")
+    def _check_hysteresis(self) -> VotingConfig:
+        if self.leave >= self.enter:
+            raise ValueError("leave must be < enter")
+        if self.min_votes > self.window:
+            raise ValueError("min_votes must be <= window")
+        return self
+
+
+_Colour = tuple[int, int, int]
+
+
+class OverlayConfig(_Section):
+    enabled: bool = Field(True, description="Draw boxes and counts into the video.")
+    element: Literal["overlaycomposition", "cairooverlay"] = Field(
+        "overlaycomposition", description="GStreamer element that draws."
+    )
+    colours: dict[str, _Colour] = Field(
+        default_factory=lambda: {
+            "mask": (0, 200, 0),
+            "no_mask": (230, 30, 30),
+            "undecided": (240, 200, 0),
+            "person": (0, 160, 255),
+        },
+        description="RGB colour per label.",
+    )
+    draw_ids: bool = Field(True, description="Draw track ids.")
+    draw_labels: bool = Field(True, description="Draw track labels.")
+    draw_counts: bool = Field(True, description="Draw live counts in the corner.")
+    line_width: int = Field(3, ge=1, le=20, description="Box line width in pixels.")
+    font_size: int = Field(18, ge=6, le=96, description="Text size in pixels.")
+
+
+class EncoderConfig(_Section):
+    element: Literal["auto", "x264", "openh264", "nvh264", "vaapih264"] = Field(
+        "auto", description="H.264 encoder; auto picks a hardware one when present, else x264."
+    )
+    bitrate_kbps: int = Field(2500, ge=100, le=100000, description="Target bitrate.")
+    keyframe_s: float = Field(1.0, gt=0, le=10, description="Seconds between keyframes.")
+    preset: str = Field(
+        "ultrafast", pattern=r"^[a-z]+$", description="x264 speed preset."
+    )
+
+
+class StreamingConfig(_Section):
+    enabled: bool = Field(True, description="Run the RTSP streaming worker.")
+    host: str = Field("0.0.0.0", description="RTSP listen address.")
+    port: int = Field(8554, ge=1, le=65535, description="RTSP port.")
+    user: str | None = Field(None, description="RTSP user (authentication when set).")
+    password: SecretStr | None = Field(None, description="RTSP password.")
+
+
+class RecorderConfig(_Section):
+    enabled: bool = Field(True, description="Run the recorder worker.")
+    ring_dir: Path = Field(
+        Path("/dev/shm/edgecam"), description="RAM-backed folder of recent segments."
+    )
+    ring_seconds: float = Field(60, ge=4, le=3600, description="Recent video kept in RAM.")
+    ring_max_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024 * 1024, description="Byte cap of the RAM ring."
+    )
+    segment_s: float = Field(2.0, ge=0.5, le=30, description="Target segment length.")
+    clips_dir: Path = Field(Path("clips"), description="Folder of saved clips.")
+    pre_s: float = Field(10, ge=0, le=600, description="Seconds before the trigger.")
+    post_s: float = Field(10, ge=0, le=600, description="Seconds after the trigger.")
+    max_clip_s: float = Field(120, ge=1, le=3600, description="Longest clip.")
+    max_clips_bytes: int = Field(
+        2 * 1024**3, ge=1024 * 1024, description="Total size cap of saved clips."
+    )
+    max_clip_age_days: float = Field(30, gt=0, description="Clips older than this go.")
+    min_free_bytes: int = Field(
+        512 * 1024 * 1024, ge=0, description="Never write clips below this free space."
+    )
+
+
+class FileServerConfig(_Section):
+    enabled: bool = Field(True, description="Run the clip file server.")
+    host: str = Field("127.0.0.1", description="HTTP listen address.")
+    port: int = Field(8081, ge=1, le=65535, description="HTTP port.")
+    token: SecretStr | None = Field(
+        None, description="Bearer token; the server refuses to start without one."
+    )
+    link_secret: SecretStr | None = Field(
+        None, description="HMAC key for signed download links (defaults to the token)."
+    )
+    link_ttl_s: int = Field(3600, ge=10, le=7 * 86400, description="Signed link lifetime.")
+
+
+def _default_cameras() -> list[CameraConfig]:
+    return [CameraConfig()]
+
+
+class Settings(BaseSettings):
+    """The whole configuration of one edgecam device."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGECAM_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    device: str = Field(
+        default_factory=lambda: _safe_hostname(),
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Device name, used in MQTT topics and clip metadata.",
+    )
+    cameras: list[CameraConfig] = Field(
+        default_factory=_default_cameras, min_length=1, description="Video sources."
+    )
+    vision: VisionConfig = Field(default_factory=VisionConfig)  # type: ignore[arg-type]
+    tracker: TrackerConfig = Field(default_factory=TrackerConfig)  # type: ignore[arg-type]
+    voting: VotingConfig = Field(default_factory=VotingConfig)  # type: ignore[arg-type]
+    overlay: OverlayConfig = Field(default_factory=OverlayConfig)  # type: ignore[arg-type]
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)  # type: ignore[arg-type]
+    streaming: StreamingConfig = Field(default_factory=StreamingConfig)  # type: ignore[arg-type]
+    recorder: RecorderConfig = Field(default_factory=RecorderConfig)  # type: ignore[arg-type]
+    fileserver: FileServerConfig = Field(default_factory=FileServerConfig)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _unique_cameras(self) -> Settings:
+        names = [c.name for c in self.cameras]
+        if len(set(names)) != len(names):
+            raise ValueError(f"camera names must be unique, got {names}")
+        ports = [self.rtp_ports(i) for i in range(len(self.cameras))]
+        flat = [p for pair in ports for p in pair]
+        if len(set(flat)) != len(flat):
+            raise ValueError("cameras' RTP ports overlap; set distinct rtp_port values")
+        return self
+
+    def rtp_ports(self, index: int) -> tuple[int, int]:
+        """Loopback UDP ports (streaming, recorder) that camera ``index`` sends RTP to."""
+        base = self.cameras[index].rtp_port or 5400 + 10 * index
+        return base, base + 1
+
+    def camera(self, name: str | None = None) -> tuple[int, CameraConfig]:
+        """The camera called ``name`` (the first when None) and its index."""
+        for i, cam in enumerate(self.cameras):
+            if name is None or cam.name == name:
+                return i, cam
+        raise ConfigError(f"no camera named {name!r}; known: {[c.name for c in self.cameras]}")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file arrives as init kwargs; the environment must win over it.
+        return env_settings, init_settings
+
+
+def _safe_hostname() -> str:
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
+    return name[:64] or "edgecam"
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def _describe(exc: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check its spelling)")
+        else:
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Load the configuration from ``path`` (or ``$EDGECAM_CONFIG``) and the environment.
+
+    ``overrides`` are applied on top of the file (command-line options), before validation.
+    """
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = os.environ[CONFIG_ENV]
+    data: dict[str, Any] = _read_file(Path(path)) if path is not None else {}
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    origin = f"file {path} and EDGECAM_* environment" if path else "EDGECAM_* environment"
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origin)) from exc
+
+
+def settings_to_yaml(settings: Settings) -> str:
+    """The effective configuration as YAML, secrets masked."""
+    data = settings.model_dump(mode="json")
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,1 @@
+"""Device-side services: workers, file server."""

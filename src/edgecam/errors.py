@@ -1,0 +1,40 @@
+"""The few exceptions edgecam raises on purpose.
+
+Library errors (GStreamer, ONNX Runtime, pydantic, OS) are wrapped into one of these with
+``raise ... from exc`` and a message that tells the user what to do next.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "EdgecamError",
+    "MissingPluginError",
+    "ModelError",
+    "PipelineError",
+    "SourceError",
+]
+
+
+class EdgecamError(Exception):
+    """Base class of every error edgecam raises on purpose."""
+
+
+class ConfigError(EdgecamError):
+    """The configuration file or environment holds a bad key or value."""
+
+
+class ModelError(EdgecamError):
+    """A model file is missing, unreadable or has an unexpected layout."""
+
+
+class MissingPluginError(EdgecamError):
+    """A GStreamer element the pipeline needs is not installed."""
+
+
+class SourceError(EdgecamError):
+    """A video source cannot be opened or stopped delivering frames."""
+
+
+class PipelineError(EdgecamError):
+    """The media pipeline failed while running."""

@@ -1,0 +1,1 @@
+"""GStreamer: sources, the inference pipeline, streaming and recording."""

@@ -1,0 +1,1 @@
+"""Detection, tracking, label votes and drawing: everything that sees metadata."""
