@@ -1,0 +1,152 @@
+"""The ``edgecam`` command line: parses arguments, loads the config once, dispatches."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from edgecam.config import Settings, load_settings, settings_to_yaml
+from edgecam.errors import EdgecamError
+
+log = logging.getLogger("edgecam")
+
+# Worker name -> "module:function(settings, camera) -> exit code". Imported lazily so that
+# `edgecam config show` needs neither GStreamer nor ONNX Runtime.
+WORKERS: dict[str, str] = {
+    "inference": "edgecam.media.live:run_worker",
+    "streaming": "edgecam.media.streaming:run_worker",
+    "recorder": "edgecam.media.recorder:run_worker",
+    "fileserver": "edgecam.device.fileserver:run_worker",
+}
+
+BENCHES: dict[str, str] = {
+    "overhead": "bench/bench_overhead.py",
+    "python-cost": "bench/bench_python_cost.py",
+    "detectors": "bench/bench_detectors.py",
+    "live": "bench/bench_live.py",
+    "loop": "bench/bench_vs_loop.py",
+}
+
+
+def _resolve(target: str) -> Callable[..., int]:
+    module, _, name = target.partition(":")
+    func: Callable[..., int] = getattr(importlib.import_module(module), name)
+    return func
+
+
+def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
+    return load_settings(args.config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "check":
+        settings = load_settings(args.file)
+        print(f"{args.file}: OK ({len(settings.cameras)} camera(s), profile "
+              f"{settings.vision.profile})")
+    else:
+        sys.stdout.write(settings_to_yaml(_settings(args)))
+    return 0
+
+
+def _cmd_process(args: argparse.Namespace) -> int:
+    from edgecam.media.offline import process_file
+
+    settings = _settings(args, **{"vision.profile": args.profile,
+                                  "vision.detect_fps": args.detect_fps})
+    process_file(settings, Path(args.input), Path(args.out),
+                 events=Path(args.events) if args.events else None,
+                 progress=not args.quiet)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    return _resolve(WORKERS["inference"])(_settings(args), args.camera)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    return _resolve(WORKERS[args.name])(_settings(args), args.camera)
+
+
+def _cmd_clip(args: argparse.Namespace) -> int:
+    return _resolve("edgecam.media.recorder:request_clip_cli")(_settings(args), args)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    script = Path(__file__).resolve().parents[2] / BENCHES[args.name]
+    if not script.is_file():
+        raise EdgecamError(f"benchmark script {script} not found (benchmarks run from a clone)")
+    sys.argv = [str(script), *args.rest]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgecam", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="YAML config file (default $EDGECAM_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", parents=[common], help="run the device pipeline live")
+    p.add_argument("--camera", help="camera name (default: the first)")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("process", parents=[common], help="process a video file offline")
+    p.add_argument("input", help="input video file")
+    p.add_argument("--out", required=True, help="annotated MP4 to write")
+    p.add_argument("--events", help="JSON lines file, one object a frame")
+    p.add_argument("--profile", choices=["mask", "people"])
+    p.add_argument("--detect-fps", type=float, help="detections a second of video (0 = off)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_process)
+
+    p = sub.add_parser("worker", parents=[common], help="run one worker alone")
+    p.add_argument("name", choices=sorted(WORKERS))
+    p.add_argument("--camera", help="camera name (default: the first)")
+    p.set_defaults(func=_cmd_worker)
+
+    p = sub.add_parser("clip", parents=[common], help="ask a running recorder to save a clip")
+    p.add_argument("--camera", help="camera name (default: the first)")
+    p.add_argument("--reason", default="manual", help="why the clip is saved")
+    p.add_argument("--pre", type=float, help="seconds before now (default from config)")
+    p.add_argument("--post", type=float, help="seconds after now (default from config)")
+    p.set_defaults(func=_cmd_clip)
+
+    p = sub.add_parser("bench", help="run a benchmark and print its figures")
+    p.add_argument("name", choices=sorted(BENCHES))
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("config", parents=[common], help="check or show the configuration")
+    p.add_argument("action", choices=["check", "show"])
+    p.add_argument("file", nargs="?", help="file to check")
+    p.set_defaults(func=_cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "config" and args.action == "check" and not args.file:
+        print("edgecam config check: give the FILE to check", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args))
+    except EdgecamError as exc:
+        print(f"edgecam: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
