@@ -1,0 +1,96 @@
+"""Shared fixtures: real media, free loopback ports, a real H.264 RTP sender."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MEDIA = ROOT / "media"
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_udp_pair() -> int:
+    """An even UDP port p such that p and p + 1 are both free."""
+    for _ in range(50):
+        p = free_port(socket.SOCK_DGRAM) & ~1
+        try:
+            with (
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a,
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b,
+            ):
+                a.bind(("127.0.0.1", p))
+                b.bind(("127.0.0.1", p + 1))
+                return p
+        except OSError:
+            continue
+    raise RuntimeError("no free UDP port pair")
+
+
+@pytest.fixture
+def media() -> Path:
+    return MEDIA
+
+
+@pytest.fixture
+def rtp_sender() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start a real H.264 RTP stream (the inference pipeline's output format) to a port.
+
+    Same contract as the pipeline: payload 96, SPS/PPS with every keyframe, one keyframe a
+    second, timestamps from a live clock.
+    """
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        port: int, width: int = 640, height: int = 360, fps: int = 30
+    ) -> subprocess.Popen[bytes]:
+        args = [
+            "gst-launch-1.0",
+            "-q",
+            "-e",
+            "videotestsrc",
+            "is-live=true",
+            "pattern=ball",
+            "!",
+            f"video/x-raw,width={width},height={height},framerate={fps}/1",
+            "!",
+            "timeoverlay",
+            "!",
+            "x264enc",
+            "tune=zerolatency",
+            "speed-preset=ultrafast",
+            f"key-int-max={fps}",
+            "!",
+            "rtph264pay",
+            "config-interval=-1",
+            "pt=96",
+            "!",
+            "udpsink",
+            "host=127.0.0.1",
+            f"port={port}",
+            "sync=true",
+        ]
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
