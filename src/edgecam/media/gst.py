@@ -1,0 +1,86 @@
+"""GStreamer bootstrap: one place that imports Gst, checks plugins and builds elements."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+import gi
+
+gi.require_version("Gst", "1.0")
+gi.require_version("GstApp", "1.0")
+gi.require_version("GstVideo", "1.0")
+from gi.repository import GLib, Gst, GstApp, GstVideo  # noqa: E402
+
+from edgecam.errors import MissingPluginError  # noqa: E402
+
+__all__ = [
+    "GLib",
+    "Gst",
+    "GstApp",
+    "GstVideo",
+    "MainLoopThread",
+    "init",
+    "make_element",
+    "require_elements",
+]
+
+# Which Debian package brings an element, for the error message.
+_PACKAGES = {
+    "x264enc": "gstreamer1.0-plugins-ugly",
+    "openh264enc": "gstreamer1.0-plugins-bad",
+    "avdec_h264": "gstreamer1.0-libav",
+    "rtspsrc": "gstreamer1.0-plugins-good",
+    "cairooverlay": "gstreamer1.0-plugins-good",
+    "mp4mux": "gstreamer1.0-plugins-good",
+    "mpegtsmux": "gstreamer1.0-plugins-bad",
+    "h264parse": "gstreamer1.0-plugins-bad",
+    "overlaycomposition": "gstreamer1.0-plugins-base",
+    "v4l2src": "gstreamer1.0-plugins-good",
+}
+
+
+def init() -> None:
+    """Initialise GStreamer once; safe to call from anywhere."""
+    if not Gst.is_initialized():
+        Gst.init(None)
+
+
+def require_elements(names: Iterable[str]) -> None:
+    """Raise :class:`MissingPluginError` naming every element in ``names`` that is missing."""
+    init()
+    missing = [n for n in names if Gst.ElementFactory.find(n) is None]
+    if missing:
+        pkgs = sorted({_PACKAGES.get(n, "a GStreamer plugin package") for n in missing})
+        raise MissingPluginError(
+            f"GStreamer element(s) {', '.join(missing)} not installed; install "
+            f"{', '.join(pkgs)} (scripts/setup.sh does this)"
+        )
+
+
+def make_element(factory: str, name: str | None = None, **props: object) -> Gst.Element:
+    """Create an element, set its properties, and fail clearly when its plugin is missing."""
+    require_elements([factory])
+    element = Gst.ElementFactory.make(factory, name)
+    if element is None:
+        raise MissingPluginError(f"GStreamer could not create element {factory!r}")
+    for key, value in props.items():
+        element.set_property(key.replace("_", "-"), value)
+    return element
+
+
+class MainLoopThread:
+    """A GLib main loop running in its own daemon thread, with an explicit life."""
+
+    def __init__(self, name: str = "glib-main") -> None:
+        self._loop = GLib.MainLoop()
+        self._thread = threading.Thread(target=self._loop.run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._loop.is_running():
+            self._loop.quit()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
