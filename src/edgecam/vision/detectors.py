@@ -1,0 +1,534 @@
+"""ONNX Runtime detector backends: CenterFace, BlazeFace, NanoDet and the mask classifier.
+
+Tensor layouts and decoding follow ``edgecam/models/MODELS.md``. Every ``detect()`` takes an
+RGB uint8 frame already scaled to the detector's ``input_size`` (the GStreamer pipeline does
+the scaling) and returns boxes in that frame's pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from edgecam.config import VisionConfig
+from edgecam.errors import ModelError
+from edgecam.vision.detections import Detections, Detector
+
+__all__ = [
+    "BlazeFaceDetector",
+    "CenterFaceDetector",
+    "FaceMaskDetector",
+    "MaskClassifier",
+    "NanoDetDetector",
+    "build_detector",
+    "nms",
+]
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+Frame = npt.NDArray[np.uint8]
+
+# A dimension the model must have: an int, or None for "any". Symbolic model dims match anything.
+_Shape = tuple[int | None, ...]
+
+
+@dataclass(frozen=True)
+class _ModelSpec:
+    """What a model family looks like from outside, and the config key that points to it."""
+
+    family: str
+    key: str
+    input: _Shape
+    outputs: tuple[_Shape, ...]
+
+
+_CENTERFACE = _ModelSpec(
+    "CenterFace",
+    "vision.face_model",
+    (None, 3, None, None),
+    ((None, 1, None, None), (None, 2, None, None), (None, 2, None, None), (None, 10, None, None)),
+)
+_BLAZEFACE = _ModelSpec(
+    "BlazeFace", "vision.face_model", (None, 192, 192, 3), ((None, None, 16), (None, None, 1))
+)
+_MASK = _ModelSpec("mask classifier", "vision.mask_model", (None, 224, 224, 3), ((None, 2),))
+_NANODET = _ModelSpec(
+    "NanoDet",
+    "vision.person_model",
+    (1, 3, None, None),
+    ((1, None, None),) * 6,  # cls_s8, cls_s16, cls_s32, reg_s8, reg_s16, reg_s32
+)
+
+
+def _env_name(key: str) -> str:
+    return "EDGECAM_" + key.upper().replace(".", "__")
+
+
+def _matches(actual: Sequence[object], expected: _Shape) -> bool:
+    if len(actual) != len(expected):
+        return False
+    # A symbolic (str) or unknown (None) model dimension is accepted for any expectation.
+    return all(
+        e is None or not isinstance(a, int) or a == e for a, e in zip(actual, expected, strict=True)
+    )
+
+
+def _fmt(shape: Sequence[object]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _session(
+    path: str | Path, provider: str, threads: int, spec: _ModelSpec = _CENTERFACE
+) -> ort.InferenceSession:
+    """An ONNX Runtime session for ``path``, checked against the model family ``spec``."""
+    path = Path(path)
+    fix = f"set {spec.key} ({_env_name(spec.key)}) to a {spec.family} .onnx file"
+    if not path.is_file():
+        raise ModelError(f"{spec.family} model file {path} not found; {fix}")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if provider == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ModelError(
+                "provider 'cuda' requested but ONNX Runtime has no CUDAExecutionProvider "
+                f"(available: {ort.get_available_providers()}); install onnxruntime-gpu "
+                "or set vision.provider to 'cpu'"
+            )
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    elif provider == "cpu":
+        providers = ["CPUExecutionProvider"]
+    else:
+        raise ValueError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # ORT raises its own pybind exception types
+        raise ModelError(f"cannot load {spec.family} model {path}: {exc}; {fix}") from exc
+
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    got_in = [i.shape for i in inputs]
+    got_out = [o.shape for o in outputs]
+    if (
+        len(inputs) != 1
+        or inputs[0].type != "tensor(float)"
+        or not _matches(inputs[0].shape, spec.input)
+        or len(outputs) != len(spec.outputs)
+        or not all(_matches(o.shape, e) for o, e in zip(outputs, spec.outputs, strict=True))
+    ):
+        raise ModelError(
+            f"{path} does not look like a {spec.family} model: expected one float input "
+            f"{_fmt(spec.input)} and outputs {[_fmt(s) for s in spec.outputs]}, got inputs "
+            f"{[_fmt(s) for s in got_in]} and outputs {[_fmt(s) for s in got_out]}; {fix}"
+        )
+    log.info(
+        "loaded %s model %s (%s, %d threads)",
+        spec.family,
+        path,
+        session.get_providers()[0],
+        threads,
+    )
+    return session
+
+
+class _Model:
+    """One ONNX session with a single input; run() returns its outputs in graph order."""
+
+    def __init__(self, path: str | Path, provider: str, threads: int, spec: _ModelSpec) -> None:
+        self._session: ort.InferenceSession | None = _session(path, provider, threads, spec)
+        self.path = Path(path)
+        self.family = spec.family
+        self._input = self._session.get_inputs()[0].name
+        self.input_shape: list[object] = list(self._session.get_inputs()[0].shape)
+
+    def run(self, x: FloatArray) -> list[FloatArray]:
+        if self._session is None:
+            raise RuntimeError(f"{self.family} model {self.path} is closed")
+        outputs: list[FloatArray] = self._session.run(None, {self._input: x})
+        return outputs
+
+    def close(self) -> None:
+        self._session = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Box helpers
+
+
+def _iou_one(box: FloatArray, boxes: FloatArray) -> FloatArray:
+    """IoU of one box (4,) with each of ``boxes`` (N, 4)."""
+    ix1 = np.maximum(box[0], boxes[:, 0])
+    iy1 = np.maximum(box[1], boxes[:, 1])
+    ix2 = np.minimum(box[2], boxes[:, 2])
+    iy2 = np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(ix2 - ix1, 0, None) * np.clip(iy2 - iy1, 0, None)
+    area = max(float(box[2] - box[0]), 0.0) * max(float(box[3] - box[1]), 0.0)
+    sides = np.clip(boxes[:, 2:] - boxes[:, :2], 0, None)
+    areas = sides[:, 0] * sides[:, 1]
+    result: FloatArray = inter / np.maximum(area + areas - inter, 1e-9)
+    return result
+
+
+def nms(
+    boxes: FloatArray,
+    scores: FloatArray,
+    iou: float,
+    classes: IntArray | None = None,
+    max_det: int | None = None,
+) -> IntArray:
+    """Greedy non-maximum suppression; indices of the kept boxes, best score first.
+
+    With ``classes``, boxes only suppress boxes of their own class.
+    """
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    b = boxes.astype(np.float32, copy=True)
+    if classes is not None:
+        # Shift each class into its own region of the plane so classes never overlap.
+        b += (classes.astype(np.float32) * (float(b.max()) + 1.0))[:, None]
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    while order.size:
+        best = int(order[0])
+        keep.append(best)
+        if max_det is not None and len(keep) >= max_det:
+            break
+        rest = order[1:]
+        order = rest[_iou_one(b[best], b[rest]) <= iou]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def _weighted_nms(
+    boxes: FloatArray, scores: FloatArray, iou: float
+) -> tuple[FloatArray, FloatArray]:
+    """MediaPipe's WEIGHTED suppression: each group becomes its score-weighted mean box."""
+    order = np.argsort(-scores, kind="stable")
+    out_boxes: list[FloatArray] = []
+    out_scores: list[float] = []
+    while order.size:
+        overlaps = _iou_one(boxes[order[0]], boxes[order])
+        group = order[overlaps > iou]
+        weights = scores[group]
+        out_boxes.append((boxes[group] * weights[:, None]).sum(axis=0) / weights.sum())
+        out_scores.append(float(scores[order[0]]))
+        order = order[overlaps <= iou]
+    return (
+        np.asarray(out_boxes, dtype=np.float32).reshape(-1, 4),
+        np.asarray(out_scores, dtype=np.float32),
+    )
+
+
+def _check_threshold(threshold: float) -> None:
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+
+
+def _check_frame(frame: Frame, size: tuple[int, int]) -> None:
+    w, h = size
+    if frame.shape != (h, w, 3):
+        raise ValueError(f"frame must be (H, W, 3) = ({h}, {w}, 3) RGB, got {frame.shape}")
+
+
+def _check_input_size(size: tuple[int, int], multiple: int, model: _Model) -> tuple[int, int]:
+    w, h = (int(size[0]), int(size[1]))
+    if w <= 0 or h <= 0 or w % multiple or h % multiple:
+        raise ValueError(f"input_size {size} must be positive multiples of {multiple}")
+    fixed_h, fixed_w = model.input_shape[2:4]  # NCHW
+    for name, want, got in (("width", fixed_w, w), ("height", fixed_h, h)):
+        if isinstance(want, int) and want != got:
+            raise ValueError(f"{model.path} has a fixed input {name} of {want}, input_size {size}")
+    return w, h
+
+
+def _empty() -> Detections:
+    return Detections.empty()
+
+
+# ---------------------------------------------------------------------------------------------
+# Detectors
+
+
+class CenterFaceDetector:
+    """CenterFace faces; input raw RGB 0..255 NCHW, any size in multiples of 32."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        input_size: tuple[int, int] = (640, 352),
+        threshold: float = 0.5,
+        provider: str = "cpu",
+        threads: int = 2,
+        nms_iou: float = 0.3,
+    ) -> None:
+        _check_threshold(threshold)
+        self._model = _Model(path, provider, threads, _CENTERFACE)
+        self._size = _check_input_size(input_size, 32, self._model)
+        self.threshold = threshold
+        self.nms_iou = nms_iou
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self._size
+
+    def detect(self, frame: Frame) -> Detections:
+        _check_frame(frame, self._size)
+        x = np.ascontiguousarray(frame.transpose(2, 0, 1)[None], dtype=np.float32)
+        heat, scale, offset = (o[0] for o in self._model.run(x)[:3])
+        rows, cols = np.nonzero(heat[0] > self.threshold)
+        if rows.size == 0:
+            return _empty()
+        w, h = self._size
+        bh = np.exp(scale[0, rows, cols]) * 4
+        bw = np.exp(scale[1, rows, cols]) * 4
+        cy = (rows + offset[0, rows, cols] + 0.5) * 4
+        cx = (cols + offset[1, rows, cols] + 0.5) * 4
+        x1 = np.clip(cx - bw / 2, 0, w)
+        y1 = np.clip(cy - bh / 2, 0, h)
+        boxes = np.stack([x1, y1, np.minimum(x1 + bw, w), np.minimum(y1 + bh, h)], axis=1)
+        boxes = boxes.astype(np.float32)
+        scores = heat[0, rows, cols].astype(np.float32)
+        keep = nms(boxes, scores, self.nms_iou)
+        return Detections(boxes[keep], scores[keep])
+
+    def close(self) -> None:
+        self._model.close()
+
+
+class BlazeFaceDetector:
+    """MediaPipe BlazeFace full range; ``input_size`` is (192, 192).
+
+    Letterboxing the camera frame into the 192x192 square (and undoing it on the boxes) is the
+    caller's job: :meth:`detect` sees only the square.
+    """
+
+    _SIZE = 192
+    _GRID = 48
+
+    def __init__(
+        self,
+        path: str | Path,
+        threshold: float = 0.5,
+        provider: str = "cpu",
+        threads: int = 1,
+        nms_iou: float = 0.3,
+    ) -> None:
+        _check_threshold(threshold)
+        self._model = _Model(path, provider, threads, _BLAZEFACE)
+        self.threshold = threshold
+        self.nms_iou = nms_iou
+        centres = (np.arange(self._GRID, dtype=np.float32) + 0.5) / self._GRID * self._SIZE
+        ys, xs = np.meshgrid(centres, centres, indexing="ij")  # row-major: y outer, x inner
+        self._anchors = np.stack([xs.ravel(), ys.ravel()], axis=1)  # in input pixels
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return (self._SIZE, self._SIZE)
+
+    def detect(self, frame: Frame) -> Detections:
+        _check_frame(frame, self.input_size)
+        x = (frame.astype(np.float32) / 127.5 - 1.0)[None]
+        regressors, logits = self._model.run(x)
+        scores = 1.0 / (1.0 + np.exp(-np.clip(logits[0, :, 0], -80, 80)))
+        keep = np.nonzero(scores > self.threshold)[0]
+        if keep.size == 0:
+            return _empty()
+        r = regressors[0, keep, :4]
+        centre = self._anchors[keep] + r[:, :2]
+        half = r[:, 2:4] / 2
+        boxes = np.concatenate([centre - half, centre + half], axis=1).astype(np.float32)
+        boxes, conf = _weighted_nms(boxes, scores[keep].astype(np.float32), self.nms_iou)
+        return Detections(np.clip(boxes, 0, self._SIZE), conf)
+
+    def close(self) -> None:
+        self._model.close()
+
+
+class MaskClassifier:
+    """MobileNetV2 mask / no-mask classifier on enlarged face crops (224x224 NHWC, [-1, 1])."""
+
+    _SIZE = 224
+
+    def __init__(
+        self, path: str | Path, provider: str = "cpu", threads: int = 2, margin: float = 0.3
+    ) -> None:
+        if not 0.0 <= margin <= 1.0:
+            raise ValueError(f"margin must be in [0, 1], got {margin}")
+        self._model = _Model(path, provider, threads, _MASK)
+        self.margin = margin
+
+    def classify(self, frame: Frame, xyxy: FloatArray) -> FloatArray:
+        """P(mask) of each box in ``frame`` (H, W, 3) RGB uint8; boxes (N, 4) in its pixels."""
+        if len(xyxy) == 0:
+            return np.zeros(0, dtype=np.float32)
+        crops = self._crops(frame, np.asarray(xyxy, dtype=np.float32))
+        probs = self._model.run(crops / np.float32(127.5) - np.float32(1.0))[0]
+        return probs[:, 0].astype(np.float32)
+
+    def _crops(self, frame: Frame, xyxy: FloatArray) -> FloatArray:
+        """Enlarged, clipped boxes resized to 224x224 bilinearly (cv2 pixel centres), batched."""
+        h, w = frame.shape[:2]
+        half = (xyxy[:, 2:] - xyxy[:, :2]) * (self.margin / 2)
+        lo = np.floor(np.clip(xyxy[:, :2] - half, 0, [w - 1, h - 1]))
+        hi = np.ceil(np.clip(xyxy[:, 2:] + half, 0, [w, h]))
+        extent = np.maximum(hi - lo, 1)  # (N, 2) crop width, height
+        steps = (np.arange(self._SIZE, dtype=np.float32) + 0.5) / self._SIZE
+        # Source coordinates of each output pixel, (N, 224) per axis.
+        sx = np.clip(steps * extent[:, :1] - 0.5, 0, extent[:, :1] - 1) + lo[:, :1]
+        sy = np.clip(steps * extent[:, 1:] - 0.5, 0, extent[:, 1:] - 1) + lo[:, 1:]
+        x0 = np.floor(sx).astype(np.int64)
+        y0 = np.floor(sy).astype(np.int64)
+        x1 = np.minimum(x0 + 1, (lo[:, :1] + extent[:, :1] - 1).astype(np.int64))
+        y1 = np.minimum(y0 + 1, (lo[:, 1:] + extent[:, 1:] - 1).astype(np.int64))
+        fx = (sx - x0).astype(np.float32)[:, None, :, None]
+        fy = (sy - y0).astype(np.float32)[:, :, None, None]
+        img = frame.astype(np.float32)
+        r0, r1 = y0[:, :, None], y1[:, :, None]  # (N, 224, 1) rows against (N, 1, 224) columns
+        c0, c1 = x0[:, None, :], x1[:, None, :]
+        top = img[r0, c0] * (1 - fx) + img[r0, c1] * fx
+        bot = img[r1, c0] * (1 - fx) + img[r1, c1] * fx
+        crops: FloatArray = top * (1 - fy) + bot * fy
+        return crops
+
+    def close(self) -> None:
+        self._model.close()
+
+
+class FaceMaskDetector:
+    """Faces from ``face_detector`` with ``attribute`` = P(mask) from ``classifier``."""
+
+    def __init__(self, face_detector: Detector, classifier: MaskClassifier) -> None:
+        self.face_detector = face_detector
+        self.classifier = classifier
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.face_detector.input_size
+
+    def detect(self, frame: Frame) -> Detections:
+        faces = self.face_detector.detect(frame)
+        if not len(faces):
+            return faces
+        return Detections(
+            faces.xyxy,
+            faces.confidence,
+            np.zeros(len(faces), dtype=np.int64),
+            self.classifier.classify(frame, faces.xyxy),
+        )
+
+    def close(self) -> None:
+        self.face_detector.close()
+        self.classifier.close()
+
+
+class NanoDetDetector:
+    """NanoDet-g (COCO-80, GFL head); only ``classes`` (default person) are reported."""
+
+    _STRIDES = (8, 16, 32)
+    _MEAN_BGR = np.array([103.53, 116.28, 123.675], dtype=np.float32)
+    _STD_BGR = np.array([57.375, 57.12, 58.395], dtype=np.float32)
+
+    def __init__(
+        self,
+        path: str | Path,
+        input_size: tuple[int, int] = (416, 416),
+        threshold: float = 0.5,
+        provider: str = "cpu",
+        threads: int = 2,
+        classes: Sequence[int] = (0,),
+        nms_iou: float = 0.6,
+        max_det: int = 100,
+    ) -> None:
+        _check_threshold(threshold)
+        if not classes or any(not 0 <= c < 80 for c in classes):
+            raise ValueError(f"classes must be COCO-80 indices 0..79, got {classes}")
+        self._model = _Model(path, provider, threads, _NANODET)
+        self._size = _check_input_size(input_size, 32, self._model)
+        self.threshold = threshold
+        self.classes = np.asarray(classes, dtype=np.int64)
+        self.nms_iou = nms_iou
+        self.max_det = max_det
+        # Frames arrive RGB; the model wants BGR, so normalise in RGB order and flip channels.
+        self._mean_rgb = self._MEAN_BGR[::-1].copy()
+        self._inv_std_rgb = (1.0 / self._STD_BGR[::-1]).astype(np.float32)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self._size
+
+    def detect(self, frame: Frame) -> Detections:
+        _check_frame(frame, self._size)
+        x = (frame.astype(np.float32) - self._mean_rgb) * self._inv_std_rgb
+        x = np.ascontiguousarray(x.transpose(2, 0, 1)[::-1][None])
+        outputs = self._model.run(x)
+        n = len(self._STRIDES)
+        w, h = self._size
+        all_boxes, all_scores, all_classes = [], [], []
+        for stride, cls, reg in zip(self._STRIDES, outputs[:n], outputs[n:], strict=True):
+            scores = cls[0][:, self.classes]
+            pos, which = np.nonzero(scores > self.threshold)
+            if pos.size == 0:
+                continue
+            bins = reg.shape[-1] // 4
+            logits = reg[0, pos].reshape(-1, 4, bins)
+            prob = np.exp(logits - logits.max(axis=-1, keepdims=True))
+            prob /= prob.sum(axis=-1, keepdims=True)
+            dist = prob @ np.arange(bins, dtype=np.float32) * stride  # (M, 4): l, t, r, b
+            cols = w // stride
+            centre = np.stack([pos % cols, pos // cols], axis=1).astype(np.float32)
+            centre = (centre + 0.5) * stride
+            boxes = np.concatenate([centre - dist[:, :2], centre + dist[:, 2:]], axis=1)
+            all_boxes.append(np.clip(boxes, 0, [w, h, w, h]).astype(np.float32))
+            all_scores.append(scores[pos, which].astype(np.float32))
+            all_classes.append(self.classes[which])
+        if not all_boxes:
+            return _empty()
+        boxes = np.concatenate(all_boxes)
+        conf = np.concatenate(all_scores)
+        class_id = np.concatenate(all_classes)
+        keep = nms(boxes, conf, self.nms_iou, classes=class_id, max_det=self.max_det)
+        return Detections(boxes[keep], conf[keep], class_id[keep])
+
+    def close(self) -> None:
+        self._model.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing by config
+
+
+def _build_mask(v: VisionConfig) -> Detector:
+    faces = CenterFaceDetector(v.face_model, v.face_input, v.face_threshold, v.provider, v.threads)
+    try:
+        classifier = MaskClassifier(v.mask_model, v.provider, v.threads, v.mask_crop_margin)
+    except Exception:
+        faces.close()
+        raise
+    return FaceMaskDetector(faces, classifier)
+
+
+def _build_people(v: VisionConfig) -> Detector:
+    return NanoDetDetector(
+        v.person_model, v.person_input, v.person_threshold, v.provider, v.threads
+    )
+
+
+_BUILDERS: dict[str, Callable[[VisionConfig], Detector]] = {
+    "mask": _build_mask,
+    "people": _build_people,
+}
+
+
+def build_detector(vision: VisionConfig) -> Detector:
+    """The detector of ``vision.profile``; its ``input_size`` is what frames must be scaled to."""
+    return _BUILDERS[vision.profile](vision)
