@@ -1,0 +1,316 @@
+"""The streaming worker: an RTSP server relaying the pipeline's H.264 RTP, never re-encoding.
+
+The inference pipeline sends H.264 RTP to a loopback UDP port per camera. One shared RTSP
+media (one ``udpsrc``) takes it in, depayloads and payloads it again (so that clients see one
+steady SSRC and sequence even when the pipeline restarts, and SPS/PPS with every keyframe)
+and serves it at ``rtsp://HOST:PORT/<camera>`` to any number of clients.
+
+Stopping the streaming closes every client and the listening socket; the pipeline keeps
+sending, and its packets to the closed UDP port are simply lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType, TracebackType
+from typing import Any, TypeVar
+
+import gi
+
+from edgecam.config import Settings, StreamingConfig
+from edgecam.errors import PipelineError
+from edgecam.media.gst import GLib, Gst, init, require_elements
+
+gi.require_version("GstRtspServer", "1.0")
+from gi.repository import GstRtspServer
+
+__all__ = ["RTP_CAPS", "StreamingServer", "run_worker"]
+
+log = logging.getLogger(__name__)
+
+RTP_CAPS = "application/x-rtp,media=video,clock-rate=90000,encoding-name=H264,payload=96"
+_ELEMENTS = ("udpsrc", "rtph264depay", "rtph264pay")
+_ROLE = "viewer"
+_CALL_TIMEOUT_S = 10.0
+
+_T = TypeVar("_T")
+
+
+def _launch_line(rtp_host: str, rtp_port: int) -> str:
+    # No queue and no jitter buffer: loopback does not reorder, and each would add latency.
+    return (
+        f'( udpsrc address={rtp_host} port={rtp_port} caps="{RTP_CAPS}" '
+        "! rtph264depay ! rtph264pay name=pay0 pt=96 config-interval=-1 )"
+    )
+
+
+class StreamingServer:
+    """RTSP server for one camera's RTP stream, with an explicit life.
+
+    ``start()`` runs a private GLib main loop in a thread and begins streaming;
+    ``streaming_stop()`` / ``streaming_start()`` close and reopen the RTSP service without
+    touching the loop; ``stop()`` ends everything and releases the port. Also a context
+    manager. All methods are meant for one controlling thread.
+    """
+
+    def __init__(
+        self,
+        config: StreamingConfig,
+        *,
+        camera: str,
+        rtp_port: int,
+        rtp_host: str = "127.0.0.1",
+    ) -> None:
+        if not 1 <= rtp_port <= 65535:
+            raise ValueError(f"rtp_port must be in 1..65535, got {rtp_port}")
+        if not camera or "/" in camera:
+            raise ValueError(f"camera must be a non-empty name without '/', got {camera!r}")
+        if (config.user is None) != (config.password is None):
+            raise ValueError("streaming.user and streaming.password must be set together")
+        if rtp_port == config.port:
+            raise ValueError(f"rtp_port {rtp_port} equals the RTSP port")
+        self._config = config
+        self._camera = camera
+        self._rtp_host = rtp_host
+        self._rtp_port = rtp_port
+        self._context: GLib.MainContext | None = None
+        self._loop: GLib.MainLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: GstRtspServer.RTSPServer | None = None
+        self._source: GLib.Source | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, camera: str | None = None) -> StreamingServer:
+        """The server for camera ``camera`` (the first when None) of ``settings``."""
+        index, cam = settings.camera(camera)
+        rtp_port, _recorder_port = settings.rtp_ports(index)
+        return cls(settings.streaming, camera=cam.name, rtp_port=rtp_port)
+
+    # -- public state -------------------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        """The RTSP mount path, ``/<camera>``."""
+        return f"/{self._camera}"
+
+    @property
+    def url(self) -> str:
+        """The URL a client on this machine uses."""
+        host = self._config.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"rtsp://{host}:{self._config.port}{self.path}"
+
+    @property
+    def running(self) -> bool:
+        """True between ``start()`` and ``stop()``."""
+        return self._thread is not None
+
+    @property
+    def streaming(self) -> bool:
+        """True while the RTSP port is open and clients are served."""
+        return self._source is not None
+
+    @property
+    def client_count(self) -> int:
+        """RTSP clients connected right now."""
+        if self._server is None:
+            return 0
+        server = self._server
+        return self._call(lambda: len(server.client_filter(None)))
+
+    # -- life -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the main loop thread and begin streaming; raise if the port is taken."""
+        if self._thread is not None:
+            raise RuntimeError("StreamingServer already started")
+        init()
+        require_elements(_ELEMENTS)
+        self._context = GLib.MainContext.new()
+        self._loop = GLib.MainLoop.new(self._context, False)
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run_loop, args=(ready,), name=f"rtsp-{self._camera}", daemon=True
+        )
+        self._thread.start()
+        ready.wait(_CALL_TIMEOUT_S)
+        try:
+            self.streaming_start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop streaming, end the main loop and join its thread. Safe to call twice."""
+        if self._thread is None:
+            return
+        try:
+            self.streaming_stop()
+        finally:
+            assert self._loop is not None
+            loop = self._loop
+            self._call(loop.quit)
+            self._thread.join(_CALL_TIMEOUT_S)
+            if self._thread.is_alive():
+                log.warning("RTSP main loop thread did not end within %.0f s", _CALL_TIMEOUT_S)
+            self._thread = None
+            self._loop = None
+            self._context = None
+
+    def streaming_start(self) -> None:
+        """Open the RTSP port and serve the stream; a no-op while streaming."""
+        if self._thread is None:
+            raise RuntimeError("StreamingServer.start() first")
+        if self._source is None:
+            self._call(self._open)
+            log.info(
+                "streaming %s (RTP from udp://%s:%d)", self.url, self._rtp_host, self._rtp_port
+            )
+
+    def streaming_stop(self) -> None:
+        """Close every client and the RTSP port; the pipeline is not touched. Idempotent."""
+        if self._thread is None or self._source is None:
+            return
+        self._call(self._close)
+        log.info("streaming stopped on %s", self.url)
+
+    def __enter__(self) -> StreamingServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- main loop thread -----------------------------------------------------------------
+
+    def _run_loop(self, ready: threading.Event) -> None:
+        assert self._context is not None and self._loop is not None
+        self._context.push_thread_default()
+        try:
+            ready.set()
+            self._loop.run()
+        finally:
+            self._context.pop_thread_default()
+
+    def _call(self, func: Callable[[], _T]) -> _T:
+        """Run ``func`` in the main loop thread and return its result (or raise its error)."""
+        assert self._context is not None
+        if threading.current_thread() is self._thread:
+            return func()
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def invoke() -> bool:
+            try:
+                box["result"] = func()
+            except BaseException as exc:
+                box["error"] = exc
+            finally:
+                done.set()
+            return False
+
+        source = GLib.idle_source_new()
+        source.set_callback(lambda *_: invoke())
+        source.attach(self._context)
+        if not done.wait(_CALL_TIMEOUT_S):
+            raise PipelineError("the RTSP main loop did not answer within 10 s")
+        if "error" in box:
+            raise box["error"]
+        result: _T = box.get("result")  # type: ignore[assignment]
+        return result
+
+    def _open(self) -> None:
+        server = GstRtspServer.RTSPServer()
+        server.set_address(self._config.host)
+        server.set_service(str(self._config.port))
+        # Clients are served by this loop's thread; each media gets its own thread anyway.
+        server.get_thread_pool().set_max_threads(0)
+
+        factory = GstRtspServer.RTSPMediaFactory()
+        factory.set_launch(_launch_line(self._rtp_host, self._rtp_port))
+        factory.set_shared(True)
+        factory.set_suspend_mode(GstRtspServer.RTSPSuspendMode.NONE)
+        if self._config.user is not None and self._config.password is not None:
+            server.set_auth(
+                self._make_auth(self._config.user, self._config.password.get_secret_value())
+            )
+            factory.add_role_from_structure(
+                Gst.Structure.new_from_string(
+                    f"{_ROLE}, media.factory.access=(boolean)true, "
+                    "media.factory.construct=(boolean)true"
+                )
+            )
+        server.get_mount_points().add_factory(self.path, factory)
+
+        try:
+            source = server.create_source(None)
+        except GLib.Error as exc:
+            message = exc.message or str(exc)
+            hint = ""
+            if "in use" in message.lower():
+                hint = (
+                    " (another edgecam streaming worker or RTSP server?); stop it or choose "
+                    "another port with streaming.port / EDGECAM_STREAMING__PORT"
+                )
+            raise PipelineError(
+                f"cannot listen for RTSP on {self._config.host}:{self._config.port}: "
+                f"{message}{hint}"
+            ) from exc
+        source.attach(self._context)
+        self._server = server
+        self._source = source
+
+    @staticmethod
+    def _make_auth(user: str, password: str) -> GstRtspServer.RTSPAuth:
+        auth = GstRtspServer.RTSPAuth()
+        token = GstRtspServer.RTSPToken()
+        token.set_string(GstRtspServer.RTSP_TOKEN_MEDIA_FACTORY_ROLE, _ROLE)
+        auth.add_basic(GstRtspServer.RTSPAuth.make_basic(user, password), token)
+        return auth
+
+    def _close(self) -> None:
+        server, source = self._server, self._source
+        self._server = self._source = None
+        if server is None or source is None:
+            return
+        source.destroy()  # closes the listening socket: no new clients
+        server.client_filter(lambda _s, _c, *_: GstRtspServer.RTSPFilterResult.REMOVE)
+        # Sessions outlive their TCP connection (RTSP allows reconnecting); drop them so the
+        # shared media is unprepared now and its udpsrc releases the RTP port.
+        server.get_session_pool().filter(lambda _p, _s, *_: GstRtspServer.RTSPFilterResult.REMOVE)
+        mounts = server.get_mount_points()
+        mounts.remove_factory(self.path)
+
+
+def run_worker(settings: Settings, camera: str | None = None) -> int:
+    """``edgecam worker streaming``: serve one camera until SIGTERM or SIGINT."""
+    if not settings.streaming.enabled:
+        log.info("streaming is disabled in the configuration (streaming.enabled); exiting")
+        return 0
+    server = StreamingServer.from_settings(settings, camera)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with server:
+            while not stop.wait(0.5):
+                pass
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 0
