@@ -37,11 +37,13 @@ LIGHT_BLUE = (160, 205, 230)
 Image = npt.NDArray[np.uint8]
 
 
+def _resize(image: Image, size: tuple[int, int]) -> Image:
+    return np.asarray(cv2.resize(image, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
+
+
 def _rgb(path: Path, size: tuple[int, int] | None = None) -> Image:
-    image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-    if size is not None:
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(image)
+    image = np.asarray(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB), dtype=np.uint8)
+    return image if size is None else _resize(image, size)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def test_centerface_counts_every_face(image: str, count: int) -> None:
 def test_blazeface_finds_the_astronaut(astronaut: Image) -> None:
     detector = BlazeFaceDetector(BLAZEFACE, threshold=0.5)
     assert detector.input_size == (192, 192)
-    faces = detector.detect(cv2.resize(astronaut, (192, 192), interpolation=cv2.INTER_AREA))
+    faces = detector.detect(_resize(astronaut, (192, 192)))
     assert len(faces) == 1
     # MODELS.md: [174, 70, 279, 175] in the 512 px image.
     np.testing.assert_allclose(faces.xyxy[0] * 512 / 192, [174, 70, 279, 175], atol=5)
@@ -90,12 +92,12 @@ def _first_frame(path: Path) -> Image:
     ok, frame = capture.read()
     capture.release()
     assert ok, f"cannot decode {path}"
-    return np.ascontiguousarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    return np.asarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), dtype=np.uint8)
 
 
 def test_nanodet_counts_pedestrians() -> None:
     detector = NanoDetDetector(NANODET, threshold=0.5, threads=1)
-    frame = cv2.resize(_first_frame(MEDIA / "pedestrians_30s.mp4"), detector.input_size)
+    frame = _resize(_first_frame(MEDIA / "pedestrians_30s.mp4"), detector.input_size)
     people = detector.detect(frame)
     # MODELS.md, vtest frame 0: 3 persons scoring 0.80, 0.76, 0.73.
     assert 2 <= len(people) <= 4
@@ -107,7 +109,7 @@ def test_nanodet_counts_pedestrians() -> None:
 
 def test_nanodet_reports_other_classes_when_asked() -> None:
     detector = NanoDetDetector(NANODET, threshold=0.45, classes=(2, 7), threads=1)
-    frame = cv2.resize(_first_frame(MEDIA / "pedestrians_30s.mp4"), detector.input_size)
+    frame = _resize(_first_frame(MEDIA / "pedestrians_30s.mp4"), detector.input_size)
     vehicles = detector.detect(frame)
     # The parked van (truck 0.56) and car (0.50) of MODELS.md.
     assert len(vehicles) >= 1
@@ -162,7 +164,7 @@ def test_face_mask_detector_sets_p_mask(astronaut: Image, classifier: MaskClassi
     [("mask", FaceMaskDetector, (640, 352)), ("people", NanoDetDetector, (416, 416))],
 )
 def test_build_detector_by_profile(profile: str, kind: type, size: tuple[int, int]) -> None:
-    detector = build_detector(VisionConfig(profile=profile, threads=1))  # type: ignore[arg-type]
+    detector = build_detector(VisionConfig.model_validate({"profile": profile, "threads": 1}))
     assert isinstance(detector, kind)
     assert detector.input_size == size
     found = detector.detect(np.zeros((size[1], size[0], 3), dtype=np.uint8))

@@ -251,6 +251,29 @@ def _check_input_size(size: tuple[int, int], multiple: int, model: _Model) -> tu
     return w, h
 
 
+def _bilinear_weights(n_src: int, n_dst: int) -> FloatArray:
+    """(n_dst, n_src) matrix of bilinear weights, pixel centres aligned as in cv2.resize."""
+    src = np.clip((np.arange(n_dst, dtype=np.float32) + 0.5) * (n_src / n_dst) - 0.5, 0, n_src - 1)
+    i0 = np.floor(src).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_src - 1)
+    frac = src - i0
+    weights = np.zeros((n_dst, n_src), dtype=np.float32)
+    rows = np.arange(n_dst)
+    weights[rows, i0] = 1 - frac
+    weights[rows, i1] += frac  # i1 == i0 only at the last pixel, where frac is 0
+    return weights
+
+
+def _resize_bilinear(image: Frame, size: int) -> FloatArray:
+    """``image`` (h, w, 3) resized to (size, size, 3) float32: two small matrix products."""
+    h, w = image.shape[:2]
+    cols = _bilinear_weights(h, size) @ image.reshape(h, w * 3).astype(np.float32)  # (size, w*3)
+    cols = cols.reshape(size, w, 3).transpose(1, 0, 2).reshape(w, size * 3)
+    out = (_bilinear_weights(w, size) @ cols).reshape(size, size, 3)  # (x, y, c)
+    result: FloatArray = out.transpose(1, 0, 2)
+    return result
+
+
 def _empty() -> Detections:
     return Detections.empty()
 
@@ -376,28 +399,15 @@ class MaskClassifier:
         return probs[:, 0].astype(np.float32)
 
     def _crops(self, frame: Frame, xyxy: FloatArray) -> FloatArray:
-        """Enlarged, clipped boxes resized to 224x224 bilinearly (cv2 pixel centres), batched."""
+        """Each box enlarged by the margin, clipped, resized to 224x224: (N, 224, 224, 3)."""
         h, w = frame.shape[:2]
         half = (xyxy[:, 2:] - xyxy[:, :2]) * (self.margin / 2)
-        lo = np.floor(np.clip(xyxy[:, :2] - half, 0, [w - 1, h - 1]))
-        hi = np.ceil(np.clip(xyxy[:, 2:] + half, 0, [w, h]))
-        extent = np.maximum(hi - lo, 1)  # (N, 2) crop width, height
-        steps = (np.arange(self._SIZE, dtype=np.float32) + 0.5) / self._SIZE
-        # Source coordinates of each output pixel, (N, 224) per axis.
-        sx = np.clip(steps * extent[:, :1] - 0.5, 0, extent[:, :1] - 1) + lo[:, :1]
-        sy = np.clip(steps * extent[:, 1:] - 0.5, 0, extent[:, 1:] - 1) + lo[:, 1:]
-        x0 = np.floor(sx).astype(np.int64)
-        y0 = np.floor(sy).astype(np.int64)
-        x1 = np.minimum(x0 + 1, (lo[:, :1] + extent[:, :1] - 1).astype(np.int64))
-        y1 = np.minimum(y0 + 1, (lo[:, 1:] + extent[:, 1:] - 1).astype(np.int64))
-        fx = (sx - x0).astype(np.float32)[:, None, :, None]
-        fy = (sy - y0).astype(np.float32)[:, :, None, None]
-        img = frame.astype(np.float32)
-        r0, r1 = y0[:, :, None], y1[:, :, None]  # (N, 224, 1) rows against (N, 1, 224) columns
-        c0, c1 = x0[:, None, :], x1[:, None, :]
-        top = img[r0, c0] * (1 - fx) + img[r0, c1] * fx
-        bot = img[r1, c0] * (1 - fx) + img[r1, c1] * fx
-        crops: FloatArray = top * (1 - fy) + bot * fy
+        lo = np.floor(np.clip(xyxy[:, :2] - half, 0, [w - 1, h - 1])).astype(np.int64)
+        hi = np.ceil(np.clip(xyxy[:, 2:] + half, 0, [w, h])).astype(np.int64)
+        hi = np.maximum(hi, lo + 1)
+        crops = np.empty((len(xyxy), self._SIZE, self._SIZE, 3), dtype=np.float32)
+        for k, ((x1, y1), (x2, y2)) in enumerate(zip(lo, hi, strict=True)):
+            crops[k] = _resize_bilinear(frame[y1:y2, x1:x2], self._SIZE)
         return crops
 
     def close(self) -> None:
