@@ -45,8 +45,10 @@ def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
 def _cmd_config(args: argparse.Namespace) -> int:
     if args.action == "check":
         settings = load_settings(args.file)
-        print(f"{args.file}: OK ({len(settings.cameras)} camera(s), profile "
-              f"{settings.vision.profile})")
+        print(
+            f"{args.file}: OK ({len(settings.cameras)} camera(s), profile "
+            f"{settings.vision.profile})"
+        )
     else:
         sys.stdout.write(settings_to_yaml(_settings(args)))
     return 0
@@ -55,11 +57,16 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_process(args: argparse.Namespace) -> int:
     from edgecam.media.offline import process_file
 
-    settings = _settings(args, **{"vision.profile": args.profile,
-                                  "vision.detect_fps": args.detect_fps})
-    process_file(settings, Path(args.input), Path(args.out),
-                 events=Path(args.events) if args.events else None,
-                 progress=not args.quiet)
+    settings = _settings(
+        args, **{"vision.profile": args.profile, "vision.detect_fps": args.detect_fps}
+    )
+    process_file(
+        settings,
+        Path(args.input),
+        Path(args.out),
+        events=Path(args.events) if args.events else None,
+        progress=not args.quiet,
+    )
     return 0
 
 

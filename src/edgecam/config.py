@@ -141,9 +141,7 @@ class VotingConfig(_Section):
     mask_threshold: float = Field(
         0.5, gt=0, lt=1, description="P(mask) above which one vote says mask."
     )
-    enter: float = Field(
-        0.7, gt=0.5, le=1, description="Share of votes needed to take a label."
-    )
+    enter: float = Field(0.7, gt=0.5, le=1, description="Share of votes needed to take a label.")
     leave: float = Field(
         0.5, ge=0, lt=1, description="Share below which a track drops its label (hysteresis)."
     )
@@ -187,9 +185,7 @@ class EncoderConfig(_Section):
     )
     bitrate_kbps: int = Field(2500, ge=100, le=100000, description="Target bitrate.")
     keyframe_s: float = Field(1.0, gt=0, le=10, description="Seconds between keyframes.")
-    preset: str = Field(
-        "ultrafast", pattern=r"^[a-z]+$", description="x264 speed preset."
-    )
+    preset: str = Field("ultrafast", pattern=r"^[a-z]+$", description="x264 speed preset.")
 
 
 class StreamingConfig(_Section):

@@ -1,0 +1,644 @@
+"""The inference pipeline: source -> decode -> tee -> (detector appsink | overlay -> H.264 -> RTP/file).
+
+The pipeline description is built in one function from config (:func:`describe`); the
+:class:`Pipeline` class owns its life (start, run, stop) and the two places Python runs:
+
+* the detector thread pulls model-sized RGB frames from an appsink and runs the detector;
+* the overlay callback, once per video frame, steps the tracker, publishes a
+  :class:`~edgecam.vision.analytics.FrameMeta` and returns what to draw.
+
+Offline (``mode="offline"``) the detector runs on exactly ``detect_fps`` frames a second of
+video and the overlay waits for those results, so the output depends on the input only. Live
+(``mode="live"``) the detector takes the newest frame whenever it is free, through a leaky
+queue, and the video never waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from edgecam.config import CameraConfig, EncoderConfig, Settings
+from edgecam.errors import PipelineError, SourceError
+from edgecam.media.gst import GLib, Gst, GstVideo, init, require_elements
+from edgecam.vision.analytics import Analytics, FrameMeta, MetaBus
+from edgecam.vision.detections import Detections, Detector
+from edgecam.vision.drawing import (
+    DrawList,
+    build_draw_list,
+    draw_on_context,
+    render_box,
+    render_text,
+)
+
+__all__ = ["DetectionSchedule", "Mode", "Pipeline", "PipelineStats", "describe"]
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["offline", "live"]
+
+RTP_CAPS = "application/x-rtp,media=video,clock-rate=90000,encoding-name=H264,payload=96"
+
+# Encoder element per config name: (factory, extra properties, keyframe-interval property).
+_ENCODERS: dict[str, tuple[str, str, str]] = {
+    "x264": ("x264enc", "tune=zerolatency speed-preset={preset} bitrate={kbps}", "key-int-max"),
+    "openh264": ("openh264enc", "bitrate={bps} complexity=low", "gop-size"),
+    "nvh264": ("nvh264enc", "bitrate={kbps} preset=low-latency-hq zerolatency=true", "gop-size"),
+    "vaapih264": ("vaapih264enc", "bitrate={kbps}", "keyframe-period"),
+}
+_AUTO_ORDER = ("nvh264", "vaapih264", "x264")
+
+
+def _source_description(cam: CameraConfig) -> tuple[str, dict[str, object], bool]:
+    """(description, properties of the element named ``src``, is_live) for one camera."""
+    uri = cam.source
+    if uri.startswith("rtsp://") or uri.startswith("rtsps://"):
+        desc = (
+            f"rtspsrc name=src latency={cam.rtsp_latency_ms} protocols={cam.rtsp_transport} "
+            "! decodebin"
+        )
+        return desc, {"location": uri}, True
+    if uri.startswith("v4l2://"):
+        device = uri[len("v4l2://") :] or "/dev/video0"
+        return "v4l2src name=src ! decodebin", {"device": device}, True
+    if uri.startswith("test://"):
+        desc = (
+            "videotestsrc name=src is-live=true pattern=ball ! "
+            f"video/x-raw,width={cam.width},height={cam.height},framerate={cam.fps}/1"
+        )
+        return desc, {}, True
+    path = Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+    if not path.is_file():
+        raise SourceError(f"camera {cam.name!r}: video file {path} does not exist")
+    return "filesrc name=src ! decodebin", {"location": str(path)}, False
+
+
+def _encoder_name(cfg: EncoderConfig) -> str:
+    if cfg.element != "auto":
+        return cfg.element
+    for name in _AUTO_ORDER:
+        if Gst.ElementFactory.find(_ENCODERS[name][0]) is not None:
+            return name
+    return "x264"
+
+
+def _encoder_description(cfg: EncoderConfig) -> str:
+    factory, props, _ = _ENCODERS[_encoder_name(cfg)]
+    props = props.format(preset=cfg.preset, kbps=cfg.bitrate_kbps, bps=cfg.bitrate_kbps * 1000)
+    return f"{factory} name=enc {props}"
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What :func:`describe` built, for :class:`Pipeline` to wire up."""
+
+    description: str
+    source_props: dict[str, object]
+    is_live: bool
+    elements: tuple[str, ...]
+
+
+def describe(
+    settings: Settings,
+    camera_index: int,
+    mode: Mode,
+    *,
+    infer_size: tuple[int, int] | None,
+    analytics: bool,
+    out_file: Path | None,
+    rtp_ports: tuple[int, ...] = (),
+) -> _Layout:
+    """The GStreamer description of one camera's pipeline, built from config."""
+    cam = settings.cameras[camera_index]
+    src, src_props, is_live = _source_description(cam)
+    sync = "true" if mode == "live" else "false"
+    elements = ["videoconvert", "tee", "queue", "h264parse"]
+    parts = [f"{src} ! videoconvert ! video/x-raw,format=I420 ! tee name=t"]
+
+    if infer_size is not None:
+        w, h = infer_size
+        if mode == "live":
+            q = (
+                "queue name=infer_q leaky=downstream max-size-buffers=1 max-size-bytes=0 "
+                "max-size-time=0"
+            )
+            sink = "appsink name=infer_sink sync=false max-buffers=1 drop=true"
+        else:
+            q = "queue name=infer_q max-size-buffers=8 max-size-bytes=0 max-size-time=0"
+            sink = "appsink name=infer_sink sync=false max-buffers=4 drop=false"
+        parts.append(
+            f"t. ! {q} ! videoscale ! videoconvert ! "
+            f"video/x-raw,format=RGB,width={w},height={h},pixel-aspect-ratio=1/1 ! {sink}"
+        )
+        elements += ["videoscale", "appsink"]
+
+    overlay = ""
+    if analytics:
+        if not settings.overlay.enabled:
+            overlay = "identity name=overlay signal-handoffs=true ! "
+        elif settings.overlay.element == "cairooverlay":
+            overlay = (
+                "videoconvert ! cairooverlay name=overlay ! videoconvert ! "
+                "video/x-raw,format=I420 ! "
+            )
+            elements.append("cairooverlay")
+        else:
+            overlay = "overlaycomposition name=overlay ! "
+            elements.append("overlaycomposition")
+    encoder = _encoder_description(settings.encoder)
+    elements.append(encoder.split()[0])
+    parts.append(
+        "t. ! queue name=video_q max-size-buffers=30 max-size-bytes=0 max-size-time=0 ! "
+        f"{overlay}{encoder} ! h264parse ! tee name=et"
+    )
+    if rtp_ports:
+        clients = ",".join(f"127.0.0.1:{p}" for p in rtp_ports)
+        parts.append(
+            "et. ! queue ! rtph264pay config-interval=-1 pt=96 ! "
+            f"multiudpsink name=rtp_sink clients={clients} sync={sync} async=false"
+        )
+        elements += ["rtph264pay", "multiudpsink"]
+    if out_file is not None:
+        parts.append(f"et. ! queue ! mp4mux faststart=true ! filesink name=file_sink sync={sync}")
+        elements += ["mp4mux", "filesink"]
+    if not rtp_ports and out_file is None:
+        parts.append(f"et. ! queue ! fakesink sync={sync}")
+    return _Layout(" ".join(parts), src_props, is_live, tuple(elements))
+
+
+class DetectionSchedule:
+    """Which frames get a detection, as a pure function of their timestamps.
+
+    A frame covering ``[pts - dur/2, pts + dur/2)`` is a detection frame when a multiple of
+    ``1/fps`` falls in that interval: exactly ``fps`` detections per second of video
+    (every frame when ``fps`` exceeds the frame rate), the same on every run.
+    """
+
+    def __init__(self, fps: float) -> None:
+        if fps < 0:
+            raise ValueError(f"detection fps must be >= 0, got {fps}")
+        self.fps = fps
+
+    def due(self, pts_ns: int, dur_ns: int) -> bool:
+        if self.fps <= 0:
+            return False
+        half = dur_ns / 2e9
+        t = pts_ns / 1e9
+        return math.floor((t + half) * self.fps - 1e-9) > math.floor((t - half) * self.fps - 1e-9)
+
+
+@dataclass
+class PipelineStats:
+    frames: int = 0
+    detections: int = 0
+    detect_seconds: float = 0.0
+    restarts: int = 0
+
+
+class _Results:
+    """Detections handed from the detector thread to the overlay callback."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._by_pts: dict[int, Detections] = {}
+        self._latest: Detections | None = None
+        self._closed = False
+
+    def post(self, pts: int, dets: Detections) -> None:
+        with self._cond:
+            self._by_pts[pts] = dets
+            self._latest = dets
+            self._cond.notify_all()
+
+    def wait(self, pts: int, timeout: float) -> Detections | None:
+        with self._cond:
+            ok = self._cond.wait_for(lambda: pts in self._by_pts or self._closed, timeout)
+            return self._by_pts.pop(pts, None) if ok else None
+
+    def take_latest(self) -> Detections | None:
+        with self._cond:
+            dets, self._latest = self._latest, None
+            self._by_pts.clear()
+            return dets
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def reopen(self) -> None:
+        with self._cond:
+            self._closed = False
+            self._by_pts.clear()
+            self._latest = None
+
+
+class Pipeline:
+    """One camera's inference pipeline, with an explicit life: start(), run(), stop()."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        camera: str | None = None,
+        *,
+        mode: Mode = "live",
+        out_file: Path | None = None,
+        rtp: bool = True,
+        detector: Detector | None = None,
+        analytics: bool | None = None,
+        meta_bus: MetaBus | None = None,
+    ) -> None:
+        init()
+        self.settings = settings
+        self.camera_index, self.camera = settings.camera(camera)
+        self.mode: Mode = mode
+        self.meta_bus = meta_bus or MetaBus()
+        self.stats = PipelineStats()
+        detect_fps = settings.vision.detect_fps
+        if detector is None and detect_fps > 0:
+            from edgecam.vision.detectors import build_detector
+
+            detector = build_detector(settings.vision)
+        self._detector = detector if detect_fps > 0 else None
+        self._analytics_on = bool(analytics if analytics is not None else self._detector)
+        self._schedule = DetectionSchedule(detect_fps) if mode == "offline" else None
+        self._min_interval = 1.0 / detect_fps if detect_fps > 0 else 0.0
+        self._results = _Results()
+        self._analytics = Analytics(settings, self.camera.name)
+        self._frame_size: tuple[int, int] | None = None
+        self._composition_cache: dict[str, Any] = {}
+        self._error: str | None = None
+        self._stopping = threading.Event()
+        self._detector_thread: threading.Thread | None = None
+        self._last_frame_time = 0.0
+
+        infer_size = self._detector.input_size if self._detector else None
+        layout = describe(
+            settings,
+            self.camera_index,
+            mode,
+            infer_size=infer_size,
+            analytics=self._analytics_on,
+            out_file=out_file,
+            rtp_ports=settings.rtp_ports(self.camera_index) if rtp else (),
+        )
+        require_elements(layout.elements)
+        self.is_live_source = layout.is_live
+        self._layout = layout
+        log.debug("pipeline: %s", layout.description)
+        try:
+            self._pipeline: Gst.Pipeline = Gst.parse_launch(layout.description)
+        except GLib.Error as exc:
+            raise PipelineError(f"cannot build the pipeline: {exc.message}") from exc
+        src = self._pipeline.get_by_name("src")
+        for key, value in layout.source_props.items():
+            src.set_property(key, value)
+        if out_file is not None:
+            out_file.parent.mkdir(parents=True, exist_ok=True)
+            self._pipeline.get_by_name("file_sink").set_property("location", str(out_file))
+        self._wire()
+
+    # -- wiring -------------------------------------------------------------------------
+
+    def _wire(self) -> None:
+        enc = self._pipeline.get_by_name("enc")
+        enc.get_static_pad("sink").add_probe(Gst.PadProbeType.EVENT_DOWNSTREAM, self._on_enc_event)
+        overlay = self._pipeline.get_by_name("overlay")
+        if overlay is not None:
+            factory = overlay.get_factory().get_name()
+            handlers: dict[str, tuple[str, Callable[..., Any]]] = {
+                "overlaycomposition": ("draw", self._on_draw_composition),
+                "cairooverlay": ("draw", self._on_draw_cairo),
+                "identity": ("handoff", self._on_handoff),
+            }
+            signal, handler = handlers[factory]
+            overlay.connect(signal, handler)
+        if self._schedule is not None and self._detector is not None:
+            q = self._pipeline.get_by_name("infer_q")
+            q.get_static_pad("sink").add_probe(Gst.PadProbeType.BUFFER, self._on_infer_buffer)
+        video_q = self._pipeline.get_by_name("video_q")
+        video_q.get_static_pad("src").add_probe(Gst.PadProbeType.EVENT_DOWNSTREAM, self._on_caps)
+        if self.mode == "live" and overlay is None:
+            # Without analytics nothing else sees frames; the stall watchdog needs to.
+            video_q.get_static_pad("src").add_probe(Gst.PadProbeType.BUFFER, self._on_live_buffer)
+
+    def _on_enc_event(self, pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
+        event = info.get_event()
+        if event.type == Gst.EventType.CAPS:
+            s = event.parse_caps().get_structure(0)
+            ok, num, den = s.get_fraction("framerate")
+            fps = num / den if ok and num > 0 and den > 0 else 30.0
+            gop = max(1, round(fps * self.settings.encoder.keyframe_s))
+            _, _, prop = _ENCODERS[_encoder_name(self.settings.encoder)]
+            pad.get_parent_element().set_property(prop, gop)
+        return Gst.PadProbeReturn.OK
+
+    def _on_caps(self, _pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
+        event = info.get_event()
+        if event.type == Gst.EventType.CAPS:
+            s = event.parse_caps().get_structure(0)
+            self._frame_size = (s.get_value("width"), s.get_value("height"))
+            ok, num, den = s.get_fraction("framerate")
+            self._frame_dur = int(1e9 * den / num) if ok and num > 0 else int(1e9 / 30)
+        return Gst.PadProbeReturn.OK
+
+    def _on_live_buffer(self, _pad: Gst.Pad, _info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
+        self._last_frame_time = time.monotonic()
+        self.stats.frames += 1
+        return Gst.PadProbeReturn.OK
+
+    def _on_infer_buffer(self, _pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
+        buf = info.get_buffer()
+        assert self._schedule is not None
+        if self._schedule.due(buf.pts, self._duration(buf)):
+            return Gst.PadProbeReturn.OK
+        return Gst.PadProbeReturn.DROP
+
+    def _duration(self, buf: Gst.Buffer) -> int:
+        dur = buf.duration
+        if dur == Gst.CLOCK_TIME_NONE or dur <= 0:
+            return getattr(self, "_frame_dur", int(1e9 / 30))
+        return int(dur)
+
+    # -- per-frame work (streaming threads) -----------------------------------------------
+
+    def _frame_step(self, buf: Gst.Buffer) -> FrameMeta:
+        self._last_frame_time = time.monotonic()
+        dets: Detections | None = None
+        if self._detector is not None:
+            if self._schedule is not None:
+                if self._schedule.due(buf.pts, self._duration(buf)):
+                    dets = self._results.wait(buf.pts, timeout=120.0)
+                    if dets is None and not self._stopping.is_set():
+                        self._fail("the detector produced no result for a frame in time")
+            else:
+                dets = self._results.take_latest()
+        meta = self._analytics.step(buf.pts / 1e9 if buf.pts != Gst.CLOCK_TIME_NONE else 0.0, dets)
+        self.stats.frames += 1
+        if self.meta_bus.active:
+            self.meta_bus.publish(meta)
+        return meta
+
+    def _draw_list(self, meta: FrameMeta) -> DrawList | None:
+        if self._frame_size is None:
+            return None
+        draws = build_draw_list(meta, self.settings.overlay, *self._frame_size)
+        return draws if draws.boxes or draws.texts else None
+
+    def _on_draw_composition(self, _overlay: Gst.Element, sample: Gst.Sample) -> Any:
+        meta = self._frame_step(sample.get_buffer())
+        draws = self._draw_list(meta)
+        if draws is None:
+            return None
+        cfg = self.settings.overlay
+        composition = None
+        assert self._frame_size is not None
+        rendered = [render_box(b, cfg, self._frame_size[0]) for b in draws.boxes]
+        for text in draws.texts:
+            key = text.text
+            cached = self._composition_cache.get(key)
+            if cached is None:
+                self._composition_cache.clear()
+                cached = self._composition_cache[key] = render_text(text, cfg)
+            rendered.append(cached)
+        for pixels, x, y, w, h in rendered:
+            buf = Gst.Buffer.new_wrapped(pixels)
+            GstVideo.buffer_add_video_meta(
+                buf, GstVideo.VideoFrameFlags.NONE, GstVideo.VideoFormat.BGRA, w, h
+            )
+            rect = GstVideo.VideoOverlayRectangle.new_raw(
+                buf, x, y, w, h, GstVideo.VideoOverlayFormatFlags.PREMULTIPLIED_ALPHA
+            )
+            if composition is None:
+                composition = GstVideo.VideoOverlayComposition.new(rect)
+            else:
+                composition.add_rectangle(rect)
+        return composition
+
+    def _on_draw_cairo(self, _overlay: Gst.Element, ctx: Any, pts: int, dur: int) -> None:
+        buf = Gst.Buffer.new()
+        buf.pts, buf.duration = pts, dur
+        meta = self._frame_step(buf)
+        draws = self._draw_list(meta)
+        if draws is not None:
+            draw_on_context(ctx, draws, self.settings.overlay)
+
+    def _on_handoff(self, _identity: Gst.Element, buf: Gst.Buffer) -> None:
+        self._frame_step(buf)
+
+    # -- detector thread --------------------------------------------------------------------
+
+    def _detector_loop(self) -> None:
+        assert self._detector is not None
+        appsink = self._pipeline.get_by_name("infer_sink")
+        tee_pad = self._pipeline.get_by_name("t").get_static_pad("sink")
+        next_allowed = 0.0
+        while not self._stopping.is_set():
+            sample = appsink.try_pull_sample(100 * Gst.MSECOND)
+            if sample is None:
+                if appsink.is_eos() and self.mode == "offline":
+                    break
+                continue
+            buf = sample.get_buffer()
+            info = GstVideo.VideoInfo.new_from_caps(sample.get_caps())
+            ok, mapinfo = buf.map(Gst.MapFlags.READ)
+            if not ok:
+                continue
+            t0 = time.perf_counter()
+            try:
+                frame = np.ndarray(
+                    (info.height, info.width, 3),
+                    dtype=np.uint8,
+                    buffer=mapinfo.data,
+                    strides=(info.stride[0], 3, 1),
+                )
+                dets = self._detector.detect(frame)
+            except Exception as exc:  # a broken model must stop the run, loudly
+                log.exception("detector failed")
+                self._fail(f"detector failed: {exc}")
+                break
+            finally:
+                buf.unmap(mapinfo)
+            self.stats.detect_seconds += time.perf_counter() - t0
+            self.stats.detections += 1
+            caps = tee_pad.get_current_caps()
+            if caps is not None:
+                s = caps.get_structure(0)
+                dets = dets.scaled(
+                    s.get_value("width") / info.width, s.get_value("height") / info.height
+                )
+            self._results.post(buf.pts, dets)
+            if self.mode == "live" and self._min_interval:
+                now = time.monotonic()
+                next_allowed = max(now, next_allowed + self._min_interval)
+                delay = next_allowed - now
+                if delay > 0 and self._stopping.wait(delay):
+                    break
+        self._results.close()
+
+    # -- life -------------------------------------------------------------------------------
+
+    def _fail(self, message: str) -> None:
+        self._error = message
+        self._results.close()
+        err = GLib.Error.new_literal(Gst.CoreError.quark(), message, Gst.CoreError.FAILED)
+        self._pipeline.post_message(Gst.Message.new_error(self._pipeline, err, message))
+
+    def start(self) -> None:
+        """Start playing; returns at once."""
+        self._stopping.clear()
+        self._results.reopen()
+        if self._detector is not None and (
+            self._detector_thread is None or not self._detector_thread.is_alive()
+        ):
+            self._detector_thread = threading.Thread(
+                target=self._detector_loop, name=f"detector-{self.camera.name}", daemon=True
+            )
+            self._detector_thread.start()
+        ret = self._pipeline.set_state(Gst.State.PLAYING)
+        if ret == Gst.StateChangeReturn.FAILURE:
+            err = self._pop_error(timeout_ns=0)
+            self._teardown()
+            raise SourceError(
+                f"camera {self.camera.name!r}: cannot start {self.camera.source!r}"
+                + (f": {err}" if err else "")
+            )
+
+    def _pop_error(self, timeout_ns: int) -> str | None:
+        msg = self._pipeline.get_bus().timed_pop_filtered(timeout_ns, Gst.MessageType.ERROR)
+        if msg is None:
+            return None
+        err, _debug = msg.parse_error()
+        return f"{err.message} ({msg.src.get_name()})"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the pipeline to finish: EOS through every element, so files are complete."""
+        self._pipeline.send_event(Gst.Event.new_eos())
+        self._stop_requested_at = time.monotonic()
+        self._stop_timeout = timeout
+
+    def run(
+        self, timeout: float | None = None, on_tick: Callable[[Pipeline], None] | None = None
+    ) -> None:
+        """Run until end of stream, :meth:`stop` or ``timeout`` seconds.
+
+        A live source that fails or stalls is restarted with exponential backoff; a file
+        that ends stops the run (or starts again when the camera loops).
+        """
+        bus = self._pipeline.get_bus()
+        deadline = time.monotonic() + timeout if timeout else None
+        backoff = self.camera.reconnect_min_s
+        self._last_frame_time = time.monotonic()
+        self._stop_requested_at: float | None = None
+        self._restart_frames = 0
+        try:
+            while True:
+                msg = bus.timed_pop_filtered(
+                    100 * Gst.MSECOND,
+                    Gst.MessageType.ERROR | Gst.MessageType.EOS | Gst.MessageType.WARNING,
+                )
+                now = time.monotonic()
+                if on_tick is not None:
+                    on_tick(self)
+                if deadline is not None and now > deadline and self._stop_requested_at is None:
+                    self.stop()
+                if (
+                    self._stop_requested_at is not None
+                    and now - self._stop_requested_at > self._stop_timeout
+                ):
+                    log.warning(
+                        "pipeline did not drain within %.0f s; forcing stop", self._stop_timeout
+                    )
+                    return
+                if self.stats.frames - self._restart_frames > 100:
+                    backoff = self.camera.reconnect_min_s
+                if msg is None:
+                    if (
+                        self.mode == "live"
+                        and self.is_live_source
+                        and self._stop_requested_at is None
+                        and now - self._last_frame_time > self.camera.stall_timeout_s
+                    ):
+                        log.warning(
+                            "camera %s: no frame for %.0f s; reconnecting",
+                            self.camera.name,
+                            self.camera.stall_timeout_s,
+                        )
+                        backoff = self._restart(backoff)
+                    continue
+                if msg.type == Gst.MessageType.WARNING:
+                    warn, _ = msg.parse_warning()
+                    log.warning("%s: %s", msg.src.get_name(), warn.message)
+                    continue
+                if msg.type == Gst.MessageType.EOS:
+                    if self._stop_requested_at is not None:
+                        return
+                    if self.mode == "live" and self.is_live_source:
+                        log.warning("camera %s: stream ended; reconnecting", self.camera.name)
+                        backoff = self._restart(backoff)
+                        continue
+                    if self.mode == "live" and self.camera.loop:
+                        self._pipeline.seek_simple(Gst.Format.TIME, Gst.SeekFlags.FLUSH, 0)
+                        continue
+                    return
+                err, debug = msg.parse_error()
+                text = f"{err.message} ({msg.src.get_name()})"
+                if (
+                    self._error is None
+                    and self.mode == "live"
+                    and self.is_live_source
+                    and self._stop_requested_at is None
+                ):
+                    log.warning(
+                        "camera %s: %s; reconnecting in %.1f s", self.camera.name, text, backoff
+                    )
+                    backoff = self._restart(backoff)
+                    continue
+                log.debug("pipeline error debug: %s", debug)
+                raise PipelineError(self._error or f"camera {self.camera.name!r}: {text}")
+        finally:
+            self._teardown()
+
+    def _restart(self, backoff: float) -> float:
+        """Take the pipeline down, wait ``backoff`` seconds, bring it up; the next backoff."""
+        self._pipeline.set_state(Gst.State.NULL)
+        self.stats.restarts += 1
+        self._restart_frames = self.stats.frames
+        if self._stopping.wait(backoff):
+            return backoff
+        self._pipeline.set_state(Gst.State.PLAYING)
+        self._last_frame_time = time.monotonic()
+        return min(backoff * 2, self.camera.reconnect_max_s)
+
+    def _teardown(self) -> None:
+        self._stopping.set()
+        self._results.close()
+        self._pipeline.set_state(Gst.State.NULL)
+        if self._detector_thread is not None:
+            self._detector_thread.join(timeout=10)
+            self._detector_thread = None
+        self.meta_bus.publish(None)
+
+    def close(self) -> None:
+        """Release everything (idempotent)."""
+        self._teardown()
+        if self._detector is not None:
+            self._detector.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def frame_size(self) -> tuple[int, int] | None:
+        return self._frame_size

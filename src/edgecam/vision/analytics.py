@@ -1,0 +1,164 @@
+"""One frame's analytics: tracker step, label votes, counts; and the typed frame message."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from edgecam.config import Settings
+from edgecam.vision.detections import Detections
+from edgecam.vision.tracking import NorfairTracker, Tracker
+from edgecam.vision.votes import PERSON, LabelVoter
+
+__all__ = ["Analytics", "FrameMeta", "MetaBus", "TrackInfo"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TrackInfo:
+    """One tracked object on one frame, in source pixels."""
+
+    id: int
+    box: tuple[float, float, float, float]
+    label: str
+    score: float
+    counted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FrameMeta:
+    """Everything the pipeline knows about one frame; what subscribers receive."""
+
+    camera: str
+    frame: int
+    pts: float
+    wall_time: float
+    tracks: tuple[TrackInfo, ...]
+    counts: dict[str, int]
+    fps: float
+    detected: bool
+
+    def to_event(self) -> dict[str, Any]:
+        """The ``--events`` JSON object for this frame."""
+        return {
+            "frame": self.frame,
+            "pts": round(self.pts, 6),
+            "tracks": [
+                {
+                    "id": t.id,
+                    "box": [round(v, 1) for v in t.box],
+                    "label": t.label,
+                    "score": round(t.score, 4),
+                }
+                for t in self.tracks
+            ],
+            "counts": self.counts,
+        }
+
+
+class MetaBus:
+    """In-process publish/subscribe of :class:`FrameMeta`.
+
+    ``publish`` never blocks the video: a bounded subscriber that falls behind loses its
+    oldest messages (and the loss is counted); an unbounded one (maxsize 0) loses nothing.
+    """
+
+    def __init__(self) -> None:
+        self._subscribers: list[queue.Queue[FrameMeta | None]] = []
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def subscribe(self, maxsize: int = 256) -> queue.Queue[FrameMeta | None]:
+        q: queue.Queue[FrameMeta | None] = queue.Queue(maxsize=maxsize)
+        with self._lock:
+            self._subscribers.append(q)
+        return q
+
+    def unsubscribe(self, q: queue.Queue[FrameMeta | None]) -> None:
+        with self._lock:
+            if q in self._subscribers:
+                self._subscribers.remove(q)
+
+    def publish(self, meta: FrameMeta | None) -> None:
+        """Send ``meta`` to every subscriber; None tells them the stream ended."""
+        for q in self._subscribers:
+            while True:
+                try:
+                    q.put_nowait(meta)
+                    break
+                except queue.Full:
+                    try:
+                        q.get_nowait()
+                        self.dropped += 1
+                    except queue.Empty:
+                        pass
+
+    @property
+    def active(self) -> bool:
+        return bool(self._subscribers)
+
+
+class Analytics:
+    """Turns each frame's (optional) detections into tracks with labels and counts."""
+
+    def __init__(self, settings: Settings, camera: str, tracker: Tracker | None = None) -> None:
+        self._camera = camera
+        self._min_age = settings.tracker.min_age_frames
+        self._tracker: Tracker = tracker or NorfairTracker(settings.tracker)
+        classify = settings.vision.profile == "mask"
+        self._voter = LabelVoter(settings.voting, classify=classify, label=PERSON)
+        self._frame = -1
+        self._last_detection_frame = -1
+        self._fps = 0.0
+        self._last_wall = 0.0
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self._voter.labels
+
+    def step(self, pts: float, detections: Detections | None) -> FrameMeta:
+        """Advance one frame. ``detections`` (source pixels) is None where none ran."""
+        self._frame += 1
+        frame = self._frame
+        if detections is not None:
+            period = frame - self._last_detection_frame if self._last_detection_frame >= 0 else 1
+            self._last_detection_frame = frame
+            update = self._tracker.update(detections, period=max(1, period))
+        else:
+            update = self._tracker.update(None)
+        tracks = update.tracks
+        labels = self._voter.update(frame, tracks.tracker_id, tracks.attribute, update.matched)
+        counts = dict.fromkeys(self._voter.labels, 0)
+        infos = []
+        for k, label in enumerate(labels):
+            tid = int(tracks.tracker_id[k])
+            state = self._voter.state(tid)
+            counted = state is not None and frame - state.first_frame >= self._min_age
+            if counted:
+                counts[label] = counts.get(label, 0) + 1
+            x1, y1, x2, y2 = (float(v) for v in tracks.xyxy[k])
+            infos.append(
+                TrackInfo(tid, (x1, y1, x2, y2), label, float(tracks.confidence[k]), counted)
+            )
+        now = time.monotonic()
+        if self._last_wall:
+            dt = now - self._last_wall
+            if dt > 0:
+                inst = 1.0 / dt
+                self._fps = inst if self._fps == 0 else 0.95 * self._fps + 0.05 * inst
+        self._last_wall = now
+        return FrameMeta(
+            camera=self._camera,
+            frame=frame,
+            pts=pts,
+            wall_time=time.time(),
+            tracks=tuple(infos),
+            counts=counts,
+            fps=self._fps,
+            detected=detections is not None,
+        )
