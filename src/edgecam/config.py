@@ -110,7 +110,7 @@ class VisionConfig(_Section):
         MODELS_DIR / "nanodet_g.onnx", description="NanoDet-family COCO detector ONNX."
     )
     person_input: tuple[int, int] = Field((416, 416), description="Person detector input.")
-    person_threshold: float = Field(0.45, gt=0, lt=1, description="Person score threshold.")
+    person_threshold: float = Field(0.5, gt=0, lt=1, description="Person score threshold.")
 
     @model_validator(mode="after")
     def _check_sizes(self) -> VisionConfig:

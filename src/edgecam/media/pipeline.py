@@ -1,4 +1,6 @@
-"""The inference pipeline: source -> decode -> tee -> (detector appsink | overlay -> H.264 -> RTP/file).
+"""The inference pipeline.
+
+source -> decode -> tee -> (detector appsink | overlay -> H.264 -> RTP and/or MP4).
 
 The pipeline description is built in one function from config (:func:`describe`); the
 :class:`Pipeline` class owns its life (start, run, stop) and the two places Python runs:
@@ -130,10 +132,10 @@ def describe(
                 "queue name=infer_q leaky=downstream max-size-buffers=1 max-size-bytes=0 "
                 "max-size-time=0"
             )
-            sink = "appsink name=infer_sink sync=false max-buffers=1 drop=true"
+            sink = "appsink name=infer_sink sync=false async=false max-buffers=1 drop=true"
         else:
             q = "queue name=infer_q max-size-buffers=8 max-size-bytes=0 max-size-time=0"
-            sink = "appsink name=infer_sink sync=false max-buffers=4 drop=false"
+            sink = "appsink name=infer_sink sync=false async=false max-buffers=4 drop=false"
         parts.append(
             f"t. ! {q} ! videoscale ! videoconvert ! "
             f"video/x-raw,format=RGB,width={w},height={h},pixel-aspect-ratio=1/1 ! {sink}"
@@ -167,10 +169,12 @@ def describe(
         )
         elements += ["rtph264pay", "multiudpsink"]
     if out_file is not None:
-        parts.append(f"et. ! queue ! mp4mux faststart=true ! filesink name=file_sink sync={sync}")
+        parts.append(
+            f"et. ! queue ! mp4mux faststart=true ! filesink name=file_sink sync={sync} async=false"
+        )
         elements += ["mp4mux", "filesink"]
     if not rtp_ports and out_file is None:
-        parts.append(f"et. ! queue ! fakesink sync={sync}")
+        parts.append(f"et. ! queue ! fakesink sync={sync} async=false")
     return _Layout(" ".join(parts), src_props, is_live, tuple(elements))
 
 
@@ -262,6 +266,7 @@ class Pipeline:
         self.mode: Mode = mode
         self.meta_bus = meta_bus or MetaBus()
         self.stats = PipelineStats()
+        self.counts: dict[str, int] = {}
         detect_fps = settings.vision.detect_fps
         if detector is None and detect_fps > 0:
             from edgecam.vision.detectors import build_detector
@@ -383,6 +388,7 @@ class Pipeline:
                 dets = self._results.take_latest()
         meta = self._analytics.step(buf.pts / 1e9 if buf.pts != Gst.CLOCK_TIME_NONE else 0.0, dets)
         self.stats.frames += 1
+        self.counts = meta.counts
         if self.meta_bus.active:
             self.meta_bus.publish(meta)
         return meta
@@ -496,13 +502,6 @@ class Pipeline:
         """Start playing; returns at once."""
         self._stopping.clear()
         self._results.reopen()
-        if self._detector is not None and (
-            self._detector_thread is None or not self._detector_thread.is_alive()
-        ):
-            self._detector_thread = threading.Thread(
-                target=self._detector_loop, name=f"detector-{self.camera.name}", daemon=True
-            )
-            self._detector_thread.start()
         ret = self._pipeline.set_state(Gst.State.PLAYING)
         if ret == Gst.StateChangeReturn.FAILURE:
             err = self._pop_error(timeout_ns=0)
@@ -511,6 +510,14 @@ class Pipeline:
                 f"camera {self.camera.name!r}: cannot start {self.camera.source!r}"
                 + (f": {err}" if err else "")
             )
+        # After PLAYING was asked for: an appsink that has not started reports EOS.
+        if self._detector is not None and (
+            self._detector_thread is None or not self._detector_thread.is_alive()
+        ):
+            self._detector_thread = threading.Thread(
+                target=self._detector_loop, name=f"detector-{self.camera.name}", daemon=True
+            )
+            self._detector_thread.start()
 
     def _pop_error(self, timeout_ns: int) -> str | None:
         msg = self._pipeline.get_bus().timed_pop_filtered(timeout_ns, Gst.MessageType.ERROR)
