@@ -386,7 +386,8 @@ class Pipeline:
                         self._fail("the detector produced no result for a frame in time")
             else:
                 dets = self._results.take_latest()
-        meta = self._analytics.step(buf.pts / 1e9 if buf.pts != Gst.CLOCK_TIME_NONE else 0.0, dets)
+        pts = buf.pts / 1e9 if buf.pts != Gst.CLOCK_TIME_NONE else 0.0
+        meta = self._analytics.step(pts, dets, self._frame_size)
         self.stats.frames += 1
         self.counts = meta.counts
         if self.meta_bus.active:

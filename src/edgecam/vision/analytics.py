@@ -121,8 +121,17 @@ class Analytics:
     def labels(self) -> tuple[str, ...]:
         return self._voter.labels
 
-    def step(self, pts: float, detections: Detections | None) -> FrameMeta:
-        """Advance one frame. ``detections`` (source pixels) is None where none ran."""
+    def step(
+        self,
+        pts: float,
+        detections: Detections | None,
+        frame_size: tuple[int, int] | None = None,
+    ) -> FrameMeta:
+        """Advance one frame. ``detections`` (source pixels) is None where none ran.
+
+        With ``frame_size`` (width, height), boxes are clipped to the picture and tracks the
+        filter has carried out of it are left out.
+        """
         self._frame += 1
         frame = self._frame
         if detections is not None:
@@ -142,6 +151,12 @@ class Analytics:
             if counted:
                 counts[label] = counts.get(label, 0) + 1
             x1, y1, x2, y2 = (float(v) for v in tracks.xyxy[k])
+            if frame_size is not None:
+                w, h = frame_size
+                x1, x2 = min(max(x1, 0.0), w), min(max(x2, 0.0), w)
+                y1, y2 = min(max(y1, 0.0), h), min(max(y2, 0.0), h)
+                if x2 - x1 < 1 or y2 - y1 < 1:
+                    continue
             infos.append(
                 TrackInfo(tid, (x1, y1, x2, y2), label, float(tracks.confidence[k]), counted)
             )

@@ -1,0 +1,87 @@
+"""The strict config tree: defaults, typos, ranges, file vs environment, the CLI checks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgecam.config import load_settings
+from edgecam.errors import ConfigError
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "edgecam.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EDGECAM_CONFIG", raising=False)
+    s = load_settings()
+    assert [c.name for c in s.cameras] == ["main"]
+    assert s.vision.profile == "mask"
+    assert s.streaming.port == 8554 and s.fileserver.port == 8081
+    assert s.rtp_ports(0) == (5400, 5401)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("vision:\n  profil: mask\n", "vision.profil: unknown key"),
+        ("vision:\n  profile: cars\n", "vision.profile"),
+        ("vision:\n  detect_fps: -1\n", "vision.detect_fps"),
+        ("cameras:\n  - name: a\n    fps: 0\n", "cameras.0.fps"),
+        ("cameras:\n  - name: a\n  - name: a\n", "camera names must be unique"),
+        ("voting:\n  enter: 0.6\n  leave: 0.7\n", "leave must be < enter"),
+        ("vision:\n  face_input: [650, 352]\n", "multiples of 32"),
+        ("colour: red\n", "colour: unknown key"),
+        ("- just\n- a list\n", "mapping at the top level"),
+        ("vision: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(_write(tmp_path, text))
+    assert needle in str(info.value)
+
+
+def test_environment_beats_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path, "vision:\n  detect_fps: 4\n  profile: people\n")
+    monkeypatch.setenv("EDGECAM_VISION__DETECT_FPS", "7.5")
+    s = load_settings(path)
+    assert s.vision.detect_fps == 7.5
+    assert s.vision.profile == "people"
+
+
+def test_config_file_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGECAM_CONFIG", str(_write(tmp_path, "device: door-1\n")))
+    assert load_settings().device == "door-1"
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(tmp_path / "nope.yaml")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgecam.cli", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_cli_config_check_and_show(tmp_path: Path) -> None:
+    good = _write(tmp_path, "device: cam-7\ncameras:\n  - name: door\n    source: test://\n")
+    ok = _cli("config", "check", str(good))
+    assert ok.returncode == 0, ok.stderr
+    assert "OK" in ok.stdout
+    shown = _cli("config", "show", "--config", str(good))
+    assert shown.returncode == 0
+    assert "device: cam-7" in shown.stdout and "name: door" in shown.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("recorder:\n  pre_s: -3\n")
+    res = _cli("config", "check", str(bad))
+    assert res.returncode == 1
+    assert "recorder.pre_s" in res.stderr
