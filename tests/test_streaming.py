@@ -300,3 +300,33 @@ def test_worker_process_serves_and_stops_on_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_session_of_vanished_client_expires(rtp_port: int) -> None:
+    with _server(rtp_port, session_timeout_s=2) as server:
+        proc = subprocess.Popen(
+            [
+                "gst-launch-1.0",
+                "-q",
+                "rtspsrc",
+                f"location={server.url}",
+                "protocols=udp",
+                "!",
+                "fakesink",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            _wait_for(lambda: server.session_count == 1, 10, "the client never set up")
+        finally:
+            proc.kill()  # no TEARDOWN, no more keep-alives
+            proc.wait()
+        _wait_for(lambda: server.session_count == 0, 15, "the stale session stayed")
+
+
+def _wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)

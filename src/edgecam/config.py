@@ -194,6 +194,12 @@ class StreamingConfig(_Section):
     port: int = Field(8554, ge=1, le=65535, description="RTSP port.")
     user: str | None = Field(None, description="RTSP user (authentication when set).")
     password: SecretStr | None = Field(None, description="RTSP password.")
+    session_timeout_s: int = Field(
+        60,
+        ge=2,
+        le=3600,
+        description="Drop a client's RTSP session after this long without a keep-alive.",
+    )
 
 
 class RecorderConfig(_Section):

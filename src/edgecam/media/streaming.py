@@ -35,6 +35,7 @@ RTP_CAPS = "application/x-rtp,media=video,clock-rate=90000,encoding-name=H264,pa
 _ELEMENTS = ("udpsrc", "rtph264depay", "rtph264pay")
 _ROLE = "viewer"
 _CALL_TIMEOUT_S = 10.0
+_SESSION_CLEANUP_S = 1
 
 _T = TypeVar("_T")
 
@@ -81,6 +82,7 @@ class StreamingServer:
         self._thread: threading.Thread | None = None
         self._server: GstRtspServer.RTSPServer | None = None
         self._source: GLib.Source | None = None
+        self._cleanup: GLib.Source | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, camera: str | None = None) -> StreamingServer:
@@ -123,6 +125,14 @@ class StreamingServer:
             return 0
         server = self._server
         return self._call(lambda: len(server.client_filter(None)))
+
+    @property
+    def session_count(self) -> int:
+        """RTSP sessions alive right now (a session may outlive its client's connection)."""
+        if self._server is None:
+            return 0
+        pool = self._server.get_session_pool()
+        return self._call(pool.get_n_sessions)
 
     # -- life -----------------------------------------------------------------------------
 
@@ -236,6 +246,7 @@ class StreamingServer:
         server.set_service(str(self._config.port))
         # Clients are served by this loop's thread; each media gets its own thread anyway.
         server.get_thread_pool().set_max_threads(0)
+        server.connect("client-connected", self._on_client)
 
         factory = GstRtspServer.RTSPMediaFactory()
         factory.set_launch(_launch_line(self._rtp_host, self._rtp_port))
@@ -268,8 +279,19 @@ class StreamingServer:
                 f"{message}{hint}"
             ) from exc
         source.attach(self._context)
-        self._server = server
-        self._source = source
+        # GstRtspServer never expires sessions by itself: a client that vanished without
+        # TEARDOWN would stay forever.
+        pool = server.get_session_pool()
+        cleanup = GLib.timeout_source_new_seconds(_SESSION_CLEANUP_S)
+        cleanup.set_callback(lambda *_: pool.cleanup() >= 0)
+        cleanup.attach(self._context)
+        self._server, self._source, self._cleanup = server, source, cleanup
+
+    def _on_client(self, _server: object, client: GstRtspServer.RTSPClient) -> None:
+        client.connect("new-session", self._on_session)
+
+    def _on_session(self, _client: object, session: GstRtspServer.RTSPSession) -> None:
+        session.set_timeout(self._config.session_timeout_s)
 
     @staticmethod
     def _make_auth(user: str, password: str) -> GstRtspServer.RTSPAuth:
@@ -280,10 +302,11 @@ class StreamingServer:
         return auth
 
     def _close(self) -> None:
-        server, source = self._server, self._source
-        self._server = self._source = None
-        if server is None or source is None:
+        server, source, cleanup = self._server, self._source, self._cleanup
+        self._server = self._source = self._cleanup = None
+        if server is None or source is None or cleanup is None:
             return
+        cleanup.destroy()
         source.destroy()  # closes the listening socket: no new clients
         server.client_filter(lambda _s, _c, *_: GstRtspServer.RTSPFilterResult.REMOVE)
         # Sessions outlive their TCP connection (RTSP allows reconnecting); drop them so the
