@@ -251,7 +251,7 @@ def test_stop_releases_port_and_thread(rtp_port: int, clients: Callable[..., Cli
         ({"rtp_port": 0}, "rtp_port"),
         ({"camera": "a/b"}, "camera"),
         ({"config": StreamingConfig(user="alice")}, "together"),
-        ({"rtp_port": 8554}, "RTSP port"),
+        ({"rtp_port": 70000}, "rtp_port"),
     ],
 )
 def test_constructor_validates(kwargs: dict[str, object], match: str) -> None:

@@ -71,8 +71,6 @@ class StreamingServer:
             raise ValueError(f"camera must be a non-empty name without '/', got {camera!r}")
         if (config.user is None) != (config.password is None):
             raise ValueError("streaming.user and streaming.password must be set together")
-        if rtp_port == config.port:
-            raise ValueError(f"rtp_port {rtp_port} equals the RTSP port")
         self._config = config
         self._camera = camera
         self._rtp_host = rtp_host
