@@ -49,38 +49,44 @@ Mode = Literal["offline", "live"]
 
 RTP_CAPS = "application/x-rtp,media=video,clock-rate=90000,encoding-name=H264,payload=96"
 
-# Encoder element per config name: (factory, extra properties, keyframe-interval property).
-_ENCODERS: dict[str, tuple[str, str, str]] = {
-    "x264": ("x264enc", "tune=zerolatency speed-preset={preset} bitrate={kbps}", "key-int-max"),
-    "openh264": ("openh264enc", "bitrate={bps} complexity=low", "gop-size"),
-    "nvh264": ("nvh264enc", "bitrate={kbps} preset=low-latency-hq zerolatency=true", "gop-size"),
-    "vaapih264": ("vaapih264enc", "bitrate={kbps}", "keyframe-period"),
+# Encoder element per config name: (factory, properties). Keyframes are forced by time from
+# a pad probe; the encoders' own interval is only a long backstop.
+_ENCODERS: dict[str, tuple[str, str]] = {
+    "x264": ("x264enc", "tune=zerolatency speed-preset={preset} bitrate={kbps} key-int-max=600"),
+    "openh264": ("openh264enc", "bitrate={bps} complexity=low gop-size=600"),
+    "nvh264": ("nvh264enc", "bitrate={kbps} preset=low-latency-hq zerolatency=true gop-size=600"),
+    "vaapih264": ("vaapih264enc", "bitrate={kbps} keyframe-period=600"),
 }
 _AUTO_ORDER = ("nvh264", "vaapih264", "x264")
 
 
 def _source_description(cam: CameraConfig) -> tuple[str, dict[str, object], bool]:
-    """(description, properties of the element named ``src``, is_live) for one camera."""
+    """(description, properties of the element named ``src``, is_live) for one camera.
+
+    Sources with dynamic pads end in ``decodebin name=dec`` (or leave ``src`` unlinked):
+    :class:`Pipeline` links those pads itself, every time they appear, so that a source
+    that is restarted after a reconnect is linked again.
+    """
     uri = cam.source
     if uri.startswith("rtsp://") or uri.startswith("rtsps://"):
         desc = (
             f"rtspsrc name=src latency={cam.rtsp_latency_ms} protocols={cam.rtsp_transport} "
-            "! decodebin"
+            "decodebin name=dec"
         )
         return desc, {"location": uri}, True
     if uri.startswith("v4l2://"):
         device = uri[len("v4l2://") :] or "/dev/video0"
-        return "v4l2src name=src ! decodebin", {"device": device}, True
+        return "v4l2src name=src ! decodebin name=dec", {"device": device}, True
     if uri.startswith("test://"):
         desc = (
             "videotestsrc name=src is-live=true pattern=ball ! "
-            f"video/x-raw,width={cam.width},height={cam.height},framerate={cam.fps}/1"
+            f"video/x-raw,width={cam.width},height={cam.height},framerate={cam.fps}/1 !"
         )
         return desc, {}, True
     path = Path(uri[len("file://") :] if uri.startswith("file://") else uri)
     if not path.is_file():
         raise SourceError(f"camera {cam.name!r}: video file {path} does not exist")
-    return "filesrc name=src ! decodebin", {"location": str(path)}, False
+    return "filesrc name=src ! decodebin name=dec", {"location": str(path)}, False
 
 
 def _encoder_name(cfg: EncoderConfig) -> str:
@@ -93,7 +99,7 @@ def _encoder_name(cfg: EncoderConfig) -> str:
 
 
 def _encoder_description(cfg: EncoderConfig) -> str:
-    factory, props, _ = _ENCODERS[_encoder_name(cfg)]
+    factory, props = _ENCODERS[_encoder_name(cfg)]
     props = props.format(preset=cfg.preset, kbps=cfg.bitrate_kbps, bps=cfg.bitrate_kbps * 1000)
     return f"{factory} name=enc {props}"
 
@@ -123,7 +129,7 @@ def describe(
     src, src_props, is_live = _source_description(cam)
     sync = "true" if mode == "live" else "false"
     elements = ["videoconvert", "tee", "queue", "h264parse"]
-    parts = [f"{src} ! videoconvert ! video/x-raw,format=I420 ! tee name=t"]
+    parts = [f"{src} videoconvert name=conv ! video/x-raw,format=I420 ! tee name=t"]
 
     if infer_size is not None:
         w, h = infer_size
@@ -284,6 +290,10 @@ class Pipeline:
         self._stopping = threading.Event()
         self._detector_thread: threading.Thread | None = None
         self._last_frame_time = 0.0
+        self._stop_event = threading.Event()
+        self._stop_requested_at: float | None = None
+        self._stop_timeout = 10.0
+        self._outage = False
 
         infer_size = self._detector.input_size if self._detector else None
         layout = describe(
@@ -314,8 +324,17 @@ class Pipeline:
     # -- wiring -------------------------------------------------------------------------
 
     def _wire(self) -> None:
+        dec = self._pipeline.get_by_name("dec")
+        if dec is not None:
+            conv_sink = self._pipeline.get_by_name("conv").get_static_pad("sink")
+            dec.connect("pad-added", self._on_decoded_pad, conv_sink)
+            src = self._pipeline.get_by_name("src")
+            if src.get_factory().get_name() == "rtspsrc":
+                src.connect("pad-added", self._on_rtsp_pad, dec.get_static_pad("sink"))
         enc = self._pipeline.get_by_name("enc")
-        enc.get_static_pad("sink").add_probe(Gst.PadProbeType.EVENT_DOWNSTREAM, self._on_enc_event)
+        self._next_keyframe: int | None = None
+        self._keyframes = 0
+        enc.get_static_pad("sink").add_probe(Gst.PadProbeType.BUFFER, self._on_enc_buffer)
         overlay = self._pipeline.get_by_name("overlay")
         if overlay is not None:
             factory = overlay.get_factory().get_name()
@@ -335,15 +354,44 @@ class Pipeline:
             # Without analytics nothing else sees frames; the stall watchdog needs to.
             video_q.get_static_pad("src").add_probe(Gst.PadProbeType.BUFFER, self._on_live_buffer)
 
-    def _on_enc_event(self, pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
-        event = info.get_event()
-        if event.type == Gst.EventType.CAPS:
-            s = event.parse_caps().get_structure(0)
-            ok, num, den = s.get_fraction("framerate")
-            fps = num / den if ok and num > 0 and den > 0 else 30.0
-            gop = max(1, round(fps * self.settings.encoder.keyframe_s))
-            _, _, prop = _ENCODERS[_encoder_name(self.settings.encoder)]
-            pad.get_parent_element().set_property(prop, gop)
+    @staticmethod
+    def _on_decoded_pad(_dec: Gst.Element, pad: Gst.Pad, sink: Gst.Pad) -> None:
+        caps = pad.get_current_caps() or pad.query_caps(None)
+        if not caps.get_structure(0).get_name().startswith("video/"):
+            return  # audio and the like: left unlinked, the demuxer carries on
+        if sink.is_linked():
+            sink.get_peer().unlink(sink)
+        if pad.link(sink) != Gst.PadLinkReturn.OK:
+            log.error("cannot link decoded video pad %s", pad.get_name())
+
+    @staticmethod
+    def _on_rtsp_pad(_src: Gst.Element, pad: Gst.Pad, sink: Gst.Pad) -> None:
+        caps = pad.get_current_caps() or pad.query_caps(None)
+        if caps.get_structure(0).get_string("media") != "video" or sink.is_linked():
+            return
+        if pad.link(sink) != Gst.PadLinkReturn.OK:
+            log.error("cannot link RTSP pad %s", pad.get_name())
+
+    def _on_enc_buffer(self, pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
+        # Keyframes by time, whatever the frame rate: encoder properties cannot change once
+        # playing, and the rate of an RTSP or V4L2 source is known only then.
+        pts = info.get_buffer().pts
+        if pts == Gst.CLOCK_TIME_NONE:
+            return Gst.PadProbeReturn.OK
+        interval = int(self.settings.encoder.keyframe_s * Gst.SECOND)
+        nxt = self._next_keyframe
+        if nxt is None or pts >= nxt or pts < nxt - 2 * interval:
+            self._next_keyframe = pts + interval - interval // 20
+            self._keyframes += 1
+            pad.send_event(
+                GstVideo.video_event_new_downstream_force_key_unit(
+                    Gst.CLOCK_TIME_NONE,
+                    Gst.CLOCK_TIME_NONE,
+                    Gst.CLOCK_TIME_NONE,
+                    True,
+                    self._keyframes,
+                )
+            )
         return Gst.PadProbeReturn.OK
 
     def _on_caps(self, _pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
@@ -357,6 +405,7 @@ class Pipeline:
 
     def _on_live_buffer(self, _pad: Gst.Pad, _info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
         self._last_frame_time = time.monotonic()
+        self._outage = False
         self.stats.frames += 1
         return Gst.PadProbeReturn.OK
 
@@ -377,6 +426,7 @@ class Pipeline:
 
     def _frame_step(self, buf: Gst.Buffer) -> FrameMeta:
         self._last_frame_time = time.monotonic()
+        self._outage = False
         dets: Detections | None = None
         if self._detector is not None:
             if self._schedule is not None:
@@ -447,7 +497,6 @@ class Pipeline:
         assert self._detector is not None
         appsink = self._pipeline.get_by_name("infer_sink")
         tee_pad = self._pipeline.get_by_name("t").get_static_pad("sink")
-        next_allowed = 0.0
         while not self._stopping.is_set():
             sample = appsink.try_pull_sample(100 * Gst.MSECOND)
             if sample is None:
@@ -460,6 +509,7 @@ class Pipeline:
             if not ok:
                 continue
             t0 = time.perf_counter()
+            started = time.monotonic()
             try:
                 frame = np.ndarray(
                     (info.height, info.width, 3),
@@ -484,9 +534,7 @@ class Pipeline:
                 )
             self._results.post(buf.pts, dets)
             if self.mode == "live" and self._min_interval:
-                now = time.monotonic()
-                next_allowed = max(now, next_allowed + self._min_interval)
-                delay = next_allowed - now
+                delay = started + self._min_interval - time.monotonic()
                 if delay > 0 and self._stopping.wait(delay):
                     break
         self._results.close()
@@ -502,6 +550,10 @@ class Pipeline:
     def start(self) -> None:
         """Start playing; returns at once."""
         self._stopping.clear()
+        self._stop_event.clear()
+        self._stop_requested_at = None
+        # Until a live camera delivers its first frame there is nothing to drain on stop.
+        self._outage = self.mode == "live" and self.is_live_source
         self._results.reopen()
         ret = self._pipeline.set_state(Gst.State.PLAYING)
         if ret == Gst.StateChangeReturn.FAILURE:
@@ -528,24 +580,27 @@ class Pipeline:
         return f"{err.message} ({msg.src.get_name()})"
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Ask the pipeline to finish: EOS through every element, so files are complete."""
-        self._pipeline.send_event(Gst.Event.new_eos())
-        self._stop_requested_at = time.monotonic()
+        """Ask the pipeline to finish: EOS through every element, so files are complete.
+
+        Safe from any thread or a signal handler; :meth:`run` returns once drained.
+        """
         self._stop_timeout = timeout
+        self._stop_requested_at = time.monotonic()
+        self._stop_event.set()
+        self._pipeline.send_event(Gst.Event.new_eos())
 
     def run(
         self, timeout: float | None = None, on_tick: Callable[[Pipeline], None] | None = None
     ) -> None:
         """Run until end of stream, :meth:`stop` or ``timeout`` seconds.
 
-        A live source that fails or stalls is restarted with exponential backoff; a file
-        that ends stops the run (or starts again when the camera loops).
+        A live source that fails, ends or stalls is restarted with exponential backoff; a
+        file that ends stops the run (or starts again when the camera loops).
         """
         bus = self._pipeline.get_bus()
         deadline = time.monotonic() + timeout if timeout else None
         backoff = self.camera.reconnect_min_s
         self._last_frame_time = time.monotonic()
-        self._stop_requested_at: float | None = None
         self._restart_frames = 0
         try:
             while True:
@@ -558,23 +613,19 @@ class Pipeline:
                     on_tick(self)
                 if deadline is not None and now > deadline and self._stop_requested_at is None:
                     self.stop()
-                if (
-                    self._stop_requested_at is not None
-                    and now - self._stop_requested_at > self._stop_timeout
-                ):
+                stopping = self._stop_requested_at is not None
+                if stopping and self._outage:
+                    return  # nothing flows during a camera outage: nothing to drain
+                if stopping and now - (self._stop_requested_at or now) > self._stop_timeout:
                     log.warning(
                         "pipeline did not drain within %.0f s; forcing stop", self._stop_timeout
                     )
                     return
                 if self.stats.frames - self._restart_frames > 100:
                     backoff = self.camera.reconnect_min_s
+                reconnectable = self.mode == "live" and self.is_live_source and not stopping
                 if msg is None:
-                    if (
-                        self.mode == "live"
-                        and self.is_live_source
-                        and self._stop_requested_at is None
-                        and now - self._last_frame_time > self.camera.stall_timeout_s
-                    ):
+                    if reconnectable and now - self._last_frame_time > self.camera.stall_timeout_s:
                         log.warning(
                             "camera %s: no frame for %.0f s; reconnecting",
                             self.camera.name,
@@ -587,9 +638,9 @@ class Pipeline:
                     log.warning("%s: %s", msg.src.get_name(), warn.message)
                     continue
                 if msg.type == Gst.MessageType.EOS:
-                    if self._stop_requested_at is not None:
+                    if stopping:
                         return
-                    if self.mode == "live" and self.is_live_source:
+                    if reconnectable:
                         log.warning("camera %s: stream ended; reconnecting", self.camera.name)
                         backoff = self._restart(backoff)
                         continue
@@ -599,18 +650,16 @@ class Pipeline:
                     return
                 err, debug = msg.parse_error()
                 text = f"{err.message} ({msg.src.get_name()})"
-                if (
-                    self._error is None
-                    and self.mode == "live"
-                    and self.is_live_source
-                    and self._stop_requested_at is None
-                ):
+                log.debug("pipeline error debug: %s", debug)
+                if stopping and self.mode == "live":
+                    log.info("camera %s: error while stopping: %s", self.camera.name, text)
+                    return
+                if reconnectable and self._error is None:
                     log.warning(
                         "camera %s: %s; reconnecting in %.1f s", self.camera.name, text, backoff
                     )
                     backoff = self._restart(backoff)
                     continue
-                log.debug("pipeline error debug: %s", debug)
                 raise PipelineError(self._error or f"camera {self.camera.name!r}: {text}")
         finally:
             self._teardown()
@@ -620,7 +669,8 @@ class Pipeline:
         self._pipeline.set_state(Gst.State.NULL)
         self.stats.restarts += 1
         self._restart_frames = self.stats.frames
-        if self._stopping.wait(backoff):
+        self._outage = True
+        if self._stop_event.wait(backoff):
             return backoff
         self._pipeline.set_state(Gst.State.PLAYING)
         self._last_frame_time = time.monotonic()

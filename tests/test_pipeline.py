@@ -1,0 +1,247 @@
+"""The inference pipeline on real clips with real models and real GStreamer."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edgecam.config import Settings, load_settings
+from edgecam.errors import MissingPluginError, ModelError, PipelineError, SourceError
+from edgecam.media.gst import require_elements
+from edgecam.media.offline import process_file
+from edgecam.media.pipeline import DetectionSchedule, Pipeline
+from edgecam.vision.synthetic import SyntheticDetector
+
+from conftest import MEDIA, free_udp_pair
+
+
+def _events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _probe_frames(path: Path) -> list[dict[str, str]]:
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+         "frame=key_frame,pts_time,width,height", "-of", "json", str(path)],
+        capture_output=True, text=True, check=True, timeout=60,
+    )
+    return json.loads(out.stdout)["frames"]
+
+
+@pytest.fixture(scope="module")
+def people_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    out = tmp_path_factory.mktemp("people")
+    settings = load_settings(**{"vision.profile": "people", "vision.detect_fps": 10})
+    process_file(settings, MEDIA / "pedestrians_30s.mp4", out / "out.mp4",
+                 events=out / "events.jsonl", progress=False)
+    return out / "out.mp4", _events(out / "events.jsonl")
+
+
+@pytest.fixture(scope="module")
+def faces_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    out = tmp_path_factory.mktemp("faces")
+    settings = load_settings(**{"vision.profile": "mask", "vision.detect_fps": 10})
+    process_file(settings, MEDIA / "faces.mp4", out / "out.mp4",
+                 events=out / "events.jsonl", progress=False)
+    return out / "out.mp4", _events(out / "events.jsonl")
+
+
+def test_one_face_found_in_face_clip(faces_run: tuple[Path, list[dict[str, Any]]]) -> None:
+    video, events = faces_run
+    assert len(events) == 120  # one line a frame
+    settled = events[10:]
+    one_face = sum(1 for e in settled if len(e["tracks"]) == 1)
+    assert one_face >= 0.95 * len(settled)
+    ids = {t["id"] for e in settled for t in e["tracks"]}
+    assert len(ids) == 1  # the one man keeps one id for the whole clip
+    for e in settled:
+        for t in e["tracks"]:
+            x1, y1, x2, y2 = t["box"]
+            assert 0 <= x1 < x2 <= 176 and 0 <= y1 < y2 <= 144  # source pixels
+            assert 25 <= x2 - x1 <= 90 and 30 <= y2 - y1 <= 110  # about 50x60 px
+            assert t["label"] in ("mask", "no_mask", "undecided")
+    assert set(events[-1]["counts"]) == {"mask", "no_mask", "undecided"}
+    assert sum(events[-1]["counts"].values()) == 1
+
+
+def test_people_counted_in_pedestrian_clip(
+    people_run: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    _, events = people_run
+    assert len(events) == 302
+    counts = [e["counts"]["person"] for e in events[20:]]
+    # By eye on the clip: 3 to 8 people in view at a time.
+    assert 3 <= float(np.mean(counts)) <= 8
+    assert min(counts) >= 2 and max(counts) <= 10
+    assert all(t["label"] == "person" for e in events for t in e["tracks"])
+
+
+def test_walking_people_keep_their_id(people_run: tuple[Path, list[dict[str, Any]]]) -> None:
+    _, events = people_run
+    paths: dict[int, list[tuple[float, float]]] = {}
+    for e in events:
+        for t in e["tracks"]:
+            x1, y1, x2, y2 = t["box"]
+            paths.setdefault(t["id"], []).append(((x1 + x2) / 2, (y1 + y2) / 2))
+    long_walks = [
+        tid for tid, p in paths.items() if len(p) >= 70 and math.dist(p[0], p[-1]) >= 300
+    ]
+    # Several people cross most of the 768 px scene; each keeps one id the whole way.
+    assert len(long_walks) >= 3, {k: len(v) for k, v in paths.items()}
+    # Few identities overall: no id churn (about 15 people in 30 s by eye).
+    assert len(paths) <= 25
+
+
+def test_output_video_is_complete_h264_with_keyframe_each_second(
+    people_run: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    video, _ = people_run
+    frames = _probe_frames(video)
+    assert len(frames) == 302
+    assert (frames[0]["width"], frames[0]["height"]) == (768, 576)
+    keys = [float(f["pts_time"]) for f in frames if f["key_frame"] == 1]
+    assert keys[0] == pytest.approx(float(frames[0]["pts_time"]))
+    gaps = np.diff(keys)
+    assert len(keys) >= 29 and np.all(gaps <= 1.0 + 1e-6)
+
+
+def test_same_input_same_output(tmp_path: Path) -> None:
+    settings = load_settings(**{"vision.profile": "people", "vision.detect_fps": 5})
+    clip = MEDIA / "motion_720p30_4s.mp4"
+    for name in ("a", "b"):
+        result = process_file(settings, clip, tmp_path / f"{name}.mp4",
+                              events=tmp_path / f"{name}.jsonl", progress=False)
+        assert result.frames == 122
+        # exactly 5 detections a second of video, whatever the machine's speed
+        assert result.detections == 21
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("fps", "frame_rate", "seconds", "expected"),
+    [(10, 30, 4, 40), (10, 30000 / 1001, 10, 100), (5, 10, 3, 15), (60, 30, 2, 60), (1, 25, 7, 7),
+     (0, 30, 3, 0)],
+)
+def test_detection_schedule_is_exact(
+    fps: float, frame_rate: float, seconds: int, expected: int
+) -> None:
+    schedule = DetectionSchedule(fps)
+    dur = int(1e9 / frame_rate)
+    n = round(seconds * frame_rate)
+    due = sum(schedule.due(round(i * 1e9 / frame_rate), dur) for i in range(n))
+    assert due == expected
+
+
+@pytest.mark.parametrize("element", ["overlaycomposition", "cairooverlay"])
+def test_overlay_draws_boxes(tmp_path: Path, element: str) -> None:
+    clip = MEDIA / "motion_720p30_4s.mp4"
+    plain = tmp_path / "plain.mp4"
+    drawn = tmp_path / "drawn.mp4"
+    process_file(load_settings(**{"vision.detect_fps": 0}), clip, plain, progress=False)
+    settings = load_settings(**{"overlay.element": element, "overlay.colours": {
+        "mask": [255, 0, 255], "no_mask": [255, 0, 255], "undecided": [255, 0, 255]}})
+    process_file(settings, clip, drawn, detector=SyntheticDetector(20), progress=False)
+    a, b = _decode_frame(plain, 90), _decode_frame(drawn, 90)
+    assert a.shape == b.shape == (720, 1280, 3)
+    magenta = (b[:, :, 0] > 200) & (b[:, :, 1] < 80) & (b[:, :, 2] > 200)
+    assert magenta.sum() > 5000  # the box outlines are in the video
+    assert ((a[:, :, 0] > 200) & (a[:, :, 1] < 80) & (a[:, :, 2] > 200)).sum() < 500
+
+
+def test_overlay_can_be_switched_off(tmp_path: Path) -> None:
+    clip = MEDIA / "motion_720p30_4s.mp4"
+    settings = load_settings(**{"overlay.enabled": False, "overlay.colours": {
+        "mask": [255, 0, 255], "no_mask": [255, 0, 255], "undecided": [255, 0, 255]}})
+    out = tmp_path / "o.mp4"
+    result = process_file(settings, clip, out, events=tmp_path / "e.jsonl",
+                          detector=SyntheticDetector(20), progress=False)
+    assert result.frames == 122
+    assert any(e["tracks"] for e in _events(tmp_path / "e.jsonl"))
+    b = _decode_frame(out, 90)
+    assert ((b[:, :, 0] > 200) & (b[:, :, 1] < 80) & (b[:, :, 2] > 200)).sum() < 500
+
+
+def _decode_frame(path: Path, index: int) -> np.ndarray:
+    raw = subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(path), "-vf", f"select=eq(n\\,{index})",
+         "-frames:v", "1", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+        capture_output=True, check=True, timeout=60,
+    ).stdout
+    return np.frombuffer(raw, dtype=np.uint8).reshape(720, 1280, 3)
+
+
+def test_missing_plugin_is_a_clear_error() -> None:
+    with pytest.raises(MissingPluginError, match="no_such_element"):
+        require_elements(["videoconvert", "no_such_element"])
+    settings = load_settings(**{"encoder.element": "nvh264", "vision.detect_fps": 0})
+    with pytest.raises(MissingPluginError, match="nvh264enc"):
+        Pipeline(settings, mode="offline", rtp=False, out_file=None)
+
+
+def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
+    settings = load_settings(**{"vision.face_model": str(tmp_path / "nope.onnx")})
+    with pytest.raises(ModelError, match="nope.onnx"):
+        Pipeline(settings, mode="offline", rtp=False)
+
+
+@pytest.mark.parametrize("content", [None, b"", b"\x00garbage" * 1000])
+def test_bad_input_file_is_a_clear_error_not_a_hang(tmp_path: Path, content: bytes | None) -> None:
+    clip = tmp_path / "clip.mp4"
+    if content is not None:
+        clip.write_bytes(content)
+    settings = load_settings(**{"vision.detect_fps": 0})
+    start = time.monotonic()
+    with pytest.raises((SourceError, PipelineError)):
+        process_file(settings, clip, tmp_path / "out.mp4", progress=False)
+    assert time.monotonic() - start < 20
+
+
+def test_clean_eos_and_no_leaked_threads(tmp_path: Path) -> None:
+    before = set(threading.enumerate())
+    settings = load_settings(**{"vision.detect_fps": 10})
+    result = process_file(settings, MEDIA / "faces.mp4", tmp_path / "o.mp4",
+                          detector=SyntheticDetector(3, (640, 352)), progress=False)
+    assert result.frames == 120
+    time.sleep(0.2)
+    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert leaked == []
+
+
+def test_live_test_source_sends_rtp_and_stops_cleanly() -> None:
+    base = free_udp_pair()
+    settings = Settings.model_validate({
+        "cameras": [{"name": "t", "source": "test://", "width": 320, "height": 240,
+                     "fps": 30, "rtp_port": base}],
+        "vision": {"detect_fps": 5},
+    })
+    receivers = []
+    for port in (base, base + 1):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", port))
+        s.settimeout(5)
+        receivers.append(s)
+    before = set(threading.enumerate())
+    with Pipeline(settings, mode="live", detector=SyntheticDetector(4, (640, 352))) as p:
+        p.start()
+        p.run(timeout=2.5)
+        frames, detections = p.stats.frames, p.stats.detections
+    try:
+        for s in receivers:
+            packet = s.recv(2048)
+            assert packet[1] & 0x7F == 96  # RTP payload type 96: H.264
+    finally:
+        for s in receivers:
+            s.close()
+    assert 50 <= frames <= 90  # real time: ~30 fps for 2.5 s
+    assert 5 <= detections <= 14  # at most 5 a second
+    time.sleep(0.2)
+    assert [t for t in threading.enumerate() if t not in before and t.is_alive()] == []
