@@ -29,6 +29,7 @@ BENCHES: dict[str, str] = {
     "detectors": "bench/bench_detectors.py",
     "live": "bench/bench_live.py",
     "loop": "bench/bench_vs_loop.py",
+    "latency": "bench/bench_latency.py",
 }
 
 
@@ -82,6 +83,12 @@ def _cmd_clip(args: argparse.Namespace) -> int:
     return _resolve("edgecam.media.recorder:request_clip_cli")(_settings(args), args)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from edgecam.demo import run_demo
+
+    return run_demo(args.config, Path(args.out), args.live_seconds)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import runpy
 
@@ -124,6 +131,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pre", type=float, help="seconds before now (default from config)")
     p.add_argument("--post", type=float, help="seconds after now (default from config)")
     p.set_defaults(func=_cmd_clip)
+
+    p = sub.add_parser("demo", parents=[common], help="the whole system on the bundled clips")
+    p.add_argument("--out", default="out/demo", help="folder for the demo's outputs")
+    p.add_argument("--live-seconds", type=float, default=30, help="length of the live part")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("bench", help="run a benchmark and print its figures")
     p.add_argument("name", choices=sorted(BENCHES))
