@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import MEDIA, free_udp_pair
 
 from edgecam.config import Settings, load_settings
 from edgecam.errors import MissingPluginError, ModelError, PipelineError, SourceError
@@ -21,8 +22,6 @@ from edgecam.media.offline import process_file
 from edgecam.media.pipeline import DetectionSchedule, Pipeline
 from edgecam.vision.synthetic import SyntheticDetector
 
-from conftest import MEDIA, free_udp_pair
-
 
 def _events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -30,9 +29,22 @@ def _events(path: Path) -> list[dict[str, Any]]:
 
 def _probe_frames(path: Path) -> list[dict[str, str]]:
     out = subprocess.run(
-        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
-         "frame=key_frame,pts_time,width,height", "-of", "json", str(path)],
-        capture_output=True, text=True, check=True, timeout=60,
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "frame=key_frame,pts_time,width,height",
+            "-of",
+            "json",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     )
     return json.loads(out.stdout)["frames"]
 
@@ -41,8 +53,13 @@ def _probe_frames(path: Path) -> list[dict[str, str]]:
 def people_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     out = tmp_path_factory.mktemp("people")
     settings = load_settings(**{"vision.profile": "people", "vision.detect_fps": 10})
-    process_file(settings, MEDIA / "pedestrians_30s.mp4", out / "out.mp4",
-                 events=out / "events.jsonl", progress=False)
+    process_file(
+        settings,
+        MEDIA / "pedestrians_30s.mp4",
+        out / "out.mp4",
+        events=out / "events.jsonl",
+        progress=False,
+    )
     return out / "out.mp4", _events(out / "events.jsonl")
 
 
@@ -50,13 +67,14 @@ def people_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dic
 def faces_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     out = tmp_path_factory.mktemp("faces")
     settings = load_settings(**{"vision.profile": "mask", "vision.detect_fps": 10})
-    process_file(settings, MEDIA / "faces.mp4", out / "out.mp4",
-                 events=out / "events.jsonl", progress=False)
+    process_file(
+        settings, MEDIA / "faces.mp4", out / "out.mp4", events=out / "events.jsonl", progress=False
+    )
     return out / "out.mp4", _events(out / "events.jsonl")
 
 
 def test_one_face_found_in_face_clip(faces_run: tuple[Path, list[dict[str, Any]]]) -> None:
-    video, events = faces_run
+    _, events = faces_run
     assert len(events) == 120  # one line a frame
     settled = events[10:]
     one_face = sum(1 for e in settled if len(e["tracks"]) == 1)
@@ -92,9 +110,7 @@ def test_walking_people_keep_their_id(people_run: tuple[Path, list[dict[str, Any
         for t in e["tracks"]:
             x1, y1, x2, y2 = t["box"]
             paths.setdefault(t["id"], []).append(((x1 + x2) / 2, (y1 + y2) / 2))
-    long_walks = [
-        tid for tid, p in paths.items() if len(p) >= 70 and math.dist(p[0], p[-1]) >= 300
-    ]
+    long_walks = [tid for tid, p in paths.items() if len(p) >= 70 and math.dist(p[0], p[-1]) >= 300]
     # Several people cross most of the 768 px scene; each keeps one id the whole way.
     assert len(long_walks) >= 3, {k: len(v) for k, v in paths.items()}
     # Few identities overall: no id churn (about 15 people in 30 s by eye).
@@ -118,8 +134,13 @@ def test_same_input_same_output(tmp_path: Path) -> None:
     settings = load_settings(**{"vision.profile": "people", "vision.detect_fps": 5})
     clip = MEDIA / "motion_720p30_4s.mp4"
     for name in ("a", "b"):
-        result = process_file(settings, clip, tmp_path / f"{name}.mp4",
-                              events=tmp_path / f"{name}.jsonl", progress=False)
+        result = process_file(
+            settings,
+            clip,
+            tmp_path / f"{name}.mp4",
+            events=tmp_path / f"{name}.jsonl",
+            progress=False,
+        )
         assert result.frames == 122
         # exactly 5 detections a second of video, whatever the machine's speed
         assert result.detections == 21
@@ -128,8 +149,14 @@ def test_same_input_same_output(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("fps", "frame_rate", "seconds", "expected"),
-    [(10, 30, 4, 40), (10, 30000 / 1001, 10, 100), (5, 10, 3, 15), (60, 30, 2, 60), (1, 25, 7, 7),
-     (0, 30, 3, 0)],
+    [
+        (10, 30, 4, 40),
+        (10, 30000 / 1001, 10, 100),
+        (5, 10, 3, 15),
+        (60, 30, 2, 60),
+        (1, 25, 7, 7),
+        (0, 30, 3, 0),
+    ],
 )
 def test_detection_schedule_is_exact(
     fps: float, frame_rate: float, seconds: int, expected: int
@@ -147,8 +174,16 @@ def test_overlay_draws_boxes(tmp_path: Path, element: str) -> None:
     plain = tmp_path / "plain.mp4"
     drawn = tmp_path / "drawn.mp4"
     process_file(load_settings(**{"vision.detect_fps": 0}), clip, plain, progress=False)
-    settings = load_settings(**{"overlay.element": element, "overlay.colours": {
-        "mask": [255, 0, 255], "no_mask": [255, 0, 255], "undecided": [255, 0, 255]}})
+    settings = load_settings(
+        **{
+            "overlay.element": element,
+            "overlay.colours": {
+                "mask": [255, 0, 255],
+                "no_mask": [255, 0, 255],
+                "undecided": [255, 0, 255],
+            },
+        }
+    )
     process_file(settings, clip, drawn, detector=SyntheticDetector(20), progress=False)
     a, b = _decode_frame(plain, 90), _decode_frame(drawn, 90)
     assert a.shape == b.shape == (720, 1280, 3)
@@ -159,11 +194,25 @@ def test_overlay_draws_boxes(tmp_path: Path, element: str) -> None:
 
 def test_overlay_can_be_switched_off(tmp_path: Path) -> None:
     clip = MEDIA / "motion_720p30_4s.mp4"
-    settings = load_settings(**{"overlay.enabled": False, "overlay.colours": {
-        "mask": [255, 0, 255], "no_mask": [255, 0, 255], "undecided": [255, 0, 255]}})
+    settings = load_settings(
+        **{
+            "overlay.enabled": False,
+            "overlay.colours": {
+                "mask": [255, 0, 255],
+                "no_mask": [255, 0, 255],
+                "undecided": [255, 0, 255],
+            },
+        }
+    )
     out = tmp_path / "o.mp4"
-    result = process_file(settings, clip, out, events=tmp_path / "e.jsonl",
-                          detector=SyntheticDetector(20), progress=False)
+    result = process_file(
+        settings,
+        clip,
+        out,
+        events=tmp_path / "e.jsonl",
+        detector=SyntheticDetector(20),
+        progress=False,
+    )
     assert result.frames == 122
     assert any(e["tracks"] for e in _events(tmp_path / "e.jsonl"))
     b = _decode_frame(out, 90)
@@ -172,15 +221,31 @@ def test_overlay_can_be_switched_off(tmp_path: Path) -> None:
 
 def _decode_frame(path: Path, index: int) -> np.ndarray:
     raw = subprocess.run(
-        ["ffmpeg", "-v", "error", "-i", str(path), "-vf", f"select=eq(n\\,{index})",
-         "-frames:v", "1", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
-        capture_output=True, check=True, timeout=60,
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-i",
+            str(path),
+            "-vf",
+            f"select=eq(n\\,{index})",
+            "-frames:v",
+            "1",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-",
+        ],
+        capture_output=True,
+        check=True,
+        timeout=60,
     ).stdout
     return np.frombuffer(raw, dtype=np.uint8).reshape(720, 1280, 3)
 
 
 def test_missing_plugin_is_a_clear_error() -> None:
-    with pytest.raises(MissingPluginError, match="no_such_element"):
+    with pytest.raises(MissingPluginError, match=r"no_such_element"):
         require_elements(["videoconvert", "no_such_element"])
     settings = load_settings(**{"encoder.element": "nvh264", "vision.detect_fps": 0})
     with pytest.raises(MissingPluginError, match="nvh264enc"):
@@ -189,7 +254,7 @@ def test_missing_plugin_is_a_clear_error() -> None:
 
 def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
     settings = load_settings(**{"vision.face_model": str(tmp_path / "nope.onnx")})
-    with pytest.raises(ModelError, match="nope.onnx"):
+    with pytest.raises(ModelError, match=r"nope\.onnx"):
         Pipeline(settings, mode="offline", rtp=False)
 
 
@@ -208,8 +273,13 @@ def test_bad_input_file_is_a_clear_error_not_a_hang(tmp_path: Path, content: byt
 def test_clean_eos_and_no_leaked_threads(tmp_path: Path) -> None:
     before = set(threading.enumerate())
     settings = load_settings(**{"vision.detect_fps": 10})
-    result = process_file(settings, MEDIA / "faces.mp4", tmp_path / "o.mp4",
-                          detector=SyntheticDetector(3, (640, 352)), progress=False)
+    result = process_file(
+        settings,
+        MEDIA / "faces.mp4",
+        tmp_path / "o.mp4",
+        detector=SyntheticDetector(3, (640, 352)),
+        progress=False,
+    )
     assert result.frames == 120
     time.sleep(0.2)
     leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
@@ -218,11 +288,21 @@ def test_clean_eos_and_no_leaked_threads(tmp_path: Path) -> None:
 
 def test_live_test_source_sends_rtp_and_stops_cleanly() -> None:
     base = free_udp_pair()
-    settings = Settings.model_validate({
-        "cameras": [{"name": "t", "source": "test://", "width": 320, "height": 240,
-                     "fps": 30, "rtp_port": base}],
-        "vision": {"detect_fps": 5},
-    })
+    settings = Settings.model_validate(
+        {
+            "cameras": [
+                {
+                    "name": "t",
+                    "source": "test://",
+                    "width": 320,
+                    "height": 240,
+                    "fps": 30,
+                    "rtp_port": base,
+                }
+            ],
+            "vision": {"detect_fps": 5},
+        }
+    )
     receivers = []
     for port in (base, base + 1):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import MEDIA, free_port, free_udp_pair
+
 from edgecam.config import Settings
 from edgecam.media.pipeline import Pipeline
 from edgecam.vision.synthetic import SyntheticDetector
@@ -26,9 +26,14 @@ class _Camera:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "rtsp_camera.py"), str(self.port),
-             str(MEDIA / "pedestrians_30s.mp4")],
-            stdout=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                str(HERE / "rtsp_camera.py"),
+                str(self.port),
+                str(MEDIA / "pedestrians_30s.mp4"),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert self.proc.stdout is not None
         assert self.proc.stdout.readline().strip() == "ready"
@@ -59,14 +64,22 @@ def _wait(pred: object, timeout: float) -> bool:
 
 
 def test_rtsp_camera_late_dropped_and_back(camera: _Camera) -> None:
-    settings = Settings.model_validate({
-        "cameras": [{
-            "name": "door", "source": f"rtsp://127.0.0.1:{camera.port}/cam",
-            "rtsp_latency_ms": 100, "reconnect_min_s": 0.5, "reconnect_max_s": 2,
-            "stall_timeout_s": 3, "rtp_port": free_udp_pair(),
-        }],
-        "vision": {"detect_fps": 5},
-    })
+    settings = Settings.model_validate(
+        {
+            "cameras": [
+                {
+                    "name": "door",
+                    "source": f"rtsp://127.0.0.1:{camera.port}/cam",
+                    "rtsp_latency_ms": 100,
+                    "reconnect_min_s": 0.5,
+                    "reconnect_max_s": 2,
+                    "stall_timeout_s": 3,
+                    "rtp_port": free_udp_pair(),
+                }
+            ],
+            "vision": {"detect_fps": 5},
+        }
+    )
     pipeline = Pipeline(settings, mode="live", detector=SyntheticDetector(2, (640, 352)))
     runner = threading.Thread(target=pipeline.run, daemon=True)
     pipeline.start()  # the camera is not up yet: no error, the pipeline retries
@@ -84,8 +97,7 @@ def test_rtsp_camera_late_dropped_and_back(camera: _Camera) -> None:
         time.sleep(2)
         assert pipeline.stats.frames - frames_while_down <= 3
         camera.start()  # ...and comes back on the same address
-        assert _wait(lambda: pipeline.stats.frames > frames_while_down + 20, 25), \
-            "did not resume"
+        assert _wait(lambda: pipeline.stats.frames > frames_while_down + 20, 25), "did not resume"
         assert pipeline.stats.restarts > restarts
         assert pipeline.stats.detections > 0
     finally:

@@ -511,7 +511,7 @@ class Pipeline:
             t0 = time.perf_counter()
             started = time.monotonic()
             try:
-                frame = np.ndarray(
+                frame: np.ndarray = np.ndarray(
                     (info.height, info.width, 3),
                     dtype=np.uint8,
                     buffer=mapinfo.data,

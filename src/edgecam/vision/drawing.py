@@ -71,7 +71,7 @@ def build_draw_list(meta: FrameMeta, cfg: OverlayConfig, width: int, height: int
     return DrawList(tuple(boxes), tuple(texts))
 
 
-def _set_font(ctx: cairo.Context[cairo.ImageSurface], size: int) -> None:
+def _set_font(ctx: cairo.Context, size: int) -> None:
     ctx.select_font_face("DejaVu Sans", cairo.FONT_SLANT_NORMAL, cairo.FONT_WEIGHT_BOLD)
     ctx.set_font_size(size)
 
@@ -135,7 +135,7 @@ def render_text(text: DrawText, cfg: OverlayConfig) -> tuple[bytes, int, int, in
     return bytes(surface.get_data()), text.x, text.y, w, h
 
 
-def draw_on_context(ctx: cairo.Context[cairo.Surface], draws: DrawList, cfg: OverlayConfig) -> None:
+def draw_on_context(ctx: cairo.Context, draws: DrawList, cfg: OverlayConfig) -> None:
     """Draw everything straight onto a frame's cairo context (the cairooverlay backend)."""
     ctx.set_line_width(cfg.line_width)
     _set_font(ctx, cfg.font_size)  # type: ignore[arg-type]

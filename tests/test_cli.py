@@ -1,0 +1,128 @@
+"""`edgecam process` as a user runs it, and the in-process metadata subscriber API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import MEDIA
+
+from edgecam.config import load_settings
+from edgecam.media.pipeline import Pipeline
+from edgecam.vision.analytics import FrameMeta
+from edgecam.vision.synthetic import SyntheticDetector
+
+EDGECAM = [sys.executable, "-m", "edgecam.cli"]
+
+
+def test_process_command_writes_video_and_events(tmp_path: Path) -> None:
+    out, events = tmp_path / "o.mp4", tmp_path / "e.jsonl"
+    res = subprocess.run(
+        [
+            *EDGECAM,
+            "process",
+            str(MEDIA / "faces.mp4"),
+            "--out",
+            str(out),
+            "--events",
+            str(events),
+            "--profile",
+            "mask",
+            "--detect-fps",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert out.stat().st_size > 10_000
+    rows = [json.loads(line) for line in events.read_text().splitlines()]
+    assert len(rows) == 120
+    assert [r["frame"] for r in rows] == list(range(120))
+    assert set(rows[0]) == {"frame", "pts", "tracks", "counts"}
+    assert "done: 120 frames" in res.stderr  # the progress/summary lines
+
+
+def test_process_command_rejects_bad_input_clearly(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [*EDGECAM, "process", str(tmp_path / "missing.mp4"), "--out", str(tmp_path / "o.mp4")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 1
+    assert "error:" in res.stderr and "missing.mp4" in res.stderr
+    assert "Traceback" not in res.stderr
+    res = subprocess.run(
+        [*EDGECAM, "process", str(MEDIA / "faces.mp4"), "--out", str(tmp_path / "o.avi")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 1 and "MP4" in res.stderr
+
+
+def test_process_command_honours_config_and_environment(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("vision:\n  profile: people\n  detect_fps: 2\n")
+    events = tmp_path / "e.jsonl"
+    res = subprocess.run(
+        [
+            *EDGECAM,
+            "process",
+            str(MEDIA / "motion_720p30_4s.mp4"),
+            "--out",
+            str(tmp_path / "o.mp4"),
+            "--events",
+            str(events),
+            "--config",
+            str(cfg),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "EDGECAM_VISION__DETECT_FPS": "1"},
+    )
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in events.read_text().splitlines()]
+    assert set(rows[-1]["counts"]) == {"person"}  # profile from the file
+
+
+def test_subscribers_receive_typed_frame_messages(tmp_path: Path) -> None:
+    settings = load_settings(**{"vision.detect_fps": 10})
+    settings = settings.model_copy(
+        update={
+            "cameras": [
+                settings.cameras[0].model_copy(
+                    update={"name": "lobby", "source": str(MEDIA / "faces.mp4")}
+                )
+            ]
+        }
+    )
+    with Pipeline(
+        settings,
+        mode="offline",
+        rtp=False,
+        out_file=tmp_path / "o.mp4",
+        detector=SyntheticDetector(4, (640, 352)),
+    ) as pipeline:
+        everything = pipeline.meta_bus.subscribe(maxsize=0)
+        tiny = pipeline.meta_bus.subscribe(maxsize=2)  # a slow consumer: loses the oldest
+        pipeline.start()
+        pipeline.run()
+    got: list[FrameMeta] = []
+    while (meta := everything.get(timeout=5)) is not None:
+        got.append(meta)
+    assert len(got) == 120
+    assert all(m.camera == "lobby" for m in got)
+    assert [m.frame for m in got] == list(range(120))
+    assert sum(m.detected for m in got) == 40
+    assert any(len(m.tracks) == 4 for m in got)
+    assert all(m.pts >= 0 for m in got)
+    assert pipeline.meta_bus.dropped > 100
+    assert tiny.qsize() == 2
