@@ -285,6 +285,7 @@ class Pipeline:
         self._results = _Results()
         self._analytics = Analytics(settings, self.camera.name)
         self._frame_size: tuple[int, int] | None = None
+        self._frame_dur = int(1e9 / 30)  # until the caps tell
         self._composition_cache: dict[str, Any] = {}
         self._error: str | None = None
         self._stopping = threading.Event()
@@ -412,32 +413,32 @@ class Pipeline:
     def _on_infer_buffer(self, _pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
         buf = info.get_buffer()
         assert self._schedule is not None
-        if self._schedule.due(buf.pts, self._duration(buf)):
+        if self._schedule.due(buf.pts, self._duration(buf.duration)):
             return Gst.PadProbeReturn.OK
         return Gst.PadProbeReturn.DROP
 
-    def _duration(self, buf: Gst.Buffer) -> int:
-        dur = buf.duration
+    def _duration(self, dur: int) -> int:
         if dur == Gst.CLOCK_TIME_NONE or dur <= 0:
-            return getattr(self, "_frame_dur", int(1e9 / 30))
+            return self._frame_dur
         return int(dur)
 
     # -- per-frame work (streaming threads) -----------------------------------------------
 
-    def _frame_step(self, buf: Gst.Buffer) -> FrameMeta:
+    def _frame_step(self, pts: int, dur: int) -> FrameMeta:
+        """The Python work of one video frame: detections in, tracks and counts out."""
         self._last_frame_time = time.monotonic()
         self._outage = False
         dets: Detections | None = None
         if self._detector is not None:
             if self._schedule is not None:
-                if self._schedule.due(buf.pts, self._duration(buf)):
-                    dets = self._results.wait(buf.pts, timeout=120.0)
+                if self._schedule.due(pts, self._duration(dur)):
+                    dets = self._results.wait(pts, timeout=120.0)
                     if dets is None and not self._stopping.is_set():
                         self._fail("the detector produced no result for a frame in time")
             else:
                 dets = self._results.take_latest()
-        pts = buf.pts / 1e9 if buf.pts != Gst.CLOCK_TIME_NONE else 0.0
-        meta = self._analytics.step(pts, dets, self._frame_size)
+        seconds = pts / 1e9 if pts != Gst.CLOCK_TIME_NONE else 0.0
+        meta = self._analytics.step(seconds, dets, self._frame_size)
         self.stats.frames += 1
         self.counts = meta.counts
         if self.meta_bus.active:
@@ -451,7 +452,8 @@ class Pipeline:
         return draws if draws.boxes or draws.texts else None
 
     def _on_draw_composition(self, _overlay: Gst.Element, sample: Gst.Sample) -> Any:
-        meta = self._frame_step(sample.get_buffer())
+        buf = sample.get_buffer()
+        meta = self._frame_step(buf.pts, buf.duration)
         draws = self._draw_list(meta)
         if draws is None:
             return None
@@ -481,15 +483,13 @@ class Pipeline:
         return composition
 
     def _on_draw_cairo(self, _overlay: Gst.Element, ctx: Any, pts: int, dur: int) -> None:
-        buf = Gst.Buffer.new()
-        buf.pts, buf.duration = pts, dur
-        meta = self._frame_step(buf)
+        meta = self._frame_step(pts, dur)
         draws = self._draw_list(meta)
         if draws is not None:
             draw_on_context(ctx, draws, self.settings.overlay)
 
     def _on_handoff(self, _identity: Gst.Element, buf: Gst.Buffer) -> None:
-        self._frame_step(buf)
+        self._frame_step(buf.pts, buf.duration)
 
     # -- detector thread --------------------------------------------------------------------
 
