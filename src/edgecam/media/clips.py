@@ -1,0 +1,608 @@
+"""The recorder's bookkeeping, free of GStreamer: the segment ring, clip planning, clip files.
+
+- :class:`SegmentRing` indexes the MPEG-TS segments of the RAM ring (their wall-clock start
+  is in their file name, so the index is rebuilt from the folder after a crash) and trims
+  the ring to its duration and byte bounds.
+- :class:`ClipPlanner` turns clip requests into clip jobs, merging overlapping requests and
+  extending a job while requests with the same key keep coming.
+- :class:`ClipStore` is the clips folder: it assembles a clip from segments (remux to MP4,
+  no re-encode, written atomically), lists clips with their sidecars and applies retention.
+  The file server uses it read-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from edgecam.errors import EdgecamError, MissingPluginError
+from edgecam.protocol import ClipReady
+
+__all__ = [
+    "CLIP_NAME_RE",
+    "ClipError",
+    "ClipInfo",
+    "ClipJob",
+    "ClipPlanner",
+    "ClipStore",
+    "DiskFullError",
+    "Segment",
+    "SegmentRing",
+    "segment_name",
+]
+
+log = logging.getLogger(__name__)
+
+_SEGMENT_RE = re.compile(r"^seg-(?P<start>\d{13})-(?P<run>[0-9a-f]{8})-(?P<index>\d{6})\.ts$")
+CLIP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}\.mp4$")
+_TMP_PREFIX = ".tmp-"
+_COPY_CHUNK = 1 << 20
+
+
+class ClipError(EdgecamError):
+    """A clip could not be saved."""
+
+
+class DiskFullError(ClipError):
+    """Saving a clip would take the disk below ``recorder.min_free_bytes``."""
+
+
+# --------------------------------------------------------------------------- segment ring
+
+
+def segment_name(start: float, run: str, index: int) -> str:
+    """File name of a ring segment that starts at wall time ``start``."""
+    return f"seg-{round(start * 1000):013d}-{run}-{index:06d}.ts"
+
+
+@dataclass
+class Segment:
+    """One keyframe-aligned MPEG-TS file of the ring."""
+
+    path: Path
+    start: float
+    run: str
+    index: int
+    end: float | None = None  # None while the muxer still writes it
+    size: int = 0
+
+    @classmethod
+    def from_path(cls, path: Path) -> Segment | None:
+        m = _SEGMENT_RE.match(path.name)
+        if m is None:
+            return None
+        return cls(path, int(m["start"]) / 1000, m["run"], int(m["index"]))
+
+    def duration(self, now: float) -> float:
+        return max(0.0, (self.end if self.end is not None else now) - self.start)
+
+
+class SegmentRing:
+    """Index of a ring folder's segments, oldest first, kept within its bounds.
+
+    Thread-safe: the pipeline's bus thread adds and closes segments and trims, the clip
+    thread selects and opens them.
+    """
+
+    def __init__(self, folder: Path, max_seconds: float, max_bytes: int) -> None:
+        if max_seconds <= 0:
+            raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
+        self.folder = folder
+        self.max_seconds = max_seconds
+        self.max_bytes = max_bytes
+        self._segments: list[Segment] = []
+        self._lock = threading.Lock()
+
+    def rebuild(self) -> int:
+        """Index the segments already in the folder (from an earlier run); returns the count.
+
+        A segment's end is the next segment's start in the same run, or, for the last one
+        of a run, its modification time (the muxer's last write). Empty files go.
+        """
+        found: list[Segment] = []
+        for path in self.folder.iterdir():
+            seg = Segment.from_path(path)
+            if seg is None:
+                continue
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            if st.st_size == 0:
+                path.unlink(missing_ok=True)
+                continue
+            seg.size = st.st_size
+            seg.end = max(seg.start, st.st_mtime)
+            found.append(seg)
+        found.sort(key=lambda s: (s.start, s.index))
+        for a, b in itertools.pairwise(found):
+            if a.run == b.run and a.end is not None:
+                a.end = min(a.end, b.start)
+        with self._lock:
+            self._segments = found + self._segments
+        return len(found)
+
+    def opened(self, path: Path) -> Segment | None:
+        """The muxer opened ``path``; the previous segment of its run ends where it starts."""
+        seg = Segment.from_path(path)
+        if seg is None:
+            log.warning("ignoring segment with an unexpected name: %s", path)
+            return None
+        with self._lock:
+            for prev in reversed(self._segments):
+                if prev.run == seg.run and prev.end is None:
+                    prev.end = seg.start
+                    prev.size = _size(prev.path)
+                    break
+            self._segments.append(seg)
+        return seg
+
+    def closed(self, path: Path, end: float) -> None:
+        """The muxer finished ``path`` at wall time ``end``."""
+        with self._lock:
+            for seg in reversed(self._segments):
+                if seg.path == path:
+                    seg.end = max(seg.start, end)
+                    seg.size = _size(path)
+                    return
+
+    def close_all(self, now: float) -> None:
+        """Mark every open segment closed (after EOS, or if the muxer went away)."""
+        with self._lock:
+            for seg in self._segments:
+                if seg.end is None:
+                    seg.end = now
+                    seg.size = _size(seg.path)
+
+    def covered_until(self, run: str) -> float:
+        """Wall time up to which closed segments of ``run`` hold the video (0 when none)."""
+        with self._lock:
+            for seg in reversed(self._segments):
+                if seg.run == run and seg.end is not None:
+                    return seg.end
+        return 0.0
+
+    def totals(self, now: float) -> tuple[float, int]:
+        """(seconds, bytes) of video in the ring now, the open segment included."""
+        with self._lock:
+            return self._totals(now)
+
+    def _totals(self, now: float) -> tuple[float, int]:
+        secs = sum(s.duration(now) for s in self._segments)
+        size = sum(s.size if s.end is not None else _size(s.path) for s in self._segments)
+        return secs, size
+
+    def trim(self, now: float, headroom_s: float = 0.0) -> list[Path]:
+        """Delete the oldest closed segments until the ring is within its bounds.
+
+        ``headroom_s``: keep room for that much more video (the time until the next trim),
+        so that the ring stays within bounds between two trims as well.
+        """
+        removed: list[Path] = []
+        with self._lock:
+            secs, size = self._totals(now)
+            rate = size / secs if secs > 0 else 0.0
+            max_secs = self.max_seconds - headroom_s
+            max_size = self.max_bytes - rate * headroom_s
+            while self._segments and self._segments[0].end is not None and (
+                secs > max_secs or size > max_size
+            ):
+                seg = self._segments.pop(0)
+                secs -= seg.duration(now)
+                size -= seg.size
+                seg.path.unlink(missing_ok=True)
+                removed.append(seg.path)
+        return removed
+
+    def snapshot(self) -> list[Segment]:
+        with self._lock:
+            return [Segment(s.path, s.start, s.run, s.index, s.end, s.size) for s in self._segments]
+
+    @contextlib.contextmanager
+    def open_range(
+        self, start: float, end: float, include_open: bool = False
+    ) -> Iterator[list[tuple[Segment, IO[bytes]]]]:
+        """Open the segments of one run that overlap [start, end], oldest first.
+
+        The files are opened under the lock, so the trimmer may delete them afterwards
+        without harm: an open file stays readable after unlink. When the range spans
+        several runs (a restart), the run holding most of it wins: timestamps jump between
+        runs, and a clip must be continuous.
+        """
+        chosen: list[Segment] = []
+        files: list[tuple[Segment, IO[bytes]]] = []
+        with self._lock:
+            now = time.time()
+            overlap: dict[str, float] = {}
+            for seg in self._segments:
+                if seg.end is None and not include_open:
+                    continue
+                seg_end = seg.end if seg.end is not None else now
+                if seg_end > start and seg.start < end:
+                    chosen.append(seg)
+                    overlap[seg.run] = overlap.get(seg.run, 0.0) + (
+                        min(seg_end, end) - max(seg.start, start)
+                    )
+            if overlap:
+                best = max(overlap, key=lambda r: overlap[r])
+                chosen = [s for s in chosen if s.run == best]
+            try:
+                for seg in chosen:
+                    copy = Segment(seg.path, seg.start, seg.run, seg.index, seg.end or now)
+                    files.append((copy, seg.path.open("rb")))
+            except OSError:
+                for _, f in files:
+                    f.close()
+                raise
+        try:
+            yield files
+        finally:
+            for _, f in files:
+                f.close()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+# --------------------------------------------------------------------------- clip planning
+
+
+@dataclass
+class ClipRequest:
+    """One ask for a clip: the window [at - pre, at + post]."""
+
+    at: float
+    pre: float
+    post: float
+    reason: str = "manual"
+    key: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class ClipJob:
+    """A clip to be cut once the ring holds video up to ``end``; answers many requests."""
+
+    start: float
+    end: float
+    requests: list[ClipRequest]
+    future: Future[ClipReady] = field(default_factory=Future)
+
+    @property
+    def key(self) -> str | None:
+        return self.requests[-1].key
+
+
+class ClipPlanner:
+    """Turns requests into as few clips as possible, none longer than ``max_clip_s``.
+
+    A request whose window overlaps a pending job, or that has the same key, joins it (the
+    job grows to cover both); the part beyond ``max_clip_s`` becomes the next job. Video
+    already given to an earlier clip is not saved twice: a request inside a finished
+    clip's window gets that clip, one overlapping it starts where it ended.
+    """
+
+    _KEEP_DONE = 32
+
+    def __init__(self, max_clip_s: float) -> None:
+        if max_clip_s <= 0:
+            raise ValueError(f"max_clip_s must be > 0, got {max_clip_s}")
+        self.max_clip_s = max_clip_s
+        self._pending: list[ClipJob] = []
+        self._done: list[ClipJob] = []
+        self._lock = threading.Lock()
+
+    def add(self, req: ClipRequest) -> Future[ClipReady]:
+        start, end = req.at - req.pre, req.at + req.post
+        with self._lock:
+            for job in reversed(self._done):
+                if job.start <= start and end <= job.end:
+                    job.requests.append(req)
+                    return job.future
+                if start < job.end <= end:
+                    start = job.end
+            for job in self._pending:
+                same_key = req.key is not None and req.key == job.key
+                if same_key or (start < job.end and job.start < end):
+                    job.requests.append(req)
+                    job.start = min(job.start, start)
+                    limit = job.start + self.max_clip_s
+                    job.end = min(max(job.end, end), limit)
+                    if end > limit:
+                        self._pending.append(ClipJob(limit, min(end, limit + self.max_clip_s),
+                                                     [req]))
+                    return job.future
+            job = ClipJob(start, min(end, start + self.max_clip_s), [req])
+            self._pending.append(job)
+            if end > job.end:
+                self._pending.append(ClipJob(job.end, end, [req]))
+            return job.future
+
+    def due(self, covered_until: float, now: float, stall_s: float) -> list[ClipJob]:
+        """Jobs whose video is all in the ring, or that waited ``stall_s`` past their end."""
+        with self._lock:
+            ready = [j for j in self._pending if j.end <= covered_until or now >= j.end + stall_s]
+            return self._finish(ready)
+
+    def drain(self) -> list[ClipJob]:
+        """Every pending job, whatever the ring holds (at shutdown)."""
+        with self._lock:
+            return self._finish(list(self._pending))
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def _finish(self, jobs: list[ClipJob]) -> list[ClipJob]:
+        for job in jobs:
+            self._pending.remove(job)
+        self._done = (self._done + jobs)[-self._KEEP_DONE :]
+        return jobs
+
+
+# --------------------------------------------------------------------------- clips folder
+
+
+@dataclass(frozen=True)
+class ClipInfo:
+    """A saved clip as found in the folder."""
+
+    name: str
+    path: Path
+    size: int
+    mtime: float
+    meta: dict[str, Any]
+
+
+class ClipStore:
+    """The clips folder: atomic writes, listing, retention and the free-space floor."""
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        max_bytes: int,
+        max_age_s: float,
+        min_free_bytes: int,
+        ffmpeg: str = "ffmpeg",
+    ) -> None:
+        self.folder = folder
+        self.max_bytes = max_bytes
+        self.max_age_s = max_age_s
+        self.min_free_bytes = min_free_bytes
+        self.ffmpeg = ffmpeg
+
+    # ---- reading (also used by the file server)
+
+    def path_of(self, name: str) -> Path | None:
+        """The clip file called ``name``, or None when the name is not a clip's or absent.
+
+        Never follows a symlink and never leaves the folder, whatever ``name`` holds.
+        """
+        if not CLIP_NAME_RE.fullmatch(name):
+            return None
+        root = self.folder.resolve()
+        path = root / name
+        try:
+            if path.is_symlink() or not path.is_file():
+                return None
+            resolved = path.resolve(strict=True)
+        except OSError:
+            return None
+        if resolved.parent != root:
+            return None
+        return resolved
+
+    def clips(self) -> list[ClipInfo]:
+        """Saved clips, newest first."""
+        clips: list[ClipInfo] = []
+        try:
+            entries = list(os.scandir(self.folder))
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            if not CLIP_NAME_RE.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            clips.append(
+                ClipInfo(entry.name, Path(entry.path), st.st_size, st.st_mtime,
+                         self._sidecar(Path(entry.path)))
+            )
+        clips.sort(key=lambda c: (c.meta.get("start", c.mtime), c.mtime), reverse=True)
+        return clips
+
+    @staticmethod
+    def _sidecar(clip: Path) -> dict[str, Any]:
+        try:
+            data = json.loads(clip.with_suffix(".json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    # ---- writing
+
+    def save(
+        self,
+        parts: list[tuple[Segment, IO[bytes]]],
+        *,
+        device: str,
+        camera: str,
+        job: ClipJob,
+    ) -> ClipReady:
+        """Write the segments as one MP4 clip plus its JSON sidecar; returns its message.
+
+        The segments are joined byte-wise (MPEG-TS concatenates) and remuxed by ffmpeg
+        without re-encoding, with the index at the front (faststart) so that browsers can
+        seek. Nothing appears under its final name until it is complete.
+        """
+        if not parts:
+            raise ClipError("the ring holds no video for the requested time")
+        if shutil.which(self.ffmpeg) is None:
+            raise MissingPluginError(f"{self.ffmpeg!r} not found: install ffmpeg to save clips")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.apply_retention()
+        needed = 2 * sum(os.fstat(f.fileno()).st_size for _, f in parts)
+        self.check_free(needed)
+
+        start, end = parts[0][0].start, parts[-1][0].end or parts[-1][0].start
+        first = job.requests[0]
+        stamp = datetime.fromtimestamp(start, UTC).strftime("%Y%m%dT%H%M%S")
+        name = f"{camera}_{stamp}Z_{uuid.uuid4().hex[:6]}.mp4"
+        tmp = self.folder / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            joined = tmp / "joined.ts"
+            with joined.open("wb") as out:
+                for _, f in parts:
+                    shutil.copyfileobj(f, out, _COPY_CHUNK)
+            mp4 = tmp / name
+            self._remux(joined, mp4)
+            joined.unlink()
+            size, digest = _digest(mp4)
+            ready = ClipReady(
+                device=device,
+                camera=camera,
+                name=name,
+                path=str((self.folder / name).resolve()),
+                size=size,
+                duration=round(end - start, 3),
+                sha256=digest,
+                start=start,
+                end=end,
+                trigger=first.at,
+                reason=first.reason,
+                reasons=list(dict.fromkeys(r.reason for r in job.requests)),
+                counts=dict(first.counts),
+                requests=len(job.requests),
+            )
+            sidecar = ready.model_dump(mode="json") | {
+                "segments": [p[0].path.name for p in parts],
+                "triggers": [
+                    {"id": r.id, "at": r.at, "reason": r.reason, "key": r.key, "counts": r.counts}
+                    for r in job.requests
+                ],
+            }
+            side_tmp = tmp / "sidecar.json"
+            side_tmp.write_text(json.dumps(sidecar, indent=2), encoding="utf-8")
+            _fsync(side_tmp)
+            _fsync(mp4)
+            # The sidecar first: once the MP4 has its name, its metadata is there too.
+            os.replace(side_tmp, (self.folder / name).with_suffix(".json"))
+            os.replace(mp4, self.folder / name)
+            _fsync_dir(self.folder)
+        except OSError as exc:
+            raise ClipError(f"cannot write clip {name} in {self.folder}: {exc}") from exc
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.apply_retention(keep=name)
+        return ready
+
+    def _remux(self, src: Path, dst: Path) -> None:
+        args = [
+            self.ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
+            "-fflags", "+genpts", "-i", str(src),
+            "-map", "0:v:0", "-c", "copy", "-movflags", "+faststart", "-f", "mp4", str(dst),
+        ]  # fmt: skip
+        try:
+            proc = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise ClipError("ffmpeg took over 300 s to remux a clip") from exc
+        if proc.returncode != 0:
+            raise ClipError(f"ffmpeg failed to remux the clip: {proc.stderr.strip()[-500:]}")
+
+    def check_free(self, needed: int) -> None:
+        """Raise :class:`DiskFullError` when writing ``needed`` bytes breaks the floor."""
+        free = shutil.disk_usage(self.folder).free
+        if free - needed < self.min_free_bytes:
+            raise DiskFullError(
+                f"not saving a clip: {self.folder} has {free} bytes free, the clip needs "
+                f"{needed} and recorder.min_free_bytes is {self.min_free_bytes}"
+            )
+
+    def apply_retention(self, now: float | None = None, keep: str | None = None) -> list[str]:
+        """Delete clips older than the maximum age, then the oldest until under the cap.
+
+        Also removes leftovers of an interrupted save (temporary folders, lone sidecars).
+        ``keep``: a clip never deleted (the one just saved). Returns the deleted names.
+        """
+        now = time.time() if now is None else now
+        removed: list[str] = []
+        clips = sorted(self.clips(), key=lambda c: c.mtime)
+        total = sum(c.size for c in clips)
+        for clip in clips:
+            too_old = now - clip.mtime > self.max_age_s
+            if clip.name != keep and (too_old or total > self.max_bytes):
+                clip.path.unlink(missing_ok=True)
+                clip.path.with_suffix(".json").unlink(missing_ok=True)
+                total -= clip.size
+                removed.append(clip.name)
+        self._remove_leftovers(now)
+        if removed:
+            log.info("retention removed %d clip(s): %s", len(removed), ", ".join(removed))
+        return removed
+
+    def _remove_leftovers(self, now: float) -> None:
+        try:
+            entries = list(os.scandir(self.folder))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.name.startswith(_TMP_PREFIX) and now - entry.stat().st_mtime > 3600:
+                shutil.rmtree(path, ignore_errors=True)
+            elif (
+                entry.name.endswith(".json")
+                and CLIP_NAME_RE.fullmatch(entry.name[:-5] + ".mp4")
+                and not path.with_suffix(".mp4").exists()
+                and now - entry.stat().st_mtime > 60
+            ):
+                path.unlink(missing_ok=True)
+
+
+def _digest(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(_COPY_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        _fsync(path)

@@ -1,0 +1,533 @@
+"""The recorder worker: the last minute of video in a RAM ring, saved as clips on request.
+
+The pipeline ``udpsrc -> rtpjitterbuffer -> rtph264depay -> h264parse -> splitmuxsink``
+stores the camera's H.264 RTP (no re-encode) as keyframe-aligned MPEG-TS segments in
+``ring_dir/<camera>/``. MPEG-TS stays readable when the process is killed, and each
+segment's file name holds its wall-clock start, so the ring survives kill -9 and the index
+is rebuilt from the folder on restart.
+
+Three threads besides the caller: the bus thread (segment opened/closed, errors, ring
+trimming), the clip thread (cuts clips once their video is in the ring) and, for a worker
+run alone, the control socket (``control.sock`` in the ring folder, JSON lines, 0600).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import socketserver
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+import gi
+from pydantic import ValidationError
+
+from edgecam.config import Settings
+from edgecam.errors import EdgecamError, MissingPluginError, PipelineError
+from edgecam.media.clips import (
+    ClipError,
+    ClipJob,
+    ClipPlanner,
+    ClipRequest,
+    ClipStore,
+    SegmentRing,
+    segment_name,
+)
+from edgecam.protocol import ClipReady, Command, CommandResult, SaveClipArgs
+
+gi.require_version("Gst", "1.0")
+from gi.repository import Gst
+
+__all__ = [
+    "RTP_CAPS",
+    "Recorder",
+    "control_socket_path",
+    "request_clip_cli",
+    "run_worker",
+    "send_command",
+]
+
+log = logging.getLogger(__name__)
+
+RTP_CAPS = "application/x-rtp,media=video,clock-rate=90000,encoding-name=H264,payload=96"
+_JITTER_LATENCY_MS = 100  # loopback: packets only need reordering, not waiting for
+_BUS_POLL_S = 0.2  # also the ring's trimming period
+_EOS_TIMEOUT_S = 5.0
+_CONTROL_NAME = "control.sock"
+_CONTROL_MAX_LINE = 64 * 1024
+
+ClipCallback = Callable[[ClipReady], None]
+
+
+def _make(factory: str, name: str | None = None, **props: Any) -> Gst.Element:
+    element = Gst.ElementFactory.make(factory, name)
+    if element is None:
+        raise MissingPluginError(
+            f"GStreamer element {factory!r} is missing: install the GStreamer plugin "
+            "packages listed in ARCHITECTURE.md (base, good, bad)"
+        )
+    for key, value in props.items():
+        element.set_property(key.replace("_", "-"), value)
+    return element
+
+
+def control_socket_path(settings: Settings, camera: str | None = None) -> Path:
+    """Where the recorder of ``camera`` listens for commands."""
+    _, cam = settings.camera(camera)
+    return settings.recorder.ring_dir / cam.name / _CONTROL_NAME
+
+
+class Recorder:
+    """Ring recorder of one camera, with an explicit life: ``start()``, ``stop()``.
+
+    ``request_clip()`` returns a future that resolves to the :class:`ClipReady` of the
+    clip holding the requested window (merged requests share one clip), or raises
+    :class:`ClipError` (e.g. :class:`DiskFullError`). Subscribers added with
+    ``subscribe()`` get every ClipReady from the clip thread; keep them short.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        camera: str | None = None,
+        *,
+        port: int | None = None,
+        control: bool = False,
+    ) -> None:
+        index, cam = settings.camera(camera)
+        self.settings = settings
+        self.camera = cam.name
+        self.port = settings.rtp_ports(index)[1] if port is None else port
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be 1..65535, got {self.port}")
+        cfg = settings.recorder
+        self.folder = cfg.ring_dir / cam.name
+        self.ring = SegmentRing(self.folder, cfg.ring_seconds, cfg.ring_max_bytes)
+        self.planner = ClipPlanner(cfg.max_clip_s)
+        self.store = ClipStore(
+            cfg.clips_dir,
+            max_bytes=cfg.max_clips_bytes,
+            max_age_s=cfg.max_clip_age_days * 86400,
+            min_free_bytes=cfg.min_free_bytes,
+        )
+        self._control = control
+        self._run = uuid.uuid4().hex[:8]
+        self._fragments = 0
+        self._subscribers: list[ClipCallback] = []
+        self._pipeline: Gst.Pipeline | None = None
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._eos = threading.Event()
+        self._first_segment = threading.Event()
+        self._wake = threading.Condition()
+        self._server: _ControlServer | None = None
+        self.error: str | None = None
+
+    # ------------------------------------------------------------------ life
+
+    def start(self) -> None:
+        if self._pipeline is not None:
+            raise RuntimeError("recorder already started")
+        if not Gst.is_initialized():
+            Gst.init(None)
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.settings.recorder.clips_dir.mkdir(parents=True, exist_ok=True)
+        kept = self.ring.rebuild()
+        if kept:
+            log.info("%s: %d segment(s) from an earlier run kept in %s", self.camera, kept,
+                     self.folder)
+        self.ring.trim(time.time())
+        self.store.apply_retention()
+        pipeline = self._build()
+        self._pipeline = pipeline
+        if pipeline.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
+            msg = self._pop_error(pipeline) or "state change failed"
+            pipeline.set_state(Gst.State.NULL)
+            self._pipeline = None
+            raise PipelineError(f"recorder for {self.camera} cannot start: {msg}")
+        for target, name in ((self._bus_loop, "bus"), (self._clip_loop, "clips")):
+            t = threading.Thread(target=target, name=f"recorder-{self.camera}-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        if self._control:
+            self._server = _ControlServer(control_socket_path(self.settings, self.camera), self)
+            self._server.start()
+        log.info("recorder %s: RTP on 127.0.0.1:%d -> %s", self.camera, self.port, self.folder)
+
+    def stop(self) -> None:
+        """Close the current segment cleanly (EOS), cut pending clips, release everything."""
+        pipeline = self._pipeline
+        if pipeline is None:
+            return
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        pipeline.send_event(Gst.Event.new_eos())
+        if not self._eos.wait(_EOS_TIMEOUT_S):
+            log.warning("recorder %s: no EOS within %.0f s", self.camera, _EOS_TIMEOUT_S)
+        self._stopping.set()
+        with self._wake:
+            self._wake.notify_all()
+        for t in self._threads:
+            t.join(timeout=60)
+        self._threads.clear()
+        pipeline.set_state(Gst.State.NULL)
+        self._pipeline = None
+        self.ring.close_all(time.time())
+        log.info("recorder %s stopped", self.camera)
+
+    def __enter__(self) -> Recorder:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until the first segment is being written (video is arriving)."""
+        return self._first_segment.wait(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._pipeline is not None and self.error is None
+
+    # ------------------------------------------------------------------ clips
+
+    def subscribe(self, callback: ClipCallback) -> None:
+        self._subscribers.append(callback)
+
+    def unsubscribe(self, callback: ClipCallback) -> None:
+        self._subscribers.remove(callback)
+
+    def request_clip(
+        self,
+        *,
+        reason: str = "manual",
+        pre: float | None = None,
+        post: float | None = None,
+        key: str | None = None,
+        counts: dict[str, int] | None = None,
+        at: float | None = None,
+    ) -> Future[ClipReady]:
+        """Ask for the video from ``at - pre`` to ``at + post`` (defaults: now, config)."""
+        cfg = self.settings.recorder
+        pre = cfg.pre_s if pre is None else pre
+        post = cfg.post_s if post is None else post
+        if pre < 0 or post < 0:
+            raise ValueError(f"pre and post must be >= 0, got {pre} and {post}")
+        req = ClipRequest(
+            at=time.time() if at is None else at,
+            pre=pre,
+            post=post,
+            reason=reason,
+            key=key,
+            counts=dict(counts or {}),
+        )
+        future = self.planner.add(req)
+        log.info("%s: clip requested (%s) for [%.1f s, +%.1f s], key %s", self.camera, reason,
+                 pre, post, key)
+        with self._wake:
+            self._wake.notify_all()
+        return future
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        secs, size = self.ring.totals(now)
+        segs = self.ring.snapshot()
+        return {
+            "camera": self.camera,
+            "running": self.running,
+            "error": self.error,
+            "ring_seconds": round(secs, 3),
+            "ring_bytes": size,
+            "segments": len(segs),
+            "oldest": segs[0].start if segs else None,
+            "pending_clips": self.planner.pending(),
+        }
+
+    # ------------------------------------------------------------------ pipeline
+
+    def _build(self) -> Gst.Pipeline:
+        cfg = self.settings.recorder
+        pipeline = Gst.Pipeline.new(f"recorder-{self.camera}")
+        src = _make("udpsrc", address="127.0.0.1", port=self.port,
+                    caps=Gst.Caps.from_string(RTP_CAPS))
+        jitter = _make("rtpjitterbuffer", latency=_JITTER_LATENCY_MS)
+        depay = _make("rtph264depay")
+        parse = _make("h264parse", config_interval=-1)
+        sink = _make(
+            "splitmuxsink",
+            muxer_factory="mpegtsmux",
+            max_size_time=int(cfg.segment_s * Gst.SECOND),
+            send_keyframe_requests=False,
+            async_finalize=False,
+        )
+        sink.connect("format-location-full", self._on_format_location)
+        chain = [src, jitter, depay, parse, sink]
+        for element in chain:
+            pipeline.add(element)
+        for a, b in itertools.pairwise(chain):
+            if not a.link(b):
+                raise PipelineError(f"cannot link {a.get_name()} to {b.get_name()}")
+        return pipeline
+
+    def _wall(self, running_time: int | None) -> float:
+        """Wall-clock time of a running time of the pipeline."""
+        now = time.time()
+        pipeline = self._pipeline
+        clock = pipeline.get_clock() if pipeline is not None else None
+        if clock is None or running_time is None or running_time == Gst.CLOCK_TIME_NONE:
+            return now
+        now_rt = clock.get_time() - pipeline.get_base_time()  # type: ignore[union-attr]
+        return now - (now_rt - running_time) / Gst.SECOND
+
+    def _on_format_location(self, _sink: Gst.Element, fragment: int, sample: Gst.Sample) -> str:
+        # Streaming thread: name the file after the wall time of its first frame, and return.
+        running: int | None = None
+        if sample is not None:
+            buf, segment = sample.get_buffer(), sample.get_segment()
+            if buf is not None and segment is not None and buf.pts != Gst.CLOCK_TIME_NONE:
+                running = segment.to_running_time(Gst.Format.TIME, buf.pts)
+        return str(self.folder / segment_name(self._wall(running), self._run, fragment))
+
+    def _bus_loop(self) -> None:
+        pipeline = self._pipeline
+        assert pipeline is not None
+        bus = pipeline.get_bus()
+        while not self._stopping.is_set():
+            msg = bus.timed_pop(int(_BUS_POLL_S * Gst.SECOND))
+            if msg is not None:
+                self._on_message(msg)
+            for path in self.ring.trim(time.time(), headroom_s=2 * _BUS_POLL_S):
+                log.debug("ring: removed %s", path.name)
+
+    def _on_message(self, msg: Gst.Message) -> None:
+        if msg.type == Gst.MessageType.ELEMENT:
+            s = msg.get_structure()
+            name = s.get_name() if s is not None else ""
+            if name == "splitmuxsink-fragment-opened":
+                self.ring.opened(Path(s.get_string("location")))
+                self._first_segment.set()
+            elif name == "splitmuxsink-fragment-closed":
+                ok, rt = s.get_uint64("running-time")
+                self.ring.closed(Path(s.get_string("location")), self._wall(rt if ok else None))
+                with self._wake:
+                    self._wake.notify_all()
+        elif msg.type == Gst.MessageType.EOS:
+            self._eos.set()
+        elif msg.type == Gst.MessageType.ERROR:
+            err, debug = msg.parse_error()
+            self.error = f"{err.message} ({debug})"
+            log.error("recorder %s: pipeline error: %s", self.camera, self.error)
+            self._eos.set()
+        elif msg.type == Gst.MessageType.WARNING:
+            warn, _ = msg.parse_warning()
+            log.warning("recorder %s: %s", self.camera, warn.message)
+
+    @staticmethod
+    def _pop_error(pipeline: Gst.Pipeline) -> str | None:
+        msg = pipeline.get_bus().pop_filtered(Gst.MessageType.ERROR)
+        if msg is None:
+            return None
+        err, _ = msg.parse_error()
+        return str(err.message)
+
+    # ------------------------------------------------------------------ clip thread
+
+    def _clip_loop(self) -> None:
+        stall_s = max(5.0, 3 * self.settings.recorder.segment_s)
+        while not self._stopping.is_set():
+            with self._wake:
+                self._wake.wait(0.25)
+            jobs = self.planner.due(self.ring.covered_until(self._run), time.time(), stall_s)
+            for job in jobs:
+                self._cut(job, include_open=job.end > self.ring.covered_until(self._run))
+        # Shutdown: the last segment is closed by now (EOS); cut what is still pending.
+        self.ring.close_all(time.time())
+        for job in self.planner.drain():
+            self._cut(job, include_open=False)
+
+    def _cut(self, job: ClipJob, include_open: bool) -> None:
+        try:
+            with self.ring.open_range(job.start, job.end, include_open) as parts:
+                ready = self.store.save(
+                    parts, device=self.settings.device, camera=self.camera, job=job
+                )
+        except (EdgecamError, OSError) as exc:
+            log.error("%s: clip for [%.1f, %.1f] not saved: %s", self.camera, job.start,
+                      job.end, exc)
+            job.future.set_exception(exc if isinstance(exc, EdgecamError) else ClipError(str(exc)))
+            return
+        log.info("clip ready: %s", ready.model_dump_json())
+        job.future.set_result(ready)
+        for callback in list(self._subscribers):
+            try:
+                callback(ready)
+            except Exception:
+                log.exception("clip subscriber %r failed", callback)
+
+
+# ---------------------------------------------------------------------- control socket
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: _SocketServer
+
+    def handle(self) -> None:
+        while line := self.rfile.readline(_CONTROL_MAX_LINE):
+            result = self.server.owner.handle_line(line)
+            self.wfile.write(result.model_dump_json().encode() + b"\n")
+            self.wfile.flush()
+
+
+class _SocketServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    owner: _ControlServer
+
+
+class _ControlServer:
+    """JSON-lines command socket of one recorder: ``save_clip`` and ``status``."""
+
+    def __init__(self, path: Path, recorder: Recorder) -> None:
+        self.path = path
+        self.recorder = recorder
+        self._handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "save_clip": self._save_clip,
+            "status": lambda _args: recorder.status(),
+        }
+        self._server: _SocketServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.path.exists():
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(str(self.path))
+                except OSError:
+                    self.path.unlink()  # left by a killed recorder
+                else:
+                    raise PipelineError(f"another recorder already listens on {self.path}")
+        old_umask = os.umask(0o177)
+        try:
+            server = _SocketServer(str(self.path), _Handler)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+        server.owner = self
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, args=(0.2,),
+                                        name="recorder-control", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        self.path.unlink(missing_ok=True)
+
+    def handle_line(self, line: bytes) -> CommandResult:
+        try:
+            cmd = Command.model_validate_json(line)
+        except ValidationError as exc:
+            return CommandResult(command_id="", ok=False, error=f"malformed command: {exc}")
+        handler = self._handlers.get(cmd.name)
+        if handler is None:
+            return CommandResult(command_id=cmd.id, ok=False,
+                                 error=f"unknown command {cmd.name!r}; known: "
+                                       f"{sorted(self._handlers)}")
+        try:
+            data = handler(cmd.args)
+        except (EdgecamError, ValidationError, ValueError) as exc:
+            return CommandResult(command_id=cmd.id, ok=False, error=str(exc))
+        return CommandResult(command_id=cmd.id, ok=True, data=data)
+
+    def _save_clip(self, raw: dict[str, Any]) -> dict[str, Any]:
+        args = SaveClipArgs.model_validate(raw)
+        if args.camera not in (None, self.recorder.camera):
+            raise ValueError(f"this recorder records {self.recorder.camera!r}, "
+                             f"not {args.camera!r}")
+        future = self.recorder.request_clip(
+            reason=args.reason, pre=args.pre, post=args.post, key=args.key,
+            counts=args.counts, at=args.at,
+        )
+        cfg = self.recorder.settings.recorder
+        wait = (args.post if args.post is not None else cfg.post_s) + cfg.max_clip_s + 60
+        try:
+            return future.result(timeout=wait).model_dump(mode="json")
+        except FutureTimeout as exc:
+            raise ClipError(f"the clip was not ready within {wait:.0f} s") from exc
+
+
+def send_command(path: Path, command: Command, timeout: float = 300.0) -> CommandResult:
+    """Send one command to a recorder's control socket and wait for its result."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except OSError as exc:
+            raise EdgecamError(
+                f"no recorder listens on {path} ({exc.strerror}): start it with "
+                "`edgecam worker recorder`"
+            ) from exc
+        sock.sendall(command.model_dump_json().encode() + b"\n")
+        with sock.makefile("rb") as f:
+            line = f.readline(_CONTROL_MAX_LINE)
+    if not line:
+        raise EdgecamError(f"the recorder on {path} closed the connection without an answer")
+    return CommandResult.model_validate_json(line)
+
+
+# ---------------------------------------------------------------------- entry points
+
+
+def run_worker(settings: Settings, camera: str | None = None) -> int:
+    """``edgecam worker recorder``: record until SIGTERM/SIGINT; exit 1 on a pipeline error."""
+    done = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("recorder: signal %d, stopping", signum)
+        done.set()
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    recorder = Recorder(settings, camera, control=True)
+    try:
+        recorder.start()
+        while not done.wait(0.5):
+            if recorder.error is not None:
+                break
+    finally:
+        recorder.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 1 if recorder.error is not None else 0
+
+
+def request_clip_cli(settings: Settings, args: argparse.Namespace) -> int:
+    """``edgecam clip``: ask the running recorder for a clip and print its ClipReady."""
+    payload = SaveClipArgs(camera=args.camera, reason=args.reason, pre=args.pre,
+                           post=args.post)
+    cmd = Command(name="save_clip", args=payload.model_dump(exclude_none=True))
+    result = send_command(control_socket_path(settings, args.camera), cmd)
+    if not result.ok:
+        raise ClipError(result.error or "the recorder refused the clip")
+    print(json.dumps(result.data, indent=2))
+    return 0
+
