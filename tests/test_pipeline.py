@@ -325,3 +325,28 @@ def test_live_test_source_sends_rtp_and_stops_cleanly() -> None:
     assert 5 <= detections <= 14  # at most 5 a second
     time.sleep(0.2)
     assert [t for t in threading.enumerate() if t not in before and t.is_alive()] == []
+
+
+def test_looping_file_plays_on_past_its_end() -> None:
+    settings = Settings.model_validate(
+        {
+            "cameras": [
+                {
+                    "name": "loop",
+                    "source": str(MEDIA / "faces.mp4"),
+                    "loop": True,
+                    "rtp_port": free_udp_pair(),
+                }
+            ],
+            "vision": {"detect_fps": 5},
+        }
+    )
+    pts: list[float] = []
+    with Pipeline(settings, mode="live", detector=SyntheticDetector(1, (640, 352))) as p:
+        q = p.meta_bus.subscribe(maxsize=0)
+        p.start()
+        p.run(timeout=6)  # the clip is 4 s long
+    while (meta := q.get(timeout=5)) is not None:
+        pts.append(meta.pts)
+    assert len(pts) > 150  # more frames than the clip holds: it looped
+    assert p.stats.restarts == 0

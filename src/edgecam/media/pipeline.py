@@ -308,6 +308,7 @@ class Pipeline:
         )
         require_elements(layout.elements)
         self.is_live_source = layout.is_live
+        self._loops = mode == "live" and self.camera.loop and not layout.is_live
         self._layout = layout
         log.debug("pipeline: %s", layout.description)
         try:
@@ -587,7 +588,9 @@ class Pipeline:
         self._stop_timeout = timeout
         self._stop_requested_at = time.monotonic()
         self._stop_event.set()
-        self._pipeline.send_event(Gst.Event.new_eos())
+        # EOS enters right after the source: it reaches every sink whatever the source is
+        # doing (a demuxer pulling in a segment loop, an RTSP source waiting on the network).
+        self._pipeline.get_by_name("conv").get_static_pad("sink").send_event(Gst.Event.new_eos())
 
     def run(
         self, timeout: float | None = None, on_tick: Callable[[Pipeline], None] | None = None
@@ -606,7 +609,11 @@ class Pipeline:
             while True:
                 msg = bus.timed_pop_filtered(
                     100 * Gst.MSECOND,
-                    Gst.MessageType.ERROR | Gst.MessageType.EOS | Gst.MessageType.WARNING,
+                    Gst.MessageType.ERROR
+                    | Gst.MessageType.EOS
+                    | Gst.MessageType.WARNING
+                    | Gst.MessageType.SEGMENT_DONE
+                    | Gst.MessageType.STREAM_START,
                 )
                 now = time.monotonic()
                 if on_tick is not None:
@@ -633,6 +640,10 @@ class Pipeline:
                         )
                         backoff = self._restart(backoff)
                     continue
+                if msg.type in (Gst.MessageType.STREAM_START, Gst.MessageType.SEGMENT_DONE):
+                    if self._loops:
+                        self._loop_seek(flush=False)
+                    continue
                 if msg.type == Gst.MessageType.WARNING:
                     warn, _ = msg.parse_warning()
                     log.warning("%s: %s", msg.src.get_name(), warn.message)
@@ -643,9 +654,6 @@ class Pipeline:
                     if reconnectable:
                         log.warning("camera %s: stream ended; reconnecting", self.camera.name)
                         backoff = self._restart(backoff)
-                        continue
-                    if self.mode == "live" and self.camera.loop:
-                        self._pipeline.seek_simple(Gst.Format.TIME, Gst.SeekFlags.FLUSH, 0)
                         continue
                     return
                 err, debug = msg.parse_error()
@@ -663,6 +671,18 @@ class Pipeline:
                 raise PipelineError(self._error or f"camera {self.camera.name!r}: {text}")
         finally:
             self._teardown()
+
+    def _loop_seek(self, *, flush: bool) -> None:
+        # Segment seeks loop a file without EOS and with running time going on, so the
+        # RTP timestamps downstream keep increasing across the loop.
+        flags = Gst.SeekFlags.SEGMENT | (Gst.SeekFlags.FLUSH if flush else Gst.SeekFlags.NONE)
+        ok = self._pipeline.seek(
+            1.0, Gst.Format.TIME, flags, Gst.SeekType.SET, 0, Gst.SeekType.NONE, -1
+        )
+        if not ok:
+            log.warning(
+                "camera %s: cannot seek %s to loop it", self.camera.name, self.camera.source
+            )
 
     def _restart(self, backoff: float) -> float:
         """Take the pipeline down, wait ``backoff`` seconds, bring it up; the next backoff."""
