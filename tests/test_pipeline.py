@@ -350,3 +350,14 @@ def test_looping_file_plays_on_past_its_end() -> None:
         pts.append(meta.pts)
     assert len(pts) > 150  # more frames than the clip holds: it looped
     assert p.stats.restarts == 0
+
+
+def test_missing_v4l2_device_is_a_clear_error() -> None:
+    settings = Settings.model_validate(
+        {
+            "cameras": [{"name": "usb", "source": "v4l2:///dev/video-none"}],
+            "vision": {"detect_fps": 0},
+        }
+    )
+    with pytest.raises(SourceError, match=r"/dev/video-none does not exist"):
+        Pipeline(settings, mode="live")

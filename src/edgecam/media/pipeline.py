@@ -76,6 +76,8 @@ def _source_description(cam: CameraConfig) -> tuple[str, dict[str, object], bool
         return desc, {"location": uri}, True
     if uri.startswith("v4l2://"):
         device = uri[len("v4l2://") :] or "/dev/video0"
+        if not Path(device).exists():
+            raise SourceError(f"camera {cam.name!r}: V4L2 device {device} does not exist")
         return "v4l2src name=src ! decodebin name=dec", {"device": device}, True
     if uri.startswith("test://"):
         desc = (
