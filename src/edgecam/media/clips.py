@@ -24,12 +24,11 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from edgecam.errors import EdgecamError, MissingPluginError
 from edgecam.protocol import ClipReady
@@ -44,6 +43,7 @@ __all__ = [
     "DiskFullError",
     "Segment",
     "SegmentRing",
+    "pick_run",
     "segment_name",
 ]
 
@@ -202,8 +202,10 @@ class SegmentRing:
             rate = size / secs if secs > 0 else 0.0
             max_secs = self.max_seconds - headroom_s
             max_size = self.max_bytes - rate * headroom_s
-            while self._segments and self._segments[0].end is not None and (
-                secs > max_secs or size > max_size
+            while (
+                self._segments
+                and self._segments[0].end is not None
+                and (secs > max_secs or size > max_size)
             ):
                 seg = self._segments.pop(0)
                 secs -= seg.duration(now)
@@ -216,47 +218,33 @@ class SegmentRing:
         with self._lock:
             return [Segment(s.path, s.start, s.run, s.index, s.end, s.size) for s in self._segments]
 
-    @contextlib.contextmanager
-    def open_range(
-        self, start: float, end: float, include_open: bool = False
-    ) -> Iterator[list[tuple[Segment, IO[bytes]]]]:
-        """Open the segments of one run that overlap [start, end], oldest first.
-
-        The files are opened under the lock, so the trimmer may delete them afterwards
-        without harm: an open file stays readable after unlink. When the range spans
-        several runs (a restart), the run holding most of it wins: timestamps jump between
-        runs, and a clip must be continuous.
-        """
-        chosen: list[Segment] = []
-        files: list[tuple[Segment, IO[bytes]]] = []
+    def overlapping(self, start: float, end: float, include_open: bool = False) -> list[Segment]:
+        """Copies of the segments that overlap [start, end], oldest first."""
+        now = time.time()
         with self._lock:
-            now = time.time()
-            overlap: dict[str, float] = {}
-            for seg in self._segments:
-                if seg.end is None and not include_open:
-                    continue
-                seg_end = seg.end if seg.end is not None else now
-                if seg_end > start and seg.start < end:
-                    chosen.append(seg)
-                    overlap[seg.run] = overlap.get(seg.run, 0.0) + (
-                        min(seg_end, end) - max(seg.start, start)
-                    )
-            if overlap:
-                best = max(overlap, key=lambda r: overlap[r])
-                chosen = [s for s in chosen if s.run == best]
-            try:
-                for seg in chosen:
-                    copy = Segment(seg.path, seg.start, seg.run, seg.index, seg.end or now)
-                    files.append((copy, seg.path.open("rb")))
-            except OSError:
-                for _, f in files:
-                    f.close()
-                raise
-        try:
-            yield files
-        finally:
-            for _, f in files:
-                f.close()
+            return [
+                Segment(
+                    s.path, s.start, s.run, s.index, s.end if s.end is not None else now, s.size
+                )
+                for s in self._segments
+                if (s.end is not None or include_open)
+                and (s.end if s.end is not None else now) > start
+                and s.start < end
+            ]
+
+    def first_start(self, run: str) -> float | None:
+        with self._lock:
+            return next((s.start for s in self._segments if s.run == run), None)
+
+
+def pick_run(segments: list[Segment], start: float, end: float) -> str | None:
+    """The run (recorder life) holding most of [start, end]: timestamps jump between runs,
+    and a clip must be continuous."""
+    overlap: dict[str, float] = {}
+    for seg in segments:
+        seg_end = seg.end if seg.end is not None else seg.start
+        overlap[seg.run] = overlap.get(seg.run, 0.0) + min(seg_end, end) - max(seg.start, start)
+    return max(overlap, key=lambda r: overlap[r]) if overlap else None
 
 
 def _size(path: Path) -> int:
@@ -290,6 +278,11 @@ class ClipJob:
     end: float
     requests: list[ClipRequest]
     future: Future[ClipReady] = field(default_factory=Future)
+    # Filled by the recorder while the video arrives, so that a clip may outlive the ring.
+    run: str | None = None
+    workdir: Path | None = None
+    parts: list[Segment] = field(default_factory=list)
+    error: Exception | None = None
 
     @property
     def key(self) -> str | None:
@@ -332,8 +325,9 @@ class ClipPlanner:
                     limit = job.start + self.max_clip_s
                     job.end = min(max(job.end, end), limit)
                     if end > limit:
-                        self._pending.append(ClipJob(limit, min(end, limit + self.max_clip_s),
-                                                     [req]))
+                        self._pending.append(
+                            ClipJob(limit, min(end, limit + self.max_clip_s), [req])
+                        )
                     return job.future
             job = ClipJob(start, min(end, start + self.max_clip_s), [req])
             self._pending.append(job)
@@ -351,6 +345,10 @@ class ClipPlanner:
         """Every pending job, whatever the ring holds (at shutdown)."""
         with self._lock:
             return self._finish(list(self._pending))
+
+    def jobs(self) -> list[ClipJob]:
+        with self._lock:
+            return list(self._pending)
 
     def pending(self) -> int:
         with self._lock:
@@ -431,8 +429,13 @@ class ClipStore:
             except FileNotFoundError:
                 continue
             clips.append(
-                ClipInfo(entry.name, Path(entry.path), st.st_size, st.st_mtime,
-                         self._sidecar(Path(entry.path)))
+                ClipInfo(
+                    entry.name,
+                    Path(entry.path),
+                    st.st_size,
+                    st.st_mtime,
+                    self._sidecar(Path(entry.path)),
+                )
             )
         clips.sort(key=lambda c: (c.meta.get("start", c.mtime), c.mtime), reverse=True)
         return clips
@@ -447,40 +450,61 @@ class ClipStore:
 
     # ---- writing
 
-    def save(
-        self,
-        parts: list[tuple[Segment, IO[bytes]]],
-        *,
-        device: str,
-        camera: str,
-        job: ClipJob,
-    ) -> ClipReady:
-        """Write the segments as one MP4 clip plus its JSON sidecar; returns its message.
+    def add_part(self, job: ClipJob, seg: Segment) -> bool:
+        """Copy one ring segment into the job's work folder; False if it is already gone."""
+        if job.workdir is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            job.workdir = self.folder / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+            job.workdir.mkdir()
+        try:
+            size = seg.path.stat().st_size
+            self.check_free(2 * size)
+            shutil.copyfile(seg.path, job.workdir / seg.path.name)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise ClipError(f"cannot copy {seg.path.name} into {job.workdir}: {exc}") from exc
+        job.parts.append(seg)
+        job.parts.sort(key=lambda s: (s.start, s.index))
+        return True
+
+    def discard(self, job: ClipJob) -> None:
+        if job.workdir is not None:
+            shutil.rmtree(job.workdir, ignore_errors=True)
+            job.workdir = None
+
+    def save(self, job: ClipJob, *, device: str, camera: str) -> ClipReady:
+        """Write the job's segments as one MP4 clip plus its JSON sidecar; returns its message.
 
         The segments are joined byte-wise (MPEG-TS concatenates) and remuxed by ffmpeg
         without re-encoding, with the index at the front (faststart) so that browsers can
         seek. Nothing appears under its final name until it is complete.
         """
-        if not parts:
+        try:
+            return self._save(job, device=device, camera=camera)
+        finally:
+            self.discard(job)
+
+    def _save(self, job: ClipJob, *, device: str, camera: str) -> ClipReady:
+        parts, tmp = job.parts, job.workdir
+        if not parts or tmp is None:
             raise ClipError("the ring holds no video for the requested time")
         if shutil.which(self.ffmpeg) is None:
             raise MissingPluginError(f"{self.ffmpeg!r} not found: install ffmpeg to save clips")
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.apply_retention()
-        needed = 2 * sum(os.fstat(f.fileno()).st_size for _, f in parts)
-        self.check_free(needed)
+        self.check_free(2 * sum((tmp / p.path.name).stat().st_size for p in parts))
 
-        start, end = parts[0][0].start, parts[-1][0].end or parts[-1][0].start
+        start, end = parts[0].start, parts[-1].end or parts[-1].start
         first = job.requests[0]
         stamp = datetime.fromtimestamp(start, UTC).strftime("%Y%m%dT%H%M%S")
         name = f"{camera}_{stamp}Z_{uuid.uuid4().hex[:6]}.mp4"
-        tmp = self.folder / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
-        tmp.mkdir()
         try:
             joined = tmp / "joined.ts"
             with joined.open("wb") as out:
-                for _, f in parts:
-                    shutil.copyfileobj(f, out, _COPY_CHUNK)
+                for part in parts:
+                    with (tmp / part.path.name).open("rb") as f:
+                        shutil.copyfileobj(f, out, _COPY_CHUNK)
+                    (tmp / part.path.name).unlink()
             mp4 = tmp / name
             self._remux(joined, mp4)
             joined.unlink()
@@ -502,7 +526,7 @@ class ClipStore:
                 requests=len(job.requests),
             )
             sidecar = ready.model_dump(mode="json") | {
-                "segments": [p[0].path.name for p in parts],
+                "segments": [p.path.name for p in parts],
                 "triggers": [
                     {"id": r.id, "at": r.at, "reason": r.reason, "key": r.key, "counts": r.counts}
                     for r in job.requests
@@ -518,8 +542,6 @@ class ClipStore:
             _fsync_dir(self.folder)
         except OSError as exc:
             raise ClipError(f"cannot write clip {name} in {self.folder}: {exc}") from exc
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         self.apply_retention(keep=name)
         return ready
 

@@ -43,6 +43,7 @@ from edgecam.media.clips import (
     ClipRequest,
     ClipStore,
     SegmentRing,
+    pick_run,
     segment_name,
 )
 from edgecam.protocol import ClipReady, Command, CommandResult, SaveClipArgs
@@ -62,6 +63,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RTP_CAPS = "application/x-rtp,media=video,clock-rate=90000,encoding-name=H264,payload=96"
+_H264_CAPS = "video/x-h264,stream-format=byte-stream,alignment=au"
 _JITTER_LATENCY_MS = 100  # loopback: packets only need reordering, not waiting for
 _BUS_POLL_S = 0.2  # also the ring's trimming period
 _EOS_TIMEOUT_S = 5.0
@@ -146,8 +148,9 @@ class Recorder:
         self.settings.recorder.clips_dir.mkdir(parents=True, exist_ok=True)
         kept = self.ring.rebuild()
         if kept:
-            log.info("%s: %d segment(s) from an earlier run kept in %s", self.camera, kept,
-                     self.folder)
+            log.info(
+                "%s: %d segment(s) from an earlier run kept in %s", self.camera, kept, self.folder
+            )
         self.ring.trim(time.time())
         self.store.apply_retention()
         pipeline = self._build()
@@ -241,8 +244,14 @@ class Recorder:
             counts=dict(counts or {}),
         )
         future = self.planner.add(req)
-        log.info("%s: clip requested (%s) for [%.1f s, +%.1f s], key %s", self.camera, reason,
-                 pre, post, key)
+        log.info(
+            "%s: clip requested (%s) for [%.1f s, +%.1f s], key %s",
+            self.camera,
+            reason,
+            pre,
+            post,
+            key,
+        )
         with self._wake:
             self._wake.notify_all()
         return future
@@ -267,11 +276,14 @@ class Recorder:
     def _build(self) -> Gst.Pipeline:
         cfg = self.settings.recorder
         pipeline = Gst.Pipeline.new(f"recorder-{self.camera}")
-        src = _make("udpsrc", address="127.0.0.1", port=self.port,
-                    caps=Gst.Caps.from_string(RTP_CAPS))
+        src = _make(
+            "udpsrc", address="127.0.0.1", port=self.port, caps=Gst.Caps.from_string(RTP_CAPS)
+        )
         jitter = _make("rtpjitterbuffer", latency=_JITTER_LATENCY_MS)
         depay = _make("rtph264depay")
         parse = _make("h264parse", config_interval=-1)
+        # Whole access units: one buffer a frame, so that keyframes are recognisable.
+        aligned = _make("capsfilter", caps=Gst.Caps.from_string(_H264_CAPS))
         sink = _make(
             "splitmuxsink",
             muxer_factory="mpegtsmux",
@@ -280,13 +292,26 @@ class Recorder:
             async_finalize=False,
         )
         sink.connect("format-location-full", self._on_format_location)
-        chain = [src, jitter, depay, parse, sink]
+        aligned.get_static_pad("src").add_probe(Gst.PadProbeType.BUFFER, self._until_keyframe)
+        chain = [src, jitter, depay, parse, aligned, sink]
         for element in chain:
             pipeline.add(element)
         for a, b in itertools.pairwise(chain):
             if not a.link(b):
                 raise PipelineError(f"cannot link {a.get_name()} to {b.get_name()}")
         return pipeline
+
+    def _until_keyframe(self, _pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
+        # Joining a stream mid-GOP: drop frames until the first keyframe, so that every
+        # segment, and so every clip, starts with one.
+        buf = info.get_buffer()
+        if (
+            buf is None
+            or buf.has_flags(Gst.BufferFlags.DELTA_UNIT)
+            or buf.pts == Gst.CLOCK_TIME_NONE
+        ):
+            return Gst.PadProbeReturn.DROP
+        return Gst.PadProbeReturn.REMOVE
 
     def _wall(self, running_time: int | None) -> float:
         """Wall-clock time of a running time of the pipeline."""
@@ -356,23 +381,51 @@ class Recorder:
         while not self._stopping.is_set():
             with self._wake:
                 self._wake.wait(0.25)
-            jobs = self.planner.due(self.ring.covered_until(self._run), time.time(), stall_s)
-            for job in jobs:
-                self._cut(job, include_open=job.end > self.ring.covered_until(self._run))
+            self._collect()
+            covered = self.ring.covered_until(self._run)
+            for job in self.planner.due(covered, time.time(), stall_s):
+                self._cut(job, include_open=job.end > covered)
         # Shutdown: the last segment is closed by now (EOS); cut what is still pending.
         self.ring.close_all(time.time())
+        self._collect()
         for job in self.planner.drain():
             self._cut(job, include_open=False)
 
-    def _cut(self, job: ClipJob, include_open: bool) -> None:
-        try:
-            with self.ring.open_range(job.start, job.end, include_open) as parts:
-                ready = self.store.save(
-                    parts, device=self.settings.device, camera=self.camera, job=job
+    def _collect(self, jobs: list[ClipJob] | None = None, include_open: bool = False) -> None:
+        """Copy the closed segments pending clips need out of the ring as they arrive, so
+        that a clip survives the ring's trimming (and may be longer than the ring)."""
+        for job in self.planner.jobs() if jobs is None else jobs:
+            if job.error is not None:
+                continue
+            segs = self.ring.overlapping(job.start, job.end, include_open)
+            if job.run is None:
+                current = self.ring.first_start(self._run)
+                job.run = (
+                    self._run
+                    if current is not None and job.end > current
+                    else pick_run(segs, job.start, job.end)
                 )
+            have = {p.path.name for p in job.parts}
+            try:
+                for seg in segs:
+                    if seg.run == job.run and seg.path.name not in have:
+                        self.store.add_part(job, seg)
+            except EdgecamError as exc:
+                job.error = exc
+                self.store.discard(job)
+
+    def _cut(self, job: ClipJob, include_open: bool) -> None:
+        if include_open:
+            self._collect([job], include_open=True)
+        try:
+            if job.error is not None:
+                raise job.error
+            ready = self.store.save(job, device=self.settings.device, camera=self.camera)
         except (EdgecamError, OSError) as exc:
-            log.error("%s: clip for [%.1f, %.1f] not saved: %s", self.camera, job.start,
-                      job.end, exc)
+            self.store.discard(job)
+            log.error(
+                "%s: clip for [%.1f, %.1f] not saved: %s", self.camera, job.start, job.end, exc
+            )
             job.future.set_exception(exc if isinstance(exc, EdgecamError) else ClipError(str(exc)))
             return
         log.info("clip ready: %s", ready.model_dump_json())
@@ -432,8 +485,9 @@ class _ControlServer:
         os.chmod(self.path, 0o600)
         server.owner = self
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, args=(0.2,),
-                                        name="recorder-control", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, args=(0.2,), name="recorder-control", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -450,9 +504,11 @@ class _ControlServer:
             return CommandResult(command_id="", ok=False, error=f"malformed command: {exc}")
         handler = self._handlers.get(cmd.name)
         if handler is None:
-            return CommandResult(command_id=cmd.id, ok=False,
-                                 error=f"unknown command {cmd.name!r}; known: "
-                                       f"{sorted(self._handlers)}")
+            return CommandResult(
+                command_id=cmd.id,
+                ok=False,
+                error=f"unknown command {cmd.name!r}; known: {sorted(self._handlers)}",
+            )
         try:
             data = handler(cmd.args)
         except (EdgecamError, ValidationError, ValueError) as exc:
@@ -462,11 +518,14 @@ class _ControlServer:
     def _save_clip(self, raw: dict[str, Any]) -> dict[str, Any]:
         args = SaveClipArgs.model_validate(raw)
         if args.camera not in (None, self.recorder.camera):
-            raise ValueError(f"this recorder records {self.recorder.camera!r}, "
-                             f"not {args.camera!r}")
+            raise ValueError(f"this recorder records {self.recorder.camera!r}, not {args.camera!r}")
         future = self.recorder.request_clip(
-            reason=args.reason, pre=args.pre, post=args.post, key=args.key,
-            counts=args.counts, at=args.at,
+            reason=args.reason,
+            pre=args.pre,
+            post=args.post,
+            key=args.key,
+            counts=args.counts,
+            at=args.at,
         )
         cfg = self.recorder.settings.recorder
         wait = (args.post if args.post is not None else cfg.post_s) + cfg.max_clip_s + 60
@@ -522,12 +581,10 @@ def run_worker(settings: Settings, camera: str | None = None) -> int:
 
 def request_clip_cli(settings: Settings, args: argparse.Namespace) -> int:
     """``edgecam clip``: ask the running recorder for a clip and print its ClipReady."""
-    payload = SaveClipArgs(camera=args.camera, reason=args.reason, pre=args.pre,
-                           post=args.post)
+    payload = SaveClipArgs(camera=args.camera, reason=args.reason, pre=args.pre, post=args.post)
     cmd = Command(name="save_clip", args=payload.model_dump(exclude_none=True))
     result = send_command(control_socket_path(settings, args.camera), cmd)
     if not result.ok:
         raise ClipError(result.error or "the recorder refused the clip")
     print(json.dumps(result.data, indent=2))
     return 0
-
