@@ -1,0 +1,219 @@
+"""File server: auth, signed links, Range, HEAD, listing, path safety; real uvicorn too."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+from conftest import free_port
+
+from edgecam.config import Settings
+from edgecam.device.fileserver import create_app, sign_link
+from edgecam.errors import ConfigError
+
+with warnings.catch_warnings():
+    # Starlette 1.x prefers httpx2 for its test client; httpx (a dev dependency) still works.
+    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+    from starlette.testclient import TestClient
+
+TOKEN = "s3cret-token"
+CLIP = "main_20240101T000000Z_abcdef.mp4"
+OLDER = "main_20231231T000000Z_012345.mp4"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _settings(tmp_path: Path, **fileserver: object) -> Settings:
+    return Settings(
+        device="testdev",
+        recorder={"clips_dir": tmp_path / "clips", "ring_dir": tmp_path / "ring"},
+        fileserver={"token": TOKEN, **fileserver},
+    )
+
+
+@pytest.fixture
+def clips(tmp_path: Path, media: Path) -> Path:
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    shutil.copyfile(media / "motion_720p30_4s.mp4", folder / CLIP)
+    (folder / CLIP).with_suffix(".json").write_text(json.dumps({"start": 1704067200.0}))
+    (folder / OLDER).write_bytes(b"older")
+    (folder / OLDER).with_suffix(".json").write_text(json.dumps({"start": 1703980800.0}))
+    secret = tmp_path / "secret.mp4"
+    secret.write_bytes(b"outside the clips folder")
+    os.symlink(secret, folder / "main_20240102T000000Z_ffffff.mp4")
+    return folder
+
+
+@pytest.fixture
+def client(tmp_path: Path, clips: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(_settings(tmp_path))) as c:
+        yield c
+
+
+def test_refuses_to_start_without_token(tmp_path: Path) -> None:
+    settings = Settings(recorder={"clips_dir": tmp_path})
+    with pytest.raises(ConfigError, match=r"fileserver\.token"):
+        create_app(settings)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGECAM_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgecam.cli", "worker", "fileserver"],
+        capture_output=True, text=True, timeout=30, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "needs a token" in proc.stderr
+
+
+def test_health_needs_no_auth(client: TestClient) -> None:
+    r = client.get("/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_list_newest_first_with_metadata(client: TestClient) -> None:
+    assert client.get("/clips").status_code == 401
+    assert client.get("/clips", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    r = client.get("/clips", headers=AUTH)
+    assert r.status_code == 200
+    items = r.json()["clips"]
+    assert [c["name"] for c in items] == [CLIP, OLDER]  # no symlink listed
+    assert items[0]["meta"] == {"start": 1704067200.0}
+    assert items[0]["url"] == f"/clips/{CLIP}"
+
+
+@pytest.mark.parametrize(
+    ("header", "status", "span"),
+    [
+        ("bytes=0-99", 206, (0, 99)),
+        ("bytes=100-", 206, (100, None)),
+        ("bytes=-50", 206, (-50, None)),
+        ("bytes=10-999999999", 206, (10, None)),
+        ("bytes=999999999-", 416, None),
+        ("bytes=20-10", 416, None),
+        ("bytes=abc", 416, None),
+        ("bytes=-0", 416, None),
+        ("items=0-10", 200, None),  # another unit: ignored
+    ],
+)
+def test_range_requests(
+    client: TestClient, clips: Path, header: str, status: int, span: tuple[int, int | None] | None
+) -> None:
+    data = (clips / CLIP).read_bytes()
+    size = len(data)
+    r = client.get(f"/clips/{CLIP}", headers=AUTH | {"Range": header})
+    assert r.status_code == status
+    if status == 206:
+        assert span is not None
+        start, end = span
+        first = size + start if start < 0 else start
+        last = size - 1 if end is None else end
+        assert r.content == data[first : last + 1]
+        assert r.headers["content-range"] == f"bytes {first}-{last}/{size}"
+        assert int(r.headers["content-length"]) == last - first + 1
+    elif status == 416:
+        assert r.headers["content-range"] == f"bytes */{size}"
+    else:
+        assert r.content == data
+    assert status == 416 or r.headers["accept-ranges"] == "bytes"
+
+
+def test_head_gives_headers_only(client: TestClient, clips: Path) -> None:
+    r = client.head(f"/clips/{CLIP}", headers=AUTH)
+    assert r.status_code == 200 and r.content == b""
+    assert int(r.headers["content-length"]) == (clips / CLIP).stat().st_size
+    r = client.head(f"/clips/{CLIP}", headers=AUTH | {"Range": "bytes=0-9"})
+    assert r.status_code == 206 and r.headers["content-length"] == "10"
+
+
+def test_signed_links(tmp_path: Path, clips: Path) -> None:
+    now = [1_000_000.0]
+    app = create_app(_settings(tmp_path, link_secret="link-key"), clock=lambda: now[0])
+    with TestClient(app) as c:
+        good = sign_link("link-key", CLIP, 1_000_060)
+        assert c.get(f"/clips/{CLIP}?{good}").status_code == 200
+        other = sign_link("link-key", OLDER, 1_000_060)
+        assert c.get(f"/clips/{CLIP}?{other}").status_code == 403  # link of another clip
+        forged = sign_link("not-the-key", CLIP, 1_000_060)
+        assert c.get(f"/clips/{CLIP}?{forged}").status_code == 403
+        stretched = good.replace("1000060", "1999999")
+        assert c.get(f"/clips/{CLIP}?{stretched}").status_code == 403
+        assert c.get(f"/clips/{CLIP}?expires=1000060").status_code == 401
+        now[0] = 1_000_061
+        r = c.get(f"/clips/{CLIP}?{good}")
+        assert r.status_code == 403 and "expired" in r.json()["error"]
+        assert c.get(f"/clips/{CLIP}").status_code == 401
+        assert c.get(f"/clips/{CLIP}", headers={"Authorization": "Bearer x"}).status_code == 401
+
+
+def test_link_secret_falls_back_to_token(client: TestClient) -> None:
+    link = sign_link(TOKEN, CLIP, int(time.time()) + 60)
+    assert client.get(f"/clips/{CLIP}?{link}").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/clips/missing_20240101T000000Z_000000.mp4", 404),
+        ("/clips/main_20240102T000000Z_ffffff.mp4", 404),  # symlink to outside
+        ("/clips/..%2Fsecret.mp4", 400),
+        ("/clips/%2e%2e%2fsecret.mp4", 400),
+        ("/clips/%2Fetc%2Fpasswd", 400),
+        ("/clips//etc/passwd", 400),
+        ("/clips/sub%2F..%2F..%2Fsecret.mp4", 400),
+        (f"/clips/{CLIP}.json", 400),
+        ("/clips/.hidden.mp4", 400),
+    ],
+)
+def test_traversal_rejected(client: TestClient, path: str, status: int) -> None:
+    assert client.get(path, headers=AUTH).status_code == status
+
+
+@pytest.fixture
+def server(tmp_path: Path, clips: Path) -> Iterator[int]:
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(_settings(tmp_path)), host="127.0.0.1", port=port, log_config=None
+    )
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not srv.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield port
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def _raw(port: int, method: str, path: str, headers: dict[str, str]) -> tuple[int, dict, bytes]:
+    """One request with the path sent exactly as given (no client-side normalisation)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, headers=headers)
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
+def test_real_server_range_and_traversal(server: int, clips: Path) -> None:
+    data = (clips / CLIP).read_bytes()
+    status, headers, body = _raw(server, "GET", f"/clips/{CLIP}", AUTH | {"Range": "bytes=5-"})
+    assert status == 206 and body == data[5:]
+    assert headers["content-range"] == f"bytes 5-{len(data) - 1}/{len(data)}"
+    status, headers, body = _raw(server, "HEAD", f"/clips/{CLIP}", AUTH)
+    assert status == 200 and body == b"" and int(headers["content-length"]) == len(data)
+    for path in ("/clips/../secret.mp4", "/clips/%2e%2e/secret.mp4", "/clips/..%2fsecret.mp4"):
+        status, _, body = _raw(server, "GET", path, AUTH)
+        assert status in (400, 404) and b"outside" not in body, path
+    assert _raw(server, "GET", "/health", {})[0] == 200
+    assert _raw(server, "GET", f"/clips/{CLIP}", {"Authorization": "Bearer no"})[0] == 401
