@@ -56,9 +56,7 @@ def sign_link(secret: str, clip_name: str, expires_at: int) -> str:
     return urlencode({"expires": expires_at, "sig": _signature(secret, clip_name, expires_at)})
 
 
-def verify_link(
-    secret: str, clip_name: str, expires: str, sig: str, now: float
-) -> str | None:
+def verify_link(secret: str, clip_name: str, expires: str, sig: str, now: float) -> str | None:
     """None when the link is valid, else why it is not."""
     try:
         expires_at = int(expires)
@@ -149,8 +147,11 @@ def create_app(
         return hmac.compare_digest(value.strip().encode(), token.encode())
 
     def unauthorized(detail: str) -> Response:
-        return JSONResponse({"error": detail}, status_code=401,
-                            headers={"WWW-Authenticate": 'Bearer realm="edgecam"'})
+        return JSONResponse(
+            {"error": detail},
+            status_code=401,
+            headers={"WWW-Authenticate": 'Bearer realm="edgecam"'},
+        )
 
     async def health(_request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -160,8 +161,13 @@ def create_app(
         if not ok:
             return unauthorized("missing bearer token" if ok is None else "wrong token")
         clips = [
-            {"name": c.name, "size": c.size, "mtime": c.mtime, "url": f"/clips/{c.name}",
-             "meta": c.meta}
+            {
+                "name": c.name,
+                "size": c.size,
+                "mtime": c.mtime,
+                "url": f"/clips/{c.name}",
+                "meta": c.meta,
+            }
             for c in store.clips()
             if camera is None or c.name.startswith(f"{camera}_")
         ]
@@ -228,8 +234,9 @@ def run_worker(settings: Settings, camera: str | None = None) -> int:
 
     app = create_app(settings, camera)
     cfg = settings.fileserver
-    log.info("file server on http://%s:%d serving %s", cfg.host, cfg.port,
-             settings.recorder.clips_dir)
+    log.info(
+        "file server on http://%s:%d serving %s", cfg.host, cfg.port, settings.recorder.clips_dir
+    )
     server = uvicorn.Server(
         uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False)
     )
