@@ -38,8 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from edgecam.media.gst import Gst, GstVideo, init
-from edgecam.media.streaming import RTP_CAPS
+from edgecam.media.gst import RTP_CAPS, Gst, GstVideo, init
 
 BITS = 40
 BLOCK = 16

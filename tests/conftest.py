@@ -71,8 +71,11 @@ def rtp_sender() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
             "speed-preset=ultrafast",
             f"key-int-max={fps}",
             "!",
-            "rtph264pay",
+            "h264parse",  # SPS/PPS once before each keyframe, as the pipeline sends them
             "config-interval=-1",
+            "!",
+            "rtph264pay",
+            "config-interval=0",
             "pt=96",
             "!",
             "udpsink",

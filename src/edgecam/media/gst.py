@@ -7,6 +7,11 @@ from collections.abc import Iterable
 
 import gi
 
+# ONNX Runtime first: libgstreamer pulls in libunwind, and once that library is ahead of
+# libgcc_s in the process, a C++ exception thrown inside ONNX Runtime (a bad model file, a
+# shape error) aborts the whole process instead of reaching Python as an error.
+import onnxruntime  # noqa: F401  (load order matters, see above)
+
 gi.require_version("Gst", "1.0")
 gi.require_version("GstApp", "1.0")
 gi.require_version("GstVideo", "1.0")
@@ -15,6 +20,7 @@ from gi.repository import GLib, Gst, GstApp, GstVideo
 from edgecam.errors import MissingPluginError
 
 __all__ = [
+    "RTP_CAPS",
     "GLib",
     "Gst",
     "GstApp",
@@ -24,6 +30,10 @@ __all__ = [
     "make_element",
     "require_elements",
 ]
+
+# The one video format between processes: H.264 RTP over loopback UDP, from the inference
+# pipeline to the streaming and recorder workers.
+RTP_CAPS = "application/x-rtp,media=video,clock-rate=90000,encoding-name=H264,payload=96"
 
 # Which Debian package brings an element, for the error message.
 _PACKAGES = {

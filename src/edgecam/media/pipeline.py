@@ -47,12 +47,14 @@ log = logging.getLogger(__name__)
 
 Mode = Literal["offline", "live"]
 
-RTP_CAPS = "application/x-rtp,media=video,clock-rate=90000,encoding-name=H264,payload=96"
 
 # Encoder element per config name: (factory, properties). Keyframes are forced by time from
 # a pad probe; the encoders' own interval is only a long backstop.
 _ENCODERS: dict[str, tuple[str, str]] = {
-    "x264": ("x264enc", "tune=zerolatency speed-preset={preset} bitrate={kbps} key-int-max=600"),
+    "x264": (
+        "x264enc",
+        "tune=zerolatency speed-preset={preset} bitrate={kbps} key-int-max=600",
+    ),
     "openh264": ("openh264enc", "bitrate={bps} complexity=low gop-size=600"),
     "nvh264": ("nvh264enc", "bitrate={kbps} preset=low-latency-hq zerolatency=true gop-size=600"),
     "vaapih264": ("vaapih264enc", "bitrate={kbps} keyframe-period=600"),
@@ -167,12 +169,12 @@ def describe(
     elements.append(encoder.split()[0])
     parts.append(
         "t. ! queue name=video_q max-size-buffers=30 max-size-bytes=0 max-size-time=0 ! "
-        f"{overlay}{encoder} ! h264parse ! tee name=et"
+        f"{overlay}{encoder} ! h264parse config-interval=-1 ! tee name=et"
     )
     if rtp_ports:
         clients = ",".join(f"127.0.0.1:{p}" for p in rtp_ports)
         parts.append(
-            "et. ! queue ! rtph264pay config-interval=-1 pt=96 ! "
+            "et. ! queue ! rtph264pay config-interval=0 pt=96 ! "
             f"multiudpsink name=rtp_sink clients={clients} sync={sync} async=false"
         )
         elements += ["rtph264pay", "multiudpsink"]
@@ -392,7 +394,7 @@ class Pipeline:
                     Gst.CLOCK_TIME_NONE,
                     Gst.CLOCK_TIME_NONE,
                     Gst.CLOCK_TIME_NONE,
-                    True,
+                    False,  # h264parse puts SPS/PPS before every keyframe itself
                     self._keyframes,
                 )
             )

@@ -31,11 +31,10 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-import gi
 from pydantic import ValidationError
 
 from edgecam.config import Settings
-from edgecam.errors import EdgecamError, MissingPluginError, PipelineError
+from edgecam.errors import EdgecamError, PipelineError
 from edgecam.media.clips import (
     ClipError,
     ClipJob,
@@ -46,13 +45,10 @@ from edgecam.media.clips import (
     pick_run,
     segment_name,
 )
+from edgecam.media.gst import RTP_CAPS, Gst, make_element
 from edgecam.protocol import ClipReady, Command, CommandResult, SaveClipArgs
 
-gi.require_version("Gst", "1.0")
-from gi.repository import Gst
-
 __all__ = [
-    "RTP_CAPS",
     "Recorder",
     "control_socket_path",
     "request_clip_cli",
@@ -62,7 +58,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RTP_CAPS = "application/x-rtp,media=video,clock-rate=90000,encoding-name=H264,payload=96"
 _H264_CAPS = "video/x-h264,stream-format=byte-stream,alignment=au"
 _JITTER_LATENCY_MS = 100  # loopback: packets only need reordering, not waiting for
 _BUS_POLL_S = 0.2  # also the ring's trimming period
@@ -71,18 +66,6 @@ _CONTROL_NAME = "control.sock"
 _CONTROL_MAX_LINE = 64 * 1024
 
 ClipCallback = Callable[[ClipReady], None]
-
-
-def _make(factory: str, name: str | None = None, **props: Any) -> Gst.Element:
-    element = Gst.ElementFactory.make(factory, name)
-    if element is None:
-        raise MissingPluginError(
-            f"GStreamer element {factory!r} is missing: install the GStreamer plugin "
-            "packages listed in ARCHITECTURE.md (base, good, bad)"
-        )
-    for key, value in props.items():
-        element.set_property(key.replace("_", "-"), value)
-    return element
 
 
 def control_socket_path(settings: Settings, camera: str | None = None) -> Path:
@@ -276,15 +259,15 @@ class Recorder:
     def _build(self) -> Gst.Pipeline:
         cfg = self.settings.recorder
         pipeline = Gst.Pipeline.new(f"recorder-{self.camera}")
-        src = _make(
+        src = make_element(
             "udpsrc", address="127.0.0.1", port=self.port, caps=Gst.Caps.from_string(RTP_CAPS)
         )
-        jitter = _make("rtpjitterbuffer", latency=_JITTER_LATENCY_MS)
-        depay = _make("rtph264depay")
-        parse = _make("h264parse", config_interval=-1)
+        jitter = make_element("rtpjitterbuffer", latency=_JITTER_LATENCY_MS)
+        depay = make_element("rtph264depay")
+        parse = make_element("h264parse", config_interval=-1)
         # Whole access units: one buffer a frame, so that keyframes are recognisable.
-        aligned = _make("capsfilter", caps=Gst.Caps.from_string(_H264_CAPS))
-        sink = _make(
+        aligned = make_element("capsfilter", caps=Gst.Caps.from_string(_H264_CAPS))
+        sink = make_element(
             "splitmuxsink",
             muxer_factory="mpegtsmux",
             max_size_time=int(cfg.segment_s * Gst.SECOND),

@@ -22,16 +22,15 @@ import gi
 
 from edgecam.config import Settings, StreamingConfig
 from edgecam.errors import PipelineError
-from edgecam.media.gst import GLib, Gst, init, require_elements
+from edgecam.media.gst import RTP_CAPS, GLib, Gst, init, require_elements
 
 gi.require_version("GstRtspServer", "1.0")
 from gi.repository import GstRtspServer
 
-__all__ = ["RTP_CAPS", "StreamingServer", "run_worker"]
+__all__ = ["StreamingServer", "run_worker"]
 
 log = logging.getLogger(__name__)
 
-RTP_CAPS = "application/x-rtp,media=video,clock-rate=90000,encoding-name=H264,payload=96"
 _ELEMENTS = ("udpsrc", "rtph264depay", "rtph264pay")
 _ROLE = "viewer"
 _CALL_TIMEOUT_S = 10.0
