@@ -11,16 +11,20 @@ pattern, and the file must be a regular file (not a symlink) directly in the cli
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
 import re
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import IO
 from urllib.parse import urlencode
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -228,17 +232,35 @@ def _file_response(request: Request, path: Path) -> Response:
     return StreamingResponse(_read(f, start, length), status_code=status, headers=headers)
 
 
+class _WorkerServer(uvicorn.Server):
+    """uvicorn re-raises the signal that stopped it (exit -15); a worker asked to stop that
+    stopped cleanly exits 0, so :func:`run_worker` handles the signals instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 def run_worker(settings: Settings, camera: str | None = None) -> int:
     """``edgecam worker fileserver``: serve clips until SIGTERM/SIGINT."""
-    import uvicorn
 
     app = create_app(settings, camera)
     cfg = settings.fileserver
     log.info(
         "file server on http://%s:%d serving %s", cfg.host, cfg.port, settings.recorder.clips_dir
     )
-    server = uvicorn.Server(
+    server = _WorkerServer(
         uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False)
     )
-    server.run()
-    return 0
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("file server: signal %d, stopping", signum)
+        server.should_exit = True
+
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0 if server.started else 1
