@@ -21,6 +21,7 @@ from edgecam.errors import MissingPluginError
 
 __all__ = [
     "RTP_CAPS",
+    "UDP_BUFFER_BYTES",
     "GLib",
     "Gst",
     "GstApp",
@@ -34,6 +35,9 @@ __all__ = [
 # The one video format between processes: H.264 RTP over loopback UDP, from the inference
 # pipeline to the streaming and recorder workers.
 RTP_CAPS = "application/x-rtp,media=video,clock-rate=90000,encoding-name=H264,payload=96"
+# Receive buffer of the RTP consumers: a keyframe is a burst of ~100 packets, and a busy
+# 2-core box may not schedule the reader in time (the kernel caps it at net.core.rmem_max).
+UDP_BUFFER_BYTES = 4 * 1024 * 1024
 
 # Which Debian package brings an element, for the error message.
 _PACKAGES = {

@@ -45,7 +45,7 @@ from edgecam.media.clips import (
     pick_run,
     segment_name,
 )
-from edgecam.media.gst import RTP_CAPS, Gst, make_element
+from edgecam.media.gst import RTP_CAPS, UDP_BUFFER_BYTES, Gst, make_element
 from edgecam.protocol import ClipReady, Command, CommandResult, SaveClipArgs
 
 __all__ = [
@@ -260,7 +260,11 @@ class Recorder:
         cfg = self.settings.recorder
         pipeline = Gst.Pipeline.new(f"recorder-{self.camera}")
         src = make_element(
-            "udpsrc", address="127.0.0.1", port=self.port, caps=Gst.Caps.from_string(RTP_CAPS)
+            "udpsrc",
+            address="127.0.0.1",
+            port=self.port,
+            caps=Gst.Caps.from_string(RTP_CAPS),
+            buffer_size=UDP_BUFFER_BYTES,
         )
         jitter = make_element("rtpjitterbuffer", latency=_JITTER_LATENCY_MS)
         depay = make_element("rtph264depay")

@@ -22,7 +22,7 @@ import gi
 
 from edgecam.config import Settings, StreamingConfig
 from edgecam.errors import PipelineError
-from edgecam.media.gst import RTP_CAPS, GLib, Gst, init, require_elements
+from edgecam.media.gst import RTP_CAPS, UDP_BUFFER_BYTES, GLib, Gst, init, require_elements
 
 gi.require_version("GstRtspServer", "1.0")
 from gi.repository import GstRtspServer
@@ -42,7 +42,8 @@ _T = TypeVar("_T")
 def _launch_line(rtp_host: str, rtp_port: int) -> str:
     # No queue and no jitter buffer: loopback does not reorder, and each would add latency.
     return (
-        f'( udpsrc address={rtp_host} port={rtp_port} caps="{RTP_CAPS}" '
+        f"( udpsrc address={rtp_host} port={rtp_port} buffer-size={UDP_BUFFER_BYTES} "
+        f'caps="{RTP_CAPS}" '
         "! rtph264depay ! rtph264pay name=pay0 pt=96 config-interval=-1 )"
     )
 
