@@ -30,6 +30,7 @@ BENCHES: dict[str, str] = {
     "live": "bench/bench_live.py",
     "loop": "bench/bench_vs_loop.py",
     "latency": "bench/bench_latency.py",
+    "crops": "bench/bench_crops.py",
 }
 
 
