@@ -173,7 +173,8 @@ def test_overlay_draws_boxes(tmp_path: Path, element: str) -> None:
     clip = MEDIA / "motion_720p30_4s.mp4"
     plain = tmp_path / "plain.mp4"
     drawn = tmp_path / "drawn.mp4"
-    process_file(load_settings(**{"vision.detect_fps": 0}), clip, plain, progress=False)
+    bare = process_file(load_settings(**{"vision.detect_fps": 0}), clip, plain, progress=False)
+    assert bare.frames == 122 and bare.detections == 0  # counted with no Python per frame
     settings = load_settings(
         **{
             "overlay.element": element,

@@ -59,6 +59,7 @@ _ENCODERS: dict[str, tuple[str, str]] = {
     "nvh264": ("nvh264enc", "bitrate={kbps} preset=low-latency-hq zerolatency=true gop-size=600"),
     "vaapih264": ("vaapih264enc", "bitrate={kbps} keyframe-period=600"),
 }
+_LOOP_START = "edgecam-loop-start"
 _AUTO_ORDER = ("nvh264", "vaapih264", "x264")
 
 
@@ -354,11 +355,14 @@ class Pipeline:
         if self._schedule is not None and self._detector is not None:
             q = self._pipeline.get_by_name("infer_q")
             q.get_static_pad("sink").add_probe(Gst.PadProbeType.BUFFER, self._on_infer_buffer)
+        if self._loops:
+            self._loop_armed = False
+            conv_sink = self._pipeline.get_by_name("conv").get_static_pad("sink")
+            conv_sink.add_probe(
+                Gst.PadProbeType.BLOCK_DOWNSTREAM | Gst.PadProbeType.BUFFER, self._on_loop_block
+            )
         video_q = self._pipeline.get_by_name("video_q")
         video_q.get_static_pad("src").add_probe(Gst.PadProbeType.EVENT_DOWNSTREAM, self._on_caps)
-        if self.mode == "live" and overlay is None:
-            # Without analytics nothing else sees frames; the stall watchdog needs to.
-            video_q.get_static_pad("src").add_probe(Gst.PadProbeType.BUFFER, self._on_live_buffer)
 
     @staticmethod
     def _on_decoded_pad(_dec: Gst.Element, pad: Gst.Pad, sink: Gst.Pad) -> None:
@@ -379,6 +383,10 @@ class Pipeline:
             log.error("cannot link RTSP pad %s", pad.get_name())
 
     def _on_enc_buffer(self, pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
+        # Every frame passes here, analytics or not: count it, feed the stall watchdog.
+        self.stats.frames += 1
+        self._last_frame_time = time.monotonic()
+        self._outage = False
         # Keyframes by time, whatever the frame rate: encoder properties cannot change once
         # playing, and the rate of an RTSP or V4L2 source is known only then.
         pts = info.get_buffer().pts
@@ -400,6 +408,19 @@ class Pipeline:
             )
         return Gst.PadProbeReturn.OK
 
+    def _on_loop_block(self, pad: Gst.Pad, _info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
+        # A file that loops must be in a segment seek before its first frame goes on, or
+        # that frame and its followers would play twice. Hold the first frame here until
+        # the bus thread has made the (flushing) segment seek, which releases it.
+        if self._loop_armed:
+            return Gst.PadProbeReturn.REMOVE
+        pad.get_parent_element().post_message(
+            Gst.Message.new_application(
+                pad.get_parent_element(), Gst.Structure.new_empty(_LOOP_START)
+            )
+        )
+        return Gst.PadProbeReturn.OK
+
     def _on_caps(self, _pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
         event = info.get_event()
         if event.type == Gst.EventType.CAPS:
@@ -407,12 +428,6 @@ class Pipeline:
             self._frame_size = (s.get_value("width"), s.get_value("height"))
             ok, num, den = s.get_fraction("framerate")
             self._frame_dur = int(1e9 * den / num) if ok and num > 0 else int(1e9 / 30)
-        return Gst.PadProbeReturn.OK
-
-    def _on_live_buffer(self, _pad: Gst.Pad, _info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
-        self._last_frame_time = time.monotonic()
-        self._outage = False
-        self.stats.frames += 1
         return Gst.PadProbeReturn.OK
 
     def _on_infer_buffer(self, _pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
@@ -431,8 +446,6 @@ class Pipeline:
 
     def _frame_step(self, pts: int, dur: int) -> FrameMeta:
         """The Python work of one video frame: detections in, tracks and counts out."""
-        self._last_frame_time = time.monotonic()
-        self._outage = False
         dets: Detections | None = None
         if self._detector is not None:
             if self._schedule is not None:
@@ -444,7 +457,6 @@ class Pipeline:
                 dets = self._results.take_latest()
         seconds = pts / 1e9 if pts != Gst.CLOCK_TIME_NONE else 0.0
         meta = self._analytics.step(seconds, dets, self._frame_size)
-        self.stats.frames += 1
         self.counts = meta.counts
         if self.meta_bus.active:
             self.meta_bus.publish(meta)
@@ -617,7 +629,7 @@ class Pipeline:
                     | Gst.MessageType.EOS
                     | Gst.MessageType.WARNING
                     | Gst.MessageType.SEGMENT_DONE
-                    | Gst.MessageType.STREAM_START,
+                    | Gst.MessageType.APPLICATION,
                 )
                 now = time.monotonic()
                 if on_tick is not None:
@@ -644,9 +656,13 @@ class Pipeline:
                         )
                         backoff = self._restart(backoff)
                     continue
-                if msg.type in (Gst.MessageType.STREAM_START, Gst.MessageType.SEGMENT_DONE):
-                    if self._loops:
-                        self._loop_seek(flush=False)
+                if msg.type == Gst.MessageType.APPLICATION:
+                    if msg.get_structure().get_name() == _LOOP_START:
+                        self._loop_armed = True  # the probe lets data through from now on
+                        self._loop_seek(flush=True)
+                    continue
+                if msg.type == Gst.MessageType.SEGMENT_DONE:
+                    self._loop_seek(flush=False)
                     continue
                 if msg.type == Gst.MessageType.WARNING:
                     warn, _ = msg.parse_warning()
