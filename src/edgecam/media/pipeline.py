@@ -168,8 +168,12 @@ def describe(
             elements.append("overlaycomposition")
     encoder = _encoder_description(settings.encoder)
     elements.append(encoder.split()[0])
+    # Offline the queue lets decoding run ahead while a frame waits for its detection; live,
+    # frames come in real time and every queued raw frame is only latency and memory.
+    video_queue = 8 if mode == "live" else 30
     parts.append(
-        "t. ! queue name=video_q max-size-buffers=30 max-size-bytes=0 max-size-time=0 ! "
+        f"t. ! queue name=video_q max-size-buffers={video_queue} max-size-bytes=0 "
+        "max-size-time=0 ! "
         f"{overlay}{encoder} ! h264parse config-interval=-1 ! tee name=et"
     )
     if rtp_ports:

@@ -11,7 +11,7 @@ from typing import Any
 
 from edgecam.config import Settings
 from edgecam.vision.detections import Detections
-from edgecam.vision.tracking import NorfairTracker, Tracker
+from edgecam.vision.tracking import TRACKERS, Tracker
 from edgecam.vision.votes import PERSON, LabelVoter
 
 __all__ = ["Analytics", "FrameMeta", "MetaBus", "TrackInfo"]
@@ -109,7 +109,7 @@ class Analytics:
     def __init__(self, settings: Settings, camera: str, tracker: Tracker | None = None) -> None:
         self._camera = camera
         self._min_age = settings.tracker.min_age_frames
-        self._tracker: Tracker = tracker or NorfairTracker(settings.tracker)
+        self._tracker: Tracker = tracker or TRACKERS[settings.tracker.backend](settings.tracker)
         classify = settings.vision.profile == "mask"
         self._voter = LabelVoter(settings.voting, classify=classify, label=PERSON)
         self._frame = -1

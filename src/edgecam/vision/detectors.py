@@ -112,6 +112,10 @@ def _session(
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Measured with CenterFace + the mask classifier (varying face batches): without the
+    # arena and memory patterns a process holds ~40 MB less, at the same speed.
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own pybind exception types

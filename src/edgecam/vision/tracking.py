@@ -11,7 +11,7 @@ from norfair import Tracker as _NfTracker
 from edgecam.config import TrackerConfig
 from edgecam.vision.detections import Detections
 
-__all__ = ["NorfairTracker", "TrackUpdate", "Tracker"]
+__all__ = ["TRACKERS", "NorfairTracker", "NumpyTracker", "TrackUpdate", "Tracker"]
 
 
 class TrackUpdate:
@@ -42,18 +42,18 @@ class NorfairTracker:
             hit_counter_max=config.hit_counter_max,
             initialization_delay=config.initialization_delay,
         )
+        self._confidence: dict[int, float] = {}  # last detection score of each live track
 
     def update(self, detections: Detections | None, period: int = 1) -> TrackUpdate:
         if period < 1:
             raise ValueError(f"period must be >= 1, got {period}")
         nf_dets: list[_NfDetection] | None = None
         if detections is not None:
+            points = detections.xyxy.reshape(-1, 2, 2).astype(np.float64)
             nf_dets = [
-                _NfDetection(
-                    points=detections.xyxy[i].reshape(2, 2).astype(np.float64),
-                    scores=np.repeat(float(detections.confidence[i]), 2),
-                    data=i,
-                )
+                # No per-point scores: Norfair then takes its cheaper all-points-seen path;
+                # the index in ``data`` leads back to the detection's confidence.
+                _NfDetection(points=points[i], data=i)
                 for i in range(len(detections))
             ]
             objects = self._tracker.update(detections=nf_dets, period=period)
@@ -66,14 +66,20 @@ class NorfairTracker:
         ids = np.empty(n, dtype=np.int64)
         matched = np.zeros(n, dtype=bool)
         current = {id(d) for d in nf_dets} if nf_dets else set()
+        known = self._confidence
+        self._confidence = {}
         for k, obj in enumerate(objects):
+            tid = obj.id if obj.id is not None else -1  # returned objects have ids
             xyxy[k] = obj.estimate.reshape(4)
-            ids[k] = obj.id
+            ids[k] = tid
             last = obj.last_detection
-            confidence[k] = float(last.scores[0]) if last is not None else 0.0
-            if last is not None and id(last) in current and detections is not None:
+            if detections is not None and last is not None and id(last) in current:
                 matched[k] = True
                 attribute[k] = detections.attribute[last.data]
+                confidence[k] = detections.confidence[last.data]
+            else:
+                confidence[k] = known.get(tid, 0.0)
+            self._confidence[tid] = float(confidence[k])
         tracks = Detections(
             xyxy=xyxy,
             confidence=confidence,
@@ -82,3 +88,150 @@ class NorfairTracker:
             tracker_id=ids,
         )
         return TrackUpdate(tracks, matched)
+
+
+class NumpyTracker:
+    """Norfair's model, vectorised over all tracks at once.
+
+    The same per-coordinate Kalman filter as Norfair's ``OptimizedKalmanFilter`` (R=4,
+    Q=0.1, initial variances 10 / 0 / 1), the same hit counters, initialisation delay and
+    greedy IoU matching (initialised tracks first), so it gives Norfair's tracks; but a
+    detection frame costs a handful of numpy operations instead of ~70 us of Python per
+    object, which matters on two cores at 20 objects.
+    """
+
+    _R, _Q = 4.0, 0.1
+
+    def __init__(self, config: TrackerConfig) -> None:
+        self._threshold = config.distance_threshold
+        self._max = config.hit_counter_max
+        self._delay = config.initialization_delay
+        self._pos = np.zeros((0, 4))  # x1, y1, x2, y2
+        self._vel = np.zeros((0, 4))
+        self._pv = np.zeros((0, 4))  # position variance
+        self._pvc = np.zeros((0, 4))  # position-velocity covariance
+        self._vv = np.zeros((0, 4))  # velocity variance
+        self._hits = np.zeros(0, dtype=np.int64)
+        self._ids = np.zeros(0, dtype=np.int64)  # 0 while initialising
+        self._conf = np.zeros(0, dtype=np.float32)
+        self._next_id = 1
+
+    def update(self, detections: Detections | None, period: int = 1) -> TrackUpdate:
+        if period < 1:
+            raise ValueError(f"period must be >= 1, got {period}")
+        self._keep(self._hits >= 0)
+        self._hits -= 1
+        self._pos += self._vel
+        n_old = len(self._hits)
+        matched = np.zeros(n_old, dtype=bool)
+        attr = np.full(n_old, np.nan, dtype=np.float32)
+        if detections is not None and len(detections):
+            boxes = detections.xyxy.astype(np.float64)
+            free = np.ones(len(boxes), dtype=bool)
+            order: list[int] = []  # tracks hit, in Norfair's matching order
+            det_of = np.full(n_old, -1, dtype=np.int64)
+            for group in (self._ids > 0, self._ids == 0):
+                objs = np.flatnonzero(group)
+                dets = np.flatnonzero(free)
+                pairs = _greedy(_iou_distance(boxes[dets], self._pos[objs]), self._threshold)
+                for d, o in pairs:
+                    det, obj = int(dets[d]), int(objs[o])
+                    free[det] = False
+                    det_of[obj] = det
+                    order.append(obj)
+            if order:
+                hit = np.array(order, dtype=np.int64)
+                matched[hit] = True
+                attr[hit] = detections.attribute[det_of[hit]]
+                self._conf[hit] = detections.confidence[det_of[hit]]
+                self._kalman_update(hit, boxes[det_of[hit]])
+                self._hits[hit] = np.minimum(self._hits[hit] + 2 * period, self._max)
+                self._promote(hit)
+            self._spawn(boxes[free], detections.confidence[free], period)
+            # A new track was seen by this frame's detector: it votes like a matched one.
+            matched = np.concatenate([matched, np.ones(int(free.sum()), dtype=bool)])
+            attr = np.concatenate([attr, detections.attribute[free]])
+        show = (self._ids > 0) & (self._hits >= 0)
+        tracks = Detections(
+            xyxy=self._pos[show].astype(np.float32),
+            confidence=self._conf[show].copy(),
+            attribute=attr[show],
+            tracker_id=self._ids[show].copy(),
+        )
+        return TrackUpdate(tracks, matched[show])
+
+    def _kalman_update(self, idx: np.ndarray, z: np.ndarray) -> None:
+        r, q = self._R, self._Q
+        error = z - self._pos[idx]
+        a = self._pvc[idx] + self._vv[idx]
+        added = self._pv[idx] + self._pvc[idx] + a + q + r
+        k_pos = 1.0 - r / added
+        k_vel = a / added
+        self._pos[idx] += k_pos * error
+        self._vel[idx] += k_vel * error
+        self._pv[idx] = k_pos * r
+        self._pvc[idx] = k_vel * r
+        self._vv[idx] += q - k_vel**2 * added
+
+    def _promote(self, idx: np.ndarray) -> None:
+        new = idx[(self._ids[idx] == 0) & (self._hits[idx] > self._delay)]
+        self._ids[new] = np.arange(self._next_id, self._next_id + len(new))
+        self._next_id += len(new)
+
+    def _spawn(self, boxes: np.ndarray, conf: np.ndarray, period: int) -> None:
+        n = len(boxes)
+        if not n:
+            return
+        first = len(self._hits)
+        self._pos = np.concatenate([self._pos, boxes])
+        self._vel = np.concatenate([self._vel, np.zeros((n, 4))])
+        self._pv = np.concatenate([self._pv, np.full((n, 4), 10.0)])
+        self._pvc = np.concatenate([self._pvc, np.zeros((n, 4))])
+        self._vv = np.concatenate([self._vv, np.ones((n, 4))])
+        self._hits = np.concatenate([self._hits, np.full(n, period, dtype=np.int64)])
+        self._ids = np.concatenate([self._ids, np.zeros(n, dtype=np.int64)])
+        self._conf = np.concatenate([self._conf, conf.astype(np.float32)])
+        self._promote(np.arange(first, first + n))
+
+    def _keep(self, mask: np.ndarray) -> None:
+        if mask.all():
+            return
+        for name in ("_pos", "_vel", "_pv", "_pvc", "_vv", "_hits", "_ids", "_conf"):
+            setattr(self, name, getattr(self, name)[mask])
+
+
+def _iou_distance(candidates: np.ndarray, objects: np.ndarray) -> np.ndarray:
+    """(N, K) matrix of 1 - IoU, Norfair's ``iou`` distance."""
+    if not len(candidates) or not len(objects):
+        return np.zeros((len(candidates), len(objects)))
+    area_c = (candidates[:, 2] - candidates[:, 0]) * (candidates[:, 3] - candidates[:, 1])
+    area_o = (objects[:, 2] - objects[:, 0]) * (objects[:, 3] - objects[:, 1])
+    top_left = np.maximum(candidates[:, None, :2], objects[:, :2])
+    bottom_right = np.minimum(candidates[:, None, 2:], objects[:, 2:])
+    inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.asarray(1 - inter / (area_c[:, None] + area_o - inter))
+
+
+def _greedy(distance: np.ndarray, threshold: float) -> list[tuple[int, int]]:
+    """Norfair's matching: take the globally closest pair while it is under ``threshold``."""
+    pairs: list[tuple[int, int]] = []
+    if not distance.size:
+        return pairs
+    d = np.nan_to_num(distance.copy(), nan=threshold + 1)
+    cols = d.shape[1]
+    while True:
+        flat = int(d.argmin())
+        if not d.flat[flat] < threshold:
+            return pairs
+        row, col = divmod(flat, cols)
+        pairs.append((row, col))
+        d[row, :] = threshold + 1
+        d[:, col] = threshold + 1
+
+
+# Config ``tracker.backend`` -> implementation.
+TRACKERS: dict[str, type[NorfairTracker] | type[NumpyTracker]] = {
+    "norfair": NorfairTracker,
+    "numpy": NumpyTracker,
+}
