@@ -253,6 +253,7 @@ def main() -> int:
 
     rows: list[list[object]] = []
     headline: dict[str, float] = {}
+    cpu_headline: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="edgecam-bench-") as tmp:
         clip = c.trim(args.clip, args.seconds, Path(tmp))
         print(f"clip {clip}; {c.machine_note()}")
@@ -278,6 +279,11 @@ def main() -> int:
             rows.append([f"{element}: appsink side, per detection", *stats(probe.appsink_ms)])
             rows.append([f"{element}: per frame total (callback + probes)", *stats(total)])
             headline[element] = c.percentile(total, 99) + per_frame_appsink
+            cpu_total = [
+                a + b + e
+                for a, b, e in zip(probe.frame_cpu_ms, probe.probe_ms, probe.enc_ms, strict=False)
+            ]
+            cpu_headline[element] = c.percentile(cpu_total, 99) + per_frame_appsink
         alone = standalone(len(probe.frame_ms) if rows else 900)
         rows.append(["standalone (no pipeline): tracker+list+render", *stats(alone.frame_ms)])
         for part in ("tracker", "draw list", "render"):
@@ -291,6 +297,12 @@ def main() -> int:
             f"target: p99 per frame < {TARGET_P99_MS} ms, {element}: {p99:.2f} ms "
             f"(p99 of callback + probes, plus the appsink side averaged over frames) -> "
             f"{c.verdict(p99 < TARGET_P99_MS)}"
+        )
+    for element, p99 in cpu_headline.items():
+        print(
+            f"target: p99 per frame < {TARGET_P99_MS} ms, {element}: {p99:.2f} ms of CPU "
+            f"(the callback's thread CPU time instead of its wall time: without the time spent "
+            f"waiting for a core while x264 keeps both busy) -> {c.verdict(p99 < TARGET_P99_MS)}"
         )
     print(f"finished {c.machine_note()}")
     return 0
