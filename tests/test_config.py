@@ -40,6 +40,8 @@ def test_defaults_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
         ("colour: red\n", "colour: unknown key"),
         ("- just\n- a list\n", "mapping at the top level"),
         ("vision: [\n", "not valid YAML"),
+        ("streaming:\n  user: alice\n", "user and password must be set together"),
+        ("streaming:\n  host: 0.0.0.0\n", "needs user and password"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> None:
@@ -85,3 +87,36 @@ def test_cli_config_check_and_show(tmp_path: Path) -> None:
     res = _cli("config", "check", str(bad))
     assert res.returncode == 1
     assert "recorder.pre_s" in res.stderr
+
+
+def test_streaming_auth_rules() -> None:
+    from edgecam.config import StreamingConfig
+
+    assert StreamingConfig().host == "127.0.0.1"  # loopback unless asked
+    StreamingConfig.model_validate({"host": "0.0.0.0", "user": "a", "password": "b"})
+    StreamingConfig.model_validate({"host": "0.0.0.0", "allow_anonymous": True})
+
+
+def test_secrets_never_printed(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "cameras:\n  - name: door\n    source: rtsp://admin:hunter2@192.0.2.5/s\n"
+        "fileserver:\n  token: 123456789\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert "123456789" not in str(info.value) and "fileserver.token" in str(info.value)
+    path.write_text(
+        "cameras:\n  - name: door\n    source: rtsp://admin:hunter2@192.0.2.5/s\n"
+        "fileserver:\n  token: s3cr3t-t0ken\nstreaming:\n  user: u\n  password: pw-123\n"
+    )
+    shown = _cli("config", "show", "--config", str(path))
+    assert shown.returncode == 0, shown.stderr
+    for secret in ("hunter2", "s3cr3t-t0ken", "pw-123"):
+        assert secret not in shown.stdout
+    assert "rtsp://***@192.0.2.5/s" in shown.stdout
+
+
+def test_override_onto_empty_section(tmp_path: Path) -> None:
+    path = _write(tmp_path, "vision:\n")
+    assert load_settings(path, **{"vision.profile": "people"}).vision.profile == "people"

@@ -250,7 +250,6 @@ def test_stop_releases_port_and_thread(rtp_port: int, clients: Callable[..., Cli
     [
         ({"rtp_port": 0}, "rtp_port"),
         ({"camera": "a/b"}, "camera"),
-        ({"config": StreamingConfig(user="alice")}, "together"),
         ({"rtp_port": 70000}, "rtp_port"),
     ],
 )

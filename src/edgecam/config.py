@@ -34,6 +34,7 @@ __all__ = [
     "VisionConfig",
     "VotingConfig",
     "load_settings",
+    "redact_url",
 ]
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -196,16 +197,34 @@ class EncoderConfig(_Section):
 
 class StreamingConfig(_Section):
     enabled: bool = Field(True, description="Run the RTSP streaming worker.")
-    host: str = Field("0.0.0.0", description="RTSP listen address.")
+    host: str = Field(
+        "127.0.0.1",
+        description="RTSP listen address; 0.0.0.0 to serve the network (needs user/password).",
+    )
     port: int = Field(8554, ge=1, le=65535, description="RTSP port.")
     user: str | None = Field(None, description="RTSP user (authentication when set).")
     password: SecretStr | None = Field(None, description="RTSP password.")
+    allow_anonymous: bool = Field(
+        False, description="Serve a non-loopback address without a password (not advised)."
+    )
     session_timeout_s: int = Field(
         60,
         ge=2,
         le=3600,
         description="Drop a client's RTSP session after this long without a keep-alive.",
     )
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> StreamingConfig:
+        if (self.user is None) != (self.password is None):
+            raise ValueError("user and password must be set together")
+        loopback = self.host == "localhost" or self.host.startswith("127.") or self.host == "::1"
+        if not loopback and self.user is None and not self.allow_anonymous:
+            raise ValueError(
+                f"serving RTSP on {self.host} needs user and password "
+                "(or allow_anonymous: true to let anyone on the network watch)"
+            )
+        return self
 
 
 class RecorderConfig(_Section):
@@ -311,6 +330,20 @@ class Settings(BaseSettings):
         return env_settings, init_settings
 
 
+_SECRET_KEYS = frozenset({"password", "token", "link_secret"})
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the user:password part of a URL replaced by ``***``."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return text
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return text
+    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+
+
 def _safe_hostname() -> str:
     name = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
     return name[:64] or "edgecam"
@@ -336,10 +369,14 @@ def _describe(exc: ValidationError, origin: str) -> str:
     lines = [f"invalid configuration ({origin}):"]
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        value = err.get("input")
         if err["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (check its spelling)")
+        elif str(err["loc"][-1] if err["loc"] else "") in _SECRET_KEYS:
+            lines.append(f"  {key}: {err['msg']} (value not shown: it is a secret)")
         else:
-            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+            shown = redact_url(value) if isinstance(value, str) else value
+            lines.append(f"  {key}: {err['msg']} (got {shown!r})")
     return "\n".join(lines)
 
 
@@ -355,7 +392,12 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         node = data
         *parents, leaf = dotted.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            child = node.get(part)
+            if child is None:  # absent, or an empty section (``vision:`` with nothing under)
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"config key {part!r} must be a section (a mapping)")
+            node = child
         node[leaf] = value
     origin = f"file {path} and EDGECAM_* environment" if path else "EDGECAM_* environment"
     try:
@@ -365,6 +407,8 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
 
 
 def settings_to_yaml(settings: Settings) -> str:
-    """The effective configuration as YAML, secrets masked."""
+    """The effective configuration as YAML, secrets (and passwords in camera URLs) masked."""
     data = settings.model_dump(mode="json")
+    for cam in data["cameras"]:
+        cam["source"] = redact_url(cam["source"])
     return yaml.safe_dump(data, sort_keys=False)

@@ -9,7 +9,7 @@ import signal
 import time
 from types import FrameType
 
-from edgecam.config import Settings
+from edgecam.config import Settings, redact_url
 from edgecam.media.pipeline import Pipeline
 
 __all__ = ["LiveFigures", "run_worker"]
@@ -64,7 +64,7 @@ def run_worker(settings: Settings, camera: str | None = None) -> int:
         log.info(
             "camera %s: %s -> H.264 RTP on 127.0.0.1:%d,%d (profile %s, up to %.1f detections/s)",
             pipeline.camera.name,
-            pipeline.camera.source,
+            redact_url(pipeline.camera.source),
             *ports,
             settings.vision.profile,
             settings.vision.detect_fps,

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from edgecam.config import CameraConfig, EncoderConfig, Settings
+from edgecam.config import CameraConfig, EncoderConfig, Settings, redact_url
 from edgecam.errors import PipelineError, SourceError
 from edgecam.media.gst import GLib, Gst, GstVideo, init, require_elements
 from edgecam.vision.analytics import Analytics, FrameMeta, MetaBus
@@ -581,7 +581,7 @@ class Pipeline:
             err = self._pop_error(timeout_ns=0)
             self._teardown()
             raise SourceError(
-                f"camera {self.camera.name!r}: cannot start {self.camera.source!r}"
+                f"camera {self.camera.name!r}: cannot start {redact_url(self.camera.source)!r}"
                 + (f": {err}" if err else "")
             )
         # After PLAYING was asked for: an appsink that has not started reports EOS.
@@ -705,7 +705,9 @@ class Pipeline:
         )
         if not ok:
             log.warning(
-                "camera %s: cannot seek %s to loop it", self.camera.name, self.camera.source
+                "camera %s: cannot seek %s to loop it",
+                self.camera.name,
+                redact_url(self.camera.source),
             )
 
     def _restart(self, backoff: float) -> float:

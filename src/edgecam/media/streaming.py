@@ -69,8 +69,6 @@ class StreamingServer:
             raise ValueError(f"rtp_port must be in 1..65535, got {rtp_port}")
         if not camera or "/" in camera:
             raise ValueError(f"camera must be a non-empty name without '/', got {camera!r}")
-        if (config.user is None) != (config.password is None):
-            raise ValueError("streaming.user and streaming.password must be set together")
         self._config = config
         self._camera = camera
         self._rtp_host = rtp_host
