@@ -2,39 +2,18 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from edgecam.ports import free_port, free_udp_pair
+
+__all__ = ["MEDIA", "ROOT", "free_port", "free_udp_pair"]
+
 ROOT = Path(__file__).resolve().parents[1]
 MEDIA = ROOT / "media"
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_udp_pair() -> int:
-    """An even UDP port p such that p and p + 1 are both free."""
-    for _ in range(50):
-        p = free_port(socket.SOCK_DGRAM) & ~1
-        try:
-            with (
-                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a,
-                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b,
-            ):
-                a.bind(("127.0.0.1", p))
-                b.bind(("127.0.0.1", p + 1))
-                return p
-        except OSError:
-            continue
-    raise RuntimeError("no free UDP port pair")
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ import yaml
 from edgecam.config import Settings, load_settings
 from edgecam.errors import EdgecamError
 from edgecam.media.recorder import control_socket_path, send_command
+from edgecam.ports import free_port, free_udp_pair
 from edgecam.protocol import Command, SaveClipArgs
 
 __all__ = ["run_live_demo"]
@@ -47,11 +48,7 @@ def _port_free(port: int) -> bool:
 
 
 def _pick_port(preferred: int) -> int:
-    if _port_free(preferred):
-        return preferred
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return preferred if _port_free(preferred) else free_port()
 
 
 def _wait_for(check: Any, timeout: float, what: str) -> None:
@@ -99,28 +96,10 @@ def _rtsp_frames(url: str, count: int = 30, timeout: float = 15.0) -> tuple[int,
     return frames, size
 
 
-def _free_udp_pair() -> int:
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = int(probe.getsockname()[1]) & ~1
-        try:
-            with (
-                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a,
-                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b,
-            ):
-                a.bind(("127.0.0.1", base))
-                b.bind(("127.0.0.1", base + 1))
-                return base
-        except OSError:
-            continue
-    raise EdgecamError("demo: no free pair of UDP ports for RTP")
-
-
 def _write_config(settings: Settings, out: Path, token: str) -> tuple[Path, Settings]:
     rtsp_port = _pick_port(settings.streaming.port)
     http_port = _pick_port(settings.fileserver.port)
-    rtp_port = _free_udp_pair()
+    rtp_port = free_udp_pair()
     data: dict[str, Any] = {
         "device": settings.device,
         "cameras": [
