@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -19,8 +20,10 @@ import uvicorn
 from conftest import free_port
 
 from edgecam.config import Settings
-from edgecam.device.fileserver import create_app, sign_link
+from edgecam.device import fileserver
+from edgecam.device.fileserver import create_app, run_worker, sign_link, signed_url
 from edgecam.errors import ConfigError
+from edgecam.media.clips import ClipStore
 
 with warnings.catch_warnings():
     # Starlette 1.x prefers httpx2 for its test client; httpx (a dev dependency) still works.
@@ -101,6 +104,9 @@ def test_list_newest_first_with_metadata(client: TestClient) -> None:
         ("bytes=abc", 416, None),
         ("bytes=-0", 416, None),
         ("items=0-10", 200, None),  # another unit: ignored
+        ("bytes=" + "1" * 5000 + "-", 416, None),
+        ("bytes=-" + "9" * 5000, 416, None),
+        ("bytes=0-" + "9" * 5000, 416, None),
     ],
 )
 def test_range_requests(
@@ -217,3 +223,169 @@ def test_real_server_range_and_traversal(server: int, clips: Path) -> None:
         assert status in (400, 404) and b"outside" not in body, path
     assert _raw(server, "GET", "/health", {})[0] == 200
     assert _raw(server, "GET", f"/clips/{CLIP}", {"Authorization": "Bearer no"})[0] == 401
+
+
+def test_enabled_false_exits_at_once(tmp_path: Path) -> None:
+    settings = Settings(recorder={"clips_dir": tmp_path}, fileserver={"enabled": False})
+    assert run_worker(settings) == 0  # no token needed: nothing is served
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGECAM_")}
+    env["EDGECAM_FILESERVER__ENABLED"] = "false"
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgecam.cli", "worker", "fileserver"],
+        capture_output=True, text=True, timeout=30, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "disabled" in proc.stderr
+    assert time.monotonic() - started < 20
+
+
+def test_listing_hides_device_paths(tmp_path: Path, clips: Path) -> None:
+    sidecar = {
+        "camera": "main",
+        "start": 1704067200.0,
+        "path": str(clips / CLIP),
+        "segments": ["seg_000001.ts", "seg_000002.ts"],
+        "sha256": "0" * 64,
+    }
+    (clips / CLIP).with_suffix(".json").write_text(json.dumps(sidecar))
+    with TestClient(create_app(_settings(tmp_path))) as c:
+        items = c.get("/clips", headers=AUTH).json()["clips"]
+    assert items[0]["meta"] == {"camera": "main", "start": 1704067200.0, "sha256": "0" * 64}
+    assert str(tmp_path) not in json.dumps(items)
+
+
+CAM_A = "a_20240101T000000Z_abcdef.mp4"
+CAM_A_B = "a_b_20240101T000000Z_123456.mp4"
+
+
+@pytest.mark.parametrize(
+    ("camera", "own", "foreign"), [("a", CAM_A, CAM_A_B), ("a_b", CAM_A_B, CAM_A)]
+)
+def test_camera_scope_is_exact(tmp_path: Path, camera: str, own: str, foreign: str) -> None:
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for name in (CAM_A, CAM_A_B):
+        (folder / name).write_bytes(name.encode())
+    settings = Settings(
+        device="testdev",
+        cameras=[{"name": "a"}, {"name": "a_b"}],
+        recorder={"clips_dir": folder, "ring_dir": tmp_path / "ring"},
+        fileserver={"token": TOKEN},
+    )
+    with TestClient(create_app(settings, camera)) as c:
+        assert [x["name"] for x in c.get("/clips", headers=AUTH).json()["clips"]] == [own]
+        assert c.get(f"/clips/{own}", headers=AUTH).content == own.encode()
+        assert c.get(f"/clips/{foreign}", headers=AUTH).status_code == 404
+        assert c.head(f"/clips/{foreign}", headers=AUTH).status_code == 404
+        assert c.get(signed_url(settings, foreign)).status_code == 404
+        assert c.get(signed_url(settings, own)).status_code == 200
+
+
+def test_signed_url_lifetime(tmp_path: Path, clips: Path) -> None:
+    now = [1_000_000.0]
+    settings = _settings(tmp_path, link_secret="link-key", link_ttl_s=60)
+    with TestClient(create_app(settings, clock=lambda: now[0])) as c:
+        url = signed_url(settings, CLIP, now=now[0])
+        assert url.startswith(f"/clips/{CLIP}?") and "expires=1000060" in url
+        assert c.get(url).status_code == 200
+        now[0] += 60
+        assert c.get(url).status_code == 200
+        now[0] += 1
+        r = c.get(url)
+        assert r.status_code == 403 and "expired" in r.json()["error"]
+    default = _settings(tmp_path)
+    with TestClient(create_app(default)) as c:
+        assert c.get(signed_url(default, CLIP)).status_code == 200  # now: the real clock
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "status"),
+    [
+        (60, 200),
+        (60 + 5, 200),  # the fleet server's clock a little ahead
+        (60 + 3600, 403),
+        (253402300799 - 1_000_000, 403),  # year 9999
+    ],
+)
+def test_signed_link_longer_than_ttl_rejected(
+    tmp_path: Path, clips: Path, expires_in: int, status: int
+) -> None:
+    now = 1_000_000
+    settings = _settings(tmp_path, link_secret="link-key", link_ttl_s=60)
+    with TestClient(create_app(settings, clock=lambda: now)) as c:
+        r = c.get(f"/clips/{CLIP}?" + sign_link("link-key", CLIP, now + expires_in))
+        assert r.status_code == status
+        if status == 403:
+            assert "link_ttl_s" in r.json()["error"]
+
+
+def _clip_fds(folder: Path) -> list[str]:
+    """This process's open descriptors on files in ``folder``."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(folder.resolve())):
+            found.append(target)
+    return found
+
+
+def test_clip_deleted_while_downloading(
+    tmp_path: Path, clips: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention deletes the clip just after the server opened it: the download still works."""
+    data = (clips / CLIP).read_bytes()
+    real_open = os.open
+
+    def open_then_retention(path: str | os.PathLike[str], flags: int, *args: int) -> int:
+        fd = real_open(path, flags, *args)
+        if Path(path).name == CLIP:
+            ClipStore(clips, max_bytes=0, max_age_s=0, min_free_bytes=0).apply_retention()
+        return fd
+
+    monkeypatch.setattr(fileserver.os, "open", open_then_retention)
+    with TestClient(create_app(_settings(tmp_path))) as c:
+        r = c.get(f"/clips/{CLIP}", headers=AUTH | {"Range": "bytes=10-"})
+        assert r.status_code == 206 and r.content == data[10:]
+        assert not (clips / CLIP).exists()
+        assert c.get(f"/clips/{CLIP}", headers=AUTH).status_code == 404
+    assert _clip_fds(clips) == []
+
+
+def test_clip_deleted_before_open(
+    tmp_path: Path, clips: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention deletes the clip between the name check and the open: 404, nothing leaks."""
+    real_path_of = ClipStore.path_of
+
+    def path_of_then_retention(store: ClipStore, name: str) -> Path | None:
+        path = real_path_of(store, name)
+        if path is not None:
+            path.unlink()
+        return path
+
+    monkeypatch.setattr(ClipStore, "path_of", path_of_then_retention)
+    with TestClient(create_app(_settings(tmp_path)), raise_server_exceptions=False) as c:
+        r = c.get(f"/clips/{CLIP}", headers=AUTH)
+        assert r.status_code == 404 and r.json() == {"error": "no such clip"}
+    assert _clip_fds(clips) == []
+
+
+def test_aborted_downloads_close_the_file(server: int, clips: Path) -> None:
+    big = clips / "main_20240103T000000Z_b16b16.mp4"
+    big.write_bytes(os.urandom(16 * 1024 * 1024))  # far more than the socket buffers hold
+    request = f"GET /clips/{big.name} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+    for extra in ("", "Range: bytes=100-\r\n"):
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", server), timeout=10) as sock:
+                sock.sendall(f"{request}{extra}\r\n".encode())
+                assert sock.recv(1000).startswith(b"HTTP/1.1 20")
+    deadline = time.monotonic() + 10
+    while _clip_fds(clips):
+        assert time.monotonic() < deadline, f"clip files left open: {_clip_fds(clips)}"
+        time.sleep(0.05)
+    status, _, body = _raw(server, "GET", f"/clips/{big.name}", AUTH)
+    assert status == 200 and len(body) == big.stat().st_size
+    assert _clip_fds(clips) == []

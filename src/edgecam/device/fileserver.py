@@ -3,10 +3,13 @@
 Routes: ``GET /health`` (open), ``GET /clips`` (JSON list, newest first, with each clip's
 sidecar), ``GET|HEAD /clips/<name>`` (the MP4, with HTTP Range so that a video element can
 seek). Access needs the bearer token from ``fileserver.token``, or, for one clip, a signed
-link that expires (:func:`sign_link`; the fleet server makes them with the same secret).
+link that expires (:func:`signed_url`; the fleet server makes them with the same secret,
+valid for at most ``fileserver.link_ttl_s``).
 
 Clip names from the request are never used as paths: a name must match the clip-name
 pattern, and the file must be a regular file (not a symlink) directly in the clips folder.
+A server for one camera serves only that camera's clips; the listing never shows the
+device's file-system paths.
 """
 
 from __future__ import annotations
@@ -15,31 +18,40 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import os
 import re
 import signal
+import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import IO
-from urllib.parse import urlencode
+from typing import Any
+from urllib.parse import quote, urlencode
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
-from edgecam.config import Settings
+from edgecam.config import FileServerConfig, Settings
 from edgecam.errors import ConfigError
 from edgecam.media.clips import CLIP_NAME_RE, ClipStore
 
-__all__ = ["create_app", "run_worker", "sign_link", "verify_link"]
+__all__ = ["create_app", "run_worker", "sign_link", "signed_url", "verify_link"]
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 256 * 1024
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# 18 digits fit any file size (and an int64); longer numbers are refused, not parsed.
+_RANGE_RE = re.compile(r"bytes=([0-9]{0,18})-([0-9]{0,18})", re.IGNORECASE)
+# Clocks of the fleet server and the device may differ by this much.
+_LINK_SKEW_S = 30
+# Sidecar keys that describe the device's file system, not the clip.
+_PRIVATE_META = frozenset({"path", "segments"})
 
 
 class _Unsatisfiable(Exception):
@@ -60,8 +72,28 @@ def sign_link(secret: str, clip_name: str, expires_at: int) -> str:
     return urlencode({"expires": expires_at, "sig": _signature(secret, clip_name, expires_at)})
 
 
-def verify_link(secret: str, clip_name: str, expires: str, sig: str, now: float) -> str | None:
-    """None when the link is valid, else why it is not."""
+def _link_secret(cfg: FileServerConfig) -> str:
+    secret = cfg.link_secret if cfg.link_secret is not None else cfg.token
+    return secret.get_secret_value() if secret is not None else ""
+
+
+def signed_url(settings: Settings, clip_name: str, now: float | None = None) -> str:
+    """``/clips/<clip_name>?expires=...&sig=...``, valid for ``fileserver.link_ttl_s`` from
+    ``now`` (default: the current time). What the fleet server hands to a user."""
+    cfg = settings.fileserver
+    now = time.time() if now is None else now
+    query = sign_link(_link_secret(cfg), clip_name, int(now) + cfg.link_ttl_s)
+    return f"/clips/{quote(clip_name)}?{query}"
+
+
+def verify_link(
+    secret: str, clip_name: str, expires: str, sig: str, now: float, *, ttl_s: float
+) -> str | None:
+    """None when the link is valid, else why it is not.
+
+    A link that expires later than ``ttl_s`` (plus some clock skew) from ``now`` was not made
+    by :func:`signed_url` with this configuration and is refused.
+    """
     try:
         expires_at = int(expires)
     except ValueError:
@@ -71,7 +103,23 @@ def verify_link(secret: str, clip_name: str, expires: str, sig: str, now: float)
         return "invalid link signature"
     if now > expires_at:
         return "link expired"
+    if expires_at > now + ttl_s + _LINK_SKEW_S:
+        return "link lifetime longer than fileserver.link_ttl_s"
     return None
+
+
+def _camera_clip_re(camera: str | None) -> re.Pattern[str]:
+    """Names of the clips that :class:`ClipStore` saves for ``camera`` (any camera: None).
+
+    A prefix test would not do: camera ``a`` must not match clips of camera ``a_b``.
+    """
+    if camera is None:
+        return CLIP_NAME_RE
+    return re.compile(re.escape(camera) + r"_[0-9]{8}T[0-9]{6}Z_[0-9a-f]{6}\.mp4")
+
+
+def _public_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in meta.items() if k not in _PRIVATE_META}
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -84,7 +132,7 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
         return None  # another unit: ignored, as RFC 9110 asks
     if "," in header:
         return None  # several ranges: the whole file is a valid answer
-    m = _RANGE_RE.match(header.replace(" ", ""))
+    m = _RANGE_RE.fullmatch(header.replace(" ", ""))
     if m is None:
         raise _Unsatisfiable
     first, last = m.group(1), m.group(2)
@@ -102,17 +150,28 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     return start, min(end, size - 1)
 
 
-def _read(f: IO[bytes], start: int, length: int) -> Iterator[bytes]:
-    try:
-        f.seek(start)
-        while length > 0:
-            chunk = f.read(min(_CHUNK, length))
-            if not chunk:
-                break
-            length -= len(chunk)
-            yield chunk
-    finally:
-        f.close()
+async def _chunks(fd: int, start: int, length: int) -> AsyncIterator[bytes]:
+    offset, end = start, start + length
+    while offset < end:
+        chunk = await run_in_threadpool(os.pread, fd, min(_CHUNK, end - offset), offset)
+        if not chunk:
+            break
+        offset += len(chunk)
+        yield chunk
+
+
+class _FileStream(StreamingResponse):
+    """Streams part of an open file and closes it when done, failed or cut off."""
+
+    def __init__(self, fd: int, start: int, length: int, status: int, headers: dict[str, str]):
+        self._fd = fd
+        super().__init__(_chunks(fd, start, length), status_code=status, headers=headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            os.close(self._fd)
 
 
 def create_app(
@@ -129,9 +188,10 @@ def create_app(
             "EDGECAM_FILESERVER__TOKEN in the environment"
         )
     token = cfg.token.get_secret_value()
-    secret = cfg.link_secret.get_secret_value() if cfg.link_secret is not None else token
+    secret = _link_secret(cfg)
     if camera is not None:
         settings.camera(camera)  # validates the name
+    ours = _camera_clip_re(camera)
     rec = settings.recorder
     store = ClipStore(
         rec.clips_dir,
@@ -170,10 +230,10 @@ def create_app(
                 "size": c.size,
                 "mtime": c.mtime,
                 "url": f"/clips/{c.name}",
-                "meta": c.meta,
+                "meta": _public_meta(c.meta),
             }
             for c in store.clips()
-            if camera is None or c.name.startswith(f"{camera}_")
+            if ours.fullmatch(c.name)
         ]
         return JSONResponse({"clips": clips})
 
@@ -186,13 +246,13 @@ def create_app(
             expires, sig = request.query_params.get("expires"), request.query_params.get("sig")
             if expires is None or sig is None:
                 return unauthorized("missing bearer token or signed link")
-            why = verify_link(secret, name, expires, sig, clock())
+            why = verify_link(secret, name, expires, sig, clock(), ttl_s=cfg.link_ttl_s)
             if why is not None:
                 return JSONResponse({"error": why}, status_code=403)
         if not CLIP_NAME_RE.fullmatch(name):
             return JSONResponse({"error": "invalid clip name"}, status_code=400)
         path = store.path_of(name)
-        if path is None or (camera is not None and not name.startswith(f"{camera}_")):
+        if path is None or not ours.fullmatch(name):
             return JSONResponse({"error": "no such clip"}, status_code=404)
         return _file_response(request, path)
 
@@ -206,11 +266,27 @@ def create_app(
 
 
 def _file_response(request: Request, path: Path) -> Response:
+    # Retention may delete the clip at any moment: once open, the file stays readable, so
+    # everything below works on the descriptor, never on the path again.
     try:
-        f = path.open("rb")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return JSONResponse({"error": "no such clip"}, status_code=404)
-    size = path.stat().st_size
+    response: Response | None = None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            response = _clip_response(request, fd, st.st_size)
+    finally:
+        if not isinstance(response, _FileStream):
+            os.close(fd)
+    if response is None:
+        return JSONResponse({"error": "no such clip"}, status_code=404)
+    return response
+
+
+def _clip_response(request: Request, fd: int, size: int) -> Response:
+    """The answer for an open clip: a _FileStream (which then owns ``fd``) or headers only."""
     headers = {
         "Accept-Ranges": "bytes",
         "Content-Type": "video/mp4",
@@ -219,7 +295,6 @@ def _file_response(request: Request, path: Path) -> Response:
     try:
         span = _parse_range(request.headers.get("range", ""), size)
     except _Unsatisfiable:
-        f.close()
         return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
     status, start, length = 200, 0, size
     if span is not None:
@@ -227,9 +302,8 @@ def _file_response(request: Request, path: Path) -> Response:
         headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{size}"
     headers["Content-Length"] = str(length)
     if request.method == "HEAD":
-        f.close()
         return Response(status_code=status, headers=headers)
-    return StreamingResponse(_read(f, start, length), status_code=status, headers=headers)
+    return _FileStream(fd, start, length, status, headers)
 
 
 class _WorkerServer(uvicorn.Server):
@@ -243,7 +317,9 @@ class _WorkerServer(uvicorn.Server):
 
 def run_worker(settings: Settings, camera: str | None = None) -> int:
     """``edgecam worker fileserver``: serve clips until SIGTERM/SIGINT."""
-
+    if not settings.fileserver.enabled:
+        log.info("the file server is disabled in the configuration (fileserver.enabled); exiting")
+        return 0
     app = create_app(settings, camera)
     cfg = settings.fileserver
     log.info(
