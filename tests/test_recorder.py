@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -24,17 +24,21 @@ import yaml
 from conftest import free_udp_pair
 
 from edgecam.config import Settings
+from edgecam.errors import PipelineError
 from edgecam.media.clips import (
+    ClipError,
+    ClipJob,
     ClipPlanner,
     ClipRequest,
     ClipStore,
     DiskFullError,
+    Segment,
     SegmentRing,
     pick_run,
     segment_name,
 )
-from edgecam.media.recorder import Recorder, send_command
-from edgecam.protocol import ClipReady, Command
+from edgecam.media.recorder import Recorder, control_socket_path, run_worker, send_command
+from edgecam.protocol import ClipReady, Command, CommandResult, SaveClipArgs
 
 SEG = 1.0
 TOL = 0.25  # timing slack on top of one segment
@@ -240,23 +244,75 @@ def _req(at: float, pre: float = 2, post: float = 2, key: str | None = None) -> 
 
 
 @pytest.mark.parametrize(
-    ("requests", "jobs", "clips"),
+    ("done", "requests", "jobs", "clips"),
     [
-        ([_req(100), _req(101)], [(98, 103)], 1),  # overlapping: one clip
-        ([_req(100), _req(110)], [(98, 102), (108, 112)], 2),  # apart: two clips
-        ([_req(100, key="a"), _req(110, key="a")], [(98, 112)], 1),  # same alert: extended
-        ([_req(100, key="a"), _req(110, key="b")], [(98, 102), (108, 112)], 2),
-        ([_req(100, post=30)], [(98, 118), (118, 130)], 1),  # longer than max: continued
-        ([_req(100, key="a"), _req(125, key="a")], [(98, 118), (118, 127)], 1),
+        ([], [_req(100), _req(101)], [(98, 103)], 1),  # overlapping: one clip
+        ([], [_req(100), _req(110)], [(98, 102), (108, 112)], 2),  # apart: two clips
+        ([], [_req(100, key="a"), _req(110, key="a")], [(98, 112)], 1),  # same alert: extended
+        ([], [_req(100, key="a"), _req(110, key="b")], [(98, 102), (108, 112)], 2),
+        ([], [_req(100, post=30)], [(98, 118), (118, 130)], 1),  # longer than max: continued
+        ([], [_req(100, key="a"), _req(125, key="a")], [(98, 118), (118, 127)], 1),
+        # Starts earlier, within the max: the job grows back.
+        ([], [_req(20, pre=5, post=5), _req(12, pre=2, post=5)], [(10, 25)], 1),
+        # Starts earlier, past the max: the first job keeps all of its window, the rest
+        # of the second request is a clip of its own.
+        ([], [_req(20, pre=10, post=10), _req(5, pre=5, post=10)], [(0, 10), (10, 30)], 2),
+        # Ends later, past the max: grows to the max, the rest follows.
+        ([], [_req(20, pre=5, post=5), _req(24, pre=2, post=16)], [(15, 35), (35, 40)], 1),
+        # Bridges two pending jobs: both grow, nothing twice.
+        ([], [_req(10), _req(20), _req(15, pre=5, post=5)], [(8, 18), (18, 22)], 2),
+        ([_req(50, pre=5, post=5)], [_req(50, pre=1, post=1)], [], 1),  # inside a saved clip
+        ([_req(50, pre=5, post=5)], [_req(56, pre=3, post=4)], [(55, 60)], 2),  # after it
+        ([_req(50, pre=5, post=5)], [_req(45, pre=10, post=5)], [(35, 45)], 2),  # before it
+        ([_req(50, pre=5, post=5)], [_req(50, pre=20, post=20)], [(30, 45), (55, 70)], 2),
+        (
+            [_req(50, pre=5, post=5), _req(70, pre=5, post=5)],
+            [_req(60, pre=20, post=20)],
+            [(40, 45), (55, 65), (75, 80)],
+            3,
+        ),
     ],
 )
 def test_planner_merges_requests(
-    requests: list[ClipRequest], jobs: list[tuple[float, float]], clips: int
+    done: list[ClipRequest],
+    requests: list[ClipRequest],
+    jobs: list[tuple[float, float]],
+    clips: int,
 ) -> None:
     planner = ClipPlanner(max_clip_s=20)
-    futures: list[Future[ClipReady]] = [planner.add(r) for r in requests]
-    assert [(j.start, j.end) for j in planner.drain()] == jobs
+    futures: list[Future[ClipReady]] = [planner.add(r) for r in done]
+    finished = planner.due(covered_until=1e9, now=1e9, stall_s=0)
+    futures += [planner.add(r) for r in requests]
+    pending = planner.drain()
+    assert [(j.start, j.end) for j in pending] == jobs
     assert len({id(f) for f in futures}) == clips
+    # Every request's window is in some clip, none longer than the max, none overlapping.
+    windows = sorted((j.start, j.end) for j in finished + pending)
+    assert all(b - a <= 20 for a, b in windows)
+    assert all(b[0] >= a[1] for a, b in itertools.pairwise(windows))
+    for r in done + requests:
+        start, end = r.at - r.pre, r.at + r.post
+        inside = sum(min(b, end) - max(a, start) for a, b in windows if a < end and start < b)
+        assert inside == pytest.approx(end - start), (r, windows)
+
+
+def test_planner_asks_again_for_a_failed_clip() -> None:
+    planner = ClipPlanner(max_clip_s=20)
+    first = planner.add(_req(100))
+    (job,) = planner.due(covered_until=1e9, now=1e9, stall_s=0)
+    job.future.set_exception(ClipError("disk gone"))
+    again = planner.add(_req(100))  # the failed clip holds nothing: saved anew
+    assert again is not first
+    assert [(j.start, j.end) for j in planner.drain()] == [(98, 102)]
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_planner_and_protocol_refuse_non_finite_times(value: str) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        ClipPlanner(max_clip_s=20).add(_req(float(value)))
+    cmd = Command.model_validate_json(f'{{"name": "save_clip", "args": {{"at": {value}}}}}')
+    with pytest.raises(ValueError, match="finite"):
+        SaveClipArgs.model_validate(cmd.args)
 
 
 def test_planner_never_saves_video_twice() -> None:
@@ -266,6 +322,154 @@ def test_planner_never_saves_video_twice() -> None:
     assert planner.add(_req(100.5, pre=1, post=1)) is first  # inside the saved clip
     planner.add(_req(101, pre=2, post=3))  # overlaps it: starts where it ended
     assert [(j.start, j.end) for j in planner.drain()] == [(102, 104)]
+
+
+def test_clip_thread_survives_an_unusable_clips_folder(
+    tmp_path: Path, rtp_sender: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    port = free_udp_pair()
+    settings = _settings(tmp_path)
+    clips = settings.recorder.clips_dir
+    rtp_sender(port)
+    with Recorder(settings, port=port) as rec:
+        assert rec.wait_ready(10), "no segment within 10 s"
+        time.sleep(1.5)
+        clips.rmdir()
+        clips.write_bytes(b"")  # the clips folder is gone: not even its work folder can be made
+        t0 = time.monotonic()
+        with pytest.raises(ClipError, match="cannot save clips in"):
+            rec.request_clip(pre=1, post=0).result(timeout=10)
+        assert time.monotonic() - t0 < 5
+        assert all(t.is_alive() for t in rec._threads)
+        clips.unlink()
+        clips.mkdir()  # fixed: the next clip is saved
+        clip = rec.request_clip(pre=1, post=0).result(timeout=10)
+    assert Path(clip.path).parent == clips and Path(clip.path).stat().st_size == clip.size
+
+
+@pytest.fixture
+def controlled(tmp_path: Path) -> Iterator[tuple[Recorder, Path]]:
+    """A recorder with its control socket (no video arrives: commands only)."""
+    settings = _settings(tmp_path)
+    with Recorder(settings, port=free_udp_pair(), control=True) as rec:
+        yield rec, control_socket_path(settings)
+
+
+def _exchange(sock: Path, data: bytes) -> list[bytes]:
+    """Send raw bytes to the control socket; every line it answers before hanging up."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(sock))
+        s.sendall(data)
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_WR)
+        got = b""
+        with contextlib.suppress(ConnectionResetError):  # it hung up on unread bytes
+            while chunk := s.recv(65536):
+                got += chunk
+    return got.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("at", "error"),
+    [
+        (lambda _now: "NaN", "finite"),
+        (lambda _now: "Infinity", "finite"),
+        (lambda _now: "1e18", "at must be"),  # would wait forever for its video
+        (lambda now: repr(now - 3600), "at must be"),  # long gone from the ring
+    ],
+    ids=["nan", "inf", "far-future", "long-past"],
+)
+def test_save_clip_refuses_a_time_it_cannot_serve(
+    controlled: tuple[Recorder, Path], at: Callable[[float], str], error: str
+) -> None:
+    rec, sock = controlled
+    value = at(time.time())
+    (line,) = _exchange(sock, f'{{"name": "save_clip", "args": {{"at": {value}}}}}\n'.encode())
+    result = CommandResult.model_validate_json(line)
+    assert not result.ok and error in (result.error or "")
+    assert rec.planner.pending() == 0
+
+
+def test_control_line_too_long_is_answered_once(controlled: tuple[Recorder, Path]) -> None:
+    _rec, sock = controlled
+    big = Command(name="status", args={"pad": "x" * 70_000}).model_dump_json().encode()
+    lines = _exchange(sock, big + b"\n")
+    assert len(lines) == 1
+    result = CommandResult.model_validate_json(lines[0])
+    assert not result.ok and "too long" in (result.error or "")
+    assert send_command(sock, Command(name="status"), timeout=5).ok  # the server goes on
+
+
+def test_ring_folder_left_open_is_made_private(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    folder = settings.recorder.ring_dir / "main"
+    folder.mkdir(parents=True)
+    folder.chmod(0o777)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    with Recorder(settings, port=free_udp_pair(), control=True):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert stat.S_IMODE((folder / "control.sock").stat().st_mode) == 0o600
+        assert os.umask(umask) == umask  # the process's umask was never changed
+
+
+def _plant_symlink(folder: Path) -> None:
+    elsewhere = folder.parent.parent / "elsewhere"
+    elsewhere.mkdir()
+    folder.parent.mkdir(parents=True)
+    folder.symlink_to(elsewhere)
+
+
+def _plant_foreign(folder: Path) -> None:
+    if os.getuid() != 0:
+        pytest.skip("only root can make a folder of another user")
+    folder.mkdir(parents=True)
+    os.chown(folder, 65534, 65534)
+
+
+@pytest.mark.parametrize(
+    ("plant", "error"),
+    [(_plant_symlink, "symlink"), (_plant_foreign, "belongs to uid 65534")],
+)
+def test_ring_folder_of_someone_else_is_refused(
+    tmp_path: Path, plant: Callable[[Path], None], error: str
+) -> None:
+    settings = _settings(tmp_path)
+    folder = settings.recorder.ring_dir / "main"
+    plant(folder)
+    rec = Recorder(settings, port=free_udp_pair(), control=True)
+    with pytest.raises(PipelineError, match=error):
+        rec.start()
+    assert not rec.running and not (folder / "control.sock").exists()
+
+
+def test_ring_never_follows_symlinked_segments(tmp_path: Path) -> None:
+    ring, clips = tmp_path / "ring", tmp_path / "clips"
+    now = time.time()
+    _write_segments(ring, "aaaaaaaa", [now - 2], 1000)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"not video")
+    link = ring / segment_name(now - 1, "aaaaaaaa", 1)
+    link.symlink_to(secret)
+    segments = SegmentRing(ring, max_seconds=60, max_bytes=10**9)
+    assert segments.rebuild() == 1
+    assert [s.index for s in segments.snapshot()] == [0]
+    store = ClipStore(clips, max_bytes=10**9, max_age_s=86400, min_free_bytes=0)
+    job = ClipJob(now - 2, now, [_req(now - 1)])
+    assert store.add_part(job, segments.snapshot()[0])
+    linked = Segment.from_path(link)
+    assert linked is not None and not store.add_part(job, linked)
+    assert job.workdir is not None
+    assert sorted(p.name for p in job.workdir.iterdir()) == [segments.snapshot()[0].path.name]
+
+
+def test_disabled_recorder_exits_at_once(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, enabled=False)
+    t0 = time.monotonic()
+    assert run_worker(settings) == 0
+    assert time.monotonic() - t0 < 1
+    assert not settings.recorder.ring_dir.exists()
 
 
 def test_retention_removes_oldest_over_cap_and_too_old(tmp_path: Path) -> None:

@@ -73,7 +73,9 @@ class SaveClipArgs(BaseModel):
         description="Identity of the triggering alert: a request with the same key extends "
         "the clip still being recorded instead of starting another.",
     )
-    at: float | None = Field(None, description="Trigger wall time (Unix s); None: now.")
+    at: float | None = Field(
+        None, allow_inf_nan=False, description="Trigger wall time (Unix s); None: now."
+    )
     counts: dict[str, int] = Field(
         default_factory=dict, description="Live counts at the trigger, kept in the sidecar."
     )

@@ -13,13 +13,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -118,12 +121,13 @@ class SegmentRing:
         of a run, its modification time (the muxer's last write). Empty files go.
         """
         found: list[Segment] = []
-        for path in self.folder.iterdir():
+        for entry in os.scandir(self.folder):
+            path = Path(entry.path)
             seg = Segment.from_path(path)
-            if seg is None:
-                continue
+            if seg is None or not entry.is_file(follow_symlinks=False):
+                continue  # a symlink is never followed: it could point anywhere
             try:
-                st = path.stat()
+                st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
             if st.st_size == 0:
@@ -292,13 +296,17 @@ class ClipJob:
 class ClipPlanner:
     """Turns requests into as few clips as possible, none longer than ``max_clip_s``.
 
-    A request whose window overlaps a pending job, or that has the same key, joins it (the
-    job grows to cover both); the part beyond ``max_clip_s`` becomes the next job. Video
-    already given to an earlier clip is not saved twice: a request inside a finished
-    clip's window gets that clip, one overlapping it starts where it ended.
+    Pending jobs never overlap and only grow, so that video a job has collected stays its
+    own. A request joins the pending jobs its window overlaps, and the one with its key
+    (the clip extends while the alert goes on): they grow over the rest of its window up
+    to ``max_clip_s``, and what is still uncovered becomes new jobs. Video given to an
+    earlier clip is not saved twice: a request inside finished clips gets the clip holding
+    most of it, one overlapping them gets only the parts outside them. A clip that failed
+    holds nothing, so its video may be asked for again.
     """
 
     _KEEP_DONE = 32
+    _EPS = 1e-3  # seconds: a sliver this short left beside a clip is no clip of its own
 
     def __init__(self, max_clip_s: float) -> None:
         if max_clip_s <= 0:
@@ -309,31 +317,84 @@ class ClipPlanner:
         self._lock = threading.Lock()
 
     def add(self, req: ClipRequest) -> Future[ClipReady]:
+        if not all(math.isfinite(v) for v in (req.at, req.pre, req.post)):
+            raise ValueError(f"clip request times must be finite, got {req}")
         start, end = req.at - req.pre, req.at + req.post
         with self._lock:
-            for job in reversed(self._done):
-                if job.start <= start and end <= job.end:
+            keyed = self._keyed(req.key)
+            if keyed is not None:
+                start, end = min(start, keyed.start), max(end, keyed.end)
+            saved = [j for j in self._done if not _failed(j)]
+            pieces = [(start, end)]
+            for job in saved:
+                pieces = self._minus(pieces, job.start, job.end)
+            if not pieces:
+                job = max(saved, key=lambda j: min(j.end, end) - max(j.start, start))
+                job.requests.append(req)
+                return job.future
+            joined = [j for j in self._pending if j is keyed or _overlaps(j, start, end)]
+            for piece in pieces:
+                for gap in self._uncovered(piece):
+                    joined += self._fill(gap, joined, req)
+            for job in joined:
+                if not any(r is req for r in job.requests):
                     job.requests.append(req)
-                    return job.future
-                if start < job.end <= end:
-                    start = job.end
-            for job in self._pending:
-                same_key = req.key is not None and req.key == job.key
-                if same_key or (start < job.end and job.start < end):
-                    job.requests.append(req)
-                    job.start = min(job.start, start)
-                    limit = job.start + self.max_clip_s
-                    job.end = min(max(job.end, end), limit)
-                    if end > limit:
-                        self._pending.append(
-                            ClipJob(limit, min(end, limit + self.max_clip_s), [req])
-                        )
-                    return job.future
-            job = ClipJob(start, min(end, start + self.max_clip_s), [req])
-            self._pending.append(job)
-            if end > job.end:
-                self._pending.append(ClipJob(job.end, end, [req]))
-            return job.future
+            self._pending.sort(key=lambda j: j.start)
+            return min(joined, key=lambda j: j.start).future
+
+    def _keyed(self, key: str | None) -> ClipJob | None:
+        """The latest pending job that a request with ``key`` asked for."""
+        if key is None:
+            return None
+        jobs = [j for j in self._pending if any(r.key == key for r in j.requests)]
+        return max(jobs, key=lambda j: j.end) if jobs else None
+
+    def _minus(
+        self, pieces: list[tuple[float, float]], cut_start: float, cut_end: float
+    ) -> list[tuple[float, float]]:
+        """``pieces`` without [cut_start, cut_end]."""
+        out: list[tuple[float, float]] = []
+        for a, b in pieces:
+            if a == b:  # an instant
+                if not cut_start <= a <= cut_end:
+                    out.append((a, b))
+            elif cut_end <= a or b <= cut_start:
+                out.append((a, b))
+            else:
+                if cut_start - a > self._EPS:
+                    out.append((a, cut_start))
+                if b - cut_end > self._EPS:
+                    out.append((cut_end, b))
+        return out
+
+    def _uncovered(self, piece: tuple[float, float]) -> list[tuple[float, float]]:
+        gaps = [piece]
+        for job in self._pending:
+            gaps = self._minus(gaps, job.start, job.end)
+        return gaps
+
+    def _fill(
+        self, gap: tuple[float, float], joined: list[ClipJob], req: ClipRequest
+    ) -> list[ClipJob]:
+        """Cover ``gap``, which no pending job overlaps: the joined jobs bordering it grow
+        into it up to ``max_clip_s``, new jobs (returned) take the rest."""
+        a, b = gap
+        instant = a == b
+        for job in joined:
+            if abs(job.end - a) <= self._EPS and job.end < b:
+                job.end = max(job.end, min(b, job.start + self.max_clip_s))
+                a = job.end
+            elif abs(job.start - b) <= self._EPS and a < job.start:
+                job.start = min(job.start, max(a, job.end - self.max_clip_s))
+                b = job.start
+        new: list[ClipJob] = []
+        while instant or b - a > self._EPS:
+            job = ClipJob(a, min(b, a + self.max_clip_s), [req])
+            new.append(job)
+            a = job.end
+            instant = False
+        self._pending += new
+        return new
 
     def due(self, covered_until: float, now: float, stall_s: float) -> list[ClipJob]:
         """Jobs whose video is all in the ring, or that waited ``stall_s`` past their end."""
@@ -359,6 +420,16 @@ class ClipPlanner:
             self._pending.remove(job)
         self._done = (self._done + jobs)[-self._KEEP_DONE :]
         return jobs
+
+
+def _overlaps(job: ClipJob, start: float, end: float) -> bool:
+    if start == end:
+        return job.start <= start <= job.end
+    return start < job.end and job.start < end
+
+
+def _failed(job: ClipJob) -> bool:
+    return job.future.done() and (job.future.cancelled() or job.future.exception() is not None)
 
 
 # --------------------------------------------------------------------------- clips folder
@@ -451,22 +522,47 @@ class ClipStore:
     # ---- writing
 
     def add_part(self, job: ClipJob, seg: Segment) -> bool:
-        """Copy one ring segment into the job's work folder; False if it is already gone."""
-        if job.workdir is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            job.workdir = self.folder / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
-            job.workdir.mkdir()
+        """Copy one ring segment into the job's work folder; False if it is already gone.
+
+        Only a regular file is copied: a symlink (or anything else) in the ring is skipped,
+        never followed. Raises :class:`ClipError` when the clips folder cannot take it.
+        """
         try:
-            size = seg.path.stat().st_size
-            self.check_free(2 * size)
-            shutil.copyfile(seg.path, job.workdir / seg.path.name)
+            fd = os.open(seg.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return False
         except OSError as exc:
-            raise ClipError(f"cannot copy {seg.path.name} into {job.workdir}: {exc}") from exc
+            if exc.errno != errno.ELOOP:
+                raise ClipError(f"cannot read ring segment {seg.path}: {exc}") from exc
+            log.warning("ring: %s is a symlink; not copied into a clip", seg.path)
+            return False
+        with os.fdopen(fd, "rb") as src:
+            st = os.fstat(src.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                log.warning("ring: %s is not a regular file; not copied into a clip", seg.path)
+                return False
+            if job.workdir is None:
+                job.workdir = self._new_workdir()
+            self.check_free(2 * st.st_size)
+            try:
+                with (job.workdir / seg.path.name).open("wb") as out:
+                    shutil.copyfileobj(src, out, _COPY_CHUNK)
+            except OSError as exc:
+                raise ClipError(f"cannot copy {seg.path.name} into {job.workdir}: {exc}") from exc
         job.parts.append(seg)
         job.parts.sort(key=lambda s: (s.start, s.index))
         return True
+
+    def _new_workdir(self) -> Path:
+        workdir = self.folder / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            workdir.mkdir()
+        except OSError as exc:
+            raise ClipError(
+                f"cannot save clips in {self.folder}: {exc}; it must be a writable folder"
+            ) from exc
+        return workdir
 
     def discard(self, job: ClipJob) -> None:
         if job.workdir is not None:
@@ -560,7 +656,10 @@ class ClipStore:
 
     def check_free(self, needed: int) -> None:
         """Raise :class:`DiskFullError` when writing ``needed`` bytes breaks the floor."""
-        free = shutil.disk_usage(self.folder).free
+        try:
+            free = shutil.disk_usage(self.folder).free
+        except OSError as exc:
+            raise ClipError(f"cannot read the free space of {self.folder}: {exc}") from exc
         if free - needed < self.min_free_bytes:
             raise DiskFullError(
                 f"not saving a clip: {self.folder} has {free} bytes free, the clip needs "

@@ -14,13 +14,16 @@ run alone, the control socket (``control.sock`` in the ring folder, JSON lines, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 import signal
 import socket
 import socketserver
+import stat
 import threading
 import time
 import uuid
@@ -127,7 +130,7 @@ class Recorder:
             raise RuntimeError("recorder already started")
         if not Gst.is_initialized():
             Gst.init(None)
-        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._secure_folder()
         self.settings.recorder.clips_dir.mkdir(parents=True, exist_ok=True)
         kept = self.ring.rebuild()
         if kept:
@@ -151,6 +154,28 @@ class Recorder:
             self._server = _ControlServer(control_socket_path(self.settings, self.camera), self)
             self._server.start()
         log.info("recorder %s: RTP on 127.0.0.1:%d -> %s", self.camera, self.port, self.folder)
+
+    def _secure_folder(self) -> None:
+        """Create the ring folder, or take over the one left by an earlier run: only if it
+        is a real folder of this user, and then private (the control socket lives there)."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            st = os.lstat(self.folder)
+        except OSError as exc:
+            raise PipelineError(
+                f"cannot create the ring folder {self.folder}: {exc}; check recorder.ring_dir"
+            ) from exc
+        if not stat.S_ISDIR(st.st_mode):
+            raise PipelineError(
+                f"the ring folder {self.folder} is a symlink or not a folder; remove it or "
+                "change recorder.ring_dir"
+            )
+        if st.st_uid != os.getuid():
+            raise PipelineError(
+                f"the ring folder {self.folder} belongs to uid {st.st_uid}, not to this user "
+                f"(uid {os.getuid()}); remove it or change recorder.ring_dir"
+            )
+        os.chmod(self.folder, 0o700)
 
     def stop(self) -> None:
         """Close the current segment cleanly (EOS), cut pending clips, release everything."""
@@ -216,10 +241,19 @@ class Recorder:
         cfg = self.settings.recorder
         pre = cfg.pre_s if pre is None else pre
         post = cfg.post_s if post is None else post
-        if pre < 0 or post < 0:
-            raise ValueError(f"pre and post must be >= 0, got {pre} and {post}")
+        if not (0 <= pre < math.inf and 0 <= post < math.inf):
+            raise ValueError(f"pre and post must be finite and >= 0, got {pre} and {post}")
+        now = time.time()
+        at = now if at is None else at
+        earliest, latest = now - cfg.ring_seconds - pre, now + cfg.max_clip_s
+        if not earliest <= at <= latest:
+            raise ValueError(
+                f"at must be a wall time (Unix s) from {earliest:.3f} (the ring holds "
+                f"{cfg.ring_seconds:g} s, plus pre) to {latest:.3f} (now + recorder.max_clip_s), "
+                f"got {at}"
+            )
         req = ClipRequest(
-            at=time.time() if at is None else at,
+            at=at,
             pre=pre,
             post=post,
             reason=reason,
@@ -368,13 +402,20 @@ class Recorder:
         while not self._stopping.is_set():
             with self._wake:
                 self._wake.wait(0.25)
-            self._collect()
-            covered = self.ring.covered_until(self._run)
-            for job in self.planner.due(covered, time.time(), stall_s):
-                self._cut(job, include_open=job.end > covered)
+            try:
+                self._collect()
+                covered = self.ring.covered_until(self._run)
+                for job in self.planner.due(covered, time.time(), stall_s):
+                    self._cut(job, include_open=job.end > covered)
+            except Exception:
+                # Whatever went wrong with one clip, the next ones must still be saved.
+                log.exception("%s: clip thread error; going on", self.camera)
         # Shutdown: the last segment is closed by now (EOS); cut what is still pending.
         self.ring.close_all(time.time())
-        self._collect()
+        try:
+            self._collect()
+        except Exception:
+            log.exception("%s: clip thread error at shutdown", self.camera)
         for job in self.planner.drain():
             self._cut(job, include_open=False)
 
@@ -397,22 +438,26 @@ class Recorder:
                 for seg in segs:
                     if seg.run == job.run and seg.path.name not in have:
                         self.store.add_part(job, seg)
-            except EdgecamError as exc:
-                job.error = exc
-                self.store.discard(job)
+            except (EdgecamError, OSError) as exc:
+                job.error = exc if isinstance(exc, EdgecamError) else ClipError(str(exc))
+                self.store.discard(job)  # reported and logged when the job is cut
 
     def _cut(self, job: ClipJob, include_open: bool) -> None:
-        if include_open:
-            self._collect([job], include_open=True)
+        """Save the job's clip and answer its future; never raises."""
         try:
+            if include_open:
+                self._collect([job], include_open=True)
             if job.error is not None:
                 raise job.error
             ready = self.store.save(job, device=self.settings.device, camera=self.camera)
-        except (EdgecamError, OSError) as exc:
+        except Exception as exc:
             self.store.discard(job)
-            log.error(
-                "%s: clip for [%.1f, %.1f] not saved: %s", self.camera, job.start, job.end, exc
-            )
+            if isinstance(exc, EdgecamError | OSError):
+                log.error(
+                    "%s: clip for [%.1f, %.1f] not saved: %s", self.camera, job.start, job.end, exc
+                )
+            else:
+                log.exception("%s: clip for [%.1f, %.1f] failed", self.camera, job.start, job.end)
             job.future.set_exception(exc if isinstance(exc, EdgecamError) else ClipError(str(exc)))
             return
         log.info("clip ready: %s", ready.model_dump_json())
@@ -431,10 +476,26 @@ class _Handler(socketserver.StreamRequestHandler):
     server: _SocketServer
 
     def handle(self) -> None:
+        with contextlib.suppress(ConnectionError):  # the client went away: nobody to answer
+            self._serve()
+
+    def _serve(self) -> None:
         while line := self.rfile.readline(_CONTROL_MAX_LINE):
-            result = self.server.owner.handle_line(line)
-            self.wfile.write(result.model_dump_json().encode() + b"\n")
-            self.wfile.flush()
+            if len(line) == _CONTROL_MAX_LINE and not line.endswith(b"\n"):
+                # The rest of the line would read as another command: answer once, hang up.
+                self._answer(
+                    CommandResult(
+                        command_id="",
+                        ok=False,
+                        error=f"command too long: over {_CONTROL_MAX_LINE} bytes",
+                    )
+                )
+                return
+            self._answer(self.server.owner.handle_line(line))
+
+    def _answer(self, result: CommandResult) -> None:
+        self.wfile.write(result.model_dump_json().encode() + b"\n")
+        self.wfile.flush()
 
 
 class _SocketServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -464,12 +525,16 @@ class _ControlServer:
                     self.path.unlink()  # left by a killed recorder
                 else:
                     raise PipelineError(f"another recorder already listens on {self.path}")
-        old_umask = os.umask(0o177)
+        # Not os.umask: it is the whole process's, and other threads create files. The
+        # folder is private (0700), and the socket is 0600 before it accepts anyone.
+        server = _SocketServer(str(self.path), _Handler, bind_and_activate=False)
         try:
-            server = _SocketServer(str(self.path), _Handler)
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.path, 0o600)
+            server.server_bind()
+            os.chmod(self.path, 0o600)
+            server.server_activate()
+        except OSError as exc:
+            server.server_close()
+            raise PipelineError(f"cannot listen on {self.path}: {exc}") from exc
         server.owner = self
         self._server = server
         self._thread = threading.Thread(
@@ -546,6 +611,9 @@ def send_command(path: Path, command: Command, timeout: float = 300.0) -> Comman
 
 def run_worker(settings: Settings, camera: str | None = None) -> int:
     """``edgecam worker recorder``: record until SIGTERM/SIGINT; exit 1 on a pipeline error."""
+    if not settings.recorder.enabled:
+        log.info("the recorder is disabled in the configuration (recorder.enabled); exiting")
+        return 0
     done = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
