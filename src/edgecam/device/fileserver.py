@@ -39,7 +39,7 @@ from starlette.types import Receive, Scope, Send
 
 from edgecam.config import FileServerConfig, Settings
 from edgecam.errors import ConfigError
-from edgecam.media.clips import CLIP_NAME_RE, ClipStore
+from edgecam.media.clips import CLIP_NAME_RE, ClipStore, camera_clip_re
 
 __all__ = ["create_app", "run_worker", "sign_link", "signed_url", "verify_link"]
 
@@ -106,16 +106,6 @@ def verify_link(
     if expires_at > now + ttl_s + _LINK_SKEW_S:
         return "link lifetime longer than fileserver.link_ttl_s"
     return None
-
-
-def _camera_clip_re(camera: str | None) -> re.Pattern[str]:
-    """Names of the clips that :class:`ClipStore` saves for ``camera`` (any camera: None).
-
-    A prefix test would not do: camera ``a`` must not match clips of camera ``a_b``.
-    """
-    if camera is None:
-        return CLIP_NAME_RE
-    return re.compile(re.escape(camera) + r"_[0-9]{8}T[0-9]{6}Z_[0-9a-f]{6}\.mp4")
 
 
 def _public_meta(meta: dict[str, Any]) -> dict[str, Any]:
@@ -191,7 +181,7 @@ def create_app(
     secret = _link_secret(cfg)
     if camera is not None:
         settings.camera(camera)  # validates the name
-    ours = _camera_clip_re(camera)
+    ours = camera_clip_re(camera)
     rec = settings.recorder
     store = ClipStore(
         rec.clips_dir,

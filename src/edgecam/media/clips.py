@@ -46,6 +46,8 @@ __all__ = [
     "DiskFullError",
     "Segment",
     "SegmentRing",
+    "camera_clip_re",
+    "clip_name",
     "pick_run",
     "segment_name",
 ]
@@ -54,6 +56,24 @@ log = logging.getLogger(__name__)
 
 _SEGMENT_RE = re.compile(r"^seg-(?P<start>\d{13})-(?P<run>[0-9a-f]{8})-(?P<index>\d{6})\.ts$")
 CLIP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}\.mp4$")
+
+
+def clip_name(camera: str, start: float) -> str:
+    """A new clip's file name: camera, UTC start time, a random suffix."""
+    stamp = datetime.fromtimestamp(start, UTC).strftime("%Y%m%dT%H%M%S")
+    return f"{camera}_{stamp}Z_{uuid.uuid4().hex[:6]}.mp4"
+
+
+def camera_clip_re(camera: str | None) -> re.Pattern[str]:
+    """Names :func:`clip_name` gives ``camera``'s clips (any camera's: None).
+
+    A prefix test would not do: camera ``a`` must not match clips of camera ``a_b``.
+    """
+    if camera is None:
+        return CLIP_NAME_RE
+    return re.compile(re.escape(camera) + r"_[0-9]{8}T[0-9]{6}Z_[0-9a-f]{6}\.mp4")
+
+
 _TMP_PREFIX = ".tmp-"
 _COPY_CHUNK = 1 << 20
 
@@ -592,8 +612,7 @@ class ClipStore:
 
         start, end = parts[0].start, parts[-1].end or parts[-1].start
         first = job.requests[0]
-        stamp = datetime.fromtimestamp(start, UTC).strftime("%Y%m%dT%H%M%S")
-        name = f"{camera}_{stamp}Z_{uuid.uuid4().hex[:6]}.mp4"
+        name = clip_name(camera, start)
         try:
             joined = tmp / "joined.ts"
             with joined.open("wb") as out:
