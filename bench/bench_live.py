@@ -37,6 +37,7 @@ import _common as c
 
 from edgecam.config import load_settings
 from edgecam.media.gst import Gst
+from edgecam.media.live import limit_malloc_arenas
 from edgecam.media.pipeline import Pipeline
 
 FPS = 30
@@ -170,6 +171,7 @@ def main() -> int:
 
     socks, port = udp_pair()
     cam = {"source": str(args.clip), "loop": True, "rtp_port": port}
+    limit_malloc_arenas()  # as `edgecam run` / `edgecam worker inference` do
     settings = load_settings(
         **{"cameras": [cam], "vision.profile": args.profile, "vision.detect_fps": args.detect_fps}
     )

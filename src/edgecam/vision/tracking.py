@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
-from norfair import Detection as _NfDetection
-from norfair import Tracker as _NfTracker
 
 from edgecam.config import TrackerConfig
 from edgecam.vision.detections import Detections
@@ -36,7 +34,12 @@ class NorfairTracker:
     detections, so the detector can run on every Nth frame only."""
 
     def __init__(self, config: TrackerConfig) -> None:
-        self._tracker = _NfTracker(
+        # Imported here: Norfair brings SciPy (and OpenCV when installed), ~60 MB of memory
+        # that the default backend does without.
+        import norfair
+
+        self._detection = norfair.Detection
+        self._tracker = norfair.Tracker(
             distance_function="iou",
             distance_threshold=config.distance_threshold,
             hit_counter_max=config.hit_counter_max,
@@ -47,13 +50,13 @@ class NorfairTracker:
     def update(self, detections: Detections | None, period: int = 1) -> TrackUpdate:
         if period < 1:
             raise ValueError(f"period must be >= 1, got {period}")
-        nf_dets: list[_NfDetection] | None = None
+        nf_dets: list[Any] | None = None
         if detections is not None:
             points = detections.xyxy.reshape(-1, 2, 2).astype(np.float64)
             nf_dets = [
                 # No per-point scores: Norfair then takes its cheaper all-points-seen path;
                 # the index in ``data`` leads back to the detection's confidence.
-                _NfDetection(points=points[i], data=i)
+                self._detection(points=points[i], data=i)
                 for i in range(len(detections))
             ]
             objects = self._tracker.update(detections=nf_dets, period=period)
