@@ -94,6 +94,13 @@ class VisionConfig(_Section):
     )
     provider: Literal["cpu", "cuda"] = Field("cpu", description="ONNX Runtime provider.")
     threads: int = Field(2, ge=1, le=64, description="ONNX Runtime intra-op threads.")
+    offline_workers: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="Detectors running side by side in `edgecam process`, sharing `threads` "
+        "(two one-thread detectors beat one two-thread detector next to decode and x264).",
+    )
     face_model: Path = Field(
         MODELS_DIR / "centerface.onnx", description="CenterFace-family face detector ONNX."
     )

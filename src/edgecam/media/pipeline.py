@@ -193,6 +193,18 @@ def describe(
     return _Layout(" ".join(parts), src_props, is_live, tuple(elements))
 
 
+def _build_detectors(settings: Settings, mode: Mode) -> list[Detector]:
+    """Live: one detector on the newest frame. Offline: ``offline_workers`` detectors on
+    consecutive detection frames, splitting ``threads`` between them."""
+    from edgecam.vision.detectors import build_detector
+
+    vision = settings.vision
+    workers = vision.offline_workers if mode == "offline" else 1
+    threads = max(1, vision.threads // workers)
+    shared = vision.model_copy(update={"threads": threads})
+    return [build_detector(shared) for _ in range(workers)]
+
+
 class DetectionSchedule:
     """Which frames get a detection, as a pure function of their timestamps.
 
@@ -283,11 +295,12 @@ class Pipeline:
         self.stats = PipelineStats()
         self.counts: dict[str, int] = {}
         detect_fps = settings.vision.detect_fps
-        if detector is None and detect_fps > 0:
-            from edgecam.vision.detectors import build_detector
-
-            detector = build_detector(settings.vision)
-        self._detector = detector if detect_fps > 0 else None
+        self._detectors: list[Detector] = []
+        if detect_fps > 0:
+            self._detectors = (
+                [detector] if detector is not None else _build_detectors(settings, mode)
+            )
+        self._detector = self._detectors[0] if self._detectors else None
         self._analytics_on = bool(analytics if analytics is not None else self._detector)
         self._schedule = DetectionSchedule(detect_fps) if mode == "offline" else None
         self._min_interval = 1.0 / detect_fps if detect_fps > 0 else 0.0
@@ -298,7 +311,9 @@ class Pipeline:
         self._composition_cache: dict[str, Any] = {}
         self._error: str | None = None
         self._stopping = threading.Event()
-        self._detector_thread: threading.Thread | None = None
+        self._detector_threads: list[threading.Thread] = []
+        self._workers_left = 0
+        self._workers_lock = threading.Lock()
         self._last_frame_time = 0.0
         self._stop_event = threading.Event()
         self._stop_requested_at: float | None = None
@@ -514,8 +529,17 @@ class Pipeline:
 
     # -- detector thread --------------------------------------------------------------------
 
-    def _detector_loop(self) -> None:
-        assert self._detector is not None
+    def _detector_loop(self, detector: Detector) -> None:
+        try:
+            self._detect_samples(detector)
+        finally:
+            with self._workers_lock:
+                self._workers_left -= 1
+                last = self._workers_left == 0
+            if last:  # the others may still be finishing frames the video waits for
+                self._results.close()
+
+    def _detect_samples(self, detector: Detector) -> None:
         appsink = self._pipeline.get_by_name("infer_sink")
         tee_pad = self._pipeline.get_by_name("t").get_static_pad("sink")
         while not self._stopping.is_set():
@@ -538,15 +562,16 @@ class Pipeline:
                     buffer=mapinfo.data,
                     strides=(info.stride[0], 3, 1),
                 )
-                dets = self._detector.detect(frame)
+                dets = detector.detect(frame)
             except Exception as exc:  # a broken model must stop the run, loudly
                 log.exception("detector failed")
                 self._fail(f"detector failed: {exc}")
                 break
             finally:
                 buf.unmap(mapinfo)
-            self.stats.detect_seconds += time.perf_counter() - t0
-            self.stats.detections += 1
+            with self._workers_lock:
+                self.stats.detect_seconds += time.perf_counter() - t0
+                self.stats.detections += 1
             caps = tee_pad.get_current_caps()
             if caps is not None:
                 s = caps.get_structure(0)
@@ -558,7 +583,6 @@ class Pipeline:
                 delay = started + self._min_interval - time.monotonic()
                 if delay > 0 and self._stopping.wait(delay):
                     break
-        self._results.close()
 
     # -- life -------------------------------------------------------------------------------
 
@@ -585,13 +609,19 @@ class Pipeline:
                 + (f": {err}" if err else "")
             )
         # After PLAYING was asked for: an appsink that has not started reports EOS.
-        if self._detector is not None and (
-            self._detector_thread is None or not self._detector_thread.is_alive()
-        ):
-            self._detector_thread = threading.Thread(
-                target=self._detector_loop, name=f"detector-{self.camera.name}", daemon=True
-            )
-            self._detector_thread.start()
+        if not any(t.is_alive() for t in self._detector_threads):
+            self._workers_left = len(self._detectors)
+            self._detector_threads = [
+                threading.Thread(
+                    target=self._detector_loop,
+                    args=(d,),
+                    name=f"detector-{self.camera.name}-{i}",
+                    daemon=True,
+                )
+                for i, d in enumerate(self._detectors)
+            ]
+            for t in self._detector_threads:
+                t.start()
 
     def _pop_error(self, timeout_ns: int) -> str | None:
         msg = self._pipeline.get_bus().timed_pop_filtered(timeout_ns, Gst.MessageType.ERROR)
@@ -726,16 +756,17 @@ class Pipeline:
         self._stopping.set()
         self._results.close()
         self._pipeline.set_state(Gst.State.NULL)
-        if self._detector_thread is not None:
-            self._detector_thread.join(timeout=10)
-            self._detector_thread = None
+        for t in self._detector_threads:
+            t.join(timeout=10)
+        self._detector_threads = []
         self.meta_bus.publish(None)
 
     def close(self) -> None:
         """Release everything (idempotent)."""
         self._teardown()
-        if self._detector is not None:
-            self._detector.close()
+        for detector in self._detectors:
+            detector.close()
+        self._detectors = []
 
     def __enter__(self) -> Pipeline:
         return self
