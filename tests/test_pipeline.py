@@ -360,3 +360,24 @@ def test_missing_v4l2_device_is_a_clear_error() -> None:
     )
     with pytest.raises(SourceError, match=r"/dev/video-none does not exist"):
         Pipeline(settings, mode="live")
+
+
+def test_live_detections_wait_for_their_frame() -> None:
+    """Live, the detector's branch runs ahead of queued video: boxes must not lead."""
+    from edgecam.media.pipeline import _Results
+
+    s = 1_000_000_000
+    results = _Results()
+    a, b, c = (
+        SyntheticDetector(n, (640, 352)).detect(np.zeros((352, 640, 3), np.uint8))
+        for n in (1, 2, 3)
+    )
+    results.post(10 * s, a)
+    assert results.take_due(9 * s) is None  # the video is not there yet
+    assert results.take_due(10 * s) is a
+    assert results.take_due(11 * s) is None  # used once
+    results.post(20 * s, b)
+    results.post(21 * s, c)
+    assert results.take_due(25 * s) is c  # of several due, the newest
+    results.post(100 * s, a)  # far ahead: another timeline (a loop, a reconnect)
+    assert results.take_due(30 * s) is a

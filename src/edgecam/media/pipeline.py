@@ -21,6 +21,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,9 @@ _ENCODERS: dict[str, tuple[str, str]] = {
     "vaapih264": ("vaapih264enc", "bitrate={kbps} keyframe-period=600"),
 }
 _LOOP_START = "edgecam-loop-start"
+# A detection further ahead of the video than this is from another timeline (the source
+# restarted or looped): applied at once rather than held.
+_MAX_LEAD_NS = 2 * Gst.SECOND
 _AUTO_ORDER = ("nvh264", "vaapih264", "x264")
 
 
@@ -240,13 +244,13 @@ class _Results:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._by_pts: dict[int, Detections] = {}
-        self._latest: Detections | None = None
+        self._pending: deque[tuple[int, Detections]] = deque(maxlen=64)  # live, by pts
         self._closed = False
 
     def post(self, pts: int, dets: Detections) -> None:
         with self._cond:
             self._by_pts[pts] = dets
-            self._latest = dets
+            self._pending.append((pts, dets))
             self._cond.notify_all()
 
     def wait(self, pts: int, timeout: float) -> Detections | None:
@@ -254,11 +258,20 @@ class _Results:
             ok = self._cond.wait_for(lambda: pts in self._by_pts or self._closed, timeout)
             return self._by_pts.pop(pts, None) if ok else None
 
-    def take_latest(self) -> Detections | None:
+    def take_due(self, pts: int) -> Detections | None:
+        """Live: the newest detections, once the video has reached the frame they were made
+        on. Queued video runs behind the detector's branch (a file played live fills the
+        queue), and boxes applied early would lead the people they belong to."""
         with self._cond:
-            dets, self._latest = self._latest, None
             self._by_pts.clear()
-            return dets
+            due = None
+            while self._pending:
+                det_pts, dets = self._pending[0]
+                if pts < det_pts < pts + _MAX_LEAD_NS:
+                    break  # not yet: that frame is still in the queue
+                self._pending.popleft()
+                due = dets  # of several due, the newest wins
+            return due
 
     def close(self) -> None:
         with self._cond:
@@ -269,7 +282,7 @@ class _Results:
         with self._cond:
             self._closed = False
             self._by_pts.clear()
-            self._latest = None
+            self._pending.clear()
 
 
 class Pipeline:
@@ -473,7 +486,7 @@ class Pipeline:
                     if dets is None and not self._stopping.is_set():
                         self._fail("the detector produced no result for a frame in time")
             else:
-                dets = self._results.take_latest()
+                dets = self._results.take_due(pts)
         seconds = pts / 1e9 if pts != Gst.CLOCK_TIME_NONE else 0.0
         meta = self._analytics.step(seconds, dets, self._frame_size)
         self.counts = meta.counts
