@@ -5,14 +5,16 @@ source -> decode -> tee -> (detector appsink | overlay -> H.264 -> RTP and/or MP
 The pipeline description is built in one function from config (:func:`describe`); the
 :class:`Pipeline` class owns its life (start, run, stop) and the two places Python runs:
 
-* the detector thread pulls model-sized RGB frames from an appsink and runs the detector;
+* detector threads pull model-sized RGB frames from an appsink and run the detector (one
+  thread live; ``vision.offline_workers`` offline, results matched to frames by timestamp);
 * the overlay callback, once per video frame, steps the tracker, publishes a
   :class:`~edgecam.vision.analytics.FrameMeta` and returns what to draw.
 
 Offline (``mode="offline"``) the detector runs on exactly ``detect_fps`` frames a second of
 video and the overlay waits for those results, so the output depends on the input only. Live
 (``mode="live"``) the detector takes the newest frame whenever it is free, through a leaky
-queue, and the video never waits for it.
+queue, and the video never waits for it; its boxes are applied when the video reaches the
+frame they were found on.
 """
 
 from __future__ import annotations
