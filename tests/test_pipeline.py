@@ -381,3 +381,23 @@ def test_live_detections_wait_for_their_frame() -> None:
     assert results.take_due(25 * s) is c  # of several due, the newest
     results.post(100 * s, a)  # far ahead: another timeline (a loop, a reconnect)
     assert results.take_due(30 * s) is a
+
+
+def test_a_failing_probe_does_not_stop_the_video(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import edgecam.media.pipeline as pl
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("simulated bug in a probe")
+
+    monkeypatch.setattr(pl.GstVideo, "video_event_new_downstream_force_key_unit", broken)
+    out = tmp_path / "o.mp4"
+    process_file(
+        load_settings(**{"vision.detect_fps": 0}),
+        MEDIA / "motion_720p30_4s.mp4",
+        out,
+        progress=False,
+    )
+    assert len(_probe_frames(out)) == 122  # every frame still reached the file
+    assert "simulated bug in a probe" in caplog.text

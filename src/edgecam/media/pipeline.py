@@ -19,6 +19,7 @@ frame they were found on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -197,6 +198,27 @@ def describe(
     if not rtp_ports and out_file is None:
         parts.append(f"et. ! queue ! fakesink sync={sync} async=false")
     return _Layout(" ".join(parts), src_props, is_live, tuple(elements))
+
+
+_Probe = Callable[..., Gst.PadProbeReturn]
+
+
+def _guarded(fallback: Gst.PadProbeReturn) -> Callable[[_Probe], _Probe]:
+    """Keep video flowing when a probe's Python raises: PyGObject would return 0 (DROP) and
+    every later buffer would vanish without a word. Log it and return ``fallback``."""
+
+    def wrap(probe: _Probe) -> _Probe:
+        @functools.wraps(probe)
+        def guarded(*args: Any) -> Gst.PadProbeReturn:
+            try:
+                return probe(*args)
+            except Exception:
+                log.exception("pad probe %s failed; the frame passes unchanged", probe.__name__)
+                return fallback
+
+        return guarded
+
+    return wrap
 
 
 def _build_detectors(settings: Settings, mode: Mode) -> list[Detector]:
@@ -416,6 +438,7 @@ class Pipeline:
         if pad.link(sink) != Gst.PadLinkReturn.OK:
             log.error("cannot link RTSP pad %s", pad.get_name())
 
+    @_guarded(Gst.PadProbeReturn.OK)
     def _on_enc_buffer(self, pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
         # Every frame passes here, analytics or not: count it, feed the stall watchdog.
         self.stats.frames += 1
@@ -442,6 +465,7 @@ class Pipeline:
             )
         return Gst.PadProbeReturn.OK
 
+    @_guarded(Gst.PadProbeReturn.REMOVE)
     def _on_loop_block(self, pad: Gst.Pad, _info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
         # A file that loops must be in a segment seek before its first frame goes on, or
         # that frame and its followers would play twice. Hold the first frame here until
@@ -455,6 +479,7 @@ class Pipeline:
         )
         return Gst.PadProbeReturn.OK
 
+    @_guarded(Gst.PadProbeReturn.OK)
     def _on_caps(self, _pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
         event = info.get_event()
         if event.type == Gst.EventType.CAPS:
@@ -464,6 +489,7 @@ class Pipeline:
             self._frame_dur = int(1e9 * den / num) if ok and num > 0 else int(1e9 / 30)
         return Gst.PadProbeReturn.OK
 
+    @_guarded(Gst.PadProbeReturn.OK)
     def _on_infer_buffer(self, _pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
         buf = info.get_buffer()
         assert self._schedule is not None
