@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, free_port, free_udp_pair
@@ -261,8 +264,8 @@ def test_constructor_validates(kwargs: dict[str, object], match: str) -> None:
         StreamingServer(config, **args)  # type: ignore[arg-type]
 
 
-def test_worker_process_serves_and_stops_on_sigterm(
-    rtp_port: int, clients: Callable[..., Client]
+def test_worker_process_serves_obeys_commands_and_stops_on_sigterm(
+    rtp_port: int, clients: Callable[..., Client], tmp_path: Path
 ) -> None:
     port = free_port()
     env = {
@@ -270,7 +273,20 @@ def test_worker_process_serves_and_stops_on_sigterm(
         "EDGECAM_STREAMING__HOST": "127.0.0.1",
         "EDGECAM_STREAMING__PORT": str(port),
         "EDGECAM_CAMERAS": f'[{{"name": "cam1", "rtp_port": {rtp_port}}}]',
+        "EDGECAM_RECORDER__RING_DIR": str(tmp_path / "run"),
     }
+
+    def command(action: str) -> dict[str, object]:
+        res = subprocess.run(
+            [sys.executable, "-m", "edgecam.cli", "streaming", action, "--camera", "cam1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert res.returncode == 0, res.stderr
+        return dict(json.loads(res.stdout))
+
     env.pop("EDGECAM_CONFIG", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgecam.cli", "worker", "streaming", "--camera", "cam1"],
@@ -291,6 +307,17 @@ def test_worker_process_serves_and_stops_on_sigterm(
                 assert time.monotonic() < deadline, "worker never listened"
                 time.sleep(0.1)
         assert client.frames(5) == (WIDTH, HEIGHT)
+        sock = tmp_path / "run" / "cam1" / "streaming.sock"
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        assert command("status")["streaming"] is True
+        # stop on command: the RTSP port closes, the worker process lives on
+        assert command("stop")["streaming"] is False
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        assert proc.poll() is None
+        # start on command: clients decode again
+        assert command("start")["streaming"] is True
+        assert clients(f"rtsp://127.0.0.1:{port}/cam1").frames(5) == (WIDTH, HEIGHT)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=10)
         assert proc.returncode == 0, out.decode()

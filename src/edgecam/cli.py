@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -90,6 +91,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.config, Path(args.out), args.live_seconds)
 
 
+def _cmd_streaming(args: argparse.Namespace) -> int:
+    from edgecam.device.control import send_command, socket_path
+    from edgecam.protocol import Command
+
+    path = socket_path(_settings(args), "streaming", args.camera)
+    name = "status" if args.action == "status" else f"streaming_{args.action}"
+    result = send_command(path, Command(name=name), timeout=30)
+    if not result.ok:
+        raise EdgecamError(result.error or "the streaming worker refused the command")
+    print(json.dumps(result.data, indent=2))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import runpy
 
@@ -132,6 +146,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pre", type=float, help="seconds before now (default from config)")
     p.add_argument("--post", type=float, help="seconds after now (default from config)")
     p.set_defaults(func=_cmd_clip)
+
+    p = sub.add_parser("streaming", parents=[common], help="start/stop a running RTSP worker")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--camera", help="camera name (default: the first)")
+    p.set_defaults(func=_cmd_streaming)
 
     p = sub.add_parser("demo", parents=[common], help="the whole system on the bundled clips")
     p.add_argument("--out", default="out/demo", help="folder for the demo's outputs")

@@ -24,8 +24,8 @@ from typing import Any
 import yaml
 
 from edgecam.config import Settings, load_settings
+from edgecam.device.control import send_command, socket_path
 from edgecam.errors import EdgecamError
-from edgecam.media.recorder import control_socket_path, send_command
 from edgecam.ports import free_port, free_udp_pair
 from edgecam.protocol import Command, SaveClipArgs
 
@@ -146,7 +146,7 @@ def run_live_demo(settings: Settings, out: Path, seconds: float, token: str) -> 
                 )
         base = f"http://127.0.0.1:{live.fileserver.port}"
         _wait_for(lambda: urllib.request.urlopen(f"{base}/health", timeout=2), 20, "file server")
-        sock = control_socket_path(live)
+        sock = socket_path(live, "recorder")
         _wait_for(sock.exists, 20, "recorder")
         url = f"rtsp://127.0.0.1:{live.streaming.port}/main"
         print(f"   stream: {url}  (try: ffplay -rtsp_transport tcp {url})")

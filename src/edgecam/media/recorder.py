@@ -14,16 +14,11 @@ run alone, the control socket (``control.sock`` in the ring folder, JSON lines, 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import logging
 import math
-import os
 import signal
-import socket
-import socketserver
-import stat
 import threading
 import time
 import uuid
@@ -34,9 +29,15 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-from pydantic import ValidationError
-
 from edgecam.config import Settings
+from edgecam.device.control import (
+    ControlServer,
+    Handler,
+    runtime_folder,
+    secure_folder,
+    send_command,
+    socket_path,
+)
 from edgecam.errors import EdgecamError, PipelineError
 from edgecam.media.clips import (
     ClipError,
@@ -49,7 +50,7 @@ from edgecam.media.clips import (
     segment_name,
 )
 from edgecam.media.gst import RTP_CAPS, UDP_BUFFER_BYTES, Gst, make_element
-from edgecam.protocol import ClipReady, Command, CommandResult, SaveClipArgs
+from edgecam.protocol import ClipReady, Command, SaveClipArgs
 
 __all__ = [
     "Recorder",
@@ -65,16 +66,13 @@ _H264_CAPS = "video/x-h264,stream-format=byte-stream,alignment=au"
 _JITTER_LATENCY_MS = 100  # loopback: packets only need reordering, not waiting for
 _BUS_POLL_S = 0.2  # also the ring's trimming period
 _EOS_TIMEOUT_S = 5.0
-_CONTROL_NAME = "control.sock"
-_CONTROL_MAX_LINE = 64 * 1024
 
 ClipCallback = Callable[[ClipReady], None]
 
 
 def control_socket_path(settings: Settings, camera: str | None = None) -> Path:
     """Where the recorder of ``camera`` listens for commands."""
-    _, cam = settings.camera(camera)
-    return settings.recorder.ring_dir / cam.name / _CONTROL_NAME
+    return socket_path(settings, "recorder", camera)
 
 
 class Recorder:
@@ -101,7 +99,7 @@ class Recorder:
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1..65535, got {self.port}")
         cfg = settings.recorder
-        self.folder = cfg.ring_dir / cam.name
+        self.folder = runtime_folder(settings, cam.name)
         self.ring = SegmentRing(self.folder, cfg.ring_seconds, cfg.ring_max_bytes)
         self.planner = ClipPlanner(cfg.max_clip_s)
         self.store = ClipStore(
@@ -120,7 +118,7 @@ class Recorder:
         self._eos = threading.Event()
         self._first_segment = threading.Event()
         self._wake = threading.Condition()
-        self._server: _ControlServer | None = None
+        self._server: ControlServer | None = None
         self.error: str | None = None
 
     # ------------------------------------------------------------------ life
@@ -130,7 +128,7 @@ class Recorder:
             raise RuntimeError("recorder already started")
         if not Gst.is_initialized():
             Gst.init(None)
-        self._secure_folder()
+        secure_folder(self.folder)
         self.settings.recorder.clips_dir.mkdir(parents=True, exist_ok=True)
         kept = self.ring.rebuild()
         if kept:
@@ -151,31 +149,15 @@ class Recorder:
             t.start()
             self._threads.append(t)
         if self._control:
-            self._server = _ControlServer(control_socket_path(self.settings, self.camera), self)
+            handlers: dict[str, Handler] = {
+                "save_clip": lambda args: _save_clip(self, args),
+                "status": lambda _args: self.status(),
+            }
+            self._server = ControlServer(
+                control_socket_path(self.settings, self.camera), handlers, "recorder"
+            )
             self._server.start()
         log.info("recorder %s: RTP on 127.0.0.1:%d -> %s", self.camera, self.port, self.folder)
-
-    def _secure_folder(self) -> None:
-        """Create the ring folder, or take over the one left by an earlier run: only if it
-        is a real folder of this user, and then private (the control socket lives there)."""
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            st = os.lstat(self.folder)
-        except OSError as exc:
-            raise PipelineError(
-                f"cannot create the ring folder {self.folder}: {exc}; check recorder.ring_dir"
-            ) from exc
-        if not stat.S_ISDIR(st.st_mode):
-            raise PipelineError(
-                f"the ring folder {self.folder} is a symlink or not a folder; remove it or "
-                "change recorder.ring_dir"
-            )
-        if st.st_uid != os.getuid():
-            raise PipelineError(
-                f"the ring folder {self.folder} belongs to uid {st.st_uid}, not to this user "
-                f"(uid {os.getuid()}); remove it or change recorder.ring_dir"
-            )
-        os.chmod(self.folder, 0o700)
 
     def stop(self) -> None:
         """Close the current segment cleanly (EOS), cut pending clips, release everything."""
@@ -472,138 +454,25 @@ class Recorder:
 # ---------------------------------------------------------------------- control socket
 
 
-class _Handler(socketserver.StreamRequestHandler):
-    server: _SocketServer
-
-    def handle(self) -> None:
-        with contextlib.suppress(ConnectionError):  # the client went away: nobody to answer
-            self._serve()
-
-    def _serve(self) -> None:
-        while line := self.rfile.readline(_CONTROL_MAX_LINE):
-            if len(line) == _CONTROL_MAX_LINE and not line.endswith(b"\n"):
-                # The rest of the line would read as another command: answer once, hang up.
-                self._answer(
-                    CommandResult(
-                        command_id="",
-                        ok=False,
-                        error=f"command too long: over {_CONTROL_MAX_LINE} bytes",
-                    )
-                )
-                return
-            self._answer(self.server.owner.handle_line(line))
-
-    def _answer(self, result: CommandResult) -> None:
-        self.wfile.write(result.model_dump_json().encode() + b"\n")
-        self.wfile.flush()
-
-
-class _SocketServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-    owner: _ControlServer
-
-
-class _ControlServer:
-    """JSON-lines command socket of one recorder: ``save_clip`` and ``status``."""
-
-    def __init__(self, path: Path, recorder: Recorder) -> None:
-        self.path = path
-        self.recorder = recorder
-        self._handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-            "save_clip": self._save_clip,
-            "status": lambda _args: recorder.status(),
-        }
-        self._server: _SocketServer | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self.path.exists():
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                try:
-                    probe.connect(str(self.path))
-                except OSError:
-                    self.path.unlink()  # left by a killed recorder
-                else:
-                    raise PipelineError(f"another recorder already listens on {self.path}")
-        # Not os.umask: it is the whole process's, and other threads create files. The
-        # folder is private (0700), and the socket is 0600 before it accepts anyone.
-        server = _SocketServer(str(self.path), _Handler, bind_and_activate=False)
-        try:
-            server.server_bind()
-            os.chmod(self.path, 0o600)
-            server.server_activate()
-        except OSError as exc:
-            server.server_close()
-            raise PipelineError(f"cannot listen on {self.path}: {exc}") from exc
-        server.owner = self
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, args=(0.2,), name="recorder-control", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        self.path.unlink(missing_ok=True)
-
-    def handle_line(self, line: bytes) -> CommandResult:
-        try:
-            cmd = Command.model_validate_json(line)
-        except ValidationError as exc:
-            return CommandResult(command_id="", ok=False, error=f"malformed command: {exc}")
-        handler = self._handlers.get(cmd.name)
-        if handler is None:
-            return CommandResult(
-                command_id=cmd.id,
-                ok=False,
-                error=f"unknown command {cmd.name!r}; known: {sorted(self._handlers)}",
-            )
-        try:
-            data = handler(cmd.args)
-        except (EdgecamError, ValidationError, ValueError) as exc:
-            return CommandResult(command_id=cmd.id, ok=False, error=str(exc))
-        return CommandResult(command_id=cmd.id, ok=True, data=data)
-
-    def _save_clip(self, raw: dict[str, Any]) -> dict[str, Any]:
-        args = SaveClipArgs.model_validate(raw)
-        if args.camera not in (None, self.recorder.camera):
-            raise ValueError(f"this recorder records {self.recorder.camera!r}, not {args.camera!r}")
-        future = self.recorder.request_clip(
-            reason=args.reason,
-            pre=args.pre,
-            post=args.post,
-            key=args.key,
-            counts=args.counts,
-            at=args.at,
-        )
-        cfg = self.recorder.settings.recorder
-        wait = (args.post if args.post is not None else cfg.post_s) + cfg.max_clip_s + 60
-        try:
-            return future.result(timeout=wait).model_dump(mode="json")
-        except FutureTimeout as exc:
-            raise ClipError(f"the clip was not ready within {wait:.0f} s") from exc
-
-
-def send_command(path: Path, command: Command, timeout: float = 300.0) -> CommandResult:
-    """Send one command to a recorder's control socket and wait for its result."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(str(path))
-        except OSError as exc:
-            raise EdgecamError(
-                f"no recorder listens on {path} ({exc.strerror}): start it with "
-                "`edgecam worker recorder`"
-            ) from exc
-        sock.sendall(command.model_dump_json().encode() + b"\n")
-        with sock.makefile("rb") as f:
-            line = f.readline(_CONTROL_MAX_LINE)
-    if not line:
-        raise EdgecamError(f"the recorder on {path} closed the connection without an answer")
-    return CommandResult.model_validate_json(line)
+def _save_clip(recorder: Recorder, raw: dict[str, Any]) -> dict[str, Any]:
+    """The ``save_clip`` command: waits until the clip is saved, answers its ClipReady."""
+    args = SaveClipArgs.model_validate(raw)
+    if args.camera not in (None, recorder.camera):
+        raise ValueError(f"this recorder records {recorder.camera!r}, not {args.camera!r}")
+    future = recorder.request_clip(
+        reason=args.reason,
+        pre=args.pre,
+        post=args.post,
+        key=args.key,
+        counts=args.counts,
+        at=args.at,
+    )
+    cfg = recorder.settings.recorder
+    wait = (args.post if args.post is not None else cfg.post_s) + cfg.max_clip_s + 60
+    try:
+        return future.result(timeout=wait).model_dump(mode="json")
+    except FutureTimeout as exc:
+        raise ClipError(f"the clip was not ready within {wait:.0f} s") from exc
 
 
 # ---------------------------------------------------------------------- entry points

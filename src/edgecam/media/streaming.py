@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import gi
 
 from edgecam.config import Settings, StreamingConfig
+from edgecam.device.control import ControlServer, runtime_folder, secure_folder, socket_path
 from edgecam.errors import PipelineError
 from edgecam.media.gst import RTP_CAPS, UDP_BUFFER_BYTES, GLib, Gst, init, require_elements
 
@@ -320,6 +321,30 @@ def run_worker(settings: Settings, camera: str | None = None) -> int:
     server = StreamingServer.from_settings(settings, camera)
     stop = threading.Event()
 
+    def _status(_args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "url": server.url,
+            "streaming": server.streaming,
+            "clients": server.client_count,
+            "sessions": server.session_count,
+        }
+
+    def _start(_args: dict[str, Any]) -> dict[str, Any]:
+        server.streaming_start()
+        return _status({})
+
+    def _stop(_args: dict[str, Any]) -> dict[str, Any]:
+        server.streaming_stop()
+        return _status({})
+
+    folder = runtime_folder(settings, camera)
+    secure_folder(folder)
+    control = ControlServer(
+        socket_path(settings, "streaming", camera),
+        {"streaming_start": _start, "streaming_stop": _stop, "status": _status},
+        "streaming",
+    )
+
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)
         stop.set()
@@ -327,8 +352,12 @@ def run_worker(settings: Settings, camera: str | None = None) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         with server:
-            while not stop.wait(0.5):
-                pass
+            control.start()
+            try:
+                while not stop.wait(0.5):
+                    pass
+            finally:
+                control.stop()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
