@@ -13,7 +13,6 @@ from typing import IO
 
 from edgecam.config import Settings
 from edgecam.errors import SourceError
-from edgecam.media.gst import Gst
 from edgecam.media.pipeline import Pipeline
 from edgecam.vision.analytics import FrameMeta
 from edgecam.vision.detections import Detector
@@ -71,7 +70,7 @@ class _Progress:
         self._enabled = enabled
         self._tty = sys.stderr.isatty()
         self._start = time.monotonic()
-        self._last = 0.0
+        self._last = self._start  # the first line after one interval: something to show
 
     def __call__(self, pipeline: Pipeline) -> None:
         if not self._enabled:
@@ -80,18 +79,18 @@ class _Progress:
         if now - self._last < (0.5 if self._tty else 5.0):
             return
         self._last = now
-        ok_pos, pos = pipeline._pipeline.query_position(Gst.Format.TIME)
-        ok_dur, dur = pipeline._pipeline.query_duration(Gst.Format.TIME)
+        pos, dur = pipeline.position()
         elapsed = now - self._start
-        fraction = pos / dur if ok_pos and ok_dur and dur > 0 else 0.0
-        speed = (pos / 1e9) / elapsed if ok_pos and elapsed > 0 else 0.0
+        fraction = pos / dur if pos is not None and dur else 0.0
+        speed = pos / elapsed if pos is not None and elapsed > 0 else 0.0
         frames = pipeline.stats.frames
         fps = frames / elapsed if elapsed > 0 else 0.0
         eta = elapsed * (1 - fraction) / fraction if fraction > 0 else float("nan")
         bar = "#" * int(fraction * 30)
+        eta_text = f"{eta:5.1f} s" if eta == eta else "?"  # NaN until the duration is known
         line = (
             f"[{bar:<30}] {fraction * 100:5.1f}%  {frames} frames  {fps:6.1f} fps  "
-            f"{speed:4.1f}x real time  ETA {eta:5.1f} s"
+            f"{speed:4.1f}x real time  ETA {eta_text}"
         )
         if self._tty:
             sys.stderr.write("\r" + line)

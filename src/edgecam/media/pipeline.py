@@ -815,6 +815,12 @@ class Pipeline:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def position(self) -> tuple[float | None, float | None]:
+        """(seconds played, seconds in all) of the source, each None while unknown."""
+        ok_pos, pos = self._pipeline.query_position(Gst.Format.TIME)
+        ok_dur, dur = self._pipeline.query_duration(Gst.Format.TIME)
+        return (pos / 1e9 if ok_pos else None, dur / 1e9 if ok_dur and dur > 0 else None)
+
     @property
     def frame_size(self) -> tuple[int, int] | None:
         return self._frame_size
