@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable
 
 import gi
@@ -26,7 +25,6 @@ __all__ = [
     "Gst",
     "GstApp",
     "GstVideo",
-    "MainLoopThread",
     "init",
     "make_element",
     "require_elements",
@@ -81,20 +79,3 @@ def make_element(factory: str, name: str | None = None, **props: object) -> Gst.
     for key, value in props.items():
         element.set_property(key.replace("_", "-"), value)
     return element
-
-
-class MainLoopThread:
-    """A GLib main loop running in its own daemon thread, with an explicit life."""
-
-    def __init__(self, name: str = "glib-main") -> None:
-        self._loop = GLib.MainLoop()
-        self._thread = threading.Thread(target=self._loop.run, name=name, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._loop.is_running():
-            self._loop.quit()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
