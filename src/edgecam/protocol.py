@@ -15,15 +15,63 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "COMMAND_NAMES",
+    "DEFAULT_PREFIX",
+    "MAX_PAYLOAD_BYTES",
     "PROTOCOL_VERSION",
+    "TOPIC_KINDS",
+    "Alert",
     "ClipReady",
     "Command",
     "CommandResult",
     "Payload",
     "SaveClipArgs",
+    "SetRuleArgs",
+    "Stats",
+    "Status",
+    "WorkerArgs",
+    "WorkerState",
+    "parse_topic",
+    "topic",
 ]
 
 PROTOCOL_VERSION = 1
+DEFAULT_PREFIX = "edgecam"
+# A message larger than this is refused unread, whichever side receives it.
+MAX_PAYLOAD_BYTES = 64 * 1024
+
+# Per-device MQTT topics: PREFIX/DEVICE/KIND.
+TopicKind = Literal["status", "stats", "alerts", "clips", "cmd", "cmd/result"]
+TOPIC_KINDS: tuple[TopicKind, ...] = ("status", "stats", "alerts", "clips", "cmd", "cmd/result")
+
+COMMAND_NAMES = (
+    "save_clip",
+    "streaming_start",
+    "streaming_stop",
+    "worker_restart",
+    "worker_enable",
+    "worker_disable",
+    "status",
+    "set_rule",
+)
+
+_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+def topic(prefix: str, device: str, kind: TopicKind) -> str:
+    """The MQTT topic of one kind of message of one device."""
+    return f"{prefix}/{device}/{kind}"
+
+
+def parse_topic(prefix: str, name: str) -> tuple[str, TopicKind] | None:
+    """(device, kind) of a topic under ``prefix``, or None when it is not one of ours."""
+    head = f"{prefix}/"
+    if not name.startswith(head):
+        return None
+    device, _, kind = name[len(head) :].partition("/")
+    if not device or kind not in TOPIC_KINDS:
+        return None
+    return device, kind  # type: ignore[return-value]
 
 
 def _new_id() -> str:
@@ -99,3 +147,113 @@ class ClipReady(Payload):
     reasons: list[str] = Field(default_factory=list, description="Reasons of all merged requests.")
     counts: dict[str, int] = Field(default_factory=dict, description="Counts at the trigger.")
     requests: int = Field(1, ge=1, description="How many requests this clip answers.")
+    request_ids: list[str] = Field(
+        default_factory=list, description="Ids of the save_clip requests this clip answers."
+    )
+    url: str | None = Field(None, description="Signed, expiring download link, when known.")
+    alert_id: str | None = Field(None, description="The alert this clip was saved for.")
+
+
+WorkerStateName = Literal[
+    "starting", "running", "stopping", "stopped", "disabled", "restarting", "crash_loop"
+]
+
+
+class WorkerState(BaseModel):
+    """One worker process as the orchestrator sees it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str = Field(description="Worker name: inference, streaming, recorder, fileserver.")
+    camera: str | None = Field(None, description="Camera of a per-camera worker.")
+    state: WorkerStateName = Field(description="Where the worker is in its life.")
+    pid: int | None = Field(None, description="Process id while it runs.")
+    restarts: int = Field(0, ge=0, description="Restarts since the device started.")
+    since: float = Field(description="When it entered this state (Unix s).")
+    cpu: float | None = Field(None, ge=0, description="CPU cores used lately.")
+    rss_mb: float | None = Field(None, ge=0, description="Resident memory (MB).")
+    error: str | None = Field(None, description="Why it last stopped, when it failed.")
+
+    @property
+    def key(self) -> str:
+        """``name`` or ``name/camera``: how commands name the worker."""
+        return self.name if self.camera is None else f"{self.name}/{self.camera}"
+
+
+class Status(Payload):
+    """The device's state, retained on ``status``; ``offline`` is the MQTT last will."""
+
+    kind: Literal["status"] = "status"
+    device: str = Field(pattern=_NAME, description="Device name.")
+    state: Literal["online", "offline"] = Field(description="Whether the device is up.")
+    version: str | None = Field(None, description="edgecam version of the device.")
+    profile: str | None = Field(None, description="Vision profile (mask or people).")
+    cameras: list[str] = Field(default_factory=list, description="Camera names.")
+    workers: list[WorkerState] = Field(default_factory=list, description="Worker states.")
+    started: float | None = Field(None, description="When the device started (Unix s).")
+    rules: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Alert rules and their parameters."
+    )
+    outbox: int | None = Field(None, ge=0, description="Messages waiting to be sent.")
+
+
+class Stats(Payload):
+    """One camera's statistics over one interval ``[start, end)``."""
+
+    kind: Literal["stats"] = "stats"
+    device: str = Field(pattern=_NAME, description="Device name.")
+    camera: str = Field(description="Camera name.")
+    seq: int = Field(ge=0, description="Per device, +1 for each stats message made.")
+    start: float = Field(description="Interval start (Unix s).")
+    end: float = Field(description="Interval end (Unix s).")
+    counts: dict[str, int] = Field(
+        default_factory=dict,
+        description="Tracks seen in the interval, each once, by label (person, or "
+        "mask/no_mask/undecided): a track's label is its last one in the interval.",
+    )
+    people: int = Field(0, ge=0, description="Tracks seen in the interval (sum of counts).")
+    peak: int = Field(0, ge=0, description="Most counted tracks on one frame.")
+    fps_in: float = Field(0.0, ge=0, description="Frames a second decoded.")
+    fps_out: float = Field(0.0, ge=0, description="Frames a second encoded.")
+    detections_per_s: float = Field(0.0, ge=0, description="Detector runs a second.")
+    frames_dropped: int = Field(0, ge=0, description="Frames lost in the interval.")
+    workers: list[WorkerState] = Field(
+        default_factory=list, description="This camera's workers and the device-wide ones."
+    )
+
+
+class Alert(Payload):
+    """An alert changed: raised, its clip is ready, or it ended. ``alert_id`` names the
+    incident across its messages."""
+
+    kind: Literal["alert"] = "alert"
+    device: str = Field(pattern=_NAME, description="Device name.")
+    camera: str | None = Field(None, description="Camera, when the rule is per camera.")
+    alert_id: str = Field(pattern=r"^[0-9a-f]{32}$", description="Incident id.")
+    rule: str = Field(description="Rule name, e.g. no_mask, occupancy, camera_offline.")
+    state: Literal["raised", "clip", "ended"] = Field(description="What changed.")
+    message: str = Field(description="What happened, for people.")
+    value: float | None = Field(None, description="The measured value that tripped it.")
+    threshold: float | None = Field(None, description="The rule's threshold.")
+    started: float = Field(description="When the incident started (Unix s).")
+    ended: float | None = Field(None, description="When it ended (Unix s).")
+    clip: str | None = Field(None, description="Name of the incident's clip.")
+    clip_url: str | None = Field(None, description="Signed, expiring download link.")
+
+
+class WorkerArgs(BaseModel):
+    """Arguments of ``worker_restart``, ``worker_enable``, ``worker_disable``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    worker: str = Field(max_length=64, description="Worker name (inference, recorder, ...).")
+    camera: str | None = Field(None, max_length=64, description="Camera; None: all cameras.")
+
+
+class SetRuleArgs(BaseModel):
+    """Arguments of ``set_rule``: one rule's parameters to change (others unchanged)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rule: str = Field(max_length=64, description="Rule name.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Parameters to set.")

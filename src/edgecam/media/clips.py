@@ -639,6 +639,7 @@ class ClipStore:
                 reasons=list(dict.fromkeys(r.reason for r in job.requests)),
                 counts=dict(first.counts),
                 requests=len(job.requests),
+                request_ids=[r.id for r in job.requests],
             )
             sidecar = ready.model_dump(mode="json") | {
                 "segments": [p.path.name for p in parts],
