@@ -24,7 +24,7 @@ def test_defaults_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [c.name for c in s.cameras] == ["main"]
     assert s.vision.profile == "mask"
     assert s.streaming.port == 8554 and s.fileserver.port == 8081
-    assert s.rtp_ports(0) == (5400, 5401)
+    assert s.rtp_ports(0) == (5400, 5401, 5402)
 
 
 @pytest.mark.parametrize(

@@ -69,9 +69,9 @@ class CameraConfig(_Section):
     rtp_port: int | None = Field(
         None,
         ge=1024,
-        le=65533,
-        description="First of this camera's two loopback RTP ports (streaming, recorder); "
-        "default 5400 + 10 * camera index.",
+        le=65532,
+        description="First of this camera's three loopback RTP ports (streaming, recorder, "
+        "live view); default 5400 + 10 * camera index.",
     )
 
     @model_validator(mode="after")
@@ -312,10 +312,11 @@ class Settings(BaseSettings):
             raise ValueError("cameras' RTP ports overlap; set distinct rtp_port values")
         return self
 
-    def rtp_ports(self, index: int) -> tuple[int, int]:
-        """Loopback UDP ports (streaming, recorder) that camera ``index`` sends RTP to."""
+    def rtp_ports(self, index: int) -> tuple[int, int, int]:
+        """Loopback UDP ports (streaming, recorder, live view) that camera ``index`` sends
+        RTP to."""
         base = self.cameras[index].rtp_port or 5400 + 10 * index
-        return base, base + 1
+        return base, base + 1, base + 2
 
     def camera(self, name: str | None = None) -> tuple[int, CameraConfig]:
         """The camera called ``name`` (the first when None) and its index."""

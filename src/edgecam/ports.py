@@ -16,18 +16,21 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return int(s.getsockname()[1])
 
 
+RTP_PORTS_PER_CAMERA = 3  # streaming, recorder, live view
+
+
 def free_udp_pair() -> int:
-    """An even UDP port p such that p and p + 1 are both free (a camera's two RTP ports)."""
+    """An even UDP port p such that p .. p + 2 are all free (a camera's three RTP ports)."""
     for _ in range(50):
         base = free_port(socket.SOCK_DGRAM) & ~1
+        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
         try:
-            with (
-                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a,
-                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b,
-            ):
-                a.bind(("127.0.0.1", base))
-                b.bind(("127.0.0.1", base + 1))
-                return base
+            for i, s in enumerate(socks):
+                s.bind(("127.0.0.1", base + i))
+            return base
         except OSError:
             continue
-    raise EdgecamError("no free pair of UDP ports on 127.0.0.1")
+        finally:
+            for s in socks:
+                s.close()
+    raise EdgecamError("no free run of UDP ports on 127.0.0.1")

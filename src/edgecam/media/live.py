@@ -73,10 +73,10 @@ def run_worker(settings: Settings, camera: str | None = None) -> int:
     with Pipeline(settings, camera, mode="live", rtp=True) as pipeline:
         ports = settings.rtp_ports(pipeline.camera_index)
         log.info(
-            "camera %s: %s -> H.264 RTP on 127.0.0.1:%d,%d (profile %s, up to %.1f detections/s)",
+            "camera %s: %s -> H.264 RTP to 127.0.0.1 ports %s (profile %s, <= %.1f detections/s)",
             pipeline.camera.name,
             redact_url(pipeline.camera.source),
-            *ports,
+            ",".join(map(str, ports)),
             settings.vision.profile,
             settings.vision.detect_fps,
         )

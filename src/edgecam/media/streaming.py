@@ -85,7 +85,7 @@ class StreamingServer:
     def from_settings(cls, settings: Settings, camera: str | None = None) -> StreamingServer:
         """The server for camera ``camera`` (the first when None) of ``settings``."""
         index, cam = settings.camera(camera)
-        rtp_port, _recorder_port = settings.rtp_ports(index)
+        rtp_port = settings.rtp_ports(index)[0]
         return cls(settings.streaming, camera=cam.name, rtp_port=rtp_port)
 
     # -- public state -------------------------------------------------------------------
