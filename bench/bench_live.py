@@ -37,7 +37,7 @@ import _common as c
 
 from edgecam.config import load_settings
 from edgecam.media.gst import Gst
-from edgecam.media.live import limit_malloc_arenas
+from edgecam.device.workers import limit_malloc_arenas
 from edgecam.media.pipeline import Pipeline
 
 FPS = 30

@@ -127,6 +127,9 @@ class SaveClipArgs(BaseModel):
     counts: dict[str, int] = Field(
         default_factory=dict, description="Live counts at the trigger, kept in the sidecar."
     )
+    job: str | None = Field(
+        None, pattern=r"^[0-9a-f]{32}$", description="Request id to use (default: a new one)."
+    )
 
 
 class ClipReady(Payload):
