@@ -27,8 +27,13 @@ Match = Callable[[str, dict[str, Any]], bool]
 class Listener:
     """Every message under the device's topics, kept in arrival order."""
 
-    def __init__(self, broker: LocalBroker, prefix: str, device: str) -> None:
+    def __init__(
+        self, broker: LocalBroker, prefix: str, device: str, persistent: bool = False
+    ) -> None:
         self.prefix = f"{prefix}/{device}/"
+        # A persistent session: the broker keeps QoS 1 messages for it while it is away.
+        self.persistent = persistent
+        self.client_id = f"test-fleet-{device}-{time.monotonic_ns()}"
         self.messages: list[tuple[str, dict[str, Any]]] = []
         self.raw: list[tuple[str, bytes]] = []
         self._cond = threading.Condition()
@@ -38,7 +43,9 @@ class Listener:
 
     def connect(self) -> None:
         client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"test-fleet-{time.monotonic_ns()}"
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            clean_session=not self.persistent,
         )
         user = self.broker.server_user
         client.username_pw_set(user, self.broker.credentials[user])
@@ -100,14 +107,20 @@ class Listener:
 class Device:
     """``edgecam run --config FILE`` with a listener on its topics."""
 
-    def __init__(self, folder: Path, config: dict[str, Any], broker: LocalBroker) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        config: dict[str, Any],
+        broker: LocalBroker,
+        persistent_listener: bool = False,
+    ) -> None:
         self.folder = folder
         self.config = config
         self.path = folder / "device.yaml"
         write_private_yaml(self.path, config)
         self.prefix = config.get("mqtt", {}).get("prefix", "edgecam")
         self.name = config["device"]
-        self.listener = Listener(broker, self.prefix, self.name)
+        self.listener = Listener(broker, self.prefix, self.name, persistent_listener)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def topic(self, kind: str) -> str:

@@ -144,23 +144,28 @@ class LocalBroker:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> None:
+        """Start the broker; started again after :meth:`stop`, it keeps its port, its
+        users and (persistence) its sessions and queued messages."""
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(exe).exists():
             raise EdgecamError("mosquitto is not installed (apt-get install mosquitto)")
-        self.port = free_port()
-        conf, _passwd, _acl, creds = write_broker_config(
-            self.folder,
-            devices=self.devices,
-            server_user=self.server_user,
-            port=self.port,
-            host="127.0.0.1",
-        )
-        # Mosquitto started as root drops to its own user, which could not read our 0600
-        # files: stay the user we are.
-        with conf.open("a", encoding="utf-8") as f:
-            f.write(f"user {pwd.getpwuid(os.getuid()).pw_name}\n")
-        loaded = yaml.safe_load(creds.read_text(encoding="utf-8"))
-        self.credentials = {name: entry["password"] for name, entry in loaded.items()}
+        conf = self.folder / "mosquitto.conf"
+        if not self.port:
+            self.port = free_port()
+            conf, _passwd, _acl, creds = write_broker_config(
+                self.folder,
+                devices=self.devices,
+                server_user=self.server_user,
+                port=self.port,
+                host="127.0.0.1",
+            )
+            # Mosquitto started as root drops to its own user, which could not read our
+            # 0600 files: stay the user we are.
+            with conf.open("a", encoding="utf-8") as f:
+                f.write(f"user {pwd.getpwuid(os.getuid()).pw_name}\n")
+                f.write(f"persistence true\npersistence_location {self.folder.resolve()}/\n")
+            loaded = yaml.safe_load(creds.read_text(encoding="utf-8"))
+            self.credentials = {name: entry["password"] for name, entry in loaded.items()}
         log_file = (self.folder / "mosquitto.log").open("ab")
         try:
             self._proc = subprocess.Popen(

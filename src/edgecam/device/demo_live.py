@@ -71,10 +71,12 @@ def _rtsp_frames(url: str, count: int = 30, timeout: float = 15.0) -> tuple[int,
     return frames, size
 
 
-def demo_config(out: Path, broker: LocalBroker, token: str) -> dict[str, Any]:
+def demo_config(
+    out: Path, broker: LocalBroker, token: str, device: str = _DEVICE
+) -> dict[str, Any]:
     """The device configuration of the demo (and of the end-to-end tests)."""
     return {
-        "device": _DEVICE,
+        "device": device,
         "cameras": [
             {
                 "name": "main",
@@ -101,8 +103,8 @@ def demo_config(out: Path, broker: LocalBroker, token: str) -> dict[str, Any]:
         "mqtt": {
             "host": "127.0.0.1",
             "port": broker.port,
-            "username": _DEVICE,
-            "password": broker.credentials[_DEVICE],
+            "username": device,
+            "password": broker.credentials[device],
             "outbox": str(out / "outbox.sqlite"),
         },
     }
