@@ -17,12 +17,12 @@ from typing import Any
 import psutil
 import pytest
 from conftest import MEDIA, free_udp_pair
-from device_helpers import Device
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgecam.device.broker import LocalBroker
 from edgecam.device.demo_live import demo_config
+from edgecam.device.harness import Device
 from edgecam.protocol import COMMAND_NAMES
 
 pytestmark = pytest.mark.timeout(300)

@@ -12,28 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import queue
-import secrets
-import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-import psutil
-import yaml
-from paho.mqtt.enums import CallbackAPIVersion
-
 from edgecam.config import Settings, load_settings
 from edgecam.device.broker import LocalBroker
-from edgecam.errors import EdgecamError
+from edgecam.device.harness import Device
 from edgecam.ports import free_port, free_udp_pair
-from edgecam.protocol import Command, topic
 
 __all__ = ["run_live_demo"]
 
@@ -110,51 +99,6 @@ def demo_config(
     }
 
 
-def write_private_yaml(path: Path, data: dict[str, Any]) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds secrets
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(data, f, sort_keys=False)
-
-
-class _Listener:
-    """The fleet's side for the demo: every message of the device, printed and kept."""
-
-    def __init__(self, broker: LocalBroker, prefix: str, device: str) -> None:
-        self.messages: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
-        self._prefix = f"{prefix}/{device}/"
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="edgecam-demo-fleet")
-        client.username_pw_set(broker.server_user, broker.credentials[broker.server_user])
-        client.on_message = self._on_message
-        client.connect("127.0.0.1", broker.port)
-        client.subscribe(f"{prefix}/{device}/#", qos=1)
-        client.loop_start()
-        self.client = client
-
-    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-        kind = msg.topic.removeprefix(self._prefix)
-        try:
-            data = json.loads(msg.payload)
-        except ValueError:
-            return
-        print(f"   mqtt {kind:<16} {_brief(kind, data)}", flush=True)
-        self.messages.put((kind, data))
-
-    def wait(self, what: str, match: Any, timeout: float) -> dict[str, Any]:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            try:
-                kind, data = self.messages.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if match(kind, data):
-                return data
-        raise EdgecamError(f"demo: no {what} within {timeout:.0f} s")
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 def _brief(kind: str, data: dict[str, Any]) -> str:
     if kind == "status":
         workers = ", ".join(
@@ -177,70 +121,61 @@ def _brief(kind: str, data: dict[str, Any]) -> str:
     return json.dumps(data)[:100]
 
 
+def _print(kind: str, data: dict[str, Any]) -> None:
+    print(f"   mqtt {kind:<16} {_brief(kind, data)}", flush=True)
+
+
 def run_live_demo(settings: Settings, out: Path, seconds: float, token: str) -> int:
     """Run the live demo for about ``seconds``; 0 when every check passed."""
-    del settings  # the live demo has its own configuration, printed below
+    del settings  # the live demo has its own configuration, written below
     out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
     print("\n== live: the whole device (`edgecam run`) reporting over MQTT")
     with LocalBroker(out / "broker", [_DEVICE]) as broker:
         print(f"   broker: mosquitto on 127.0.0.1:{broker.port}, one user per device + ACL")
-        data = demo_config(out, broker, token)
-        config = out / "edgecam-live.yaml"
-        write_private_yaml(config, data)
-        live = load_settings(config)
-        listener = _Listener(broker, live.mqtt.prefix, live.device)
-        (out / "logs").mkdir(exist_ok=True)
-        with (out / "logs" / "device.log").open("wb") as logf:
-            device = subprocess.Popen(
-                [sys.executable, "-m", "edgecam.cli", "run", "--config", str(config)],
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-            )
-        print(f"   device: edgecam run --config {config} (pid {device.pid}, logs in {out}/logs)")
+        device = Device(
+            out,
+            demo_config(out, broker, token),
+            broker,
+            printer=_print,
+            log=out / "logs" / "device.log",
+            config_name="edgecam-live.yaml",
+        )
+        live = load_settings(device.path)
+        device.start()
+        assert device.proc is not None
+        print(
+            f"   device: edgecam run --config {device.path} (pid {device.proc.pid}, "
+            f"logs in {out}/logs)"
+        )
         started = time.monotonic()
         ok = False
         try:
-            ok = _exercise(live, listener, started, seconds)
+            ok = _exercise(live, device, started, seconds)
         finally:
-            children = _descendants(device.pid)
-            device.send_signal(signal.SIGTERM)
+            children = device.descendants()
             try:
-                code = device.wait(timeout=40)
+                code = device.stop()
             except subprocess.TimeoutExpired:
-                device.kill()
-                code = device.wait()
+                code = -9
             left = [p for p in children if p.is_running() and p.status() != "zombie"]
             print(f"   device stopped (exit {code}); {len(left)} process(es) left behind")
             try:
-                listener.wait(
+                device.listener.wait(
                     "offline status", lambda k, d: k == "status" and d["state"] == "offline", 10
                 )
-            except EdgecamError as exc:
+            except AssertionError as exc:
                 print(f"   {exc}")
                 ok = False
-            listener.close()
+            device.listener.close()
             ok = ok and code == 0 and not left
     print("\n== demo " + ("passed" if ok else "FAILED"))
     return 0 if ok else 1
 
 
-def _descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return []
-
-
-def _exercise(live: Settings, listener: _Listener, started: float, seconds: float) -> bool:
-    listener.wait(
-        "device with every worker running",
-        lambda k, d: (
-            k == "status"
-            and d["state"] == "online"
-            and all(w["state"] == "running" for w in d["workers"])
-        ),
-        90,
-    )
+def _exercise(live: Settings, device: Device, started: float, seconds: float) -> bool:
+    listener = device.listener
+    device.wait_running()
     url = f"rtsp://127.0.0.1:{live.streaming.port}/main"
     print(f"   stream: {url}  (try: ffplay -rtsp_transport tcp {url})")
     frames, size = _rtsp_frames(url)
@@ -249,7 +184,9 @@ def _exercise(live: Settings, listener: _Listener, started: float, seconds: floa
     print(f"   alert raised: {alert['message']}; waiting for its clip ...")
     with_clip = listener.wait(
         "the alert's clip",
-        lambda k, d: k == "alerts" and d["alert_id"] == alert["alert_id"] and d.get("clip_url"),
+        lambda k, d: (
+            k == "alerts" and d["alert_id"] == alert["alert_id"] and bool(d.get("clip_url"))
+        ),
         60,
     )
     body = urllib.request.urlopen(with_clip["clip_url"], timeout=30).read()
@@ -267,22 +204,10 @@ def _exercise(live: Settings, listener: _Listener, started: float, seconds: floa
         return False
     except urllib.error.HTTPError as exc:
         print(f"   without a token the file server answers {exc.code}")
-    command = Command(name="save_clip", args={"camera": "main", "reason": "demo", "pre": 2})
-    listener.client.publish(
-        topic(live.mqtt.prefix, live.device, "cmd"), command.model_dump_json(), qos=1
-    )
-    result = listener.wait(
-        "command result", lambda k, d: k == "cmd/result" and d["command_id"] == command.id, 30
-    )
+    result = device.command("save_clip", camera="main", reason="demo", pre=2)
     print(f"   command save_clip over MQTT: ok={result['ok']} job {result['data'].get('job')}")
     remaining = seconds - (time.monotonic() - started)
     if remaining > 0:
         print(f"   running {remaining:.0f} s more; watch the stream now")
-        end = time.monotonic() + remaining
-        while time.monotonic() < end:
-            time.sleep(0.5)
+        time.sleep(remaining)
     return same and bool(result["ok"]) and frames >= 30
-
-
-def new_token() -> str:
-    return secrets.token_urlsafe(16)

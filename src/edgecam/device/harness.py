@@ -1,9 +1,12 @@
-"""A real device (``edgecam run`` as a subprocess) and a real broker, for the device tests."""
+"""A whole device run from outside: ``edgecam run`` as a subprocess, and a listener on its
+MQTT topics with the fleet's credentials. What the demo, the tests and the benchmarks use
+to run the device as a user would and check what it does."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,22 +18,38 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import psutil
+import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgecam.device.broker import LocalBroker
-from edgecam.device.demo_live import write_private_yaml
 from edgecam.protocol import Command
 
+__all__ = ["Device", "Listener", "write_private_yaml"]
+
 Match = Callable[[str, dict[str, Any]], bool]
+Printer = Callable[[str, dict[str, Any]], None]
+
+
+def write_private_yaml(path: Path, data: dict[str, Any]) -> None:
+    """``data`` as YAML in a file only its owner can read (it holds secrets)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
 
 
 class Listener:
     """Every message under the device's topics, kept in arrival order."""
 
     def __init__(
-        self, broker: LocalBroker, prefix: str, device: str, persistent: bool = False
+        self,
+        broker: LocalBroker,
+        prefix: str,
+        device: str,
+        persistent: bool = False,
+        printer: Printer | None = None,
     ) -> None:
         self.prefix = f"{prefix}/{device}/"
+        self.printer = printer
         # A persistent session: the broker keeps QoS 1 messages for it while it is away.
         self.persistent = persistent
         self.client_id = f"test-fleet-{device}-{time.monotonic_ns()}"
@@ -66,10 +85,16 @@ class Listener:
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         kind = msg.topic.removeprefix(self.prefix)
+        received = time.time()
         with self._cond:
             self.raw.append((kind, bytes(msg.payload)))
             with contextlib.suppress(ValueError):
-                self.messages.append((kind, json.loads(msg.payload)))
+                data = json.loads(msg.payload)
+                if isinstance(data, dict):
+                    data["_received"] = received
+                    self.messages.append((kind, data))
+                    if self.printer is not None:
+                        self.printer(kind, data)
             self._cond.notify_all()
 
     def of(self, kind: str) -> list[dict[str, Any]]:
@@ -113,27 +138,30 @@ class Device:
         config: dict[str, Any],
         broker: LocalBroker,
         persistent_listener: bool = False,
+        printer: Printer | None = None,
+        log: Path | None = None,
+        config_name: str = "device.yaml",
     ) -> None:
         self.folder = folder
         self.config = config
-        self.path = folder / "device.yaml"
+        self.path = folder / config_name
         write_private_yaml(self.path, config)
         self.prefix = config.get("mqtt", {}).get("prefix", "edgecam")
         self.name = config["device"]
-        self.listener = Listener(broker, self.prefix, self.name, persistent_listener)
+        self.listener = Listener(broker, self.prefix, self.name, persistent_listener, printer)
+        self.log_path = log or folder / "device.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def topic(self, kind: str) -> str:
         return f"{self.prefix}/{self.name}/{kind}"
 
     def start(self) -> None:
-        log = (self.folder / "device.log").open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgecam.cli", "-v", "run", "--config", str(self.path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edgecam.cli", "run", "--config", str(self.path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def wait_running(self, timeout: float = 90, after: int = 0) -> dict[str, Any]:
         return self.listener.wait(
@@ -183,4 +211,4 @@ class Device:
             raise
 
     def log(self) -> str:
-        return (self.folder / "device.log").read_text(errors="replace")
+        return self.log_path.read_text(errors="replace")
