@@ -396,3 +396,20 @@ def test_fuzzed_commands_never_crash_the_device(device: Device) -> None:
     restarted = {k for k in before if before[k] != after[k]}
     # A fuzzed worker_restart may restart a worker; nothing may die of a command.
     assert all(w["state"] == "running" for w in device.workers().values()), restarted
+
+
+def test_run_refuses_a_configuration_no_restart_would_mend(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"runtime: {{dir: {tmp_path / 'run'}}}\n")  # no file-server token
+    res = subprocess.run(
+        [sys.executable, "-m", "edgecam.cli", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2, res.stderr
+    assert "needs a token" in res.stderr and "fileserver.enabled: false" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "run").exists()

@@ -17,7 +17,7 @@ from edgecam.config import CONFIG_ENV, Settings, load_settings, settings_to_yaml
 # The workers import GStreamer and ONNX Runtime only when one is built, so that
 # `edgecam config show` needs neither.
 from edgecam.device.workers import WORKERS
-from edgecam.errors import EdgecamError
+from edgecam.errors import ConfigError, EdgecamError
 
 log = logging.getLogger("edgecam")
 
@@ -29,6 +29,7 @@ BENCHES: dict[str, str] = {
     "loop": "bench/bench_vs_loop.py",
     "latency": "bench/bench_latency.py",
     "crops": "bench/bench_crops.py",
+    "device": "bench/bench_device.py",
 }
 
 
@@ -270,6 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args))
+    except ConfigError as exc:  # the same command would fail again: a usage error
+        print(f"edgecam: error: {exc}", file=sys.stderr)
+        return 2
     except EdgecamError as exc:
         print(f"edgecam: error: {exc}", file=sys.stderr)
         return 1

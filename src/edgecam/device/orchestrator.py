@@ -59,6 +59,7 @@ from edgecam.device.rules import ActiveAlert, AlertChange, RuleEngine
 from edgecam.device.runner import ProcessLock
 from edgecam.device.stats import CameraFigures, IntervalStats
 from edgecam.device.supervisor import Supervisor
+from edgecam.device.workers import WORKERS
 from edgecam.errors import EdgecamError
 from edgecam.paths import secure_folder
 from edgecam.protocol import (
@@ -203,8 +204,15 @@ class Orchestrator:
 
     # -- life ------------------------------------------------------------------------------
 
+    def check(self) -> None:
+        """Refuse a configuration that no restart would mend, before anything starts."""
+        for child in self.supervisor.children.values():
+            if child.enabled:
+                WORKERS[child.name].check(self.settings)
+
     def run(self) -> int:
         """Run the device until SIGTERM/SIGINT; 0 after an orderly stop."""
+        self.check()
         folder = self.settings.runtime.dir
         secure_folder(folder, "runtime.dir")
         lock = ProcessLock(folder, DEVICE)

@@ -29,7 +29,7 @@ from typing import Any, ClassVar, TextIO
 from edgecam.config import Settings
 from edgecam.device.control import ControlServer, Handler, process_key, socket_path
 from edgecam.device.events import EVENTS_SOCKET, EventSender, Heartbeat, Lifecycle
-from edgecam.errors import EdgecamError
+from edgecam.errors import ConfigError, EdgecamError
 from edgecam.paths import secure_folder
 
 __all__ = [
@@ -114,6 +114,11 @@ class Worker:
         """Whether the configuration runs this worker at all."""
         return True
 
+    @classmethod
+    def check(cls, settings: Settings) -> None:
+        """Raise :class:`ConfigError` when the configuration cannot run this worker (what
+        no restart would mend); called before anything starts."""
+
     def start(self) -> None:
         raise NotImplementedError
 
@@ -186,6 +191,7 @@ def run_worker(worker_cls: type[Worker], settings: Settings, camera: str | None 
     if not worker_cls.enabled(settings):
         log.info("the %s worker is disabled in the configuration; exiting", name)
         return 0
+    worker_cls.check(settings)
     _die_with_supervisor()
     folder = settings.runtime.dir
     secure_folder(folder, "runtime.dir")
@@ -219,7 +225,7 @@ def run_worker(worker_cls: type[Worker], settings: Settings, camera: str | None 
         log.info("%s: ready", key)
         worker.serve(stop)
     except EdgecamError as exc:
-        failed = str(exc)
+        failed = str(exc) if not isinstance(exc, ConfigError) else f"configuration: {exc}"
         raise
     except Exception as exc:
         failed = f"{type(exc).__name__}: {exc}"

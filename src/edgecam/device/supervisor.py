@@ -36,6 +36,7 @@ __all__ = ["Child", "Supervisor", "worker_command"]
 log = logging.getLogger(__name__)
 
 _EXIT_FINISHED = 0  # a worker that exits 0 on its own has finished (a file source ended)
+_EXIT_CONFIG = 2  # a configuration error: no restart would mend it
 
 
 def worker_command(name: str, camera: str | None, config: Path | None) -> list[str]:
@@ -261,6 +262,10 @@ class Supervisor:
         if code == _EXIT_FINISHED:
             log.info("worker %s finished (exit 0)", child.key)
             child.set_state("stopped")
+            return
+        if code == _EXIT_CONFIG:
+            log.error("worker %s refused its configuration; not restarted", child.key)
+            child.set_state("stopped", child.error or "configuration error (exit 2)")
             return
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
         child.error = (

@@ -23,7 +23,7 @@ from edgecam.config import Settings, redact_url
 from edgecam.device.control import Handler
 from edgecam.device.events import ClipEvent, ClipFailed, FrameSummary
 from edgecam.device.runner import Worker, WorkerContext
-from edgecam.errors import EdgecamError
+from edgecam.errors import ConfigError, EdgecamError
 from edgecam.protocol import ClipReady, SaveClipArgs
 
 __all__ = [
@@ -327,6 +327,15 @@ class FileServerWorker(Worker):
     @classmethod
     def enabled(cls, settings: Settings) -> bool:
         return settings.fileserver.enabled
+
+    @classmethod
+    def check(cls, settings: Settings) -> None:
+        token = settings.fileserver.token
+        if token is None or not token.get_secret_value():
+            raise ConfigError(
+                "the file server needs a token: set fileserver.token in the config file (or "
+                "EDGECAM_FILESERVER__TOKEN), or turn it off with fileserver.enabled: false"
+            )
 
     def start(self) -> None:
         cfg = self.settings.fileserver
