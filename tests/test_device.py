@@ -256,7 +256,8 @@ def test_two_cameras_one_rtsp_port_one_file_server(tmp_path: Path, broker: Local
         {"name": "door", "source": str(MEDIA / "faces.mp4"), "loop": True,
          "rtp_port": free_udp_pair()},
     ]  # fmt: skip
-    config = _config(tmp_path, broker, "twocams", cameras=cameras)
+    vision = {"profile": "mask", "detect_fps": 5}
+    config = _config(tmp_path, broker, "twocams", cameras=cameras, vision=vision)
     dev = Device(tmp_path, config, broker)
     dev.start()
     try:
@@ -266,11 +267,17 @@ def test_two_cameras_one_rtsp_port_one_file_server(tmp_path: Path, broker: Local
             assert dev.command("save_clip", camera=cam, pre=1, post=1)["ok"]
         for cam in ("street", "door"):
             dev.listener.wait(
-                f"stats of {cam}", lambda k, d, c=cam: k == "stats" and d["camera"] == c, 30
-            )  # type: ignore[misc]
-            dev.listener.wait(
                 f"a clip of {cam}", lambda k, d, c=cam: k == "clips" and d["camera"] == c, 60
             )  # type: ignore[misc]
+        # The door clip holds one face on every frame: one person at a time, a mask label.
+        door = dev.listener.wait(
+            "door stats with a person",
+            lambda k, d: k == "stats" and d["camera"] == "door" and d["people"] >= 1,
+            30,
+        )
+        assert set(door["counts"]) == {"mask", "no_mask", "undecided"} and door["peak"] == 1
+        assert all(s["peak"] <= 1 for s in dev.listener.of("stats") if s["camera"] == "door")
+        assert dev.listener.of("stats")[0]["seq"] + 1 == dev.listener.of("stats")[1]["seq"]
         req = urllib.request.Request(
             f"http://127.0.0.1:{config['fileserver']['port']}/clips",
             headers={"Authorization": "Bearer device-test-token"},

@@ -137,9 +137,12 @@ def _format_status(status: dict[str, Any]) -> str:
         f"device {status['device']}: {status['state']}, edgecam {status.get('version')}, "
         f"profile {status.get('profile')}, cameras {', '.join(status.get('cameras', []))}",
     ]
-    outbox = status.get("outbox")
+    broker = status.get("broker")
     lines.append(
-        "MQTT: no broker configured" if outbox is None else f"MQTT outbox: {outbox} waiting"
+        "MQTT: no broker configured"
+        if broker is None
+        else f"MQTT: {broker}, {status.get('outbox')} message(s) waiting in the outbox, "
+        f"{status.get('outbox_dropped')} dropped when it was full"
     )
     lines.append(f"{'worker':<24} {'state':<11} {'pid':>7} {'restarts':>8} {'cpu':>6} {'MB':>7}")
     for w in status.get("workers", []):

@@ -198,6 +198,12 @@ class Status(Payload):
         default_factory=dict, description="Alert rules and their parameters."
     )
     outbox: int | None = Field(None, ge=0, description="Messages waiting to be sent.")
+    outbox_dropped: int | None = Field(
+        None, ge=0, description="Messages dropped (oldest first) because the outbox was full."
+    )
+    broker: Literal["connected", "disconnected"] | None = Field(
+        None, description="The device's link to its MQTT broker; None: no broker configured."
+    )
 
 
 class Stats(Payload):

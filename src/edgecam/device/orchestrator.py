@@ -510,6 +510,10 @@ class Orchestrator:
             started=self.started,
             rules=self.rules.describe(),
             outbox=len(self.outbox) if self.outbox is not None else None,
+            outbox_dropped=self.outbox.dropped if self.outbox is not None else None,
+            broker=None
+            if self.mqtt is None
+            else ("connected" if self.mqtt.connected else "disconnected"),
         )
 
     def _maybe_publish_status(self) -> None:
