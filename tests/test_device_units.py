@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -252,3 +253,27 @@ def test_broker_config_files_are_private(tmp_path: Path) -> None:
         write_broker_config(tmp_path / "c", devices=["bad name"])
     with pytest.raises(ConfigError, match="distinct"):
         write_broker_config(tmp_path / "c", devices=["fleet"])
+
+
+def test_a_full_outbox_disk_loses_messages_not_the_device(tmp_path: Path) -> None:
+    from edgecam.device.orchestrator import Orchestrator
+    from edgecam.protocol import Stats
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)])
+    if mounted.returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        settings = Settings(mqtt={"host": "127.0.0.1", "outbox": mount / "o.sqlite"})
+        orchestrator = Orchestrator(settings)
+        orchestrator.outbox = Outbox(settings.mqtt.outbox, 10**6, 10**9)
+        stats = Stats(device="d", camera="main", seq=0, start=0, end=1)
+        big = stats.model_copy(update={"counts": {f"label{i}": i for i in range(2000)}})
+        for _ in range(200):  # far more than 256 kB
+            orchestrator._send("stats", big)
+        assert orchestrator._outbox_errors > 0  # logged and counted, never raised
+        assert len(orchestrator.outbox) > 0  # what fitted is kept
+        orchestrator.outbox.close()
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

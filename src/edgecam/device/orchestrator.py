@@ -20,6 +20,7 @@ import os
 import queue
 import re
 import signal
+import sqlite3
 import threading
 import time
 import uuid
@@ -119,6 +120,7 @@ class Orchestrator:
         self._current_counts: dict[str, dict[str, int]] = {c: {} for c in self.cameras}
         self._alert_jobs: dict[str, ActiveAlert] = {}
         self._last_stats: dict[str, Stats] = {}
+        self._outbox_errors = 0
         self._alerts_extended: dict[str, float] = {}
         self._clips_announced: OrderedDict[str, None] = OrderedDict()
         self._seen_commands: OrderedDict[str, None] = OrderedDict()
@@ -295,21 +297,29 @@ class Orchestrator:
             event = receiver.receive(0.05)
             handled = 0
             while event is not None and handled < _EVENTS_PER_TURN:
-                self._on_event(event)
+                self._guarded(self._on_event, event)
                 handled += 1
                 event = receiver.receive(0)
             self._run_actions()
             now = time.monotonic()
             if now >= next_poll:
                 next_poll = now + _POLL_S
-                self.supervisor.poll()
+                self._guarded(self.supervisor.poll)
             if now >= next_rules:
                 next_rules = now + _RULES_EVERY_S
-                self._tick_rules()
+                self._guarded(self._tick_rules)
             if now >= next_stats:
                 next_stats += self.settings.stats.interval_s
-                self._emit_stats()
-            self._maybe_publish_status()
+                self._guarded(self._emit_stats)
+            self._guarded(self._maybe_publish_status)
+
+    def _guarded(self, func: Callable[..., object], *args: object) -> None:
+        """The device runs for months: a bug in handling one event or one tick is logged,
+        and the device goes on (the workers are not taken down with it)."""
+        try:
+            func(*args)
+        except Exception:
+            log.exception("orchestrator: %s failed; going on", getattr(func, "__name__", func))
 
     def _run_actions(self) -> None:
         while True:
@@ -544,7 +554,18 @@ class Orchestrator:
             if kind != "stats":
                 log.info("%s: %s", kind, payload.model_dump_json())
             return
-        self.outbox.put(self._topic(kind), payload.model_dump_json().encode())
+        try:
+            self.outbox.put(self._topic(kind), payload.model_dump_json().encode())
+        except (sqlite3.Error, OSError) as exc:  # e.g. its disk is full: lose this one
+            self._outbox_errors += 1
+            if self._outbox_errors == 1 or self._outbox_errors % 100 == 0:
+                log.error(
+                    "cannot store a %s message in the outbox %s (%d lost so far): %s",
+                    kind,
+                    self.settings.mqtt.outbox,
+                    self._outbox_errors,
+                    exc,
+                )
 
     def _start_mqtt(self) -> None:
         cfg = self.settings.mqtt
