@@ -4,6 +4,7 @@ real clips. One device serves the tests of one module where they do not disturb 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -33,7 +34,7 @@ def _config(
 ) -> dict[str, Any]:
     config = demo_config(folder, broker, token="device-test-token", device=name)
     config["stats"] = {"interval_s": 2}
-    config["supervisor"] = {"restart_min_s": 0.1}
+    config["supervisor"] = {"restart_min_s": 0.1, "heartbeat_timeout_s": 5}
     for key, value in overrides.items():
         config[key] = value
     return config
@@ -170,6 +171,40 @@ def test_kill9_of_each_worker_is_undone_alone(device: Device) -> None:
         print(f"kill -9 {key}: running again after {back:.2f} s")
         assert back < 5, f"{key} took {back:.1f} s to come back"
     assert _rtsp_ok(port)
+
+
+def test_a_hung_worker_is_killed_and_restarted(device: Device) -> None:
+    victim = device.workers()["fileserver"]
+    mark = device.listener.mark()
+    os.kill(victim["pid"], signal.SIGSTOP)  # alive, but silent: no heartbeat
+    try:
+        device.listener.wait(
+            "the hung worker restarting",
+            lambda k, d: (
+                k == "status"
+                and any(
+                    w["name"] == "fileserver" and w["pid"] != victim["pid"] and w["restarts"] > 0
+                    for w in d["workers"]
+                )
+            ),
+            30,
+            after=mark,
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim["pid"], signal.SIGCONT)
+    device.wait_running(timeout=30, after=mark)
+    errors = [
+        w["error"]
+        for k, d in device.listener.messages[mark:]
+        if k == "status"
+        for w in d["workers"]
+        if w["name"] == "fileserver" and w["error"]
+    ]
+    assert any("hung (no heartbeat" in e for e in errors), errors
+    assert (
+        not psutil.pid_exists(victim["pid"]) or psutil.Process(victim["pid"]).status() == "zombie"
+    )
 
 
 def test_worker_disable_enable_restart(device: Device) -> None:
