@@ -60,6 +60,9 @@ class CameraConfig(_Section):
         "test://",
         description="A video file path, rtsp://..., v4l2:///dev/videoN or test:// (a pattern).",
     )
+    enabled: bool = Field(
+        True, description="Run this camera's workers (inference and recorder) in `edgecam run`."
+    )
     loop: bool = Field(False, description="Play a file source again from the start at its end.")
     width: int = Field(1280, ge=16, le=7680, description="Frame width for test:// and v4l2://.")
     height: int = Field(720, ge=16, le=4320, description="Frame height for test:// and v4l2://.")

@@ -120,7 +120,10 @@ class Supervisor:
                 [c.name for c in settings.cameras] if cls.per_camera else [None]
             )
             for camera in cameras:
-                child = Child(name, camera, enabled=cls.enabled(settings))
+                enabled = cls.enabled(settings) and (
+                    camera is None or settings.camera(camera)[1].enabled
+                )
+                child = Child(name, camera, enabled=enabled)
                 if not child.enabled:
                     child.set_state("disabled")
                 self.children[child.key] = child
