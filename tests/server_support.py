@@ -9,11 +9,14 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from edgecam.ports import free_port
@@ -111,3 +114,67 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     url, drop = make_pg_database()
     yield url
     drop()
+
+
+class FleetServer:
+    """A running fleet server (the real :class:`Server` parts, uvicorn on a free port)."""
+
+    def __init__(self, settings: Any) -> None:
+        import uvicorn
+
+        from edgecam.server.app import Server, create_app
+
+        self.server = Server(settings)
+        self.server.start()
+        self.ctx = self.server.ctx
+        self.app = create_app(self.ctx)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._http = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self._thread = threading.Thread(target=self._http.run, daemon=True)
+        self._thread.start()
+        wait_until(lambda: self._http.started, timeout=20)
+        from edgecam.server import auth
+
+        auth.create_user(self.ctx.engine, "admin", "correct horse battery")
+        self.token = auth.create_token(self.ctx.engine, "admin", "tests")[1]
+        self.http = httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=30
+        )
+        self.anon = httpx.Client(base_url=self.url, timeout=30)
+
+    def close(self) -> None:
+        self.http.close()
+        self.anon.close()
+        self._http.should_exit = True
+        self._thread.join(timeout=20)
+        self.server.stop()
+
+
+def server_settings(
+    database_url: str, broker: int, prefix: str, folder: Path, **server: Any
+) -> Any:
+    from edgecam.config import Settings
+
+    return Settings.model_validate(
+        {
+            "mqtt": {"host": "127.0.0.1", "port": broker, "prefix": prefix},
+            "server": {
+                "database_url": database_url,
+                "clips_dir": str(folder / "server-clips"),
+                "batch_interval_s": 0.05,
+                "secure_cookies": False,
+                **server,
+            },
+        }
+    )
+
+
+@pytest.fixture
+def fleet(database_url: str, broker: int, prefix: str, tmp_path: Path) -> Iterator[FleetServer]:
+    """A fleet server on a fresh database, with user admin and an API token."""
+    server = FleetServer(server_settings(database_url, broker, prefix, tmp_path))
+    yield server
+    server.close()
