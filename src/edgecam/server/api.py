@@ -488,7 +488,7 @@ def list_commands(conn: Connection, device: str, limit: int) -> list[CommandOut]
             .order_by(db.CommandRow.ts.desc())
             .limit(limit)
         )
-        return [_command_out(c, r) for c, r in s.execute(stmt).tuples()]
+        return [_command_out(c, r) for c, r in s.execute(stmt)]
 
 
 @router.get("/api/commands/{command_id}", tags=["commands"])

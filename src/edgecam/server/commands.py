@@ -42,7 +42,7 @@ def check_command(name: str, args: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{name} takes no arguments")
         return {}
     try:
-        return model.model_validate(args).model_dump(exclude_none=True)
+        return model.model_validate(args).model_dump(exclude_defaults=True)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "args"

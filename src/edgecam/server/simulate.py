@@ -8,6 +8,7 @@ answers commands on ``cmd`` with a result on ``cmd/result``.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 import time
@@ -35,8 +36,9 @@ log = logging.getLogger(__name__)
 
 def make_stats(device: str, seq: int, at: float, interval: float = 1.0) -> Stats:
     """A plausible stats message of ``device`` for the interval ending at ``at``."""
-    mask = (seq * 7) % 5
-    no_mask = (seq * 3) % 3
+    # Slow waves, as people come and go, so that a chart of them shows something.
+    mask = round(3 + 2 * math.sin(at / 600))
+    no_mask = round(1.5 + 1.5 * math.sin(at / 900 + 1))
     undecided = seq % 2
     return Stats(
         device=device,

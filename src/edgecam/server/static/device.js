@@ -12,6 +12,12 @@
   let plot = null;
   let range = { seconds: 3600 };
 
+  // Round bucket sizes, so that each bucket holds the same number of stats intervals.
+  const NICE = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400];
+  function niceBucket(seconds) {
+    return NICE.find((n) => n >= seconds) || 86400;
+  }
+
   function size() {
     return { width: Math.max(box.clientWidth, 280), height: window.innerWidth < 600 ? 240 : 300 };
   }
@@ -19,7 +25,7 @@
   async function load() {
     const end = range.end || Date.now() / 1000;
     const start = range.start || end - range.seconds;
-    const bucket = Math.max(1, Math.round((end - start) / 400));
+    const bucket = niceBucket((end - start) / 400);
     const url = `/api/devices/${encodeURIComponent(device)}/stats?start=${start}&end=${end}&bucket=${bucket}`;
     const response = await fetch(url, { credentials: "same-origin" });
     if (!response.ok) {
