@@ -102,13 +102,16 @@ def stats_buckets(
         hourly = [StatsHourly.device == device, StatsHourly.hour >= start - HOUR]
         if camera is not None:
             hourly.append(StatsHourly.camera == camera)
-        stmt = select(StatsHourly).where(*hourly, StatsHourly.hour < min(raw_from, end))
-        for h in conn.scalars(stmt):
-            index = math.floor((max(h.hour, start) - start) / size)
-            add(index, h.messages, h.peak, {k: getattr(h, k) for k in SUMMED})
+        cols = [StatsHourly.hour, StatsHourly.messages, StatsHourly.peak]
+        cols += [getattr(StatsHourly, k) for k in SUMMED]
+        old = select(*cols).where(*hourly, StatsHourly.hour < min(raw_from, end))
+        for row in conn.execute(old):
+            h: list[Any] = list(row)
+            index = math.floor((max(h[0], start) - start) / size)
+            add(index, h[1], h[2], dict(zip(SUMMED, h[3:], strict=True)))
     if raw_from < end:
         index = _bucket_index(conn, StatsRow.t_start, start, size).label("b")
-        stmt = (
+        recent = (
             select(
                 index,
                 func.count(),
@@ -118,7 +121,7 @@ def stats_buckets(
             .where(*filters, StatsRow.t_start >= raw_from, StatsRow.t_start < end)
             .group_by(index)
         )
-        for row in conn.execute(stmt):
+        for row in conn.execute(recent):
             values: list[Any] = list(row)
             add(int(values[0]), values[1], values[2], dict(zip(SUMMED, values[3:], strict=True)))
     return [buckets[i] for i in sorted(buckets)]
@@ -173,7 +176,8 @@ def downsample(engine: Engine, raw_days: float, history_days: float) -> dict[str
                 ),
                 rows,
             )
-        raw_cut = min(now - raw_days * 86400, this_hour)
+        # On an hour boundary, so that no hour is half raw and half summed.
+        raw_cut = min(math.floor((now - raw_days * 86400) / HOUR) * HOUR, this_hour)
         dropped = conn.execute(delete(StatsRow).where(StatsRow.t_start < raw_cut)).rowcount  # type: ignore[attr-defined]
         old = conn.execute(
             delete(StatsHourly).where(StatsHourly.hour < now - history_days * 86400)
