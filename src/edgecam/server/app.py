@@ -3,12 +3,14 @@ publisher, retention and the HTTP server start and stop."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
+import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -199,8 +201,27 @@ def prune_clips(folder: Path, max_age_days: float, max_bytes: int) -> int:
     return removed
 
 
+def _http_server(config: Any) -> Any:
+    import uvicorn
+
+    class _Http(uvicorn.Server):
+        # uvicorn re-raises SIGTERM/SIGINT after its shutdown, which would end the process
+        # before ingest is flushed and stopped; here a signal only ends the HTTP loop.
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            signals = (signal.SIGINT, signal.SIGTERM)
+            old = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+            try:
+                yield
+            finally:
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+
+    return _Http(config)
+
+
 def run_server(settings: Settings) -> int:
-    """Run ``edgecam server`` until interrupted."""
+    """Run ``edgecam server`` until interrupted (SIGINT or SIGTERM), then stop in order."""
     import uvicorn
 
     server = Server(settings)
@@ -218,7 +239,7 @@ def run_server(settings: Settings) -> int:
             log_level="warning",
             proxy_headers=False,
         )
-        http = uvicorn.Server(config)
+        http = _http_server(config)
         print(f"edgecam server: http://{settings.server.host}:{settings.server.port}/", flush=True)
         http.run()
     finally:
