@@ -91,6 +91,10 @@ def test_duplicated_and_replayed_messages_are_stored_once(
     assert snap["rejected"] == 0
 
 
+def _stats_with(**fields: object) -> str:
+    return make_stats("cam-1", 1, 1.0).model_copy(update=fields).model_dump_json()
+
+
 BAD_PAYLOADS = [
     ("stats", b"not json"),
     ("stats", b'{"device": "cam-1"}'),  # required fields missing
@@ -98,6 +102,14 @@ BAD_PAYLOADS = [
     ("alerts", b'{"id": "short"}'),
     ("status", b"x" * (MAX_PAYLOAD_BYTES + 1)),
     ("clips", b"[]"),
+    (
+        "stats",
+        make_stats("cam-1", 2**40, 1.0).model_copy(update={"people": 2**40}).model_dump_json(),
+    ),
+    (
+        "stats",
+        make_stats("cam-1", 1, 1.0).model_copy(update={"camera": "c" * 65}).model_dump_json(),
+    ),
 ]
 
 

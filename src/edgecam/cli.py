@@ -32,6 +32,7 @@ BENCHES: dict[str, str] = {
     "loop": "bench/bench_vs_loop.py",
     "latency": "bench/bench_latency.py",
     "crops": "bench/bench_crops.py",
+    "fleet": "bench/bench_fleet.py",
 }
 
 

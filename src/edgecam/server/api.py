@@ -24,7 +24,7 @@ from edgecam.protocol import Command
 from edgecam.server import auth, db
 from edgecam.server.commands import check_command
 from edgecam.server.context import Conn, User, any_principal, ctx_of
-from edgecam.server.queries import stats_buckets, stats_raw
+from edgecam.server.queries import stats_buckets, stats_raw_json
 
 __all__ = ["router"]
 
@@ -250,13 +250,13 @@ def stats(
     each with its ``seq``; with ``bucket``, sums over buckets of that many seconds."""
     t0, t1 = time_range(start, end)
     if bucket is None:
-        items = stats_raw(conn, device, t0, t1, camera)
+        body = stats_raw_json(conn, device, t0, t1, camera)
     else:
         if (t1 - t0) / bucket > 100_000:
             raise HTTPException(422, "too many buckets: choose a larger bucket")
         items = stats_buckets(conn, device, t0, t1, bucket, camera)
-    # Serialised directly: a day of 1 s stats is 86,400 rows.
-    return Response(json.dumps(items, separators=(",", ":")), media_type="application/json")
+        body = json.dumps(items, separators=(",", ":"))
+    return Response(body, media_type="application/json")
 
 
 def list_alerts(

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Engine,
     Float,
@@ -93,7 +94,7 @@ class StatsRow(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     device: Mapped[str] = mapped_column(String(64))
     camera: Mapped[str] = mapped_column(String(64))
-    seq: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(BigInteger)
     ts: Mapped[float] = mapped_column(Float)
     t_start: Mapped[float] = mapped_column(Float)
     t_end: Mapped[float] = mapped_column(Float)
@@ -156,7 +157,7 @@ class Clip(Base):
     name: Mapped[str] = mapped_column(String(255), primary_key=True)
     msg_id: Mapped[str | None] = mapped_column(String(32), unique=True)
     camera: Mapped[str | None] = mapped_column(String(64))
-    size: Mapped[int | None] = mapped_column(Integer)
+    size: Mapped[int | None] = mapped_column(BigInteger)
     duration: Mapped[float | None] = mapped_column(Float)
     sha256: Mapped[str | None] = mapped_column(String(64))
     start: Mapped[float | None] = mapped_column(Float)

@@ -21,7 +21,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import ValidationError
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from edgecam.config import MqttConfig, ServerConfig
 from edgecam.protocol import (
@@ -36,7 +36,7 @@ from edgecam.protocol import (
 )
 from edgecam.server.db import make_engine
 from edgecam.server.mqtt import make_client
-from edgecam.server.store import Store
+from edgecam.server.store import BatchResult, Store
 
 __all__ = ["Counters", "Ingest", "Rejected", "decode", "run_ingest_process"]
 
@@ -101,7 +101,22 @@ def decode(prefix: str, topic: str, payload: bytes) -> tuple[str, Payload]:
     claimed = getattr(msg, "device", device)
     if claimed != device:
         raise Rejected(f"{topic}: payload names device {claimed!r}")
+    if isinstance(msg, Stats):
+        _check_stats_fit(topic, msg)
     return device, msg
+
+
+INT4_MAX = 2**31 - 1
+NAME_MAX = 64
+
+
+def _check_stats_fit(topic: str, msg: Stats) -> None:
+    """Refuse stats the database columns cannot hold (the same on SQLite and PostgreSQL)."""
+    if len(msg.camera) > NAME_MAX:
+        raise Rejected(f"{topic}: camera name longer than {NAME_MAX}")
+    counts = (msg.people, msg.peak, msg.frames_dropped, *msg.counts.values())
+    if msg.seq >= 2**63 or any(abs(n) > INT4_MAX for n in counts):
+        raise Rejected(f"{topic}: a count is out of range")
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +223,10 @@ class Ingest:
             while messages:
                 try:
                     result = self._store.write(messages)
+                except (DataError, IntegrityError):
+                    # A value the database refuses (too long, out of range): store the batch
+                    # one by one and reject only the culprits, never the whole batch.
+                    result = self._write_singly(messages)
                 except SQLAlchemyError:
                     self.counters.add("write_errors", 1)
                     log.exception("writing %d messages failed; trying again", len(messages))
@@ -229,6 +248,19 @@ class Ingest:
                 except SQLAlchemyError:
                     log.exception("updating last_seen failed")
                 last_touch = time.monotonic()
+
+    def _write_singly(self, messages: list[tuple[str, Payload]]) -> BatchResult:
+        stored = duplicates = 0
+        for message in messages:
+            try:
+                one = self._store.write([message])
+            except (DataError, IntegrityError) as exc:
+                self.counters.add("rejected", 1)
+                log.warning("rejected a message the database refuses: %s", exc.orig)
+                continue
+            stored += one.stored
+            duplicates += one.duplicates
+        return BatchResult(stored=stored, duplicates=duplicates)
 
     def _validate(self, batch: list[_Raw]) -> list[tuple[str, Payload]]:
         self.counters.add("received", len(batch))

@@ -68,6 +68,28 @@ def _stats_row(m: Stats, now: float) -> dict[str, Any]:
     }
 
 
+# Columns of the stats table as _stats_row fills them, with their PostgreSQL array types.
+_STATS_TYPES = {
+    "id": "text",
+    "device": "text",
+    "camera": "text",
+    "seq": "int8",  # the rest of the integers are int4 columns
+    "ts": "float8",
+    "t_start": "float8",
+    "t_end": "float8",
+    "people": "int4",
+    "peak": "int4",
+    "mask": "int4",
+    "no_mask": "int4",
+    "undecided": "int4",
+    "person": "int4",
+    "fps_in": "float8",
+    "fps_out": "float8",
+    "frames_dropped": "int4",
+    "received": "float8",
+}
+
+
 def _alert_row(m: Alert) -> dict[str, Any]:
     return m.model_dump(include=set(_t(db.Alert).columns.keys()))
 
@@ -126,7 +148,15 @@ class Store:
             .values(last_seen=bindparam("t"))
         )
         with self._engine.begin() as conn:
-            conn.execute(stmt, [{"d": d, "t": t} for d, t in last_seen.items()])
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql(
+                    "UPDATE devices SET last_seen = v.t "
+                    "FROM unnest(%(d)s::text[], %(t)s::float8[]) AS v(d, t) "
+                    "WHERE devices.name = v.d AND (last_seen IS NULL OR last_seen < v.t)",
+                    {"d": list(last_seen), "t": list(last_seen.values())},
+                )
+            else:
+                conn.execute(stmt, [{"d": d, "t": t} for d, t in last_seen.items()])
 
     def _ensure_devices(self, conn: Connection, names: set[str]) -> None:
         new = names - self._known_devices
@@ -138,8 +168,21 @@ class Store:
             self._known_devices |= new
 
     def _write_stats(self, conn: Connection, items: list[tuple[str, Stats]], now: float) -> int:
+        # The hot path (most messages are stats): one statement per batch, no RETURNING.
         rows = [_stats_row(m, now) for _, m in items]
-        return len(_insert_new(conn, _t(db.StatsRow), rows))
+        columns = ", ".join(_STATS_TYPES)
+        if conn.dialect.name == "postgresql":
+            arrays = ", ".join(f"%({c})s::{t}[]" for c, t in _STATS_TYPES.items())
+            sql = (
+                f"INSERT INTO stats ({columns}) SELECT * FROM unnest({arrays}) "
+                "ON CONFLICT (id) DO NOTHING"
+            )
+            params: Any = {c: [r[c] for r in rows] for c in _STATS_TYPES}
+        else:
+            marks = ", ".join("?" for _ in _STATS_TYPES)
+            sql = f"INSERT OR IGNORE INTO stats ({columns}) VALUES ({marks})"
+            params = [tuple(r[c] for c in _STATS_TYPES) for r in rows]
+        return int(conn.exec_driver_sql(sql, params).rowcount)
 
     def _write_alerts(self, conn: Connection, items: list[tuple[str, Alert]], now: float) -> int:
         return len(_insert_new(conn, _t(db.Alert), [_alert_row(m) for _, m in items]))

@@ -44,6 +44,7 @@
       : "no stats in this range";
     if (plot === null) {
       plot = new uPlot({ ...size(), series: [{}, ...series], scales: { x: { time: true } } }, data, box);
+      box.dataset.drawnMs = String(Math.round(performance.now()));
       window.addEventListener("resize", () => plot.setSize(size()));
     } else {
       plot.setData(data);
