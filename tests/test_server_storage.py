@@ -34,6 +34,8 @@ def test_history_survives_retention_and_answers_buckets(engine: Engine) -> None:
     sent = [make_stats("cam-1", i, t0 + i * 10 + 10, 10.0) for i in range(4 * 360)]
     for i in range(0, len(sent), 500):
         store.write([("cam-1", m) for m in sent[i : i + 500]])
+    replay = store.write([("cam-1", m) for m in sent[:700]])  # replayed: counted nowhere
+    assert replay.stored == 0 and replay.duplicates == 700
     total_people = sum(m.people for m in sent)
     with engine.connect() as conn:
         before = stats_buckets(conn, "cam-1", t0, hour, 3600)
@@ -50,6 +52,11 @@ def test_history_survives_retention_and_answers_buckets(engine: Engine) -> None:
         # Raw rows are still there for the recent part, each with its seq.
         raw = stats_raw(conn, "cam-1", hour - 3600, hour)
         assert [r["seq"] for r in raw] == list(range(3 * 360, 4 * 360))
+        # Per-minute sums (what charts read) agree with the raw messages.
+        minutes = stats_buckets(conn, "cam-1", hour - 3600, hour, 60)
+        seconds = stats_buckets(conn, "cam-1", hour - 3600, hour, 30)
+        assert sum(b["people"] for b in minutes) == sum(b["people"] for b in seconds)
+        assert [b["messages"] for b in minutes] == [6] * 60
         # A second run changes nothing.
         downsample(engine, raw_days=2 / 24, history_days=30)
         assert stats_buckets(conn, "cam-1", t0, hour, 3600) == before

@@ -41,6 +41,7 @@ __all__ = [
     "Device",
     "SessionRow",
     "StatsHourly",
+    "StatsMinute",
     "StatsRow",
     "StatusRow",
     "Token",
@@ -108,6 +109,24 @@ class StatsRow(Base):
     fps_out: Mapped[float] = mapped_column(Float, default=0.0)
     frames_dropped: Mapped[int] = mapped_column(Integer, default=0)
     received: Mapped[float] = mapped_column(Float)
+
+
+class StatsMinute(Base):
+    """Stats summed per device, camera and minute as they are stored: charts of long ranges
+    read 1,440 rows a day instead of 86,400."""
+
+    __tablename__ = "stats_minute"
+
+    device: Mapped[str] = mapped_column(String(64), primary_key=True)
+    camera: Mapped[str] = mapped_column(String(64), primary_key=True)
+    minute: Mapped[float] = mapped_column(Float, primary_key=True)
+    messages: Mapped[int] = mapped_column(Integer)
+    people: Mapped[int] = mapped_column(BigInteger)
+    peak: Mapped[int] = mapped_column(Integer)
+    mask: Mapped[int] = mapped_column(BigInteger)
+    no_mask: Mapped[int] = mapped_column(BigInteger)
+    undecided: Mapped[int] = mapped_column(BigInteger)
+    person: Mapped[int] = mapped_column(BigInteger)
 
 
 class StatsHourly(Base):

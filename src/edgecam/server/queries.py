@@ -14,12 +14,13 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Integer, cast, delete, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
-from edgecam.server.db import StatsHourly, StatsRow
+from edgecam.server.db import StatsHourly, StatsMinute, StatsRow
 
 __all__ = ["SUMMED", "downsample", "stats_buckets", "stats_raw", "stats_raw_json"]
 
 log = logging.getLogger(__name__)
 
+MINUTE = 60.0
 HOUR = 3600.0
 SUMMED = ("people", "mask", "no_mask", "undecided", "person")
 RAW_COLUMNS = (
@@ -100,12 +101,21 @@ def stats_buckets(
     camera: str | None = None,
 ) -> list[dict[str, Any]]:
     """Stats of ``device`` summed over buckets of ``size`` seconds from ``start``: from the
-    raw messages where they are still kept, from the hourly history before that."""
-    filters = [StatsRow.device == device]
+    per-minute sums when ``size`` is whole minutes (buckets then start on a whole minute),
+    else from the raw messages; from the hourly history before those were kept."""
+    by_minute = size >= MINUTE and size % MINUTE == 0
+    if by_minute:
+        start = math.floor(start / MINUTE) * MINUTE
+        fine: Any = StatsMinute
+        fine_time = StatsMinute.minute
+        messages: Any = func.sum(StatsMinute.messages)
+    else:
+        fine, fine_time, messages = StatsRow, StatsRow.t_start, func.count()
+    filters = [fine.device == device]
     if camera is not None:
-        filters.append(StatsRow.camera == camera)
-    oldest_raw = conn.scalar(select(func.min(StatsRow.t_start)).where(*filters))
-    raw_from = max(start, oldest_raw) if oldest_raw is not None else end
+        filters.append(fine.camera == camera)
+    oldest = conn.scalar(select(func.min(fine_time)).where(*filters))
+    fine_from = max(start, oldest) if oldest is not None else end
     buckets: dict[int, dict[str, Any]] = {}
 
     def add(index: int, messages: int, peak: int, sums: dict[str, int]) -> None:
@@ -123,27 +133,27 @@ def stats_buckets(
         for k in SUMMED:
             b[k] += int(sums[k] or 0)
 
-    if start < raw_from:
+    if start < fine_from:
         hourly = [StatsHourly.device == device, StatsHourly.hour >= start - HOUR]
         if camera is not None:
             hourly.append(StatsHourly.camera == camera)
         cols = [StatsHourly.hour, StatsHourly.messages, StatsHourly.peak]
         cols += [getattr(StatsHourly, k) for k in SUMMED]
-        old = select(*cols).where(*hourly, StatsHourly.hour < min(raw_from, end))
+        old = select(*cols).where(*hourly, StatsHourly.hour < min(fine_from, end))
         for row in conn.execute(old):
             h: list[Any] = list(row)
             index = math.floor((max(h[0], start) - start) / size)
             add(index, h[1], h[2], dict(zip(SUMMED, h[3:], strict=True)))
-    if raw_from < end:
-        index = _bucket_index(conn, StatsRow.t_start, start, size).label("b")
+    if fine_from < end:
+        index = _bucket_index(conn, fine_time, start, size).label("b")
         recent = (
             select(
                 index,
-                func.count(),
-                func.max(StatsRow.peak),
-                *[func.sum(getattr(StatsRow, k)) for k in SUMMED],
+                messages,
+                func.max(fine.peak),
+                *[func.sum(getattr(fine, k)) for k in SUMMED],
             )
-            .where(*filters, StatsRow.t_start >= raw_from, StatsRow.t_start < end)
+            .where(*filters, fine_time >= fine_from, fine_time < end)
             .group_by(index)
         )
         for row in conn.execute(recent):
@@ -204,6 +214,7 @@ def downsample(engine: Engine, raw_days: float, history_days: float) -> dict[str
         # On an hour boundary, so that no hour is half raw and half summed.
         raw_cut = min(math.floor((now - raw_days * 86400) / HOUR) * HOUR, this_hour)
         dropped = conn.execute(delete(StatsRow).where(StatsRow.t_start < raw_cut)).rowcount  # type: ignore[attr-defined]
+        conn.execute(delete(StatsMinute).where(StatsMinute.minute < raw_cut))
         old = conn.execute(
             delete(StatsHourly).where(StatsHourly.hour < now - history_days * 86400)
         ).rowcount  # type: ignore[attr-defined]

@@ -6,6 +6,7 @@ NOTHING, so a redelivered or replayed message changes nothing. A batch is one tr
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -90,6 +91,18 @@ _STATS_TYPES = {
 }
 
 
+_SUMMED = ("people", "mask", "no_mask", "undecided", "person")
+_MINUTE_COLUMNS = "device, camera, minute, messages, peak, " + ", ".join(_SUMMED)
+_MINUTE_UPDATE = ", ".join(
+    [
+        "messages = stats_minute.messages + excluded.messages",
+        "peak = CASE WHEN excluded.peak > stats_minute.peak "
+        "THEN excluded.peak ELSE stats_minute.peak END",
+    ]
+    + [f"{k} = stats_minute.{k} + excluded.{k}" for k in _SUMMED]
+)
+
+
 def _alert_row(m: Alert) -> dict[str, Any]:
     return m.model_dump(include=set(_t(db.Alert).columns.keys()))
 
@@ -168,21 +181,45 @@ class Store:
             self._known_devices |= new
 
     def _write_stats(self, conn: Connection, items: list[tuple[str, Stats]], now: float) -> int:
-        # The hot path (most messages are stats): one statement per batch, no RETURNING.
+        # The hot path (most messages are stats): the new rows and their per-minute sums in
+        # one statement per batch on PostgreSQL. Only rows really inserted are summed, so a
+        # replayed message counts once there too.
         rows = [_stats_row(m, now) for _, m in items]
         columns = ", ".join(_STATS_TYPES)
         if conn.dialect.name == "postgresql":
             arrays = ", ".join(f"%({c})s::{t}[]" for c, t in _STATS_TYPES.items())
+            sums = ", ".join(f"sum({k})" for k in _SUMMED)
             sql = (
-                f"INSERT INTO stats ({columns}) SELECT * FROM unnest({arrays}) "
-                "ON CONFLICT (id) DO NOTHING"
+                f"WITH new AS (INSERT INTO stats ({columns}) SELECT * FROM unnest({arrays}) "
+                "ON CONFLICT (id) DO NOTHING RETURNING *), "
+                f"minutes AS (INSERT INTO stats_minute ({_MINUTE_COLUMNS}) "
+                f"SELECT device, camera, floor(t_start / 60) * 60, count(*), max(peak), {sums} "
+                "FROM new GROUP BY device, camera, floor(t_start / 60) "
+                f"ON CONFLICT (device, camera, minute) DO UPDATE SET {_MINUTE_UPDATE}) "
+                "SELECT count(*) FROM new"
             )
             params: Any = {c: [r[c] for r in rows] for c in _STATS_TYPES}
-        else:
-            marks = ", ".join("?" for _ in _STATS_TYPES)
-            sql = f"INSERT OR IGNORE INTO stats ({columns}) VALUES ({marks})"
-            params = [tuple(r[c] for c in _STATS_TYPES) for r in rows]
-        return int(conn.exec_driver_sql(sql, params).rowcount)
+            return int(conn.exec_driver_sql(sql, params).scalar_one())
+        marks = ", ".join("?" for _ in _STATS_TYPES)
+        insert = f"INSERT OR IGNORE INTO stats ({columns}) VALUES ({marks})"
+        minutes: dict[tuple[str, str, float], list[int]] = {}
+        for r in rows:
+            if conn.exec_driver_sql(insert, tuple(r[c] for c in _STATS_TYPES)).rowcount != 1:
+                continue
+            key = (r["device"], r["camera"], math.floor(r["t_start"] / 60) * 60.0)
+            acc = minutes.setdefault(key, [0, 0] + [0] * len(_SUMMED))
+            acc[0] += 1
+            acc[1] = max(acc[1], r["peak"])
+            for i, k in enumerate(_SUMMED, start=2):
+                acc[i] += r[k]
+        if minutes:
+            marks = ", ".join("?" for _ in range(5 + len(_SUMMED)))
+            conn.exec_driver_sql(
+                f"INSERT INTO stats_minute ({_MINUTE_COLUMNS}) VALUES ({marks}) "
+                f"ON CONFLICT (device, camera, minute) DO UPDATE SET {_MINUTE_UPDATE}",
+                [(*key, *acc) for key, acc in minutes.items()],
+            )
+        return sum(acc[0] for acc in minutes.values())
 
     def _write_alerts(self, conn: Connection, items: list[tuple[str, Alert]], now: float) -> int:
         return len(_insert_new(conn, _t(db.Alert), [_alert_row(m) for _, m in items]))
