@@ -9,7 +9,7 @@ APT_PACKAGES=(
   gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-rtsp-server-1.0
   gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good
   gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
-  gstreamer1.0-x mosquitto ffmpeg fonts-dejavu-core chromium
+  gstreamer1.0-x mosquitto ffmpeg fonts-dejavu-core chromium postgresql
 )
 
 missing=()
@@ -36,3 +36,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,bench]"
   touch "$stamp"
 fi
+
+# The PostgreSQL of the fleet server's storage tests: running, with its test role.
+bash scripts/postgres.sh

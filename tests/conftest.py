@@ -12,6 +12,9 @@ from edgecam.ports import free_port, free_udp_pair
 
 __all__ = ["MEDIA", "ROOT", "free_port", "free_udp_pair"]
 
+# The fleet server's fixtures: a real Mosquitto, SQLite and PostgreSQL databases.
+pytest_plugins = ["server_support"]
+
 ROOT = Path(__file__).resolve().parents[1]
 MEDIA = ROOT / "media"
 

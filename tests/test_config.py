@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from edgecam.config import load_settings
+from edgecam.config import load_settings, settings_to_yaml
 from edgecam.errors import ConfigError
 
 
@@ -120,3 +122,27 @@ def test_secrets_never_printed(tmp_path: Path) -> None:
 def test_override_onto_empty_section(tmp_path: Path) -> None:
     path = _write(tmp_path, "vision:\n")
     assert load_settings(path, **{"vision.profile": "people"}).vision.profile == "people"
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"mqtt": {"port": 0}}, "mqtt.port"),
+        ({"mqtt": {"password": "x"}}, "password needs username"),
+        ({"mqtt": {"prefix": "a/../b c"}}, "mqtt.prefix"),
+        ({"mqtt": {"hots": "x"}}, "mqtt.hots: unknown key"),
+        ({"server": {"port": 70000}}, "server.port"),
+        ({"server": {"ingest_processes": 0}}, "server.ingest_processes"),
+    ],
+)
+def test_bad_mqtt_and_server_sections(tmp_path: Path, data: dict[str, object], needle: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_settings(path)
+
+
+def test_server_database_url_password_is_masked() -> None:
+    settings = load_settings(**{"server.database_url": "postgresql+psycopg://u:hunter2@db/x"})
+    assert "hunter2" not in settings_to_yaml(settings)
+    assert settings.mqtt.host is None and settings.mqtt.prefix == "edgecam"

@@ -30,6 +30,7 @@ BENCHES: dict[str, str] = {
     "latency": "bench/bench_latency.py",
     "crops": "bench/bench_crops.py",
     "device": "bench/bench_device.py",
+    "fleet": "bench/bench_fleet.py",
 }
 
 
@@ -185,6 +186,12 @@ def _cmd_broker_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_server(args: argparse.Namespace) -> int:
+    from edgecam.server.app import server_cli
+
+    return server_cli(_settings(args), args.action, args.name, args.device)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import runpy
 
@@ -250,6 +257,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo", help="folder for the demo's outputs")
     p.add_argument("--live-seconds", type=float, default=30, help="length of the live part")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("server", parents=[common], help="the fleet server (HTTP API, dashboard)")
+    p.add_argument(
+        "action",
+        nargs="?",
+        default="run",
+        choices=["run", "create-user", "create-token", "revoke-token"],
+    )
+    p.add_argument("name", nargs="?", help="user name (token number for revoke-token)")
+    p.add_argument("--device", help="create-token: limit the token to this device's clip uploads")
+    p.set_defaults(func=_cmd_server)
 
     p = sub.add_parser("bench", help="run a benchmark and print its figures")
     p.add_argument("name", choices=sorted(BENCHES))

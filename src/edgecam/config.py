@@ -31,6 +31,7 @@ __all__ = [
     "OverlayConfig",
     "RecorderConfig",
     "RuntimeConfig",
+    "ServerConfig",
     "Settings",
     "StatsConfig",
     "StreamingConfig",
@@ -398,22 +399,28 @@ class AlertsConfig(_Section):
 
 
 class MqttConfig(_Section):
-    host: str | None = Field(
-        None, description="Broker host; none: the device runs alone (no MQTT)."
-    )
-    port: int = Field(1883, ge=1, le=65535, description="Broker port.")
-    username: str | None = Field(None, description="MQTT user name.")
-    password: SecretStr | None = Field(None, description="MQTT password.")
+    host: str | None = Field(None, description="Broker host name; None: no broker (MQTT off).")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 is usual with TLS).")
+    username: str | None = Field(None, description="Broker user name.")
+    password: SecretStr | None = Field(None, description="Broker password.")
     tls: bool = Field(False, description="Connect with TLS.")
-    ca_file: Path | None = Field(None, description="CA bundle for TLS (default: the system's).")
-    prefix: str = Field("edgecam", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Topic prefix.")
-    client_id: str | None = Field(None, description="MQTT client id (default: edgecam-DEVICE).")
-    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive.")
+    ca_file: Path | None = Field(
+        None, description="CA certificate file for TLS; None: the system's CAs."
+    )
+    prefix: str = Field(
+        "edgecam",
+        pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$",
+        description="Topic prefix: PREFIX/DEVICE/status|stats|alerts|clips|cmd|cmd/result.",
+    )
+    client_id: str | None = Field(
+        None, max_length=128, description="MQTT client id; None: derived from the name."
+    )
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive interval.")
     reconnect_min_s: float = Field(0.5, gt=0, le=60, description="First reconnect delay.")
     reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="Longest reconnect delay.")
     outbox: Path = Field(
         Path("state/outbox.sqlite"),
-        description="SQLite file holding outgoing messages until the broker has them.",
+        description="The device's SQLite file holding outgoing messages until the broker has them.",
     )
     outbox_max_messages: int = Field(
         100_000, ge=10, le=10_000_000, description="Oldest messages dropped beyond this."
@@ -426,6 +433,71 @@ class MqttConfig(_Section):
     )
     discovery_prefix: str = Field(
         "homeassistant", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Discovery prefix."
+    )
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> MqttConfig:
+        if self.password is not None and self.username is None:
+            raise ValueError("password needs username")
+        return self
+
+
+class ServerConfig(_Section):
+    host: str = Field("127.0.0.1", description="HTTP listen address of the fleet server.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the fleet server.")
+    database_url: str = Field(
+        "sqlite:///edgecam-server.db",
+        description="SQLAlchemy URL: sqlite:///FILE (default) or postgresql+psycopg://...",
+    )
+    clips_dir: Path = Field(Path("server-clips"), description="Folder of uploaded clips.")
+    clips_max_age_days: float = Field(30, gt=0, description="Uploaded clips older than this go.")
+    clips_max_bytes: int = Field(
+        20 * 1024**3, ge=1024 * 1024, description="Total size cap of uploaded clips."
+    )
+    clip_max_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024, description="Largest clip a device may upload."
+    )
+    stats_retention_days: float = Field(
+        30, gt=0, description="Raw stats messages older than this are deleted."
+    )
+    history_retention_days: float = Field(
+        400, gt=0, description="Hourly downsampled stats older than this are deleted."
+    )
+    retention_interval_s: float = Field(
+        600, ge=1, le=86400, description="How often retention and downsampling run."
+    )
+    ingest: bool = Field(True, description="Run MQTT ingest in this server (needs mqtt.host).")
+    ingest_processes: int = Field(
+        1, ge=1, le=64, description="Ingest processes sharing the subscription ($share)."
+    )
+    ingest_group: str = Field(
+        "edgecam-ingest",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="MQTT 5 shared subscription group of the ingest processes.",
+    )
+    batch_size: int = Field(500, ge=1, le=100000, description="Most messages in one write.")
+    batch_interval_s: float = Field(
+        0.2, gt=0, le=10, description="Longest wait before a partial batch is written."
+    )
+    session_hours: float = Field(12, gt=0, le=24 * 90, description="Login session lifetime.")
+    secure_cookies: bool = Field(
+        True, description="Mark cookies Secure (HTTPS only); false for plain HTTP on a LAN."
+    )
+    login_max_failures: int = Field(
+        5, ge=1, le=1000, description="Failed logins (per user or address) before lockout."
+    )
+    login_lockout_s: float = Field(300, ge=1, le=86400, description="Lockout length.")
+    device_offline_s: float = Field(
+        120, ge=5, description="No message for this long: shown offline even without a will."
+    )
+    link_secret: SecretStr | None = Field(
+        None, description="HMAC key of signed links to device clips (the devices' link_secret)."
+    )
+    link_ttl_s: int = Field(3600, ge=10, le=7 * 86400, description="Signed link lifetime.")
+    device_clips_url: str | None = Field(
+        None,
+        description="Device file server URL template, e.g. http://{device}.lan:8081; "
+        "None: only uploaded clips play.",
     )
 
 
@@ -464,6 +536,7 @@ class Settings(BaseSettings):
     stats: StatsConfig = Field(default_factory=StatsConfig)  # type: ignore[arg-type]
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)  # type: ignore[arg-type]
     mqtt: MqttConfig = Field(default_factory=MqttConfig)  # type: ignore[arg-type]
+    server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _unique_cameras(self) -> Settings:
@@ -583,4 +656,5 @@ def settings_to_yaml(settings: Settings) -> str:
     data = settings.model_dump(mode="json")
     for cam in data["cameras"]:
         cam["source"] = redact_url(cam["source"])
+    data["server"]["database_url"] = redact_url(data["server"]["database_url"])
     return yaml.safe_dump(data, sort_keys=False)

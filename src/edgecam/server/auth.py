@@ -1,0 +1,210 @@
+"""Users, API tokens, login sessions, CSRF and the failed-login limiter.
+
+Passwords are hashed with argon2id. Tokens and session ids are random 256-bit values of
+which only the SHA-256 is stored, so a copy of the database logs nobody in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import Engine, delete, select, update
+from sqlalchemy.orm import Session
+
+from edgecam.errors import EdgecamError
+from edgecam.server.db import SessionRow, Token, User
+
+__all__ = [
+    "LoginLimiter",
+    "Principal",
+    "check_login",
+    "check_session",
+    "check_token",
+    "create_token",
+    "create_user",
+    "end_session",
+    "list_tokens",
+    "revoke_token",
+    "start_session",
+]
+
+USER_NAME = r"^[A-Za-z0-9_.@-]{1,64}$"
+MIN_PASSWORD = 8
+_hasher = PasswordHasher()
+# Verified against when the user does not exist, so that timing does not tell names apart.
+_DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
+
+
+def _sha(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who makes a request: a user by session (with its CSRF token) or by API token."""
+
+    user_id: int
+    name: str
+    via: str  # "session" or "token"
+    csrf: str | None = None
+    device: str | None = None  # a token limited to one device's clip uploads
+    token_id: int | None = None
+
+
+def create_user(engine: Engine, name: str, password: str) -> None:
+    """Create user ``name``, or set a new password when it exists."""
+    import re
+
+    if not re.match(USER_NAME, name):
+        raise EdgecamError(f"user name {name!r}: use 1-64 letters, digits, _ . @ -")
+    if len(password) < MIN_PASSWORD:
+        raise EdgecamError(f"the password must have at least {MIN_PASSWORD} characters")
+    digest = _hasher.hash(password)
+    with Session(engine) as s, s.begin():
+        user = s.scalar(select(User).where(User.name == name))
+        if user is None:
+            s.add(User(name=name, password_hash=digest, created=time.time()))
+        else:
+            user.password_hash = digest
+
+
+def _user(s: Session, name: str) -> User:
+    user = s.scalar(select(User).where(User.name == name))
+    if user is None:
+        raise EdgecamError(f"no user named {name!r} (create it with edgecam server create-user)")
+    return user
+
+
+def create_token(
+    engine: Engine, user: str, label: str | None = None, device: str | None = None
+) -> tuple[int, str]:
+    """A new API token of ``user``: (its id, the token). Only its hash is kept."""
+    token = "ect_" + secrets.token_urlsafe(32)
+    with Session(engine) as s, s.begin():
+        row = Token(
+            user_id=_user(s, user).id,
+            token_hash=_sha(token),
+            label=label,
+            device=device,
+            created=time.time(),
+        )
+        s.add(row)
+        s.flush()
+        return row.id, token
+
+
+def list_tokens(engine: Engine, user_id: int) -> list[Token]:
+    with Session(engine, expire_on_commit=False) as s:
+        return list(s.scalars(select(Token).where(Token.user_id == user_id).order_by(Token.id)))
+
+
+def revoke_token(engine: Engine, token_id: int, user_id: int | None = None) -> bool:
+    """Revoke a token (of ``user_id`` when given); whether there was one to revoke."""
+    stmt = update(Token).where(Token.id == token_id, Token.revoked.is_(None))
+    if user_id is not None:
+        stmt = stmt.where(Token.user_id == user_id)
+    with Session(engine) as s, s.begin():
+        return bool(s.execute(stmt.values(revoked=time.time())).rowcount)  # type: ignore[attr-defined]
+
+
+def check_token(engine: Engine, token: str) -> Principal | None:
+    with Session(engine) as s:
+        row = s.execute(
+            select(Token.id, Token.device, User.id, User.name)
+            .join(User, User.id == Token.user_id)
+            .where(Token.token_hash == _sha(token), Token.revoked.is_(None))
+        ).first()
+    if row is None:
+        return None
+    return Principal(user_id=row[2], name=row[3], via="token", device=row[1], token_id=row[0])
+
+
+def check_login(engine: Engine, name: str, password: str) -> int | None:
+    """The user id when ``password`` is right for ``name``."""
+    with Session(engine) as s:
+        user = s.scalar(select(User).where(User.name == name))
+    digest = user.password_hash if user is not None else _DUMMY_HASH
+    try:
+        _hasher.verify(digest, password)
+    except (VerificationError, InvalidHashError):
+        return None
+    return user.id if user is not None else None
+
+
+def start_session(engine: Engine, user_id: int, hours: float) -> str:
+    """A new session of ``user_id``: the cookie value."""
+    value = secrets.token_urlsafe(32)
+    now = time.time()
+    with Session(engine) as s, s.begin():
+        s.execute(delete(SessionRow).where(SessionRow.expires < now))
+        s.add(
+            SessionRow(
+                id_hash=_sha(value),
+                user_id=user_id,
+                csrf=secrets.token_urlsafe(24),
+                created=now,
+                expires=now + hours * 3600,
+            )
+        )
+    return value
+
+
+def check_session(engine: Engine, value: str) -> Principal | None:
+    with Session(engine) as s:
+        row = s.execute(
+            select(SessionRow.csrf, User.id, User.name)
+            .join(User, User.id == SessionRow.user_id)
+            .where(SessionRow.id_hash == _sha(value), SessionRow.expires > time.time())
+        ).first()
+    if row is None:
+        return None
+    return Principal(user_id=row[1], name=row[2], via="session", csrf=row[0])
+
+
+def end_session(engine: Engine, value: str) -> None:
+    with Session(engine) as s, s.begin():
+        s.execute(delete(SessionRow).where(SessionRow.id_hash == _sha(value)))
+
+
+def same_secret(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and hmac.compare_digest(a.encode(), b.encode())
+
+
+class LoginLimiter:
+    """Counts failed logins per user name and per client address; too many in the window
+    lock that name or address out until the window has passed."""
+
+    def __init__(self, max_failures: int, window_s: float) -> None:
+        self._max = max_failures
+        self._window = window_s
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, key: str, now: float) -> deque[float]:
+        times = self._failures.setdefault(key, deque())
+        while times and times[0] <= now - self._window:
+            times.popleft()
+        return times
+
+    def locked(self, *keys: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            return any(len(self._recent(k, now)) >= self._max for k in keys)
+
+    def failed(self, *keys: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for k in keys:
+                self._recent(k, now).append(now)
+
+    def succeeded(self, key: str) -> None:
+        with self._lock:
+            self._failures.pop(key, None)

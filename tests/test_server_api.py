@@ -1,0 +1,206 @@
+"""The fleet server's HTTP API and login over a real broker, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.routing import APIRoute
+from server_support import FleetServer, wait_until
+
+from edgecam.protocol import ClipReady
+from edgecam.server import api, auth, dashboard
+from edgecam.server.simulate import SimDevice, make_stats
+from edgecam.server.upload import UploadError, upload_clip
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIP = ROOT / "media" / "motion_720p30_4s.mp4"
+PARAMS = {
+    "device": "cam-1",
+    "name": "a.mp4",
+    "command_id": "0" * 32,
+    "token_id": "1",
+}
+
+
+@pytest.fixture
+def device(fleet: FleetServer, broker: int, prefix: str) -> Iterator[SimDevice]:
+    dev = SimDevice("cam-1", "127.0.0.1", broker, prefix).start()
+    wait_until(lambda: fleet.http.get("/api/devices").json())
+    yield dev
+    dev.stop()
+
+
+def _protected_routes() -> list[tuple[str, str]]:
+    out = [("GET", "/docs"), ("GET", "/openapi.json")]
+    for route in [*api.router.routes, *dashboard.router.routes]:
+        assert isinstance(route, APIRoute)
+        if route.path in ("/health", "/login"):
+            continue
+        path = re.sub(r"\{(\w+)\}", lambda m: PARAMS[m.group(1)], route.path)
+        out += [(method, path) for method in sorted(route.methods)]
+    return out
+
+
+def test_every_route_needs_credentials(fleet: FleetServer) -> None:
+    routes = _protected_routes()
+    assert len(routes) > 15
+    for method, path in routes:
+        response = fleet.anon.request(method, path, follow_redirects=False)
+        if path.startswith(("/api", "/metrics", "/openapi")):
+            assert response.status_code == 401, (method, path, response.status_code)
+        else:  # dashboard pages send the browser to the login page
+            assert response.status_code in (303, 401), (method, path, response.status_code)
+        bad = fleet.anon.request(
+            method, path, headers={"Authorization": "Bearer nope"}, follow_redirects=False
+        )
+        assert bad.status_code in (303, 401), (method, path, bad.status_code)
+    assert fleet.anon.get("/health").json() == {"status": "ok"}
+    assert fleet.anon.get("/login").status_code == 200
+    assert fleet.anon.get("/static/app.css").status_code == 200
+
+
+def _login(client: httpx.Client, password: str) -> httpx.Response:
+    client.cookies.clear()
+    form = client.get("/login")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)
+    assert csrf
+    return client.post(
+        "/login",
+        data={"username": "admin", "password": password, "csrf": csrf.group(1)},
+        follow_redirects=False,
+    )
+
+
+def test_login_wrong_password_lockout_and_csrf(fleet: FleetServer) -> None:
+    client = fleet.anon
+    assert _login(client, "wrong password").status_code == 401
+    ok = _login(client, "correct horse battery")
+    assert ok.status_code == 303
+    assert "httponly" in ok.headers["set-cookie"].lower()
+    assert client.get("/api/devices").status_code == 200  # the session works for the API
+    # A change with the session cookie but without the CSRF token is refused.
+    assert client.post("/api/tokens", json={}).status_code == 403
+    page = client.get("/")
+    csrf = re.search(r'"X-CSRF-Token": "([^"]+)"', page.text)
+    assert csrf
+    made = client.post("/api/tokens", json={"label": "x"}, headers={"X-CSRF-Token": csrf.group(1)})
+    assert made.status_code == 201
+    # Repeated failures lock the name out, even with the right password.
+    for _ in range(fleet.ctx.cfg.login_max_failures):
+        _login(client, "guess")
+    assert _login(client, "correct horse battery").status_code == 429
+    # The login form refuses a post without its CSRF cookie pair.
+    client.cookies.clear()
+    r = client.post("/login", data={"username": "admin", "password": "x", "csrf": "forged"})
+    assert r.status_code == 403
+
+
+def test_token_revocation(fleet: FleetServer) -> None:
+    made = fleet.http.post("/api/tokens", json={"label": "script"}).json()
+    other = httpx.Client(base_url=fleet.url, headers={"Authorization": f"Bearer {made['token']}"})
+    with other:
+        assert other.get("/api/devices").status_code == 200
+        assert fleet.http.delete(f"/api/tokens/{made['id']}").status_code == 204
+        assert other.get("/api/devices").status_code == 401
+    assert fleet.http.delete(f"/api/tokens/{made['id']}").status_code == 404
+
+
+def test_device_online_stats_with_seq_and_buckets(fleet: FleetServer, device: SimDevice) -> None:
+    devices = fleet.http.get("/api/devices").json()
+    assert devices[0]["name"] == "cam-1"
+    assert devices[0]["online"] is True
+    assert devices[0]["cameras"] == ["main"]
+    assert {w["name"] for w in devices[0]["workers"]} >= {"inference", "recorder"}
+    now = time.time()
+    for i in range(120):
+        device.publish(make_stats("cam-1", i, now - 120 + i))
+    device.seq = 120
+    url = f"/api/devices/cam-1/stats?start={now - 200}&end={now + 1}"
+    wait_until(lambda: len(fleet.http.get(url).json()) == 120)
+    rows = fleet.http.get(url).json()
+    assert [r["seq"] for r in rows] == list(range(120))
+    buckets = fleet.http.get(url + "&bucket=60").json()
+    assert sum(b["messages"] for b in buckets) == 120
+    assert sum(b["people"] for b in buckets) == sum(r["people"] for r in rows)
+    assert fleet.http.get(f"/api/devices/cam-1/stats?start={now}&end={now - 1}").status_code == 422
+    metrics = fleet.http.get("/metrics").text
+    assert "edgecam_devices_online 1" in metrics
+    assert re.search(r"edgecam_messages_ingested_total \d+", metrics)
+
+
+def test_command_and_its_result(fleet: FleetServer, device: SimDevice) -> None:
+    r = fleet.http.post(
+        "/api/devices/cam-1/commands", json={"name": "save_clip", "args": {"reason": "test"}}
+    )
+    assert r.status_code == 202, r.text
+    command_id = r.json()["id"]
+    wait_until(lambda: fleet.http.get(f"/api/commands/{command_id}").json()["result"])
+    out = fleet.http.get(f"/api/commands/{command_id}").json()
+    assert out["result"]["ok"] is True and out["sent"] is True
+    assert device.commands[-1].args["reason"] == "test"
+    bad = fleet.http.post("/api/devices/cam-1/commands", json={"name": "format_disk"})
+    assert bad.status_code == 422
+    bad = fleet.http.post(
+        "/api/devices/cam-1/commands", json={"name": "worker_restart", "args": {"x": 1}}
+    )
+    assert bad.status_code == 422
+    missing = fleet.http.post("/api/devices/nobody/commands", json={"name": "status"})
+    assert missing.status_code == 404
+
+
+def test_clip_upload_with_device_token_sha_checked(
+    fleet: FleetServer, device: SimDevice, tmp_path: Path
+) -> None:
+    _, token = auth.create_token(fleet.ctx.engine, "admin", "cam-1 uploads", device="cam-1")
+    data = CLIP.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    clip = ClipReady(
+        device="cam-1",
+        camera="main",
+        name="main-20260101-000000.mp4",
+        path="/clips/main-20260101-000000.mp4",
+        size=len(data),
+        duration=4.0,
+        sha256=sha,
+        start=time.time() - 10,
+        end=time.time() - 6,
+        trigger=time.time() - 8,
+        reason="manual",
+    )
+    device.publish(clip)
+    upload_clip(fleet.url, "cam-1", token, CLIP, clip)
+    upload_clip(fleet.url, "cam-1", token, CLIP, clip)  # again: harmless
+    clips = fleet.http.get("/api/clips?device=cam-1").json()
+    assert clips[0]["stored"] is True
+    wait_until(lambda: fleet.http.get("/api/clips").json()[0]["duration"] == 4.0)
+    got = fleet.http.get(clips[0]["play_url"])
+    assert got.status_code == 200 and got.content == data
+    part = fleet.http.get(clips[0]["play_url"], headers={"Range": "bytes=0-99"})
+    assert part.status_code == 206 and part.content == data[:100]
+    download = fleet.http.get(clips[0]["download_url"])
+    assert "attachment" in download.headers["content-disposition"]
+    # The device token uploads only its own clips and reads nothing.
+    with pytest.raises(UploadError, match="403"):
+        upload_clip(fleet.url, "cam-2", token, CLIP, attempts=1)
+    device_client = httpx.Client(base_url=fleet.url, headers={"Authorization": f"Bearer {token}"})
+    with device_client:
+        assert device_client.get("/api/devices").status_code == 403
+    # A damaged upload is refused.
+    broken = tmp_path / "other.mp4"
+    broken.write_bytes(data[:1000])
+    with pytest.raises(UploadError, match="SHA-256"):
+        upload_clip(fleet.url, "cam-1", token, broken, clip, attempts=1)
+    # No path escapes the clips folder.
+    escape = fleet.http.put(
+        "/api/devices/cam-1/clips/..%2F..%2Fx.mp4",
+        content=b"x",
+        headers={"X-Content-SHA256": hashlib.sha256(b"x").hexdigest()},
+    )
+    assert escape.status_code in (404, 422)
+    assert not any(p.name == "x.mp4" for p in Path(fleet.ctx.cfg.clips_dir).parent.rglob("x.mp4"))
