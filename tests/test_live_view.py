@@ -132,14 +132,17 @@ def _wait_playing(page: Any, timeout_s: float = 15) -> dict[str, Any]:
 
 @pytest.mark.parametrize("mode", ["mse", "webrtc"])
 def test_page_plays_the_stream(browser: Any, host: Host, rtp_sender: Any, mode: str) -> None:
-    rtp_sender(host.rtp_port, WIDTH, HEIGHT)
-    page = _open(browser, host, mode)
+    page = _open(browser, host, mode)  # before the camera sends: the page waits for it
     try:
+        rtp_sender(host.rtp_port, WIDTH, HEIGHT)
         seen = _wait_playing(page)
         assert (seen["w"], seen["h"]) == (WIDTH, HEIGHT)
         assert seen["mode"] == mode
         assert seen["counts"] == {"mask": 2, "no_mask": 1}
         assert host.view.counts()[mode] == 1
+        # Past the viewer timeout, the page's keep-alives hold the same connection.
+        time.sleep(host.settings.live.viewer_timeout_s + 1)
+        assert page.evaluate("() => window.edgecamLive.connects") == 1
         page.click("#save-clip")
         page.wait_for_function(
             "() => document.getElementById('clip-result').textContent.startsWith('saved')"
@@ -193,6 +196,8 @@ def test_login_cookie_opens_index_and_pages(browser: Any, host: Host) -> None:
 
 def test_four_viewers_at_once(browser: Any, host: Host, rtp_sender: Any) -> None:
     rtp_sender(host.rtp_port, WIDTH, HEIGHT)
+    assert host.view._pipeline is not None
+    elements = len(host.view._pipeline.children)
     pages = [_open(browser, host, mode) for mode in ("webrtc", "mse", "webrtc", "mse")]
     try:
         for page in pages:
@@ -206,6 +211,31 @@ def test_four_viewers_at_once(browser: Any, host: Host, rtp_sender: Any) -> None
     while host.view.counts() != {"webrtc": 0, "mse": 0} and time.monotonic() < deadline:
         time.sleep(0.1)
     assert host.view.counts() == {"webrtc": 0, "mse": 0}
+    # The viewers' WebRTC branches are gone from the pipeline: they cost nothing now.
+    while len(host.view._pipeline.children) != elements and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(host.view._pipeline.children) == elements
+
+
+def test_page_resumes_when_the_live_view_is_turned_off_and_on(
+    browser: Any, host: Host, rtp_sender: Any
+) -> None:
+    rtp_sender(host.rtp_port, WIDTH, HEIGHT)
+    page = _open(browser, host, "webrtc")
+    try:
+        _wait_playing(page)
+        connects = page.evaluate("() => window.edgecamLive.connects")
+        host.view.stop()  # streaming_stop
+        page.wait_for_function("() => window.edgecamLive.state !== 'playing'", timeout=10000)
+        time.sleep(1)
+        frames = page.evaluate("() => window.edgecamLive.frames")
+        host.view.start()  # streaming_start
+        page.wait_for_function(f"() => window.edgecamLive.frames > {frames + 30}", timeout=15000)
+        assert page.evaluate("() => window.edgecamLive.connects") > connects
+        _wait_playing(page)
+        assert host.view.counts()["webrtc"] == 1
+    finally:
+        page.close()
 
 
 @pytest.mark.parametrize("mode", ["mse", "webrtc"])

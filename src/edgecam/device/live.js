@@ -17,7 +17,6 @@
 
   const RETRY_MS = 2000;
   const WEBRTC_TIMEOUT_MS = 8000;
-  const PING_MS = 5000;
   // MSE: how far behind the newest frame playback may fall before it jumps ahead.
   const MAX_LAG_S = 0.5;
   const CHASE_LAG_S = 0.15;
@@ -68,7 +67,7 @@
       this.ws.onmessage = (ev) => this.onMessage(ev);
       this.ws.onclose = (ev) => this.onClose(ev);
       this.ws.onopen = () => setStatus("waiting for video");
-      this.ping = setInterval(() => this.send({ type: "ping" }), PING_MS);
+      this.ping = setInterval(() => this.send({ type: "ping" }), cfg.pingMs);
       live.mode = mode;
       live.connects += 1;
       setStatus("connecting");

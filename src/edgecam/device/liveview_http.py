@@ -25,6 +25,7 @@ import hmac
 import html
 import json
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
@@ -175,13 +176,19 @@ class _SocketLink:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._queue: asyncio.Queue[bytes | str | None] = asyncio.Queue()
+        self._lock = threading.Lock()  # _pending: GStreamer threads add, the event loop takes
         self._pending = 0
         self.reason: str | None = None
 
+    def _take(self, delta: int) -> None:
+        with self._lock:
+            self._pending += delta
+
     def send(self, message: bytes | str) -> bool:
-        if self._pending >= _SEND_QUEUE:
-            return False
-        self._pending += 1
+        with self._lock:
+            if self._pending >= _SEND_QUEUE:
+                return False
+            self._pending += 1
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, message)
         except RuntimeError:  # the event loop is closed: the server is going away
@@ -195,8 +202,8 @@ class _SocketLink:
 
     def put_text(self, message: str) -> None:
         """Queue a message from the event loop itself (not counted against the limit)."""
+        self._take(1)
         self._queue.put_nowait(message)
-        self._pending += 1
 
     async def pump(self, ws: WebSocket) -> None:
         """Send queued messages until the view closes this viewer."""
@@ -210,7 +217,7 @@ class _SocketLink:
                 else:
                     await ws.send_text(message)
             finally:
-                self._pending -= 1
+                self._take(-1)
 
 
 def _page(title: str, body: str, script: bool = False) -> HTMLResponse:
@@ -247,8 +254,11 @@ def live_routes(
     ``views`` maps camera names to their :class:`LiveView` (started or not: a stopped view
     answers "live view off" and pages retry until it is started). ``counts_source(camera)``
     gives the counts shown beside the video; ``save_clip(camera)`` (sync or async) is what
-    the save-clip button calls. Raises ConfigError when no token is configured.
+    the save-clip button calls. No routes when ``live.enabled`` is false. Raises
+    ConfigError when no token is configured.
     """
+    if not settings.live.enabled:
+        return []
     auth = _Auth(settings, clock)
     for name in views:
         settings.camera(name)  # validates the names
@@ -308,6 +318,8 @@ def live_routes(
             "clip": f"/live/{quote(camera)}/clip",
             "webrtc": settings.live.webrtc,
             "iceServers": ice_servers,
+            # Three keep-alives in each viewer timeout: one lost or late costs nothing.
+            "pingMs": int(settings.live.viewer_timeout_s * 1000 / 3),
         }
         # JSON in a script element: '<' escaped so that no value can close the element.
         data = json.dumps(config).replace("<", "\\u003c")

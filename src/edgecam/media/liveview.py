@@ -364,6 +364,12 @@ class LiveView:
         if self._reaper is not None:
             self._reaper.destroy()
             self._reaper = None
+        # A branch whose teardown has not run yet may hold a streaming thread inside its
+        # webrtcbin: flushing releases it, so that NULL cannot hang.
+        for element in pipeline.iterate_elements():
+            if element.get_factory().get_name() == "webrtcbin":
+                for pad in element.sinkpads:
+                    pad.send_event(Gst.Event.new_flush_start())
         pipeline.set_state(Gst.State.NULL)
         pipeline.get_bus().remove_signal_watch()
         self._writer = self._caps = self._last_dts = None
@@ -481,13 +487,16 @@ class _WebRtcBranch:
     """``queue ! rtph264pay ! webrtcbin`` for one viewer, on the shared tee.
 
     The device makes the offer (send-only H.264 with the stream's own profile-level-id);
-    the browser answers. Built and torn down in the view's main loop thread.
+    the browser answers. The branch joins the tee only once the answer is applied: webrtcbin
+    holds data back until it is negotiated, and a streaming thread held inside it would
+    block the branch's teardown. Built and torn down in the view's main loop thread.
     """
 
     def __init__(self, view: LiveView, viewer: Viewer) -> None:
         self.view = view
         self.viewer = viewer
         self.attached = False
+        self._queue: Gst.Element | None = None
         self._elements: list[Gst.Element] = []
         self._tee_pad: Gst.Pad | None = None
         self._webrtc: Gst.Element | None = None
@@ -512,7 +521,8 @@ class _WebRtcBranch:
         webrtc.connect("on-negotiation-needed", self._on_negotiation_needed)
         webrtc.connect("on-ice-candidate", self._on_ice_candidate)
         webrtc.connect("notify::connection-state", self._on_connection_state)
-        self._elements = [queue, pay, webrtc]
+        # Downstream first: the order they are stopped in.
+        self._elements = [webrtc, pay, queue]
         for element in self._elements:
             pipeline.add(element)
         queue.link(pay)
@@ -526,27 +536,39 @@ class _WebRtcBranch:
         transceiver.set_property("direction", GstWebRTC.WebRTCRTPTransceiverDirection.SENDONLY)
         transceiver.set_property("codec-preferences", caps)
         pay.get_static_pad("src").link(sink)
-        for element in reversed(self._elements):
+        self._queue, self._webrtc, self._pipeline, self._tee = queue, webrtc, pipeline, tee
+        for element in self._elements:
             element.sync_state_with_parent()
-        tee_pad = tee.request_pad_simple("src_%u")
-        tee_pad.link(queue.get_static_pad("sink"))
-        self._tee_pad, self._webrtc, self._pipeline = tee_pad, webrtc, pipeline
-        self._tee = tee
+
+    def _join_tee(self) -> None:
+        """Feed the branch (main loop, once the answer is applied)."""
+        if self._tee is None or self._queue is None or self._tee_pad is not None:
+            return
+        tee_pad = self._tee.request_pad_simple("src_%u")
+        tee_pad.link(self._queue.get_static_pad("sink"))
+        self._tee_pad = tee_pad
 
     def detach(self) -> None:
-        """Unlink from the tee when no buffer is passing, then free the elements."""
-        tee_pad, pipeline, tee = self._tee_pad, self._pipeline, self._tee
-        self._tee_pad = self._webrtc = self._pipeline = self._tee = None
+        """Leave the tee when no buffer is passing, then free the elements (main loop)."""
+        tee_pad, pipeline, tee, queue = self._tee_pad, self._pipeline, self._tee, self._queue
+        self._tee_pad = self._webrtc = self._pipeline = self._tee = self._queue = None
         elements, self._elements = self._elements, []
-        if tee_pad is None or pipeline is None or tee is None:
+        if pipeline is None or queue is None or tee is None:
             return
-        queue_sink = elements[0].get_static_pad("sink")
+        queue_sink = queue.get_static_pad("sink")
 
         def free() -> None:
-            tee.release_request_pad(tee_pad)
+            # Flushing wakes a streaming thread held inside webrtcbin; then NULL cannot hang.
+            queue_sink.send_event(Gst.Event.new_flush_start())
             for element in elements:
                 element.set_state(Gst.State.NULL)
                 pipeline.remove(element)
+            if tee_pad is not None:
+                tee.release_request_pad(tee_pad)
+
+        if tee_pad is None:
+            free()
+            return
 
         def unlink(pad: Gst.Pad, _info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
             pad.unlink(queue_sink)
@@ -568,7 +590,9 @@ class _WebRtcBranch:
                 log.warning("viewer %d sent an unreadable SDP answer", self.viewer.id)
                 return
             answer = GstWebRTC.WebRTCSessionDescription.new(GstWebRTC.WebRTCSDPType.ANSWER, sdp)
-            webrtc.emit("set-remote-description", answer, Gst.Promise.new())
+            view = self.view
+            promise = Gst.Promise.new_with_change_func(lambda *_: view._later(self._join_tee))
+            webrtc.emit("set-remote-description", answer, promise)
         elif kind == "ice" and isinstance(message.get("candidate"), str) and message["candidate"]:
             mline = message.get("sdpMLineIndex")
             webrtc.emit(
