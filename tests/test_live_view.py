@@ -20,9 +20,9 @@ import uvicorn
 from conftest import free_port
 from starlette.applications import Starlette
 
-from edgecam.config import LiveViewConfig, Settings
+from edgecam.config import LiveViewConfig, Settings, load_settings
 from edgecam.device.liveview_http import COOKIE, live_path, live_routes, live_url
-from edgecam.errors import LiveViewError
+from edgecam.errors import ConfigError, LiveViewError
 from edgecam.media.fmp4 import Fmp4Writer, codec_string
 from edgecam.media.liveview import LiveView
 
@@ -293,6 +293,40 @@ def test_viewer_limit_and_stopped_view() -> None:
     # Stopping dropped the viewer; the view starts again (streaming_start after a stop).
     with view:
         assert view.counts() == {"webrtc": 0, "mse": 0}
+
+
+@pytest.mark.parametrize(
+    ("live", "key"),
+    [
+        ({"max_viewers": 0}, "live.max_viewers"),
+        ({"viewer_timeout_s": 0.5}, "live.viewer_timeout_s"),
+        ({"link_ttl_s": 1}, "live.link_ttl_s"),
+        ({"stun_server": "http://stun.example"}, "live.stun_server"),
+        ({"public_url": "https://cam.example/live"}, "live.public_url"),
+        ({"webrtcc": False}, "live.webrtcc"),
+    ],
+)
+def test_bad_live_config_names_the_key(live: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_settings(None, **{f"live.{k}": v for k, v in live.items()})
+
+
+def test_webrtc_off_and_live_view_off() -> None:
+    settings = _settings(webrtc=False)
+    view = LiveView(settings.live, camera="main", rtp_port=_free_udp_port())
+
+    class Link:
+        def send(self, _message: bytes | str) -> bool:
+            return True
+
+        def closed(self, _reason: str) -> None:
+            pass
+
+    with view:
+        with pytest.raises(LiveViewError, match="WebRTC is off"):
+            view.add_viewer("webrtc", Link())
+        view.add_viewer("mse", Link()).close()
+    assert live_routes(_settings(enabled=False), {"main": view}) == []
 
 
 def test_live_url_is_signed_and_expires() -> None:

@@ -307,11 +307,11 @@ def live_routes(
 
     async def page(request: Request) -> Response:
         camera: str = request.path_params["camera"]
-        if camera not in views:
-            return JSONResponse({"error": "no such camera"}, status_code=404)
         by_link = auth.link_ok(request, camera)
         if not by_link and not auth.allows(request, camera):
             return JSONResponse({"error": "missing or expired credentials"}, status_code=401)
+        if camera not in views:
+            return JSONResponse({"error": "no such camera"}, status_code=404)
         config = {
             "camera": camera,
             "ws": f"/live/{quote(camera)}/ws",
