@@ -292,15 +292,16 @@ def live_routes(
         if not isinstance(token, str) or not auth.token_ok(token):
             return JSONResponse({"error": "wrong token"}, status_code=401)
         response = RedirectResponse("/live", status_code=303)
-        _set_cookie(response, auth.cookie_value(_ALL_CAMERAS))
+        _set_cookie(request, response, auth.cookie_value(_ALL_CAMERAS))
         return response
 
-    def _set_cookie(response: Response, value: str) -> None:
+    def _set_cookie(request: Request, response: Response, value: str) -> None:
         response.set_cookie(
             COOKIE,
             value,
             max_age=auth.session_ttl_s,
             path="/live",
+            secure=request.url.scheme == "https",
             httponly=True,
             samesite="lax",
         )
@@ -334,7 +335,7 @@ def live_routes(
             script=True,
         )
         if by_link:
-            _set_cookie(response, auth.cookie_value(camera))
+            _set_cookie(request, response, auth.cookie_value(camera))
         return response
 
     async def live_js(_request: Request) -> Response:
