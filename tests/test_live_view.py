@@ -152,6 +152,28 @@ def test_page_plays_the_stream(browser: Any, host: Host, rtp_sender: Any, mode: 
         page.close()
 
 
+def test_page_falls_back_to_mse_when_webrtc_cannot_connect(
+    browser: Any, host: Host, rtp_sender: Any
+) -> None:
+    rtp_sender(host.rtp_port, WIDTH, HEIGHT)
+    page = browser.new_page()
+    # No UDP path: relay candidates only, and no relay server, so ICE never connects.
+    page.add_init_script(
+        """window.RTCPeerConnection = class extends window.RTCPeerConnection {
+             constructor(config) { super({ ...config, iceTransportPolicy: 'relay' }); }
+           };"""
+    )
+    try:
+        page.goto(host.base + live_path(host.settings, "main"))  # no mode: the page picks
+        assert page.evaluate("() => window.edgecamLive.mode") == "webrtc"
+        seen = _wait_playing(page, timeout_s=25)
+        assert seen["mode"] == "mse"
+        assert (seen["w"], seen["h"]) == (WIDTH, HEIGHT)
+        assert host.view.counts() == {"webrtc": 0, "mse": 1}  # the failed viewer is gone
+    finally:
+        page.close()
+
+
 def test_without_credentials_page_and_socket_are_refused(browser: Any, host: Host) -> None:
     page = browser.new_page()
     try:
