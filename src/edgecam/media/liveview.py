@@ -85,9 +85,9 @@ class Viewer:
         self._view = view
         self.last_seen = view._clock()
         # MSE: wait for a keyframe (and send the init segment) before the next fragment.
-        self.waiting = True
-        self.init_sent: Fmp4Writer | None = None
-        self.webrtc: _WebRtcBranch | None = None
+        self._waiting = True
+        self._init_sent: Fmp4Writer | None = None
+        self._branch: _WebRtcBranch | None = None
 
     def touch(self) -> None:
         """The browser is still there (any message from it counts)."""
@@ -98,8 +98,8 @@ class Viewer:
         ``{"type": "ice", "candidate": ..., "sdpMLineIndex": ...}``; others only count as
         a keep-alive."""
         self.touch()
-        if self.webrtc is not None:
-            self.webrtc.receive(message)
+        if self._branch is not None:
+            self._branch.receive(message)
 
     def close(self) -> None:
         """The browser left: release everything it used. Idempotent."""
@@ -254,7 +254,7 @@ class LiveView:
             viewer = Viewer(self, next(self._ids), kind, link)
             self._viewers[viewer.id] = viewer
         if kind == "webrtc":
-            viewer.webrtc = _WebRtcBranch(self, viewer)
+            viewer._branch = _WebRtcBranch(self, viewer)
             self._call(self._attach_ready_branches)
         log.info("%s viewer %d of %s joined", kind, viewer.id, self.camera)
         return viewer
@@ -264,8 +264,8 @@ class LiveView:
         with self._lock:
             if self._viewers.pop(viewer.id, None) is None:
                 return
-        if viewer.webrtc is not None and self._context is not None:
-            branch = viewer.webrtc
+        if viewer._branch is not None and self._context is not None:
+            branch = viewer._branch
             self._call(branch.detach)
         if reason is not None:
             viewer.link.closed(reason)
@@ -429,16 +429,16 @@ class LiveView:
         finally:
             buf.unmap(info)
         for viewer in viewers:
-            if viewer.waiting:
+            if viewer._waiting:
                 if not keyframe:
                     continue
-                if viewer.init_sent is not writer:
+                if viewer._init_sent is not writer:
                     viewer.link.send(json.dumps({"type": "codec", "codec": writer.codec}))
                     viewer.link.send(writer.init_segment)
-                    viewer.init_sent = writer
-                viewer.waiting = False
+                    viewer._init_sent = writer
+                viewer._waiting = False
             if not viewer.link.send(fragment):
-                viewer.waiting = True
+                viewer._waiting = True
         return Gst.FlowReturn.OK
 
     def _new_caps(self, caps: Gst.Caps) -> None:
@@ -460,7 +460,7 @@ class LiveView:
         log.info("live view of %s: %dx%d %s", self.camera, width, height, self._writer.codec)
         with self._lock:
             for viewer in self._viewers.values():
-                viewer.waiting = True
+                viewer._waiting = True
         self._later(self._attach_ready_branches)
 
     def _attach_ready_branches(self) -> None:
@@ -470,9 +470,9 @@ class LiveView:
             return
         with self._lock:
             waiting = [
-                v.webrtc
+                v._branch
                 for v in self._viewers.values()
-                if v.webrtc is not None and not v.webrtc.attached
+                if v._branch is not None and not v._branch.attached
             ]
         for branch in waiting:
             try:
