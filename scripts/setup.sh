@@ -9,7 +9,8 @@ APT_PACKAGES=(
   gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-rtsp-server-1.0
   gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good
   gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
-  gstreamer1.0-x mosquitto ffmpeg fonts-dejavu-core chromium postgresql
+  gstreamer1.0-x gstreamer1.0-nice gir1.2-gst-plugins-bad-1.0 mosquitto ffmpeg
+  fonts-dejavu-core chromium postgresql
 )
 
 missing=()

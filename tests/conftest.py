@@ -53,6 +53,8 @@ def rtp_sender() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
             "speed-preset=ultrafast",
             f"key-int-max={fps}",
             "!",
+            "video/x-h264,profile=constrained-baseline",  # as the pipeline pins it
+            "!",
             "h264parse",  # SPS/PPS once before each keyframe, as the pipeline sends them
             "config-interval=-1",
             "!",

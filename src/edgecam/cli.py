@@ -31,6 +31,7 @@ BENCHES: dict[str, str] = {
     "crops": "bench/bench_crops.py",
     "device": "bench/bench_device.py",
     "fleet": "bench/bench_fleet.py",
+    "liveview": "bench/bench_liveview.py",
 }
 
 
@@ -192,6 +193,13 @@ def _cmd_server(args: argparse.Namespace) -> int:
     return server_cli(_settings(args), args.action, args.name, args.device)
 
 
+def _cmd_live_url(args: argparse.Namespace) -> int:
+    from edgecam.device.liveview_http import live_url
+
+    print(live_url(_settings(args), args.camera))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import runpy
 
@@ -273,6 +281,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=sorted(BENCHES))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("live-url", parents=[common], help="print a signed live-page URL")
+    p.add_argument("--camera", help="camera name (default: the first)")
+    p.set_defaults(func=_cmd_live_url)
 
     p = sub.add_parser("config", parents=[common], help="check or show the configuration")
     p.add_argument("action", choices=["check", "show"])

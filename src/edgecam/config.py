@@ -27,6 +27,7 @@ __all__ = [
     "CameraConfig",
     "EncoderConfig",
     "FileServerConfig",
+    "LiveViewConfig",
     "MqttConfig",
     "OverlayConfig",
     "RecorderConfig",
@@ -501,6 +502,39 @@ class ServerConfig(_Section):
     )
 
 
+class LiveViewConfig(_Section):
+    enabled: bool = Field(True, description="Serve the live view pages (/live) on the HTTP server.")
+    webrtc: bool = Field(
+        True, description="Offer WebRTC (lowest latency); off: every page uses the fallback."
+    )
+    stun_server: str | None = Field(
+        None,
+        pattern=r"^stuns?://[A-Za-z0-9.:\[\]-]+$",
+        description="STUN server for WebRTC beyond the local network (none: host candidates).",
+    )
+    max_viewers: int = Field(
+        8, ge=1, le=256, description="Viewers of one camera at once, WebRTC and fallback together."
+    )
+    viewer_timeout_s: float = Field(
+        15, ge=1, le=600, description="Drop a viewer that sent no keep-alive for this long."
+    )
+    link_ttl_s: int = Field(
+        3600, ge=10, le=7 * 86400, description="Lifetime of a signed live-page link."
+    )
+    session_ttl_s: int = Field(
+        12 * 3600,
+        ge=60,
+        le=7 * 86400,
+        description="Lifetime of the login cookie a signed link or token leaves in the browser.",
+    )
+    public_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^/?#]+$",
+        description="Base URL (scheme://host:port) that `edgecam live-url` prints; default the "
+        "file server's address.",
+    )
+
+
 def _default_cameras() -> list[CameraConfig]:
     return [CameraConfig()]
 
@@ -537,6 +571,7 @@ class Settings(BaseSettings):
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)  # type: ignore[arg-type]
     mqtt: MqttConfig = Field(default_factory=MqttConfig)  # type: ignore[arg-type]
     server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
+    live: LiveViewConfig = Field(default_factory=LiveViewConfig)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _unique_cameras(self) -> Settings:

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "EdgecamError",
+    "LiveViewError",
     "MissingPluginError",
     "ModelError",
     "PipelineError",
@@ -38,3 +39,7 @@ class SourceError(EdgecamError):
 
 class PipelineError(EdgecamError):
     """The media pipeline failed while running."""
+
+
+class LiveViewError(EdgecamError):
+    """The live view cannot take a viewer (stopped, or at its viewer limit)."""

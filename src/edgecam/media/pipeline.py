@@ -63,6 +63,9 @@ _ENCODERS: dict[str, tuple[str, str]] = {
     "nvh264": ("nvh264enc", "bitrate={kbps} preset=low-latency-hq zerolatency=true gop-size=600"),
     "vaapih264": ("vaapih264enc", "bitrate={kbps} keyframe-period=600"),
 }
+# The profile every browser decodes, in MSE and in WebRTC (x264 left alone picks High 4:4:4
+# Predictive for I420 at ultrafast, which WebRTC peers may refuse): the encoder follows caps.
+_H264_PROFILE_CAPS = "video/x-h264,profile=constrained-baseline"
 _LOOP_START = "edgecam-loop-start"
 # A detection further ahead of the video than this is from another timeline (the source
 # restarted or looped): applied at once rather than held.
@@ -113,7 +116,7 @@ def _encoder_name(cfg: EncoderConfig) -> str:
 def _encoder_description(cfg: EncoderConfig) -> str:
     factory, props = _ENCODERS[_encoder_name(cfg)]
     props = props.format(preset=cfg.preset, kbps=cfg.bitrate_kbps, bps=cfg.bitrate_kbps * 1000)
-    return f"{factory} name=enc {props}"
+    return f"{factory} name=enc {props} ! {_H264_PROFILE_CAPS}"
 
 
 @dataclass(frozen=True)

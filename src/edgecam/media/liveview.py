@@ -1,0 +1,624 @@
+"""The live view of one camera: its H.264 RTP fanned out to browsers, never re-encoded.
+
+One pipeline per camera, while started::
+
+    udpsrc (the camera's live-view RTP port) ! rtph264depay ! h264parse ! tee
+      |-> queue ! h264parse (AVC) ! appsink -> one fMP4 fragment a frame -> every MSE viewer
+      |-> queue ! rtph264pay ! webrtcbin       one branch per WebRTC viewer, added and
+                                               removed while the pipeline runs
+
+Nothing is decoded or encoded: a viewer costs a queue and a payloader (WebRTC) or a socket
+write (MSE). The HTTP layer connects each browser through a :class:`ViewerLink` (how the
+view sends to it) and gets a :class:`Viewer` back (how the browser's messages reach the
+view). A viewer that sends nothing for ``live.viewer_timeout_s`` is dropped.
+
+The pipeline's clock runs on whether or not the camera's pipeline sends: when the inference
+worker restarts, its new stream continues the same timeline and viewers resume at its first
+keyframe.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Literal, Protocol, TypeVar
+
+import gi
+
+from edgecam.config import LiveViewConfig, Settings
+from edgecam.errors import LiveViewError, PipelineError
+from edgecam.media.fmp4 import TIMESCALE, Fmp4Writer
+from edgecam.media.gst import RTP_CAPS, UDP_BUFFER_BYTES, GLib, Gst, init, require_elements
+
+gi.require_version("GstSdp", "1.0")
+gi.require_version("GstWebRTC", "1.0")
+from gi.repository import GstSdp, GstWebRTC
+
+__all__ = ["LiveView", "Viewer", "ViewerKind", "ViewerLink"]
+
+log = logging.getLogger(__name__)
+
+ViewerKind = Literal["webrtc", "mse"]
+
+_ELEMENTS = ("udpsrc", "rtph264depay", "h264parse", "tee", "queue", "appsink")
+_WEBRTC_ELEMENTS = ("rtph264pay", "webrtcbin", "nicesrc")
+_CALL_TIMEOUT_S = 10.0
+_REAP_INTERVAL_S = 1
+# Frames queued towards one WebRTC viewer before the oldest are dropped (about 2 s).
+_BRANCH_QUEUE_BUFFERS = 60
+# Until two frames give a real one: 30 fps.
+_DEFAULT_FRAME_TICKS = TIMESCALE // 30
+_NS_PER_TICK = Gst.SECOND / TIMESCALE
+_PAYLOAD_TYPE = 96
+
+_T = TypeVar("_T")
+
+
+class ViewerLink(Protocol):
+    """How a live view reaches one browser; implemented by the HTTP layer.
+
+    Both methods are called from GStreamer threads and must not block.
+    """
+
+    def send(self, message: bytes | str) -> bool:
+        """Queue a message for the browser: ``str`` is a JSON text message, ``bytes``
+        media (fMP4). False when the browser's queue is full: the view drops this viewer's
+        frames until the next keyframe."""
+
+    def closed(self, reason: str) -> None:
+        """The view dropped this viewer (timeout, stop, connection failed)."""
+
+
+class Viewer:
+    """One browser watching; the handle the HTTP layer holds. Thread-safe."""
+
+    def __init__(self, view: LiveView, viewer_id: int, kind: ViewerKind, link: ViewerLink):
+        self.id = viewer_id
+        self.kind: ViewerKind = kind
+        self.link = link
+        self._view = view
+        self.last_seen = view._clock()
+        # MSE: wait for a keyframe (and send the init segment) before the next fragment.
+        self._waiting = True
+        self._init_sent: Fmp4Writer | None = None
+        self._branch: _WebRtcBranch | None = None
+
+    def touch(self) -> None:
+        """The browser is still there (any message from it counts)."""
+        self.last_seen = self._view._clock()
+
+    def receive(self, message: dict[str, Any]) -> None:
+        """A signalling message from the browser: ``{"type": "answer", "sdp": ...}`` or
+        ``{"type": "ice", "candidate": ..., "sdpMLineIndex": ...}``; others only count as
+        a keep-alive."""
+        self.touch()
+        if self._branch is not None:
+            self._branch.receive(message)
+
+    def close(self) -> None:
+        """The browser left: release everything it used. Idempotent."""
+        self._view._drop(self, None)
+
+
+class LiveView:
+    """The live view of one camera, with an explicit life: ``start()`` / ``stop()``.
+
+    Started, it listens on the camera's live-view RTP port and serves any number of
+    viewers (up to ``max_viewers``); stopped, the port is closed and every viewer is
+    dropped. It can be started again after a stop: streaming on/off commands map to
+    ``start()`` / ``stop()``. Also a context manager.
+    """
+
+    def __init__(
+        self,
+        config: LiveViewConfig,
+        *,
+        camera: str,
+        rtp_port: int,
+        rtp_host: str = "127.0.0.1",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 1 <= rtp_port <= 65535:
+            raise ValueError(f"rtp_port must be in 1..65535, got {rtp_port}")
+        if not camera or "/" in camera:
+            raise ValueError(f"camera must be a non-empty name without '/', got {camera!r}")
+        self.camera = camera
+        self._config = config
+        self._rtp_port = rtp_port
+        self._rtp_host = rtp_host
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._viewers: dict[int, Viewer] = {}
+        self._ids = itertools.count(1)
+        self._context: GLib.MainContext | None = None
+        self._loop: GLib.MainLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pipeline: Gst.Pipeline | None = None
+        self._tee: Gst.Element | None = None
+        self._reaper: GLib.Source | None = None
+        # Stream state, written by the appsink thread only.
+        self._writer: Fmp4Writer | None = None
+        self._caps: Gst.Caps | None = None
+        self._last_dts: int | None = None
+        self._frame_ticks = _DEFAULT_FRAME_TICKS
+        self.frames = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, camera: str | None = None) -> LiveView:
+        """The live view of camera ``camera`` (the first when None) of ``settings``."""
+        index, cam = settings.camera(camera)
+        return cls(settings.live, camera=cam.name, rtp_port=settings.rtp_ports(index)[2])
+
+    # -- public state -------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True between ``start()`` and ``stop()``."""
+        return self._pipeline is not None
+
+    @property
+    def webrtc_enabled(self) -> bool:
+        return self._config.webrtc
+
+    @property
+    def codec(self) -> str | None:
+        """The stream's codec (``avc1.42c01f``) once a frame arrived, else None."""
+        writer = self._writer
+        return writer.codec if writer is not None else None
+
+    def counts(self) -> dict[str, int]:
+        """Viewers right now, by kind."""
+        with self._lock:
+            viewers = list(self._viewers.values())
+        return {kind: sum(v.kind == kind for v in viewers) for kind in ("webrtc", "mse")}
+
+    # -- life -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Listen for the camera's RTP and accept viewers; raise if the port is taken."""
+        if self._pipeline is not None:
+            return
+        init()
+        require_elements(_ELEMENTS + (_WEBRTC_ELEMENTS if self._config.webrtc else ()))
+        self._context = GLib.MainContext.new()
+        self._loop = GLib.MainLoop.new(self._context, False)
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run_loop, args=(ready,), name=f"live-{self.camera}", daemon=True
+        )
+        self._thread.start()
+        ready.wait(_CALL_TIMEOUT_S)
+        try:
+            self._call(self._open)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("live view of %s on udp://%s:%d", self.camera, self._rtp_host, self._rtp_port)
+
+    def stop(self) -> None:
+        """Drop every viewer, close the port and end the thread. Safe to call twice."""
+        if self._thread is None:
+            return
+        with self._lock:
+            viewers = list(self._viewers.values())
+        for viewer in viewers:
+            self._drop(viewer, "live view stopped")
+        try:
+            self._call(self._close)
+        finally:
+            assert self._loop is not None
+            loop = self._loop
+            self._call(loop.quit)
+            self._thread.join(_CALL_TIMEOUT_S)
+            if self._thread.is_alive():
+                log.warning("live view thread did not end within %.0f s", _CALL_TIMEOUT_S)
+            self._thread = self._loop = self._context = None
+
+    def __enter__(self) -> LiveView:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- viewers --------------------------------------------------------------------------
+
+    def add_viewer(self, kind: ViewerKind, link: ViewerLink) -> Viewer:
+        """A new viewer of ``kind``. WebRTC: the view sends the SDP offer and its ICE
+        candidates through ``link`` (once the stream has given its first keyframe); MSE: a
+        ``{"type": "codec"}`` message, the init segment, then fragments from a keyframe on.
+
+        Raises LiveViewError when stopped, full, or asked for WebRTC while it is off.
+        """
+        if self._pipeline is None:
+            raise LiveViewError(f"the live view of {self.camera} is off")
+        if kind == "webrtc" and not self._config.webrtc:
+            raise LiveViewError("WebRTC is off (live.webrtc); use the fallback")
+        with self._lock:
+            if len(self._viewers) >= self._config.max_viewers:
+                raise LiveViewError(
+                    f"{self.camera} has {len(self._viewers)} viewers, the most "
+                    "live.max_viewers allows"
+                )
+            viewer = Viewer(self, next(self._ids), kind, link)
+            self._viewers[viewer.id] = viewer
+        if kind == "webrtc":
+            viewer._branch = _WebRtcBranch(self, viewer)
+            self._call(self._attach_ready_branches)
+        log.info("%s viewer %d of %s joined", kind, viewer.id, self.camera)
+        return viewer
+
+    def _drop(self, viewer: Viewer, reason: str | None) -> None:
+        """Forget ``viewer``; tell its link when the view (not the browser) ends it."""
+        with self._lock:
+            if self._viewers.pop(viewer.id, None) is None:
+                return
+        if viewer._branch is not None and self._context is not None:
+            branch = viewer._branch
+            self._call(branch.detach)
+        if reason is not None:
+            viewer.link.closed(reason)
+        log.info(
+            "%s viewer %d of %s left (%s)", viewer.kind, viewer.id, self.camera, reason or "gone"
+        )
+
+    # -- main loop thread -----------------------------------------------------------------
+
+    def _run_loop(self, ready: threading.Event) -> None:
+        assert self._context is not None and self._loop is not None
+        self._context.push_thread_default()
+        try:
+            ready.set()
+            self._loop.run()
+        finally:
+            self._context.pop_thread_default()
+
+    def _call(self, func: Callable[[], _T]) -> _T:
+        """Run ``func`` in the main loop thread and return its result (or raise its error)."""
+        context = self._context
+        assert context is not None
+        if threading.current_thread() is self._thread:
+            return func()
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def invoke() -> bool:
+            try:
+                box["result"] = func()
+            except BaseException as exc:
+                box["error"] = exc
+            finally:
+                done.set()
+            return False
+
+        source = GLib.idle_source_new()
+        source.set_callback(lambda *_: invoke())
+        source.attach(context)
+        if not done.wait(_CALL_TIMEOUT_S):
+            raise PipelineError("the live view's main loop did not answer within 10 s")
+        if "error" in box:
+            raise box["error"]
+        result: _T = box.get("result")  # type: ignore[assignment]
+        return result
+
+    def _later(self, func: Callable[[], object]) -> None:
+        """Run ``func`` in the main loop thread soon, without waiting for it."""
+        context = self._context
+        if context is None:
+            return
+        source = GLib.idle_source_new()
+        source.set_callback(lambda *_: bool(func()) and False)
+        source.attach(context)
+
+    def _open(self) -> None:
+        pipeline = Gst.parse_launch(
+            f"udpsrc name=src address={self._rtp_host} port={self._rtp_port} "
+            f'buffer-size={UDP_BUFFER_BYTES} caps="{RTP_CAPS}" '
+            # config-interval=-1: SPS/PPS in-band before every keyframe, for viewers that
+            # join between keyframes.
+            "! rtph264depay ! h264parse config-interval=-1 "
+            "! video/x-h264,stream-format=byte-stream,alignment=au "
+            "! tee name=t allow-not-linked=true "
+            "t. ! queue leaky=downstream max-size-buffers=30 max-size-bytes=0 max-size-time=0 "
+            "! h264parse ! video/x-h264,stream-format=avc,alignment=au "
+            "! appsink name=mse emit-signals=true sync=false max-buffers=30 drop=true"
+        )
+        assert isinstance(pipeline, Gst.Pipeline)
+        sink = pipeline.get_by_name("mse")
+        sink.connect("new-sample", self._on_sample)
+        bus = pipeline.get_bus()
+        # Runs in this thread's default context, the view's own (see _run_loop).
+        bus.add_signal_watch()
+        bus.connect("message", self._on_bus_message)
+        if pipeline.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
+            message = bus.pop_filtered(Gst.MessageType.ERROR)
+            detail = message.parse_error()[0].message if message is not None else "unknown"
+            pipeline.set_state(Gst.State.NULL)
+            bus.remove_signal_watch()
+            raise PipelineError(
+                f"live view of {self.camera}: cannot listen on udp://{self._rtp_host}:"
+                f"{self._rtp_port}: {detail} (is another live view running?)"
+            )
+        reaper = GLib.timeout_source_new_seconds(_REAP_INTERVAL_S)
+        reaper.set_callback(lambda *_: self._reap())
+        reaper.attach(self._context)
+        self._pipeline, self._tee = pipeline, pipeline.get_by_name("t")
+        self._reaper = reaper
+
+    def _close(self) -> None:
+        pipeline = self._pipeline
+        self._pipeline = self._tee = None
+        if pipeline is None:
+            return
+        if self._reaper is not None:
+            self._reaper.destroy()
+            self._reaper = None
+        # A branch whose teardown has not run yet may hold a streaming thread inside its
+        # webrtcbin: flushing releases it, so that NULL cannot hang.
+        for element in pipeline.iterate_elements():
+            if element.get_factory().get_name() == "webrtcbin":
+                for pad in element.sinkpads:
+                    pad.send_event(Gst.Event.new_flush_start())
+        pipeline.set_state(Gst.State.NULL)
+        pipeline.get_bus().remove_signal_watch()
+        self._writer = self._caps = self._last_dts = None
+        self._frame_ticks = _DEFAULT_FRAME_TICKS
+
+    def _on_bus_message(self, _bus: Gst.Bus, message: Gst.Message) -> None:
+        if message.type == Gst.MessageType.ERROR:
+            err, debug = message.parse_error()
+            log.error("live view of %s: %s (%s)", self.camera, err.message, debug)
+        elif message.type == Gst.MessageType.WARNING:
+            err, _debug = message.parse_warning()
+            log.warning("live view of %s: %s", self.camera, err.message)
+
+    def _reap(self) -> bool:
+        deadline = self._clock() - self._config.viewer_timeout_s
+        with self._lock:
+            stale = [v for v in self._viewers.values() if v.last_seen < deadline]
+        for viewer in stale:
+            self._drop(viewer, "no keep-alive from the browser")
+        return True
+
+    # -- the stream (appsink thread) ------------------------------------------------------
+
+    def _on_sample(self, sink: Gst.Element) -> Gst.FlowReturn:
+        sample = sink.emit("pull-sample")
+        if sample is None:
+            return Gst.FlowReturn.EOS
+        caps = sample.get_caps()
+        if self._caps is None or not caps.is_equal(self._caps):
+            self._new_caps(caps)
+        writer = self._writer
+        if writer is None:
+            return Gst.FlowReturn.OK
+        buf = sample.get_buffer()
+        ts = buf.dts if buf.dts != Gst.CLOCK_TIME_NONE else buf.pts
+        if ts == Gst.CLOCK_TIME_NONE:
+            return Gst.FlowReturn.OK
+        dts = int(ts / _NS_PER_TICK)
+        if self._last_dts is not None:
+            delta = dts - self._last_dts
+            if delta <= 0:
+                dts = self._last_dts + 1
+            elif delta < TIMESCALE:  # not across a gap (a restarted source)
+                self._frame_ticks = delta
+        self._last_dts = dts
+        self.frames += 1
+        keyframe = not buf.has_flags(Gst.BufferFlags.DELTA_UNIT)
+        with self._lock:
+            viewers = [v for v in self._viewers.values() if v.kind == "mse"]
+        if not viewers:
+            return Gst.FlowReturn.OK
+        ok, info = buf.map(Gst.MapFlags.READ)
+        if not ok:
+            return Gst.FlowReturn.OK
+        try:
+            fragment = writer.fragment(bytes(info.data), dts, self._frame_ticks, keyframe)
+        finally:
+            buf.unmap(info)
+        for viewer in viewers:
+            if viewer._waiting:
+                if not keyframe:
+                    continue
+                if viewer._init_sent is not writer:
+                    viewer.link.send(json.dumps({"type": "codec", "codec": writer.codec}))
+                    viewer.link.send(writer.init_segment)
+                    viewer._init_sent = writer
+                viewer._waiting = False
+            if not viewer.link.send(fragment):
+                viewer._waiting = True
+        return Gst.FlowReturn.OK
+
+    def _new_caps(self, caps: Gst.Caps) -> None:
+        self._caps = caps
+        s = caps.get_structure(0)
+        ok_w, width = s.get_int("width")
+        ok_h, height = s.get_int("height")
+        codec_data = s.get_value("codec_data") if s.has_field("codec_data") else None
+        if not (ok_w and ok_h) or codec_data is None:
+            log.warning("live view of %s: stream caps without size or codec_data", self.camera)
+            self._writer = None
+            return
+        _ok, info = codec_data.map(Gst.MapFlags.READ)
+        try:
+            avcc = bytes(info.data)
+        finally:
+            codec_data.unmap(info)
+        self._writer = Fmp4Writer(avcc, width, height)
+        log.info("live view of %s: %dx%d %s", self.camera, width, height, self._writer.codec)
+        with self._lock:
+            for viewer in self._viewers.values():
+                viewer._waiting = True
+        self._later(self._attach_ready_branches)
+
+    def _attach_ready_branches(self) -> None:
+        """Build the WebRTC branches waiting for the stream's first caps (main loop)."""
+        writer, pipeline, tee = self._writer, self._pipeline, self._tee
+        if writer is None or pipeline is None or tee is None:
+            return
+        with self._lock:
+            waiting = [
+                v._branch
+                for v in self._viewers.values()
+                if v._branch is not None and not v._branch.attached
+            ]
+        for branch in waiting:
+            try:
+                branch.attach(pipeline, tee, writer.codec.removeprefix("avc1."))
+            except Exception:
+                log.exception("live view of %s: cannot start a WebRTC viewer", self.camera)
+                viewer = branch.viewer
+                self._later(functools.partial(self._drop, viewer, "WebRTC setup failed"))
+
+
+class _WebRtcBranch:
+    """``queue ! rtph264pay ! webrtcbin`` for one viewer, on the shared tee.
+
+    The device makes the offer (send-only H.264 with the stream's own profile-level-id);
+    the browser answers. The branch joins the tee only once the answer is applied: webrtcbin
+    holds data back until it is negotiated, and a streaming thread held inside it would
+    block the branch's teardown. Built and torn down in the view's main loop thread.
+    """
+
+    def __init__(self, view: LiveView, viewer: Viewer) -> None:
+        self.view = view
+        self.viewer = viewer
+        self.attached = False
+        self._queue: Gst.Element | None = None
+        self._elements: list[Gst.Element] = []
+        self._tee_pad: Gst.Pad | None = None
+        self._webrtc: Gst.Element | None = None
+        self._pipeline: Gst.Pipeline | None = None
+        self._tee: Gst.Element | None = None
+
+    def attach(self, pipeline: Gst.Pipeline, tee: Gst.Element, profile_level_id: str) -> None:
+        self.attached = True
+        queue = Gst.ElementFactory.make("queue")
+        queue.set_property("leaky", 2)  # downstream: drop the oldest
+        queue.set_property("max-size-buffers", _BRANCH_QUEUE_BUFFERS)
+        queue.set_property("max-size-bytes", 0)
+        queue.set_property("max-size-time", 0)
+        pay = Gst.ElementFactory.make("rtph264pay")
+        pay.set_property("config-interval", -1)
+        pay.set_property("pt", _PAYLOAD_TYPE)
+        pay.set_property("aggregate-mode", "zero-latency")
+        webrtc = Gst.ElementFactory.make("webrtcbin")
+        webrtc.set_property("bundle-policy", GstWebRTC.WebRTCBundlePolicy.MAX_BUNDLE)
+        if self.view._config.stun_server:
+            webrtc.set_property("stun-server", self.view._config.stun_server)
+        webrtc.connect("on-negotiation-needed", self._on_negotiation_needed)
+        webrtc.connect("on-ice-candidate", self._on_ice_candidate)
+        webrtc.connect("notify::connection-state", self._on_connection_state)
+        # Downstream first: the order they are stopped in.
+        self._elements = [webrtc, pay, queue]
+        for element in self._elements:
+            pipeline.add(element)
+        queue.link(pay)
+        caps = Gst.Caps.from_string(
+            f"application/x-rtp,media=video,encoding-name=H264,payload={_PAYLOAD_TYPE},"
+            "clock-rate=90000,packetization-mode=(string)1,"
+            f"profile-level-id=(string){profile_level_id}"
+        )
+        sink = webrtc.request_pad_simple("sink_%u")
+        transceiver = sink.get_property("transceiver")
+        transceiver.set_property("direction", GstWebRTC.WebRTCRTPTransceiverDirection.SENDONLY)
+        transceiver.set_property("codec-preferences", caps)
+        pay.get_static_pad("src").link(sink)
+        self._queue, self._webrtc, self._pipeline, self._tee = queue, webrtc, pipeline, tee
+        for element in self._elements:
+            element.sync_state_with_parent()
+
+    def _join_tee(self) -> None:
+        """Feed the branch (main loop, once the answer is applied)."""
+        if self._tee is None or self._queue is None or self._tee_pad is not None:
+            return
+        tee_pad = self._tee.request_pad_simple("src_%u")
+        tee_pad.link(self._queue.get_static_pad("sink"))
+        self._tee_pad = tee_pad
+
+    def detach(self) -> None:
+        """Leave the tee when no buffer is passing, then free the elements (main loop)."""
+        tee_pad, pipeline, tee, queue = self._tee_pad, self._pipeline, self._tee, self._queue
+        self._tee_pad = self._webrtc = self._pipeline = self._tee = self._queue = None
+        elements, self._elements = self._elements, []
+        if pipeline is None or queue is None or tee is None:
+            return
+        queue_sink = queue.get_static_pad("sink")
+
+        def free() -> None:
+            # Flushing wakes a streaming thread held inside webrtcbin; then NULL cannot hang.
+            queue_sink.send_event(Gst.Event.new_flush_start())
+            for element in elements:
+                element.set_state(Gst.State.NULL)
+                pipeline.remove(element)
+            if tee_pad is not None:
+                tee.release_request_pad(tee_pad)
+
+        if tee_pad is None:
+            free()
+            return
+
+        def unlink(pad: Gst.Pad, _info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
+            pad.unlink(queue_sink)
+            self.view._later(free)
+            return Gst.PadProbeReturn.REMOVE
+
+        tee_pad.add_probe(Gst.PadProbeType.IDLE, unlink)
+
+    # -- signalling -----------------------------------------------------------------------
+
+    def receive(self, message: dict[str, Any]) -> None:
+        webrtc = self._webrtc
+        if webrtc is None:
+            return
+        kind = message.get("type")
+        if kind == "answer" and isinstance(message.get("sdp"), str):
+            result, sdp = GstSdp.SDPMessage.new_from_text(message["sdp"])
+            if result != GstSdp.SDPResult.OK:
+                log.warning("viewer %d sent an unreadable SDP answer", self.viewer.id)
+                return
+            answer = GstWebRTC.WebRTCSessionDescription.new(GstWebRTC.WebRTCSDPType.ANSWER, sdp)
+            view = self.view
+            promise = Gst.Promise.new_with_change_func(lambda *_: view._later(self._join_tee))
+            webrtc.emit("set-remote-description", answer, promise)
+        elif kind == "ice" and isinstance(message.get("candidate"), str) and message["candidate"]:
+            mline = message.get("sdpMLineIndex")
+            webrtc.emit(
+                "add-ice-candidate", mline if isinstance(mline, int) else 0, message["candidate"]
+            )
+
+    def _on_negotiation_needed(self, webrtc: Gst.Element) -> None:
+        promise = Gst.Promise.new_with_change_func(self._on_offer_created, webrtc)
+        webrtc.emit("create-offer", None, promise)
+
+    def _on_offer_created(self, promise: Gst.Promise, webrtc: Gst.Element) -> None:
+        reply = promise.get_reply()
+        offer = reply.get_value("offer") if reply is not None else None
+        if offer is None:
+            log.warning("viewer %d: webrtcbin made no offer", self.viewer.id)
+            return
+        webrtc.emit("set-local-description", offer, Gst.Promise.new())
+        self.viewer.link.send(json.dumps({"type": "offer", "sdp": offer.sdp.as_text()}))
+
+    def _on_ice_candidate(self, _webrtc: Gst.Element, mline: int, candidate: str) -> None:
+        self.viewer.link.send(
+            json.dumps({"type": "ice", "candidate": candidate, "sdpMLineIndex": mline})
+        )
+
+    def _on_connection_state(self, webrtc: Gst.Element, _pspec: object) -> None:
+        state = webrtc.get_property("connection-state")
+        if state == GstWebRTC.WebRTCPeerConnectionState.FAILED:
+            view, viewer = self.view, self.viewer
+            view._later(lambda: view._drop(viewer, "WebRTC connection failed"))

@@ -1,0 +1,377 @@
+"""Live view: real GStreamer, real uvicorn, Debian's chromium (headless) through Playwright.
+
+A test host app serves :func:`live_routes` for one :class:`LiveView` fed by a real H.264 RTP
+sender (the ``rtp_sender`` fixture, the pipeline's output format).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import uvicorn
+from conftest import free_port
+from starlette.applications import Starlette
+
+from edgecam.config import LiveViewConfig, Settings, load_settings
+from edgecam.device.liveview_http import COOKIE, live_path, live_routes, live_url
+from edgecam.errors import ConfigError, LiveViewError
+from edgecam.media.fmp4 import Fmp4Writer, codec_string
+from edgecam.media.liveview import LiveView
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+TOKEN = "live-test-token"
+CHROMIUM = shutil.which("chromium")
+WIDTH, HEIGHT = 640, 360
+# Video must advance by this much over the observation window.
+MIN_ADVANCE_S = 1.0
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+
+
+@dataclass
+class Host:
+    base: str
+    settings: Settings
+    view: LiveView
+    rtp_port: int
+    clips: list[str] = field(default_factory=list)
+
+
+def _settings(**live: Any) -> Settings:
+    return Settings(
+        cameras=[{"name": "main"}],
+        fileserver={"token": TOKEN},
+        live=live,
+    )
+
+
+def _free_udp_port() -> int:
+    return free_port(socket.SOCK_DGRAM)
+
+
+@pytest.fixture
+def host() -> Iterator[Host]:
+    settings = _settings(viewer_timeout_s=3)
+    rtp_port = _free_udp_port()
+    view = LiveView(settings.live, camera="main", rtp_port=rtp_port)
+    clips: list[str] = []
+
+    async def save_clip(camera: str) -> dict[str, str]:
+        clips.append(camera)
+        return {"name": f"{camera}_clip.mp4"}
+
+    app = Starlette(
+        routes=live_routes(
+            settings, {"main": view}, lambda _cam: {"mask": 2, "no_mask": 1}, save_clip
+        )
+    )
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    view.start()
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    try:
+        yield Host(f"http://127.0.0.1:{port}", settings, view, rtp_port, clips)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        view.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with playwright_api.sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=["--autoplay-policy=no-user-gesture-required"],
+        )
+        yield b
+        b.close()
+
+
+def _open(browser: Any, host: Host, mode: str) -> Any:
+    page = browser.new_page()
+    page.goto(host.base + live_path(host.settings, "main") + f"&mode={mode}")
+    return page
+
+
+def _wait_playing(page: Any, timeout_s: float = 15) -> dict[str, Any]:
+    """Wait until the video has advanced MIN_ADVANCE_S; return what the page saw."""
+    page.wait_for_function(
+        "() => { const v = document.getElementById('video');"
+        " return v.videoWidth > 0 && window.edgecamLive.frames > 5; }",
+        timeout=timeout_s * 1000,
+    )
+    first = page.evaluate("() => document.getElementById('video').currentTime")
+    page.wait_for_function(
+        f"() => document.getElementById('video').currentTime > {first + MIN_ADVANCE_S}",
+        timeout=timeout_s * 1000,
+    )
+    return page.evaluate(
+        "() => { const v = document.getElementById('video');"
+        " return {w: v.videoWidth, h: v.videoHeight, mode: window.edgecamLive.mode,"
+        " frames: window.edgecamLive.frames, counts: window.edgecamLive.counts}; }"
+    )
+
+
+@pytest.mark.parametrize("mode", ["mse", "webrtc"])
+def test_page_plays_the_stream(browser: Any, host: Host, rtp_sender: Any, mode: str) -> None:
+    page = _open(browser, host, mode)  # before the camera sends: the page waits for it
+    try:
+        rtp_sender(host.rtp_port, WIDTH, HEIGHT)
+        seen = _wait_playing(page)
+        assert (seen["w"], seen["h"]) == (WIDTH, HEIGHT)
+        assert seen["mode"] == mode
+        assert seen["counts"] == {"mask": 2, "no_mask": 1}
+        assert host.view.counts()[mode] == 1
+        # Past the viewer timeout, the page's keep-alives hold the same connection.
+        time.sleep(host.settings.live.viewer_timeout_s + 1)
+        assert page.evaluate("() => window.edgecamLive.connects") == 1
+        page.click("#save-clip")
+        page.wait_for_function(
+            "() => document.getElementById('clip-result').textContent.startsWith('saved')"
+        )
+        assert host.clips == ["main"]
+    finally:
+        page.close()
+
+
+def test_page_falls_back_to_mse_when_webrtc_cannot_connect(
+    browser: Any, host: Host, rtp_sender: Any
+) -> None:
+    rtp_sender(host.rtp_port, WIDTH, HEIGHT)
+    page = browser.new_page()
+    # No UDP path: relay candidates only, and no relay server, so ICE never connects.
+    page.add_init_script(
+        """window.RTCPeerConnection = class extends window.RTCPeerConnection {
+             constructor(config) { super({ ...config, iceTransportPolicy: 'relay' }); }
+           };"""
+    )
+    try:
+        page.goto(host.base + live_path(host.settings, "main"))  # no mode: the page picks
+        assert page.evaluate("() => window.edgecamLive.mode") == "webrtc"
+        seen = _wait_playing(page, timeout_s=25)
+        assert seen["mode"] == "mse"
+        assert (seen["w"], seen["h"]) == (WIDTH, HEIGHT)
+        assert host.view.counts() == {"webrtc": 0, "mse": 1}  # the failed viewer is gone
+    finally:
+        page.close()
+
+
+def test_without_credentials_page_and_socket_are_refused(browser: Any, host: Host) -> None:
+    page = browser.new_page()
+    try:
+        response = page.goto(host.base + "/live/main")
+        assert response.status == 401
+        response = page.goto(host.base + "/live")
+        assert page.url.endswith("/live/login")  # the index sends strangers to log in
+        # A forged and an expired link are refused too.
+        good = live_path(host.settings, "main")
+        assert page.goto(host.base + good.replace("sig=", "sig=0")).status == 401
+        old = live_path(host.settings, "main", now=time.time() - 2 * 86400)
+        assert page.goto(host.base + old).status == 401
+        # The WebSocket from a page of this origin without the cookie: refused.
+        outcome = page.evaluate(
+            """() => new Promise((resolve) => {
+                const ws = new WebSocket(`ws://${location.host}/live/main/ws?mode=mse`);
+                ws.onopen = () => resolve('open');
+                ws.onclose = (ev) => resolve(`closed ${ev.code}`);
+            })"""
+        )
+        assert outcome != "open"
+    finally:
+        page.close()
+    assert host.view.counts() == {"webrtc": 0, "mse": 0}
+
+
+def test_login_cookie_opens_index_and_pages(browser: Any, host: Host) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        page.goto(host.base + "/live/login")
+        page.fill("input[name=token]", TOKEN)
+        page.click("button[type=submit]")
+        page.wait_for_url(host.base + "/live")
+        assert page.get_by_role("link", name="main").count() == 1
+        cookie = next(c for c in context.cookies() if c["name"] == COOKIE)
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Lax"
+        assert page.goto(host.base + "/live/main").status == 200
+    finally:
+        context.close()
+
+
+def test_four_viewers_at_once(browser: Any, host: Host, rtp_sender: Any) -> None:
+    rtp_sender(host.rtp_port, WIDTH, HEIGHT)
+    assert host.view._pipeline is not None
+    elements = len(host.view._pipeline.children)
+    pages = [_open(browser, host, mode) for mode in ("webrtc", "mse", "webrtc", "mse")]
+    try:
+        for page in pages:
+            seen = _wait_playing(page)
+            assert (seen["w"], seen["h"]) == (WIDTH, HEIGHT)
+        assert host.view.counts() == {"webrtc": 2, "mse": 2}
+    finally:
+        for page in pages:
+            page.close()
+    deadline = time.monotonic() + 10
+    while host.view.counts() != {"webrtc": 0, "mse": 0} and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert host.view.counts() == {"webrtc": 0, "mse": 0}
+    # The viewers' WebRTC branches are gone from the pipeline: they cost nothing now.
+    while len(host.view._pipeline.children) != elements and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(host.view._pipeline.children) == elements
+
+
+def test_page_resumes_when_the_live_view_is_turned_off_and_on(
+    browser: Any, host: Host, rtp_sender: Any
+) -> None:
+    rtp_sender(host.rtp_port, WIDTH, HEIGHT)
+    page = _open(browser, host, "webrtc")
+    try:
+        _wait_playing(page)
+        connects = page.evaluate("() => window.edgecamLive.connects")
+        host.view.stop()  # streaming_stop
+        page.wait_for_function("() => window.edgecamLive.state !== 'playing'", timeout=10000)
+        time.sleep(1)
+        frames = page.evaluate("() => window.edgecamLive.frames")
+        host.view.start()  # streaming_start
+        page.wait_for_function(f"() => window.edgecamLive.frames > {frames + 30}", timeout=15000)
+        assert page.evaluate("() => window.edgecamLive.connects") > connects
+        _wait_playing(page)
+        assert host.view.counts()["webrtc"] == 1
+    finally:
+        page.close()
+
+
+@pytest.mark.parametrize("mode", ["mse", "webrtc"])
+def test_page_resumes_after_the_source_restarts(
+    browser: Any, host: Host, rtp_sender: Any, mode: str
+) -> None:
+    sender = rtp_sender(host.rtp_port, WIDTH, HEIGHT)
+    page = _open(browser, host, mode)
+    try:
+        _wait_playing(page)
+        sender.terminate()  # the inference worker goes away...
+        sender.wait(5)
+        time.sleep(2)
+        frames = page.evaluate("() => window.edgecamLive.frames")
+        rtp_sender(host.rtp_port, WIDTH, HEIGHT)  # ...and its restart sends a new stream
+        page.wait_for_function(f"() => window.edgecamLive.frames > {frames + 30}", timeout=15000)
+        seen = _wait_playing(page)
+        assert (seen["w"], seen["h"]) == (WIDTH, HEIGHT)
+    finally:
+        page.close()
+
+
+def test_a_silent_viewer_is_dropped_after_the_timeout(host: Host) -> None:
+    closed = threading.Event()
+
+    class Link:
+        def send(self, _message: bytes | str) -> bool:
+            return True
+
+        def closed(self, _reason: str) -> None:
+            closed.set()
+
+    host.view.add_viewer("mse", Link())
+    assert host.view.counts()["mse"] == 1
+    assert closed.wait(host.settings.live.viewer_timeout_s + 3)
+    assert host.view.counts()["mse"] == 0
+
+
+def test_viewer_limit_and_stopped_view() -> None:
+    view = LiveView(LiveViewConfig(max_viewers=1), camera="main", rtp_port=_free_udp_port())
+
+    class Link:
+        def send(self, _message: bytes | str) -> bool:
+            return True
+
+        def closed(self, _reason: str) -> None:
+            pass
+
+    with pytest.raises(LiveViewError, match="off"):
+        view.add_viewer("mse", Link())
+    with view:
+        view.add_viewer("mse", Link())
+        with pytest.raises(LiveViewError, match="max_viewers"):
+            view.add_viewer("mse", Link())
+    # Stopping dropped the viewer; the view starts again (streaming_start after a stop).
+    with view:
+        assert view.counts() == {"webrtc": 0, "mse": 0}
+
+
+@pytest.mark.parametrize(
+    ("live", "key"),
+    [
+        ({"max_viewers": 0}, "live.max_viewers"),
+        ({"viewer_timeout_s": 0.5}, "live.viewer_timeout_s"),
+        ({"link_ttl_s": 1}, "live.link_ttl_s"),
+        ({"stun_server": "http://stun.example"}, "live.stun_server"),
+        ({"public_url": "https://cam.example/live"}, "live.public_url"),
+        ({"webrtcc": False}, "live.webrtcc"),
+    ],
+)
+def test_bad_live_config_names_the_key(live: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_settings(None, **{f"live.{k}": v for k, v in live.items()})
+
+
+def test_webrtc_off_and_live_view_off() -> None:
+    settings = _settings(webrtc=False)
+    view = LiveView(settings.live, camera="main", rtp_port=_free_udp_port())
+
+    class Link:
+        def send(self, _message: bytes | str) -> bool:
+            return True
+
+        def closed(self, _reason: str) -> None:
+            pass
+
+    with view:
+        with pytest.raises(LiveViewError, match="WebRTC is off"):
+            view.add_viewer("webrtc", Link())
+        view.add_viewer("mse", Link()).close()
+    assert live_routes(_settings(enabled=False), {"main": view}) == []
+
+
+def test_live_url_is_signed_and_expires() -> None:
+    settings = _settings(link_ttl_s=60, public_url="https://cam.example:8443")
+    url = live_url(settings, "main", now=1_000_000)
+    assert url.startswith("https://cam.example:8443/live/main?expires=1000060&sig=")
+
+
+def test_fmp4_init_segment_names_the_codec() -> None:
+    avcc = bytes.fromhex("0142c01fffe1000467") + b"\0" * 4
+    writer = Fmp4Writer(avcc, 640, 360)
+    assert writer.codec == codec_string(avcc) == "avc1.42c01f"
+    assert writer.init_segment[4:8] == b"ftyp"
+    fragment = writer.fragment(b"\0\0\0\x01\x65", 9000, 3000, keyframe=True)
+    assert fragment[4:8] == b"moof"
+    assert fragment.endswith(b"\0\0\0\x0dmdat\0\0\0\x01\x65")
+
+
+def test_cli_live_url(capsys: pytest.CaptureFixture[str], tmp_path: Any) -> None:
+    from edgecam.cli import main
+
+    config = tmp_path / "edgecam.yaml"
+    config.write_text(json.dumps({"fileserver": {"token": TOKEN}}))
+    assert main(["live-url", "--config", str(config)]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("http://127.0.0.1:8081/live/main?expires=")
