@@ -81,7 +81,7 @@ def test_workers_are_processes_named_on_their_command_line(device: Device) -> No
 
 def test_stats_and_an_alert_with_exactly_one_clip(device: Device) -> None:
     msgs = device.listener
-    stats = msgs.wait("two stats", lambda k, d: k == "stats" and d["seq"] >= 1, 30)
+    stats = msgs.wait("stats with people", lambda k, d: k == "stats" and d["people"] >= 1, 30)
     assert stats["camera"] == "main" and set(stats["counts"]) == {"person"}
     assert stats["people"] == sum(stats["counts"].values()) and stats["end"] > stats["start"]
     assert 1 <= stats["peak"] <= 12 and stats["fps_out"] > 5
@@ -381,7 +381,7 @@ def test_broker_outage_and_device_restart_lose_nothing(tmp_path: Path) -> None:
             dev.stop()
             dev.listener.close()
     seqs = [d["seq"] for d in dev.listener.of("stats")]
-    assert produced >= 25, produced  # about one a second during the outage
+    assert produced >= 15, produced  # about one a second during the outage, less the restart
     assert seqs == list(range(seqs[0], seqs[-1] + 1)), seqs  # once each, in order
 
 
@@ -455,3 +455,49 @@ def test_run_refuses_a_configuration_no_restart_would_mend(tmp_path: Path) -> No
     assert res.returncode == 2, res.stderr
     assert "needs a token" in res.stderr and "fileserver.enabled: false" in res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "run").exists()
+
+
+def test_live_page_plays_through_the_device_and_survives_restarts(device: Device) -> None:
+    """The device's HTTP worker serves the live view of its camera: a real browser plays
+    it, sees the counts, and plays again after the inference worker is killed and after
+    streaming is stopped and started by command."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    from edgecam.config import load_settings
+    from edgecam.device.liveview_http import live_url
+
+    settings = load_settings(device.path)
+    frames = "() => window.edgecamLive ? window.edgecamLive.frames : 0"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=shutil.which("chromium"),
+            headless=True,
+            args=["--autoplay-policy=no-user-gesture-required"],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(live_url(settings, "main") + "&mode=mse")
+            page.wait_for_function(
+                "() => document.getElementById('video').videoWidth === 768"
+                " && window.edgecamLive.frames > 10",
+                timeout=30_000,
+            )
+            page.wait_for_function(
+                "() => window.edgecamLive.counts && 'person' in window.edgecamLive.counts",
+                timeout=15_000,
+            )
+            os.kill(device.workers()["inference/main"]["pid"], signal.SIGKILL)
+            mark = device.listener.mark()
+            device.wait_running(timeout=30, after=mark)
+            seen = page.evaluate(frames)
+            page.wait_for_function(f"() => window.edgecamLive.frames > {seen + 30}", timeout=30_000)
+            stopped = device.command("streaming_stop")
+            assert stopped["ok"] and stopped["data"]["live"]["main"]["running"] is False
+            started = device.command("streaming_start")
+            assert started["ok"] and started["data"]["live"]["main"]["running"] is True
+            seen = page.evaluate(frames)
+            page.wait_for_function(f"() => window.edgecamLive.frames > {seen + 30}", timeout=30_000)
+        finally:
+            browser.close()

@@ -144,6 +144,7 @@ class Orchestrator:
             "worker_disable": lambda args: self._cmd_worker("disable", args),
             "status": lambda _args: self.call(lambda: self.status().model_dump(mode="json")),
             "set_rule": self._cmd_set_rule,
+            "counts": lambda _args: self.call(lambda: {"counts": dict(self._current_counts)}),
         }
 
     def call(self, func: Callable[[], _T], timeout: float = _CALL_TIMEOUT_S) -> _T:
@@ -170,6 +171,7 @@ class Orchestrator:
         return result.data
 
     def _cmd_streaming(self, name: str, raw: dict[str, Any]) -> dict[str, Any]:
+        """RTSP and the live view in the browser start and stop together."""
         if raw:
             raise ValueError(f"{name} takes no arguments (it applies to every camera)")
         if not self.settings.streaming.enabled:
@@ -179,8 +181,18 @@ class Orchestrator:
         )
         if not result.ok:
             raise EdgecamError(result.error or f"the streaming worker refused {name}")
+        data = dict(result.data)
+        if self.settings.fileserver.enabled and self.settings.live.enabled:
+            live = send_command(
+                socket_path(self.settings, "fileserver"),
+                Command(name=name),
+                timeout=_CALL_TIMEOUT_S,
+            )
+            if not live.ok:
+                raise EdgecamError(live.error or f"the live view refused {name}")
+            data["live"] = live.data.get("live", {})
         self._status_dirty = True
-        return result.data
+        return data
 
     def _cmd_worker(self, action: str, raw: dict[str, Any]) -> dict[str, Any]:
         args = WorkerArgs.model_validate(raw)

@@ -43,6 +43,7 @@ _STUCK_S = 10.0
 _RETENTION_EVERY_S = 60.0
 _KEEP_CLIP_RESULTS = 256
 _LISTEN_TIMEOUT_S = 10.0
+_COUNTS_EVERY_S = 1.0
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
@@ -291,7 +292,8 @@ class StreamingWorker(Worker):
 
 
 class FileServerWorker(Worker):
-    """The device's HTTP server: every camera's clips (token or signed link, Range)."""
+    """The device's HTTP server: every camera's clips (token or signed link, Range) and the
+    live view of every camera (WebRTC / MSE, fed by the camera's third RTP port)."""
 
     name = "fileserver"
     per_camera = False
@@ -301,7 +303,9 @@ class FileServerWorker(Worker):
         import uvicorn
 
         from edgecam.device.fileserver import QuietServer, create_app
+        from edgecam.device.liveview_http import live_routes
         from edgecam.media.clips import ClipStore
+        from edgecam.media.liveview import LiveView
 
         cfg = self.settings.fileserver
         rec = self.settings.recorder
@@ -311,7 +315,18 @@ class FileServerWorker(Worker):
             max_age_s=rec.max_clip_age_days * 86400,
             min_free_bytes=rec.min_free_bytes,
         )
+        self._views: dict[str, LiveView] = {}
+        if self.settings.live.enabled:
+            self._views = {
+                c.name: LiveView.from_settings(self.settings, c.name)
+                for c in self.settings.cameras
+                if c.enabled
+            }
+        self._counts: dict[str, dict[str, int]] = {}
         app = create_app(self.settings)
+        app.router.routes.extend(
+            live_routes(self.settings, self._views, self._counts.get, self._save_clip)
+        )
         self._server = QuietServer(
             uvicorn.Config(
                 app,
@@ -339,6 +354,8 @@ class FileServerWorker(Worker):
 
     def start(self) -> None:
         cfg = self.settings.fileserver
+        if self.settings.streaming.enabled:
+            self._live(True)
         self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + _LISTEN_TIMEOUT_S
@@ -350,28 +367,87 @@ class FileServerWorker(Worker):
                 )
             time.sleep(0.05)
         log.info(
-            "file server on http://%s:%d serving %s",
+            "file server on http://%s:%d serving %s%s",
             cfg.host,
             cfg.port,
             self.settings.recorder.clips_dir,
+            f", live view of {sorted(self._views)} at /live" if self._views else "",
         )
 
     def serve(self, stop: threading.Event) -> None:
         self._store.apply_retention()
-        while not stop.wait(_RETENTION_EVERY_S):
-            try:
-                self._store.apply_retention()
-            except OSError as exc:
-                log.warning("clip retention failed: %s", exc)
+        next_retention = time.monotonic() + _RETENTION_EVERY_S
+        while not stop.wait(_COUNTS_EVERY_S):
+            if self._views:
+                self._refresh_counts()
+            if time.monotonic() >= next_retention:
+                next_retention += _RETENTION_EVERY_S
+                try:
+                    self._store.apply_retention()
+                except OSError as exc:
+                    log.warning("clip retention failed: %s", exc)
 
     def close(self) -> None:
         self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._live(False)
+
+    def _live(self, on: bool) -> None:
+        for view in self._views.values():
+            if on and not view.running:
+                view.start()
+            elif not on and view.running:
+                view.stop()
+
+    def _refresh_counts(self) -> None:
+        """The live page shows the device's current counts, which the orchestrator has."""
+        from edgecam.device.control import DEVICE, send_command, socket_path
+        from edgecam.protocol import Command
+
+        try:
+            result = send_command(
+                socket_path(self.settings, DEVICE), Command(name="counts"), timeout=2
+            )
+        except (EdgecamError, OSError):
+            self._counts.clear()  # run alone, or the device is restarting: no counts
+            return
+        if result.ok:
+            self._counts.clear()
+            self._counts.update(result.data.get("counts", {}))
+
+    def _save_clip(self, camera: str) -> dict[str, Any]:
+        """The live page's button: a clip from the camera's recorder."""
+        from edgecam.device.control import send_command, socket_path
+        from edgecam.protocol import Command
+
+        args = SaveClipArgs(camera=camera, reason="live view")
+        result = send_command(
+            socket_path(self.settings, "recorder", camera),
+            Command(name="save_clip", args=args.model_dump(exclude_none=True)),
+            timeout=5,
+        )
+        if not result.ok:
+            raise EdgecamError(result.error or "the recorder refused the clip")
+        return {"name": f"job {result.data['job']}", **result.data}
+
+    def _streaming(self, on: bool) -> dict[str, Any]:
+        self._live(on)
+        return self.status()
+
+    def commands(self) -> dict[str, Handler]:
+        return {
+            "streaming_start": lambda _args: self._streaming(True),
+            "streaming_stop": lambda _args: self._streaming(False),
+        }
 
     def status(self) -> dict[str, Any]:
         cfg = self.settings.fileserver
-        return {"url": f"http://{cfg.host}:{cfg.port}", "clips": len(self._store.clips())}
+        return {
+            "url": cfg.base_url(),
+            "clips": len(self._store.clips()),
+            "live": {name: {"running": v.running, **v.counts()} for name, v in self._views.items()},
+        }
 
 
 WORKERS: dict[str, type[Worker]] = {
