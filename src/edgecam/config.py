@@ -7,8 +7,13 @@ misspelt key is an error that names it.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
+import types
+import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -334,22 +339,77 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The file arrives as init kwargs; the environment must win over it.
-        return env_settings, init_settings
+        # load_settings merges file, environment and command line in that order and passes
+        # the result in; reading the environment here again would put it above the flags.
+        return (init_settings,)
 
 
 _SECRET_KEYS = frozenset({"password", "token", "link_secret"})
+# URL query parameters whose values are credentials (``?token=...``, ``&api_key=...``).
+_SECRET_QUERY = re.compile(r"(token|pass|pwd|secret|key|auth|sig|cred)", re.IGNORECASE)
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+# Environment variables under the prefix that are not config keys.
+_NOT_CONFIG_ENV = frozenset({CONFIG_ENV})
+_ENV_PREFIX = "EDGECAM_"
+# A secret shorter than this is not searched for in messages: it would mangle them.
+_MIN_SCRUB_LEN = 4
+
+
+def _redact_one(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rpartition("@")[2]
+    path, qmark, query = path.partition("?")
+    if not qmark and "?" in authority:  # rtsp://host?token=... (no path)
+        authority, qmark, query = authority.partition("?")
+    if qmark:
+        params = []
+        for param in query.split("&"):
+            name, eq, _value = param.partition("=")
+            params.append(f"{name}=***" if eq and _SECRET_QUERY.search(name) else param)
+        query = "&".join(params)
+    return f"{scheme}://{authority}{slash}{path}{qmark}{query}"
 
 
 def redact_url(text: str) -> str:
-    """``text`` with the user:password part of a URL replaced by ``***``."""
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        return text
-    authority, slash, path = rest.partition("/")
-    if "@" not in authority:
-        return text
-    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+    """``text`` with every URL's user:password part and secret query values (``?token=``)
+    replaced by ``***``. Safe on any text: only the URLs in it change."""
+    return _URL.sub(lambda m: _redact_one(m.group(0)), text)
+
+
+def _secrets_in(data: Any) -> set[str]:
+    """Every secret value in raw config data: secret keys, URL passwords, URL tokens."""
+    found: set[str] = set()
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if key in _SECRET_KEYS and isinstance(value, str | int) and not isinstance(value, bool):
+                found.add(str(value))
+            else:
+                found |= _secrets_in(value)
+    elif isinstance(data, list | tuple):
+        for item in data:
+            found |= _secrets_in(item)
+    elif isinstance(data, str):
+        for match in _URL.finditer(data):
+            url = match.group(0)
+            authority = url.partition("://")[2].partition("/")[0]
+            if "@" in authority:
+                userinfo = authority.rpartition("@")[0]
+                found.add(userinfo.partition(":")[2] or userinfo)
+            for param in url.partition("?")[2].split("&"):
+                name, eq, value = param.partition("=")
+                if eq and _SECRET_QUERY.search(name):
+                    found.add(value)
+    return found
+
+
+def _scrub(text: str, secrets: set[str]) -> str:
+    text = redact_url(text)
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= _MIN_SCRUB_LEN:
+            text = text.replace(secret, "***")
+    return text
 
 
 def _safe_hostname() -> str:
@@ -360,42 +420,164 @@ def _safe_hostname() -> str:
 def _read_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (bad byte at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from exc
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"config file {path} is not valid YAML: {_one_line(str(exc))}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return data
+    # An empty section (``vision:`` with nothing under it) means its defaults.
+    return {key: value for key, value in data.items() if value is not None}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _describe(exc: ValidationError, origin: str) -> str:
-    lines = [f"invalid configuration ({origin}):"]
+    problems = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(root)"
         value = err.get("input")
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check its spelling)")
+            problems.append(f"{key}: unknown key (check its spelling)")
         elif str(err["loc"][-1] if err["loc"] else "") in _SECRET_KEYS:
-            lines.append(f"  {key}: {err['msg']} (value not shown: it is a secret)")
+            problems.append(f"{key}: {msg} (value not shown: it is a secret)")
+        elif isinstance(value, dict | list | tuple) or value is None:
+            # A check over a whole section or list: its input holds every key, secrets too.
+            problems.append(f"{key}: {msg}")
         else:
-            shown = redact_url(value) if isinstance(value, str) else value
-            lines.append(f"  {key}: {err['msg']} (got {shown!r})")
-    return "\n".join(lines)
+            problems.append(f"{key}: {msg} (got {value!r})")
+    return _one_line(f"invalid configuration ({origin}): " + "; ".join(problems))
+
+
+def _is_complex(annotation: Any) -> bool:
+    """Whether an environment value for a field of this type is JSON (lists, tuples, maps)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple, dict):
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_complex(a) for a in typing.get_args(annotation) if a is not type(None))
+    return False
+
+
+def _env_value(name: str, raw: str, annotation: Any) -> Any:
+    if not _is_complex(annotation):
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        # The value is not echoed: it may hold a camera password.
+        raise ConfigError(
+            f"{name} must be JSON (a list or mapping, e.g. "
+            f'\'[{{"name": "door", "source": "rtsp://..."}}]\'): {exc.msg} at character '
+            f"{exc.pos}"
+        ) from exc
+
+
+def _env_path(name: str) -> tuple[list[str | int], Any]:
+    """``EDGECAM_VISION__DETECT_FPS`` -> (["vision", "detect_fps"], the field's type)."""
+    parts = name[len(_ENV_PREFIX) :].lower().split("__")
+    unknown = ConfigError(
+        f"environment variable {name} names no config key (check its spelling; keys are "
+        "EDGECAM_SECTION__KEY, e.g. EDGECAM_VISION__DETECT_FPS)"
+    )
+    fields: dict[str, Any] = Settings.model_fields
+    path: list[str | int] = []
+    annotation: Any = Settings
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            fields = annotation.model_fields
+            if part not in fields:
+                raise unknown
+            path.append(part)
+            annotation = fields[part].annotation
+        elif typing.get_origin(annotation) is list:  # cameras: EDGECAM_CAMERAS__0__SOURCE
+            if not part.isdigit():
+                raise ConfigError(f"environment variable {name}: {part!r} is not a list index")
+            path.append(int(part))
+            annotation = typing.get_args(annotation)[0]
+        elif typing.get_origin(annotation) is dict:  # overlay colours: __COLOURS__MASK
+            path.append(part)
+            annotation = typing.get_args(annotation)[1]
+        else:
+            raise unknown
+        i += 1
+    if not path:
+        raise unknown
+    return path, annotation
+
+
+def _set_path(data: dict[str, Any], path: list[str | int], value: Any, name: str) -> None:
+    node: Any = data
+    for depth, part in enumerate(path):
+        last = depth == len(path) - 1
+        if isinstance(part, int):
+            if not isinstance(node, list):
+                raise ConfigError(f"environment variable {name}: the config there is not a list")
+            if part > len(node):
+                raise ConfigError(
+                    f"environment variable {name}: camera index {part} is past the end of "
+                    f"the list ({len(node)} camera(s)); add cameras in order"
+                )
+            if part == len(node):
+                node.append({})
+            if last:
+                node[part] = value
+                return
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"environment variable {name}: item {part} is not a mapping")
+            node = node[part]
+            continue
+        if last:
+            node[part] = value
+            return
+        child = node.get(part)
+        if child is None:
+            nxt = path[depth + 1]
+            # No cameras in the file: index 0 is the default camera.
+            child = node[part] = [{}] if isinstance(nxt, int) else {}
+        if isinstance(path[depth + 1], int) != isinstance(child, list) or not isinstance(
+            child, dict | list
+        ):
+            raise ConfigError(f"environment variable {name}: config key {part!r} has another shape")
+        node = child
+
+
+def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """Put every ``EDGECAM_SECTION__KEY`` variable into ``data``; unknown names are errors.
+    Whole values (``EDGECAM_CAMERAS='[...]'``) go first, single keys on top of them."""
+    found = []
+    for name, raw in environ.items():
+        if not name.upper().startswith(_ENV_PREFIX) or name.upper() in _NOT_CONFIG_ENV:
+            continue
+        path, annotation = _env_path(name)
+        found.append((len(path), name, path, _env_value(name, raw, annotation)))
+    for _depth, name, path, value in sorted(found, key=lambda f: (f[0], f[1])):
+        _set_path(data, path, value, name)
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
-    """Load the configuration from ``path`` (or ``$EDGECAM_CONFIG``) and the environment.
-
-    ``overrides`` are applied on top of the file (command-line options), before validation.
-    """
+    """Load the configuration: defaults < ``path`` (or ``$EDGECAM_CONFIG``) < environment <
+    ``overrides`` (command-line options, as dotted keys: ``vision.detect_fps=5``)."""
     if path is None and os.environ.get(CONFIG_ENV):
         path = os.environ[CONFIG_ENV]
     data: dict[str, Any] = _read_file(Path(path)) if path is not None else {}
+    _apply_environment(data, os.environ)  # its errors never echo a value
     for dotted, value in overrides.items():
         node = data
         *parents, leaf = dotted.split(".")
@@ -408,10 +590,11 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
             node = child
         node[leaf] = value
     origin = f"file {path} and EDGECAM_* environment" if path else "EDGECAM_* environment"
+    secrets = _secrets_in(data)
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, origin)) from exc
+        raise ConfigError(_scrub(_describe(exc, origin), secrets)) from None
 
 
 def settings_to_yaml(settings: Settings) -> str:
