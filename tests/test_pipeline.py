@@ -19,7 +19,7 @@ from edgecam.config import Settings, load_settings
 from edgecam.errors import MissingPluginError, ModelError, PipelineError, SourceError
 from edgecam.media.gst import require_elements
 from edgecam.media.offline import process_file
-from edgecam.media.pipeline import DetectionSchedule, Pipeline
+from edgecam.media.pipeline import DetectionSchedule, Pipeline, describe
 from edgecam.vision.synthetic import SyntheticDetector
 
 
@@ -401,3 +401,23 @@ def test_a_failing_probe_does_not_stop_the_video(
     )
     assert len(_probe_frames(out)) == 122  # every frame still reached the file
     assert "simulated bug in a probe" in caplog.text
+
+
+def test_v4l2_width_height_fps_ask_the_camera_for_that_mode() -> None:
+    settings = Settings.model_validate(
+        {
+            "cameras": [
+                {"name": "usb", "source": "v4l2:///dev/null"}
+                | {"width": 640, "height": 480, "fps": 15}
+            ],
+            "vision": {"detect_fps": 0},
+        }
+    )
+    layout = describe(settings, 0, "live", infer_size=None, analytics=False, out_file=None)
+    mode = "width=640,height=480,framerate=15/1"
+    assert f'"video/x-raw,{mode};image/jpeg,{mode}"' in layout.description
+    with Pipeline(settings, mode="live", rtp=False) as pipeline:  # the description parses
+        peer = pipeline._pipeline.get_by_name("src").get_static_pad("src").get_peer()
+        caps = peer.get_parent_element().get_property("caps")
+        assert caps.get_size() == 2 and caps.get_structure(0).get_value("framerate") is not None
+        assert caps.get_structure(1).get_name() == "image/jpeg"

@@ -64,6 +64,7 @@ _ENCODERS: dict[str, tuple[str, str]] = {
     "vaapih264": ("vaapih264enc", "bitrate={kbps} keyframe-period=600"),
 }
 _LOOP_START = "edgecam-loop-start"
+_FIT_CAPS = "fit_caps"
 # A detection further ahead of the video than this is from another timeline (the source
 # restarted or looped): applied at once rather than held.
 _MAX_LEAD_NS = 2 * Gst.SECOND
@@ -88,7 +89,14 @@ def _source_description(cam: CameraConfig) -> tuple[str, dict[str, object], bool
         device = uri[len("v4l2://") :] or "/dev/video0"
         if not Path(device).exists():
             raise SourceError(f"camera {cam.name!r}: V4L2 device {device} does not exist")
-        return "v4l2src name=src ! decodebin name=dec", {"device": device}, True
+        # Ask the camera for the configured mode, raw or MJPEG, whichever it offers.
+        mode = f"width={cam.width},height={cam.height},framerate={cam.fps}/1"
+        caps = f"video/x-raw,{mode};image/jpeg,{mode}"
+        return (
+            f'v4l2src name=src ! capsfilter caps="{caps}" ! decodebin name=dec',
+            {"device": device},
+            True,
+        )
     if uri.startswith("test://"):
         desc = (
             "videotestsrc name=src is-live=true pattern=ball ! "
@@ -140,8 +148,15 @@ def describe(
     cam = settings.cameras[camera_index]
     src, src_props, is_live = _source_description(cam)
     sync = "true" if mode == "live" else "false"
-    elements = ["videoconvert", "tee", "queue", "h264parse"]
-    parts = [f"{src} videoconvert name=conv ! video/x-raw,format=I420 ! tee name=t"]
+    elements = ["videoconvert", "videoscale", "capsfilter", "tee", "queue", "h264parse"]
+    # ``fit`` holds every frame to the first frame's size (even, as the encoders need):
+    # :class:`Pipeline` pins its caps when the first caps arrive, so a source that changes
+    # size mid-stream (joined files, a camera set to another resolution) is scaled to fit,
+    # and the encoder, the muxer and the RTP clients never see a caps change.
+    parts = [
+        f"{src} videoconvert name=conv ! videoscale name=fit add-borders=true ! "
+        f"capsfilter name={_FIT_CAPS} caps=video/x-raw,format=I420 ! tee name=t"
+    ]
 
     if infer_size is not None:
         w, h = infer_size
@@ -198,6 +213,21 @@ def describe(
     if not rtp_ports and out_file is None:
         parts.append(f"et. ! queue ! fakesink sync={sync} async=false")
     return _Layout(" ".join(parts), src_props, is_live, tuple(elements))
+
+
+def _pinned_caps(first: Gst.Structure) -> Gst.Caps:
+    """I420 at the first frame's size rounded down to even (what H.264 encoders take), with
+    its aspect and colours, so that the encoder's caps never change."""
+    width = max(2, first.get_value("width") // 2 * 2)
+    height = max(2, first.get_value("height") // 2 * 2)
+    fields = [f"video/x-raw,format=I420,width={width},height={height}"]
+    ok, num, den = first.get_fraction("pixel-aspect-ratio")
+    if ok and num > 0 and den > 0:
+        fields.append(f"pixel-aspect-ratio={num}/{den}")
+    colorimetry = first.get_string("colorimetry")
+    if colorimetry:
+        fields.append(f"colorimetry={colorimetry}")
+    return Gst.Caps.from_string(",".join(fields))
 
 
 _Probe = Callable[..., Gst.PadProbeReturn]
@@ -417,6 +447,9 @@ class Pipeline:
             conv_sink.add_probe(
                 Gst.PadProbeType.BLOCK_DOWNSTREAM | Gst.PadProbeType.BUFFER, self._on_loop_block
             )
+        self._pinned_caps: Gst.Caps | None = None
+        conv_sink = self._pipeline.get_by_name("conv").get_static_pad("sink")
+        conv_sink.add_probe(Gst.PadProbeType.EVENT_DOWNSTREAM, self._on_source_caps)
         video_q = self._pipeline.get_by_name("video_q")
         video_q.get_static_pad("src").add_probe(Gst.PadProbeType.EVENT_DOWNSTREAM, self._on_caps)
 
@@ -477,6 +510,28 @@ class Pipeline:
                 pad.get_parent_element(), Gst.Structure.new_empty(_LOOP_START)
             )
         )
+        return Gst.PadProbeReturn.OK
+
+    @_guarded(Gst.PadProbeReturn.OK)
+    def _on_source_caps(self, _pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
+        # The first decoded caps fix the size of everything downstream; later ones (a size
+        # change mid-stream, a camera back at another resolution) are scaled to it.
+        event = info.get_event()
+        if event.type != Gst.EventType.CAPS:
+            return Gst.PadProbeReturn.OK
+        s = event.parse_caps().get_structure(0)
+        if self._pinned_caps is None:
+            self._pinned_caps = _pinned_caps(s)
+            self._pipeline.get_by_name(_FIT_CAPS).set_property("caps", self._pinned_caps)
+            log.debug("camera %s: video pinned to %s", self.camera.name, self._pinned_caps)
+        else:
+            log.info(
+                "camera %s: source caps changed to %dx%d; scaled to %s",
+                self.camera.name,
+                s.get_value("width"),
+                s.get_value("height"),
+                self._pinned_caps.to_string(),
+            )
         return Gst.PadProbeReturn.OK
 
     @_guarded(Gst.PadProbeReturn.OK)
