@@ -6,12 +6,13 @@ import argparse
 import importlib
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from edgecam.config import Settings, load_settings, settings_to_yaml
-from edgecam.errors import EdgecamError
+from edgecam.config import Settings, load_settings, redact_url, settings_to_yaml
+from edgecam.errors import EdgecamError, UsageError
 
 log = logging.getLogger("edgecam")
 
@@ -33,6 +34,37 @@ BENCHES: dict[str, str] = {
     "latency": "bench/bench_latency.py",
     "crops": "bench/bench_crops.py",
 }
+
+
+# Exit statuses: a runtime failure, a usage error (as argparse's own).
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+MAX_CLIP_SECONDS = 3600.0  # as the save_clip command's own bounds
+MAX_REASON_CHARS = 200
+
+
+def _bounded_float(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] (or (low, high])."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+            bracket = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is out of range: give a number in {bracket}{low:g}, {high:g}]"
+            )
+        return value
+
+    return parse
+
+
+def _reason(text: str) -> str:
+    if not text.strip() or len(text) > MAX_REASON_CHARS:
+        raise argparse.ArgumentTypeError(f"give 1 to {MAX_REASON_CHARS} characters")
+    return text
 
 
 def _resolve(target: str) -> Callable[..., int]:
@@ -131,7 +163,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="annotated MP4 to write")
     p.add_argument("--events", help="JSON lines file, one object a frame")
     p.add_argument("--profile", choices=["mask", "people"])
-    p.add_argument("--detect-fps", type=float, help="detections a second of video (0 = off)")
+    p.add_argument(
+        "--detect-fps",
+        type=_bounded_float(0, 240),
+        help="detections a second of video (0 = off)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_process)
 
@@ -142,9 +178,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("clip", parents=[common], help="ask a running recorder to save a clip")
     p.add_argument("--camera", help="camera name (default: the first)")
-    p.add_argument("--reason", default="manual", help="why the clip is saved")
-    p.add_argument("--pre", type=float, help="seconds before now (default from config)")
-    p.add_argument("--post", type=float, help="seconds after now (default from config)")
+    p.add_argument("--reason", type=_reason, default="manual", help="why the clip is saved")
+    seconds = _bounded_float(0, MAX_CLIP_SECONDS)
+    p.add_argument("--pre", type=seconds, help="seconds before now (default from config)")
+    p.add_argument("--post", type=seconds, help="seconds after now (default from config)")
     p.set_defaults(func=_cmd_clip)
 
     p = sub.add_parser("streaming", parents=[common], help="start/stop a running RTSP worker")
@@ -154,7 +191,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common], help="the whole system on the bundled clips")
     p.add_argument("--out", default="out/demo", help="folder for the demo's outputs")
-    p.add_argument("--live-seconds", type=float, default=30, help="length of the live part")
+    p.add_argument(
+        "--live-seconds",
+        type=_bounded_float(0, 86400, low_open=True),
+        default=30,
+        help="length of the live part",
+    )
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("bench", help="run a benchmark and print its figures")
@@ -175,16 +217,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_RedactFilter())
     if args.command == "config" and args.action == "check" and not args.file:
         print("edgecam config check: give the FILE to check", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         return int(args.func(args))
+    except UsageError as exc:
+        print(f"edgecam {args.command}: error: {redact_url(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
     except EdgecamError as exc:
-        print(f"edgecam: error: {exc}", file=sys.stderr)
-        return 1
+        print(f"edgecam: error: {redact_url(str(exc))}", file=sys.stderr)
+        return EXIT_RUNTIME
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: one line for the user, the traceback with -v
+        log.debug("unexpected error", exc_info=True)
+        text = redact_url(" ".join(str(exc).split())) or type(exc).__name__
+        print(
+            f"edgecam: internal error: {type(exc).__name__}: {text} "
+            "(run with -v for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return EXIT_RUNTIME
+
+
+class _RedactFilter(logging.Filter):
+    """Masks URL passwords and tokens in every log line, whoever logs it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_url(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ __all__ = [
     "ModelError",
     "PipelineError",
     "SourceError",
+    "UsageError",
 ]
 
 
@@ -38,3 +39,8 @@ class SourceError(EdgecamError):
 
 class PipelineError(EdgecamError):
     """The media pipeline failed while running."""
+
+
+class UsageError(EdgecamError):
+    """A command-line argument is wrong in a way its parser cannot see (an output that is the
+    input, a folder where a file is wanted). The command exits with status 2."""
