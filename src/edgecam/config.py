@@ -67,7 +67,13 @@ class CameraConfig(_Section):
     rtsp_latency_ms: int = Field(200, ge=0, le=10000, description="rtspsrc jitter buffer.")
     rtsp_transport: Literal["tcp", "udp"] = Field("tcp", description="RTSP transport.")
     reconnect_min_s: float = Field(1.0, gt=0, le=60, description="First reconnect delay.")
-    reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="Longest reconnect delay.")
+    reconnect_max_s: float = Field(
+        2.0,
+        gt=0,
+        le=3600,
+        description="Longest reconnect delay: a camera that comes back streams again within "
+        "about this long (a probe of a camera that is away costs one refused connection).",
+    )
     stall_timeout_s: float = Field(
         10.0, gt=0, le=600, description="No frame for this long from a live source: reconnect."
     )
