@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import socket
@@ -421,3 +422,42 @@ def test_v4l2_width_height_fps_ask_the_camera_for_that_mode() -> None:
         caps = peer.get_parent_element().get_property("caps")
         assert caps.get_size() == 2 and caps.get_structure(0).get_value("framerate") is not None
         assert caps.get_structure(1).get_name() == "image/jpeg"
+
+
+def test_rtp_has_one_access_unit_per_timestamp() -> None:
+    """Each frame's packets share one timestamp and end with the one marker packet; none is
+    a lone access unit delimiter, which RTSP clients copying the stream take for a frame."""
+    base = free_udp_pair()
+    settings = Settings.model_validate(
+        {
+            "cameras": [{"name": "t", "source": "test://", "width": 640, "rtp_port": base}],
+            "vision": {"detect_fps": 0},
+            "encoder": {"keyframe_s": 0.5},
+        }
+    )
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", base))
+    sock.settimeout(0.2)
+    packets: list[tuple[int, bool, int]] = []  # (timestamp, marker, NAL type)
+    with Pipeline(settings, mode="live") as p:
+        p.start()
+        runner = threading.Thread(target=p.run, kwargs={"timeout": 2.5})
+        runner.start()
+        end = time.monotonic() + 2.2
+        while time.monotonic() < end:
+            with contextlib.suppress(TimeoutError):
+                data = sock.recv(65536)
+                packets.append(
+                    (int.from_bytes(data[4:8], "big"), bool(data[1] & 0x80), data[12] & 31)
+                )
+        runner.join(timeout=10)
+    sock.close()
+    frames: dict[int, list[tuple[bool, int]]] = {}
+    for ts, marker, nal in packets:
+        frames.setdefault(ts, []).append((marker, nal))
+    complete = list(frames.values())[1:-1]  # the first and last may be cut by the capture
+    keyframes = [f for f in complete if any(n in (5, 7) for _, n in f)]
+    assert len(complete) > 40 and len(keyframes) >= 3
+    for frame in complete:
+        assert [m for m, _ in frame] == [False] * (len(frame) - 1) + [True]
+        assert all(nal != 9 for _, nal in frame)  # no access unit delimiter

@@ -53,11 +53,13 @@ Mode = Literal["offline", "live"]
 
 
 # Encoder element per config name: (factory, properties). Keyframes are forced by time from
-# a pad probe; the encoders' own interval is only a long backstop.
+# a pad probe; the encoders' own interval is only a long backstop. No access unit
+# delimiters: rtph264pay sends one as an RTP packet of its own with the frame's timestamp,
+# and RTSP clients that copy the stream (ffmpeg -c copy) take it for a second frame.
 _ENCODERS: dict[str, tuple[str, str]] = {
     "x264": (
         "x264enc",
-        "tune=zerolatency speed-preset={preset} bitrate={kbps} key-int-max=600",
+        "tune=zerolatency speed-preset={preset} bitrate={kbps} key-int-max=600 aud=false",
     ),
     "openh264": ("openh264enc", "bitrate={bps} complexity=low gop-size=600"),
     "nvh264": ("nvh264enc", "bitrate={kbps} preset=low-latency-hq zerolatency=true gop-size=600"),
