@@ -95,7 +95,11 @@ def test_one_face_found_in_face_clip(faces_run: tuple[Path, list[dict[str, Any]]
             x1, y1, x2, y2 = t["box"]
             assert 0 <= x1 < x2 <= 176 and 0 <= y1 < y2 <= 144  # source pixels
             assert 25 <= x2 - x1 <= 90 and 30 <= y2 - y1 <= 110  # about 50x60 px
-            assert t["label"] in ("mask", "no_mask", "undecided")
+    # The man wears no mask: undecided until the votes are in, then no_mask (measured: from
+    # frame 12 to 111; the last frames' crops turn his votes undecided again). Never mask.
+    labels = [t["label"] for e in events for t in e["tracks"]]
+    assert "mask" not in labels
+    assert all(t["label"] == "no_mask" for e in events[12:108] for t in e["tracks"])
     assert set(events[-1]["counts"]) == {"mask", "no_mask", "undecided"}
     assert sum(events[-1]["counts"].values()) == 1
 
@@ -106,9 +110,9 @@ def test_people_counted_in_pedestrian_clip(
     _, events = people_run
     assert len(events) == 302
     counts = [e["counts"]["person"] for e in events[20:]]
-    # By eye on the clip: 3 to 8 people in view at a time.
-    assert 3 <= float(np.mean(counts)) <= 8
-    assert min(counts) >= 2 and max(counts) <= 10
+    # By eye on the clip: 3 to 8 people in view at a time; measured mean 6.3, 4 to 8.
+    assert 5.8 <= float(np.mean(counts)) <= 6.8
+    assert min(counts) >= 4 and max(counts) <= 8
     assert all(t["label"] == "person" for e in events for t in e["tracks"])
 
 
@@ -122,8 +126,8 @@ def test_walking_people_keep_their_id(people_run: tuple[Path, list[dict[str, Any
     long_walks = [tid for tid, p in paths.items() if len(p) >= 70 and math.dist(p[0], p[-1]) >= 300]
     # Several people cross most of the 768 px scene; each keeps one id the whole way.
     assert len(long_walks) >= 3, {k: len(v) for k, v in paths.items()}
-    # Few identities overall: no id churn (about 15 people in 30 s by eye).
-    assert len(paths) <= 25
+    # Few identities overall: no id churn (about 15 people in 30 s by eye; measured 15).
+    assert len(paths) <= 17
 
 
 def test_output_video_is_complete_h264_with_keyframe_each_second(
