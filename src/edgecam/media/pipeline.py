@@ -232,6 +232,31 @@ def _pinned_caps(first: Gst.Structure) -> Gst.Caps:
     return Gst.Caps.from_string(",".join(fields))
 
 
+def _from_model_frame(
+    source: Gst.Structure, model: GstVideo.VideoInfo
+) -> tuple[float, float, float, float]:
+    """(sx, sy, dx, dy) taking model-frame pixels to source pixels (x * sx + dx).
+
+    videoscale keeps the picture's shape (add-borders): a frame of another aspect than the
+    model's is letterboxed (or pillarboxed) into it, centred, as computed here the way
+    videoscale does it (integer pixels, the source's pixel aspect ratio included).
+    """
+    src_w, src_h = source.get_value("width"), source.get_value("height")
+    ok, par_n, par_d = source.get_fraction("pixel-aspect-ratio")
+    if not ok or par_n <= 0 or par_d <= 0:
+        par_n, par_d = 1, 1
+    dar_n, dar_d = src_w * par_n, src_h * par_d  # display aspect ratio of the source
+    content_w, content_h = model.width, model.height
+    to_h = model.width * dar_d // dar_n
+    if to_h <= model.height:
+        content_h = to_h
+    else:
+        content_w = model.height * dar_n // dar_d
+    off_x, off_y = (model.width - content_w) // 2, (model.height - content_h) // 2
+    sx, sy = src_w / content_w, src_h / content_h
+    return sx, sy, -off_x * sx, -off_y * sy
+
+
 _Probe = Callable[..., Gst.PadProbeReturn]
 
 
@@ -672,10 +697,7 @@ class Pipeline:
                 self.stats.detections += 1
             caps = tee_pad.get_current_caps()
             if caps is not None:
-                s = caps.get_structure(0)
-                dets = dets.scaled(
-                    s.get_value("width") / info.width, s.get_value("height") / info.height
-                )
+                dets = dets.mapped(*_from_model_frame(caps.get_structure(0), info))
             self._results.post(buf.pts, dets)
             if self.mode == "live" and self._min_interval:
                 delay = started + self._min_interval - time.monotonic()
