@@ -39,7 +39,7 @@ def _frames() -> list[tuple[str, np.ndarray]]:
 
 def main() -> None:
     cfg = VisionConfig()
-    face = CenterFaceDetector(cfg.face_model, cfg.face_input, cfg.face_threshold)
+    face = CenterFaceDetector(cfg.face_model_path, cfg.face_input, cfg.face_threshold)
     mask = MaskClassifier(cfg.mask_model, margin=cfg.mask_crop_margin)
     w, h = cfg.face_input
     diffs, agree, n = [], 0, 0

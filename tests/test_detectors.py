@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
@@ -162,12 +163,26 @@ def test_face_mask_detector_sets_p_mask(astronaut: Image, classifier: MaskClassi
 
 
 @pytest.mark.parametrize(
-    ("profile", "kind", "size"),
-    [("mask", FaceMaskDetector, (640, 352)), ("people", NanoDetDetector, (416, 416))],
+    ("vision", "kind", "size"),
+    [
+        ({"profile": "mask"}, CenterFaceDetector, (640, 352)),
+        ({"profile": "mask", "face_detector": "blazeface"}, BlazeFaceDetector, (192, 192)),
+        (
+            {"profile": "mask", "face_detector": "blazeface"} | {"face_model": BLAZEFACE},
+            BlazeFaceDetector,
+            (192, 192),
+        ),
+        ({"profile": "people"}, NanoDetDetector, (416, 416)),
+    ],
 )
-def test_build_detector_by_profile(profile: str, kind: type, size: tuple[int, int]) -> None:
-    detector = build_detector(VisionConfig.model_validate({"profile": profile, "threads": 1}))
-    assert isinstance(detector, kind)
+def test_build_detector_by_profile(
+    vision: dict[str, object], kind: type, size: tuple[int, int]
+) -> None:
+    detector = build_detector(VisionConfig.model_validate(vision | {"threads": 1}))
+    if isinstance(detector, FaceMaskDetector):
+        assert isinstance(detector.face_detector, kind)
+    else:
+        assert isinstance(detector, kind)
     assert detector.input_size == size
     found = detector.detect(np.zeros((size[1], size[0], 3), dtype=np.uint8))
     assert isinstance(found, Detections)
@@ -244,3 +259,23 @@ def test_nms(classes: npt.NDArray[np.int64] | None, kept: list[int]) -> None:
     assert sorted(nms(boxes, scores, 0.5, classes=classes).tolist()) == kept
     assert nms(boxes, scores, 0.5, max_det=1).tolist() == [0]
     assert nms(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 0.5).size == 0
+
+
+def test_face_model_of_the_other_family_says_which_option_to_set() -> None:
+    vision = VisionConfig.model_validate({"face_model": BLAZEFACE, "threads": 1})
+    with pytest.raises(ModelError, match=r"vision\.face_detector"):
+        build_detector(vision)
+
+
+def test_blazeface_end_to_end(tmp_path: Path) -> None:
+    from edgecam.config import load_settings
+    from edgecam.media.offline import process_file
+
+    settings = load_settings(
+        **{"vision.face_detector": "blazeface", "vision.detect_fps": 10, "vision.threads": 1}
+    )
+    events = tmp_path / "e.jsonl"
+    process_file(settings, MEDIA / "faces.mp4", tmp_path / "o.mp4", events=events, progress=False)
+    rows = [json.loads(line) for line in events.read_text().splitlines()]
+    assert len(rows) == 120
+    assert sum(len(r["tracks"]) == 1 for r in rows[10:]) >= 100  # the one man, found

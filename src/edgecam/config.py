@@ -92,6 +92,11 @@ class CameraConfig(_Section):
         return self
 
 
+_VENDORED_FACE_MODELS = {"centerface": "centerface.onnx", "blazeface": "blazeface_full.onnx"}
+# Model inputs past this many pixels a side are a typo, not a choice (and would exhaust memory).
+_MAX_MODEL_INPUT = 4096
+
+
 class VisionConfig(_Section):
     profile: Literal["mask", "people"] = Field(
         "mask", description="mask: faces + mask classifier; people: person detector."
@@ -112,11 +117,19 @@ class VisionConfig(_Section):
         description="Detectors running side by side in `edgecam process`, sharing `threads` "
         "(two one-thread detectors beat one two-thread detector next to decode and x264).",
     )
-    face_model: Path = Field(
-        MODELS_DIR / "centerface.onnx", description="CenterFace-family face detector ONNX."
+    face_detector: Literal["centerface", "blazeface"] = Field(
+        "centerface",
+        description="Face detector family: centerface (any input size, the default), or "
+        "blazeface (MediaPipe BlazeFace full range, a fixed 192x192 input, faster).",
+    )
+    face_model: Path | None = Field(
+        None,
+        description="Face detector ONNX of the vision.face_detector family; default: the "
+        "one vendored in edgecam/models.",
     )
     face_input: tuple[int, int] = Field(
-        (640, 352), description="Face detector input (width, height), multiples of 32."
+        (640, 352),
+        description="CenterFace input (width, height), multiples of 32 (BlazeFace: 192x192).",
     )
     face_threshold: float = Field(0.5, gt=0, lt=1, description="Face score threshold.")
     mask_model: Path = Field(
@@ -128,15 +141,31 @@ class VisionConfig(_Section):
     person_model: Path = Field(
         MODELS_DIR / "nanodet_g.onnx", description="NanoDet-family COCO detector ONNX."
     )
-    person_input: tuple[int, int] = Field((416, 416), description="Person detector input.")
+    person_input: tuple[int, int] = Field(
+        (416, 416), description="Person detector input (width, height), multiples of 32."
+    )
     person_threshold: float = Field(0.5, gt=0, lt=1, description="Person score threshold.")
 
     @model_validator(mode="after")
     def _check_sizes(self) -> VisionConfig:
-        w, h = self.face_input
-        if w % 32 or h % 32 or w <= 0 or h <= 0:
-            raise ValueError(f"face_input {self.face_input} must be positive multiples of 32")
+        for key in ("face_input", "person_input"):
+            w, h = getattr(self, key)
+            if (
+                w % 32
+                or h % 32
+                or not 32 <= w <= _MAX_MODEL_INPUT
+                or not 32 <= h <= _MAX_MODEL_INPUT
+            ):
+                raise ValueError(
+                    f"{key} {getattr(self, key)} must be multiples of 32 from 32 to "
+                    f"{_MAX_MODEL_INPUT}"
+                )
         return self
+
+    @property
+    def face_model_path(self) -> Path:
+        """The face model file: ``face_model``, or the vendored one of ``face_detector``."""
+        return self.face_model or MODELS_DIR / _VENDORED_FACE_MODELS[self.face_detector]
 
 
 class TrackerConfig(_Section):
