@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -268,3 +269,20 @@ def test_config_file_not_utf8_is_one_clear_line(tmp_path: Path) -> None:
     res = _cli("config", "check", str(path))
     assert res.returncode == 1
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+
+
+def test_yaml_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for i in range(1, 8):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    path = _write(tmp_path, "\n".join([*lines, "cameras: *a7", ""]))
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="expands to more than"):
+        load_settings(path)
+    assert time.monotonic() - start < 2
+
+
+def test_too_many_cameras(tmp_path: Path) -> None:
+    cams = "".join(f"  - name: c{i}\n    rtp_port: {2000 + 10 * i}\n" for i in range(65))
+    with pytest.raises(ConfigError, match="cameras: List should have at most 64 items"):
+        load_settings(_write(tmp_path, "cameras:\n" + cams))

@@ -44,6 +44,8 @@ __all__ = [
 
 MODELS_DIR = Path(__file__).parent / "models"
 CONFIG_ENV = "EDGECAM_CONFIG"
+# More cameras than this on one device is a mistake (or a YAML alias bomb), not a setup.
+MAX_CAMERAS = 64
 
 
 class _Section(BaseModel):
@@ -330,7 +332,10 @@ class Settings(BaseSettings):
         description="Device name, used in MQTT topics and clip metadata.",
     )
     cameras: list[CameraConfig] = Field(
-        default_factory=_default_cameras, min_length=1, description="Video sources."
+        default_factory=_default_cameras,
+        min_length=1,
+        max_length=MAX_CAMERAS,
+        description="Video sources.",
     )
     vision: VisionConfig = Field(default_factory=VisionConfig)  # type: ignore[arg-type]
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)  # type: ignore[arg-type]
@@ -383,6 +388,8 @@ _SECRET_KEYS = frozenset({"password", "token", "link_secret"})
 # URL query parameters whose values are credentials (``?token=...``, ``&api_key=...``).
 _SECRET_QUERY = re.compile(r"(token|pass|pwd|secret|key|auth|sig|cred)", re.IGNORECASE)
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+# A config file holds a few hundred values; one that expands to more is an alias bomb.
+_MAX_CONFIG_VALUES = 100_000
 # Environment variables under the prefix that are not config keys.
 _NOT_CONFIG_ENV = frozenset({CONFIG_ENV})
 _ENV_PREFIX = "EDGECAM_"
@@ -413,18 +420,26 @@ def redact_url(text: str) -> str:
     return _URL.sub(lambda m: _redact_one(m.group(0)), text)
 
 
-def _secrets_in(data: Any) -> set[str]:
-    """Every secret value in raw config data: secret keys, URL passwords, URL tokens."""
+def _secrets_in(data: Any, seen: set[int] | None = None) -> set[str]:
+    """Every secret value in raw config data: secret keys, URL passwords, URL tokens.
+
+    Each container is visited once: YAML aliases can make a small file a huge tree.
+    """
+    seen = set() if seen is None else seen
     found: set[str] = set()
+    if isinstance(data, dict | list | tuple):
+        if id(data) in seen:
+            return found
+        seen.add(id(data))
     if isinstance(data, dict):
         for key, value in data.items():
             if key in _SECRET_KEYS and isinstance(value, str | int) and not isinstance(value, bool):
                 found.add(str(value))
             else:
-                found |= _secrets_in(value)
+                found |= _secrets_in(value, seen)
     elif isinstance(data, list | tuple):
         for item in data:
-            found |= _secrets_in(item)
+            found |= _secrets_in(item, seen)
     elif isinstance(data, str):
         for match in _URL.finditer(data):
             url = match.group(0)
@@ -470,8 +485,24 @@ def _read_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    if _expanded_size(data, {}) > _MAX_CONFIG_VALUES:
+        raise ConfigError(
+            f"config file {path} expands to more than {_MAX_CONFIG_VALUES} values "
+            "(YAML aliases repeating aliases?); write it out plainly"
+        )
     # An empty section (``vision:`` with nothing under it) means its defaults.
     return {key: value for key, value in data.items() if value is not None}
+
+
+def _expanded_size(node: Any, sizes: dict[int, int]) -> int:
+    """Values in ``node`` with every alias expanded, counted without expanding any."""
+    if not isinstance(node, dict | list):
+        return 1
+    if id(node) not in sizes:
+        sizes[id(node)] = 0  # a self-referencing alias counts once
+        children = node.values() if isinstance(node, dict) else node
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
 
 
 def _one_line(text: str) -> str:
