@@ -108,8 +108,9 @@ class Monitor:
         sink.add_probe(Gst.PadProbeType.BUFFER | Gst.PadProbeType.BUFFER_LIST, self._on_rtp)
 
     def _on_rtp(self, pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
-        buf = info.get_buffer()
-        if buf is None:
+        if info.type & Gst.PadProbeType.BUFFER:
+            buf = info.get_buffer()
+        else:
             packets = info.get_buffer_list()
             if packets is None or packets.length() == 0:
                 return Gst.PadProbeReturn.OK
