@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +213,27 @@ def test_clip_seconds_checked_by_the_parser(value: str) -> None:
 def test_bad_arguments_are_usage_errors(args: list[str]) -> None:
     res = subprocess.run([*EDGECAM, *args], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "error:" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_stopped_run_keeps_the_old_output_and_leaves_nothing(
+    tmp_path: Path, sig: signal.Signals, status: int
+) -> None:
+    out = tmp_path / "o.mp4"
+    out.write_bytes(b"the previous result")
+    outputs = ["--out", str(out), "--events", str(tmp_path / "e.jsonl")]
+    proc = subprocess.Popen(
+        [*EDGECAM, "process", str(MEDIA / "faces_720p30_15s.mp4"), *outputs, "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not any(p.name.endswith(".tmp") and p.stat().st_size for p in tmp_path.iterdir()):
+        assert time.monotonic() < deadline and proc.poll() is None, "never started writing"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == status and "Traceback" not in stderr
+    assert out.read_bytes() == b"the previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.mp4"]

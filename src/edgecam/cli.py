@@ -7,9 +7,11 @@ import importlib
 import json
 import logging
 import math
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 
 from edgecam.config import Settings, load_settings, redact_url, settings_to_yaml
 from edgecam.errors import EdgecamError, UsageError
@@ -89,12 +91,26 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that ``finally`` blocks clean up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, _frame: FrameType | None) -> None:
+    raise _Terminated(signum)
+
+
 def _cmd_process(args: argparse.Namespace) -> int:
     from edgecam.media.offline import process_file
 
     settings = _settings(
         args, **{"vision.profile": args.profile, "vision.detect_fps": args.detect_fps}
     )
+    # A terminated run leaves no temporary output behind, as an interrupted one.
+    signal.signal(signal.SIGTERM, _raise_terminated)
     process_file(
         settings,
         Path(args.input),
@@ -231,7 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edgecam: error: {redact_url(str(exc))}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:
-        return 130
+        return 128 + signal.SIGINT
+    except _Terminated as exc:
+        return 128 + exc.signum
     except Exception as exc:  # a bug: one line for the user, the traceback with -v
         log.debug("unexpected error", exc_info=True)
         text = redact_url(" ".join(str(exc).split())) or type(exc).__name__
