@@ -675,3 +675,10 @@ def test_start_removes_own_unfinished_clip_folders(tmp_path: Path) -> None:
         pass
     # Its own go at once; another camera's (main-b) and an unnamed one wait for the hour.
     assert sorted(p.name for p in clips.iterdir()) == sorted(leftovers[1:])
+
+
+@pytest.mark.parametrize("clips_dir", ["/proc/edgecam-clips", "/dev/null/clips"])
+def test_unusable_clips_folder_is_a_clear_error(tmp_path: Path, clips_dir: str) -> None:
+    settings = _settings(tmp_path, clips_dir=Path(clips_dir))
+    with pytest.raises(ClipError, match=r"cannot create the clips folder .*recorder\.clips_dir"):
+        Recorder(settings, port=free_udp_pair()).start()

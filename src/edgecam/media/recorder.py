@@ -133,7 +133,14 @@ class Recorder:
         if not Gst.is_initialized():
             Gst.init(None)
         secure_folder(self.folder)
-        self.settings.recorder.clips_dir.mkdir(parents=True, exist_ok=True)
+        clips_dir = self.settings.recorder.clips_dir
+        try:
+            clips_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ClipError(
+                f"cannot create the clips folder {clips_dir}: {exc.strerror}; "
+                "check recorder.clips_dir"
+            ) from exc
         kept = self.ring.rebuild()
         if kept:
             log.info(
