@@ -51,6 +51,14 @@ def odd(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # (and the frame size) change at the join, as when a camera is set to another mode.
     small = _testsrc(d / "a.mp4", "320x240", *x264, "-pix_fmt", "yuv420p")
     large = _testsrc(d / "b.mp4", "640x360", *x264, "-pix_fmt", "yuv420p")
+    media["tiny"] = _testsrc(d / "tiny.mp4", "2x2", "-c:v", "mpeg4")
+    # Two video streams (320x240 at 30 fps, 640x480 at 25 fps): the first is the video.
+    media["two"] = d / "two.mp4"
+    _ffmpeg(
+        *("-f", "lavfi", "-i", "testsrc=s=320x240:r=30:d=2"),
+        *("-f", "lavfi", "-i", "testsrc2=s=640x480:r=25:d=2"),
+        *("-map", "0", "-map", "1", "-c:v", "libx264", "-pix_fmt", "yuv420p", str(media["two"])),
+    )
     listing = d / "list.txt"
     listing.write_text(f"file '{small}'\nfile '{large}'\n")
     media["joined"] = d / "joined.mp4"
@@ -105,11 +113,21 @@ def test_bad_input_is_named(odd: dict[str, Path], tmp_path: Path, name: str, nee
     assert left == (["o.mp4"] if name == "truncated" else [])
 
 
-@pytest.mark.parametrize("name", ["yuv444", "mpeg4"])
-def test_odd_size_and_format_are_processed(odd: dict[str, Path], tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("yuv444", (320, 240, 60)),  # 321x241: even sizes for the encoder
+        ("mpeg4", (320, 240, 60)),
+        ("tiny", (16, 16, 60)),  # 2x2: at least 16 a side for the muxer
+        ("two", (320, 240, 60)),  # two video streams: the first one
+    ],
+)
+def test_odd_size_and_format_are_processed(
+    odd: dict[str, Path], tmp_path: Path, name: str, expected: tuple[int, int, int]
+) -> None:
     res = _process(str(odd[name]), "--out", str(tmp_path / "o.mp4"))
     assert res.returncode == 0, res.stderr
-    assert _frames(tmp_path / "o.mp4") == (320, 240, 60)
+    assert _frames(tmp_path / "o.mp4") == expected
 
 
 def test_size_change_mid_file_carries_on(odd: dict[str, Path], tmp_path: Path) -> None:

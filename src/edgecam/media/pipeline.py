@@ -67,6 +67,7 @@ _ENCODERS: dict[str, tuple[str, str]] = {
 }
 _LOOP_START = "edgecam-loop-start"
 _FIT_CAPS = "fit_caps"
+_MIN_SIDE = 16  # mp4mux refuses smaller H.264 frames
 # A detection further ahead of the video than this is from another timeline (the source
 # restarted or looped): applied at once rather than held.
 _MAX_LEAD_NS = 2 * Gst.SECOND
@@ -218,10 +219,11 @@ def describe(
 
 
 def _pinned_caps(first: Gst.Structure) -> Gst.Caps:
-    """I420 at the first frame's size rounded down to even (what H.264 encoders take), with
-    its aspect and colours, so that the encoder's caps never change."""
-    width = max(2, first.get_value("width") // 2 * 2)
-    height = max(2, first.get_value("height") // 2 * 2)
+    """I420 at the first frame's size rounded down to even (what H.264 encoders take), at
+    least 16 pixels a side (what mp4mux takes), with its aspect and colours, so that the
+    encoder's caps never change."""
+    width = max(_MIN_SIDE, first.get_value("width") // 2 * 2)
+    height = max(_MIN_SIDE, first.get_value("height") // 2 * 2)
     fields = [f"video/x-raw,format=I420,width={width},height={height}"]
     ok, num, den = first.get_fraction("pixel-aspect-ratio")
     if ok and num > 0 and den > 0:
@@ -486,7 +488,11 @@ class Pipeline:
         if not caps.get_structure(0).get_name().startswith("video/"):
             return  # audio and the like: left unlinked, the demuxer carries on
         if sink.is_linked():
-            sink.get_peer().unlink(sink)
+            # A second video stream in the file: the first one is the video. (After a
+            # restart, decodebin's old pads are gone, and the sink unlinked, before new
+            # ones come.)
+            log.info("ignoring another video stream (%s)", pad.get_name())
+            return
         if pad.link(sink) != Gst.PadLinkReturn.OK:
             log.error("cannot link decoded video pad %s", pad.get_name())
 
