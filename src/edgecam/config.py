@@ -15,7 +15,7 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -211,7 +211,8 @@ class VotingConfig(_Section):
         return self
 
 
-_Colour = tuple[int, int, int]
+_Channel = Annotated[int, Field(ge=0, le=255)]
+_Colour = tuple[_Channel, _Channel, _Channel]
 
 
 class OverlayConfig(_Section):
@@ -241,7 +242,17 @@ class EncoderConfig(_Section):
     )
     bitrate_kbps: int = Field(2500, ge=100, le=100000, description="Target bitrate.")
     keyframe_s: float = Field(1.0, gt=0, le=10, description="Seconds between keyframes.")
-    preset: str = Field("ultrafast", pattern=r"^[a-z]+$", description="x264 speed preset.")
+    preset: Literal[
+        "ultrafast",
+        "superfast",
+        "veryfast",
+        "faster",
+        "fast",
+        "medium",
+        "slow",
+        "slower",
+        "veryslow",
+    ] = Field("ultrafast", description="x264 speed preset.")
 
 
 class StreamingConfig(_Section):
@@ -297,6 +308,20 @@ class RecorderConfig(_Section):
     min_free_bytes: int = Field(
         512 * 1024 * 1024, ge=0, description="Never write clips below this free space."
     )
+
+    @model_validator(mode="after")
+    def _check_ring(self) -> RecorderConfig:
+        if self.ring_seconds < 2 * self.segment_s:
+            raise ValueError(
+                f"ring_seconds ({self.ring_seconds:g}) must hold at least two segments "
+                f"(segment_s {self.segment_s:g})"
+            )
+        if self.pre_s > self.ring_seconds:
+            raise ValueError(
+                f"pre_s ({self.pre_s:g}) must be <= ring_seconds ({self.ring_seconds:g}): "
+                "the video before a trigger comes from the ring"
+            )
+        return self
 
 
 class FileServerConfig(_Section):
