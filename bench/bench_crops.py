@@ -3,13 +3,19 @@
 The pipeline classifies face crops cut from the model-sized RGB frame the detector sees
 (one appsink, no full-resolution frame in Python). This measures what a second, larger
 appsink would buy: P(mask) from model-frame crops vs source-resolution crops of the same
-faces, on the face clip and the face photos.
+faces. Three sources: the small face clip (176x144, faces about 50 px: the model frame is
+*larger* than the source), the test photos (960 px wide), and the HD face clip (1280x720,
+faces 60-100 px in the source, half that in the model frame). Each face is also measured
+with a drawn mask (a flat light-blue polygon over nose, mouth and chin), since none of the
+media shows a real mask. The model frame is made as the pipeline makes it: the source
+scaled to fit 640x352 with borders (letterbox or pillarbox), boxes mapped back.
 
     .venv/bin/python bench/bench_crops.py
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
 
 import cv2
@@ -19,50 +25,95 @@ from edgecam.config import VisionConfig
 from edgecam.vision.detectors import CenterFaceDetector, MaskClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
+LIGHT_BLUE = (160, 205, 230)
 
 
-def _frames() -> list[tuple[str, np.ndarray]]:
+def _clip_frames(path: Path, every: int, group: str) -> list[tuple[str, str, np.ndarray]]:
     out = []
-    cap = cv2.VideoCapture(str(ROOT / "media" / "faces.mp4"))
+    cap = cv2.VideoCapture(str(path))
     i = 0
     while True:
         ok, frame = cap.read()
         if not ok:
             break
-        if i % 10 == 0:
-            out.append((f"faces.mp4#{i}", cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)))
+        if i % every == 0:
+            out.append((group, f"{path.name}#{i}", cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)))
         i += 1
+    cap.release()
+    return out
+
+
+def _frames() -> list[tuple[str, str, np.ndarray]]:
+    out = _clip_frames(ROOT / "media" / "faces.mp4", 10, "face clip 176x144")
     for photo in sorted((ROOT / "tests" / "data").glob("*.jpg")):
-        out.append((photo.name, cv2.cvtColor(cv2.imread(str(photo)), cv2.COLOR_BGR2RGB)))
+        rgb = cv2.cvtColor(cv2.imread(str(photo)), cv2.COLOR_BGR2RGB)
+        out.append(("photos ~960 px", photo.name, rgb))
+    out += _clip_frames(ROOT / "media" / "faces_720p30_15s.mp4", 15, "HD face clip 1280x720")
+    return out
+
+
+def _letterbox(src: np.ndarray, w: int, h: int) -> tuple[np.ndarray, float, float, float]:
+    """``src`` scaled to fit (w, h) with black borders, centred; (frame, scale, dx, dy)."""
+    sh, sw = src.shape[:2]
+    scale = min(w / sw, h / sh)
+    cw, ch = round(sw * scale), round(sh * scale)
+    dx, dy = (w - cw) // 2, (h - ch) // 2
+    out = np.zeros((h, w, 3), dtype=np.uint8)
+    out[dy : dy + ch, dx : dx + cw] = cv2.resize(src, (cw, ch), interpolation=cv2.INTER_LINEAR)
+    return out, scale, dx, dy
+
+
+def _with_masks(src: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """A mask drawn on each face (source pixels): from below the eyes to the chin."""
+    out = src.copy()
+    for x1, y1, x2, y2 in boxes:
+        top = y1 + 0.5 * (y2 - y1)
+        poly = np.array(
+            [[x1, top], [x2, top], [x2 - 0.08 * (x2 - x1), y2], [x1 + 0.08 * (x2 - x1), y2]]
+        )
+        cv2.fillPoly(out, [poly.round().astype(np.int32)], LIGHT_BLUE)
     return out
 
 
 def main() -> None:
     cfg = VisionConfig()
-    face = CenterFaceDetector(cfg.face_model, cfg.face_input, cfg.face_threshold)
+    face = CenterFaceDetector(cfg.face_model_path, cfg.face_input, cfg.face_threshold)
     mask = MaskClassifier(cfg.mask_model, margin=cfg.mask_crop_margin)
     w, h = cfg.face_input
-    diffs, agree, n = [], 0, 0
-    print(f"{'image':24} {'faces':>5} {'P(mask) model-frame':>20} {'P(mask) source':>16}")
-    for name, src in _frames():
-        model = cv2.resize(src, (w, h), interpolation=cv2.INTER_LINEAR)
+    stats: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for group, _name, src in _frames():
+        model, scale, dx, dy = _letterbox(src, w, h)
         dets = face.detect(model)
         if not len(dets):
             continue
-        sx, sy = src.shape[1] / w, src.shape[0] / h
-        p_model = mask.classify(model, dets.xyxy)
-        p_src = mask.classify(src, dets.scaled(sx, sy).xyxy)
-        diffs.extend(np.abs(p_model - p_src).tolist())
-        agree += int(np.sum((p_model >= 0.5) == (p_src >= 0.5)))
-        n += len(dets)
-        print(
-            f"{name:24} {len(dets):5d} {np.array2string(p_model, precision=2):>20} "
-            f"{np.array2string(p_src, precision=2):>16}"
-        )
-    print(
-        f"\n{n} faces: mean |dP| {np.mean(diffs):.3f}, max |dP| {np.max(diffs):.3f}, "
-        f"same mask/no-mask call on {agree}/{n} ({100 * agree / n:.0f} %)"
+        in_model = dets.xyxy
+        in_src = dets.mapped(1 / scale, 1 / scale, -dx / scale, -dy / scale).xyxy
+        for variant in ("plain", "masked"):
+            image = src if variant == "plain" else _with_masks(src, in_src)
+            framed = model if variant == "plain" else _letterbox(image, w, h)[0]
+            p_model = mask.classify(framed, in_model)
+            p_src = mask.classify(image, in_src)
+            s = stats[(group, variant)]
+            s["dp"] += np.abs(p_model - p_src).tolist()
+            s["agree"] += ((p_model >= 0.5) == (p_src >= 0.5)).astype(float).tolist()
+            s["mask_model"] += (p_model >= 0.5).astype(float).tolist()
+            s["mask_src"] += (p_src >= 0.5).astype(float).tolist()
+            s["w_model"] += (in_model[:, 2] - in_model[:, 0]).tolist()
+            s["w_src"] += (in_src[:, 2] - in_src[:, 0]).tolist()
+    header = (
+        "| source | faces | variant | face width px, model / source (median) | mean abs dP "
+        "| max abs dP | same call | called mask, model / source |"
     )
+    print(header)
+    print("|" + "---|" * 8)
+    for (group, variant), s in stats.items():
+        n = len(s["dp"])
+        print(
+            f"| {group} | {n} | {variant} | {np.median(s['w_model']):.0f} / "
+            f"{np.median(s['w_src']):.0f} | {np.mean(s['dp']):.3f} | {np.max(s['dp']):.3f} | "
+            f"{100 * np.mean(s['agree']):.0f} % | {100 * np.mean(s['mask_model']):.0f} % / "
+            f"{100 * np.mean(s['mask_src']):.0f} % |"
+        )
 
 
 if __name__ == "__main__":

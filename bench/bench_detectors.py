@@ -52,7 +52,7 @@ def _cases(v: VisionConfig) -> list[Case]:
     photo, street = _photo(), _street()
 
     def centerface(threads: int) -> tuple[str, str, Callable[[], object], Callable[[], None]]:
-        d = CenterFaceDetector(v.face_model, v.face_input, v.face_threshold, threads=threads)
+        d = CenterFaceDetector(v.face_model_path, v.face_input, v.face_threshold, threads=threads)
         frame = _rgb(photo, d.input_size)
         return "centerface", "x".join(map(str, v.face_input)), lambda: d.detect(frame), d.close
 

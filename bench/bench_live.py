@@ -103,10 +103,19 @@ class Monitor:
         self.detect_s0 = 0.0
         self._lock = threading.Lock()
         sink = self.gst.get_by_name("rtp_sink").get_static_pad("sink")
-        sink.add_probe(Gst.PadProbeType.BUFFER, self._on_rtp)
+        # rtph264pay pushes a frame's packets as one buffer list or as single buffers
+        # (depending on the frame): both must be counted.
+        sink.add_probe(Gst.PadProbeType.BUFFER | Gst.PadProbeType.BUFFER_LIST, self._on_rtp)
 
     def _on_rtp(self, pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
-        pts = info.get_buffer().pts
+        if info.type & Gst.PadProbeType.BUFFER:
+            buf = info.get_buffer()
+        else:
+            packets = info.get_buffer_list()
+            if packets is None or packets.length() == 0:
+                return Gst.PadProbeReturn.OK
+            buf = packets.get(0)
+        pts = buf.pts
         if pts == self._last_pts or not self.window_open:
             return Gst.PadProbeReturn.OK
         self._last_pts = pts

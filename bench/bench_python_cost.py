@@ -299,10 +299,10 @@ def main() -> int:
             f"{c.verdict(p99 < TARGET_P99_MS)}"
         )
     for element, p99 in cpu_headline.items():
+        # The target is wall time, as set; CPU time only says where the rest goes.
         print(
-            f"target: p99 per frame < {TARGET_P99_MS} ms, {element}: {p99:.2f} ms of CPU "
-            f"(the callback's thread CPU time instead of its wall time: without the time spent "
-            f"waiting for a core while x264 keeps both busy) -> {c.verdict(p99 < TARGET_P99_MS)}"
+            f"for information (not the target), {element}: p99 {p99:.2f} ms of the callback "
+            "thread's CPU time (its wall time less the time spent waiting for the GIL or a core)"
         )
     print(f"finished {c.machine_note()}")
     return 0

@@ -21,7 +21,7 @@ import pytest
 
 from edgecam.ports import free_port
 
-PG_ADMIN_URL = os.environ.get("EDGECAM_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def wait_until(check: Callable[[], object], timeout: float = 10.0, every: float = 0.05) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,34 +64,41 @@ def test_process_command_rejects_bad_input_clearly(tmp_path: Path) -> None:
         text=True,
         timeout=60,
     )
-    assert res.returncode == 1 and "MP4" in res.stderr
+    assert res.returncode == 2 and "MP4" in res.stderr  # a usage error
+
+
+def _detections(stderr: str) -> int:
+    match = re.search(r"done: \d+ frames .*, (\d+) detections", stderr)
+    assert match, stderr
+    return int(match.group(1))
 
 
 def test_process_command_honours_config_and_environment(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("vision:\n  profile: people\n  detect_fps: 2\n")
     events = tmp_path / "e.jsonl"
-    res = subprocess.run(
-        [
-            *EDGECAM,
-            "process",
-            str(MEDIA / "motion_720p30_4s.mp4"),
-            "--out",
-            str(tmp_path / "o.mp4"),
-            "--events",
-            str(events),
-            "--config",
-            str(cfg),
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "EDGECAM_VISION__DETECT_FPS": "1"},
-    )
-    assert res.returncode == 0, res.stderr
+    args = [*EDGECAM, "process", str(MEDIA / "motion_720p30_4s.mp4"), "--out"]
+    args += [str(tmp_path / "o.mp4"), "--events", str(events), "--config", str(cfg)]
+
+    def run(*extra: str, **env: str) -> subprocess.CompletedProcess[str]:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("EDGECAM_")}
+        res = subprocess.run(
+            [*args, *extra], capture_output=True, text=True, timeout=120, env={**base, **env}
+        )
+        assert res.returncode == 0, res.stderr
+        return res
+
+    res = run(EDGECAM_VISION__DETECT_FPS="1")
     rows = [json.loads(line) for line in events.read_text().splitlines()]
     assert set(rows[-1]["counts"]) == {"person"}  # profile from the file
+    assert _detections(res.stderr) == 4  # 1 a second (the environment) over 4 s, not 2
+    # The command line beats the environment, which beats the file.
+    res = run("--detect-fps", "0", EDGECAM_VISION__DETECT_FPS="30")
+    assert _detections(res.stderr) == 0
+    res = run("--profile", "mask", "--detect-fps", "1", EDGECAM_VISION__PROFILE="people")
+    rows = [json.loads(line) for line in events.read_text().splitlines()]
+    assert set(rows[-1]["counts"]) <= {"mask", "no_mask", "undecided"}
+    assert "NanoDet" not in res.stderr and "CenterFace" in res.stderr
 
 
 def test_subscribers_receive_typed_frame_messages(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,17 @@ def test_defaults_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
         ("cameras:\n  - name: a\n  - name: a\n", "camera names must be unique"),
         ("voting:\n  enter: 0.6\n  leave: 0.7\n", "leave must be < enter"),
         ("vision:\n  face_input: [650, 352]\n", "multiples of 32"),
+        ("vision:\n  person_input: [400, 400]\n", "vision: person_input (400, 400) must be"),
+        ("vision:\n  person_input: [0, 416]\n", "person_input (0, 416) must be multiples"),
+        ("vision:\n  person_input: [416]\n", "vision.person_input"),
+        ("vision:\n  person_input: 416x416\n", "vision.person_input"),
+        ("vision:\n  face_input: [99999, 352]\n", "from 32 to 4096"),
+        ("vision:\n  face_detector: yolo\n", "vision.face_detector"),
+        ("overlay:\n  colours:\n    mask: [300, 0, 0]\n", "overlay.colours.mask.0"),
+        ("overlay:\n  colours:\n    mask: [0, -1, 0]\n", "overlay.colours.mask.1"),
+        ("encoder:\n  preset: bogus\n", "encoder.preset"),
+        ("recorder:\n  segment_s: 30\n  ring_seconds: 40\n", "must hold at least two segments"),
+        ("recorder:\n  pre_s: 120\n", "pre_s (120) must be <= ring_seconds (60)"),
         ("colour: red\n", "colour: unknown key"),
         ("- just\n- a list\n", "mapping at the top level"),
         ("vision: [\n", "not valid YAML"),
@@ -87,7 +99,7 @@ def test_cli_config_check_and_show(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("recorder:\n  pre_s: -3\n")
     res = _cli("config", "check", str(bad))
-    assert res.returncode == 2
+    assert res.returncode == 1
     assert "recorder.pre_s" in res.stderr
 
 
@@ -146,3 +158,162 @@ def test_server_database_url_password_is_masked() -> None:
     settings = load_settings(**{"server.database_url": "postgresql+psycopg://u:hunter2@db/x"})
     assert "hunter2" not in settings_to_yaml(settings)
     assert settings.mqtt.host is None and settings.mqtt.prefix == "edgecam"
+
+
+_SECRETS = ("PASSWORD1", "QTOKEN123", "FSTOKEN123", "LINKSECRET1", "STREAMPW1")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # a model-level check over a camera that holds a password in its URL
+        "cameras:\n  - name: a\n    source: rtsp://admin:PASSWORD1@10.0.0.1/s?token=QTOKEN123\n"
+        "    reconnect_min_s: 10\n    reconnect_max_s: 5\n",
+        # a model-level check over the whole tree, which holds every secret
+        "cameras:\n  - name: a\n    source: rtsp://admin:PASSWORD1@10.0.0.1/s\n    rtp_port: 6000\n"
+        "  - name: b\n    rtp_port: 6000\nfileserver:\n  token: FSTOKEN123\n"
+        "  link_secret: LINKSECRET1\nstreaming:\n  user: u\n  password: STREAMPW1\n",
+        # a section-level check with the password beside it
+        "streaming:\n  password: STREAMPW1\n",
+        "streaming:\n  host: 0.0.0.0\n  user: u\n  password: STREAMPW1\n  port: 0\n",
+        # a bad value in the section that holds the token
+        "fileserver:\n  token: FSTOKEN123\n  port: -1\n  link_secret: LINKSECRET1\n",
+        "cameras:\n  - name: bad name\n    source: rtsp://u:PASSWORD1@h/x?token=QTOKEN123\n",
+        "cameras:\n  - source: rtsp://u:PASSWORD1@h/x\n    fps: 9999\n",
+    ],
+)
+def test_secrets_masked_in_every_error(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(_write(tmp_path, text))
+    message = str(info.value)
+    assert "\n" not in message  # one line
+    for secret in _SECRETS:
+        assert secret not in message
+
+
+def test_secrets_masked_in_environment_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EDGECAM_CONFIG", raising=False)
+    monkeypatch.setenv(
+        "EDGECAM_CAMERAS",
+        '[{"name": "a", "source": "rtsp://u:PASSWORD1@h/x?token=QTOKEN123", '
+        '"reconnect_min_s": 10, "reconnect_max_s": 5}]',
+    )
+    monkeypatch.setenv("EDGECAM_FILESERVER__TOKEN", "FSTOKEN123")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "reconnect_max_s" in str(info.value)
+    assert not any(secret in str(info.value) for secret in _SECRETS)
+    monkeypatch.setenv("EDGECAM_CAMERAS", "rtsp://u:PASSWORD1@h/x notjson")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "EDGECAM_CAMERAS must be JSON" in str(info.value)
+    assert "PASSWORD1" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("rtsp://admin:pw@10.0.0.1:554/s", "rtsp://***@10.0.0.1:554/s"),
+        ("rtsp://10.0.0.1/s?token=abc&x=1", "rtsp://10.0.0.1/s?token=***&x=1"),
+        ("rtsp://10.0.0.1?api_key=abc", "rtsp://10.0.0.1?api_key=***"),
+        ("https://h/p?sig=1&Password=2&user=me", "https://h/p?sig=***&Password=***&user=me"),
+        ("cannot open 'rtsp://a:b@h/x': refused", "cannot open 'rtsp://***@h/x': refused"),
+        ("/clips/a.mp4", "/clips/a.mp4"),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    from edgecam.config import redact_url
+
+    assert redact_url(url) == shown
+
+
+def test_config_show_masks_url_tokens(tmp_path: Path) -> None:
+    path = _write(tmp_path, "cameras:\n  - source: rtsp://cam.local/live?token=QTOKEN123\n")
+    shown = _cli("config", "show", "--config", str(path))
+    assert shown.returncode == 0, shown.stderr
+    assert "QTOKEN123" not in shown.stdout and "token=***" in shown.stdout
+
+
+def test_command_line_beats_environment_beats_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _write(tmp_path, "vision:\n  detect_fps: 4\n  profile: people\n  threads: 3\n")
+    monkeypatch.setenv("EDGECAM_VISION__DETECT_FPS", "30")
+    monkeypatch.setenv("EDGECAM_VISION__PROFILE", "people")
+    s = load_settings(path, **{"vision.detect_fps": 0, "vision.profile": "mask"})
+    assert (s.vision.detect_fps, s.vision.profile, s.vision.threads) == (0, "mask", 3)
+    assert load_settings(path).vision.detect_fps == 30  # environment over file
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"EDGECAM_VISION__DETECT_FSP": "5"}, "EDGECAM_VISION__DETECT_FSP names no config key"),
+        ({"EDGECAM_VISON__DETECT_FPS": "5"}, "EDGECAM_VISON__DETECT_FPS names no config key"),
+        ({"EDGECAM_DEVICE__NAME": "x"}, "EDGECAM_DEVICE__NAME names no config key"),
+        ({"EDGECAM_CAMERAS__X__SOURCE": "x"}, "'x' is not a list index"),
+        ({"EDGECAM_CAMERAS__5__SOURCE": "x"}, "camera index 5 is past the end"),
+        ({"EDGECAM_CAMERAS": "notjson"}, "EDGECAM_CAMERAS must be JSON"),
+        ({"EDGECAM_VISION__FACE_INPUT": "640x352"}, "EDGECAM_VISION__FACE_INPUT must be JSON"),
+        ({"EDGECAM_VISION__DETECT_FPS": "fast"}, "vision.detect_fps"),
+    ],
+)
+def test_bad_environment_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], needle: str
+) -> None:
+    monkeypatch.delenv("EDGECAM_CONFIG", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert needle in str(info.value)
+
+
+def test_environment_reaches_list_items(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EDGECAM_CONFIG", raising=False)
+    monkeypatch.setenv("EDGECAM_CAMERAS__0__SOURCE", "rtsp://192.0.2.1/a")
+    s = load_settings()
+    assert [(c.name, c.source) for c in s.cameras] == [("main", "rtsp://192.0.2.1/a")]
+    path = _write(tmp_path, "cameras:\n  - name: door\n    fps: 15\n")
+    monkeypatch.setenv("EDGECAM_CAMERAS__1__NAME", "yard")
+    monkeypatch.setenv("EDGECAM_VISION__FACE_INPUT", "[320, 192]")
+    monkeypatch.setenv("EDGECAM_OVERLAY__COLOURS", '{"mask": [1, 2, 3]}')
+    s = load_settings(path)
+    assert [(c.name, c.fps, c.source) for c in s.cameras] == [
+        ("door", 15, "rtsp://192.0.2.1/a"),
+        ("yard", 30, "test://"),
+    ]
+    assert s.vision.face_input == (320, 192)
+    assert s.overlay.colours == {"mask": (1, 2, 3)}
+
+
+def test_empty_sections_mean_defaults(tmp_path: Path) -> None:
+    s = load_settings(_write(tmp_path, "vision:\ncameras:\nrecorder:\ndevice:\n"))
+    assert s.vision.profile == "mask" and [c.name for c in s.cameras] == ["main"]
+
+
+def test_config_file_not_utf8_is_one_clear_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("device: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_settings(path)
+    res = _cli("config", "check", str(path))
+    assert res.returncode == 1
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+
+
+def test_yaml_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for i in range(1, 8):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    path = _write(tmp_path, "\n".join([*lines, "cameras: *a7", ""]))
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="expands to more than"):
+        load_settings(path)
+    assert time.monotonic() - start < 2
+
+
+def test_too_many_cameras(tmp_path: Path) -> None:
+    cams = "".join(f"  - name: c{i}\n    rtp_port: {2000 + 10 * i}\n" for i in range(65))
+    with pytest.raises(ConfigError, match="cameras: List should have at most 64 items"):
+        load_settings(_write(tmp_path, "cameras:\n" + cams))

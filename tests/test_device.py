@@ -452,7 +452,7 @@ def test_run_refuses_a_configuration_no_restart_would_mend(tmp_path: Path) -> No
         text=True,
         timeout=60,
     )
-    assert res.returncode == 2, res.stderr
+    assert res.returncode == 1, res.stderr
     assert "needs a token" in res.stderr and "fileserver.enabled: false" in res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "run").exists()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import shutil
 import socket
@@ -75,7 +76,7 @@ def test_refuses_to_start_without_token(tmp_path: Path) -> None:
         [sys.executable, "-m", "edgecam.cli", "worker", "fileserver"],
         capture_output=True, text=True, timeout=30, env=env, check=False,
     )  # fmt: skip
-    assert proc.returncode == 2 and "needs a token" in proc.stderr
+    assert proc.returncode == 78 and "needs a token" in proc.stderr  # EX_CONFIG: no restart
 
 
 def test_health_needs_no_auth(client: TestClient) -> None:
@@ -107,8 +108,10 @@ def test_list_newest_first_with_metadata(client: TestClient) -> None:
         ("bytes=-0", 416, None),
         ("items=0-10", 200, None),  # another unit: ignored
         ("bytes=" + "1" * 5000 + "-", 416, None),
-        ("bytes=-" + "9" * 5000, 416, None),
-        ("bytes=0-" + "9" * 5000, 416, None),
+        ("bytes=-" + "9" * 5000, 206, (0, None)),  # a suffix longer than the file: all
+        ("bytes=0-" + "9" * 5000, 206, (0, None)),  # a last byte past the end: to the end
+        ("bytes=0-9999999999999999999", 206, (0, None)),
+        ("bytes=" + "0" * 30 + "5-" + "0" * 30 + "9", 206, (5, 9)),
     ],
 )
 def test_range_requests(
@@ -391,3 +394,85 @@ def test_aborted_downloads_close_the_file(server: int, clips: Path) -> None:
     status, _, body = _raw(server, "GET", f"/clips/{big.name}", AUTH)
     assert status == 200 and len(body) == big.stat().st_size
     assert _clip_fds(clips) == []
+
+
+def test_validators_and_conditional_requests(client: TestClient, clips: Path) -> None:
+    data = (clips / CLIP).read_bytes()
+    r = client.get(f"/clips/{CLIP}", headers=AUTH)
+    etag, modified = r.headers["etag"], r.headers["last-modified"]
+    assert etag.startswith('"') and modified.endswith("GMT")
+    assert client.head(f"/clips/{CLIP}", headers=AUTH).headers["etag"] == etag
+    for headers in ({"If-None-Match": etag}, {"If-None-Match": f'"x", W/{etag}'}):
+        r = client.get(f"/clips/{CLIP}", headers=AUTH | headers)
+        assert r.status_code == 304 and r.content == b"" and r.headers["etag"] == etag
+    r = client.get(f"/clips/{CLIP}", headers=AUTH | {"If-Modified-Since": modified})
+    assert r.status_code == 304
+    r = client.get(f"/clips/{CLIP}", headers=AUTH | {"If-None-Match": '"other"'})
+    assert r.status_code == 200 and r.content == data
+    # If-Range: the part while the clip is the same one, else the whole new clip.
+    part = {"Range": "bytes=10-19"}
+    for validator, status in ((etag, 206), (modified, 206), ('"other"', 200)):
+        r = client.get(f"/clips/{CLIP}", headers=AUTH | part | {"If-Range": validator})
+        assert r.status_code == status, validator
+        assert r.content == (data[10:20] if status == 206 else data)
+    # Garbage in the conditional headers is ignored, never an error.
+    for name in ("If-Modified-Since", "If-Range"):
+        r = client.get(f"/clips/{CLIP}", headers=AUTH | part | {name: "yesterday\x7f"})
+        assert r.status_code in (200, 206)
+
+
+@pytest.fixture
+def strict_server(tmp_path: Path, clips: Path) -> Iterator[int]:
+    """The file server under uvicorn with its own connection timeouts, shortened."""
+    settings = _settings(tmp_path, port=free_port())
+    config = fileserver.server_config(
+        create_app(settings), settings.fileserver, header_timeout_s=1, idle_timeout_s=1
+    )
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not srv.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield settings.fileserver.port
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def _closed_after(sock: socket.socket, trickle: bytes = b"") -> float:
+    """Seconds until the server closes ``sock``, sending ``trickle`` a byte every 0.2 s."""
+    start = time.monotonic()
+    sock.settimeout(0.2)
+    sent = 0
+    while time.monotonic() - start < 10:
+        try:
+            if sock.recv(65536) == b"":
+                return time.monotonic() - start
+        except TimeoutError:
+            if sent < len(trickle):
+                sock.sendall(trickle[sent : sent + 1])
+                sent += 1
+        except ConnectionResetError:
+            return time.monotonic() - start
+    return math.inf
+
+
+def test_idle_and_slow_connections_are_closed(strict_server: int) -> None:
+    head = f"GET /clips HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n".encode()
+    with socket.create_connection(("127.0.0.1", strict_server)) as silent:
+        assert _closed_after(silent) < 2.5  # connects, says nothing
+    with socket.create_connection(("127.0.0.1", strict_server)) as slow:
+        assert _closed_after(slow, head * 10) < 2.5  # a header line a byte at a time
+    with socket.create_connection(("127.0.0.1", strict_server)) as idle:
+        idle.sendall(head + b"\r\n")
+        time.sleep(0.3)
+        assert b" 200 " in idle.recv(65536)
+        assert _closed_after(idle) < 2.5  # kept alive, then idle
+    with socket.create_connection(("127.0.0.1", strict_server)) as second:
+        second.sendall(head + b"\r\n")
+        time.sleep(0.3)
+        assert b" 200 " in second.recv(65536)
+        assert _closed_after(second, head * 10) < 2.5  # the next request's head trickles
+    # A normal client is served as before.
+    assert _raw(strict_server, "GET", "/health", {})[0] == 200

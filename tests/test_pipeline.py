@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import socket
@@ -19,7 +20,7 @@ from edgecam.config import Settings, load_settings
 from edgecam.errors import MissingPluginError, ModelError, PipelineError, SourceError
 from edgecam.media.gst import require_elements
 from edgecam.media.offline import process_file
-from edgecam.media.pipeline import DetectionSchedule, Pipeline
+from edgecam.media.pipeline import DetectionSchedule, Pipeline, describe
 from edgecam.vision.synthetic import SyntheticDetector
 
 
@@ -93,8 +94,14 @@ def test_one_face_found_in_face_clip(faces_run: tuple[Path, list[dict[str, Any]]
         for t in e["tracks"]:
             x1, y1, x2, y2 = t["box"]
             assert 0 <= x1 < x2 <= 176 and 0 <= y1 < y2 <= 144  # source pixels
-            assert 25 <= x2 - x1 <= 90 and 30 <= y2 - y1 <= 110  # about 50x60 px
-            assert t["label"] in ("mask", "no_mask", "undecided")
+            # About 50x60 px, a face's shape: the 176x144 frame is pillarboxed into the
+            # detector's 640x352, and its boxes are mapped back through the borders.
+            assert 42 <= x2 - x1 <= 58 and 54 <= y2 - y1 <= 72
+    # The man wears no mask: undecided until the votes are in, then no_mask (measured: from
+    # frame 12 to 111; the last frames' crops turn his votes undecided again). Never mask.
+    labels = [t["label"] for e in events for t in e["tracks"]]
+    assert "mask" not in labels
+    assert all(t["label"] == "no_mask" for e in events[12:108] for t in e["tracks"])
     assert set(events[-1]["counts"]) == {"mask", "no_mask", "undecided"}
     assert sum(events[-1]["counts"].values()) == 1
 
@@ -105,9 +112,9 @@ def test_people_counted_in_pedestrian_clip(
     _, events = people_run
     assert len(events) == 302
     counts = [e["counts"]["person"] for e in events[20:]]
-    # By eye on the clip: 3 to 8 people in view at a time.
-    assert 3 <= float(np.mean(counts)) <= 8
-    assert min(counts) >= 2 and max(counts) <= 10
+    # By eye on the clip: 3 to 8 people in view at a time; measured mean 6.3, 4 to 8.
+    assert 5.8 <= float(np.mean(counts)) <= 6.8
+    assert min(counts) >= 4 and max(counts) <= 8
     assert all(t["label"] == "person" for e in events for t in e["tracks"])
 
 
@@ -121,8 +128,8 @@ def test_walking_people_keep_their_id(people_run: tuple[Path, list[dict[str, Any
     long_walks = [tid for tid, p in paths.items() if len(p) >= 70 and math.dist(p[0], p[-1]) >= 300]
     # Several people cross most of the 768 px scene; each keeps one id the whole way.
     assert len(long_walks) >= 3, {k: len(v) for k, v in paths.items()}
-    # Few identities overall: no id churn (about 15 people in 30 s by eye).
-    assert len(paths) <= 25
+    # Few identities overall: no id churn (about 15 people in 30 s by eye; measured 15).
+    assert len(paths) <= 17
 
 
 def test_output_video_is_complete_h264_with_keyframe_each_second(
@@ -401,3 +408,94 @@ def test_a_failing_probe_does_not_stop_the_video(
     )
     assert len(_probe_frames(out)) == 122  # every frame still reached the file
     assert "simulated bug in a probe" in caplog.text
+
+
+def test_v4l2_width_height_fps_ask_the_camera_for_that_mode() -> None:
+    settings = Settings.model_validate(
+        {
+            "cameras": [
+                {"name": "usb", "source": "v4l2:///dev/null"}
+                | {"width": 640, "height": 480, "fps": 15}
+            ],
+            "vision": {"detect_fps": 0},
+        }
+    )
+    layout = describe(settings, 0, "live", infer_size=None, analytics=False, out_file=None)
+    mode = "width=640,height=480,framerate=15/1"
+    assert f'"video/x-raw,{mode};image/jpeg,{mode}"' in layout.description
+    with Pipeline(settings, mode="live", rtp=False) as pipeline:  # the description parses
+        peer = pipeline._pipeline.get_by_name("src").get_static_pad("src").get_peer()
+        caps = peer.get_parent_element().get_property("caps")
+        assert caps.get_size() == 2 and caps.get_structure(0).get_value("framerate") is not None
+        assert caps.get_structure(1).get_name() == "image/jpeg"
+
+
+def test_rtp_has_one_access_unit_per_timestamp() -> None:
+    """Each frame's packets share one timestamp and end with the one marker packet; none is
+    a lone access unit delimiter, which RTSP clients copying the stream take for a frame."""
+    base = free_udp_pair()
+    settings = Settings.model_validate(
+        {
+            "cameras": [{"name": "t", "source": "test://", "width": 640, "rtp_port": base}],
+            "vision": {"detect_fps": 0},
+            "encoder": {"keyframe_s": 0.5},
+        }
+    )
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", base))
+    sock.settimeout(0.2)
+    packets: list[tuple[int, bool, int]] = []  # (timestamp, marker, NAL type)
+    with Pipeline(settings, mode="live") as p:
+        p.start()
+        runner = threading.Thread(target=p.run, kwargs={"timeout": 2.5})
+        runner.start()
+        end = time.monotonic() + 2.2
+        while time.monotonic() < end:
+            with contextlib.suppress(TimeoutError):
+                data = sock.recv(65536)
+                packets.append(
+                    (int.from_bytes(data[4:8], "big"), bool(data[1] & 0x80), data[12] & 31)
+                )
+        runner.join(timeout=10)
+    sock.close()
+    frames: dict[int, list[tuple[bool, int]]] = {}
+    for ts, marker, nal in packets:
+        frames.setdefault(ts, []).append((marker, nal))
+    complete = list(frames.values())[1:-1]  # the first and last may be cut by the capture
+    keyframes = [f for f in complete if any(n in (5, 7) for _, n in f)]
+    assert len(complete) > 40 and len(keyframes) >= 3
+    for frame in complete:
+        assert [m for m, _ in frame] == [False] * (len(frame) - 1) + [True]
+        assert all(nal != 9 for _, nal in frame)  # no access unit delimiter
+
+
+@pytest.mark.parametrize(
+    ("source", "model", "expected"),
+    [
+        # 4:3 into a square: letterboxed, 52 px bands above and below.
+        ((768, 576, 1, 1), (416, 416), (768 / 416, 768 / 416, 0.0, -52 * 768 / 416)),
+        # 176x144 into 640x352: pillarboxed, content 430 px wide.
+        ((176, 144, 1, 1), (640, 352), (176 / 430, 144 / 352, -105 * 176 / 430, 0.0)),
+        # Same shape: a plain scale.
+        ((1280, 720, 1, 1), (640, 360), (2.0, 2.0, 0.0, 0.0)),
+        # Anamorphic 720x576 (PAR 16:11, shown 16:9-ish) into 640x352: scaled in x only.
+        ((720, 576, 16, 11), (640, 352), (720 / 640, 576 / 352, 0.0, 0.0)),
+    ],
+)
+def test_boxes_map_back_through_the_model_frame_borders(
+    source: tuple[int, int, int, int],
+    model: tuple[int, int],
+    expected: tuple[float, float, float, float],
+) -> None:
+    from edgecam.media.gst import Gst, GstVideo, init
+    from edgecam.media.pipeline import _from_model_frame
+
+    init()
+    w, h, par_n, par_d = source
+    caps = Gst.Caps.from_string(
+        f"video/x-raw,format=I420,width={w},height={h},pixel-aspect-ratio={par_n}/{par_d}"
+    )
+    info = GstVideo.VideoInfo.new_from_caps(
+        Gst.Caps.from_string(f"video/x-raw,format=RGB,width={model[0]},height={model[1]}")
+    )
+    assert _from_model_frame(caps.get_structure(0), info) == pytest.approx(expected, abs=0.5)

@@ -20,8 +20,9 @@ HERE = Path(__file__).parent
 
 
 class _Camera:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, clip: Path = MEDIA / "pedestrians_30s.mp4") -> None:
         self.port = port
+        self.clip = clip
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
@@ -30,7 +31,7 @@ class _Camera:
                 sys.executable,
                 str(HERE / "rtsp_camera.py"),
                 str(self.port),
-                str(MEDIA / "pedestrians_30s.mp4"),
+                str(self.clip),
             ],
             stdout=subprocess.PIPE,
             text=True,
@@ -105,3 +106,68 @@ def test_rtsp_camera_late_dropped_and_back(camera: _Camera) -> None:
         runner.join(timeout=15)
         pipeline.close()
     assert not runner.is_alive()
+
+
+def _live(source: str, **camera: object) -> Settings:
+    return Settings.model_validate(
+        {
+            "cameras": [
+                {"name": "door", "source": source, "rtp_port": free_udp_pair()} | camera,
+            ],
+            "vision": {"detect_fps": 5},
+        }
+    )
+
+
+def test_returning_camera_streams_within_5_s(camera: _Camera) -> None:
+    # Default backoff: a camera away for a while is probed often enough to be back at once.
+    settings = _live(f"rtsp://127.0.0.1:{camera.port}/cam", rtsp_latency_ms=100)
+    pipeline = Pipeline(settings, mode="live", detector=SyntheticDetector(2, (640, 352)))
+    runner = threading.Thread(target=pipeline.run, daemon=True)
+    camera.start()
+    pipeline.start()
+    runner.start()
+    try:
+        assert _wait(lambda: pipeline.stats.frames > 20, 20), "never got frames"
+        camera.stop()
+        time.sleep(8)  # long enough for a doubling backoff to reach 8-16 s
+        frames = pipeline.stats.frames
+        camera.start()
+        back = time.monotonic()
+        assert _wait(lambda: pipeline.stats.frames > frames + 5, 10), "did not resume"
+        assert time.monotonic() - back < 5
+    finally:
+        pipeline.stop()
+        runner.join(timeout=15)
+        pipeline.close()
+
+
+def test_rtsp_camera_changing_size_mid_stream_carries_on(tmp_path: Path) -> None:
+    ffmpeg = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi"]
+    x264 = ["-c:v", "libx264", "-x264-params", "repeat-headers=1", "-pix_fmt", "yuv420p"]
+    parts = []
+    for size in ("320x240", "640x360"):
+        part = tmp_path / f"{size}.mp4"
+        subprocess.run([*ffmpeg, "-i", f"testsrc=s={size}:r=30:d=2", *x264, str(part)], check=True)
+        parts.append(f"file '{part}'\n")
+    (tmp_path / "list.txt").write_text("".join(parts))
+    joined = tmp_path / "joined.mp4"
+    concat = ["-f", "concat", "-safe", "0", "-i", str(tmp_path / "list.txt")]
+    subprocess.run(["ffmpeg", "-v", "error", *concat, "-c", "copy", str(joined)], check=True)
+    camera = _Camera(free_port(), joined)
+    camera.start()
+    settings = _live(f"rtsp://127.0.0.1:{camera.port}/cam", rtsp_latency_ms=100)
+    pipeline = Pipeline(settings, mode="live", detector=SyntheticDetector(2, (640, 352)))
+    runner = threading.Thread(target=pipeline.run, daemon=True)
+    pipeline.start()
+    runner.start()
+    try:
+        # Both halves arrive (120 frames, a few lost to the RTSP start), with no restart.
+        assert _wait(lambda: pipeline.stats.frames >= 100, 20), pipeline.stats
+        assert pipeline.stats.restarts == 0
+        assert pipeline.frame_size == (320, 240)
+    finally:
+        pipeline.stop()
+        runner.join(timeout=15)
+        pipeline.close()
+        camera.stop()

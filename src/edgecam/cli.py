@@ -5,19 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-from edgecam.config import CONFIG_ENV, Settings, load_settings, settings_to_yaml
+from edgecam.config import CONFIG_ENV, Settings, load_settings, redact_url, settings_to_yaml
 
 # The workers import GStreamer and ONNX Runtime only when one is built, so that
 # `edgecam config show` needs neither.
 from edgecam.device.workers import WORKERS
-from edgecam.errors import ConfigError, EdgecamError
+from edgecam.errors import EdgecamError, UsageError
 
 log = logging.getLogger("edgecam")
 
@@ -33,6 +36,37 @@ BENCHES: dict[str, str] = {
     "fleet": "bench/bench_fleet.py",
     "liveview": "bench/bench_liveview.py",
 }
+
+
+# Exit statuses: a runtime failure, a usage error (as argparse's own).
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+MAX_CLIP_SECONDS = 3600.0  # as the save_clip command's own bounds
+MAX_REASON_CHARS = 200
+
+
+def _bounded_float(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] (or (low, high])."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+            bracket = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is out of range: give a number in {bracket}{low:g}, {high:g}]"
+            )
+        return value
+
+    return parse
+
+
+def _reason(text: str) -> str:
+    if not text.strip() or len(text) > MAX_REASON_CHARS:
+        raise argparse.ArgumentTypeError(f"give 1 to {MAX_REASON_CHARS} characters")
+    return text
 
 
 def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
@@ -51,12 +85,26 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that ``finally`` blocks clean up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, _frame: FrameType | None) -> None:
+    raise _Terminated(signum)
+
+
 def _cmd_process(args: argparse.Namespace) -> int:
     from edgecam.media.offline import process_file
 
     settings = _settings(
         args, **{"vision.profile": args.profile, "vision.detect_fps": args.detect_fps}
     )
+    # A terminated run leaves no temporary output behind, as an interrupted one.
+    signal.signal(signal.SIGTERM, _raise_terminated)
     process_file(
         settings,
         Path(args.input),
@@ -230,7 +278,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="annotated MP4 to write")
     p.add_argument("--events", help="JSON lines file, one object a frame")
     p.add_argument("--profile", choices=["mask", "people"])
-    p.add_argument("--detect-fps", type=float, help="detections a second of video (0 = off)")
+    p.add_argument(
+        "--detect-fps",
+        type=_bounded_float(0, 240),
+        help="detections a second of video (0 = off)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_process)
 
@@ -241,9 +293,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("clip", parents=[common], help="ask a running recorder to save a clip")
     p.add_argument("--camera", help="camera name (default: the first)")
-    p.add_argument("--reason", default="manual", help="why the clip is saved")
-    p.add_argument("--pre", type=float, help="seconds before now (default from config)")
-    p.add_argument("--post", type=float, help="seconds after now (default from config)")
+    p.add_argument("--reason", type=_reason, default="manual", help="why the clip is saved")
+    seconds = _bounded_float(0, MAX_CLIP_SECONDS)
+    p.add_argument("--pre", type=seconds, help="seconds before now (default from config)")
+    p.add_argument("--post", type=seconds, help="seconds after now (default from config)")
     p.set_defaults(func=_cmd_clip)
 
     p = sub.add_parser("streaming", parents=[common], help="start/stop a running RTSP worker")
@@ -263,7 +316,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common], help="the whole system on the bundled clips")
     p.add_argument("--out", default="out/demo", help="folder for the demo's outputs")
-    p.add_argument("--live-seconds", type=float, default=30, help="length of the live part")
+    p.add_argument(
+        "--live-seconds",
+        type=_bounded_float(0, 86400, low_open=True),
+        default=30,
+        help="length of the live part",
+    )
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("server", parents=[common], help="the fleet server (HTTP API, dashboard)")
@@ -299,19 +357,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_RedactFilter())
     if args.command == "config" and args.action == "check" and not args.file:
         print("edgecam config check: give the FILE to check", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         return int(args.func(args))
-    except ConfigError as exc:  # the same command would fail again: a usage error
-        print(f"edgecam: error: {exc}", file=sys.stderr)
-        return 2
+    except UsageError as exc:
+        print(f"edgecam {args.command}: error: {redact_url(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
     except EdgecamError as exc:
-        print(f"edgecam: error: {exc}", file=sys.stderr)
-        return 1
+        print(f"edgecam: error: {redact_url(str(exc))}", file=sys.stderr)
+        return EXIT_RUNTIME
     except KeyboardInterrupt:
-        return 130
+        return 128 + signal.SIGINT
+    except _Terminated as exc:
+        return 128 + exc.signum
+    except Exception as exc:  # a bug: one line for the user, the traceback with -v
+        log.debug("unexpected error", exc_info=True)
+        text = redact_url(" ".join(str(exc).split())) or type(exc).__name__
+        print(
+            f"edgecam: internal error: {type(exc).__name__}: {text} "
+            "(run with -v for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return EXIT_RUNTIME
+
+
+class _RedactFilter(logging.Filter):
+    """Masks URL passwords and tokens in every log line, whoever logs it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_url(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
 
 
 if __name__ == "__main__":

@@ -7,10 +7,15 @@ misspelt key is an error that names it.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
+import types
+import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -46,6 +51,8 @@ __all__ = [
 
 MODELS_DIR = Path(__file__).parent / "models"
 CONFIG_ENV = "EDGECAM_CONFIG"
+# More cameras than this on one device is a mistake (or a YAML alias bomb), not a setup.
+MAX_CAMERAS = 64
 
 
 class _Section(BaseModel):
@@ -72,7 +79,13 @@ class CameraConfig(_Section):
     rtsp_latency_ms: int = Field(200, ge=0, le=10000, description="rtspsrc jitter buffer.")
     rtsp_transport: Literal["tcp", "udp"] = Field("tcp", description="RTSP transport.")
     reconnect_min_s: float = Field(1.0, gt=0, le=60, description="First reconnect delay.")
-    reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="Longest reconnect delay.")
+    reconnect_max_s: float = Field(
+        2.0,
+        gt=0,
+        le=3600,
+        description="Longest reconnect delay: a camera that comes back streams again within "
+        "about this long (a probe of a camera that is away costs one refused connection).",
+    )
     stall_timeout_s: float = Field(
         10.0, gt=0, le=600, description="No frame for this long from a live source: reconnect."
     )
@@ -89,6 +102,11 @@ class CameraConfig(_Section):
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
         return self
+
+
+_VENDORED_FACE_MODELS = {"centerface": "centerface.onnx", "blazeface": "blazeface_full.onnx"}
+# Model inputs past this many pixels a side are a typo, not a choice (and would exhaust memory).
+_MAX_MODEL_INPUT = 4096
 
 
 class VisionConfig(_Section):
@@ -111,11 +129,19 @@ class VisionConfig(_Section):
         description="Detectors running side by side in `edgecam process`, sharing `threads` "
         "(two one-thread detectors beat one two-thread detector next to decode and x264).",
     )
-    face_model: Path = Field(
-        MODELS_DIR / "centerface.onnx", description="CenterFace-family face detector ONNX."
+    face_detector: Literal["centerface", "blazeface"] = Field(
+        "centerface",
+        description="Face detector family: centerface (any input size, the default), or "
+        "blazeface (MediaPipe BlazeFace full range, a fixed 192x192 input, faster).",
+    )
+    face_model: Path | None = Field(
+        None,
+        description="Face detector ONNX of the vision.face_detector family; default: the "
+        "one vendored in edgecam/models.",
     )
     face_input: tuple[int, int] = Field(
-        (640, 352), description="Face detector input (width, height), multiples of 32."
+        (640, 352),
+        description="CenterFace input (width, height), multiples of 32 (BlazeFace: 192x192).",
     )
     face_threshold: float = Field(0.5, gt=0, lt=1, description="Face score threshold.")
     mask_model: Path = Field(
@@ -127,15 +153,31 @@ class VisionConfig(_Section):
     person_model: Path = Field(
         MODELS_DIR / "nanodet_g.onnx", description="NanoDet-family COCO detector ONNX."
     )
-    person_input: tuple[int, int] = Field((416, 416), description="Person detector input.")
+    person_input: tuple[int, int] = Field(
+        (416, 416), description="Person detector input (width, height), multiples of 32."
+    )
     person_threshold: float = Field(0.5, gt=0, lt=1, description="Person score threshold.")
 
     @model_validator(mode="after")
     def _check_sizes(self) -> VisionConfig:
-        w, h = self.face_input
-        if w % 32 or h % 32 or w <= 0 or h <= 0:
-            raise ValueError(f"face_input {self.face_input} must be positive multiples of 32")
+        for key in ("face_input", "person_input"):
+            w, h = getattr(self, key)
+            if (
+                w % 32
+                or h % 32
+                or not 32 <= w <= _MAX_MODEL_INPUT
+                or not 32 <= h <= _MAX_MODEL_INPUT
+            ):
+                raise ValueError(
+                    f"{key} {getattr(self, key)} must be multiples of 32 from 32 to "
+                    f"{_MAX_MODEL_INPUT}"
+                )
         return self
+
+    @property
+    def face_model_path(self) -> Path:
+        """The face model file: ``face_model``, or the vendored one of ``face_detector``."""
+        return self.face_model or MODELS_DIR / _VENDORED_FACE_MODELS[self.face_detector]
 
 
 class TrackerConfig(_Section):
@@ -179,7 +221,8 @@ class VotingConfig(_Section):
         return self
 
 
-_Colour = tuple[int, int, int]
+_Channel = Annotated[int, Field(ge=0, le=255)]
+_Colour = tuple[_Channel, _Channel, _Channel]
 
 
 class OverlayConfig(_Section):
@@ -209,7 +252,17 @@ class EncoderConfig(_Section):
     )
     bitrate_kbps: int = Field(2500, ge=100, le=100000, description="Target bitrate.")
     keyframe_s: float = Field(1.0, gt=0, le=10, description="Seconds between keyframes.")
-    preset: str = Field("ultrafast", pattern=r"^[a-z]+$", description="x264 speed preset.")
+    preset: Literal[
+        "ultrafast",
+        "superfast",
+        "veryfast",
+        "faster",
+        "fast",
+        "medium",
+        "slow",
+        "slower",
+        "veryslow",
+    ] = Field("ultrafast", description="x264 speed preset.")
 
 
 class StreamingConfig(_Section):
@@ -265,6 +318,20 @@ class RecorderConfig(_Section):
     min_free_bytes: int = Field(
         512 * 1024 * 1024, ge=0, description="Never write clips below this free space."
     )
+
+    @model_validator(mode="after")
+    def _check_ring(self) -> RecorderConfig:
+        if self.ring_seconds < 2 * self.segment_s:
+            raise ValueError(
+                f"ring_seconds ({self.ring_seconds:g}) must hold at least two segments "
+                f"(segment_s {self.segment_s:g})"
+            )
+        if self.pre_s > self.ring_seconds:
+            raise ValueError(
+                f"pre_s ({self.pre_s:g}) must be <= ring_seconds ({self.ring_seconds:g}): "
+                "the video before a trigger comes from the ring"
+            )
+        return self
 
 
 class FileServerConfig(_Section):
@@ -555,7 +622,10 @@ class Settings(BaseSettings):
         description="Device name, used in MQTT topics and clip metadata.",
     )
     cameras: list[CameraConfig] = Field(
-        default_factory=_default_cameras, min_length=1, description="Video sources."
+        default_factory=_default_cameras,
+        min_length=1,
+        max_length=MAX_CAMERAS,
+        description="Video sources.",
     )
     vision: VisionConfig = Field(default_factory=VisionConfig)  # type: ignore[arg-type]
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)  # type: ignore[arg-type]
@@ -606,22 +676,90 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The file arrives as init kwargs; the environment must win over it.
-        return env_settings, init_settings
+        # load_settings merges file, environment and command line in that order and passes
+        # the result in; reading the environment here again would put it above the flags.
+        return (init_settings,)
 
 
 _SECRET_KEYS = frozenset({"password", "token", "link_secret"})
+# URL query parameters whose values are credentials (``?token=...``, ``&api_key=...``).
+_SECRET_QUERY = re.compile(r"(token|pass|pwd|secret|key|auth|sig|cred)", re.IGNORECASE)
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+# A config file holds a few hundred values; one that expands to more is an alias bomb.
+_MAX_CONFIG_VALUES = 100_000
+# Environment variables under the prefix that are not config keys.
+# EDGECAM_* variables that are not config keys: the config file, and the pid of the
+# orchestrator that started a worker (set by the supervisor for its children).
+SUPERVISOR_ENV = "EDGECAM_SUPERVISOR_PID"
+_NOT_CONFIG_ENV = frozenset({CONFIG_ENV, SUPERVISOR_ENV})
+_ENV_PREFIX = "EDGECAM_"
+# A secret shorter than this is not searched for in messages: it would mangle them.
+_MIN_SCRUB_LEN = 4
+
+
+def _redact_one(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rpartition("@")[2]
+    path, qmark, query = path.partition("?")
+    if not qmark and "?" in authority:  # rtsp://host?token=... (no path)
+        authority, qmark, query = authority.partition("?")
+    if qmark:
+        params = []
+        for param in query.split("&"):
+            name, eq, _value = param.partition("=")
+            params.append(f"{name}=***" if eq and _SECRET_QUERY.search(name) else param)
+        query = "&".join(params)
+    return f"{scheme}://{authority}{slash}{path}{qmark}{query}"
 
 
 def redact_url(text: str) -> str:
-    """``text`` with the user:password part of a URL replaced by ``***``."""
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        return text
-    authority, slash, path = rest.partition("/")
-    if "@" not in authority:
-        return text
-    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+    """``text`` with every URL's user:password part and secret query values (``?token=``)
+    replaced by ``***``. Safe on any text: only the URLs in it change."""
+    return _URL.sub(lambda m: _redact_one(m.group(0)), text)
+
+
+def _secrets_in(data: Any, seen: set[int] | None = None) -> set[str]:
+    """Every secret value in raw config data: secret keys, URL passwords, URL tokens.
+
+    Each container is visited once: YAML aliases can make a small file a huge tree.
+    """
+    seen = set() if seen is None else seen
+    found: set[str] = set()
+    if isinstance(data, dict | list | tuple):
+        if id(data) in seen:
+            return found
+        seen.add(id(data))
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if key in _SECRET_KEYS and isinstance(value, str | int) and not isinstance(value, bool):
+                found.add(str(value))
+            else:
+                found |= _secrets_in(value, seen)
+    elif isinstance(data, list | tuple):
+        for item in data:
+            found |= _secrets_in(item, seen)
+    elif isinstance(data, str):
+        for match in _URL.finditer(data):
+            url = match.group(0)
+            authority = url.partition("://")[2].partition("/")[0]
+            if "@" in authority:
+                userinfo = authority.rpartition("@")[0]
+                found.add(userinfo.partition(":")[2] or userinfo)
+            for param in url.partition("?")[2].split("&"):
+                name, eq, value = param.partition("=")
+                if eq and _SECRET_QUERY.search(name):
+                    found.add(value)
+    return found
+
+
+def _scrub(text: str, secrets: set[str]) -> str:
+    text = redact_url(text)
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= _MIN_SCRUB_LEN:
+            text = text.replace(secret, "***")
+    return text
 
 
 def _safe_hostname() -> str:
@@ -632,42 +770,180 @@ def _safe_hostname() -> str:
 def _read_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (bad byte at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from exc
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"config file {path} is not valid YAML: {_one_line(str(exc))}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return data
+    if _expanded_size(data, {}) > _MAX_CONFIG_VALUES:
+        raise ConfigError(
+            f"config file {path} expands to more than {_MAX_CONFIG_VALUES} values "
+            "(YAML aliases repeating aliases?); write it out plainly"
+        )
+    # An empty section (``vision:`` with nothing under it) means its defaults.
+    return {key: value for key, value in data.items() if value is not None}
+
+
+def _expanded_size(node: Any, sizes: dict[int, int]) -> int:
+    """Values in ``node`` with every alias expanded, counted without expanding any."""
+    if not isinstance(node, dict | list):
+        return 1
+    if id(node) not in sizes:
+        sizes[id(node)] = 0  # a self-referencing alias counts once
+        children = node.values() if isinstance(node, dict) else node
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _describe(exc: ValidationError, origin: str) -> str:
-    lines = [f"invalid configuration ({origin}):"]
+    problems = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(root)"
         value = err.get("input")
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check its spelling)")
+            problems.append(f"{key}: unknown key (check its spelling)")
         elif str(err["loc"][-1] if err["loc"] else "") in _SECRET_KEYS:
-            lines.append(f"  {key}: {err['msg']} (value not shown: it is a secret)")
+            problems.append(f"{key}: {msg} (value not shown: it is a secret)")
+        elif isinstance(value, dict | list | tuple) or value is None:
+            # A check over a whole section or list: its input holds every key, secrets too.
+            problems.append(f"{key}: {msg}")
         else:
-            shown = redact_url(value) if isinstance(value, str) else value
-            lines.append(f"  {key}: {err['msg']} (got {shown!r})")
-    return "\n".join(lines)
+            problems.append(f"{key}: {msg} (got {value!r})")
+    return _one_line(f"invalid configuration ({origin}): " + "; ".join(problems))
+
+
+def _is_complex(annotation: Any) -> bool:
+    """Whether an environment value for a field of this type is JSON (lists, tuples, maps)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple, dict):
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_complex(a) for a in typing.get_args(annotation) if a is not type(None))
+    return False
+
+
+def _env_value(name: str, raw: str, annotation: Any) -> Any:
+    if not _is_complex(annotation):
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        # The value is not echoed: it may hold a camera password.
+        raise ConfigError(
+            f"{name} must be JSON (a list or mapping, e.g. "
+            f'\'[{{"name": "door", "source": "rtsp://..."}}]\'): {exc.msg} at character '
+            f"{exc.pos}"
+        ) from exc
+
+
+def _env_path(name: str) -> tuple[list[str | int], Any]:
+    """``EDGECAM_VISION__DETECT_FPS`` -> (["vision", "detect_fps"], the field's type)."""
+    parts = name[len(_ENV_PREFIX) :].lower().split("__")
+    unknown = ConfigError(
+        f"environment variable {name} names no config key (check its spelling; keys are "
+        "EDGECAM_SECTION__KEY, e.g. EDGECAM_VISION__DETECT_FPS)"
+    )
+    fields: dict[str, Any] = Settings.model_fields
+    path: list[str | int] = []
+    annotation: Any = Settings
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            fields = annotation.model_fields
+            if part not in fields:
+                raise unknown
+            path.append(part)
+            annotation = fields[part].annotation
+        elif typing.get_origin(annotation) is list:  # cameras: EDGECAM_CAMERAS__0__SOURCE
+            if not part.isdigit():
+                raise ConfigError(f"environment variable {name}: {part!r} is not a list index")
+            path.append(int(part))
+            annotation = typing.get_args(annotation)[0]
+        elif typing.get_origin(annotation) is dict:  # overlay colours: __COLOURS__MASK
+            path.append(part)
+            annotation = typing.get_args(annotation)[1]
+        else:
+            raise unknown
+        i += 1
+    if not path:
+        raise unknown
+    return path, annotation
+
+
+def _set_path(data: dict[str, Any], path: list[str | int], value: Any, name: str) -> None:
+    node: Any = data
+    for depth, part in enumerate(path):
+        last = depth == len(path) - 1
+        if isinstance(part, int):
+            if not isinstance(node, list):
+                raise ConfigError(f"environment variable {name}: the config there is not a list")
+            if part > len(node):
+                raise ConfigError(
+                    f"environment variable {name}: camera index {part} is past the end of "
+                    f"the list ({len(node)} camera(s)); add cameras in order"
+                )
+            if part == len(node):
+                node.append({})
+            if last:
+                node[part] = value
+                return
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"environment variable {name}: item {part} is not a mapping")
+            node = node[part]
+            continue
+        if last:
+            node[part] = value
+            return
+        child = node.get(part)
+        if child is None:
+            nxt = path[depth + 1]
+            # No cameras in the file: index 0 is the default camera.
+            child = node[part] = [{}] if isinstance(nxt, int) else {}
+        if isinstance(path[depth + 1], int) != isinstance(child, list) or not isinstance(
+            child, dict | list
+        ):
+            raise ConfigError(f"environment variable {name}: config key {part!r} has another shape")
+        node = child
+
+
+def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """Put every ``EDGECAM_SECTION__KEY`` variable into ``data``; unknown names are errors.
+    Whole values (``EDGECAM_CAMERAS='[...]'``) go first, single keys on top of them."""
+    found = []
+    for name, raw in environ.items():
+        if not name.upper().startswith(_ENV_PREFIX) or name.upper() in _NOT_CONFIG_ENV:
+            continue
+        path, annotation = _env_path(name)
+        found.append((len(path), name, path, _env_value(name, raw, annotation)))
+    for _depth, name, path, value in sorted(found, key=lambda f: (f[0], f[1])):
+        _set_path(data, path, value, name)
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
-    """Load the configuration from ``path`` (or ``$EDGECAM_CONFIG``) and the environment.
-
-    ``overrides`` are applied on top of the file (command-line options), before validation.
-    """
+    """Load the configuration: defaults < ``path`` (or ``$EDGECAM_CONFIG``) < environment <
+    ``overrides`` (command-line options, as dotted keys: ``vision.detect_fps=5``)."""
     if path is None and os.environ.get(CONFIG_ENV):
         path = os.environ[CONFIG_ENV]
     data: dict[str, Any] = _read_file(Path(path)) if path is not None else {}
+    _apply_environment(data, os.environ)  # its errors never echo a value
     for dotted, value in overrides.items():
         node = data
         *parents, leaf = dotted.split(".")
@@ -680,10 +956,11 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
             node = child
         node[leaf] = value
     origin = f"file {path} and EDGECAM_* environment" if path else "EDGECAM_* environment"
+    secrets = _secrets_in(data)
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, origin)) from exc
+        raise ConfigError(_scrub(_describe(exc, origin), secrets)) from None
 
 
 def settings_to_yaml(settings: Settings) -> str:

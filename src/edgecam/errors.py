@@ -14,6 +14,7 @@ __all__ = [
     "ModelError",
     "PipelineError",
     "SourceError",
+    "UsageError",
 ]
 
 
@@ -43,3 +44,8 @@ class PipelineError(EdgecamError):
 
 class LiveViewError(EdgecamError):
     """The live view cannot take a viewer (stopped, or at its viewer limit)."""
+
+
+class UsageError(EdgecamError):
+    """A command-line argument is wrong in a way its parser cannot see (an output that is the
+    input, a folder where a file is wanted). The command exits with status 2."""

@@ -14,7 +14,9 @@ device's file-system paths.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import email.utils
 import hashlib
 import hmac
 import logging
@@ -34,20 +36,36 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from edgecam.config import FileServerConfig, Settings
 from edgecam.errors import ConfigError
 from edgecam.media.clips import CLIP_NAME_RE, ClipStore, camera_clip_re
 
-__all__ = ["QuietServer", "create_app", "sign_link", "signed_url", "verify_link"]
+__all__ = [
+    "HEADER_TIMEOUT_S",
+    "IDLE_TIMEOUT_S",
+    "GuardedH11Protocol",
+    "QuietServer",
+    "create_app",
+    "server_config",
+    "sign_link",
+    "signed_url",
+    "verify_link",
+]
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 256 * 1024
-# 18 digits fit any file size (and an int64); longer numbers are refused, not parsed.
-_RANGE_RE = re.compile(r"bytes=([0-9]{0,18})-([0-9]{0,18})", re.IGNORECASE)
+_RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)
+# A byte position of more digits than this is past the end of any file: it is not parsed
+# (Python refuses to parse very long numbers, and need not).
+_MAX_DIGITS = 18
+_PAST_ANY_FILE = 10**_MAX_DIGITS
 # Clocks of the fleet server and the device may differ by this much.
 _LINK_SKEW_S = 30
+# What a 304 repeats of the 200 it stands for (RFC 9110 15.4.5).
+_NOT_MODIFIED_HEADERS = ("ETag", "Last-Modified", "Cache-Control")
 # Sidecar keys that describe the device's file system, not the clip.
 _PRIVATE_META = frozenset({"path", "segments"})
 
@@ -127,15 +145,20 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     if first == "" and last == "":
         raise _Unsatisfiable
     if first == "":
-        suffix = int(last)
+        suffix = _position(last)
         if suffix == 0 or size == 0:
             raise _Unsatisfiable
-        return max(0, size - suffix), size - 1
-    start = int(first)
-    end = size - 1 if last == "" else int(last)
+        return max(0, size - suffix), size - 1  # a suffix longer than the file: all of it
+    start = _position(first)
+    end = size - 1 if last == "" else _position(last)
     if start >= size or end < start:
         raise _Unsatisfiable
-    return start, min(end, size - 1)
+    return start, min(end, size - 1)  # a last position past the end: up to the end
+
+
+def _position(digits: str) -> int:
+    digits = digits.lstrip("0") or "0"
+    return _PAST_ANY_FILE if len(digits) > _MAX_DIGITS else int(digits)
 
 
 async def _chunks(fd: int, start: int, length: int) -> AsyncIterator[bytes]:
@@ -264,7 +287,7 @@ def _file_response(request: Request, path: Path) -> Response:
     try:
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode):
-            response = _clip_response(request, fd, st.st_size)
+            response = _clip_response(request, fd, st)
     finally:
         if not isinstance(response, _FileStream):
             os.close(fd)
@@ -273,15 +296,60 @@ def _file_response(request: Request, path: Path) -> Response:
     return response
 
 
-def _clip_response(request: Request, fd: int, size: int) -> Response:
+def _etag(st: os.stat_result) -> str:
+    """A strong validator: a saved clip is never rewritten, only replaced or deleted."""
+    return f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'
+
+
+def _not_modified(request: Request, etag: str, mtime: int) -> bool:
+    """RFC 9110 13.2.2: If-None-Match first; If-Modified-Since only without it."""
+    none_match = request.headers.get("if-none-match")
+    if none_match is not None:
+        tags = [t.strip().removeprefix("W/") for t in none_match.split(",")]
+        return "*" in tags or etag in tags
+    since = _http_date(request.headers.get("if-modified-since"))
+    return since is not None and mtime <= since
+
+
+def _range_applies(request: Request, etag: str, mtime: int) -> bool:
+    """If-Range: the Range holds only while the clip is the one the client has part of."""
+    if_range = request.headers.get("if-range")
+    if if_range is None:
+        return True
+    if_range = if_range.strip()
+    if if_range.startswith('"'):
+        return if_range == etag  # strong comparison
+    date = _http_date(if_range)
+    return date is not None and date == mtime
+
+
+def _http_date(value: str | None) -> int | None:
+    if not value:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed.tzinfo is None:
+        return None
+    return int(parsed.timestamp())
+
+
+def _clip_response(request: Request, fd: int, st: os.stat_result) -> Response:
     """The answer for an open clip: a _FileStream (which then owns ``fd``) or headers only."""
+    size, mtime, etag = st.st_size, int(st.st_mtime), _etag(st)
     headers = {
         "Accept-Ranges": "bytes",
         "Content-Type": "video/mp4",
         "Cache-Control": "private, max-age=0",
+        "ETag": etag,
+        "Last-Modified": email.utils.formatdate(mtime, usegmt=True),
     }
+    if _not_modified(request, etag, mtime):
+        return Response(status_code=304, headers={k: headers[k] for k in _NOT_MODIFIED_HEADERS})
     try:
-        span = _parse_range(request.headers.get("range", ""), size)
+        wanted = request.headers.get("range", "") if _range_applies(request, etag, mtime) else ""
+        span = _parse_range(wanted, size)
     except _Unsatisfiable:
         return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
     status, start, length = 200, 0, size
@@ -292,6 +360,78 @@ def _clip_response(request: Request, fd: int, size: int) -> Response:
     if request.method == "HEAD":
         return Response(status_code=status, headers=headers)
     return _FileStream(fd, start, length, status, headers)
+
+
+# A client gets this long, from connecting or from the end of its previous response, to
+# send a whole request head; one that trickles bytes (slowloris) or sends nothing is cut off.
+HEADER_TIMEOUT_S = 10.0
+# A kept-alive connection with no request for this long is closed.
+IDLE_TIMEOUT_S = 5.0
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request head: uvicorn's own
+    keep-alive timer is disarmed by any byte received, so a client that trickles a header
+    line a byte at a time (or connects and says nothing) holds a connection for ever."""
+
+    header_timeout_s = HEADER_TIMEOUT_S
+    _header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        cycle = self.cycle
+        super().data_received(data)
+        if self.cycle is not cycle:  # a whole request head arrived
+            self._disarm_header_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.cycle is None or self.cycle.response_complete:
+            self._arm_header_deadline()  # for the next request on this connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_deadline()
+        super().connection_lost(exc)
+
+    def _arm_header_deadline(self) -> None:
+        self._disarm_header_deadline()
+        self._header_deadline = self.loop.call_later(self.header_timeout_s, self._header_late)
+
+    def _disarm_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _header_late(self) -> None:
+        self._header_deadline = None
+        if not self.transport.is_closing():
+            log.info("file server: no request head within %.0f s; closing", self.header_timeout_s)
+            self.transport.close()
+
+
+def server_config(
+    app: Starlette,
+    cfg: FileServerConfig,
+    *,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+    idle_timeout_s: float = IDLE_TIMEOUT_S,
+) -> uvicorn.Config:
+    """The uvicorn configuration of the file server, with its connection timeouts."""
+    protocol = type(
+        "FileServerProtocol", (GuardedH11Protocol,), {"header_timeout_s": header_timeout_s}
+    )
+    return uvicorn.Config(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        http=protocol,
+        timeout_keep_alive=max(1, round(idle_timeout_s)),
+        log_config=None,
+        access_log=False,
+    )
 
 
 class QuietServer(uvicorn.Server):

@@ -19,6 +19,7 @@ import fcntl
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -26,13 +27,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, ClassVar, TextIO
 
-from edgecam.config import Settings
+from edgecam.config import SUPERVISOR_ENV, Settings
 from edgecam.device.control import ControlServer, Handler, process_key, socket_path
 from edgecam.device.events import EVENTS_SOCKET, EventSender, Heartbeat, Lifecycle
 from edgecam.errors import ConfigError, EdgecamError
 from edgecam.paths import secure_folder
 
 __all__ = [
+    "EXIT_CONFIG",
     "SUPERVISOR_ENV",
     "ProcessLock",
     "Worker",
@@ -42,8 +44,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SUPERVISOR_ENV = "EDGECAM_SUPERVISOR_PID"
 HEARTBEAT_S = 1.0
+# sysexits' EX_CONFIG: the worker refused its configuration, which no restart would mend.
+EXIT_CONFIG = 78
 _PR_SET_PDEATHSIG = 1
 # After a stop was asked for, a worker that has not exited by then is ended regardless.
 _FORCED_EXIT_GRACE_S = 30.0
@@ -181,7 +184,8 @@ class _Heartbeat(threading.Thread):
 
 
 def run_worker(worker_cls: type[Worker], settings: Settings, camera: str | None = None) -> int:
-    """Run one worker until SIGTERM/SIGINT; 0 after a clean stop, 1 when it failed."""
+    """Run one worker until SIGTERM/SIGINT; 0 after a clean stop, :data:`EXIT_CONFIG` when
+    it refused its configuration; raises when it failed (the command exits 1)."""
     name = worker_cls.name
     if worker_cls.per_camera:
         _, cam = settings.camera(camera)
@@ -191,7 +195,12 @@ def run_worker(worker_cls: type[Worker], settings: Settings, camera: str | None 
     if not worker_cls.enabled(settings):
         log.info("the %s worker is disabled in the configuration; exiting", name)
         return 0
-    worker_cls.check(settings)
+    try:
+        worker_cls.check(settings)
+    except ConfigError as exc:
+        log.error("%s: %s", name, exc)
+        print(f"edgecam worker {name}: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     _die_with_supervisor()
     folder = settings.runtime.dir
     secure_folder(folder, "runtime.dir")

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 
 from edgecam.config import Settings, SupervisorConfig
-from edgecam.device.runner import SUPERVISOR_ENV
+from edgecam.device.runner import EXIT_CONFIG, SUPERVISOR_ENV
 from edgecam.device.workers import START_ORDER, WORKERS
 from edgecam.protocol import WorkerState, WorkerStateName
 
@@ -36,7 +36,6 @@ __all__ = ["Child", "Supervisor", "worker_command"]
 log = logging.getLogger(__name__)
 
 _EXIT_FINISHED = 0  # a worker that exits 0 on its own has finished (a file source ended)
-_EXIT_CONFIG = 2  # a configuration error: no restart would mend it
 
 
 def worker_command(name: str, camera: str | None, config: Path | None) -> list[str]:
@@ -266,9 +265,9 @@ class Supervisor:
             log.info("worker %s finished (exit 0)", child.key)
             child.set_state("stopped")
             return
-        if code == _EXIT_CONFIG:
+        if code == EXIT_CONFIG:
             log.error("worker %s refused its configuration; not restarted", child.key)
-            child.set_state("stopped", child.error or "configuration error (exit 2)")
+            child.set_state("stopped", child.error or "configuration error (see its log)")
             return
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
         child.error = (

@@ -300,9 +300,7 @@ class FileServerWorker(Worker):
 
     def __init__(self, ctx: WorkerContext) -> None:
         super().__init__(ctx)
-        import uvicorn
-
-        from edgecam.device.fileserver import QuietServer, create_app
+        from edgecam.device.fileserver import QuietServer, create_app, server_config
         from edgecam.device.liveview_http import live_routes
         from edgecam.media.clips import ClipStore
         from edgecam.media.liveview import LiveView
@@ -327,16 +325,7 @@ class FileServerWorker(Worker):
         app.router.routes.extend(
             live_routes(self.settings, self._views, self._counts.get, self._save_clip)
         )
-        self._server = QuietServer(
-            uvicorn.Config(
-                app,
-                host=cfg.host,
-                port=cfg.port,
-                log_config=None,
-                access_log=False,
-                timeout_keep_alive=5,
-            )
-        )
+        self._server = QuietServer(server_config(app, cfg))
         self._thread: threading.Thread | None = None
 
     @classmethod

@@ -75,6 +75,10 @@ def camera_clip_re(camera: str | None) -> re.Pattern[str]:
 
 
 _TMP_PREFIX = ".tmp-"
+# Free space the ring leaves on its disk for the segments being written: two of the largest
+# segments, and never less than this.
+_RESERVE_SEGMENTS = 2
+_MIN_DISK_RESERVE = 128 * 1024
 _COPY_CHUNK = 1 << 20
 
 
@@ -131,8 +135,42 @@ class SegmentRing:
         self.folder = folder
         self.max_seconds = max_seconds
         self.max_bytes = max_bytes
+        # The byte bound in force: max_bytes, or less when the disk has no room for it.
+        self.limit_bytes = max_bytes
         self._segments: list[Segment] = []
         self._lock = threading.Lock()
+
+    @property
+    def disk_limited(self) -> bool:
+        """Whether the free space of the ring's disk, not ``max_bytes``, bounds the ring."""
+        return self.limit_bytes < self.max_bytes
+
+    def _disk_bound(self, size: int) -> int:
+        """Bytes the ring may hold so that its disk keeps room for the segments being
+        written: what it holds plus the free space, less a reserve."""
+        try:
+            st = os.statvfs(self.folder)
+        except OSError:
+            return self.max_bytes
+        largest = max((s.size for s in self._segments if s.end is not None), default=0)
+        reserve = max(_MIN_DISK_RESERVE, _RESERVE_SEGMENTS * largest)
+        return size + st.f_bavail * st.f_frsize - reserve
+
+    def _set_limit(self, limit: int, rate: float) -> None:
+        was_limited = self.disk_limited
+        self.limit_bytes = limit
+        if self.disk_limited and not was_limited:
+            log.warning(
+                "ring %s: its disk has room for %d kB only (recorder.ring_max_bytes is %d kB): "
+                "keeping about %.0f s of video instead of %g s",
+                self.folder,
+                max(0, limit) // 1024,
+                self.max_bytes // 1024,
+                max(0, limit) / rate if rate > 0 else 0.0,
+                self.max_seconds,
+            )
+        elif was_limited and not self.disk_limited:
+            log.info("ring %s: its disk has room again; back to its configured bounds", self.folder)
 
     def rebuild(self) -> int:
         """Index the segments already in the folder (from an earlier run); returns the count.
@@ -215,7 +253,9 @@ class SegmentRing:
         return secs, size
 
     def trim(self, now: float, headroom_s: float = 0.0) -> list[Path]:
-        """Delete the oldest closed segments until the ring is within its bounds.
+        """Delete the oldest closed segments until the ring is within its bounds: its
+        duration, its bytes, and the free space of its disk (less a reserve for the segments
+        being written).
 
         ``headroom_s``: keep room for that much more video (the time until the next trim),
         so that the ring stays within bounds between two trims as well.
@@ -224,8 +264,9 @@ class SegmentRing:
         with self._lock:
             secs, size = self._totals(now)
             rate = size / secs if secs > 0 else 0.0
+            self._set_limit(min(self.max_bytes, self._disk_bound(size)), rate)
             max_secs = self.max_seconds - headroom_s
-            max_size = self.max_bytes - rate * headroom_s
+            max_size = self.limit_bytes - rate * headroom_s
             while (
                 self._segments
                 and self._segments[0].end is not None
@@ -477,12 +518,34 @@ class ClipStore:
         max_age_s: float,
         min_free_bytes: int,
         ffmpeg: str = "ffmpeg",
+        owner: str | None = None,
     ) -> None:
         self.folder = folder
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
         self.min_free_bytes = min_free_bytes
         self.ffmpeg = ffmpeg
+        # The one writer (a camera's recorder) whose work folders carry this name: it may
+        # remove them all when it starts, as no one else writes them. "." is in no camera name.
+        self._tmp_prefix = f"{_TMP_PREFIX}{owner}." if owner is not None else _TMP_PREFIX
+
+    def remove_own_leftovers(self) -> list[str]:
+        """Remove the work folders of this store's owner left by a run that was killed
+        mid-clip (other writers' folders wait for the hour-old rule). Returns their names."""
+        if self._tmp_prefix == _TMP_PREFIX:
+            return []
+        removed = []
+        try:
+            entries = list(os.scandir(self.folder))
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            if entry.name.startswith(self._tmp_prefix) and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.name)
+        if removed:
+            log.info("removed %d unfinished clip folder(s) of an earlier run", len(removed))
+        return removed
 
     # ---- reading (also used by the file server)
 
@@ -574,7 +637,7 @@ class ClipStore:
         return True
 
     def _new_workdir(self) -> Path:
-        workdir = self.folder / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        workdir = self.folder / f"{self._tmp_prefix}{uuid.uuid4().hex}"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             workdir.mkdir()

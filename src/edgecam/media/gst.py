@@ -13,8 +13,9 @@ import onnxruntime  # noqa: F401  (load order matters, see above)
 
 gi.require_version("Gst", "1.0")
 gi.require_version("GstApp", "1.0")
+gi.require_version("GstPbutils", "1.0")
 gi.require_version("GstVideo", "1.0")
-from gi.repository import GLib, Gst, GstApp, GstVideo
+from gi.repository import GLib, Gst, GstApp, GstPbutils, GstVideo
 
 from edgecam.errors import MissingPluginError
 
@@ -24,6 +25,7 @@ __all__ = [
     "GLib",
     "Gst",
     "GstApp",
+    "GstPbutils",
     "GstVideo",
     "init",
     "make_element",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import sys
 import threading
 import time
@@ -12,14 +14,17 @@ from pathlib import Path
 from typing import IO
 
 from edgecam.config import Settings
-from edgecam.errors import SourceError
+from edgecam.errors import EdgecamError, SourceError, UsageError
 from edgecam.media.pipeline import Pipeline
+from edgecam.media.probe import probe_video
 from edgecam.vision.analytics import FrameMeta
 from edgecam.vision.detections import Detector
 
 __all__ = ["ProcessResult", "process_file"]
 
 log = logging.getLogger(__name__)
+
+_OUT_SUFFIXES = (".mp4", ".m4v", ".mov")
 
 
 class ProcessResult:
@@ -45,8 +50,9 @@ class _EventsWriter:
     """Writes one JSON line a frame from the pipeline's metadata, on its own thread."""
 
     def __init__(self, pipeline: Pipeline, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
         self._file: IO[str] = path.open("w", encoding="utf-8")
+        self._error: OSError | None = None
         self._queue = pipeline.meta_bus.subscribe(maxsize=0)
         self._thread = threading.Thread(target=self._run, name="events-writer", daemon=True)
         self._thread.start()
@@ -56,11 +62,21 @@ class _EventsWriter:
             meta: FrameMeta | None = self._queue.get()
             if meta is None:
                 break
-            self._file.write(json.dumps(meta.to_event(), separators=(",", ":")) + "\n")
+            if self._error is None:
+                try:
+                    self._file.write(json.dumps(meta.to_event(), separators=(",", ":")) + "\n")
+                except OSError as exc:  # a full disk: said at close, the run goes on
+                    self._error = exc
 
     def close(self) -> None:
+        """Flush and close; raise if a line could not be written."""
         self._thread.join(timeout=30)
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as exc:
+            self._error = self._error or exc
+        if self._error is not None:
+            raise EdgecamError(f"cannot write the events file: {self._error.strerror}")
 
 
 class _Progress:
@@ -111,6 +127,39 @@ class _Progress:
             )
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # b does not exist yet: it cannot be a
+        return False
+
+
+def _check_outputs(input_path: Path, out: Path, events: Path | None) -> None:
+    """Refuse outputs that would destroy the input or each other, before anything is opened."""
+    if out.suffix.lower() not in _OUT_SUFFIXES:
+        raise UsageError(f"--out {out}: the output is an MP4 file; name it *.mp4")
+    named = [("--out", out)] + ([("--events", events)] if events is not None else [])
+    for option, path in named:
+        if path.is_dir():
+            raise UsageError(f"{option} {path} is a folder; give a file name")
+        if _same_file(input_path, path):
+            raise UsageError(f"{option} {path} is the input file; it would be overwritten")
+    if events is not None and (events.resolve() == out.resolve() or _same_file(out, events)):
+        raise UsageError(f"--events {events} is the --out file; give two different files")
+
+
+def _temp_beside(target: Path, option: str) -> Path:
+    """An empty temporary file in ``target``'s folder (so the final rename is atomic)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        # 0o666 and the umask, as the file itself would have been created.
+        os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666))
+    except OSError as exc:
+        raise EdgecamError(f"cannot write {option} {target}: {exc.strerror}") from exc
+    return temp
+
+
 def process_file(
     settings: Settings,
     input_path: Path,
@@ -124,13 +173,48 @@ def process_file(
 
     Detection is deterministic here: exactly ``vision.detect_fps`` detections a second of
     video, so the same input and config give the same output on any machine.
+
+    Outputs are written beside their targets and renamed into place only when the run
+    succeeds: a failed run leaves an existing ``out`` as it was and no partial files. An
+    input that ends before the frames its header promised still gives its outputs, then
+    raises :class:`SourceError` saying so.
     """
-    if not input_path.is_file():
-        raise SourceError(f"input file {input_path} does not exist")
-    if out.suffix.lower() not in (".mp4", ".m4v", ".mov"):
-        raise SourceError(f"--out {out}: the output is an MP4 file; name it *.mp4")
+    _check_outputs(input_path, out, events)
+    info = probe_video(input_path)
     cam = settings.cameras[0].model_copy(update={"source": str(input_path), "loop": False})
     settings = settings.model_copy(update={"cameras": [cam]})
+    temps: list[Path] = []
+    try:
+        tmp_out = _temp_beside(out, "--out")
+        temps.append(tmp_out)
+        tmp_events = _temp_beside(events, "--events") if events is not None else None
+        if tmp_events is not None:
+            temps.append(tmp_events)
+        result = _run(settings, tmp_out, tmp_events, progress, detector)
+        os.replace(tmp_out, out)
+        if tmp_events is not None and events is not None:
+            os.replace(tmp_events, events)
+        temps = []
+    finally:
+        for path in temps:
+            path.unlink(missing_ok=True)
+    promised = info.frames_promised
+    if promised is not None and result.frames < promised - max(2, promised // 100):
+        raise SourceError(
+            f"{input_path} ended early: decoded {result.frames} frames, the header promised "
+            f"{promised} (the file is truncated or damaged); {out} holds the "
+            f"{result.frames} frames"
+        )
+    return result
+
+
+def _run(
+    settings: Settings,
+    out: Path,
+    events: Path | None,
+    progress: bool,
+    detector: Detector | None,
+) -> ProcessResult:
     pipeline = Pipeline(
         settings,
         mode="offline",

@@ -53,11 +53,13 @@ Mode = Literal["offline", "live"]
 
 
 # Encoder element per config name: (factory, properties). Keyframes are forced by time from
-# a pad probe; the encoders' own interval is only a long backstop.
+# a pad probe; the encoders' own interval is only a long backstop. No access unit
+# delimiters: rtph264pay sends one as an RTP packet of its own with the frame's timestamp,
+# and RTSP clients that copy the stream (ffmpeg -c copy) take it for a second frame.
 _ENCODERS: dict[str, tuple[str, str]] = {
     "x264": (
         "x264enc",
-        "tune=zerolatency speed-preset={preset} bitrate={kbps} key-int-max=600",
+        "tune=zerolatency speed-preset={preset} bitrate={kbps} key-int-max=600 aud=false",
     ),
     "openh264": ("openh264enc", "bitrate={bps} complexity=low gop-size=600"),
     "nvh264": ("nvh264enc", "bitrate={kbps} preset=low-latency-hq zerolatency=true gop-size=600"),
@@ -67,6 +69,8 @@ _ENCODERS: dict[str, tuple[str, str]] = {
 # Predictive for I420 at ultrafast, which WebRTC peers may refuse): the encoder follows caps.
 _H264_PROFILE_CAPS = "video/x-h264,profile=constrained-baseline"
 _LOOP_START = "edgecam-loop-start"
+_FIT_CAPS = "fit_caps"
+_MIN_SIDE = 16  # mp4mux refuses smaller H.264 frames
 # A detection further ahead of the video than this is from another timeline (the source
 # restarted or looped): applied at once rather than held.
 _MAX_LEAD_NS = 2 * Gst.SECOND
@@ -91,7 +95,14 @@ def _source_description(cam: CameraConfig) -> tuple[str, dict[str, object], bool
         device = uri[len("v4l2://") :] or "/dev/video0"
         if not Path(device).exists():
             raise SourceError(f"camera {cam.name!r}: V4L2 device {device} does not exist")
-        return "v4l2src name=src ! decodebin name=dec", {"device": device}, True
+        # Ask the camera for the configured mode, raw or MJPEG, whichever it offers.
+        mode = f"width={cam.width},height={cam.height},framerate={cam.fps}/1"
+        caps = f"video/x-raw,{mode};image/jpeg,{mode}"
+        return (
+            f'v4l2src name=src ! capsfilter caps="{caps}" ! decodebin name=dec',
+            {"device": device},
+            True,
+        )
     if uri.startswith("test://"):
         desc = (
             "videotestsrc name=src is-live=true pattern=ball ! "
@@ -143,8 +154,15 @@ def describe(
     cam = settings.cameras[camera_index]
     src, src_props, is_live = _source_description(cam)
     sync = "true" if mode == "live" else "false"
-    elements = ["videoconvert", "tee", "queue", "h264parse"]
-    parts = [f"{src} videoconvert name=conv ! video/x-raw,format=I420 ! tee name=t"]
+    elements = ["videoconvert", "videoscale", "capsfilter", "tee", "queue", "h264parse"]
+    # ``fit`` holds every frame to the first frame's size (even, as the encoders need):
+    # :class:`Pipeline` pins its caps when the first caps arrive, so a source that changes
+    # size mid-stream (joined files, a camera set to another resolution) is scaled to fit,
+    # and the encoder, the muxer and the RTP clients never see a caps change.
+    parts = [
+        f"{src} videoconvert name=conv ! videoscale name=fit add-borders=true ! "
+        f"capsfilter name={_FIT_CAPS} caps=video/x-raw,format=I420 ! tee name=t"
+    ]
 
     if infer_size is not None:
         w, h = infer_size
@@ -201,6 +219,47 @@ def describe(
     if not rtp_ports and out_file is None:
         parts.append(f"et. ! queue ! fakesink sync={sync} async=false")
     return _Layout(" ".join(parts), src_props, is_live, tuple(elements))
+
+
+def _pinned_caps(first: Gst.Structure) -> Gst.Caps:
+    """I420 at the first frame's size rounded down to even (what H.264 encoders take), at
+    least 16 pixels a side (what mp4mux takes), with its aspect and colours, so that the
+    encoder's caps never change."""
+    width = max(_MIN_SIDE, first.get_value("width") // 2 * 2)
+    height = max(_MIN_SIDE, first.get_value("height") // 2 * 2)
+    fields = [f"video/x-raw,format=I420,width={width},height={height}"]
+    ok, num, den = first.get_fraction("pixel-aspect-ratio")
+    if ok and num > 0 and den > 0:
+        fields.append(f"pixel-aspect-ratio={num}/{den}")
+    colorimetry = first.get_string("colorimetry")
+    if colorimetry:
+        fields.append(f"colorimetry={colorimetry}")
+    return Gst.Caps.from_string(",".join(fields))
+
+
+def _from_model_frame(
+    source: Gst.Structure, model: GstVideo.VideoInfo
+) -> tuple[float, float, float, float]:
+    """(sx, sy, dx, dy) taking model-frame pixels to source pixels (x * sx + dx).
+
+    videoscale keeps the picture's shape (add-borders): a frame of another aspect than the
+    model's is letterboxed (or pillarboxed) into it, centred, as computed here the way
+    videoscale does it (integer pixels, the source's pixel aspect ratio included).
+    """
+    src_w, src_h = source.get_value("width"), source.get_value("height")
+    ok, par_n, par_d = source.get_fraction("pixel-aspect-ratio")
+    if not ok or par_n <= 0 or par_d <= 0:
+        par_n, par_d = 1, 1
+    dar_n, dar_d = src_w * par_n, src_h * par_d  # display aspect ratio of the source
+    content_w, content_h = model.width, model.height
+    to_h = model.width * dar_d // dar_n
+    if to_h <= model.height:
+        content_h = to_h
+    else:
+        content_w = model.height * dar_n // dar_d
+    off_x, off_y = (model.width - content_w) // 2, (model.height - content_h) // 2
+    sx, sy = src_w / content_w, src_h / content_h
+    return sx, sy, -off_x * sx, -off_y * sy
 
 
 _Probe = Callable[..., Gst.PadProbeReturn]
@@ -420,6 +479,9 @@ class Pipeline:
             conv_sink.add_probe(
                 Gst.PadProbeType.BLOCK_DOWNSTREAM | Gst.PadProbeType.BUFFER, self._on_loop_block
             )
+        self._pinned_caps: Gst.Caps | None = None
+        conv_sink = self._pipeline.get_by_name("conv").get_static_pad("sink")
+        conv_sink.add_probe(Gst.PadProbeType.EVENT_DOWNSTREAM, self._on_source_caps)
         video_q = self._pipeline.get_by_name("video_q")
         video_q.get_static_pad("src").add_probe(Gst.PadProbeType.EVENT_DOWNSTREAM, self._on_caps)
 
@@ -429,7 +491,11 @@ class Pipeline:
         if not caps.get_structure(0).get_name().startswith("video/"):
             return  # audio and the like: left unlinked, the demuxer carries on
         if sink.is_linked():
-            sink.get_peer().unlink(sink)
+            # A second video stream in the file: the first one is the video. (After a
+            # restart, decodebin's old pads are gone, and the sink unlinked, before new
+            # ones come.)
+            log.info("ignoring another video stream (%s)", pad.get_name())
+            return
         if pad.link(sink) != Gst.PadLinkReturn.OK:
             log.error("cannot link decoded video pad %s", pad.get_name())
 
@@ -480,6 +546,28 @@ class Pipeline:
                 pad.get_parent_element(), Gst.Structure.new_empty(_LOOP_START)
             )
         )
+        return Gst.PadProbeReturn.OK
+
+    @_guarded(Gst.PadProbeReturn.OK)
+    def _on_source_caps(self, _pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
+        # The first decoded caps fix the size of everything downstream; later ones (a size
+        # change mid-stream, a camera back at another resolution) are scaled to it.
+        event = info.get_event()
+        if event.type != Gst.EventType.CAPS:
+            return Gst.PadProbeReturn.OK
+        s = event.parse_caps().get_structure(0)
+        if self._pinned_caps is None:
+            self._pinned_caps = _pinned_caps(s)
+            self._pipeline.get_by_name(_FIT_CAPS).set_property("caps", self._pinned_caps)
+            log.debug("camera %s: video pinned to %s", self.camera.name, self._pinned_caps)
+        else:
+            log.info(
+                "camera %s: source caps changed to %dx%d; scaled to %s",
+                self.camera.name,
+                s.get_value("width"),
+                s.get_value("height"),
+                self._pinned_caps.to_string(),
+            )
         return Gst.PadProbeReturn.OK
 
     @_guarded(Gst.PadProbeReturn.OK)
@@ -618,10 +706,7 @@ class Pipeline:
                 self.stats.detections += 1
             caps = tee_pad.get_current_caps()
             if caps is not None:
-                s = caps.get_structure(0)
-                dets = dets.scaled(
-                    s.get_value("width") / info.width, s.get_value("height") / info.height
-                )
+                dets = dets.mapped(*_from_model_frame(caps.get_structure(0), info))
             self._results.post(buf.pts, dets)
             if self.mode == "live" and self._min_interval:
                 delay = started + self._min_interval - time.monotonic()

@@ -48,6 +48,7 @@ _H264_CAPS = "video/x-h264,stream-format=byte-stream,alignment=au"
 _JITTER_LATENCY_MS = 100  # loopback: packets only need reordering, not waiting for
 _BUS_POLL_S = 0.2  # also the ring's trimming period
 _EOS_TIMEOUT_S = 5.0
+_DISK_FULL_RETRY_S = 1.0  # after "No space left": trim, then a new pipeline this much later
 
 ClipCallback = Callable[[ClipReady], None]
 
@@ -89,6 +90,7 @@ class Recorder:
             max_bytes=cfg.max_clips_bytes,
             max_age_s=cfg.max_clip_age_days * 86400,
             min_free_bytes=cfg.min_free_bytes,
+            owner=cam.name,
         )
         self._run = uuid.uuid4().hex[:8]
         self._fragments = 0
@@ -100,6 +102,8 @@ class Recorder:
         self._first_segment = threading.Event()
         self._wake = threading.Condition()
         self.error: str | None = None
+        self._restart_at: float | None = None  # monotonic time of a planned restart
+        self.disk_full_restarts = 0
 
     # ------------------------------------------------------------------ life
 
@@ -109,13 +113,21 @@ class Recorder:
         if not Gst.is_initialized():
             Gst.init(None)
         secure_folder(self.folder, "recorder.ring_dir")
-        self.settings.recorder.clips_dir.mkdir(parents=True, exist_ok=True)
+        clips_dir = self.settings.recorder.clips_dir
+        try:
+            clips_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ClipError(
+                f"cannot create the clips folder {clips_dir}: {exc.strerror}; "
+                "check recorder.clips_dir"
+            ) from exc
         kept = self.ring.rebuild()
         if kept:
             log.info(
                 "%s: %d segment(s) from an earlier run kept in %s", self.camera, kept, self.folder
             )
         self.ring.trim(time.time())
+        self.store.remove_own_leftovers()
         self.store.apply_retention()
         pipeline = self._build()
         self._pipeline = pipeline
@@ -144,6 +156,7 @@ class Recorder:
         for t in self._threads:
             t.join(timeout=60)
         self._threads.clear()
+        pipeline = self._pipeline or pipeline  # the bus thread may have made a new one
         pipeline.set_state(Gst.State.NULL)
         self._pipeline = None
         self.ring.close_all(time.time())
@@ -237,6 +250,9 @@ class Recorder:
             "ring_seconds": round(secs, 3),
             "ring_bytes": size,
             "segments": len(segs),
+            "ring_limit_bytes": self.ring.limit_bytes,
+            "ring_disk_limited": self.ring.disk_limited,
+            "disk_full_restarts": self.disk_full_restarts,
             "oldest": segs[0].start if segs else None,
             "pending_clips": self.planner.pending(),
         }
@@ -307,15 +323,37 @@ class Recorder:
         return str(self.folder / segment_name(self._wall(running), self._run, fragment))
 
     def _bus_loop(self) -> None:
-        pipeline = self._pipeline
-        assert pipeline is not None
-        bus = pipeline.get_bus()
         while not self._stopping.is_set():
-            msg = bus.timed_pop(int(_BUS_POLL_S * Gst.SECOND))
+            pipeline = self._pipeline
+            if pipeline is None:
+                break
+            msg = pipeline.get_bus().timed_pop(int(_BUS_POLL_S * Gst.SECOND))
             if msg is not None:
                 self._on_message(msg)
             for path in self.ring.trim(time.time(), headroom_s=2 * _BUS_POLL_S):
                 log.debug("ring: removed %s", path.name)
+            if self._restart_at is not None and time.monotonic() >= self._restart_at:
+                self._restart_recording()
+
+    def _restart_recording(self) -> None:
+        """After the ring's disk ran full: a new pipeline (a new run: its timestamps start
+        again) once the trimming has made room."""
+        old = self._pipeline
+        if old is not None:
+            old.set_state(Gst.State.NULL)
+        self.ring.close_all(time.time())
+        self.ring.trim(time.time())
+        self._run = uuid.uuid4().hex[:8]
+        self._eos.clear()
+        pipeline = self._build()
+        self._pipeline = pipeline
+        if pipeline.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
+            log.error("recorder %s: cannot restart: %s", self.camera, self._pop_error(pipeline))
+            self._restart_at = time.monotonic() + _DISK_FULL_RETRY_S
+            return
+        self._restart_at = None
+        self.disk_full_restarts += 1
+        log.info("recorder %s: recording again after the disk ran full", self.camera)
 
     def _on_message(self, msg: Gst.Message) -> None:
         if msg.type == Gst.MessageType.ELEMENT:
@@ -333,6 +371,18 @@ class Recorder:
             self._eos.set()
         elif msg.type == Gst.MessageType.ERROR:
             err, debug = msg.parse_error()
+            if self._restart_at is not None:
+                return  # the rest of a disk-full failure: the restart is already planned
+            if err.matches(Gst.ResourceError.quark(), Gst.ResourceError.NO_SPACE_LEFT):
+                log.warning(
+                    "recorder %s: the ring's disk %s is full; trimming and recording again "
+                    "in %.0f s",
+                    self.camera,
+                    self.folder,
+                    _DISK_FULL_RETRY_S,
+                )
+                self._restart_at = time.monotonic() + _DISK_FULL_RETRY_S
+                return
             self.error = f"{err.message} ({debug})"
             log.error("recorder %s: pipeline error: %s", self.camera, self.error)
             self._eos.set()

@@ -146,17 +146,17 @@ class Analytics:
         infos = []
         for k, label in enumerate(labels):
             tid = int(tracks.tracker_id[k])
-            state = self._voter.state(tid)
-            counted = state is not None and frame - state.first_frame >= self._min_age
-            if counted:
-                counts[label] = counts.get(label, 0) + 1
             x1, y1, x2, y2 = (float(v) for v in tracks.xyxy[k])
             if frame_size is not None:
                 w, h = frame_size
                 x1, x2 = min(max(x1, 0.0), w), min(max(x2, 0.0), w)
                 y1, y2 = min(max(y1, 0.0), h), min(max(y2, 0.0), h)
                 if x2 - x1 < 1 or y2 - y1 < 1:
-                    continue
+                    continue  # carried out of the picture: neither drawn nor counted
+            state = self._voter.state(tid)
+            counted = state is not None and frame - state.first_frame >= self._min_age
+            if counted:
+                counts[label] = counts.get(label, 0) + 1
             infos.append(
                 TrackInfo(tid, (x1, y1, x2, y2), label, float(tracks.confidence[k]), counted)
             )

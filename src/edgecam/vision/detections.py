@@ -69,6 +69,18 @@ class Detections:
             self.tracker_id[index],
         )
 
+    def mapped(self, sx: float, sy: float, dx: float, dy: float) -> Detections:
+        """The same boxes with x -> x * sx + dx and y -> y * sy + dy."""
+        factor = np.array([sx, sy, sx, sy], dtype=np.float32)
+        offset = np.array([dx, dy, dx, dy], dtype=np.float32)
+        return Detections(
+            self.xyxy * factor + offset,
+            self.confidence,
+            self.class_id,
+            self.attribute,
+            self.tracker_id,
+        )
+
     def scaled(self, sx: float, sy: float) -> Detections:
         """The same boxes with x multiplied by ``sx`` and y by ``sy``."""
         factor = np.array([sx, sy, sx, sy], dtype=np.float32)

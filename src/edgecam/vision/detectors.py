@@ -48,6 +48,7 @@ class _ModelSpec:
     key: str
     input: _Shape
     outputs: tuple[_Shape, ...]
+    hint: str = ""  # what else to set when the file is of another family
 
 
 _CENTERFACE = _ModelSpec(
@@ -55,9 +56,14 @@ _CENTERFACE = _ModelSpec(
     "vision.face_model",
     (None, 3, None, None),
     ((None, 1, None, None), (None, 2, None, None), (None, 2, None, None), (None, 10, None, None)),
+    " (or vision.face_detector to the family of this model, e.g. blazeface)",
 )
 _BLAZEFACE = _ModelSpec(
-    "BlazeFace", "vision.face_model", (None, 192, 192, 3), ((None, None, 16), (None, None, 1))
+    "BlazeFace",
+    "vision.face_model",
+    (None, 192, 192, 3),
+    ((None, None, 16), (None, None, 1)),
+    " (or vision.face_detector to the family of this model, e.g. centerface)",
 )
 _MASK = _ModelSpec("mask classifier", "vision.mask_model", (None, 224, 224, 3), ((None, 2),))
 _NANODET = _ModelSpec(
@@ -90,7 +96,7 @@ def _session(
 ) -> ort.InferenceSession:
     """An ONNX Runtime session for ``path``, checked against the model family ``spec``."""
     path = Path(path)
-    fix = f"set {spec.key} ({_env_name(spec.key)}) to a {spec.family} .onnx file"
+    fix = f"set {spec.key} ({_env_name(spec.key)}) to a {spec.family} .onnx file{spec.hint}"
     if not path.is_file():
         raise ModelError(f"{spec.family} model file {path} not found; {fix}")
     if threads < 1:
@@ -520,8 +526,24 @@ class NanoDetDetector:
 # Choosing by config
 
 
+def _centerface(v: VisionConfig) -> Detector:
+    return CenterFaceDetector(
+        v.face_model_path, v.face_input, v.face_threshold, v.provider, v.threads
+    )
+
+
+def _blazeface(v: VisionConfig) -> Detector:
+    return BlazeFaceDetector(v.face_model_path, v.face_threshold, v.provider, v.threads)
+
+
+_FACE_DETECTORS: dict[str, Callable[[VisionConfig], Detector]] = {
+    "centerface": _centerface,
+    "blazeface": _blazeface,
+}
+
+
 def _build_mask(v: VisionConfig) -> Detector:
-    faces = CenterFaceDetector(v.face_model, v.face_input, v.face_threshold, v.provider, v.threads)
+    faces = _FACE_DETECTORS[v.face_detector](v)
     try:
         classifier = MaskClassifier(v.mask_model, v.provider, v.threads, v.mask_crop_margin)
     except Exception:

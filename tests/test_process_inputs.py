@@ -1,0 +1,257 @@
+"""`edgecam process` on hostile inputs and outputs: clear errors, no lost or partial files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import MEDIA
+
+from edgecam.config import load_settings
+from edgecam.errors import PipelineError
+from edgecam.media.offline import process_file
+from edgecam.vision.detections import Detections
+
+EDGECAM = [sys.executable, "-m", "edgecam.cli"]
+FFMPEG = ["ffmpeg", "-v", "error", "-y"]
+
+
+def _ffmpeg(*args: str) -> None:
+    subprocess.run([*FFMPEG, *args], check=True, timeout=60)
+
+
+def _testsrc(path: Path, size: str, *codec: str, seconds: int = 2) -> Path:
+    _ffmpeg("-f", "lavfi", "-i", f"testsrc=s={size}:r=30:d={seconds}", *codec, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Small bad and odd inputs, made once."""
+    d = tmp_path_factory.mktemp("odd")
+    media = {"zero": d / "zero.mp4", "text": d / "text.mp4", "audio": d / "audio.m4a"}
+    media["zero"].write_bytes(b"")
+    media["text"].write_text("not a video\n")
+    _ffmpeg("-f", "lavfi", "-i", "sine=d=1", "-c:a", "aac", str(media["audio"]))
+    whole = d / "whole.mp4"
+    _ffmpeg("-i", str(MEDIA / "faces.mp4"), "-c", "copy", "-movflags", "+faststart", str(whole))
+    media["truncated"] = d / "truncated.mp4"
+    media["truncated"].write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    x264 = ("-c:v", "libx264", "-x264-params", "repeat-headers=1")
+    media["yuv444"] = _testsrc(d / "odd444.mp4", "321x241", *x264, "-pix_fmt", "yuv444p")
+    media["mpeg4"] = _testsrc(d / "odd_mpeg4.mp4", "321x241", "-c:v", "mpeg4")
+    # Two encodes of different sizes joined without re-encoding: the H.264 parameters
+    # (and the frame size) change at the join, as when a camera is set to another mode.
+    small = _testsrc(d / "a.mp4", "320x240", *x264, "-pix_fmt", "yuv420p")
+    large = _testsrc(d / "b.mp4", "640x360", *x264, "-pix_fmt", "yuv420p")
+    media["tiny"] = _testsrc(d / "tiny.mp4", "2x2", "-c:v", "mpeg4")
+    # Two video streams (320x240 at 30 fps, 640x480 at 25 fps): the first is the video.
+    media["two"] = d / "two.mp4"
+    _ffmpeg(
+        *("-f", "lavfi", "-i", "testsrc=s=320x240:r=30:d=2"),
+        *("-f", "lavfi", "-i", "testsrc2=s=640x480:r=25:d=2"),
+        *("-map", "0", "-map", "1", "-c:v", "libx264", "-pix_fmt", "yuv420p", str(media["two"])),
+    )
+    listing = d / "list.txt"
+    listing.write_text(f"file '{small}'\nfile '{large}'\n")
+    media["joined"] = d / "joined.mp4"
+    _ffmpeg("-f", "concat", "-safe", "0", "-i", str(listing), "-c", "copy", str(media["joined"]))
+    return media
+
+
+def _process(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*EDGECAM, "process", *args, "--quiet", "--detect-fps", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _frames(path: Path) -> tuple[int, int, int]:
+    """(width, height, frames) of ``path``, decoded by ffmpeg, which must find no error."""
+    probe = ["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-of", "csv=p=0"]
+    res = subprocess.run(
+        [*probe, "-show_entries", "stream=width,height,nb_read_frames", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert res.stderr == "", res.stderr  # no decoding error anywhere in the file
+    w, h, n = res.stdout.strip().split(",")
+    return int(w), int(h), int(n)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("name", "needle"),
+    [
+        ("zero", "is empty (0 bytes), not a video file"),
+        ("text", "is not a video file"),
+        ("audio", "no video stream in"),
+        ("truncated", "ended early: decoded 58 frames, the header promised 120"),
+    ],
+)
+def test_bad_input_is_named(odd: dict[str, Path], tmp_path: Path, name: str, needle: str) -> None:
+    res = _process(str(odd[name]), "--out", str(tmp_path / "o.mp4"))
+    assert res.returncode == 1
+    assert needle in res.stderr and str(odd[name]) in res.stderr
+    assert "Traceback" not in res.stderr and res.stderr.count("\n") == 1
+    left = sorted(p.name for p in tmp_path.iterdir())
+    # Only a truncated input gives an output: the frames it has, with the error said.
+    assert left == (["o.mp4"] if name == "truncated" else [])
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("yuv444", (320, 240, 60)),  # 321x241: even sizes for the encoder
+        ("mpeg4", (320, 240, 60)),
+        ("tiny", (16, 16, 60)),  # 2x2: at least 16 a side for the muxer
+        ("two", (320, 240, 60)),  # two video streams: the first one
+    ],
+)
+def test_odd_size_and_format_are_processed(
+    odd: dict[str, Path], tmp_path: Path, name: str, expected: tuple[int, int, int]
+) -> None:
+    res = _process(str(odd[name]), "--out", str(tmp_path / "o.mp4"))
+    assert res.returncode == 0, res.stderr
+    assert _frames(tmp_path / "o.mp4") == expected
+
+
+def test_size_change_mid_file_carries_on(odd: dict[str, Path], tmp_path: Path) -> None:
+    res = _process(str(odd["joined"]), "--out", str(tmp_path / "o.mp4"))
+    assert res.returncode == 0, res.stderr
+    # Every frame, at the first part's size, and nothing the decoder stumbles on.
+    assert _frames(tmp_path / "o.mp4") == (320, 240, 120)
+
+
+@pytest.mark.parametrize(
+    ("make_args", "needle"),
+    [
+        (lambda i, d: ["--out", str(i)], "--out {i} is the input file"),
+        (lambda i, d: ["--out", str(d / "o.mp4"), "--events", str(i)], "is the input file"),
+        (lambda i, d: ["--out", str(d / "link.mp4")], "is the input file"),  # a hard link
+        (lambda i, d: ["--out", str(d / "o.mp4"), "--events", str(d)], "is a folder"),
+        (lambda i, d: ["--out", str(d / "o.mp4"), "--events", str(d / "o.mp4")], "--out file"),
+        (lambda i, d: ["--out", str(d / "o.avi")], "name it *.mp4"),
+    ],
+)
+def test_outputs_never_overwrite_the_input(tmp_path: Path, make_args: object, needle: str) -> None:
+    video = tmp_path / "in.mp4"
+    video.write_bytes((MEDIA / "faces.mp4").read_bytes())
+    os.link(video, tmp_path / "link.mp4")
+    before = _digest(video)
+    res = _process(str(video), *make_args(video, tmp_path))  # type: ignore[operator]
+    assert res.returncode == 2, res.stderr
+    assert needle.format(i=video) in res.stderr and "Traceback" not in res.stderr
+    assert _digest(video) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "link.mp4"]
+
+
+def test_unwritable_events_is_one_line(tmp_path: Path) -> None:
+    res = _process(str(MEDIA / "faces.mp4"), "--out", str(tmp_path / "o.mp4"))
+    assert res.returncode == 0, res.stderr
+    res = _process(str(MEDIA / "faces.mp4"), "--out", str(tmp_path / "o.mp4"), "--events")
+    assert res.returncode == 2  # --events needs a value: argparse's usage error
+    res = _process(
+        str(MEDIA / "faces.mp4"), "--out", str(tmp_path / "o.mp4"), "--events", "/proc/e.jsonl"
+    )
+    assert res.returncode == 1 and "cannot write --events /proc/e.jsonl" in res.stderr
+    assert res.stderr.count("\n") == 1
+
+
+class _BrokenDetector:
+    input_size = (640, 352)
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def detect(self, frame: np.ndarray) -> Detections:
+        self.calls += 1
+        if self.calls > 3:
+            raise RuntimeError("model exploded")
+        return Detections.empty()
+
+    def close(self) -> None:
+        pass
+
+
+def test_failed_run_keeps_the_old_output_and_leaves_nothing(tmp_path: Path) -> None:
+    out, events = tmp_path / "o.mp4", tmp_path / "e.jsonl"
+    out.write_bytes(b"the previous result")
+    events.write_text("previous events\n")
+    settings = load_settings(**{"vision.detect_fps": 10})
+    with pytest.raises(PipelineError, match="model exploded"):
+        process_file(
+            settings,
+            MEDIA / "faces.mp4",
+            out,
+            events=events,
+            progress=False,
+            detector=_BrokenDetector(),
+        )
+    assert out.read_bytes() == b"the previous result"
+    assert events.read_text() == "previous events\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.jsonl", "o.mp4"]
+
+
+@pytest.mark.parametrize("value", ["-5", "nan", "inf", "-inf", "1e308", "3601", "abc"])
+def test_clip_seconds_checked_by_the_parser(value: str) -> None:
+    for option in ("--pre", "--post"):
+        res = subprocess.run(
+            [*EDGECAM, "clip", f"{option}={value}"], capture_output=True, text=True, timeout=60
+        )
+        assert res.returncode == 2
+        assert f"argument {option}" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["clip", "--reason", ""],
+        ["clip", "--reason", "x" * 201],
+        ["process", "in.mp4", "--out", "o.mp4", "--detect-fps", "-1"],
+        ["process", "in.mp4", "--out", "o.mp4", "--detect-fps", "nan"],
+        ["demo", "--live-seconds", "0"],
+        ["worker", "nope"],
+    ],
+)
+def test_bad_arguments_are_usage_errors(args: list[str]) -> None:
+    res = subprocess.run([*EDGECAM, *args], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "error:" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_stopped_run_keeps_the_old_output_and_leaves_nothing(
+    tmp_path: Path, sig: signal.Signals, status: int
+) -> None:
+    out = tmp_path / "o.mp4"
+    out.write_bytes(b"the previous result")
+    outputs = ["--out", str(out), "--events", str(tmp_path / "e.jsonl")]
+    proc = subprocess.Popen(
+        [*EDGECAM, "process", str(MEDIA / "faces_720p30_15s.mp4"), *outputs, "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not any(p.name.endswith(".tmp") and p.stat().st_size for p in tmp_path.iterdir()):
+        assert time.monotonic() < deadline and proc.poll() is None, "never started writing"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == status and "Traceback" not in stderr
+    assert out.read_bytes() == b"the previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.mp4"]
