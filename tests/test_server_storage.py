@@ -4,14 +4,18 @@ writes and reads."""
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, func, select
 
 from edgecam.server import db
+from edgecam.server.api import _device_link
+from edgecam.server.app import prune_clips
 from edgecam.server.queries import downsample, stats_buckets, stats_raw
 from edgecam.server.simulate import make_stats
 from edgecam.server.store import Store
@@ -102,3 +106,30 @@ def test_sqlite_concurrent_ingest_and_reads_never_lock(tmp_path: object) -> None
     with eng.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(db.StatsRow)) == 2000
     eng.dispose()
+
+
+def test_clip_retention_by_age_then_size(tmp_path: Path) -> None:
+    folder = tmp_path / "clips"
+    (folder / "cam-1").mkdir(parents=True)
+    now = time.time()
+    for i, age_days in enumerate([40, 3, 2, 1]):
+        path = folder / "cam-1" / f"c{i}.mp4"
+        path.write_bytes(b"x" * 1000)
+        os.utime(path, (now - age_days * 86400, now - age_days * 86400))
+    assert prune_clips(folder, max_age_days=30, max_bytes=2500) == 2  # too old, then too big
+    assert sorted(p.name for p in folder.rglob("*.mp4")) == ["c2.mp4", "c3.mp4"]
+
+
+def test_link_to_the_device_file_server_verifies_there() -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    from edgecam.device.fileserver import verify_link
+
+    link = _device_link("http://{device}.lan:8081", "s3cret", "main-1.mp4", 600, "cam-1")
+    url = urlsplit(link)
+    assert url.netloc == "cam-1.lan:8081" and url.path == "/clips/main-1.mp4"
+    q = {k: v[0] for k, v in parse_qs(url.query).items()}
+    assert (
+        verify_link("s3cret", "main-1.mp4", q["expires"], q["sig"], time.time(), ttl_s=600) is None
+    )
+    assert verify_link("other", "main-1.mp4", q["expires"], q["sig"], time.time(), ttl_s=600)
