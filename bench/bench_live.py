@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c
 
 from edgecam.config import load_settings
+from edgecam.device.workers import limit_malloc_arenas
 from edgecam.media.gst import Gst
-from edgecam.media.live import limit_malloc_arenas
 from edgecam.media.pipeline import Pipeline
 
 FPS = 30

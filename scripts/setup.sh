@@ -36,6 +36,3 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,bench]"
   touch "$stamp"
 fi
-
-# The PostgreSQL of the fleet server's storage tests: running, with its test role.
-bash scripts/postgres.sh

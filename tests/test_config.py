@@ -87,7 +87,7 @@ def test_cli_config_check_and_show(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("recorder:\n  pre_s: -3\n")
     res = _cli("config", "check", str(bad))
-    assert res.returncode == 1
+    assert res.returncode == 2
     assert "recorder.pre_s" in res.stderr
 
 

@@ -21,7 +21,9 @@ from conftest import free_port
 
 from edgecam.config import Settings
 from edgecam.device import fileserver
-from edgecam.device.fileserver import create_app, run_worker, sign_link, signed_url
+from edgecam.device.fileserver import create_app, sign_link, signed_url
+from edgecam.device.runner import run_worker
+from edgecam.device.workers import FileServerWorker
 from edgecam.errors import ConfigError
 from edgecam.media.clips import ClipStore
 
@@ -73,7 +75,7 @@ def test_refuses_to_start_without_token(tmp_path: Path) -> None:
         [sys.executable, "-m", "edgecam.cli", "worker", "fileserver"],
         capture_output=True, text=True, timeout=30, env=env, check=False,
     )  # fmt: skip
-    assert proc.returncode == 1 and "needs a token" in proc.stderr
+    assert proc.returncode == 2 and "needs a token" in proc.stderr
 
 
 def test_health_needs_no_auth(client: TestClient) -> None:
@@ -227,7 +229,7 @@ def test_real_server_range_and_traversal(server: int, clips: Path) -> None:
 
 def test_enabled_false_exits_at_once(tmp_path: Path) -> None:
     settings = Settings(recorder={"clips_dir": tmp_path}, fileserver={"enabled": False})
-    assert run_worker(settings) == 0  # no token needed: nothing is served
+    assert run_worker(FileServerWorker, settings) == 0  # no token needed: nothing is served
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGECAM_")}
     env["EDGECAM_FILESERVER__ENABLED"] = "false"
     started = time.monotonic()

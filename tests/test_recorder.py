@@ -24,7 +24,10 @@ import yaml
 from conftest import free_udp_pair
 
 from edgecam.config import Settings
-from edgecam.errors import PipelineError
+from edgecam.device.control import send_command
+from edgecam.device.runner import run_worker
+from edgecam.device.workers import RecorderWorker
+from edgecam.errors import EdgecamError
 from edgecam.media.clips import (
     ClipError,
     ClipJob,
@@ -37,7 +40,7 @@ from edgecam.media.clips import (
     pick_run,
     segment_name,
 )
-from edgecam.media.recorder import Recorder, control_socket_path, run_worker, send_command
+from edgecam.media.recorder import Recorder
 from edgecam.protocol import ClipReady, Command, CommandResult, SaveClipArgs
 
 SEG = 1.0
@@ -55,7 +58,7 @@ def _settings(tmp_path: Path, **recorder: Any) -> Settings:
         "min_free_bytes": 0,
     }
     cfg.update(recorder)
-    return Settings(device="testdev", recorder=cfg)
+    return Settings(device="testdev", recorder=cfg, runtime={"dir": tmp_path / "run"})
 
 
 def _packets(path: Path) -> list[tuple[float, bool]]:
@@ -348,11 +351,27 @@ def test_clip_thread_survives_an_unusable_clips_folder(
 
 
 @pytest.fixture
-def controlled(tmp_path: Path) -> Iterator[tuple[Recorder, Path]]:
-    """A recorder with its control socket (no video arrives: commands only)."""
-    settings = _settings(tmp_path)
-    with Recorder(settings, port=free_udp_pair(), control=True) as rec:
-        yield rec, control_socket_path(settings)
+def controlled(tmp_path: Path) -> Iterator[Path]:
+    """A recorder worker process and its control socket (no video arrives: commands only)."""
+    port = free_udp_pair()
+    cfg = tmp_path / "edgecam.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "device": "testdev",
+        "cameras": [{"name": "main", "rtp_port": port}],
+        "recorder": {"ring_dir": str(tmp_path / "ring"), "clips_dir": str(tmp_path / "clips"),
+                     "ring_seconds": 6, "min_free_bytes": 0},
+        "runtime": {"dir": str(tmp_path / "run")},
+    }))  # fmt: skip
+    sock = tmp_path / "run" / "recorder.main.sock"
+    proc = _worker(cfg)
+    try:
+        _wait_for(lambda: _alive(sock), 15, "the control socket")
+        yield sock
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+        if proc.stderr:
+            proc.stderr.close()
 
 
 def _exchange(sock: Path, data: bytes) -> list[bytes]:
@@ -381,18 +400,20 @@ def _exchange(sock: Path, data: bytes) -> list[bytes]:
     ids=["nan", "inf", "far-future", "long-past"],
 )
 def test_save_clip_refuses_a_time_it_cannot_serve(
-    controlled: tuple[Recorder, Path], at: Callable[[float], str], error: str
+    controlled: Path, at: Callable[[float], str], error: str
 ) -> None:
-    rec, sock = controlled
     value = at(time.time())
-    (line,) = _exchange(sock, f'{{"name": "save_clip", "args": {{"at": {value}}}}}\n'.encode())
+    (line,) = _exchange(
+        controlled, f'{{"name": "save_clip", "args": {{"at": {value}}}}}\n'.encode()
+    )
     result = CommandResult.model_validate_json(line)
     assert not result.ok and error in (result.error or "")
-    assert rec.planner.pending() == 0
+    status = send_command(controlled, Command(name="status"), timeout=5)
+    assert status.ok and status.data["pending_clips"] == 0
 
 
-def test_control_line_too_long_is_answered_once(controlled: tuple[Recorder, Path]) -> None:
-    _rec, sock = controlled
+def test_control_line_too_long_is_answered_once(controlled: Path) -> None:
+    sock = controlled
     big = Command(name="status", args={"pad": "x" * 70_000}).model_dump_json().encode()
     lines = _exchange(sock, big + b"\n")
     assert len(lines) == 1
@@ -408,9 +429,8 @@ def test_ring_folder_left_open_is_made_private(tmp_path: Path) -> None:
     folder.chmod(0o777)
     umask = os.umask(0o022)
     os.umask(umask)
-    with Recorder(settings, port=free_udp_pair(), control=True):
+    with Recorder(settings, port=free_udp_pair()):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
-        assert stat.S_IMODE((folder / "control.sock").stat().st_mode) == 0o600
         assert os.umask(umask) == umask  # the process's umask was never changed
 
 
@@ -438,10 +458,10 @@ def test_ring_folder_of_someone_else_is_refused(
     settings = _settings(tmp_path)
     folder = settings.recorder.ring_dir / "main"
     plant(folder)
-    rec = Recorder(settings, port=free_udp_pair(), control=True)
-    with pytest.raises(PipelineError, match=error):
+    rec = Recorder(settings, port=free_udp_pair())
+    with pytest.raises(EdgecamError, match=error):
         rec.start()
-    assert not rec.running and not (folder / "control.sock").exists()
+    assert not rec.running
 
 
 def test_ring_never_follows_symlinked_segments(tmp_path: Path) -> None:
@@ -467,7 +487,7 @@ def test_ring_never_follows_symlinked_segments(tmp_path: Path) -> None:
 def test_disabled_recorder_exits_at_once(tmp_path: Path) -> None:
     settings = _settings(tmp_path, enabled=False)
     t0 = time.monotonic()
-    assert run_worker(settings) == 0
+    assert run_worker(RecorderWorker, settings) == 0
     assert time.monotonic() - t0 < 1
     assert not settings.recorder.ring_dir.exists()
 
@@ -532,14 +552,16 @@ def test_kill9_keeps_clips_and_restart_works(
         "recorder": {"ring_dir": str(tmp_path / "ring"), "clips_dir": str(tmp_path / "clips"),
                      "ring_seconds": 8, "segment_s": SEG, "pre_s": 1, "post_s": 1,
                      "min_free_bytes": 0},
+        "runtime": {"dir": str(tmp_path / "run")},
     }))  # fmt: skip
-    sock = tmp_path / "ring" / "main" / "control.sock"
+    sock = tmp_path / "run" / "recorder.main.sock"
+    ring = tmp_path / "ring" / "main"
     rtp_sender(port + 1)
     proc = _worker(cfg)
     try:
         _wait_for(lambda: _alive(sock), 15, "the control socket")
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600
-        _wait_for(lambda: len(list(sock.parent.glob("seg-*.ts"))) >= 3, 10, "segments")
+        _wait_for(lambda: len(list(ring.glob("seg-*.ts"))) >= 3, 10, "segments")
         out = subprocess.run(
             [sys.executable, "-m", "edgecam.cli", "clip", "--config", str(cfg),
              "--reason", "test"],
@@ -562,7 +584,7 @@ def test_kill9_keeps_clips_and_restart_works(
     path = Path(clip.path)
     assert clip.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     _assert_playable(path)
-    left = sorted(sock.parent.glob("seg-*.ts"))
+    left = sorted(ring.glob("seg-*.ts"))
     assert left, "the ring folder was emptied"
 
     proc = _worker(cfg)
@@ -570,11 +592,18 @@ def test_kill9_keeps_clips_and_restart_works(
         _wait_for(lambda: _alive(sock), 15, "the control socket after restart")
         status = send_command(sock, Command(name="status"))
         assert status.ok and status.data["segments"] >= len(left) - 1
-        again = send_command(
-            sock, Command(name="save_clip", args={"pre": 1, "post": 1}), timeout=30
-        )
-        assert again.ok, again.error
-        _assert_playable(Path(again.data["path"]))
+        again = send_command(sock, Command(name="save_clip", args={"pre": 1, "post": 1}))
+        assert again.ok and again.data["accepted"], again.error  # answered at once
+        job = again.data["job"]
+
+        def ready() -> bool:
+            state = send_command(sock, Command(name="clip_status", args={"job": job})).data
+            assert state["state"] != "failed", state
+            return bool(state["state"] == "ready")
+
+        _wait_for(ready, 30, "the clip")
+        state = send_command(sock, Command(name="clip_status", args={"job": job})).data
+        _assert_playable(Path(state["clip"]["path"]))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     finally:
@@ -584,5 +613,5 @@ def test_kill9_keeps_clips_and_restart_works(
         if proc.stderr:
             proc.stderr.close()
     assert not sock.exists()
-    newest = max(sock.parent.glob("seg-*.ts"))
+    newest = max(ring.glob("seg-*.ts"))
     assert _packets(newest), "the last segment is not readable after SIGTERM"

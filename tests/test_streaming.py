@@ -119,8 +119,7 @@ def rtp_port(rtp_sender: Sender) -> int:
 def _server(rtp_port: int, **config: object) -> StreamingServer:
     return StreamingServer(
         StreamingConfig(host="127.0.0.1", port=free_port(), **config),  # type: ignore[arg-type]
-        camera="main",
-        rtp_port=rtp_port,
+        {"main": rtp_port},
     )
 
 
@@ -227,7 +226,7 @@ def test_port_in_use_is_a_clear_error() -> None:
         taken.listen()
         port = taken.getsockname()[1]
         server = StreamingServer(
-            StreamingConfig(host="127.0.0.1", port=port), camera="main", rtp_port=free_udp_pair()
+            StreamingConfig(host="127.0.0.1", port=port), {"main": free_udp_pair()}
         )
         with pytest.raises(PipelineError, match=rf"{port}.*in use.*streaming\.port"):
             server.start()
@@ -243,25 +242,35 @@ def test_stop_releases_port_and_thread(rtp_port: int, clients: Callable[..., Cli
     server.stop()  # idempotent
     assert set(threading.enumerate()) == threads
     # Same port again at once, with a client connected a moment ago.
-    again = StreamingServer(server._config, camera="main", rtp_port=rtp_port)
+    again = StreamingServer(server._config, {"main": rtp_port})
     with again:
         assert clients(again.url).frames(3) == (WIDTH, HEIGHT)
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("mounts", "match"),
     [
-        ({"rtp_port": 0}, "rtp_port"),
-        ({"camera": "a/b"}, "camera"),
-        ({"rtp_port": 70000}, "rtp_port"),
+        ({"main": 0}, "rtp_port"),
+        ({"a/b": 5400}, "camera"),
+        ({"main": 70000}, "rtp_port"),
+        ({}, "at least one camera"),
     ],
 )
-def test_constructor_validates(kwargs: dict[str, object], match: str) -> None:
-    args: dict[str, object] = {"config": StreamingConfig(), "camera": "main", "rtp_port": 5400}
-    args.update(kwargs)
-    config = args.pop("config")
+def test_constructor_validates(mounts: dict[str, int], match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        StreamingServer(config, **args)  # type: ignore[arg-type]
+        StreamingServer(StreamingConfig(), mounts)
+
+
+def test_one_server_serves_every_camera(rtp_sender: Sender, clients: Callable[..., Client]) -> None:
+    first, second = free_udp_pair(), free_udp_pair()
+    rtp_sender(first, width=WIDTH, height=HEIGHT)
+    rtp_sender(second, width=320, height=240)
+    config = StreamingConfig(host="127.0.0.1", port=free_port())
+    with StreamingServer(config, {"door": first, "yard": second}) as server:
+        assert clients(server.url_of("door")).frames(3) == (WIDTH, HEIGHT)
+        assert clients(server.url_of("yard")).frames(3) == (320, 240)
+        port = config.port
+        assert _rtsp_status(server.url_of("nope"), port).split()[1] == "404"
 
 
 def test_worker_process_serves_obeys_commands_and_stops_on_sigterm(
@@ -273,12 +282,12 @@ def test_worker_process_serves_obeys_commands_and_stops_on_sigterm(
         "EDGECAM_STREAMING__HOST": "127.0.0.1",
         "EDGECAM_STREAMING__PORT": str(port),
         "EDGECAM_CAMERAS": f'[{{"name": "cam1", "rtp_port": {rtp_port}}}]',
-        "EDGECAM_RECORDER__RING_DIR": str(tmp_path / "run"),
+        "EDGECAM_RUNTIME__DIR": str(tmp_path / "run"),
     }
 
     def command(action: str) -> dict[str, object]:
         res = subprocess.run(
-            [sys.executable, "-m", "edgecam.cli", "streaming", action, "--camera", "cam1"],
+            [sys.executable, "-m", "edgecam.cli", "streaming", action],
             env=env,
             capture_output=True,
             text=True,
@@ -289,7 +298,7 @@ def test_worker_process_serves_obeys_commands_and_stops_on_sigterm(
 
     env.pop("EDGECAM_CONFIG", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgecam.cli", "worker", "streaming", "--camera", "cam1"],
+        [sys.executable, "-m", "edgecam.cli", "worker", "streaming"],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -307,7 +316,7 @@ def test_worker_process_serves_obeys_commands_and_stops_on_sigterm(
                 assert time.monotonic() < deadline, "worker never listened"
                 time.sleep(0.1)
         assert client.frames(5) == (WIDTH, HEIGHT)
-        sock = tmp_path / "run" / "cam1" / "streaming.sock"
+        sock = tmp_path / "run" / "streaming.sock"
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600
         assert command("status")["streaming"] is True
         # stop on command: the RTSP port closes, the worker process lives on
@@ -321,7 +330,7 @@ def test_worker_process_serves_obeys_commands_and_stops_on_sigterm(
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=10)
         assert proc.returncode == 0, out.decode()
-        assert b"shutting down" in out
+        assert b"streaming: SIGTERM, stopping" in out
     finally:
         if proc.poll() is None:
             proc.kill()

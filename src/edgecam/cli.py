@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from edgecam.config import Settings, load_settings, settings_to_yaml
-from edgecam.errors import EdgecamError
+from edgecam.config import CONFIG_ENV, Settings, load_settings, settings_to_yaml
+
+# The workers import GStreamer and ONNX Runtime only when one is built, so that
+# `edgecam config show` needs neither.
+from edgecam.device.workers import WORKERS
+from edgecam.errors import ConfigError, EdgecamError
 
 log = logging.getLogger("edgecam")
-
-# Worker name -> "module:function(settings, camera) -> exit code". Imported lazily so that
-# `edgecam config show` needs neither GStreamer nor ONNX Runtime.
-WORKERS: dict[str, str] = {
-    "inference": "edgecam.media.live:run_worker",
-    "streaming": "edgecam.media.streaming:run_worker",
-    "recorder": "edgecam.media.recorder:run_worker",
-    "fileserver": "edgecam.device.fileserver:run_worker",
-}
 
 BENCHES: dict[str, str] = {
     "overhead": "bench/bench_overhead.py",
@@ -32,14 +29,9 @@ BENCHES: dict[str, str] = {
     "loop": "bench/bench_vs_loop.py",
     "latency": "bench/bench_latency.py",
     "crops": "bench/bench_crops.py",
+    "device": "bench/bench_device.py",
     "fleet": "bench/bench_fleet.py",
 }
-
-
-def _resolve(target: str) -> Callable[..., int]:
-    module, _, name = target.partition(":")
-    func: Callable[..., int] = getattr(importlib.import_module(module), name)
-    return func
 
 
 def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
@@ -74,16 +66,95 @@ def _cmd_process(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_path(args: argparse.Namespace) -> Path | None:
+    path = args.config or os.environ.get(CONFIG_ENV)
+    return Path(path) if path else None
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    return _resolve(WORKERS["inference"])(_settings(args), args.camera)
+    from edgecam.device.orchestrator import run_device
+
+    return run_device(_settings(args), _config_path(args))
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    return _resolve(WORKERS[args.name])(_settings(args), args.camera)
+    from edgecam.device.runner import run_worker
+
+    return run_worker(WORKERS[args.name], _settings(args), args.camera)
+
+
+def _ask(
+    settings: Settings,
+    process: str,
+    name: str,
+    camera: str | None = None,
+    args: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Send one command to a running process of the device; its result's data."""
+    from edgecam.device.control import send_command, socket_path
+    from edgecam.protocol import Command
+
+    result = send_command(
+        socket_path(settings, process, camera), Command(name=name, args=args or {}), timeout=30
+    )
+    if not result.ok:
+        raise EdgecamError(result.error or f"{process} refused {name}")
+    return result.data
 
 
 def _cmd_clip(args: argparse.Namespace) -> int:
-    return _resolve("edgecam.media.recorder:request_clip_cli")(_settings(args), args)
+    from edgecam.protocol import SaveClipArgs
+
+    settings = _settings(args)
+    _, cam = settings.camera(args.camera)
+    request = SaveClipArgs(camera=cam.name, reason=args.reason, pre=args.pre, post=args.post)
+    job = _ask(settings, "recorder", "save_clip", cam.name, request.model_dump(exclude_none=True))
+    post = args.post if args.post is not None else settings.recorder.post_s
+    deadline = time.monotonic() + post + settings.recorder.max_clip_s + 60
+    print(f"clip job {job['job']} accepted; waiting for the clip ...", file=sys.stderr)
+    while time.monotonic() < deadline:
+        state = _ask(settings, "recorder", "clip_status", cam.name, {"job": job["job"]})
+        if state["state"] == "ready":
+            print(json.dumps(state["clip"], indent=2))
+            return 0
+        if state["state"] == "failed":
+            raise EdgecamError(f"the clip could not be saved: {state.get('error')}")
+        time.sleep(0.5)
+    raise EdgecamError("the clip was not ready in time")
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    status = _ask(settings, "device", "status")
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(_format_status(status))
+    return 0
+
+
+def _format_status(status: dict[str, Any]) -> str:
+    lines = [
+        f"device {status['device']}: {status['state']}, edgecam {status.get('version')}, "
+        f"profile {status.get('profile')}, cameras {', '.join(status.get('cameras', []))}",
+    ]
+    broker = status.get("broker")
+    lines.append(
+        "MQTT: no broker configured"
+        if broker is None
+        else f"MQTT: {broker}, {status.get('outbox')} message(s) waiting in the outbox, "
+        f"{status.get('outbox_dropped')} dropped when it was full"
+    )
+    lines.append(f"{'worker':<24} {'state':<11} {'pid':>7} {'restarts':>8} {'cpu':>6} {'MB':>7}")
+    for w in status.get("workers", []):
+        key = w["name"] if w.get("camera") is None else f"{w['name']}/{w['camera']}"
+        cpu = "" if w.get("cpu") is None else f"{w['cpu']:.2f}"
+        rss = "" if w.get("rss_mb") is None else f"{w['rss_mb']:.0f}"
+        pid = "" if w.get("pid") is None else str(w["pid"])
+        lines.append(f"{key:<24} {w['state']:<11} {pid:>7} {w['restarts']:>8} {cpu:>6} {rss:>7}")
+        if w.get("error") and w["state"] != "running":
+            lines.append(f"{'':<24} last error: {w['error']}")
+    return "\n".join(lines)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -93,15 +164,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_streaming(args: argparse.Namespace) -> int:
-    from edgecam.device.control import send_command, socket_path
-    from edgecam.protocol import Command
-
-    path = socket_path(_settings(args), "streaming", args.camera)
     name = "status" if args.action == "status" else f"streaming_{args.action}"
-    result = send_command(path, Command(name=name), timeout=30)
-    if not result.ok:
-        raise EdgecamError(result.error or "the streaming worker refused the command")
-    print(json.dumps(result.data, indent=2))
+    print(json.dumps(_ask(_settings(args), "streaming", name), indent=2))
+    return 0
+
+
+def _cmd_broker_config(args: argparse.Namespace) -> int:
+    from edgecam.device.broker import write_broker_config
+
+    devices = [d for d in args.devices.split(",") if d]
+    written = write_broker_config(
+        Path(args.out),
+        devices=devices,
+        server_user=args.server_user,
+        prefix=args.prefix,
+        port=args.port,
+        host=args.host,
+    )
+    for path in written:
+        print(path)
     return 0
 
 
@@ -129,9 +210,12 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--config", help="YAML config file (default $EDGECAM_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", parents=[common], help="run the device pipeline live")
-    p.add_argument("--camera", help="camera name (default: the first)")
+    p = sub.add_parser("run", parents=[common], help="run the device: every worker, supervised")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("status", parents=[common], help="the running device's state")
+    p.add_argument("--json", action="store_true", help="the raw status message")
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("process", parents=[common], help="process a video file offline")
     p.add_argument("input", help="input video file")
@@ -156,8 +240,18 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("streaming", parents=[common], help="start/stop a running RTSP worker")
     p.add_argument("action", choices=["start", "stop", "status"])
-    p.add_argument("--camera", help="camera name (default: the first)")
     p.set_defaults(func=_cmd_streaming)
+
+    p = sub.add_parser(
+        "broker-config", help="write a Mosquitto config, passwords and ACL for a fleet"
+    )
+    p.add_argument("--devices", required=True, help="comma-separated device names")
+    p.add_argument("--out", required=True, help="folder to write into (created, 0700)")
+    p.add_argument("--server-user", default="fleet", help="the fleet server's MQTT user")
+    p.add_argument("--prefix", default="edgecam", help="topic prefix")
+    p.add_argument("--port", type=int, default=1883, help="listener port")
+    p.add_argument("--host", default="0.0.0.0", help="listener address")
+    p.set_defaults(func=_cmd_broker_config)
 
     p = sub.add_parser("demo", parents=[common], help="the whole system on the bundled clips")
     p.add_argument("--out", default="out/demo", help="folder for the demo's outputs")
@@ -198,6 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args))
+    except ConfigError as exc:  # the same command would fail again: a usage error
+        print(f"edgecam: error: {exc}", file=sys.stderr)
+        return 2
     except EdgecamError as exc:
         print(f"edgecam: error: {exc}", file=sys.stderr)
         return 1

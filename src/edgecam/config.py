@@ -23,15 +23,19 @@ from pydantic_settings import (
 from edgecam.errors import ConfigError
 
 __all__ = [
+    "AlertsConfig",
     "CameraConfig",
     "EncoderConfig",
     "FileServerConfig",
     "MqttConfig",
     "OverlayConfig",
     "RecorderConfig",
+    "RuntimeConfig",
     "ServerConfig",
     "Settings",
+    "StatsConfig",
     "StreamingConfig",
+    "SupervisorConfig",
     "TrackerConfig",
     "VisionConfig",
     "VotingConfig",
@@ -56,6 +60,9 @@ class CameraConfig(_Section):
     source: str = Field(
         "test://",
         description="A video file path, rtsp://..., v4l2:///dev/videoN or test:// (a pattern).",
+    )
+    enabled: bool = Field(
+        True, description="Run this camera's workers (inference and recorder) in `edgecam run`."
     )
     loop: bool = Field(False, description="Play a file source again from the start at its end.")
     width: int = Field(1280, ge=16, le=7680, description="Frame width for test:// and v4l2://.")
@@ -270,6 +277,125 @@ class FileServerConfig(_Section):
         None, description="HMAC key for signed download links (defaults to the token)."
     )
     link_ttl_s: int = Field(3600, ge=10, le=7 * 86400, description="Signed link lifetime.")
+    public_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="Base URL under which others reach this server, for the links in alerts "
+        "(default: http://HOST:PORT).",
+    )
+
+    def base_url(self) -> str:
+        """The base URL of this server's links."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+
+
+class RuntimeConfig(_Section):
+    dir: Path = Field(
+        Path("/dev/shm/edgecam-run"),
+        description="Private folder (0700) of the running device: worker locks, control "
+        "sockets and the event channel.",
+    )
+    log_dir: Path | None = Field(
+        None,
+        description="Folder of one log file per worker; none: the workers log to the "
+        "device's own output.",
+    )
+
+
+class SupervisorConfig(_Section):
+    restart_min_s: float = Field(
+        0.25, gt=0, le=60, description="First delay before restarting a dead worker."
+    )
+    restart_max_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest delay between restarts (doubling)."
+    )
+    stable_s: float = Field(
+        30.0, gt=0, le=86400, description="A worker up this long starts its backoff afresh."
+    )
+    crash_loop_restarts: int = Field(
+        5, ge=1, le=1000, description="Restarts within crash_loop_window_s that are a crash loop."
+    )
+    crash_loop_window_s: float = Field(
+        60.0, gt=0, le=86400, description="Window in which restarts are counted."
+    )
+    heartbeat_timeout_s: float = Field(
+        15.0, ge=2, le=3600, description="A ready worker silent (or unhealthy) this long is hung."
+    )
+    start_timeout_s: float = Field(
+        60.0, ge=2, le=3600, description="A worker not ready this long after start is hung."
+    )
+    stop_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="Wait this long for a worker to stop before killing it."
+    )
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> SupervisorConfig:
+        if self.restart_max_s < self.restart_min_s:
+            raise ValueError("restart_max_s must be >= restart_min_s")
+        return self
+
+
+class StatsConfig(_Section):
+    interval_s: float = Field(
+        15.0, ge=1, le=3600, description="Seconds between statistics messages per camera."
+    )
+
+
+class NoMaskRule(_Section):
+    enabled: bool = Field(True, description="Alert when too many people wear no mask.")
+    threshold: float = Field(
+        0.5, ge=0, le=1, description="Share of people without a mask above which it trips."
+    )
+    min_people: int = Field(
+        3, ge=1, le=10000, description="People with a decided label needed in the window."
+    )
+    window_s: float = Field(30.0, ge=1, le=3600, description="Sliding window of tracks seen.")
+    cooldown_s: float = Field(
+        60.0, ge=0, le=86400, description="No new alert of this rule for this long after one."
+    )
+
+
+class OccupancyRule(_Section):
+    enabled: bool = Field(True, description="Alert when too many people are seen at once.")
+    max_people: int = Field(
+        10, ge=0, le=10000, description="Trips when more counted people than this are on a frame."
+    )
+    hold_s: float = Field(
+        1.0, ge=0, le=3600, description="The count must stay over max_people this long."
+    )
+    clear_s: float = Field(
+        5.0, ge=0, le=3600, description="The alert ends after this long at or under the limit."
+    )
+    cooldown_s: float = Field(60.0, ge=0, le=86400, description="Quiet time after an alert.")
+
+
+class CameraOfflineRule(_Section):
+    enabled: bool = Field(True, description="Alert when a camera delivers no frames.")
+    after_s: float = Field(
+        20.0, ge=1, le=86400, description="No frame for this long: the camera is offline."
+    )
+    cooldown_s: float = Field(60.0, ge=0, le=86400, description="Quiet time after an alert.")
+
+
+class WorkerDownRule(_Section):
+    enabled: bool = Field(True, description="Alert when a worker is down or crash-looping.")
+    after_s: float = Field(
+        10.0, ge=0, le=86400, description="Down this long (or crash-looping): alert."
+    )
+    cooldown_s: float = Field(60.0, ge=0, le=86400, description="Quiet time after an alert.")
+
+
+class AlertsConfig(_Section):
+    clip: bool = Field(True, description="Save a clip for every alert (extended while it lasts).")
+    no_mask: NoMaskRule = Field(default_factory=NoMaskRule)  # type: ignore[arg-type]
+    occupancy: OccupancyRule = Field(default_factory=OccupancyRule)  # type: ignore[arg-type]
+    camera_offline: CameraOfflineRule = Field(
+        default_factory=CameraOfflineRule  # type: ignore[arg-type]
+    )
+    worker_down: WorkerDownRule = Field(default_factory=WorkerDownRule)  # type: ignore[arg-type]
 
 
 class MqttConfig(_Section):
@@ -290,6 +416,24 @@ class MqttConfig(_Section):
         None, max_length=128, description="MQTT client id; None: derived from the name."
     )
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive interval.")
+    reconnect_min_s: float = Field(0.5, gt=0, le=60, description="First reconnect delay.")
+    reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="Longest reconnect delay.")
+    outbox: Path = Field(
+        Path("state/outbox.sqlite"),
+        description="The device's SQLite file holding outgoing messages until the broker has them.",
+    )
+    outbox_max_messages: int = Field(
+        100_000, ge=10, le=10_000_000, description="Oldest messages dropped beyond this."
+    )
+    outbox_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=64 * 1024, description="Oldest messages dropped beyond this size."
+    )
+    discovery: bool | None = Field(
+        None, description="Home Assistant MQTT discovery (default: on when a broker is set)."
+    )
+    discovery_prefix: str = Field(
+        "homeassistant", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Discovery prefix."
+    )
 
     @model_validator(mode="after")
     def _check_auth(self) -> MqttConfig:
@@ -389,6 +533,10 @@ class Settings(BaseSettings):
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)  # type: ignore[arg-type]
     recorder: RecorderConfig = Field(default_factory=RecorderConfig)  # type: ignore[arg-type]
     fileserver: FileServerConfig = Field(default_factory=FileServerConfig)  # type: ignore[arg-type]
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)  # type: ignore[arg-type]
+    supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)  # type: ignore[arg-type]
+    stats: StatsConfig = Field(default_factory=StatsConfig)  # type: ignore[arg-type]
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)  # type: ignore[arg-type]
     mqtt: MqttConfig = Field(default_factory=MqttConfig)  # type: ignore[arg-type]
     server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
 

@@ -2,9 +2,9 @@
 
 1. Offline: the ``people`` profile on the pedestrian clip and the ``mask`` profile on the
    face clip, each to an annotated MP4 and a per-frame events file.
-2. Live: the pedestrian clip played as a camera in real time, with the streaming, recorder
-   and file-server workers as separate processes: the stream is on RTSP, a clip is saved on
-   request and downloaded over authenticated HTTP.
+2. Live: the whole device (``edgecam run``) with a Mosquitto of its own: the pedestrian clip
+   played as a camera, statistics and an alert over MQTT, the alert's clip downloaded through
+   its signed link, a command sent over MQTT (see :mod:`edgecam.device.demo_live`).
 """
 
 from __future__ import annotations

@@ -127,6 +127,9 @@ class SaveClipArgs(BaseModel):
     counts: dict[str, int] = Field(
         default_factory=dict, description="Live counts at the trigger, kept in the sidecar."
     )
+    job: str | None = Field(
+        None, pattern=r"^[0-9a-f]{32}$", description="Request id to use (default: a new one)."
+    )
 
 
 class ClipReady(Payload):
@@ -195,6 +198,12 @@ class Status(Payload):
         default_factory=dict, description="Alert rules and their parameters."
     )
     outbox: int | None = Field(None, ge=0, description="Messages waiting to be sent.")
+    outbox_dropped: int | None = Field(
+        None, ge=0, description="Messages dropped (oldest first) because the outbox was full."
+    )
+    broker: Literal["connected", "disconnected"] | None = Field(
+        None, description="The device's link to its MQTT broker; None: no broker configured."
+    )
 
 
 class Stats(Payload):

@@ -1,9 +1,9 @@
-"""Local command sockets of the workers: one JSON :class:`~edgecam.protocol.Command` a line
-in, one :class:`~edgecam.protocol.CommandResult` a line out.
+"""Local command sockets: one JSON :class:`~edgecam.protocol.Command` a line in, one
+:class:`~edgecam.protocol.CommandResult` a line out.
 
-Each camera's workers share a private runtime folder (``recorder.ring_dir/<camera>``, mode
-0700, owned by the user running them); each worker listens there on ``<name>.sock`` (0600).
-The orchestrator, the CLI and the tests talk to running workers through these sockets.
+Every worker listens on ``<worker>[.<camera>].sock`` in the device's private runtime folder
+(``runtime.dir``, mode 0700); the orchestrator listens on ``device.sock`` there. The
+orchestrator, the CLI and the tests talk to running processes through these sockets.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import logging
 import os
 import socket
 import socketserver
-import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -26,11 +25,11 @@ from edgecam.errors import EdgecamError, PipelineError
 from edgecam.protocol import Command, CommandResult
 
 __all__ = [
+    "DEVICE",
     "MAX_LINE",
     "ControlServer",
     "Handler",
-    "runtime_folder",
-    "secure_folder",
+    "process_key",
     "send_command",
     "socket_path",
 ]
@@ -38,44 +37,18 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024
+DEVICE = "device"  # the orchestrator's name among the runtime folder's sockets and locks
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
-# Worker name -> socket file name in the camera's runtime folder.
-_SOCKETS = {"recorder": "control.sock", "streaming": "streaming.sock"}
+
+def process_key(name: str, camera: str | None = None) -> str:
+    """The file-name stem of a process in the runtime folder: ``recorder.main``, ``device``."""
+    return name if camera is None else f"{name}.{camera}"
 
 
-def runtime_folder(settings: Settings, camera: str | None = None) -> Path:
-    """The private folder of ``camera``'s workers (its RAM ring and control sockets)."""
-    _, cam = settings.camera(camera)
-    return settings.recorder.ring_dir / cam.name
-
-
-def socket_path(settings: Settings, worker: str, camera: str | None = None) -> Path:
-    """Where ``worker`` of ``camera`` listens for commands."""
-    return runtime_folder(settings, camera) / _SOCKETS[worker]
-
-
-def secure_folder(folder: Path) -> None:
-    """Create ``folder``, or take over one left by an earlier run: only a real folder of
-    this user, and then private (control sockets and recent video live there)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        st = os.lstat(folder)
-    except OSError as exc:
-        raise PipelineError(
-            f"cannot create the ring folder {folder}: {exc}; check recorder.ring_dir"
-        ) from exc
-    if not stat.S_ISDIR(st.st_mode):
-        raise PipelineError(
-            f"the ring folder {folder} is a symlink or not a folder; remove it or "
-            "change recorder.ring_dir"
-        )
-    if st.st_uid != os.getuid():
-        raise PipelineError(
-            f"the ring folder {folder} belongs to uid {st.st_uid}, not to this user "
-            f"(uid {os.getuid()}); remove it or change recorder.ring_dir"
-        )
-    os.chmod(folder, 0o700)
+def socket_path(settings: Settings, name: str, camera: str | None = None) -> Path:
+    """Where process ``name`` (of ``camera``, for a per-camera worker) takes commands."""
+    return settings.runtime.dir / f"{process_key(name, camera)}.sock"
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -165,22 +138,28 @@ class ControlServer:
             )
         try:
             data = handler(cmd.args)
-        except (EdgecamError, ValidationError, ValueError) as exc:
+        except (EdgecamError, ValidationError, ValueError, TypeError) as exc:
             return CommandResult(command_id=cmd.id, ok=False, error=str(exc))
+        except Exception as exc:
+            # A bug in one handler: answer it, log it, keep serving.
+            log.exception("%s: command %s failed", self.name, cmd.name)
+            return CommandResult(
+                command_id=cmd.id, ok=False, error=f"internal error: {type(exc).__name__}"
+            )
         return CommandResult(command_id=cmd.id, ok=True, data=data)
 
 
 def send_command(path: Path, command: Command, timeout: float = 300.0) -> CommandResult:
     """Send one command to a worker's control socket and wait for its result."""
-    worker = next((w for w, f in _SOCKETS.items() if f == path.name), "worker")
+    worker = path.name.removesuffix(".sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect(str(path))
         except OSError as exc:
             raise EdgecamError(
-                f"no {worker} listens on {path} ({exc.strerror}): start it with "
-                f"`edgecam worker {worker}`"
+                f"no {worker} listens on {path} ({exc.strerror}): is the device "
+                "(`edgecam run`) or that worker running with this configuration?"
             ) from exc
         sock.sendall(command.model_dump_json().encode() + b"\n")
         with sock.makefile("rb") as f:

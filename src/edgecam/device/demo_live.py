@@ -1,8 +1,10 @@
-"""The live half of ``edgecam demo``: every worker as its own process, exercised for real.
+"""The live half of ``edgecam demo``: the whole device, as a user would run it.
 
-The pedestrian clip plays as a camera in real time; the streaming, recorder and file-server
-workers run beside the inference worker; the demo then reads the RTSP stream with a real
-client, asks the recorder for a clip and downloads it over authenticated HTTP.
+A Mosquitto of its own (one MQTT user per device, an ACL, from ``edgecam broker-config``);
+``edgecam run`` on the pedestrian clip played as a camera, with an occupancy rule that the
+clip trips; the MQTT messages printed as they arrive. Then, checked rather than assumed: the
+RTSP stream decodes, the alert's clip downloads through its signed link with the sha256 the
+device announced, a command sent over MQTT gets its result, and SIGTERM stops every process.
 """
 
 from __future__ import annotations
@@ -10,24 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from edgecam.config import Settings, load_settings
-from edgecam.device.control import send_command, socket_path
-from edgecam.errors import EdgecamError
+from edgecam.device.broker import LocalBroker
+from edgecam.device.harness import Device
 from edgecam.ports import free_port, free_udp_pair
-from edgecam.protocol import Command, SaveClipArgs
 
 __all__ = ["run_live_demo"]
 
@@ -35,38 +30,7 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[3]
 MEDIA = ROOT / "media"
-WORKERS = ("streaming", "recorder", "fileserver", "inference")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def _pick_port(preferred: int) -> int:
-    return preferred if _port_free(preferred) else free_port()
-
-
-def _wait_for(check: Any, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if check():
-                return
-        except (OSError, urllib.error.URLError):
-            pass
-        time.sleep(0.2)
-    raise EdgecamError(f"demo: {what} did not come up within {timeout:.0f} s")
-
-
-def _http_json(url: str, token: str) -> Any:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.load(resp)
+_DEVICE = "demo-cam"
 
 
 def _rtsp_frames(url: str, count: int = 30, timeout: float = 15.0) -> tuple[int, str]:
@@ -96,105 +60,154 @@ def _rtsp_frames(url: str, count: int = 30, timeout: float = 15.0) -> tuple[int,
     return frames, size
 
 
-def _write_config(settings: Settings, out: Path, token: str) -> tuple[Path, Settings]:
-    rtsp_port = _pick_port(settings.streaming.port)
-    http_port = _pick_port(settings.fileserver.port)
-    rtp_port = free_udp_pair()
-    data: dict[str, Any] = {
-        "device": settings.device,
+def demo_config(
+    out: Path, broker: LocalBroker, token: str, device: str = _DEVICE
+) -> dict[str, Any]:
+    """The device configuration of the demo (and of the end-to-end tests)."""
+    return {
+        "device": device,
         "cameras": [
             {
                 "name": "main",
                 "source": str(MEDIA / "pedestrians_30s.mp4"),
                 "loop": True,
-                "rtp_port": rtp_port,
+                "rtp_port": free_udp_pair(),
             }
         ],
-        "vision": {"profile": "people", "detect_fps": 10},
-        "streaming": {"host": "127.0.0.1", "port": rtsp_port},
+        "vision": {"profile": "people", "detect_fps": 5},
+        "streaming": {"host": "127.0.0.1", "port": free_port()},
         "recorder": {
             "ring_dir": str(out / "ring"),
             "clips_dir": str(out / "clips"),
             "ring_seconds": 30,
-            "pre_s": 4,
-            "post_s": 4,
+            "pre_s": 3,
+            "post_s": 3,
+            "max_clip_s": 10,
             "min_free_bytes": 64 * 1024 * 1024,
         },
-        "fileserver": {"host": "127.0.0.1", "port": http_port, "token": token},
+        "fileserver": {"host": "127.0.0.1", "port": free_port(), "token": token},
+        "runtime": {"dir": str(out / "run"), "log_dir": str(out / "logs")},
+        "stats": {"interval_s": 5},
+        "alerts": {"occupancy": {"max_people": 4, "hold_s": 0.5, "clear_s": 3}},
+        "mqtt": {
+            "host": "127.0.0.1",
+            "port": broker.port,
+            "username": device,
+            "password": broker.credentials[device],
+            "outbox": str(out / "outbox.sqlite"),
+        },
     }
-    path = out / "edgecam-live.yaml"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the token
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(data, f, sort_keys=False)
-    return path, load_settings(path)
+
+
+def _brief(kind: str, data: dict[str, Any]) -> str:
+    if kind == "status":
+        workers = ", ".join(
+            f"{w['name']}{'/' + w['camera'] if w.get('camera') else ''}={w['state']}"
+            for w in data.get("workers", [])
+        )
+        return f"{data.get('state')} [{workers}]"
+    if kind == "stats":
+        return (
+            f"seq {data['seq']} {data['camera']}: people {data['people']} {data['counts']}, "
+            f"peak {data['peak']}, {data['fps_out']} fps, {data['detections_per_s']} det/s"
+        )
+    if kind == "alerts":
+        extra = f" clip {data['clip']}" if data.get("clip") else ""
+        return f"{data['rule']} {data['state']}: {data['message']}{extra}"
+    if kind == "clips":
+        return f"{data['name']} {data['duration']:.1f} s sha256 {data['sha256'][:12]}..."
+    if kind == "cmd/result":
+        return f"ok={data['ok']} {data.get('error') or ''}{json.dumps(data.get('data'))[:80]}"
+    return json.dumps(data)[:100]
+
+
+def _print(kind: str, data: dict[str, Any]) -> None:
+    print(f"   mqtt {kind:<16} {_brief(kind, data)}", flush=True)
 
 
 def run_live_demo(settings: Settings, out: Path, seconds: float, token: str) -> int:
-    """Run the live demo for about ``seconds``; 0 when every step worked."""
-    config, live = _write_config(settings, out, token)
-    logs = out / "logs"
-    logs.mkdir(exist_ok=True)
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    print(f"\n== live: {len(WORKERS)} workers, each its own process (logs in {logs})")
-    try:
-        for name in WORKERS:
-            with (logs / f"{name}.log").open("wb") as logf:
-                procs[name] = subprocess.Popen(
-                    [sys.executable, "-m", "edgecam.cli", "worker", name, "--config", str(config)],
-                    stdout=logf,
-                    stderr=subprocess.STDOUT,
-                )
-        base = f"http://127.0.0.1:{live.fileserver.port}"
-        _wait_for(lambda: urllib.request.urlopen(f"{base}/health", timeout=2), 20, "file server")
-        sock = socket_path(live, "recorder")
-        _wait_for(sock.exists, 20, "recorder")
-        url = f"rtsp://127.0.0.1:{live.streaming.port}/main"
-        print(f"   stream: {url}  (try: ffplay -rtsp_transport tcp {url})")
-        time.sleep(6)  # let the ring fill past the clip's pre-roll
-        frames, size = _rtsp_frames(url)
-        print(f"   RTSP client decoded {frames} frames of {size}")
-        started = time.monotonic()
-        args = SaveClipArgs(reason="demo", pre=live.recorder.pre_s, post=live.recorder.post_s)
-        print(f"   saving a clip: {args.pre:.0f} s before now to {args.post:.0f} s after ...")
-        result = send_command(sock, Command(name="save_clip", args=args.model_dump()))
-        if not result.ok:
-            raise EdgecamError(f"demo: the recorder refused the clip: {result.error}")
-        clip = result.data
-        print(f"   clip ready after {time.monotonic() - started:.1f} s: {json.dumps(clip)}")
-        listing = _http_json(f"{base}/clips", token)
-        names = [c["name"] for c in listing.get("clips", listing)]
-        print(f"   file server lists {len(names)} clip(s): {names}")
-        name = names[0]
-        req = urllib.request.Request(
-            f"{base}/clips/{name}", headers={"Authorization": f"Bearer {token}"}
+    """Run the live demo for about ``seconds``; 0 when every check passed."""
+    del settings  # the live demo has its own configuration, written below
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    print("\n== live: the whole device (`edgecam run`) reporting over MQTT")
+    with LocalBroker(out / "broker", [_DEVICE]) as broker:
+        print(f"   broker: mosquitto on 127.0.0.1:{broker.port}, one user per device + ACL")
+        device = Device(
+            out,
+            demo_config(out, broker, token),
+            broker,
+            printer=_print,
+            log=out / "logs" / "device.log",
+            config_name="edgecam-live.yaml",
         )
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            body = resp.read()
-        digest = hashlib.sha256(body).hexdigest()
-        same = "matches" if digest == clip["sha256"] else "DOES NOT MATCH"
-        print(f"   downloaded {name}: {len(body)} bytes, sha256 {digest[:16]}... {same} the clip")
-        if digest != clip["sha256"]:
-            return 1
+        live = load_settings(device.path)
+        device.start()
+        assert device.proc is not None
+        print(
+            f"   device: edgecam run --config {device.path} (pid {device.proc.pid}, "
+            f"logs in {out}/logs)"
+        )
+        started = time.monotonic()
+        ok = False
         try:
-            urllib.request.urlopen(f"{base}/clips", timeout=5)
-            print("   WARNING: the file server answered without a token")
-            return 1
-        except urllib.error.HTTPError as exc:
-            print(f"   without the token the file server answers {exc.code}")
-        remaining = seconds - (time.monotonic() - started) - 6
-        if remaining > 0:
-            print(f"   running {remaining:.0f} s more; watch the stream now")
-            time.sleep(remaining)
-        return 0
-    finally:
-        for name in reversed(WORKERS):
-            proc = procs.get(name)
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for name, proc in procs.items():
+            ok = _exercise(live, device, started, seconds)
+        finally:
+            children = device.descendants()
             try:
-                code = proc.wait(timeout=20)
+                code = device.stop()
             except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait()
-            print(f"   worker {name} stopped (exit {code})")
+                code = -9
+            left = [p for p in children if p.is_running() and p.status() != "zombie"]
+            print(f"   device stopped (exit {code}); {len(left)} process(es) left behind")
+            try:
+                device.listener.wait(
+                    "offline status", lambda k, d: k == "status" and d["state"] == "offline", 10
+                )
+            except AssertionError as exc:
+                print(f"   {exc}")
+                ok = False
+            device.listener.close()
+            ok = ok and code == 0 and not left
+    print("\n== demo " + ("passed" if ok else "FAILED"))
+    return 0 if ok else 1
+
+
+def _exercise(live: Settings, device: Device, started: float, seconds: float) -> bool:
+    listener = device.listener
+    device.wait_running()
+    url = f"rtsp://127.0.0.1:{live.streaming.port}/main"
+    print(f"   stream: {url}  (try: ffplay -rtsp_transport tcp {url})")
+    frames, size = _rtsp_frames(url)
+    print(f"   RTSP client decoded {frames} frames of {size}")
+    alert = listener.wait("alert", lambda k, d: k == "alerts" and d["state"] == "raised", 60)
+    print(f"   alert raised: {alert['message']}; waiting for its clip ...")
+    with_clip = listener.wait(
+        "the alert's clip",
+        lambda k, d: (
+            k == "alerts" and d["alert_id"] == alert["alert_id"] and bool(d.get("clip_url"))
+        ),
+        60,
+    )
+    body = urllib.request.urlopen(with_clip["clip_url"], timeout=30).read()
+    digest = hashlib.sha256(body).hexdigest()
+    clip_path = Path(live.recorder.clips_dir) / with_clip["clip"]
+    sidecar = json.loads(clip_path.with_suffix(".json").read_text())
+    same = digest == sidecar["sha256"]
+    print(
+        f"   downloaded {with_clip['clip']} through the alert's signed link (no token): "
+        f"{len(body)} bytes, sha256 {'matches' if same else 'DOES NOT MATCH'} the device's"
+    )
+    try:
+        urllib.request.urlopen(f"{live.fileserver.base_url()}/clips", timeout=5)
+        print("   WARNING: the file server answered without a token")
+        return False
+    except urllib.error.HTTPError as exc:
+        print(f"   without a token the file server answers {exc.code}")
+    result = device.command("save_clip", camera="main", reason="demo", pre=2)
+    print(f"   command save_clip over MQTT: ok={result['ok']} job {result['data'].get('job')}")
+    remaining = seconds - (time.monotonic() - started)
+    if remaining > 0:
+        print(f"   running {remaining:.0f} s more; watch the stream now")
+        time.sleep(remaining)
+    return same and bool(result["ok"]) and frames >= 30

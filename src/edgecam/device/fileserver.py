@@ -20,12 +20,10 @@ import hmac
 import logging
 import os
 import re
-import signal
 import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -41,7 +39,7 @@ from edgecam.config import FileServerConfig, Settings
 from edgecam.errors import ConfigError
 from edgecam.media.clips import CLIP_NAME_RE, ClipStore, camera_clip_re
 
-__all__ = ["create_app", "run_worker", "sign_link", "signed_url", "verify_link"]
+__all__ = ["QuietServer", "create_app", "sign_link", "signed_url", "verify_link"]
 
 log = logging.getLogger(__name__)
 
@@ -296,37 +294,10 @@ def _clip_response(request: Request, fd: int, size: int) -> Response:
     return _FileStream(fd, start, length, status, headers)
 
 
-class _WorkerServer(uvicorn.Server):
-    """uvicorn re-raises the signal that stopped it (exit -15); a worker asked to stop that
-    stopped cleanly exits 0, so :func:`run_worker` handles the signals instead."""
+class QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the worker runner owns the signals (and
+    uvicorn would re-raise the one that stopped it, so a clean stop would not exit 0)."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
-
-
-def run_worker(settings: Settings, camera: str | None = None) -> int:
-    """``edgecam worker fileserver``: serve clips until SIGTERM/SIGINT."""
-    if not settings.fileserver.enabled:
-        log.info("the file server is disabled in the configuration (fileserver.enabled); exiting")
-        return 0
-    app = create_app(settings, camera)
-    cfg = settings.fileserver
-    log.info(
-        "file server on http://%s:%d serving %s", cfg.host, cfg.port, settings.recorder.clips_dir
-    )
-    server = _WorkerServer(
-        uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False)
-    )
-
-    def _stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("file server: signal %d, stopping", signum)
-        server.should_exit = True
-
-    previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        server.run()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return 0 if server.started else 1

@@ -824,3 +824,8 @@ class Pipeline:
     @property
     def frame_size(self) -> tuple[int, int] | None:
         return self._frame_size
+
+    @property
+    def waiting_for_source(self) -> bool:
+        """True while a live source is down and being reconnected (or not up yet)."""
+        return self._outage

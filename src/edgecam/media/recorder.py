@@ -6,38 +6,25 @@ stores the camera's H.264 RTP (no re-encode) as keyframe-aligned MPEG-TS segment
 segment's file name holds its wall-clock start, so the ring survives kill -9 and the index
 is rebuilt from the folder on restart.
 
-Three threads besides the caller: the bus thread (segment opened/closed, errors, ring
-trimming), the clip thread (cuts clips once their video is in the ring) and, for a worker
-run alone, the control socket (``control.sock`` in the ring folder, JSON lines, 0600).
+Two threads besides the caller: the bus thread (segment opened/closed, errors, ring
+trimming) and the clip thread (cuts clips once their video is in the ring).
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import logging
 import math
-import signal
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 
 from edgecam.config import Settings
-from edgecam.device.control import (
-    ControlServer,
-    Handler,
-    runtime_folder,
-    secure_folder,
-    send_command,
-    socket_path,
-)
 from edgecam.errors import EdgecamError, PipelineError
 from edgecam.media.clips import (
     ClipError,
@@ -50,15 +37,10 @@ from edgecam.media.clips import (
     segment_name,
 )
 from edgecam.media.gst import RTP_CAPS, UDP_BUFFER_BYTES, Gst, make_element
-from edgecam.protocol import ClipReady, Command, SaveClipArgs
+from edgecam.paths import secure_folder
+from edgecam.protocol import ClipReady
 
-__all__ = [
-    "Recorder",
-    "control_socket_path",
-    "request_clip_cli",
-    "run_worker",
-    "send_command",
-]
+__all__ = ["Recorder", "ring_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +52,10 @@ _EOS_TIMEOUT_S = 5.0
 ClipCallback = Callable[[ClipReady], None]
 
 
-def control_socket_path(settings: Settings, camera: str | None = None) -> Path:
-    """Where the recorder of ``camera`` listens for commands."""
-    return socket_path(settings, "recorder", camera)
+def ring_folder(settings: Settings, camera: str | None = None) -> Path:
+    """The RAM ring folder of ``camera`` (the first when None)."""
+    _, cam = settings.camera(camera)
+    return settings.recorder.ring_dir / cam.name
 
 
 class Recorder:
@@ -90,7 +73,6 @@ class Recorder:
         camera: str | None = None,
         *,
         port: int | None = None,
-        control: bool = False,
     ) -> None:
         index, cam = settings.camera(camera)
         self.settings = settings
@@ -99,7 +81,7 @@ class Recorder:
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1..65535, got {self.port}")
         cfg = settings.recorder
-        self.folder = runtime_folder(settings, cam.name)
+        self.folder = ring_folder(settings, cam.name)
         self.ring = SegmentRing(self.folder, cfg.ring_seconds, cfg.ring_max_bytes)
         self.planner = ClipPlanner(cfg.max_clip_s)
         self.store = ClipStore(
@@ -108,7 +90,6 @@ class Recorder:
             max_age_s=cfg.max_clip_age_days * 86400,
             min_free_bytes=cfg.min_free_bytes,
         )
-        self._control = control
         self._run = uuid.uuid4().hex[:8]
         self._fragments = 0
         self._subscribers: list[ClipCallback] = []
@@ -118,7 +99,6 @@ class Recorder:
         self._eos = threading.Event()
         self._first_segment = threading.Event()
         self._wake = threading.Condition()
-        self._server: ControlServer | None = None
         self.error: str | None = None
 
     # ------------------------------------------------------------------ life
@@ -128,7 +108,7 @@ class Recorder:
             raise RuntimeError("recorder already started")
         if not Gst.is_initialized():
             Gst.init(None)
-        secure_folder(self.folder)
+        secure_folder(self.folder, "recorder.ring_dir")
         self.settings.recorder.clips_dir.mkdir(parents=True, exist_ok=True)
         kept = self.ring.rebuild()
         if kept:
@@ -148,15 +128,6 @@ class Recorder:
             t = threading.Thread(target=target, name=f"recorder-{self.camera}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
-        if self._control:
-            handlers: dict[str, Handler] = {
-                "save_clip": lambda args: _save_clip(self, args),
-                "status": lambda _args: self.status(),
-            }
-            self._server = ControlServer(
-                control_socket_path(self.settings, self.camera), handlers, "recorder"
-            )
-            self._server.start()
         log.info("recorder %s: RTP on 127.0.0.1:%d -> %s", self.camera, self.port, self.folder)
 
     def stop(self) -> None:
@@ -164,9 +135,6 @@ class Recorder:
         pipeline = self._pipeline
         if pipeline is None:
             return
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
         pipeline.send_event(Gst.Event.new_eos())
         if not self._eos.wait(_EOS_TIMEOUT_S):
             log.warning("recorder %s: no EOS within %.0f s", self.camera, _EOS_TIMEOUT_S)
@@ -218,6 +186,7 @@ class Recorder:
         key: str | None = None,
         counts: dict[str, int] | None = None,
         at: float | None = None,
+        request_id: str | None = None,
     ) -> Future[ClipReady]:
         """Ask for the video from ``at - pre`` to ``at + post`` (defaults: now, config)."""
         cfg = self.settings.recorder
@@ -242,6 +211,8 @@ class Recorder:
             key=key,
             counts=dict(counts or {}),
         )
+        if request_id is not None:
+            req.id = request_id
         future = self.planner.add(req)
         log.info(
             "%s: clip requested (%s) for [%.1f s, +%.1f s], key %s",
@@ -449,66 +420,3 @@ class Recorder:
                 callback(ready)
             except Exception:
                 log.exception("clip subscriber %r failed", callback)
-
-
-# ---------------------------------------------------------------------- control socket
-
-
-def _save_clip(recorder: Recorder, raw: dict[str, Any]) -> dict[str, Any]:
-    """The ``save_clip`` command: waits until the clip is saved, answers its ClipReady."""
-    args = SaveClipArgs.model_validate(raw)
-    if args.camera not in (None, recorder.camera):
-        raise ValueError(f"this recorder records {recorder.camera!r}, not {args.camera!r}")
-    future = recorder.request_clip(
-        reason=args.reason,
-        pre=args.pre,
-        post=args.post,
-        key=args.key,
-        counts=args.counts,
-        at=args.at,
-    )
-    cfg = recorder.settings.recorder
-    wait = (args.post if args.post is not None else cfg.post_s) + cfg.max_clip_s + 60
-    try:
-        return future.result(timeout=wait).model_dump(mode="json")
-    except FutureTimeout as exc:
-        raise ClipError(f"the clip was not ready within {wait:.0f} s") from exc
-
-
-# ---------------------------------------------------------------------- entry points
-
-
-def run_worker(settings: Settings, camera: str | None = None) -> int:
-    """``edgecam worker recorder``: record until SIGTERM/SIGINT; exit 1 on a pipeline error."""
-    if not settings.recorder.enabled:
-        log.info("the recorder is disabled in the configuration (recorder.enabled); exiting")
-        return 0
-    done = threading.Event()
-
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("recorder: signal %d, stopping", signum)
-        done.set()
-
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    recorder = Recorder(settings, camera, control=True)
-    try:
-        recorder.start()
-        while not done.wait(0.5):
-            if recorder.error is not None:
-                break
-    finally:
-        recorder.stop()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return 1 if recorder.error is not None else 0
-
-
-def request_clip_cli(settings: Settings, args: argparse.Namespace) -> int:
-    """``edgecam clip``: ask the running recorder for a clip and print its ClipReady."""
-    payload = SaveClipArgs(camera=args.camera, reason=args.reason, pre=args.pre, post=args.post)
-    cmd = Command(name="save_clip", args=payload.model_dump(exclude_none=True))
-    result = send_command(control_socket_path(settings, args.camera), cmd)
-    if not result.ok:
-        raise ClipError(result.error or "the recorder refused the clip")
-    print(json.dumps(result.data, indent=2))
-    return 0

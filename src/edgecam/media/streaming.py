@@ -1,9 +1,10 @@
-"""The streaming worker: an RTSP server relaying the pipeline's H.264 RTP, never re-encoding.
+"""The RTSP server: relays every camera's H.264 RTP, never re-encoding.
 
-The inference pipeline sends H.264 RTP to a loopback UDP port per camera. One shared RTSP
-media (one ``udpsrc``) takes it in, depayloads and payloads it again (so that clients see one
-steady SSRC and sequence even when the pipeline restarts, and SPS/PPS with every keyframe)
-and serves it at ``rtsp://HOST:PORT/<camera>`` to any number of clients.
+The inference pipeline of each camera sends H.264 RTP to a loopback UDP port. One server
+serves every camera of the device, a mount per camera: one shared RTSP media (one
+``udpsrc``) per mount takes the RTP in, depayloads and payloads it again (so that clients see
+one steady SSRC and sequence even when the pipeline restarts, and SPS/PPS with every
+keyframe) and serves it at ``rtsp://HOST:PORT/<camera>`` to any number of clients.
 
 Stopping the streaming closes every client and the listening socket; the pipeline keeps
 sending, and its packets to the closed UDP port are simply lost.
@@ -12,23 +13,21 @@ sending, and its packets to the closed UDP port are simply lost.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
-from collections.abc import Callable
-from types import FrameType, TracebackType
+from collections.abc import Callable, Mapping
+from types import TracebackType
 from typing import Any, TypeVar
 
 import gi
 
 from edgecam.config import Settings, StreamingConfig
-from edgecam.device.control import ControlServer, runtime_folder, secure_folder, socket_path
 from edgecam.errors import PipelineError
 from edgecam.media.gst import RTP_CAPS, UDP_BUFFER_BYTES, GLib, Gst, init, require_elements
 
 gi.require_version("GstRtspServer", "1.0")
 from gi.repository import GstRtspServer
 
-__all__ = ["StreamingServer", "run_worker"]
+__all__ = ["StreamingServer"]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,8 @@ def _launch_line(rtp_host: str, rtp_port: int) -> str:
 
 
 class StreamingServer:
-    """RTSP server for one camera's RTP stream, with an explicit life.
+    """RTSP server for the cameras' RTP streams (``mounts``: camera -> RTP port), with an
+    explicit life.
 
     ``start()`` runs a private GLib main loop in a thread and begins streaming;
     ``streaming_stop()`` / ``streaming_start()`` close and reopen the RTSP service without
@@ -61,19 +61,21 @@ class StreamingServer:
     def __init__(
         self,
         config: StreamingConfig,
+        mounts: Mapping[str, int],
         *,
-        camera: str,
-        rtp_port: int,
         rtp_host: str = "127.0.0.1",
     ) -> None:
-        if not 1 <= rtp_port <= 65535:
-            raise ValueError(f"rtp_port must be in 1..65535, got {rtp_port}")
-        if not camera or "/" in camera:
-            raise ValueError(f"camera must be a non-empty name without '/', got {camera!r}")
+        if not mounts:
+            raise ValueError("mounts must name at least one camera")
+        for camera, rtp_port in mounts.items():
+            if not 1 <= rtp_port <= 65535:
+                raise ValueError(f"rtp_port must be in 1..65535, got {rtp_port}")
+            if not camera or "/" in camera:
+                raise ValueError(f"camera must be a non-empty name without '/', got {camera!r}")
         self._config = config
-        self._camera = camera
+        self._mounts = dict(mounts)
+        self._camera = next(iter(self._mounts))
         self._rtp_host = rtp_host
-        self._rtp_port = rtp_port
         self._context: GLib.MainContext | None = None
         self._loop: GLib.MainLoop | None = None
         self._thread: threading.Thread | None = None
@@ -82,28 +84,35 @@ class StreamingServer:
         self._cleanup: GLib.Source | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, camera: str | None = None) -> StreamingServer:
-        """The server for camera ``camera`` (the first when None) of ``settings``."""
-        index, cam = settings.camera(camera)
-        rtp_port = settings.rtp_ports(index)[0]
-        return cls(settings.streaming, camera=cam.name, rtp_port=rtp_port)
+    def from_settings(cls, settings: Settings) -> StreamingServer:
+        """The server of every camera of ``settings``."""
+        mounts = {cam.name: settings.rtp_ports(i)[0] for i, cam in enumerate(settings.cameras)}
+        return cls(settings.streaming, mounts)
 
     # -- public state -------------------------------------------------------------------
 
     @property
+    def cameras(self) -> list[str]:
+        return list(self._mounts)
+
+    @property
     def path(self) -> str:
-        """The RTSP mount path, ``/<camera>``."""
+        """The RTSP mount path of the first camera, ``/<camera>``."""
         return f"/{self._camera}"
 
     @property
     def url(self) -> str:
-        """The URL a client on this machine uses."""
+        """The URL of the first camera for a client on this machine."""
+        return self.url_of(self._camera)
+
+    def url_of(self, camera: str) -> str:
+        """The URL of ``camera`` for a client on this machine."""
         host = self._config.host
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
         elif ":" in host:
             host = f"[{host}]"
-        return f"rtsp://{host}:{self._config.port}{self.path}"
+        return f"rtsp://{host}:{self._config.port}/{camera}"
 
     @property
     def running(self) -> bool:
@@ -143,7 +152,7 @@ class StreamingServer:
         self._loop = GLib.MainLoop.new(self._context, False)
         ready = threading.Event()
         self._thread = threading.Thread(
-            target=self._run_loop, args=(ready,), name=f"rtsp-{self._camera}", daemon=True
+            target=self._run_loop, args=(ready,), name="rtsp", daemon=True
         )
         self._thread.start()
         ready.wait(_CALL_TIMEOUT_S)
@@ -176,16 +185,17 @@ class StreamingServer:
             raise RuntimeError("StreamingServer.start() first")
         if self._source is None:
             self._call(self._open)
-            log.info(
-                "streaming %s (RTP from udp://%s:%d)", self.url, self._rtp_host, self._rtp_port
-            )
+            for camera, port in self._mounts.items():
+                log.info(
+                    "streaming %s (RTP from udp://%s:%d)", self.url_of(camera), self._rtp_host, port
+                )
 
     def streaming_stop(self) -> None:
         """Close every client and the RTSP port; the pipeline is not touched. Idempotent."""
         if self._thread is None or self._source is None:
             return
         self._call(self._close)
-        log.info("streaming stopped on %s", self.url)
+        log.info("streaming stopped on port %d", self._config.port)
 
     def __enter__(self) -> StreamingServer:
         self.start()
@@ -245,21 +255,25 @@ class StreamingServer:
         server.get_thread_pool().set_max_threads(0)
         server.connect("client-connected", self._on_client)
 
-        factory = GstRtspServer.RTSPMediaFactory()
-        factory.set_launch(_launch_line(self._rtp_host, self._rtp_port))
-        factory.set_shared(True)
-        factory.set_suspend_mode(GstRtspServer.RTSPSuspendMode.NONE)
-        if self._config.user is not None and self._config.password is not None:
+        auth = self._config.user is not None and self._config.password is not None
+        if auth:
+            assert self._config.user is not None and self._config.password is not None
             server.set_auth(
                 self._make_auth(self._config.user, self._config.password.get_secret_value())
             )
-            factory.add_role_from_structure(
-                Gst.Structure.new_from_string(
-                    f"{_ROLE}, media.factory.access=(boolean)true, "
-                    "media.factory.construct=(boolean)true"
+        for camera, port in self._mounts.items():
+            factory = GstRtspServer.RTSPMediaFactory()
+            factory.set_launch(_launch_line(self._rtp_host, port))
+            factory.set_shared(True)
+            factory.set_suspend_mode(GstRtspServer.RTSPSuspendMode.NONE)
+            if auth:
+                factory.add_role_from_structure(
+                    Gst.Structure.new_from_string(
+                        f"{_ROLE}, media.factory.access=(boolean)true, "
+                        "media.factory.construct=(boolean)true"
+                    )
                 )
-            )
-        server.get_mount_points().add_factory(self.path, factory)
+            server.get_mount_points().add_factory(f"/{camera}", factory)
 
         try:
             source = server.create_source(None)
@@ -310,55 +324,5 @@ class StreamingServer:
         # shared media is unprepared now and its udpsrc releases the RTP port.
         server.get_session_pool().filter(lambda _p, _s, *_: GstRtspServer.RTSPFilterResult.REMOVE)
         mounts = server.get_mount_points()
-        mounts.remove_factory(self.path)
-
-
-def run_worker(settings: Settings, camera: str | None = None) -> int:
-    """``edgecam worker streaming``: serve one camera until SIGTERM or SIGINT."""
-    if not settings.streaming.enabled:
-        log.info("streaming is disabled in the configuration (streaming.enabled); exiting")
-        return 0
-    server = StreamingServer.from_settings(settings, camera)
-    stop = threading.Event()
-
-    def _status(_args: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "url": server.url,
-            "streaming": server.streaming,
-            "clients": server.client_count,
-            "sessions": server.session_count,
-        }
-
-    def _start(_args: dict[str, Any]) -> dict[str, Any]:
-        server.streaming_start()
-        return _status({})
-
-    def _stop(_args: dict[str, Any]) -> dict[str, Any]:
-        server.streaming_stop()
-        return _status({})
-
-    folder = runtime_folder(settings, camera)
-    secure_folder(folder)
-    control = ControlServer(
-        socket_path(settings, "streaming", camera),
-        {"streaming_start": _start, "streaming_stop": _stop, "status": _status},
-        "streaming",
-    )
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s, shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with server:
-            control.start()
-            try:
-                while not stop.wait(0.5):
-                    pass
-            finally:
-                control.stop()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    return 0
+        for camera in self._mounts:
+            mounts.remove_factory(f"/{camera}")

@@ -1,0 +1,223 @@
+"""Alert rules: what the device watches for, each with a cool-down, changeable at run time.
+
+Pure logic over a clock given by the caller, so that tests drive it frame by frame:
+:meth:`RuleEngine.on_frame` for the per-frame rules (``no_mask``, ``occupancy``),
+:meth:`RuleEngine.tick` for the ones about time passing (``camera_offline``,
+``worker_down``). Each returns the alerts that were raised or ended.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from edgecam.config import AlertsConfig
+from edgecam.protocol import WorkerState
+
+__all__ = ["RULES", "ActiveAlert", "AlertChange", "RuleEngine"]
+
+RULES = ("no_mask", "occupancy", "camera_offline", "worker_down")
+_DOWN_STATES = frozenset({"restarting", "crash_loop", "starting"})
+
+
+@dataclass
+class ActiveAlert:
+    rule: str
+    camera: str | None
+    subject: str
+    started: float
+    value: float
+    threshold: float
+    message: str
+    alert_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    ended: float | None = None
+    clip: str | None = None
+
+
+@dataclass(frozen=True)
+class AlertChange:
+    change: Literal["raised", "ended"]
+    alert: ActiveAlert
+
+
+@dataclass
+class _Occupancy:
+    over_since: float | None = None
+    under_since: float | None = None
+
+
+@dataclass
+class _MaskWindow:
+    # (source, track id) -> (last seen wall time, label): decided labels only.
+    seen: dict[tuple[int, int], tuple[float, str]] = field(default_factory=dict)
+
+
+class RuleEngine:
+    """The rules of :class:`~edgecam.config.AlertsConfig` over the device's cameras."""
+
+    def __init__(self, config: AlertsConfig) -> None:
+        self.config = config
+        self.active: dict[tuple[str, str], ActiveAlert] = {}
+        self._quiet_until: dict[tuple[str, str], float] = {}
+        self._occupancy: dict[str, _Occupancy] = {}
+        self._masks: dict[str, _MaskWindow] = {}
+
+    # -- parameters -------------------------------------------------------------------
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """Every rule and its parameters."""
+        return {name: getattr(self.config, name).model_dump(mode="json") for name in RULES}
+
+    def set_rule(self, rule: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Change some of ``rule``'s parameters (validated like the config file); its new
+        parameters. Raises ValueError naming what is wrong."""
+        if rule not in RULES:
+            raise ValueError(f"unknown rule {rule!r}; known: {list(RULES)}")
+        current: BaseModel = getattr(self.config, rule)
+        updated = type(current).model_validate({**current.model_dump(), **params})
+        self.config = self.config.model_copy(update={rule: updated})
+        return updated.model_dump(mode="json")
+
+    # -- evaluation -------------------------------------------------------------------
+
+    def on_frame(
+        self, camera: str, now: float, source: int, tracks: list[tuple[int, str]]
+    ) -> list[AlertChange]:
+        """One frame's counted tracks (id, label) of ``camera`` at wall time ``now``."""
+        changes: list[AlertChange] = []
+        changes += self._check_occupancy(camera, now, len(tracks))
+        changes += self._check_no_mask(camera, now, source, tracks)
+        return changes
+
+    def tick(
+        self,
+        now: float,
+        last_frame: Mapping[str, float | None],
+        workers: Iterable[WorkerState],
+    ) -> list[AlertChange]:
+        """Time passed: cameras without frames (``last_frame``: camera -> wall time of its
+        last frame, None when it never had one since ``since``) and workers down."""
+        changes: list[AlertChange] = []
+        off = self.config.camera_offline
+        for camera, last in last_frame.items():
+            silent = now - last if last is not None else 0.0
+            changes += self._update(
+                "camera_offline",
+                camera,
+                camera,
+                now,
+                tripped=off.enabled and silent >= off.after_s,
+                cleared=silent < off.after_s,
+                value=silent,
+                threshold=off.after_s,
+                message=f"camera {camera}: no video for {silent:.0f} s",
+                cooldown=off.cooldown_s,
+            )
+        down = self.config.worker_down
+        for w in workers:
+            for_s = now - w.since if w.state in _DOWN_STATES and w.restarts > 0 else 0.0
+            looping = w.state == "crash_loop"
+            changes += self._update(
+                "worker_down",
+                w.camera,
+                w.key,
+                now,
+                tripped=down.enabled and (looping or (for_s > 0 and for_s >= down.after_s)),
+                cleared=w.state == "running",
+                value=float(w.restarts),
+                threshold=down.after_s,
+                message=f"worker {w.key} is "
+                + ("crash-looping" if looping else f"down for {for_s:.0f} s")
+                + f" ({w.restarts} restarts; {w.error or 'no error given'})",
+                cooldown=down.cooldown_s,
+            )
+        return changes
+
+    def _check_occupancy(self, camera: str, now: float, count: int) -> list[AlertChange]:
+        rule = self.config.occupancy
+        state = self._occupancy.setdefault(camera, _Occupancy())
+        over = count > rule.max_people
+        if over:
+            state.under_since = None
+            state.over_since = state.over_since if state.over_since is not None else now
+        else:
+            state.over_since = None
+            state.under_since = state.under_since if state.under_since is not None else now
+        tripped = (
+            rule.enabled and state.over_since is not None and now - state.over_since >= rule.hold_s
+        )
+        cleared = state.under_since is not None and now - state.under_since >= rule.clear_s
+        return self._update(
+            "occupancy",
+            camera,
+            camera,
+            now,
+            tripped=tripped,
+            cleared=cleared,
+            value=float(count),
+            threshold=float(rule.max_people),
+            message=f"camera {camera}: {count} people at once (limit {rule.max_people})",
+            cooldown=rule.cooldown_s,
+        )
+
+    def _check_no_mask(
+        self, camera: str, now: float, source: int, tracks: list[tuple[int, str]]
+    ) -> list[AlertChange]:
+        rule = self.config.no_mask
+        window = self._masks.setdefault(camera, _MaskWindow())
+        for track_id, label in tracks:
+            if label in ("mask", "no_mask"):
+                window.seen[(source, track_id)] = (now, label)
+        horizon = now - rule.window_s
+        window.seen = {k: v for k, v in window.seen.items() if v[0] >= horizon}
+        people = len(window.seen)
+        without = sum(1 for _, label in window.seen.values() if label == "no_mask")
+        share = without / people if people else 0.0
+        tripped = rule.enabled and people >= rule.min_people and share > rule.threshold
+        return self._update(
+            "no_mask",
+            camera,
+            camera,
+            now,
+            tripped=tripped,
+            cleared=not (people >= rule.min_people and share > rule.threshold),
+            value=round(share, 3),
+            threshold=rule.threshold,
+            message=f"camera {camera}: {without} of {people} people without a mask "
+            f"in the last {rule.window_s:.0f} s",
+            cooldown=rule.cooldown_s,
+        )
+
+    def _update(
+        self,
+        rule: str,
+        camera: str | None,
+        subject: str,
+        now: float,
+        *,
+        tripped: bool,
+        cleared: bool,
+        value: float,
+        threshold: float,
+        message: str,
+        cooldown: float,
+    ) -> list[AlertChange]:
+        key = (rule, subject)
+        alert = self.active.get(key)
+        if alert is not None:
+            alert.value = max(alert.value, value) if rule != "no_mask" else value
+            if cleared and not tripped:
+                alert.ended = now
+                del self.active[key]
+                self._quiet_until[key] = now + cooldown
+                return [AlertChange("ended", alert)]
+            return []
+        if tripped and now >= self._quiet_until.get(key, float("-inf")):
+            alert = ActiveAlert(rule, camera, subject, now, value, threshold, message)
+            self.active[key] = alert
+            return [AlertChange("raised", alert)]
+        return []
