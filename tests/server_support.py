@@ -154,13 +154,18 @@ class FleetServer:
 
 
 def server_settings(
-    database_url: str, broker: int, prefix: str, folder: Path, **server: Any
+    database_url: str,
+    broker: int,
+    prefix: str,
+    folder: Path,
+    mqtt: dict[str, Any] | None = None,
+    **server: Any,
 ) -> Any:
     from edgecam.config import Settings
 
     return Settings.model_validate(
         {
-            "mqtt": {"host": "127.0.0.1", "port": broker, "prefix": prefix},
+            "mqtt": {"host": "127.0.0.1", "port": broker, "prefix": prefix, **(mqtt or {})},
             "server": {
                 "database_url": database_url,
                 "clips_dir": str(folder / "server-clips"),
