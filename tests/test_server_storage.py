@@ -16,6 +16,7 @@ from sqlalchemy import Engine, func, select
 from edgecam.server import db
 from edgecam.server.api import _device_link
 from edgecam.server.app import prune_clips
+from edgecam.server.auth import LoginLimiter
 from edgecam.server.queries import downsample, stats_buckets, stats_raw
 from edgecam.server.simulate import make_stats
 from edgecam.server.store import Store
@@ -133,3 +134,12 @@ def test_link_to_the_device_file_server_verifies_there() -> None:
         verify_link("s3cret", "main-1.mp4", q["expires"], q["sig"], time.time(), ttl_s=600) is None
     )
     assert verify_link("other", "main-1.mp4", q["expires"], q["sig"], time.time(), ttl_s=600)
+
+
+def test_login_limiter_locks_then_forgets() -> None:
+    limiter = LoginLimiter(max_failures=3, window_s=0.3)
+    for _ in range(3):
+        limiter.failed("user:a", "ip:1")
+    assert limiter.locked("user:a") and limiter.locked("ip:1") and not limiter.locked("user:b")
+    time.sleep(0.35)
+    assert not limiter.locked("user:a", "ip:1")
