@@ -143,3 +143,44 @@ def test_login_limiter_locks_then_forgets() -> None:
     assert limiter.locked("user:a") and limiter.locked("ip:1") and not limiter.locked("user:b")
     time.sleep(0.35)
     assert not limiter.locked("user:a", "ip:1")
+
+
+def test_migrations_upgrade_a_database_with_data(database_url: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    eng = db.make_engine(database_url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(db.MIGRATIONS))
+    with eng.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+    with eng.begin() as conn:
+        for i in range(120):  # two minutes of 1 s stats, written as 0001 knew them
+            conn.execute(
+                db.StatsRow.__table__.insert().values(
+                    id=f"{i:032x}",
+                    device="old",
+                    camera="main",
+                    seq=i,
+                    ts=6000.0 + i,
+                    t_start=6000.0 + i,
+                    t_end=6001.0 + i,
+                    people=2,
+                    peak=2,
+                    mask=1,
+                    no_mask=1,
+                    undecided=0,
+                    person=0,
+                    fps_in=1.0,
+                    fps_out=1.0,
+                    frames_dropped=0,
+                    received=1.0,
+                )
+            )
+    db.migrate(eng)
+    with eng.connect() as conn:
+        minutes = stats_buckets(conn, "old", 6000, 6120, 60)
+        assert [(b["messages"], b["people"]) for b in minutes] == [(60, 120), (60, 120)]
+        assert conn.scalar(select(db.Device.outbox_dropped)) is None
+    eng.dispose()

@@ -75,6 +75,7 @@ class Device(Base):
     workers: Mapped[list[Any]] = mapped_column(JSON, default=list)
     rules: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     outbox: Mapped[int | None] = mapped_column(Integer)
+    outbox_dropped: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class StatusRow(Base):

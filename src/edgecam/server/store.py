@@ -282,6 +282,7 @@ class Store:
                     workers=[w.model_dump(mode="json") for w in m.workers],
                     rules=m.rules,
                     outbox=m.outbox,
+                    outbox_dropped=m.outbox_dropped,
                 )
             else:
                 values["workers"] = []
