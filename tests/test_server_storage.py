@@ -184,3 +184,12 @@ def test_migrations_upgrade_a_database_with_data(database_url: str) -> None:
         assert [(b["messages"], b["people"]) for b in minutes] == [(60, 120), (60, 120)]
         assert conn.scalar(select(db.Device.outbox_dropped)) is None
     eng.dispose()
+
+
+def test_migrations_make_the_schema_the_models_describe(engine: Engine) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), db.Base.metadata)
+    assert diff == []

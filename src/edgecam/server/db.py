@@ -117,6 +117,7 @@ class StatsMinute(Base):
     read 1,440 rows a day instead of 86,400."""
 
     __tablename__ = "stats_minute"
+    __table_args__ = (Index("ix_stats_minute_minute", "minute"),)
 
     device: Mapped[str] = mapped_column(String(64), primary_key=True)
     camera: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -134,6 +135,7 @@ class StatsHourly(Base):
     """Stats summed per device, camera and hour: history kept past the raw retention."""
 
     __tablename__ = "stats_hourly"
+    __table_args__ = (Index("ix_stats_hourly_hour", "hour"),)
 
     device: Mapped[str] = mapped_column(String(64), primary_key=True)
     camera: Mapped[str] = mapped_column(String(64), primary_key=True)
