@@ -109,6 +109,7 @@ def test_dashboard_login_live_device_chart_command_and_clip(
             device.start()  # the device comes online while the page is open
             row = page.locator("tr[data-device=lobby-cam]")
             expect(row).to_have_attribute("data-online", "true", timeout=15_000)
+            expect(page.locator("#online-count")).to_have_text("1")
             _fill_history(device)
             clip_name = _upload_clip(fleet, device)
             wait_until(lambda: fleet.http.get("/api/alerts").json(), timeout=10)
