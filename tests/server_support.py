@@ -9,7 +9,6 @@ import os
 import shutil
 import socket
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -120,24 +119,15 @@ class FleetServer:
     """A running fleet server (the real :class:`Server` parts, uvicorn on a free port)."""
 
     def __init__(self, settings: Any) -> None:
-        import uvicorn
-
-        from edgecam.server.app import Server, create_app
-
-        self.server = Server(settings)
-        self.server.start()
-        self.ctx = self.server.ctx
-        self.app = create_app(self.ctx)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._http = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self._thread = threading.Thread(target=self._http.run, daemon=True)
-        self._thread.start()
-        wait_until(lambda: self._http.started, timeout=20)
         from edgecam.server import auth
+        from edgecam.server.app import BackgroundServer
 
+        self.port = free_port()
+        settings.server.port = self.port
+        self.background = BackgroundServer(settings).start()
+        self.ctx = self.background.ctx
+        self.app = self.background.app
+        self.url = self.background.url
         auth.create_user(self.ctx.engine, "admin", "correct horse battery")
         self.token = auth.create_token(self.ctx.engine, "admin", "tests")[1]
         self.http = httpx.Client(
@@ -148,19 +138,22 @@ class FleetServer:
     def close(self) -> None:
         self.http.close()
         self.anon.close()
-        self._http.should_exit = True
-        self._thread.join(timeout=20)
-        self.server.stop()
+        self.background.stop()
 
 
 def server_settings(
-    database_url: str, broker: int, prefix: str, folder: Path, **server: Any
+    database_url: str,
+    broker: int,
+    prefix: str,
+    folder: Path,
+    mqtt: dict[str, Any] | None = None,
+    **server: Any,
 ) -> Any:
     from edgecam.config import Settings
 
     return Settings.model_validate(
         {
-            "mqtt": {"host": "127.0.0.1", "port": broker, "prefix": prefix},
+            "mqtt": {"host": "127.0.0.1", "port": broker, "prefix": prefix, **(mqtt or {})},
             "server": {
                 "database_url": database_url,
                 "clips_dir": str(folder / "server-clips"),

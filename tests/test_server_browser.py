@@ -100,6 +100,7 @@ def test_dashboard_login_live_device_chart_command_and_clip(
             page.fill("input[name=password]", "wrong password")
             page.click("button[type=submit]")
             expect(page.locator(".error")).to_contain_text("Wrong user name or password")
+            page.screenshot(path=str(ARTIFACTS / "0-login-failed.png"))
             page.fill("input[name=password]", "correct horse battery")
             page.click("button[type=submit]")
             expect(page.locator("h1")).to_have_text("Devices")
@@ -108,6 +109,7 @@ def test_dashboard_login_live_device_chart_command_and_clip(
             device.start()  # the device comes online while the page is open
             row = page.locator("tr[data-device=lobby-cam]")
             expect(row).to_have_attribute("data-online", "true", timeout=15_000)
+            expect(page.locator("#online-count")).to_have_text("1")
             _fill_history(device)
             clip_name = _upload_clip(fleet, device)
             wait_until(lambda: fleet.http.get("/api/alerts").json(), timeout=10)
@@ -141,6 +143,15 @@ def test_dashboard_login_live_device_chart_command_and_clip(
                 timeout=20_000,
             )
             page.screenshot(path=str(ARTIFACTS / "3-device.png"), full_page=True)
+
+            page.click("header a[href='/alerts']")
+            expect(page.locator("h1")).to_have_text("Alerts across the fleet")
+            expect(page.locator("ul.alerts")).to_contain_text("no_mask")
+            page.screenshot(path=str(ARTIFACTS / "5-alerts.png"))
+            page.click("header a[href='/docs']")  # Swagger UI, vendored, behind the login
+            expect(page.locator(".swagger-ui .title")).to_contain_text("edgecam fleet server")
+            expect(page.locator(".opblock-summary-path").first).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "6-api-docs.png"))
 
             phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
             phone.context.add_cookies(page.context.cookies())

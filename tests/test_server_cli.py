@@ -2,35 +2,37 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 from server_support import wait_until
 
+from edgecam.cli import main
 from edgecam.ports import free_port
 from edgecam.server.simulate import SimDevice
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def _edgecam(*args: str, config: Path, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
-    return subprocess.run(
-        [sys.executable, "-m", "edgecam.cli", *args, "--config", str(config)],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+def test_server_command_users_tokens_and_api(
+    tmp_path: Path,
+    broker: int,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def edgecam(*args: str, config: Path, stdin: str = "") -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        code = main([*args, "--config", str(config)])
+        out = capsys.readouterr()
+        return code, out.out, out.err
 
-
-def test_server_command_users_tokens_and_api(tmp_path: Path, broker: int, prefix: str) -> None:
     port = free_port()
     config = tmp_path / "server.yaml"
     config.write_text(
@@ -41,19 +43,20 @@ def test_server_command_users_tokens_and_api(tmp_path: Path, broker: int, prefix
                     "port": port,
                     "database_url": f"sqlite:///{tmp_path / 'fleet.db'}",
                     "clips_dir": str(tmp_path / "clips"),
+                    "ingest_processes": 2,  # two processes on one shared subscription
                 },
             }
         )
     )
-    made = _edgecam("server", "create-user", "ops", config=config, stdin="a long password\n")
-    assert made.returncode == 0, made.stderr
-    short = _edgecam("server", "create-user", "ops2", config=config, stdin="short\n")
-    assert short.returncode == 1 and "at least 8" in short.stderr
-    token = _edgecam("server", "create-token", "ops", config=config)
-    assert token.returncode == 0, token.stderr
-    secret = token.stdout.strip()
+    code, _, err = edgecam("server", "create-user", "ops", config=config, stdin="a long password\n")
+    assert code == 0, err
+    code, _, err = edgecam("server", "create-user", "ops2", config=config, stdin="short\n")
+    assert code == 1 and "at least 8" in err
+    code, out, err = edgecam("server", "create-token", "ops", config=config)
+    assert code == 0, err
+    secret = out.strip()
     assert secret.startswith("ect_")
-    assert _edgecam("server", "create-token", "nobody", config=config).returncode == 1
+    assert edgecam("server", "create-token", "nobody", config=config)[0] == 1
 
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     proc = subprocess.Popen(
@@ -79,6 +82,14 @@ def test_server_command_users_tokens_and_api(tmp_path: Path, broker: int, prefix
         auth = {"Authorization": f"Bearer {secret}"}
         wait_until(lambda: httpx.get(f"{url}/api/devices", headers=auth).json(), timeout=15)
         assert httpx.get(f"{url}/api/devices", headers=auth).json()[0]["online"] is True
+        for seq in range(20):
+            device.send_stats(1000.0 + seq)
+
+        def ingested() -> bool:
+            metrics = httpx.get(f"{url}/metrics", headers=auth).text
+            return "edgecam_messages_ingested_total 21" in metrics  # status + 20 stats
+
+        wait_until(ingested, timeout=15)
     finally:
         if device is not None:
             device.stop()

@@ -9,7 +9,7 @@ from server_support import wait_until
 from sqlalchemy import Engine, func, select
 
 from edgecam.config import MqttConfig, ServerConfig
-from edgecam.protocol import MAX_PAYLOAD_BYTES, Alert, ClipReady, Stats
+from edgecam.protocol import MAX_PAYLOAD_BYTES, Alert, ClipReady, Stats, Status
 from edgecam.server import db
 from edgecam.server.ingest import Ingest, Rejected, decode
 from edgecam.server.simulate import SimDevice, make_stats
@@ -191,3 +191,24 @@ def test_two_ingest_processes_share_the_load_without_duplicates(
 def test_stats_model_round_trip() -> None:
     msg = make_stats("cam-1", 3, 10.0)
     assert Stats.model_validate_json(msg.model_dump_json()) == msg
+
+
+def test_the_same_last_will_twice_sets_offline_twice(
+    start_ingest: IngestFactory, broker: int, prefix: str, engine: Engine
+) -> None:
+    start_ingest()
+    dev = SimDevice("cam-3", "127.0.0.1", broker, prefix).start()
+
+    def online() -> bool | None:
+        with engine.connect() as conn:
+            return conn.scalar(select(db.Device.online).where(db.Device.name == "cam-3"))
+
+    wait_until(lambda: online() is True)
+    will = Status(device="cam-3", state="offline", started=dev.started, ts=dev.started)
+    dev.publish(will).wait_for_publish(5)
+    wait_until(lambda: online() is False)
+    dev.publish(dev.status()).wait_for_publish(5)  # it reconnects
+    wait_until(lambda: online() is True)
+    dev.publish(will).wait_for_publish(5)  # and crashes again: the same will, the same id
+    wait_until(lambda: online() is False)
+    dev.stop()

@@ -4,14 +4,19 @@ writes and reads."""
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, func, select
 
 from edgecam.server import db
+from edgecam.server.api import _device_link
+from edgecam.server.app import prune_clips
+from edgecam.server.auth import LoginLimiter
 from edgecam.server.queries import downsample, stats_buckets, stats_raw
 from edgecam.server.simulate import make_stats
 from edgecam.server.store import Store
@@ -102,3 +107,89 @@ def test_sqlite_concurrent_ingest_and_reads_never_lock(tmp_path: object) -> None
     with eng.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(db.StatsRow)) == 2000
     eng.dispose()
+
+
+def test_clip_retention_by_age_then_size(tmp_path: Path) -> None:
+    folder = tmp_path / "clips"
+    (folder / "cam-1").mkdir(parents=True)
+    now = time.time()
+    for i, age_days in enumerate([40, 3, 2, 1]):
+        path = folder / "cam-1" / f"c{i}.mp4"
+        path.write_bytes(b"x" * 1000)
+        os.utime(path, (now - age_days * 86400, now - age_days * 86400))
+    assert prune_clips(folder, max_age_days=30, max_bytes=2500) == 2  # too old, then too big
+    assert sorted(p.name for p in folder.rglob("*.mp4")) == ["c2.mp4", "c3.mp4"]
+
+
+def test_link_to_the_device_file_server_verifies_there() -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    from edgecam.device.fileserver import verify_link
+
+    link = _device_link("http://{device}.lan:8081", "s3cret", "main-1.mp4", 600, "cam-1")
+    url = urlsplit(link)
+    assert url.netloc == "cam-1.lan:8081" and url.path == "/clips/main-1.mp4"
+    q = {k: v[0] for k, v in parse_qs(url.query).items()}
+    assert (
+        verify_link("s3cret", "main-1.mp4", q["expires"], q["sig"], time.time(), ttl_s=600) is None
+    )
+    assert verify_link("other", "main-1.mp4", q["expires"], q["sig"], time.time(), ttl_s=600)
+
+
+def test_login_limiter_locks_then_forgets() -> None:
+    limiter = LoginLimiter(max_failures=3, window_s=0.3)
+    for _ in range(3):
+        limiter.failed("user:a", "ip:1")
+    assert limiter.locked("user:a") and limiter.locked("ip:1") and not limiter.locked("user:b")
+    time.sleep(0.35)
+    assert not limiter.locked("user:a", "ip:1")
+
+
+def test_migrations_upgrade_a_database_with_data(database_url: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    eng = db.make_engine(database_url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(db.MIGRATIONS))
+    with eng.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+    with eng.begin() as conn:
+        for i in range(120):  # two minutes of 1 s stats, written as 0001 knew them
+            conn.execute(
+                db.StatsRow.__table__.insert().values(
+                    id=f"{i:032x}",
+                    device="old",
+                    camera="main",
+                    seq=i,
+                    ts=6000.0 + i,
+                    t_start=6000.0 + i,
+                    t_end=6001.0 + i,
+                    people=2,
+                    peak=2,
+                    mask=1,
+                    no_mask=1,
+                    undecided=0,
+                    person=0,
+                    fps_in=1.0,
+                    fps_out=1.0,
+                    frames_dropped=0,
+                    received=1.0,
+                )
+            )
+    db.migrate(eng)
+    with eng.connect() as conn:
+        minutes = stats_buckets(conn, "old", 6000, 6120, 60)
+        assert [(b["messages"], b["people"]) for b in minutes] == [(60, 120), (60, 120)]
+        assert conn.scalar(select(db.Device.outbox_dropped)) is None
+    eng.dispose()
+
+
+def test_migrations_make_the_schema_the_models_describe(engine: Engine) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), db.Base.metadata)
+    assert diff == []

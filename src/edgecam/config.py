@@ -548,8 +548,10 @@ class ServerConfig(_Section):
         0.2, gt=0, le=10, description="Longest wait before a partial batch is written."
     )
     session_hours: float = Field(12, gt=0, le=24 * 90, description="Login session lifetime.")
-    secure_cookies: bool = Field(
-        True, description="Mark cookies Secure (HTTPS only); false for plain HTTP on a LAN."
+    secure_cookies: bool | None = Field(
+        None,
+        description="Mark cookies Secure (sent over HTTPS only); None: when the request came "
+        "over HTTPS. Set true behind a TLS proxy that forwards plain HTTP.",
     )
     login_max_failures: int = Field(
         5, ge=1, le=1000, description="Failed logins (per user or address) before lockout."

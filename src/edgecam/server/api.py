@@ -60,6 +60,7 @@ class DeviceOut(BaseModel):
     workers: list[dict[str, Any]]
     rules: dict[str, Any]
     outbox: int | None
+    outbox_dropped: int | None = Field(description="Messages the device's outbox dropped.")
 
 
 class StatsPoint(BaseModel):
@@ -190,6 +191,7 @@ def _device_out(d: db.Device, offline_s: float, now: float) -> DeviceOut:
         workers=list(d.workers or []),
         rules=dict(d.rules or {}),
         outbox=d.outbox,
+        outbox_dropped=d.outbox_dropped,
     )
 
 

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
@@ -30,7 +31,14 @@ from edgecam.server.context import LoginRequired, ServerContext, User, page_user
 from edgecam.server.ingest import Counters, Ingest, run_ingest_process
 from edgecam.server.queries import downsample
 
-__all__ = ["Server", "create_app", "create_token_cli", "create_user_cli", "run_server"]
+__all__ = [
+    "BackgroundServer",
+    "Server",
+    "create_app",
+    "create_token_cli",
+    "create_user_cli",
+    "run_server",
+]
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -66,6 +74,24 @@ def create_app(ctx: ServerContext) -> FastAPI:
     @app.get("/openapi.json", include_in_schema=False)
     def _openapi(_user: User) -> JSONResponse:
         return JSONResponse(app.openapi())
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"}
+            }
+            schema["security"] = [{"bearer": []}]
+            schema["paths"]["/health"]["get"]["security"] = []
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/docs", include_in_schema=False)
     def _docs(_user: Annotated[Principal, Depends(page_user)]) -> HTMLResponse:
@@ -199,6 +225,45 @@ def prune_clips(folder: Path, max_age_days: float, max_bytes: int) -> int:
         total -= size
         removed += 1
     return removed
+
+
+class BackgroundServer:
+    """The whole fleet server in threads of this process, for the demo and the tests:
+    ``start()`` returns once HTTP answers on ``url``; ``stop()`` undoes it in order."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.server = Server(settings)
+        self.ctx = self.server.ctx
+        self.app = create_app(self.ctx)
+        self.url = f"http://{settings.server.host}:{settings.server.port}"
+        self._settings = settings
+        self._http: Any = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, timeout: float = 30.0) -> BackgroundServer:
+        import uvicorn
+
+        self.server.start()
+        cfg = self._settings.server
+        self._http = uvicorn.Server(
+            uvicorn.Config(self.app, host=cfg.host, port=cfg.port, log_level="warning")
+        )
+        self._thread = threading.Thread(target=self._http.run, name="http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._http.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise EdgecamError(f"the fleet server did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=20)
+        self.server.stop()
 
 
 def _http_server(config: Any) -> Any:

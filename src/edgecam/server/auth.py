@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import threading
 import time
@@ -38,6 +39,8 @@ __all__ = [
 
 USER_NAME = r"^[A-Za-z0-9_.@-]{1,64}$"
 MIN_PASSWORD = 8
+# Most user names and addresses whose failed logins are remembered at once.
+MAX_TRACKED = 10_000
 _hasher = PasswordHasher()
 # Verified against when the user does not exist, so that timing does not tell names apart.
 _DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
@@ -61,8 +64,6 @@ class Principal:
 
 def create_user(engine: Engine, name: str, password: str) -> None:
     """Create user ``name``, or set a new password when it exists."""
-    import re
-
     if not re.match(USER_NAME, name):
         raise EdgecamError(f"user name {name!r}: use 1-64 letters, digits, _ . @ -")
     if len(password) < MIN_PASSWORD:
@@ -202,6 +203,9 @@ class LoginLimiter:
     def failed(self, *keys: str) -> None:
         now = time.monotonic()
         with self._lock:
+            if len(self._failures) > MAX_TRACKED:  # names sprayed at the form: forget the old
+                for k in [k for k in self._failures if not self._recent(k, now)]:
+                    del self._failures[k]
             for k in keys:
                 self._recent(k, now).append(now)
 

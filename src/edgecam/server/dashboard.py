@@ -61,6 +61,11 @@ def _render(
     )
 
 
+def _secure(request: Request) -> bool:
+    configured = ctx_of(request).cfg.secure_cookies
+    return request.url.scheme == "https" if configured is None else configured
+
+
 def _safe_next(target: str) -> str:
     # Only a path on this site: no scheme, no host, no protocol-relative //host.
     if not target.startswith("/") or target.startswith("//") or "\\" in target:
@@ -91,7 +96,7 @@ def _login_page(
         token,
         httponly=True,
         samesite="strict",
-        secure=ctx_of(request).cfg.secure_cookies,
+        secure=_secure(request),
         path="/login",
     )
     return response
@@ -130,7 +135,7 @@ def login(
         max_age=int(ctx.cfg.session_hours * 3600),
         httponly=True,
         samesite="lax",
-        secure=ctx.cfg.secure_cookies,
+        secure=_secure(request),
     )
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
     return response

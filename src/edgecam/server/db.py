@@ -75,6 +75,7 @@ class Device(Base):
     workers: Mapped[list[Any]] = mapped_column(JSON, default=list)
     rules: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     outbox: Mapped[int | None] = mapped_column(Integer)
+    outbox_dropped: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class StatusRow(Base):
@@ -116,6 +117,7 @@ class StatsMinute(Base):
     read 1,440 rows a day instead of 86,400."""
 
     __tablename__ = "stats_minute"
+    __table_args__ = (Index("ix_stats_minute_minute", "minute"),)
 
     device: Mapped[str] = mapped_column(String(64), primary_key=True)
     camera: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -133,6 +135,7 @@ class StatsHourly(Base):
     """Stats summed per device, camera and hour: history kept past the raw retention."""
 
     __tablename__ = "stats_hourly"
+    __table_args__ = (Index("ix_stats_hourly_hour", "hour"),)
 
     device: Mapped[str] = mapped_column(String(64), primary_key=True)
     camera: Mapped[str] = mapped_column(String(64), primary_key=True)

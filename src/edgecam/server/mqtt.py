@@ -29,5 +29,5 @@ def make_client(cfg: MqttConfig, role: str, *, manual_ack: bool = False) -> mqtt
         client.username_pw_set(cfg.username, password)
     if cfg.tls:
         client.tls_set(ca_certs=str(cfg.ca_file) if cfg.ca_file else None)
-    client.reconnect_delay_set(1, 30)
+    client.reconnect_delay_set(max(1, int(cfg.reconnect_min_s)), max(1, int(cfg.reconnect_max_s)))
     return client

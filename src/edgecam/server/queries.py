@@ -1,7 +1,8 @@
 """Reading stats over a time range (raw or in buckets) and keeping history small.
 
-Raw stats are kept ``stats_retention_days``; before they go, :func:`downsample` has summed
-them per device, camera and hour into ``stats_hourly``, which answers long ranges.
+Stats are summed per minute as they are stored (``stats_minute``); :func:`downsample` sums
+those per hour into ``stats_hourly``. Raw stats and minute sums are kept
+``stats_retention_days``, the hourly history ``history_retention_days``.
 """
 
 from __future__ import annotations
@@ -11,10 +12,20 @@ import math
 import time
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Integer, cast, delete, func, select, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Integer,
+    bindparam,
+    cast,
+    delete,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
-from edgecam.server.db import StatsHourly, StatsMinute, StatsRow
+from edgecam.server.db import Device, StatsHourly, StatsMinute, StatsRow
 
 __all__ = ["SUMMED", "downsample", "stats_buckets", "stats_raw", "stats_raw_json"]
 
@@ -163,38 +174,37 @@ def stats_buckets(
 
 
 def downsample(engine: Engine, raw_days: float, history_days: float) -> dict[str, int]:
-    """Sum recent complete hours into ``stats_hourly``, then drop raw stats older than
-    ``raw_days`` and hourly history older than ``history_days``."""
+    """Sum recent complete hours of the per-minute sums into ``stats_hourly``, then drop raw
+    stats and minute sums older than ``raw_days`` and hourly history older than
+    ``history_days``. Every statement reads through an index: the tables are large."""
     now = time.time()
     this_hour = math.floor(now / HOUR) * HOUR
     with engine.begin() as conn:
         last = conn.scalar(select(func.max(StatsHourly.hour)))
-        first = conn.scalar(select(func.min(StatsRow.t_start)))
-        if first is None:
-            since = this_hour
-        elif last is None:
-            since = math.floor(first / HOUR) * HOUR
+        if last is None:
+            first = conn.scalar(select(func.min(StatsMinute.minute)))
+            since = this_hour if first is None else math.floor(first / HOUR) * HOUR
         else:  # the last hour again, for messages that came in late
             since = last
-        hour = (_bucket_index(conn, StatsRow.t_start, 0.0, HOUR) * HOUR).label("hour")
+        hour = (_bucket_index(conn, StatsMinute.minute, 0.0, HOUR) * HOUR).label("hour")
         stmt = (
             select(
-                StatsRow.device,
-                StatsRow.camera,
+                StatsMinute.device,
+                StatsMinute.camera,
                 hour,
-                func.count(),
-                func.max(StatsRow.peak),
-                *[func.sum(getattr(StatsRow, k)) for k in SUMMED],
+                func.sum(StatsMinute.messages),
+                func.max(StatsMinute.peak),
+                *[func.sum(getattr(StatsMinute, k)) for k in SUMMED],
             )
-            .where(StatsRow.t_start >= since, StatsRow.t_start < this_hour)
-            .group_by(StatsRow.device, StatsRow.camera, hour)
+            .where(StatsMinute.minute >= since, StatsMinute.minute < this_hour)
+            .group_by(StatsMinute.device, StatsMinute.camera, hour)
         )
         rows = [
             {
                 "device": r[0],
                 "camera": r[1],
                 "hour": float(r[2]),
-                "messages": r[3],
+                "messages": int(r[3]),
                 "peak": r[4] or 0,
                 **{k: int(v or 0) for k, v in zip(SUMMED, r[5:], strict=True)},
             }
@@ -213,7 +223,15 @@ def downsample(engine: Engine, raw_days: float, history_days: float) -> dict[str
             )
         # On an hour boundary, so that no hour is half raw and half summed.
         raw_cut = min(math.floor((now - raw_days * 86400) / HOUR) * HOUR, this_hour)
-        dropped = conn.execute(delete(StatsRow).where(StatsRow.t_start < raw_cut)).rowcount  # type: ignore[attr-defined]
+        devices = [{"d": d, "cut": raw_cut} for d in conn.scalars(select(Device.name))]
+        dropped = 0
+        if devices:  # per device, through the (device, t_start) index
+            dropped = conn.execute(
+                delete(StatsRow).where(
+                    StatsRow.device == bindparam("d"), StatsRow.t_start < bindparam("cut")
+                ),
+                devices,
+            ).rowcount  # type: ignore[attr-defined]
         conn.execute(delete(StatsMinute).where(StatsMinute.minute < raw_cut))
         old = conn.execute(
             delete(StatsHourly).where(StatsHourly.hour < now - history_days * 86400)

@@ -122,6 +122,8 @@ class SimDevice:
             started=self.started,
             rules={"no_mask": {"threshold": 1}},
             outbox=0,
+            outbox_dropped=0,
+            broker="connected",
         )
 
     def publish(self, msg: Payload, retain: bool = False) -> mqtt.MQTTMessageInfo:

@@ -260,11 +260,16 @@ class Store:
         rows = [{"id": m.id, "device": device, "ts": m.ts, "state": m.state} for device, m in items]
         new = _insert_new(conn, _t(db.StatusRow), rows)
         for device, m in sorted(items, key=lambda item: item[1].ts):
-            if m.id not in new:
-                continue
             current = conn.execute(
-                select(db.Device.state_ts, db.Device.started).where(db.Device.name == device)
+                select(db.Device.online, db.Device.state_ts, db.Device.started).where(
+                    db.Device.name == device
+                )
             ).one()
+            # A seen id changes nothing, except a last will firing again: a device makes its
+            # will once and the broker may publish that same message at each crash.
+            will_again = m.state == "offline" and current.online
+            if m.id not in new and not will_again:
+                continue
             if not _status_applies(m, current.state_ts, current.started):
                 continue
             values: dict[str, Any] = {"online": m.state == "online", "state_ts": m.ts}
@@ -277,6 +282,7 @@ class Store:
                     workers=[w.model_dump(mode="json") for w in m.workers],
                     rules=m.rules,
                     outbox=m.outbox,
+                    outbox_dropped=m.outbox_dropped,
                 )
             else:
                 values["workers"] = []
