@@ -117,8 +117,9 @@ def tls_broker(certs: Path) -> Iterator[int]:
 def _link(port: int, tmp_path: Path, ca: Path) -> tuple[MqttLink, Outbox]:
     cfg = MqttConfig(host="127.0.0.1", port=port, tls=True, ca_file=ca, reconnect_max_s=1)
     outbox = Outbox(tmp_path / "o.sqlite", 100, 10**6)
-    offline = Status(device="tlsdev", state="offline")
-    link = MqttLink(cfg, "tlsdev", outbox, lambda _t, _p: None, offline=offline)
+    link = MqttLink(
+        cfg, "tlsdev", outbox, lambda _t, _p: None, lambda: Status(device="tlsdev", state="offline")
+    )
     return link, outbox
 
 

@@ -13,10 +13,10 @@ import pytest
 from fastapi.routing import APIRoute
 from server_support import FleetServer, wait_until
 
+from edgecam.device.upload import UploadError, upload_clip
 from edgecam.protocol import ClipReady
 from edgecam.server import api, auth, dashboard
 from edgecam.server.simulate import SimDevice, make_stats
-from edgecam.server.upload import UploadError, upload_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP = ROOT / "media" / "motion_720p30_4s.mp4"

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from server_support import FleetServer, server_settings, wait_until
 
+from edgecam.device.upload import upload_clip
 from edgecam.protocol import Alert, ClipReady
 from edgecam.server import auth
 from edgecam.server.simulate import SimDevice, make_stats
-from edgecam.server.upload import upload_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "out" / "test-artifacts" / "server"

@@ -43,6 +43,7 @@ __all__ = [
     "StreamingConfig",
     "SupervisorConfig",
     "TrackerConfig",
+    "UploadConfig",
     "VisionConfig",
     "VotingConfig",
     "load_settings",
@@ -510,6 +511,24 @@ class MqttConfig(_Section):
         return self
 
 
+class UploadConfig(_Section):
+    url: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="Fleet server base URL to upload every clip to; none: clips stay here.",
+    )
+    token: SecretStr | None = Field(
+        None, description="This device's upload token (edgecam server create-token --device)."
+    )
+    attempts: int = Field(5, ge=1, le=100, description="Tries for each clip before giving up.")
+
+    @model_validator(mode="after")
+    def _check_token(self) -> UploadConfig:
+        if self.url is not None and self.token is None:
+            raise ValueError("an upload url needs a token")
+        return self
+
+
 class ServerConfig(_Section):
     host: str = Field("127.0.0.1", description="HTTP listen address of the fleet server.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the fleet server.")
@@ -643,6 +662,7 @@ class Settings(BaseSettings):
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)  # type: ignore[arg-type]
     mqtt: MqttConfig = Field(default_factory=MqttConfig)  # type: ignore[arg-type]
     server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
+    upload: UploadConfig = Field(default_factory=UploadConfig)  # type: ignore[arg-type]
     live: LiveViewConfig = Field(default_factory=LiveViewConfig)  # type: ignore[arg-type]
 
     @model_validator(mode="after")

@@ -12,16 +12,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import secrets
+import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from edgecam.config import Settings, load_settings
 from edgecam.device.broker import LocalBroker
-from edgecam.device.harness import Device
+from edgecam.device.harness import Device, write_private_yaml
+from edgecam.errors import EdgecamError
 from edgecam.ports import free_port, free_udp_pair
 
 __all__ = ["run_live_demo"]
@@ -125,17 +130,114 @@ def _print(kind: str, data: dict[str, Any]) -> None:
     print(f"   mqtt {kind:<16} {_brief(kind, data)}", flush=True)
 
 
+class _FleetServer:
+    """``edgecam server`` as its own process (SQLite, the demo's broker), a demo user, and
+    an upload token for the device: the fleet side of the demo, as a user would set it up."""
+
+    def __init__(self, out: Path, broker: LocalBroker) -> None:
+        self.folder = out / "server"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.password = secrets.token_urlsafe(9)
+        user = broker.server_user
+        self.config = self.folder / "server.yaml"
+        write_private_yaml(
+            self.config,
+            {
+                "server": {
+                    "host": "127.0.0.1",
+                    "port": self.port,
+                    "database_url": f"sqlite:///{self.folder / 'fleet.db'}",
+                    "clips_dir": str(self.folder / "clips"),
+                    "secure_cookies": False,  # plain HTTP on loopback
+                },
+                "mqtt": {
+                    "host": "127.0.0.1",
+                    "port": broker.port,
+                    "username": user,
+                    "password": broker.credentials[user],
+                    "client_id": "edgecam-demo-server",
+                },
+            },
+        )
+        self._cli("create-user", "demo", stdin=self.password + "\n")
+        self.token = self._cli("create-token", "demo").strip().splitlines()[0]
+        self.device_token = (
+            self._cli("create-token", "demo", "--device", _DEVICE).strip().splitlines()[0]
+        )
+        with (out / "logs" / "server.log").open("wb") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edgecam.cli", "server", "--config", str(self.config)],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2).close()
+                break
+            except (urllib.error.URLError, OSError):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise EdgecamError(
+                        f"the fleet server did not start; see {out / 'logs' / 'server.log'}"
+                    ) from None
+                time.sleep(0.2)
+
+    def _cli(self, *args: str, stdin: str | None = None) -> str:
+        res = subprocess.run(
+            [sys.executable, "-m", "edgecam.cli", "server", *args, "--config", str(self.config)],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if res.returncode != 0:
+            raise EdgecamError(f"edgecam server {args[0]} failed: {res.stderr.strip()}")
+        return res.stdout
+
+    def get(self, path: str) -> Any:
+        req = urllib.request.Request(
+            self.url + path, headers={"Authorization": f"Bearer {self.token}"}
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.load(resp)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def _wait_for(what: str, check: Callable[[], Any], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise EdgecamError(f"demo: no {what} within {timeout:.0f} s")
+
+
 def run_live_demo(settings: Settings, out: Path, seconds: float, token: str) -> int:
     """Run the live demo for about ``seconds``; 0 when every check passed."""
     del settings  # the live demo has its own configuration, written below
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
-    print("\n== live: the whole device (`edgecam run`) reporting over MQTT")
+    print("\n== live: the whole device (`edgecam run`) reporting over MQTT to the fleet server")
     with LocalBroker(out / "broker", [_DEVICE]) as broker:
         print(f"   broker: mosquitto on 127.0.0.1:{broker.port}, one user per device + ACL")
+        fleet = _FleetServer(out, broker)
+        print(f"   fleet server: {fleet.url}/  (log in as demo / {fleet.password})")
+        config = demo_config(out, broker, token)
+        config["upload"] = {"url": fleet.url, "token": fleet.device_token}
         device = Device(
             out,
-            demo_config(out, broker, token),
+            config,
             broker,
             printer=_print,
             log=out / "logs" / "device.log",
@@ -151,7 +253,9 @@ def run_live_demo(settings: Settings, out: Path, seconds: float, token: str) -> 
         started = time.monotonic()
         ok = False
         try:
-            ok = _exercise(live, device, started, seconds)
+            ok = _exercise(live, device, started, seconds) and _fleet_saw(fleet, device)
+        except (EdgecamError, AssertionError, OSError) as exc:
+            print(f"   FAILED: {exc}")
         finally:
             children = device.descendants()
             try:
@@ -164,13 +268,44 @@ def run_live_demo(settings: Settings, out: Path, seconds: float, token: str) -> 
                 device.listener.wait(
                     "offline status", lambda k, d: k == "status" and d["state"] == "offline", 10
                 )
-            except AssertionError as exc:
+                _wait_for(
+                    "device shown offline by the fleet server",
+                    lambda: not fleet.get("/api/devices")[0]["online"],
+                    20,
+                )
+                print("   the fleet server shows the device offline")
+            except (AssertionError, EdgecamError) as exc:
                 print(f"   {exc}")
                 ok = False
             device.listener.close()
-            ok = ok and code == 0 and not left
+            server_code = fleet.stop()
+            print(f"   fleet server stopped (exit {server_code})")
+            ok = ok and code == 0 and not left and server_code == 0
     print("\n== demo " + ("passed" if ok else "FAILED"))
     return 0 if ok else 1
+
+
+def _fleet_saw(fleet: _FleetServer, device: Device) -> bool:
+    """What the fleet server stored of the device: its state, stats, alerts, uploaded clip."""
+    found = _wait_for("device at the fleet server", lambda: fleet.get("/api/devices"), 30)[0]
+    stats = _wait_for(
+        "stats at the fleet server", lambda: fleet.get(f"/api/devices/{_DEVICE}/stats"), 30
+    )
+    seqs = [s["seq"] for s in stats]
+    alerts = fleet.get("/api/alerts")
+    print(
+        f"   fleet server: {found['name']} {'online' if found['online'] else 'offline'}, "
+        f"{len(stats)} stats messages (seq {seqs[0]}..{seqs[-1]}, none missing: "
+        f"{seqs == list(range(seqs[0], seqs[-1] + 1))}), {len(alerts)} alert message(s)"
+    )
+    uploaded = _wait_for(
+        "a clip uploaded to the fleet server",
+        lambda: [c for c in fleet.get("/api/clips") if c.get("stored")],
+        60,
+    )
+    print(f"   clip uploaded to the fleet server: {uploaded[0]['name']}")
+    del device
+    return bool(found["online"]) and seqs == list(range(seqs[0], seqs[-1] + 1)) and bool(alerts)
 
 
 def _exercise(live: Settings, device: Device, started: float, seconds: float) -> bool:

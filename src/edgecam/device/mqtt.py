@@ -44,7 +44,7 @@ class MqttLink:
         device: str,
         outbox: Outbox,
         on_message: CommandCallback,
-        offline: Status,
+        offline: Callable[[], Status],
         extra_topics: tuple[str, ...] = (),
     ) -> None:
         if config.host is None:
@@ -71,12 +71,9 @@ class MqttLink:
         if config.tls:
             ca = str(config.ca_file) if config.ca_file is not None else None
             client.tls_set(ca_certs=ca, cert_reqs=ssl.CERT_REQUIRED)
-        client.will_set(
-            topic(config.prefix, device, "status"),
-            offline.model_dump_json().encode(),
-            qos=1,
-            retain=True,
-        )
+        self._offline = offline
+        self._client = client
+        self._set_will()
         client.reconnect_delay_set(
             max(1, int(config.reconnect_min_s)), max(1, int(config.reconnect_max_s))
         )
@@ -84,8 +81,17 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_connect_fail = self._on_connect_fail
-        self._client = client
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
+
+    def _set_will(self) -> None:
+        """The last will for the next connection: a new message (its own id) each time,
+        so that a server storing each message once stores every time the device went away."""
+        self._client.will_set(
+            topic(self.config.prefix, self.device, "status"),
+            self._offline().model_dump_json().encode(),
+            qos=1,
+            retain=True,
+        )
 
     @property
     def connected(self) -> bool:
@@ -144,6 +150,7 @@ class MqttLink:
                 log.exception("MQTT on-connect hook failed")
         self._connected.set()
         self.outbox.added.set()
+        self._set_will()  # sent with the next CONNECT
 
     def _on_disconnect(
         self, _client: mqtt.Client, _ud: object, _flags: object, rc: object, *_: object
