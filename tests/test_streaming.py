@@ -190,22 +190,29 @@ def test_stop_and_start_streaming(
 
 
 @pytest.mark.parametrize(
-    ("authorization", "status"),
+    ("basic_auth", "path", "authorization", "status"),
     [
-        (None, "401"),
-        (_basic("alice", "wrong"), "401"),
-        (_basic("mallory", "s3cret"), "401"),
-        (_basic("alice", "s3cret"), "200"),
+        (False, "main", None, "401"),
+        (False, "main", _basic("alice", "s3cret"), "401"),  # Basic is not accepted
+        (True, "main", _basic("alice", "wrong"), "401"),
+        (True, "main", _basic("mallory", "s3cret"), "401"),
+        (True, "main", _basic("alice", "s3cret"), "200"),
+        (False, "nope", None, "401"),  # an unknown camera asks for credentials too
+        (True, "nope", _basic("mallory", "s3cret"), "401"),
+        (True, "nope", _basic("alice", "s3cret"), "404"),  # once authenticated: not found
     ],
-    ids=["anonymous", "wrong-password", "wrong-user", "right"],
 )
-def test_auth_status(rtp_port: int, authorization: str | None, status: str) -> None:
-    with _server(rtp_port, user="alice", password=SecretStr("s3cret")) as server:
+def test_auth_status(
+    rtp_port: int, basic_auth: bool, path: str, authorization: str | None, status: str
+) -> None:
+    config = {"user": "alice", "password": SecretStr("s3cret"), "basic_auth": basic_auth}
+    with _server(rtp_port, **config) as server:
         port = int(server.url.rsplit(":", 1)[1].split("/")[0])
-        answer = _rtsp_status(server.url, port, authorization)
+        answer = _rtsp_status(server.url_of(path), port, authorization)
         assert answer.split("\r\n", 1)[0].split(" ")[1] == status, answer
         if status == "401":
-            assert "WWW-Authenticate: Basic" in answer
+            assert 'WWW-Authenticate: Digest realm="edgecam"' in answer
+            assert ("WWW-Authenticate: Basic" in answer) == basic_auth
 
 
 def test_auth_with_real_clients(rtp_port: int, clients: Callable[..., Client]) -> None:

@@ -278,6 +278,11 @@ class StreamingConfig(_Section):
     allow_anonymous: bool = Field(
         False, description="Serve a non-loopback address without a password (not advised)."
     )
+    basic_auth: bool = Field(
+        False,
+        description="Also accept Basic authentication, which sends the password in the clear "
+        "(Digest is always offered); only for clients that know no Digest.",
+    )
     session_timeout_s: int = Field(
         60,
         ge=2,

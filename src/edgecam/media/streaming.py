@@ -25,7 +25,8 @@ from edgecam.errors import PipelineError
 from edgecam.media.gst import RTP_CAPS, UDP_BUFFER_BYTES, GLib, Gst, init, require_elements
 
 gi.require_version("GstRtspServer", "1.0")
-from gi.repository import GstRtspServer
+gi.require_version("GstRtsp", "1.0")
+from gi.repository import GstRtsp, GstRtspServer
 
 __all__ = ["StreamingServer"]
 
@@ -33,6 +34,11 @@ log = logging.getLogger(__name__)
 
 _ELEMENTS = ("udpsrc", "rtph264depay", "rtph264pay")
 _ROLE = "viewer"
+# A factory at "/" that no role may access: with authentication on, any unknown path then
+# asks for credentials (401) like a real one, so camera names cannot be guessed from 404s;
+# once authenticated, an unknown path is a 404.
+_DECOY_ROLE = "nobody"
+_DECOY_LAUNCH = "( videotestsrc num-buffers=1 ! rtpvrawpay name=pay0 )"
 _CALL_TIMEOUT_S = 10.0
 _SESSION_CLEANUP_S = 1
 
@@ -46,6 +52,35 @@ def _launch_line(rtp_host: str, rtp_port: int) -> str:
         f'caps="{RTP_CAPS}" '
         "! rtph264depay ! rtph264pay name=pay0 pt=96 config-interval=-1 )"
     )
+
+
+class _Mounts(GstRtspServer.RTSPMountPoints):
+    """Mount points that send every path they do not serve to the decoy factory at "/"
+    (so that, with authentication on, an unknown path asks for credentials too)."""
+
+    def __init__(self, paths: frozenset[str]) -> None:
+        super().__init__()
+        self._paths = paths
+
+    def do_make_path(self, url: GstRtsp.RTSPUrl) -> str:
+        path = url.abspath or "/"
+        return (
+            path if path.split("/", 2)[1:2] and f"/{path.split('/', 2)[1]}" in self._paths else "/"
+        )
+
+
+def _offer_basic_too(auth: GstRtspServer.RTSPAuth) -> None:
+    """Advertise Basic beside Digest. The methods are a bit mask in C, which PyGObject's
+    enum refuses to combine; call the function itself."""
+    import ctypes
+
+    lib = ctypes.CDLL("libgstrtspserver-1.0.so.0")
+    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    get_pointer.restype = ctypes.c_void_p
+    get_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    pointer = get_pointer(auth.__gpointer__, None)
+    both = int(GstRtsp.RTSPAuthMethod.BASIC) | int(GstRtsp.RTSPAuthMethod.DIGEST)
+    lib.gst_rtsp_auth_set_supported_methods(ctypes.c_void_p(pointer), both)
 
 
 class StreamingServer:
@@ -249,6 +284,7 @@ class StreamingServer:
 
     def _open(self) -> None:
         server = GstRtspServer.RTSPServer()
+        server.set_mount_points(_Mounts(frozenset(f"/{c}" for c in self._mounts)))
         server.set_address(self._config.host)
         server.set_service(str(self._config.port))
         # Clients are served by this loop's thread; each media gets its own thread anyway.
@@ -259,8 +295,21 @@ class StreamingServer:
         if auth:
             assert self._config.user is not None and self._config.password is not None
             server.set_auth(
-                self._make_auth(self._config.user, self._config.password.get_secret_value())
+                self._make_auth(
+                    self._config.user,
+                    self._config.password.get_secret_value(),
+                    basic=self._config.basic_auth,
+                )
             )
+            decoy = GstRtspServer.RTSPMediaFactory()
+            decoy.set_launch(_DECOY_LAUNCH)
+            decoy.add_role_from_structure(
+                Gst.Structure.new_from_string(
+                    f"{_DECOY_ROLE}, media.factory.access=(boolean)false, "
+                    "media.factory.construct=(boolean)false"
+                )
+            )
+            server.get_mount_points().add_factory("/", decoy)
         for camera, port in self._mounts.items():
             factory = GstRtspServer.RTSPMediaFactory()
             factory.set_launch(_launch_line(self._rtp_host, port))
@@ -305,11 +354,16 @@ class StreamingServer:
         session.set_timeout(self._config.session_timeout_s)
 
     @staticmethod
-    def _make_auth(user: str, password: str) -> GstRtspServer.RTSPAuth:
+    def _make_auth(user: str, password: str, *, basic: bool) -> GstRtspServer.RTSPAuth:
         auth = GstRtspServer.RTSPAuth()
         token = GstRtspServer.RTSPToken()
         token.set_string(GstRtspServer.RTSP_TOKEN_MEDIA_FACTORY_ROLE, _ROLE)
-        auth.add_basic(GstRtspServer.RTSPAuth.make_basic(user, password), token)
+        auth.add_digest(user, password, token)
+        auth.set_supported_methods(GstRtsp.RTSPAuthMethod.DIGEST)
+        if basic:
+            auth.add_basic(GstRtspServer.RTSPAuth.make_basic(user, password), token)
+            _offer_basic_too(auth)
+        auth.set_realm("edgecam")
         return auth
 
     def _close(self) -> None:
@@ -326,3 +380,4 @@ class StreamingServer:
         mounts = server.get_mount_points()
         for camera in self._mounts:
             mounts.remove_factory(f"/{camera}")
+        mounts.remove_factory("/")
