@@ -86,6 +86,8 @@ def test_duplicated_and_replayed_messages_are_stored_once(
     with engine.connect() as conn:
         seqs = conn.scalars(select(db.StatsRow.seq).order_by(db.StatsRow.seq)).all()
     assert seqs == list(range(30))
+    # Counted when each batch is written, which may be just after the rows are visible.
+    wait_until(lambda: ingest.counters.snapshot()["duplicates"] >= 40 + 2)
     snap = ingest.counters.snapshot()
     assert snap["duplicates"] == 40 + 2
     assert snap["rejected"] == 0

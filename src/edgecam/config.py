@@ -381,7 +381,7 @@ class RuntimeConfig(_Section):
 
 class SupervisorConfig(_Section):
     restart_min_s: float = Field(
-        0.25, gt=0, le=60, description="First delay before restarting a dead worker."
+        0.1, gt=0, le=60, description="First delay before restarting a dead worker."
     )
     restart_max_s: float = Field(
         30.0, gt=0, le=3600, description="Longest delay between restarts (doubling)."

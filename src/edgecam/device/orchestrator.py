@@ -83,9 +83,9 @@ __all__ = ["Orchestrator", "run_device"]
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-_POLL_S = 0.2
+_POLL_S = 0.05  # reaping a dead worker is a waitpid per child: cheap
 _RULES_EVERY_S = 1.0
-_STATUS_MIN_GAP_S = 1.0
+_STATUS_MIN_GAP_S = 0.25
 _CALL_TIMEOUT_S = 30.0
 _RECORDER_TIMEOUT_S = 5.0
 _SEEN_COMMANDS = 1024
@@ -549,10 +549,8 @@ class Orchestrator:
         )
 
     def _maybe_publish_status(self) -> None:
-        key = (
-            tuple((w.key, w.state, w.restarts) for w in self.supervisor.states()),
-            tuple(sorted((k, str(v)) for k, v in self.rules.describe().items())),
-        )
+        # Rule changes set _status_dirty themselves.
+        key = tuple((c.key, c.state, c.restarts) for c in self.supervisor.children.values())
         now = time.monotonic()
         if key == self._last_status_key and not self._status_dirty:
             return
