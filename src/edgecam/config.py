@@ -88,6 +88,17 @@ class CameraConfig(_Section):
     )
 
     @model_validator(mode="after")
+    def _check_source(self) -> CameraConfig:
+        if not self.source.strip():
+            raise ValueError("source is empty: give a file, rtsp://..., v4l2://... or test://")
+        scheme, sep, rest = self.source.partition("://")
+        if sep and scheme in ("rtsp", "rtsps"):
+            host = rest.partition("/")[0].rpartition("@")[2]
+            if not host or host.startswith(":"):
+                raise ValueError(f"source {redact_url(self.source)!r} names no host")
+        return self
+
+    @model_validator(mode="after")
     def _check_backoff(self) -> CameraConfig:
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")

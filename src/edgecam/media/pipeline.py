@@ -35,6 +35,7 @@ import numpy as np
 from edgecam.config import CameraConfig, EncoderConfig, Settings, redact_url
 from edgecam.errors import PipelineError, SourceError
 from edgecam.media.gst import GLib, Gst, GstVideo, init, require_elements
+from edgecam.media.probe import probe_video
 from edgecam.vision.analytics import Analytics, FrameMeta, MetaBus
 from edgecam.vision.detections import Detections, Detector
 from edgecam.vision.drawing import (
@@ -427,6 +428,8 @@ class Pipeline:
             rtp_ports=settings.rtp_ports(self.camera_index) if rtp else (),
         )
         require_elements(layout.elements)
+        if not layout.is_live:  # a file: say what is wrong with it before building anything
+            probe_video(Path(str(layout.source_props["location"])))
         self.is_live_source = layout.is_live
         self._loops = mode == "live" and self.camera.loop and not layout.is_live
         self._layout = layout
