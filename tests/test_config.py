@@ -100,7 +100,7 @@ def test_cli_config_check_and_show(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("recorder:\n  pre_s: -3\n")
     res = _cli("config", "check", str(bad))
-    assert res.returncode == 1
+    assert res.returncode == 2
     assert "recorder.pre_s" in res.stderr
 
 
@@ -228,6 +228,7 @@ def test_command_line_beats_environment_beats_file(
         ({"EDGECAM_VISION__DETECT_FSP": "5"}, "EDGECAM_VISION__DETECT_FSP names no config key"),
         ({"EDGECAM_VISON__DETECT_FPS": "5"}, "EDGECAM_VISON__DETECT_FPS names no config key"),
         ({"EDGECAM_DEVICE__NAME": "x"}, "EDGECAM_DEVICE__NAME names no config key"),
+        ({"EDGECAM_VISION_DETECT_FPS": "5"}, "write EDGECAM_VISION__DETECT_FPS (two underscores)"),
         ({"EDGECAM_CAMERAS__X__SOURCE": "x"}, "'x' is not a list index"),
         ({"EDGECAM_CAMERAS__5__SOURCE": "x"}, "camera index 5 is past the end"),
         ({"EDGECAM_CAMERAS": "notjson"}, "EDGECAM_CAMERAS must be JSON"),
@@ -275,7 +276,7 @@ def test_config_file_not_utf8_is_one_clear_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is not UTF-8 text"):
         load_settings(path)
     res = _cli("config", "check", str(path))
-    assert res.returncode == 1
+    assert res.returncode == 2
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
 
 
@@ -294,3 +295,11 @@ def test_too_many_cameras(tmp_path: Path) -> None:
     cams = "".join(f"  - name: c{i}\n    rtp_port: {2000 + 10 * i}\n" for i in range(65))
     with pytest.raises(ConfigError, match="cameras: List should have at most 64 items"):
         load_settings(_write(tmp_path, "cameras:\n" + cams))
+
+
+def test_other_edgecam_variables_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Variables of ours that are not config keys (set by the supervisor, by tests).
+    monkeypatch.delenv("EDGECAM_CONFIG", raising=False)
+    monkeypatch.setenv("EDGECAM_SUPERVISOR_PID", "1234")
+    monkeypatch.setenv("EDGECAM_TEST_PG", "postgresql://u:p@h/db")
+    assert load_settings().cameras[0].name == "main"

@@ -660,6 +660,23 @@ def _set_path(data: dict[str, Any], path: list[str | int], value: Any, name: str
         node = child
 
 
+def _names_config(name: str) -> bool:
+    """Whether ``name`` is meant as a config key: ``EDGECAM_SECTION__KEY`` or a top-level
+    key (``EDGECAM_DEVICE``, ``EDGECAM_CAMERAS``). A name that looks like a key written with
+    one underscore (``EDGECAM_VISION_DETECT_FPS``) is an error; other names are left alone."""
+    rest = name[len(_ENV_PREFIX) :].lower()
+    if "__" in rest or rest in Settings.model_fields:
+        return True
+    section = next((f for f in Settings.model_fields if rest.startswith(f + "_")), None)
+    if section is not None:
+        key = rest[len(section) + 1 :].upper()
+        raise ConfigError(
+            f"environment variable {name} names no config key; for the key {section}.{key.lower()}"
+            f" write EDGECAM_{section.upper()}__{key} (two underscores)"
+        )
+    return False
+
+
 def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     """Put every ``EDGECAM_SECTION__KEY`` variable into ``data``; unknown names are errors.
     Whole values (``EDGECAM_CAMERAS='[...]'``) go first, single keys on top of them."""
@@ -667,6 +684,8 @@ def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> None
     for name, raw in environ.items():
         if not name.upper().startswith(_ENV_PREFIX) or name.upper() in _NOT_CONFIG_ENV:
             continue
+        if not _names_config(name):
+            continue  # another variable of ours (EDGECAM_SUPERVISOR_PID, a test's ...)
         path, annotation = _env_path(name)
         found.append((len(path), name, path, _env_value(name, raw, annotation)))
     for _depth, name, path, value in sorted(found, key=lambda f: (f[0], f[1])):
