@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -255,3 +257,28 @@ def test_stopped_run_keeps_the_old_output_and_leaves_nothing(
     assert proc.returncode == status and "Traceback" not in stderr
     assert out.read_bytes() == b"the previous result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.mp4"]
+
+
+def test_events_into_a_pipe_and_outputs_through_symlinks(tmp_path: Path) -> None:
+    # A FIFO (as /dev/stdout is a pipe): written to, not replaced by a renamed file.
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(fifo.read_text().splitlines()))
+    reader.start()
+    res = _process(
+        str(MEDIA / "faces.mp4"), "--out", str(tmp_path / "o.mp4"), "--events", str(fifo)
+    )
+    if reader.is_alive():  # the run never opened the pipe: release the reader
+        with open(fifo, "w"):
+            pass
+    reader.join(timeout=10)
+    assert res.returncode == 0, res.stderr
+    assert len(lines) == 120  # one JSON line a frame, through the pipe
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    real, link = tmp_path / "real.mp4", tmp_path / "link.mp4"
+    real.write_bytes(b"old")
+    link.symlink_to(real)
+    res = _process(str(MEDIA / "faces.mp4"), "--out", str(link))
+    assert res.returncode == 0, res.stderr
+    assert link.is_symlink() and real.stat().st_size > 10_000  # the file it points to
