@@ -1,8 +1,11 @@
 """One strict configuration tree, loaded once at start.
 
 Sources, weakest first: built-in defaults, a YAML file (``--config`` or ``EDGECAM_CONFIG``),
-then ``EDGECAM_SECTION__KEY`` environment variables. Every model forbids unknown keys, so a
-misspelt key is an error that names it.
+``EDGECAM_SECTION__KEY`` environment variables (list items by index:
+``EDGECAM_CAMERAS__0__SOURCE``), then command-line flags. Every model forbids unknown keys,
+and an unknown ``EDGECAM_*__*`` variable is refused, so a misspelt key is an error that names
+it. Error messages never hold a secret: whole-section inputs are not echoed, and every
+password, token and URL credential found in the raw config is scrubbed from the text.
 """
 
 from __future__ import annotations
