@@ -480,6 +480,7 @@ class Pipeline:
                 Gst.PadProbeType.BLOCK_DOWNSTREAM | Gst.PadProbeType.BUFFER, self._on_loop_block
             )
         self._pinned_caps: Gst.Caps | None = None
+        self._source_size: tuple[int, int] | None = None
         conv_sink = self._pipeline.get_by_name("conv").get_static_pad("sink")
         conv_sink.add_probe(Gst.PadProbeType.EVENT_DOWNSTREAM, self._on_source_caps)
         video_q = self._pipeline.get_by_name("video_q")
@@ -556,11 +557,14 @@ class Pipeline:
         if event.type != Gst.EventType.CAPS:
             return Gst.PadProbeReturn.OK
         s = event.parse_caps().get_structure(0)
+        size = (s.get_value("width"), s.get_value("height"))
         if self._pinned_caps is None:
             self._pinned_caps = _pinned_caps(s)
+            self._source_size = size
             self._pipeline.get_by_name(_FIT_CAPS).set_property("caps", self._pinned_caps)
             log.debug("camera %s: video pinned to %s", self.camera.name, self._pinned_caps)
-        else:
+        elif size != self._source_size:
+            self._source_size = size
             log.info(
                 "camera %s: source caps changed to %dx%d; scaled to %s",
                 self.camera.name,
