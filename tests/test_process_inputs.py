@@ -54,6 +54,12 @@ def odd(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     small = _testsrc(d / "a.mp4", "320x240", *x264, "-pix_fmt", "yuv420p")
     large = _testsrc(d / "b.mp4", "640x360", *x264, "-pix_fmt", "yuv420p")
     media["tiny"] = _testsrc(d / "tiny.mp4", "2x2", "-c:v", "mpeg4")
+    # Variable frame rate: 10 fps for a second, then 30: 40 frames in 2 s, nominally 30 fps.
+    media["vfr"] = d / "vfr.mp4"
+    _ffmpeg(
+        *("-f", "lavfi", "-i", "testsrc=s=320x240:r=30:d=2", "-fps_mode", "vfr"),
+        *("-vf", "select='if(lt(t,1),not(mod(n,3)),1)'", "-c:v", "libx264", str(media["vfr"])),
+    )
     # Two video streams (320x240 at 30 fps, 640x480 at 25 fps): the first is the video.
     media["two"] = d / "two.mp4"
     _ffmpeg(
@@ -102,7 +108,7 @@ def _digest(path: Path) -> str:
         ("zero", "is empty (0 bytes), not a video file"),
         ("text", "is not a video file"),
         ("audio", "no video stream in"),
-        ("truncated", "ended early: decoded 58 frames, the header promised 120"),
+        ("truncated", "ended early: decoded 58 frames (2.0 s), the header promised 120 (4.0 s)"),
     ],
 )
 def test_bad_input_is_named(odd: dict[str, Path], tmp_path: Path, name: str, needle: str) -> None:
@@ -122,6 +128,7 @@ def test_bad_input_is_named(odd: dict[str, Path], tmp_path: Path, name: str, nee
         ("mpeg4", (320, 240, 60)),
         ("tiny", (16, 16, 60)),  # 2x2: at least 16 a side for the muxer
         ("two", (320, 240, 60)),  # two video streams: the first one
+        ("vfr", (320, 240, 40)),  # whole, though 40 < 2 s x 30 fps
     ],
 )
 def test_odd_size_and_format_are_processed(

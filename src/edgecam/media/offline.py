@@ -25,15 +25,22 @@ __all__ = ["ProcessResult", "process_file"]
 log = logging.getLogger(__name__)
 
 _OUT_SUFFIXES = (".mp4", ".m4v", ".mov")
+# A video that stops short of its container's duration by more than this is truncated (a
+# container's duration may run a little past the video's when another track is longer).
+_END_TOLERANCE_S = 0.5
+_END_TOLERANCE = 0.05
 
 
 class ProcessResult:
     """Figures of one offline run."""
 
-    def __init__(self, frames: int, seconds: float, detections: int) -> None:
+    def __init__(
+        self, frames: int, seconds: float, detections: int, video_end_s: float = 0.0
+    ) -> None:
         self.frames = frames
         self.seconds = seconds
         self.detections = detections
+        self.video_end_s = video_end_s  # stream time where the last frame ends
 
     @property
     def fps(self) -> float:
@@ -230,12 +237,17 @@ def process_file(
     finally:
         for output in outputs:
             output.discard()
-    promised = info.frames_promised
-    if promised is not None and result.frames < promised - max(2, promised // 100):
+    if info.duration_s is not None and result.video_end_s < info.duration_s - max(
+        _END_TOLERANCE_S, _END_TOLERANCE * info.duration_s
+    ):
+        # By time, not by frames: a variable-frame-rate file has fewer frames than its
+        # duration times its nominal rate, and is still whole.
+        promised = info.frames_promised
+        about = f"{promised} ({info.duration_s:.1f} s)" if promised else f"{info.duration_s:.1f} s"
         raise SourceError(
-            f"{input_path} ended early: decoded {result.frames} frames, the header promised "
-            f"{promised} (the file is truncated or damaged); {out} holds the "
-            f"{result.frames} frames"
+            f"{input_path} ended early: decoded {result.frames} frames "
+            f"({result.video_end_s:.1f} s), the header promised {about} (the file is truncated "
+            f"or damaged); {out} holds the {result.frames} frames"
         )
     return result
 
@@ -266,7 +278,10 @@ def _run(
         if writer is not None:
             writer.close()
     result = ProcessResult(
-        pipeline.stats.frames, time.monotonic() - start, pipeline.stats.detections
+        pipeline.stats.frames,
+        time.monotonic() - start,
+        pipeline.stats.detections,
+        pipeline.stats.video_end_s,
     )
     bar.finish(result)
     return result

@@ -320,6 +320,7 @@ class PipelineStats:
     detections: int = 0
     detect_seconds: float = 0.0
     restarts: int = 0
+    video_end_s: float = 0.0  # stream time where the latest frame ends
 
 
 class _Results:
@@ -516,9 +517,11 @@ class Pipeline:
         self._outage = False
         # Keyframes by time, whatever the frame rate: encoder properties cannot change once
         # playing, and the rate of an RTSP or V4L2 source is known only then.
-        pts = info.get_buffer().pts
+        buf = info.get_buffer()
+        pts = buf.pts
         if pts == Gst.CLOCK_TIME_NONE:
             return Gst.PadProbeReturn.OK
+        self.stats.video_end_s = (pts + self._duration(buf.duration)) / Gst.SECOND
         interval = int(self.settings.encoder.keyframe_s * Gst.SECOND)
         nxt = self._next_keyframe
         if nxt is None or pts >= nxt or pts < nxt - 2 * interval:
