@@ -101,7 +101,7 @@ def test_cli_config_check_and_show(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("recorder:\n  pre_s: -3\n")
     res = _cli("config", "check", str(bad))
-    assert res.returncode == 2
+    assert res.returncode == 1
     assert "recorder.pre_s" in res.stderr
 
 
@@ -277,7 +277,7 @@ def test_config_file_not_utf8_is_one_clear_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is not UTF-8 text"):
         load_settings(path)
     res = _cli("config", "check", str(path))
-    assert res.returncode == 2
+    assert res.returncode == 1
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
 
 

@@ -74,7 +74,7 @@ def test_refuses_to_start_without_token(tmp_path: Path) -> None:
         [sys.executable, "-m", "edgecam.cli", "worker", "fileserver"],
         capture_output=True, text=True, timeout=30, env=env, check=False,
     )  # fmt: skip
-    assert proc.returncode == 2 and "needs a token" in proc.stderr
+    assert proc.returncode == 1 and "needs a token" in proc.stderr
 
 
 def test_health_needs_no_auth(client: TestClient) -> None:

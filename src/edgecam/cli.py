@@ -14,7 +14,7 @@ from pathlib import Path
 from types import FrameType
 
 from edgecam.config import Settings, load_settings, redact_url, settings_to_yaml
-from edgecam.errors import ConfigError, EdgecamError, UsageError
+from edgecam.errors import EdgecamError, UsageError
 
 log = logging.getLogger("edgecam")
 
@@ -242,9 +242,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except UsageError as exc:
         print(f"edgecam {args.command}: error: {redact_url(str(exc))}", file=sys.stderr)
-        return EXIT_USAGE
-    except ConfigError as exc:  # the same command would fail again: a usage error
-        print(f"edgecam: error: {redact_url(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except EdgecamError as exc:
         print(f"edgecam: error: {redact_url(str(exc))}", file=sys.stderr)
