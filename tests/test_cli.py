@@ -148,7 +148,7 @@ def test_camera_password_never_logged(tmp_path: Path) -> None:
         "EDGECAM_RECORDER__RING_DIR": str(tmp_path / "run"),
     }
     proc = subprocess.Popen(
-        [*EDGECAM, "-v", "run"],
+        [*EDGECAM, "-v", "worker", "inference"],
         env=env,
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
