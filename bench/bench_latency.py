@@ -17,17 +17,30 @@ measuring window, as a share of one core. With N clients, one decodes and measur
 others only receive (rtspsrc -> fakesink), so the bench process's own decoding does not grow
 with N.
 
+With ``--camera-to-viewer`` the chain is the whole device instead:
+
+    Python frame source -> appsrc -> x264enc -> an RTSP camera (GstRtspServer, in the bench)
+      -> `edgecam worker inference` (a subprocess: rtspsrc with the camera's configured
+         jitter buffer, decode, detector, tracker, overlay, x264, RTP)
+      -> `edgecam worker streaming` -> rtspsrc latency=L -> avdec_h264 -> appsink
+
+with the stamp in the bottom rows (the overlay writes the counts in the top-left corner).
+
     .venv/bin/python bench/bench_latency.py [--seconds 15] [--clients 1,4]
+    .venv/bin/python bench/bench_latency.py --camera-to-viewer [--camera-latency 200]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,9 +51,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from edgecam.media.gst import RTP_CAPS, Gst, GstVideo, init
+import gi
+
+from edgecam.media.gst import RTP_CAPS, GLib, Gst, GstVideo, init
+
+gi.require_version("GstRtspServer", "1.0")
+from gi.repository import GstRtspServer
 
 BITS = 40
+RUNTIME = Path(tempfile.gettempdir()) / f"edgecam-bench-latency-{os.getpid()}"
 BLOCK = 16
 STAMP_MASK = (1 << BITS) - 1
 
@@ -126,6 +145,70 @@ class Sender:
             k += 1
 
 
+class RtspCamera:
+    """A stand-in IP camera: stamped raw frames (stamp in the bottom rows), x264, served by
+    an RTSP server in this process at rtsp://127.0.0.1:PORT/cam."""
+
+    def __init__(self, port: int, width: int, height: int, fps: int) -> None:
+        self.width, self.height, self.fps = width, height, fps
+        self.server = GstRtspServer.RTSPServer()
+        self.server.set_address("127.0.0.1")
+        self.server.set_service(str(port))
+        factory = GstRtspServer.RTSPMediaFactory()
+        factory.set_launch(
+            "( appsrc name=src is-live=true format=time do-timestamp=true "
+            f"min-latency={Gst.SECOND // fps} "
+            f"caps=video/x-raw,format=I420,width={width},height={height},framerate={fps}/1 "
+            f"! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={fps} "
+            "bitrate=2500 ! rtph264pay name=pay0 pt=96 config-interval=-1 )"
+        )
+        factory.set_shared(True)
+        factory.connect("media-configure", self._on_media)
+        self.server.get_mount_points().add_factory("/cam", factory)
+        self._src: Gst.Element | None = None
+        self._loop = GLib.MainLoop()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._loop.run, name="camera-loop", daemon=True),
+            threading.Thread(target=self._push, name="camera", daemon=True),
+        ]
+        yy, xx = np.mgrid[0:height, 0 : width + 2 * fps * 4]
+        self._pattern = (((xx + yy) // 24) % 2 * 120 + 60).astype(np.uint8)
+
+    def _on_media(self, _factory: object, media: GstRtspServer.RTSPMedia) -> None:
+        self._src = media.get_element().get_by_name("src")
+
+    def start(self) -> None:
+        if self.server.attach(None) == 0:
+            raise SystemExit("the RTSP camera cannot listen")
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._loop.quit()
+
+    def _push(self) -> None:
+        w, h = self.width, self.height
+        frame = np.full(w * h * 3 // 2, 128, dtype=np.uint8)
+        y = frame[: w * h].reshape(h, w)
+        period = 1.0 / self.fps
+        t0 = time.monotonic()
+        k = 0
+        while not self._stop.is_set():
+            delay = t0 + k * period - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            k += 1
+            src = self._src
+            if src is None:
+                continue
+            shift = (k * 4) % (2 * self.fps * 4)
+            y[:] = self._pattern[:, shift : shift + w]
+            write_stamp(y[h - 2 * BLOCK :], _now_us() & STAMP_MASK)
+            src.emit("push-buffer", Gst.Buffer.new_wrapped(frame.tobytes()))
+
+
 @dataclass
 class Receiver:
     """A client: decodes and reads the stamp (measure=True), or only receives.
@@ -136,6 +219,7 @@ class Receiver:
 
     source: str
     measure: bool
+    bottom: bool = False  # the stamp is in the bottom rows of the picture
     latencies_ms: list[float] = field(default_factory=list)
     unreadable: int = 0
     recording: bool = False
@@ -164,7 +248,10 @@ class Receiver:
         try:
             stride = info.stride[0]
             rows = 2 * BLOCK
-            y = np.frombuffer(mapinfo.data, dtype=np.uint8, count=stride * rows)
+            first = info.height - rows if self.bottom else 0
+            y = np.frombuffer(
+                mapinfo.data, dtype=np.uint8, count=stride * rows, offset=stride * first
+            )
             stamp = read_stamp(y.reshape(rows, stride))
         finally:
             buf.unmap(mapinfo)
@@ -187,15 +274,22 @@ def _cpu_seconds(pid: int) -> float:
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
-def _start_worker(rtsp_port: int, rtp_port: int) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
+def _worker_env(rtsp_port: int, camera: dict[str, object]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGECAM_")}
+    env |= {
         "EDGECAM_STREAMING__HOST": "127.0.0.1",
         "EDGECAM_STREAMING__PORT": str(rtsp_port),
-        "EDGECAM_CAMERAS": f'[{{"name": "main", "rtp_port": {rtp_port}}}]',
+        "EDGECAM_CAMERAS": json.dumps([{"name": "main", **camera}]),
+        "EDGECAM_RECORDER__RING_DIR": str(RUNTIME),
         "PYTHONPATH": str(ROOT / "src"),
     }
-    env.pop("EDGECAM_CONFIG", None)
+    return env
+
+
+def _start_worker(
+    rtsp_port: int, rtp_port: int, camera: dict[str, object] | None = None
+) -> subprocess.Popen[bytes]:
+    env = _worker_env(rtsp_port, {"rtp_port": rtp_port, **(camera or {})})
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgecam.cli", "worker", "streaming"],
         env=env,
@@ -217,8 +311,8 @@ def _rtsp(url: str, protocols: str, latency_ms: int) -> str:
     return f"rtspsrc location={url} latency={latency_ms} protocols={protocols}"
 
 
-def _phase(sources: list[str], pid: int, seconds: float) -> dict[str, float]:
-    clients = [Receiver(src, measure=(i == 0)) for i, src in enumerate(sources)]
+def _phase(sources: list[str], pid: int, seconds: float, bottom: bool = False) -> dict[str, float]:
+    clients = [Receiver(src, measure=(i == 0), bottom=bottom) for i, src in enumerate(sources)]
     for c in clients:
         c.start()
     time.sleep(3.0)  # connect, first keyframe, settle
@@ -258,8 +352,24 @@ def main() -> int:
         default="both",
         help="udpsink sync of the sending pipeline",
     )
+    parser.add_argument(
+        "--camera-to-viewer",
+        action="store_true",
+        help="the whole device: an RTSP camera, the inference worker, the streaming worker",
+    )
+    parser.add_argument(
+        "--camera-latency",
+        type=int,
+        default=200,
+        help="the inference worker's rtspsrc jitter buffer (cameras[].rtsp_latency_ms)",
+    )
     args = parser.parse_args()
     init()
+    if args.camera_to_viewer:
+        try:
+            return camera_to_viewer(args)
+        finally:
+            shutil.rmtree(RUNTIME, ignore_errors=True)
 
     counts = [int(n) for n in args.clients.split(",")]
     protocols = args.protocols.split(",")
@@ -307,6 +417,61 @@ def main() -> int:
             worker.send_signal(signal.SIGTERM)
             worker.wait(10)
     print("worker CPU: share of one core, process utime+stime over the window")
+    return 0
+
+
+def camera_to_viewer(args: argparse.Namespace) -> int:
+    """Camera -> inference worker -> streaming worker -> client, stamps end to end."""
+    camera_port, rtsp_port = _free_port(socket.SOCK_STREAM), _free_port(socket.SOCK_STREAM)
+    rtp_port = _free_port(socket.SOCK_DGRAM)
+    cam = {
+        "source": f"rtsp://127.0.0.1:{camera_port}/cam",
+        "rtp_port": rtp_port,
+        "rtsp_latency_ms": args.camera_latency,
+    }
+    print(
+        f"camera {args.width}x{args.height}@{args.fps} -> inference worker (profile mask, "
+        f"rtspsrc latency={args.camera_latency}) -> streaming worker -> client rtspsrc "
+        f"latency={args.client_latency}; {args.seconds:.0f} s a phase, {os.cpu_count()} CPUs"
+    )
+    camera = RtspCamera(camera_port, args.width, args.height, args.fps)
+    camera.start()
+    env = _worker_env(rtsp_port, cam)
+    inference = subprocess.Popen(
+        [sys.executable, "-m", "edgecam.cli", "worker", "inference"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    streaming = _start_worker(rtsp_port, rtp_port, cam)
+    try:
+        time.sleep(5.0)  # models loaded, the camera connected, frames flowing
+        if inference.poll() is not None:
+            raise SystemExit("the inference worker exited")
+        print(
+            f"{'transport':>9} {'clients':>7} {'frames':>6} {'bad':>4} {'p50 ms':>7} "
+            f"{'p95 ms':>7} {'max ms':>7} {'inference CPU':>13}"
+        )
+        url = f"rtsp://127.0.0.1:{rtsp_port}/main"
+        for proto in args.protocols.split(","):
+            for n in (int(c) for c in args.clients.split(",")):
+                sources = [_rtsp(url, proto, args.client_latency)] * n
+                r = _phase(sources, inference.pid, args.seconds, bottom=True)
+                print(
+                    f"{proto:>9} {n:>7} {r['frames']:>6.0f} {r['unreadable']:>4.0f} "
+                    f"{r['p50']:>7.1f} {r['p95']:>7.1f} {r['max']:>7.1f} {r['cpu']:>12.1f}%",
+                    flush=True,
+                )
+    finally:
+        for proc in (streaming, inference):
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        camera.stop()
+    print("inference CPU: share of one core, process utime+stime over the window")
     return 0
 
 

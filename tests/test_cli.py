@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from conftest import MEDIA
@@ -134,3 +136,34 @@ def test_subscribers_receive_typed_frame_messages(tmp_path: Path) -> None:
     assert all(m.pts >= 0 for m in got)
     assert pipeline.meta_bus.dropped > 100
     assert tiny.qsize() == 2
+
+
+def test_camera_password_never_logged(tmp_path: Path) -> None:
+    """A camera that cannot be reached is logged about, again and again, without its
+    password or its URL token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGECAM_")}
+    env |= {
+        "EDGECAM_CAMERAS__0__SOURCE": "rtsp://admin:Hunter2pw@127.0.0.1:1/cam?token=TOK123456",
+        "EDGECAM_VISION__DETECT_FPS": "0",
+        "EDGECAM_RECORDER__RING_DIR": str(tmp_path / "run"),
+    }
+    proc = subprocess.Popen(
+        [*EDGECAM, "-v", "worker", "inference"],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 60
+    while sum("reconnecting" in line for line in lines) < 2 and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=30)[1]
+    stderr = "".join(lines) + rest
+    assert sum("reconnecting" in line for line in lines) >= 2, stderr  # it tried, and logged
+    assert "Hunter2pw" not in stderr and "TOK123456" not in stderr

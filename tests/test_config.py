@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -46,6 +47,9 @@ def test_defaults_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
         ("vision:\n  person_input: 416x416\n", "vision.person_input"),
         ("vision:\n  face_input: [99999, 352]\n", "from 32 to 4096"),
         ("vision:\n  face_detector: yolo\n", "vision.face_detector"),
+        ("cameras:\n  - source: ''\n", "source is empty"),
+        ("cameras:\n  - source: rtsp://u:pw@/x\n", "'rtsp://***@/x' names no host"),
+        ("cameras:\n  - source: rtsp://:554/x\n", "names no host"),
         ("overlay:\n  colours:\n    mask: [300, 0, 0]\n", "overlay.colours.mask.0"),
         ("overlay:\n  colours:\n    mask: [0, -1, 0]\n", "overlay.colours.mask.1"),
         ("encoder:\n  preset: bogus\n", "encoder.preset"),
@@ -251,6 +255,7 @@ def test_command_line_beats_environment_beats_file(
         ({"EDGECAM_VISION__DETECT_FSP": "5"}, "EDGECAM_VISION__DETECT_FSP names no config key"),
         ({"EDGECAM_VISON__DETECT_FPS": "5"}, "EDGECAM_VISON__DETECT_FPS names no config key"),
         ({"EDGECAM_DEVICE__NAME": "x"}, "EDGECAM_DEVICE__NAME names no config key"),
+        ({"EDGECAM_VISION_DETECT_FPS": "5"}, "write EDGECAM_VISION__DETECT_FPS (two underscores)"),
         ({"EDGECAM_CAMERAS__X__SOURCE": "x"}, "'x' is not a list index"),
         ({"EDGECAM_CAMERAS__5__SOURCE": "x"}, "camera index 5 is past the end"),
         ({"EDGECAM_CAMERAS": "notjson"}, "EDGECAM_CAMERAS must be JSON"),
@@ -317,3 +322,70 @@ def test_too_many_cameras(tmp_path: Path) -> None:
     cams = "".join(f"  - name: c{i}\n    rtp_port: {2000 + 10 * i}\n" for i in range(65))
     with pytest.raises(ConfigError, match="cameras: List should have at most 64 items"):
         load_settings(_write(tmp_path, "cameras:\n" + cams))
+
+
+def test_other_edgecam_variables_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Variables of ours that are not config keys (set by the supervisor, by tests).
+    monkeypatch.delenv("EDGECAM_CONFIG", raising=False)
+    monkeypatch.setenv("EDGECAM_SUPERVISOR_PID", "1234")
+    monkeypatch.setenv("EDGECAM_TEST_PG", "postgresql://u:p@h/db")
+    assert load_settings().cameras[0].name == "main"
+
+
+def _leaf_variables() -> list[str]:
+    """EDGECAM_* names of every leaf key of the config tree (list items at index 0)."""
+    from pydantic import BaseModel
+
+    from edgecam.config import Settings
+
+    names: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: list[str]) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, [*prefix, name])
+            elif getattr(ann, "__origin__", None) is list:
+                walk(ann.__args__[0], [*prefix, name, "0"])
+            else:
+                names.append("EDGECAM_" + "__".join(p.upper() for p in [*prefix, name]))
+
+    walk(Settings, [])
+    return names
+
+
+@pytest.mark.parametrize("variable", _leaf_variables())
+def test_every_key_takes_any_value_without_a_crash(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """Every key, set to values of the wrong kind, loads or is one ConfigError line."""
+    for name in [n for n in os.environ if n.startswith("EDGECAM_")]:
+        monkeypatch.delenv(name)
+    for value in ("x", "-1", "1e999", "nan", "inf", "", " ", "[]", "{}", "9" * 30, "true"):
+        monkeypatch.setenv(variable, value)
+        try:
+            load_settings()
+        except ConfigError as exc:
+            assert "\n" not in str(exc)
+
+
+@pytest.mark.parametrize(
+    ("variable", "needle"),
+    [
+        ("EDGECAM_RECORDER__RING_DIR", "recorder.ring_dir: must not be empty"),
+        ("EDGECAM_RECORDER__CLIPS_DIR", "recorder.clips_dir"),
+        ("EDGECAM_VISION__MASK_MODEL", "vision.mask_model"),
+        ("EDGECAM_FILESERVER__HOST", "fileserver.host"),
+        ("EDGECAM_FILESERVER__TOKEN", "fileserver.token"),
+        ("EDGECAM_FILESERVER__LINK_SECRET", "fileserver.link_secret"),
+    ],
+)
+def test_empty_values_are_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str, needle: str
+) -> None:
+    # An empty folder is the current folder, an empty host every interface, an empty
+    # secret no secret: all refused, naming the key.
+    monkeypatch.delenv("EDGECAM_CONFIG", raising=False)
+    monkeypatch.setenv(variable, "")
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_settings()

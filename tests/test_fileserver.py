@@ -476,3 +476,23 @@ def test_idle_and_slow_connections_are_closed(strict_server: int) -> None:
         assert _closed_after(second, head * 10) < 2.5  # the next request's head trickles
     # A normal client is served as before.
     assert _raw(strict_server, "GET", "/health", {})[0] == 200
+
+
+def test_damaged_sidecars_and_odd_files_in_the_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    sidecars = [b"{bad", b"[1, 2]", b'"x"', b'{"a": ' * 5000 + b"1" + b"}" * 5000, b"\xff\xfe"]
+    names = [f"main_2024010{i}T000000Z_abcde{i}.mp4" for i in range(len(sidecars))]
+    for name, sidecar in zip(names, sidecars, strict=True):
+        (folder / name).write_bytes(b"video")
+        (folder / name).with_suffix(".json").write_bytes(sidecar)
+    fifo, directory = "main_20240109T000000Z_abcdef.mp4", "main_20240108T000000Z_abcdef.mp4"
+    os.mkfifo(folder / fifo)  # opening it would block the server
+    (folder / directory).mkdir()
+    with TestClient(create_app(_settings(tmp_path))) as c:
+        r = c.get("/clips", headers=AUTH)
+        assert r.status_code == 200
+        assert sorted(x["name"] for x in r.json()["clips"]) == names
+        assert all(x["meta"] == {} for x in r.json()["clips"])
+        for name in (fifo, directory):
+            assert c.get(f"/clips/{name}", headers=AUTH).status_code == 404

@@ -499,3 +499,13 @@ def test_boxes_map_back_through_the_model_frame_borders(
         Gst.Caps.from_string(f"video/x-raw,format=RGB,width={model[0]},height={model[1]}")
     )
     assert _from_model_frame(caps.get_structure(0), info) == pytest.approx(expected, abs=0.5)
+
+
+def test_live_file_camera_that_is_no_video_is_named(tmp_path: Path) -> None:
+    clip = tmp_path / "notes.mp4"
+    clip.write_text("not a video")
+    settings = Settings.model_validate(
+        {"cameras": [{"source": str(clip), "loop": True}], "vision": {"detect_fps": 0}}
+    )
+    with pytest.raises(SourceError, match=r"notes\.mp4 is not a video file"):
+        Pipeline(settings, mode="live")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -52,6 +54,12 @@ def odd(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     small = _testsrc(d / "a.mp4", "320x240", *x264, "-pix_fmt", "yuv420p")
     large = _testsrc(d / "b.mp4", "640x360", *x264, "-pix_fmt", "yuv420p")
     media["tiny"] = _testsrc(d / "tiny.mp4", "2x2", "-c:v", "mpeg4")
+    # Variable frame rate: 10 fps for a second, then 30: 40 frames in 2 s, nominally 30 fps.
+    media["vfr"] = d / "vfr.mp4"
+    _ffmpeg(
+        *("-f", "lavfi", "-i", "testsrc=s=320x240:r=30:d=2", "-fps_mode", "vfr"),
+        *("-vf", "select='if(lt(t,1),not(mod(n,3)),1)'", "-c:v", "libx264", str(media["vfr"])),
+    )
     # Two video streams (320x240 at 30 fps, 640x480 at 25 fps): the first is the video.
     media["two"] = d / "two.mp4"
     _ffmpeg(
@@ -100,7 +108,7 @@ def _digest(path: Path) -> str:
         ("zero", "is empty (0 bytes), not a video file"),
         ("text", "is not a video file"),
         ("audio", "no video stream in"),
-        ("truncated", "ended early: decoded 58 frames, the header promised 120"),
+        ("truncated", "ended early: decoded 58 frames (2.0 s), the header promised 120 (4.0 s)"),
     ],
 )
 def test_bad_input_is_named(odd: dict[str, Path], tmp_path: Path, name: str, needle: str) -> None:
@@ -120,6 +128,7 @@ def test_bad_input_is_named(odd: dict[str, Path], tmp_path: Path, name: str, nee
         ("mpeg4", (320, 240, 60)),
         ("tiny", (16, 16, 60)),  # 2x2: at least 16 a side for the muxer
         ("two", (320, 240, 60)),  # two video streams: the first one
+        ("vfr", (320, 240, 40)),  # whole, though 40 < 2 s x 30 fps
     ],
 )
 def test_odd_size_and_format_are_processed(
@@ -255,3 +264,28 @@ def test_stopped_run_keeps_the_old_output_and_leaves_nothing(
     assert proc.returncode == status and "Traceback" not in stderr
     assert out.read_bytes() == b"the previous result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.mp4"]
+
+
+def test_events_into_a_pipe_and_outputs_through_symlinks(tmp_path: Path) -> None:
+    # A FIFO (as /dev/stdout is a pipe): written to, not replaced by a renamed file.
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(fifo.read_text().splitlines()))
+    reader.start()
+    res = _process(
+        str(MEDIA / "faces.mp4"), "--out", str(tmp_path / "o.mp4"), "--events", str(fifo)
+    )
+    if reader.is_alive():  # the run never opened the pipe: release the reader
+        with open(fifo, "w"):
+            pass
+    reader.join(timeout=10)
+    assert res.returncode == 0, res.stderr
+    assert len(lines) == 120  # one JSON line a frame, through the pipe
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    real, link = tmp_path / "real.mp4", tmp_path / "link.mp4"
+    real.write_bytes(b"old")
+    link.symlink_to(real)
+    res = _process(str(MEDIA / "faces.mp4"), "--out", str(link))
+    assert res.returncode == 0, res.stderr
+    assert link.is_symlink() and real.stat().st_size > 10_000  # the file it points to

@@ -1,8 +1,11 @@
 """One strict configuration tree, loaded once at start.
 
 Sources, weakest first: built-in defaults, a YAML file (``--config`` or ``EDGECAM_CONFIG``),
-then ``EDGECAM_SECTION__KEY`` environment variables. Every model forbids unknown keys, so a
-misspelt key is an error that names it.
+``EDGECAM_SECTION__KEY`` environment variables (list items by index:
+``EDGECAM_CAMERAS__0__SOURCE``), then command-line flags. Every model forbids unknown keys,
+and an unknown ``EDGECAM_*__*`` variable is refused, so a misspelt key is an error that names
+it. Error messages never hold a secret: whole-section inputs are not echoed, and every
+password, token and URL credential found in the raw config is scrubbed from the text.
 """
 
 from __future__ import annotations
@@ -18,7 +21,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -54,6 +65,15 @@ MODELS_DIR = Path(__file__).parent / "models"
 CONFIG_ENV = "EDGECAM_CONFIG"
 # More cameras than this on one device is a mistake (or a YAML alias bomb), not a setup.
 MAX_CAMERAS = 64
+
+
+def _not_blank(value: Any) -> Any:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must not be empty (an empty path would mean the current folder)")
+    return value
+
+
+_FilePath = Annotated[Path, BeforeValidator(_not_blank)]
 
 
 class _Section(BaseModel):
@@ -99,6 +119,17 @@ class CameraConfig(_Section):
     )
 
     @model_validator(mode="after")
+    def _check_source(self) -> CameraConfig:
+        if not self.source.strip():
+            raise ValueError("source is empty: give a file, rtsp://..., v4l2://... or test://")
+        scheme, sep, rest = self.source.partition("://")
+        if sep and scheme in ("rtsp", "rtsps"):
+            host = rest.partition("/")[0].rpartition("@")[2]
+            if not host or host.startswith(":"):
+                raise ValueError(f"source {redact_url(self.source)!r} names no host")
+        return self
+
+    @model_validator(mode="after")
     def _check_backoff(self) -> CameraConfig:
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
@@ -135,7 +166,7 @@ class VisionConfig(_Section):
         description="Face detector family: centerface (any input size, the default), or "
         "blazeface (MediaPipe BlazeFace full range, a fixed 192x192 input, faster).",
     )
-    face_model: Path | None = Field(
+    face_model: _FilePath | None = Field(
         None,
         description="Face detector ONNX of the vision.face_detector family; default: the "
         "one vendored in edgecam/models.",
@@ -145,13 +176,13 @@ class VisionConfig(_Section):
         description="CenterFace input (width, height), multiples of 32 (BlazeFace: 192x192).",
     )
     face_threshold: float = Field(0.5, gt=0, lt=1, description="Face score threshold.")
-    mask_model: Path = Field(
+    mask_model: _FilePath = Field(
         MODELS_DIR / "mask_classifier.onnx", description="Mask classifier ONNX (224x224 NHWC)."
     )
     mask_crop_margin: float = Field(
         0.3, ge=0, le=1, description="Face box enlargement before classification."
     )
-    person_model: Path = Field(
+    person_model: _FilePath = Field(
         MODELS_DIR / "nanodet_g.onnx", description="NanoDet-family COCO detector ONNX."
     )
     person_input: tuple[int, int] = Field(
@@ -270,11 +301,12 @@ class StreamingConfig(_Section):
     enabled: bool = Field(True, description="Run the RTSP streaming worker.")
     host: str = Field(
         "127.0.0.1",
+        min_length=1,
         description="RTSP listen address; 0.0.0.0 to serve the network (needs user/password).",
     )
     port: int = Field(8554, ge=1, le=65535, description="RTSP port.")
     user: str | None = Field(None, description="RTSP user (authentication when set).")
-    password: SecretStr | None = Field(None, description="RTSP password.")
+    password: SecretStr | None = Field(None, min_length=1, description="RTSP password.")
     allow_anonymous: bool = Field(
         False, description="Serve a non-loopback address without a password (not advised)."
     )
@@ -305,7 +337,7 @@ class StreamingConfig(_Section):
 
 class RecorderConfig(_Section):
     enabled: bool = Field(True, description="Run the recorder worker.")
-    ring_dir: Path = Field(
+    ring_dir: _FilePath = Field(
         Path("/dev/shm/edgecam"), description="RAM-backed folder of recent segments."
     )
     ring_seconds: float = Field(60, ge=4, le=3600, description="Recent video kept in RAM.")
@@ -313,7 +345,7 @@ class RecorderConfig(_Section):
         256 * 1024 * 1024, ge=1024 * 1024, description="Byte cap of the RAM ring."
     )
     segment_s: float = Field(2.0, ge=0.5, le=30, description="Target segment length.")
-    clips_dir: Path = Field(Path("clips"), description="Folder of saved clips.")
+    clips_dir: _FilePath = Field(Path("clips"), description="Folder of saved clips.")
     pre_s: float = Field(10, ge=0, le=600, description="Seconds before the trigger.")
     post_s: float = Field(10, ge=0, le=600, description="Seconds after the trigger.")
     max_clip_s: float = Field(120, ge=1, le=3600, description="Longest clip.")
@@ -342,13 +374,19 @@ class RecorderConfig(_Section):
 
 class FileServerConfig(_Section):
     enabled: bool = Field(True, description="Run the clip file server.")
-    host: str = Field("127.0.0.1", description="HTTP listen address.")
+    host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="HTTP listen address (0.0.0.0 for every interface: say it, not '').",
+    )
     port: int = Field(8081, ge=1, le=65535, description="HTTP port.")
     token: SecretStr | None = Field(
-        None, description="Bearer token; the server refuses to start without one."
+        None, min_length=1, description="Bearer token; the server refuses to start without one."
     )
     link_secret: SecretStr | None = Field(
-        None, description="HMAC key for signed download links (defaults to the token)."
+        None,
+        min_length=1,
+        description="HMAC key for signed download links (defaults to the token).",
     )
     link_ttl_s: int = Field(3600, ge=10, le=7 * 86400, description="Signed link lifetime.")
     public_url: str | None = Field(
@@ -951,6 +989,23 @@ def _set_path(data: dict[str, Any], path: list[str | int], value: Any, name: str
         node = child
 
 
+def _names_config(name: str) -> bool:
+    """Whether ``name`` is meant as a config key: ``EDGECAM_SECTION__KEY`` or a top-level
+    key (``EDGECAM_DEVICE``, ``EDGECAM_CAMERAS``). A name that looks like a key written with
+    one underscore (``EDGECAM_VISION_DETECT_FPS``) is an error; other names are left alone."""
+    rest = name[len(_ENV_PREFIX) :].lower()
+    if "__" in rest or rest in Settings.model_fields:
+        return True
+    section = next((f for f in Settings.model_fields if rest.startswith(f + "_")), None)
+    if section is not None:
+        key = rest[len(section) + 1 :].upper()
+        raise ConfigError(
+            f"environment variable {name} names no config key; for the key {section}.{key.lower()}"
+            f" write EDGECAM_{section.upper()}__{key} (two underscores)"
+        )
+    return False
+
+
 def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     """Put every ``EDGECAM_SECTION__KEY`` variable into ``data``; unknown names are errors.
     Whole values (``EDGECAM_CAMERAS='[...]'``) go first, single keys on top of them."""
@@ -958,6 +1013,8 @@ def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> None
     for name, raw in environ.items():
         if not name.upper().startswith(_ENV_PREFIX) or name.upper() in _NOT_CONFIG_ENV:
             continue
+        if not _names_config(name):
+            continue  # another variable of ours (EDGECAM_SUPERVISOR_PID, a test's ...)
         path, annotation = _env_path(name)
         found.append((len(path), name, path, _env_value(name, raw, annotation)))
     for _depth, name, path, value in sorted(found, key=lambda f: (f[0], f[1])):

@@ -598,7 +598,7 @@ class ClipStore:
     def _sidecar(clip: Path) -> dict[str, Any]:
         try:
             data = json.loads(clip.with_suffix(".json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # a damaged sidecar: no metadata
             return {}
         return data if isinstance(data, dict) else {}
 

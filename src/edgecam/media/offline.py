@@ -25,15 +25,22 @@ __all__ = ["ProcessResult", "process_file"]
 log = logging.getLogger(__name__)
 
 _OUT_SUFFIXES = (".mp4", ".m4v", ".mov")
+# A video that stops short of its container's duration by more than this is truncated (a
+# container's duration may run a little past the video's when another track is longer).
+_END_TOLERANCE_S = 0.5
+_END_TOLERANCE = 0.05
 
 
 class ProcessResult:
     """Figures of one offline run."""
 
-    def __init__(self, frames: int, seconds: float, detections: int) -> None:
+    def __init__(
+        self, frames: int, seconds: float, detections: int, video_end_s: float = 0.0
+    ) -> None:
         self.frames = frames
         self.seconds = seconds
         self.detections = detections
+        self.video_end_s = video_end_s  # stream time where the last frame ends
 
     @property
     def fps(self) -> float:
@@ -51,7 +58,10 @@ class _EventsWriter:
 
     def __init__(self, pipeline: Pipeline, path: Path) -> None:
         self._path = path
-        self._file: IO[str] = path.open("w", encoding="utf-8")
+        try:
+            self._file: IO[str] = path.open("w", encoding="utf-8")
+        except OSError as exc:
+            raise EdgecamError(f"cannot write --events {path}: {exc.strerror}") from exc
         self._error: OSError | None = None
         self._queue = pipeline.meta_bus.subscribe(maxsize=0)
         self._thread = threading.Thread(target=self._run, name="events-writer", daemon=True)
@@ -148,6 +158,34 @@ def _check_outputs(input_path: Path, out: Path, events: Path | None) -> None:
         raise UsageError(f"--events {events} is the --out file; give two different files")
 
 
+class _Output:
+    """One output file of a run: written beside its target and renamed into place on
+    success. A target that exists and is not a regular file (``/dev/stdout``, a FIFO) is
+    written directly: renaming onto it would replace the device or pipe. A symlink is
+    followed: the file it points to is replaced, not the link."""
+
+    def __init__(self, target: Path, option: str) -> None:
+        self.option = option
+        self.direct = target.exists() and not target.is_file()
+        self.target = target.resolve() if target.is_symlink() and not self.direct else target
+        self.writing = self.target
+        self._temp: Path | None = None
+
+    def open(self) -> None:
+        if not self.direct:
+            self._temp = self.writing = _temp_beside(self.target, self.option)
+
+    def commit(self) -> None:
+        if self._temp is not None:
+            os.replace(self._temp, self.target)
+            self._temp = None
+
+    def discard(self) -> None:
+        if self._temp is not None:
+            self._temp.unlink(missing_ok=True)
+            self._temp = None
+
+
 def _temp_beside(target: Path, option: str) -> Path:
     """An empty temporary file in ``target``'s folder (so the final rename is atomic)."""
     try:
@@ -183,27 +221,33 @@ def process_file(
     info = probe_video(input_path)
     cam = settings.cameras[0].model_copy(update={"source": str(input_path), "loop": False})
     settings = settings.model_copy(update={"cameras": [cam]})
-    temps: list[Path] = []
+    outputs = [_Output(out, "--out")] + ([_Output(events, "--events")] if events else [])
     try:
-        tmp_out = _temp_beside(out, "--out")
-        temps.append(tmp_out)
-        tmp_events = _temp_beside(events, "--events") if events is not None else None
-        if tmp_events is not None:
-            temps.append(tmp_events)
-        result = _run(settings, tmp_out, tmp_events, progress, detector)
-        os.replace(tmp_out, out)
-        if tmp_events is not None and events is not None:
-            os.replace(tmp_events, events)
-        temps = []
+        for output in outputs:
+            output.open()
+        result = _run(
+            settings,
+            outputs[0].writing,
+            outputs[1].writing if events else None,
+            progress,
+            detector,
+        )
+        for output in outputs:
+            output.commit()
     finally:
-        for path in temps:
-            path.unlink(missing_ok=True)
-    promised = info.frames_promised
-    if promised is not None and result.frames < promised - max(2, promised // 100):
+        for output in outputs:
+            output.discard()
+    if info.duration_s is not None and result.video_end_s < info.duration_s - max(
+        _END_TOLERANCE_S, _END_TOLERANCE * info.duration_s
+    ):
+        # By time, not by frames: a variable-frame-rate file has fewer frames than its
+        # duration times its nominal rate, and is still whole.
+        promised = info.frames_promised
+        about = f"{promised} ({info.duration_s:.1f} s)" if promised else f"{info.duration_s:.1f} s"
         raise SourceError(
-            f"{input_path} ended early: decoded {result.frames} frames, the header promised "
-            f"{promised} (the file is truncated or damaged); {out} holds the "
-            f"{result.frames} frames"
+            f"{input_path} ended early: decoded {result.frames} frames "
+            f"({result.video_end_s:.1f} s), the header promised {about} (the file is truncated "
+            f"or damaged); {out} holds the {result.frames} frames"
         )
     return result
 
@@ -234,7 +278,10 @@ def _run(
         if writer is not None:
             writer.close()
     result = ProcessResult(
-        pipeline.stats.frames, time.monotonic() - start, pipeline.stats.detections
+        pipeline.stats.frames,
+        time.monotonic() - start,
+        pipeline.stats.detections,
+        pipeline.stats.video_end_s,
     )
     bar.finish(result)
     return result

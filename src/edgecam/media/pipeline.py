@@ -35,6 +35,7 @@ import numpy as np
 from edgecam.config import CameraConfig, EncoderConfig, Settings, redact_url
 from edgecam.errors import PipelineError, SourceError
 from edgecam.media.gst import GLib, Gst, GstVideo, init, require_elements
+from edgecam.media.probe import probe_video
 from edgecam.vision.analytics import Analytics, FrameMeta, MetaBus
 from edgecam.vision.detections import Detections, Detector
 from edgecam.vision.drawing import (
@@ -322,6 +323,7 @@ class PipelineStats:
     detections: int = 0
     detect_seconds: float = 0.0
     restarts: int = 0
+    video_end_s: float = 0.0  # stream time where the latest frame ends
 
 
 class _Results:
@@ -430,6 +432,8 @@ class Pipeline:
             rtp_ports=settings.rtp_ports(self.camera_index) if rtp else (),
         )
         require_elements(layout.elements)
+        if not layout.is_live:  # a file: say what is wrong with it before building anything
+            probe_video(Path(str(layout.source_props["location"])))
         self.is_live_source = layout.is_live
         self._loops = mode == "live" and self.camera.loop and not layout.is_live
         self._layout = layout
@@ -480,6 +484,7 @@ class Pipeline:
                 Gst.PadProbeType.BLOCK_DOWNSTREAM | Gst.PadProbeType.BUFFER, self._on_loop_block
             )
         self._pinned_caps: Gst.Caps | None = None
+        self._source_size: tuple[int, int] | None = None
         conv_sink = self._pipeline.get_by_name("conv").get_static_pad("sink")
         conv_sink.add_probe(Gst.PadProbeType.EVENT_DOWNSTREAM, self._on_source_caps)
         video_q = self._pipeline.get_by_name("video_q")
@@ -515,9 +520,11 @@ class Pipeline:
         self._outage = False
         # Keyframes by time, whatever the frame rate: encoder properties cannot change once
         # playing, and the rate of an RTSP or V4L2 source is known only then.
-        pts = info.get_buffer().pts
+        buf = info.get_buffer()
+        pts = buf.pts
         if pts == Gst.CLOCK_TIME_NONE:
             return Gst.PadProbeReturn.OK
+        self.stats.video_end_s = (pts + self._duration(buf.duration)) / Gst.SECOND
         interval = int(self.settings.encoder.keyframe_s * Gst.SECOND)
         nxt = self._next_keyframe
         if nxt is None or pts >= nxt or pts < nxt - 2 * interval:
@@ -556,11 +563,14 @@ class Pipeline:
         if event.type != Gst.EventType.CAPS:
             return Gst.PadProbeReturn.OK
         s = event.parse_caps().get_structure(0)
+        size = (s.get_value("width"), s.get_value("height"))
         if self._pinned_caps is None:
             self._pinned_caps = _pinned_caps(s)
+            self._source_size = size
             self._pipeline.get_by_name(_FIT_CAPS).set_property("caps", self._pinned_caps)
             log.debug("camera %s: video pinned to %s", self.camera.name, self._pinned_caps)
-        else:
+        elif size != self._source_size:
+            self._source_size = size
             log.info(
                 "camera %s: source caps changed to %dx%d; scaled to %s",
                 self.camera.name,
