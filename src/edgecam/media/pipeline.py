@@ -726,6 +726,8 @@ class Pipeline:
     # -- life -------------------------------------------------------------------------------
 
     def _fail(self, message: str) -> None:
+        if self._error is not None:
+            return  # the first failure is the cause; the others follow from it
         self._error = message
         self._results.close()
         err = GLib.Error.new_literal(Gst.CoreError.quark(), message, Gst.CoreError.FAILED)
