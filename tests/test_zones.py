@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from edgecam.config import LineConfig
+from edgecam.config import AlertsConfig, LineConfig, Settings
+from edgecam.device.events import FrameSummary, LineFrame, ZoneFrame, parse_event
+from edgecam.device.rules import RuleEngine
+from edgecam.device.stats import IntervalStats
+from edgecam.protocol import Stats
+from edgecam.vision.analytics import Analytics
+from edgecam.vision.detections import Detections
 from edgecam.vision.zones import LineState, ZoneCounter, ZoneState
 
 SIZE = (1000, 1000)  # pixels; the anchor of each box below is its bottom centre
@@ -175,3 +183,128 @@ def test_points_in_concave_zone() -> None:
 def test_counter_rejects_mismatched_arrays() -> None:
     with pytest.raises(ValueError, match="2 ids for 1 boxes"):
         ZoneCounter({}, _vertical()).update(0.0, [1, 2], [_box(0.1, 0.1)], SIZE)
+
+
+# -- through the device: frame summaries, interval statistics, alert rules ---------------------
+
+
+def _zone(occupancy: int, longest: float = 0.0, entered: int = 0, dwell: tuple = ()) -> ZoneFrame:
+    return ZoneFrame(occupancy=occupancy, entered=entered, dwell_s=list(dwell), longest_s=longest)
+
+
+def test_interval_stats_per_zone_and_line() -> None:
+    stats = IntervalStats(start=0.0)
+    stats.add_frame(1, [], {"q": _zone(1, 0.0, entered=1)}, {"door": LineFrame(crossed_in=1)})
+    stats.add_frame(1, [], {"q": _zone(2, 4.0, entered=1)}, {"door": LineFrame()})
+    stats.add_frame(1, [], {"q": _zone(1, 2.0, dwell=(5.0,))}, {"door": LineFrame(crossed_out=2)})
+    stats.add_frame(1, [], {"q": _zone(0, dwell=(3.0, 1.0))}, {"door": LineFrame(crossed_in=1)})
+    zone = stats.zone_figures()["q"]
+    assert (zone.occupancy_peak, zone.entries, zone.exits) == (2, 2, 3)
+    assert zone.dwell_median_s == 3.0 and zone.dwell_max_s == 5.0
+    assert stats.line_figures() == {"door": {"in": 2, "out": 2}}
+    # A stay still going on at the end of the interval counts towards the longest.
+    later = IntervalStats(start=1.0)
+    later.add_frame(1, [], {"q": _zone(1, 42.0)})
+    assert later.zone_figures()["q"].dwell_max_s == 42.0
+    assert later.zone_figures()["q"].dwell_median_s is None
+    stats_msg = Stats(
+        device="d",
+        camera="c",
+        seq=1,
+        start=0,
+        end=1,
+        zones=stats.zone_figures(),
+        lines=stats.line_figures(),
+    )
+    wire = json.loads(stats_msg.model_dump_json())
+    assert wire["zones"]["q"]["dwell_max_s"] == 5.0 and wire["lines"]["door"] == {"in": 2, "out": 2}
+
+
+def _engine(**rules: dict[str, object]) -> RuleEngine:
+    return RuleEngine(AlertsConfig.model_validate(rules))
+
+
+def test_zone_occupancy_rule_per_zone_with_hold_clear_and_cooldown() -> None:
+    engine = _engine(
+        zone_occupancy={"max_people": 1, "hold_s": 1, "clear_s": 2, "cooldown_s": 10},
+        occupancy={"enabled": False},
+    )
+    two = {"queue": _zone(2), "door": _zone(0)}
+    assert engine.on_frame("cam", 0.0, 1, [], two) == []
+    (raised,) = engine.on_frame("cam", 1.0, 1, [], two)
+    assert raised.alert.rule == "zone_occupancy" and raised.alert.subject == "cam/queue"
+    assert "zone queue" in raised.alert.message and raised.alert.value == 2
+    assert engine.on_frame("cam", 2.0, 1, [], {"queue": _zone(1)}) == []
+    (ended,) = engine.on_frame("cam", 4.0, 1, [], {"queue": _zone(1)})
+    assert ended.change == "ended"
+    assert engine.on_frame("cam", 5.0, 1, [], two) == []
+    assert engine.on_frame("cam", 7.0, 1, [], two) == []  # cooling down until 14
+    # Only the zones listed, when some are.
+    engine.set_rule("zone_occupancy", {"zones": ["door"], "cooldown_s": 0})
+    assert engine.on_frame("cam", 20.0, 1, [], two) == []
+    assert engine.on_frame("cam", 22.0, 1, [], two) == []
+
+
+def test_dwell_rule_trips_on_the_longest_stay() -> None:
+    engine = _engine(dwell={"max_s": 30})
+    assert engine.on_frame("c", 0.0, 1, [], {"q": _zone(1, 29.0)}) == []
+    (raised,) = engine.on_frame("c", 1.0, 1, [], {"q": _zone(1, 30.5)})
+    assert raised.alert.rule == "dwell" and raised.alert.threshold == 30
+    (ended,) = engine.on_frame("c", 2.0, 1, [], {"q": _zone(0)})
+    assert ended.change == "ended"
+    assert engine.set_rule("dwell", {"max_s": 60})["max_s"] == 60
+    with pytest.raises(ValueError, match="max_s"):
+        engine.set_rule("dwell", {"max_s": -1})
+
+
+def test_line_crossing_rule_only_in_the_forbidden_direction() -> None:
+    engine = _engine(line_crossing={"forbidden": {"exit": "in"}, "clear_s": 5})
+    assert engine.on_frame("c", 0.0, 1, [], lines={"exit": LineFrame(crossed_out=3)}) == []
+    assert engine.on_frame("c", 0.0, 1, [], lines={"other": LineFrame(crossed_in=3)}) == []
+    (raised,) = engine.on_frame("c", 1.0, 1, [], lines={"exit": LineFrame(crossed_in=1)})
+    assert raised.alert.rule == "line_crossing" and raised.alert.subject == "c/exit"
+    assert engine.on_frame("c", 3.0, 1, [], lines={"exit": LineFrame(crossed_in=1)}) == []
+    assert engine.on_frame("c", 7.0, 1, [], lines={"exit": LineFrame()}) == []  # 4 s quiet
+    (ended,) = engine.on_frame("c", 8.0, 1, [], lines={"exit": LineFrame()})
+    assert ended.change == "ended"
+    assert "line_crossing" in engine.describe()
+
+
+def test_frame_summary_carries_zones_and_lines() -> None:
+    summary = FrameSummary(
+        worker="inference",
+        camera="c",
+        frame=3,
+        wall_time=1.0,
+        zones={"q": _zone(2, 1.5, entered=1, dwell=(0.5,))},
+        lines={"door": LineFrame(crossed_in=1)},
+    )
+    back = parse_event(summary.model_dump_json().encode())
+    assert back == summary
+
+
+def test_analytics_puts_zones_and_lines_in_frame_meta_and_events() -> None:
+    settings = Settings.model_validate(
+        {
+            "vision": {"profile": "people"},
+            "tracker": {"min_age_frames": 0, "initialization_delay": 0},
+            "cameras": [
+                {
+                    "zones": {"right": [[0.5, 0], [1, 0], [1, 1], [0.5, 1]]},
+                    "lines": {"mid": {"start": [0.5, 0], "end": [0.5, 1]}},
+                }
+            ],
+        }
+    )
+    analytics = Analytics(settings, "main")
+    metas = []
+    for k, x in enumerate(np.linspace(0.2, 0.8, 80).tolist()):
+        box = np.array([_box(x, 0.5)], dtype=np.float32)
+        metas.append(analytics.step(k / FPS, Detections(box, np.ones(1, np.float32)), SIZE))
+    event = metas[-1].to_event()
+    assert event["lines"]["mid"]["in"] == 1 and event["lines"]["mid"]["out"] == 0
+    assert event["zones"]["right"]["occupancy"] == 1
+    assert sum(len(m.to_event()["zones"]["right"]["entered"]) for m in metas) == 1
+    assert {"frame", "pts", "tracks", "counts"} <= set(event)
+    plain = Analytics(Settings(), "main").step(0.0, None, SIZE).to_event()
+    assert set(plain) == {"frame", "pts", "tracks", "counts"}  # no zones: the old event
