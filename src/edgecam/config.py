@@ -164,7 +164,14 @@ class PrivacyConfig(_Section):
         description="A face no longer detected or tracked stays hidden where it was this long.",
     )
     blocks: int = Field(
-        8, ge=2, le=64, description="Pixelate: blocks across a face; blur: samples across it."
+        8, ge=2, le=64, description="Pixelate: blocks across a face; blur: half as many samples."
+    )
+    blind_after_s: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="With faces hidden: before the detector's first look, and when it has not "
+        "looked for this long, the whole picture is hidden (privacy fails closed).",
     )
 
     @field_validator("masks")
@@ -683,6 +690,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _privacy_needs_pixels(self) -> Settings:
+        if self.vision.detect_fps == 0:
+            for cam in self.cameras:
+                if cam.privacy.faces != "off":
+                    raise ValueError(
+                        f"camera {cam.name}: privacy.faces needs the detector "
+                        "(vision.detect_fps > 0)"
+                    )
         if self.overlay.element == "cairooverlay":
             for cam in self.cameras:
                 if cam.privacy.faces in ("blur", "pixelate"):

@@ -47,6 +47,7 @@ class FrameMeta:
     zones: tuple[ZoneState, ...] = ()
     lines: tuple[LineState, ...] = ()
     hidden: tuple[Rect, ...] = ()  # face regions no output may show (source pixels)
+    blind: bool = False  # faces are hidden but unknown: no output may show this frame
 
     def to_event(self) -> dict[str, Any]:
         """The ``--events`` JSON object for this frame (``zones`` and ``lines`` only for a
@@ -217,6 +218,7 @@ class Analytics:
         zones: tuple[ZoneState, ...] = ()
         lines: tuple[LineState, ...] = ()
         hidden: tuple[Rect, ...] = ()
+        blind = False
         if frame_size is not None and not self._zones.empty:
             people = [t for t in infos if t.counted]
             zones, lines = self._zones.update(
@@ -233,6 +235,7 @@ class Analytics:
                 faces.xyxy if faces is not None else None,
                 frame_size,
             )
+            blind = self._faces.blind
         return FrameMeta(
             camera=self._camera,
             frame=frame,
@@ -245,4 +248,5 @@ class Analytics:
             zones=zones,
             lines=lines,
             hidden=hidden,
+            blind=blind,
         )

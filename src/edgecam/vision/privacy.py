@@ -20,7 +20,9 @@ import numpy.typing as npt
 
 from edgecam.config import PrivacyConfig
 
-__all__ = ["FaceHold", "Rect"]
+Planes = tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], npt.NDArray[np.uint8]]
+
+__all__ = ["FaceHold", "Rect", "face_patch", "fill_patch"]
 
 Rect = tuple[int, int, int, int]  # x1, y1, x2, y2 in pixels, x2/y2 exclusive
 
@@ -37,8 +39,11 @@ class FaceHold:
     def __init__(self, config: PrivacyConfig) -> None:
         self._margin = config.margin
         self._hold = config.hold_s
+        self._blind_after = config.blind_after_s
         self._tracks: dict[int, _Seen] = {}
         self._detections: list[_Seen] = []
+        self._last_look: float | None = None
+        self.blind = True
 
     def update(
         self,
@@ -48,12 +53,18 @@ class FaceHold:
         detections: npt.ArrayLike | None,
         frame_size: tuple[int, int],
     ) -> tuple[Rect, ...]:
-        """The rectangles to hide at video time ``t`` (s); boxes in source pixels."""
+        """The rectangles to hide at video time ``t`` (s); boxes in source pixels.
+        ``detections`` is None where the detector did not look at this frame; after the
+        call, :attr:`blind` says whether the whole picture must be hidden (the detector has
+        not looked yet, or not for ``blind_after_s``)."""
         boxes = np.asarray(track_boxes, dtype=np.float64).reshape(-1, 4)
         for tid, box in zip(np.asarray(track_ids).reshape(-1).tolist(), boxes, strict=True):
             self._tracks[int(tid)] = _Seen(box, t)
         if detections is not None:
             self._detections += [_Seen(b, t) for b in np.asarray(detections).reshape(-1, 4)]
+            self._last_look = t
+        last = self._last_look
+        self.blind = last is None or not 0 <= t - last <= self._blind_after
         horizon = t - self._hold
         # A timeline that went back (a looped file, a restarted source) forgets everything.
         self._tracks = {k: s for k, s in self._tracks.items() if horizon <= s.t <= t}
@@ -76,3 +87,58 @@ def _expand(
     grown[:, [1, 3]] = np.clip(grown[:, [1, 3]], 0, h)
     keep = (grown[:, 2] > grown[:, 0]) & (grown[:, 3] > grown[:, 1])
     return tuple((int(a), int(b), int(c), int(d)) for a, b, c, d in grown[keep].tolist())
+
+
+def _block_means(
+    plane: npt.NDArray[np.uint8], y1: int, y2: int, x1: int, x2: int, by: int, bx: int
+) -> npt.NDArray[np.float32]:
+    """(by, bx) means of ``plane[y1:y2, x1:x2]`` cut into a grid; reads that region only."""
+    region = plane[y1:y2, x1:x2].astype(np.float32)
+    h, w = region.shape
+    rows = (np.arange(by) * h) // by
+    cols = (np.arange(bx) * w) // bx
+    sums = np.add.reduceat(np.add.reduceat(region, rows, axis=0), cols, axis=1)
+    counts = np.diff(np.append(rows, h))[:, None] * np.diff(np.append(cols, w))[None, :]
+    return np.asarray(sums / counts, dtype=np.float32)
+
+
+def fill_patch(colour: tuple[int, int, int]) -> npt.NDArray[np.uint8]:
+    """A 2x2 opaque BGRA image of ``colour``, for the overlay to scale to any rectangle."""
+    r, g, b = colour
+    return np.tile(np.array([b, g, r, 255], dtype=np.uint8), (2, 2, 1))
+
+
+def face_patch(
+    planes: Planes,
+    rect: Rect,
+    mode: str,
+    blocks: int,
+    colour: tuple[int, int, int],
+) -> npt.NDArray[np.uint8]:
+    """The opaque BGRA image that hides ``rect`` of an I420 frame (``planes`` Y, U, V).
+
+    ``fill``: a 2x2 image of ``colour``; ``blur``: ``blocks / 2`` block means across the
+    face, to be scaled up smoothly (linearly) by the overlay; ``pixelate``: ``blocks`` block means
+    across it, repeated to the rectangle's size. Only the rectangle's pixels are read.
+    """
+    x1, y1, x2, y2 = rect
+    w, h = x2 - x1, y2 - y1
+    if mode == "fill" or w < 2 or h < 2:
+        return fill_patch(colour)
+    if mode == "blur":  # smooth upscaling shows more than blocks: take fewer samples
+        blocks = max(2, blocks // 2)
+    bx = max(1, min(blocks, w // 2))
+    by = max(1, min(round(blocks * h / w), h // 2))
+    y_plane, u_plane, v_plane = planes
+    luma = _block_means(y_plane, y1, y2, x1, x2, by, bx)
+    cy1, cy2, cx1, cx2 = y1 // 2, (y2 + 1) // 2, x1 // 2, (x2 + 1) // 2
+    u = _block_means(u_plane, cy1, cy2, cx1, cx2, by, bx) - 128
+    v = _block_means(v_plane, cy1, cy2, cx1, cx2, by, bx) - 128
+    c = 1.164 * (luma - 16)  # BT.601, limited range
+    bgr = np.stack([c + 2.017 * u, c - 0.392 * u - 0.813 * v, c + 1.596 * v], axis=-1)
+    image = np.empty((by, bx, 4), dtype=np.uint8)
+    image[..., :3] = np.clip(bgr + 0.5, 0, 255)
+    image[..., 3] = 255
+    if mode == "pixelate":
+        image = image[(np.arange(h) * by) // h][:, (np.arange(w) * bx) // w]
+    return np.ascontiguousarray(image)
