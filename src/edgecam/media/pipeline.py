@@ -646,9 +646,8 @@ class Pipeline:
             return None
         masks, regions = self._static_layers(self._frame_size)
         composition = None
-        # Blended in this order: privacy first, so that nothing drawn is hidden by it.
-        for pixels, x, y, w, h in masks:
-            composition = _add_rectangle(composition, pixels, x, y, w, h)
+        # Blended in this order: faces hidden first (their boxes are drawn over them), the
+        # drawings, then the privacy masks over everything (nothing drawn shows inside one).
         if meta.blind:
             fill = fill_patch(self.camera.privacy.colour)
             composition = _add_rectangle(composition, fill.tobytes(), 0, 0, *self._frame_size, 2, 2)
@@ -660,7 +659,7 @@ class Pipeline:
             cfg = self.settings.overlay
             layers += [render_box(b, cfg, self._frame_size[0]) for b in draws.boxes]
             layers += [self._text(t) for t in draws.texts]
-        for pixels, x, y, w, h in layers:
+        for pixels, x, y, w, h in [*layers, *masks]:
             composition = _add_rectangle(composition, pixels, x, y, w, h)
         return composition
 
@@ -673,10 +672,11 @@ class Pipeline:
         hidden = meta.hidden if privacy.faces == "fill" else ()
         if meta.blind:
             hidden = ((0, 0, *self._frame_size),)
-        paint_on_context(ctx, masks, hidden, privacy.colour, regions)
+        paint_on_context(ctx, hidden, privacy.colour, regions)
         draws = self._draw_list(meta)
         if draws is not None:
             draw_on_context(ctx, draws, self.settings.overlay)
+        paint_on_context(ctx, (), privacy.colour, masks)
 
     def _on_handoff(self, _identity: Gst.Element, buf: Gst.Buffer) -> None:
         self._frame_step(buf.pts, buf.duration)

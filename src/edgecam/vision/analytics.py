@@ -220,9 +220,10 @@ class Analytics:
         hidden: tuple[Rect, ...] = ()
         blind = False
         if frame_size is not None and not self._zones.empty:
-            people = [t for t in infos if t.counted]
+            # Every shown track, counted or not yet: one that is still young when it
+            # crosses (just out of a group, say) must not be missed.
             zones, lines = self._zones.update(
-                pts, [t.id for t in people], [t.box for t in people], frame_size
+                pts, [t.id for t in infos], [t.box for t in infos], frame_size
             )
         face_tracks = tracks
         if self._face_tracker is not None:

@@ -325,21 +325,18 @@ def draw_on_context(ctx: cairo.Context, draws: DrawList, cfg: OverlayConfig) -> 
 
 def paint_on_context(
     ctx: cairo.Context,
-    masks: list[Rendered],
     hidden: tuple[tuple[int, int, int, int], ...],
     colour: RGB,
-    regions: list[Rendered],
+    images: list[Rendered],
 ) -> None:
-    """The cairooverlay backend's privacy and regions: the mask images, the hidden face
-    rectangles filled with ``colour``, then the zones and lines."""
-    for pixels, x, y, w, h in masks:
-        _paint_image(ctx, pixels, x, y, w, h)
+    """The cairooverlay backend's privacy and regions: the ``hidden`` rectangles filled with
+    ``colour``, then pre-rendered images (zones and lines, or privacy masks)."""
     if hidden:
         ctx.set_source_rgb(*(c / 255.0 for c in colour))
         for x1, y1, x2, y2 in hidden:
             ctx.rectangle(x1, y1, x2 - x1, y2 - y1)
         ctx.fill()
-    for pixels, x, y, w, h in regions:
+    for pixels, x, y, w, h in images:
         _paint_image(ctx, pixels, x, y, w, h)
 
 

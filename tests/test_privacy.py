@@ -1,0 +1,101 @@
+"""Privacy on real clips: no face found in the output where the input has one, and privacy
+masks filled uniformly, in the one encoded stream every output comes from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import MEDIA
+
+from edgecam.config import VisionConfig, load_settings
+from edgecam.media.offline import process_file
+from edgecam.vision.detectors import CenterFaceDetector
+
+FACES = MEDIA / "faces.mp4"  # 120 frames, one face in every one of them
+# At most this many frames of 120 (under 2 %) may still show a face a detector finds.
+LEAK_TOLERANCE = 2
+MASK = [[0.0, 0.6], [0.35, 0.6], [0.35, 1.0], [0.0, 1.0]]  # bottom-left corner
+MASK_RGB = (255, 0, 255)
+
+
+def _frames(path: Path) -> list[np.ndarray]:
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    capture.release()
+    return frames
+
+
+@pytest.fixture(scope="module")
+def face_detector() -> CenterFaceDetector:
+    cfg = VisionConfig()
+    return CenterFaceDetector(cfg.face_model, cfg.face_input, cfg.face_threshold, threads=1)
+
+
+def _faces(detector: CenterFaceDetector, frames: list[np.ndarray]) -> list[int]:
+    size = detector.input_size
+    return [
+        len(detector.detect(cv2.resize(f, size, interpolation=cv2.INTER_LINEAR))) for f in frames
+    ]
+
+
+def _process(tmp_path: Path, privacy: dict[str, object], **overrides: object) -> list[np.ndarray]:
+    settings = load_settings(**{"cameras": [{"privacy": privacy}], **overrides})
+    out = tmp_path / "out.mp4"
+    process_file(settings, FACES, out, progress=False)
+    frames = _frames(out)
+    assert len(frames) == 120
+    return frames
+
+
+@pytest.mark.parametrize(
+    ("mode", "overrides"),
+    [
+        ("pixelate", {}),
+        ("blur", {}),
+        ("fill", {}),
+        ("fill", {"overlay.element": "cairooverlay"}),
+        # The people profile finds no faces itself: a face detector runs beside it.
+        ("pixelate", {"vision.profile": "people"}),
+    ],
+)
+def test_no_face_is_found_in_the_output(
+    tmp_path: Path, face_detector: CenterFaceDetector, mode: str, overrides: dict[str, object]
+) -> None:
+    inputs = _faces(face_detector, _frames(FACES))
+    assert sum(1 for n in inputs if n) == 120  # the detector does see the face in the input
+    outputs = _faces(face_detector, _process(tmp_path, {"faces": mode}, **overrides))
+    leaks = [i for i, (a, b) in enumerate(zip(inputs, outputs, strict=True)) if a and b]
+    assert len(leaks) <= LEAK_TOLERANCE, f"faces found in output frames {leaks}"
+
+
+def test_without_privacy_the_face_is_in_the_output(
+    tmp_path: Path, face_detector: CenterFaceDetector
+) -> None:
+    # The check above means something: the same run without privacy shows the face.
+    outputs = _faces(face_detector, _process(tmp_path, {"faces": "off"}))
+    assert sum(1 for n in outputs if n) >= 110
+
+
+@pytest.mark.parametrize("element", ["overlaycomposition", "cairooverlay"])
+def test_privacy_mask_is_uniformly_filled_on_every_frame(tmp_path: Path, element: str) -> None:
+    # The face's box and label are drawn, and must not show inside the mask either.
+    frames = _process(
+        tmp_path, {"masks": [MASK], "colour": list(MASK_RGB)}, **{"overlay.element": element}
+    )
+    h, w = frames[0].shape[:2]
+    # The polygon's inside, 4 px in from its edges (chroma is shared by 2x2 pixels).
+    x2, y1 = int(0.35 * w) - 4, int(0.6 * h) + 4
+    for frame in frames:
+        inside = frame[y1:h, 0:x2].reshape(-1, 3).astype(np.int64)
+        assert np.abs(inside - MASK_RGB).max() <= 24, "mask not the mask colour"
+        assert inside.std(axis=0).max() < 2.0, "mask not uniform"
+    outside = frames[60][: int(0.6 * h) - 8, :].reshape(-1, 3).astype(np.int64)
+    assert outside.std(axis=0).min() > 10  # the rest of the picture is still the picture
