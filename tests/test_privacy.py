@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from conftest import MEDIA
 
-from edgecam.config import VisionConfig, load_settings
+from edgecam.config import PrivacyConfig, VisionConfig, load_settings
 from edgecam.media.offline import process_file
 from edgecam.vision.detectors import CenterFaceDetector
+from edgecam.vision.privacy import FaceHold, face_patch
 
 FACES = MEDIA / "faces.mp4"  # 120 frames, one face in every one of them
 # At most this many frames of 120 (under 2 %) may still show a face a detector finds.
@@ -99,3 +100,61 @@ def test_privacy_mask_is_uniformly_filled_on_every_frame(tmp_path: Path, element
         assert inside.std(axis=0).max() < 2.0, "mask not uniform"
     outside = frames[60][: int(0.6 * h) - 8, :].reshape(-1, 3).astype(np.int64)
     assert outside.std(axis=0).min() > 10  # the rest of the picture is still the picture
+
+
+# -- which regions are hidden, frame by frame (no video) ----------------------------------------
+
+
+def _hold(**kw: object) -> FaceHold:
+    return FaceHold(PrivacyConfig.model_validate({"faces": "blur", "margin": 0, **kw}))
+
+
+SIZE = (1000, 500)
+
+
+def test_the_whole_picture_is_hidden_until_the_detector_has_looked() -> None:
+    hold = _hold(blind_after_s=1.0)
+    assert hold.update(0.0, [], np.zeros((0, 4)), None, SIZE) == () and hold.blind
+    hold.update(0.1, [], np.zeros((0, 4)), np.zeros((0, 4)), SIZE)  # looked: nobody there
+    assert not hold.blind
+    hold.update(1.0, [], np.zeros((0, 4)), None, SIZE)
+    assert not hold.blind
+    hold.update(1.2, [], np.zeros((0, 4)), None, SIZE)  # no look for more than 1 s
+    assert hold.blind
+
+
+def test_a_face_stays_hidden_for_the_hold_time_after_it_is_lost() -> None:
+    hold = _hold(hold_s=0.5)
+    box = [[100, 100, 150, 160]]
+    assert hold.update(0.0, [7], box, box, SIZE) == ((100, 100, 151, 161),)
+    # The tracker moves it between detections; then loses it.
+    assert hold.update(0.1, [7], [[110, 100, 160, 160]], None, SIZE) == ((110, 100, 161, 161),)
+    assert hold.update(0.4, [], np.zeros((0, 4)), None, SIZE) == ((110, 100, 161, 161),)
+    assert hold.update(0.7, [], np.zeros((0, 4)), None, SIZE) == ()
+
+
+def test_an_unconfirmed_detection_is_hidden_and_covered_ones_are_not_repeated() -> None:
+    hold = _hold(hold_s=1.0, margin=0.5)
+    # Detected, no track yet (the tracker waits for a second detection): hidden, with margin.
+    assert hold.update(0.0, [], np.zeros((0, 4)), [[100, 100, 140, 140]], SIZE) == (
+        (80, 80, 161, 161),
+    )
+    # The track takes over: one rectangle, not the track's and the old detection's.
+    rects = hold.update(0.1, [3], [[102, 100, 142, 140]], [[102, 100, 142, 140]], SIZE)
+    assert rects == ((82, 80, 163, 161),)
+    # Clipped to the picture.
+    assert hold.update(0.2, [4], [[980, 480, 1010, 520]], None, SIZE)[-1] == (965, 460, 1000, 500)
+
+
+def test_face_patch_reads_only_its_rectangle_and_is_opaque() -> None:
+    y = np.full((100, 100), 16, np.uint8)
+    u = np.full((50, 50), 128, np.uint8)
+    v = np.full((50, 50), 128, np.uint8)
+    y[20:60, 20:60] = 235  # a white square on black
+    for mode, shape in (("fill", (2, 2)), ("blur", (4, 4)), ("pixelate", (48, 48))):
+        image = face_patch((y, u, v), (20, 20, 60, 60), mode, 8, (1, 2, 3))
+        assert image.shape[:2] == shape and (image[..., 3] == 255).all()
+        if mode == "fill":
+            assert image[0, 0].tolist() == [3, 2, 1, 255]  # BGRA
+        else:
+            assert image[..., :3].min() >= 250  # white: nothing from outside was read

@@ -30,6 +30,7 @@ BENCHES: dict[str, str] = {
     "latency": "bench/bench_latency.py",
     "crops": "bench/bench_crops.py",
     "device": "bench/bench_device.py",
+    "zones": "bench/bench_zones.py",
 }
 
 

@@ -319,8 +319,7 @@ class _Results:
             self._pending.clear()
 
 
-def _add_rectangle(
-    composition: Any,
+def _rectangle(
     pixels: bytes,
     x: int,
     y: int,
@@ -329,8 +328,9 @@ def _add_rectangle(
     image_width: int | None = None,
     image_height: int | None = None,
 ) -> Any:
-    """``composition`` (a new one when None) with a premultiplied BGRA image placed at
-    (x, y), scaled to ``width`` x ``height`` when the image's own size differs."""
+    """An overlay rectangle of a premultiplied BGRA image placed at (x, y), scaled to
+    ``width`` x ``height`` when the image's own size differs. A rectangle used again on later
+    frames keeps the overlay's converted (and scaled) copy of its pixels."""
     buf = Gst.Buffer.new_wrapped(pixels)
     GstVideo.buffer_add_video_meta(
         buf,
@@ -339,12 +339,18 @@ def _add_rectangle(
         image_width or width,
         image_height or height,
     )
-    rect = GstVideo.VideoOverlayRectangle.new_raw(
+    return GstVideo.VideoOverlayRectangle.new_raw(
         buf, x, y, width, height, GstVideo.VideoOverlayFormatFlags.PREMULTIPLIED_ALPHA
     )
-    if composition is None:
-        return GstVideo.VideoOverlayComposition.new(rect)
-    composition.add_rectangle(rect)
+
+
+def _compose(composition: Any, rectangles: list[Any]) -> Any:
+    """``composition`` (a new one when None) with ``rectangles`` added, in order."""
+    for rect in rectangles:
+        if composition is None:
+            composition = GstVideo.VideoOverlayComposition.new(rect)
+        else:
+            composition.add_rectangle(rect)
     return composition
 
 
@@ -388,6 +394,8 @@ class Pipeline:
         self._frame_size: tuple[int, int] | None = None
         self._frame_dur = int(1e9 / 30)  # until the caps tell
         self._text_cache: dict[tuple[str, tuple[int, int, int]], Rendered] = {}
+        self._text_rects: dict[tuple[str, tuple[int, int, int], int, int], Any] = {}
+        self._static_rects: dict[tuple[int, int], tuple[list[Any], list[Any]]] = {}
         # Per frame size: the privacy masks and the zones and lines, drawn once.
         self._static: dict[tuple[int, int], tuple[list[Rendered], list[Rendered]]] = {}
         self._label_positions: dict[str, tuple[int, int]] = {}
@@ -628,40 +636,55 @@ class Pipeline:
                 for i, shape in enumerate(((h, w), (ch, cw), (ch, cw)))
             ]
             y, u, v = planes
-            for rect in meta.hidden:
-                image = face_patch((y, u, v), rect, privacy.faces, privacy.blocks, privacy.colour)
-                x1, y1, x2, y2 = rect
+            for face in meta.hidden:
+                image = face_patch((y, u, v), face, privacy.faces, privacy.blocks, privacy.colour)
+                x1, y1, x2, y2 = face
                 ih, iw = image.shape[:2]
-                composition = _add_rectangle(
-                    composition, image.tobytes(), x1, y1, x2 - x1, y2 - y1, iw, ih
-                )
+                patch = _rectangle(image.tobytes(), x1, y1, x2 - x1, y2 - y1, iw, ih)
+                composition = _compose(composition, [patch])
         finally:
             buf.unmap(mapinfo)
         return composition
+
+    def _static_rectangles(self, size: tuple[int, int]) -> tuple[list[Any], list[Any]]:
+        """(privacy masks, zones and lines) as overlay rectangles, made once per size."""
+        rects = self._static_rects.get(size)
+        if rects is None:
+            masks, regions = self._static_layers(size)
+            rects = ([_rectangle(*m) for m in masks], [_rectangle(*r) for r in regions])
+            self._static_rects = {size: rects}
+        return rects
+
+    def _text_rectangle(self, text: DrawText) -> Any:
+        key = (text.text, text.colour, text.x, text.y)
+        rect = self._text_rects.get(key)
+        if rect is None:
+            if len(self._text_rects) >= _TEXT_CACHE:
+                self._text_rects.clear()
+            rect = self._text_rects[key] = _rectangle(*self._text(text))
+        return rect
 
     def _on_draw_composition(self, _overlay: Gst.Element, sample: Gst.Sample) -> Any:
         buf = sample.get_buffer()
         meta = self._frame_step(buf.pts, buf.duration)
         if self._frame_size is None:
             return None
-        masks, regions = self._static_layers(self._frame_size)
+        masks, regions = self._static_rectangles(self._frame_size)
         composition = None
         # Blended in this order: faces hidden first (their boxes are drawn over them), the
         # drawings, then the privacy masks over everything (nothing drawn shows inside one).
         if meta.blind:
-            fill = fill_patch(self.camera.privacy.colour)
-            composition = _add_rectangle(composition, fill.tobytes(), 0, 0, *self._frame_size, 2, 2)
+            fill = fill_patch(self.camera.privacy.colour).tobytes()
+            composition = _compose(None, [_rectangle(fill, 0, 0, *self._frame_size, 2, 2)])
         elif meta.hidden:
             composition = self._hide_faces(sample, meta, composition)
-        layers = list(regions)
+        rects = list(regions)
         draws = self._draw_list(meta)
         if draws is not None:
             cfg = self.settings.overlay
-            layers += [render_box(b, cfg, self._frame_size[0]) for b in draws.boxes]
-            layers += [self._text(t) for t in draws.texts]
-        for pixels, x, y, w, h in [*layers, *masks]:
-            composition = _add_rectangle(composition, pixels, x, y, w, h)
-        return composition
+            rects += [_rectangle(*render_box(b, cfg, self._frame_size[0])) for b in draws.boxes]
+            rects += [self._text_rectangle(t) for t in draws.texts]
+        return _compose(composition, [*rects, *masks])
 
     def _on_draw_cairo(self, _overlay: Gst.Element, ctx: Any, pts: int, dur: int) -> None:
         meta = self._frame_step(pts, dur)

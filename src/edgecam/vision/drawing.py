@@ -7,6 +7,7 @@ and a GStreamer element (overlaycomposition or cairooverlay) blends them in C.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ RGB = tuple[int, int, int]
 Rendered = tuple[bytes, int, int, int, int]
 _ZONE_COLOUR: RGB = (255, 220, 0)
 _LINE_COLOUR: RGB = (255, 60, 200)
-_ZONE_FILL_ALPHA = 0.12
+_PIECE_PX = 48
 _ARROW_PX = 28
 
 
@@ -161,56 +162,53 @@ def _done(surface: cairo.ImageSurface, x: int, y: int) -> Rendered:
     return bytes(surface.get_data()), x, y, surface.get_width(), surface.get_height()
 
 
+def _stroke(
+    points: list[tuple[float, float]], colour: RGB, width: int, size: tuple[int, int]
+) -> list[Rendered]:
+    """A polyline as small images along it, each piece at most ``_PIECE_PX`` long: the
+    overlay blends every image's whole area on every frame, so a long diagonal edge must not
+    become one big, mostly transparent image."""
+    out: list[Rendered] = []
+    rgb = tuple(c / 255 for c in colour)
+    for (x1, y1), (x2, y2) in itertools.pairwise(points):
+        n = max(1, math.ceil(math.hypot(x2 - x1, y2 - y1) / _PIECE_PX))
+        for k in range(n):
+            ax, ay = x1 + (x2 - x1) * k / n, y1 + (y2 - y1) * k / n
+            bx, by = x1 + (x2 - x1) * (k + 1) / n, y1 + (y2 - y1) * (k + 1) / n
+            surface, ctx, x, y = _surface(
+                min(ax, bx), min(ay, by), max(ax, bx), max(ay, by), width, size
+            )
+            ctx.set_source_rgb(*rgb)
+            ctx.set_line_width(width)
+            ctx.set_line_cap(cairo.LINE_CAP_ROUND)
+            ctx.move_to(ax, ay)
+            ctx.line_to(bx, by)
+            ctx.stroke()
+            out.append(_done(surface, x, y))
+    return out
+
+
 def render_regions(cam: CameraConfig, cfg: OverlayConfig, size: tuple[int, int]) -> list[Rendered]:
-    """The camera's zones (outline, light fill) and lines (with an arrow to the "in" side),
-    as images of their own extent: drawn once per frame size, blended on every frame."""
+    """The camera's zones (outlines) and lines (with an arrow to the "in" side), as small
+    images along their strokes: drawn once per frame size, blended on every frame."""
     out: list[Rendered] = []
     lw = cfg.line_width
     if cfg.enabled and cfg.draw_zones:
         for polygon in cam.zones.values():
             pts = _pixels(polygon, size)
-            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-            surface, ctx, x, y = _surface(min(xs), min(ys), max(xs), max(ys), lw, size)
-            ctx.move_to(*pts[0])
-            for p in pts[1:]:
-                ctx.line_to(*p)
-            ctx.close_path()
-            r, g, b = (c / 255 for c in _ZONE_COLOUR)
-            ctx.set_source_rgba(r, g, b, _ZONE_FILL_ALPHA)
-            ctx.fill_preserve()
-            ctx.set_source_rgb(r, g, b)
-            ctx.set_line_width(lw)
-            ctx.stroke()
-            out.append(_done(surface, x, y))
+            out += _stroke([*pts, pts[0]], _ZONE_COLOUR, lw, size)
     if cfg.enabled and cfg.draw_lines:
         for line in cam.lines.values():
-            (x1, y1), (x2, y2) = _pixels([line.start, line.end], size)
+            start, end = _pixels([line.start, line.end], size)
             nx, ny = _line_normal(line.start, line.end, line.in_side)
-            mx, my = (x1 + x2) / 2, (y1 + y2) / 2
+            mx, my = (start[0] + end[0]) / 2, (start[1] + end[1]) / 2
             tip = (mx + nx * _ARROW_PX, my + ny * _ARROW_PX)
-            surface, ctx, x, y = _surface(
-                min(x1, x2, tip[0]),
-                min(y1, y2, tip[1]),
-                max(x1, x2, tip[0]),
-                max(y1, y2, tip[1]),
-                lw + 8,
-                size,
-            )
-            ctx.set_source_rgb(*(c / 255 for c in _LINE_COLOUR))
-            ctx.set_line_width(lw)
-            ctx.move_to(x1, y1)
-            ctx.line_to(x2, y2)
-            ctx.move_to(mx, my)
-            ctx.line_to(*tip)
-            ctx.stroke()
-            # The arrow head: two short strokes back from the tip.
-            for turn in (0.5, -0.5):
+            out += _stroke([start, end], _LINE_COLOUR, lw, size)
+            out += _stroke([(mx, my), tip], _LINE_COLOUR, lw, size)
+            for turn in (0.5, -0.5):  # the arrow head: two short strokes back from the tip
                 ax = nx * math.cos(turn) - ny * math.sin(turn)
                 ay = nx * math.sin(turn) + ny * math.cos(turn)
-                ctx.move_to(*tip)
-                ctx.line_to(tip[0] - ax * 10, tip[1] - ay * 10)
-            ctx.stroke()
-            out.append(_done(surface, x, y))
+                out += _stroke([tip, (tip[0] - ax * 10, tip[1] - ay * 10)], _LINE_COLOUR, lw, size)
     return out
 
 

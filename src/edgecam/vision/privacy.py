@@ -20,6 +20,7 @@ import numpy.typing as npt
 
 from edgecam.config import PrivacyConfig
 
+_PIXELATE_REPEAT = 6
 Planes = tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], npt.NDArray[np.uint8]]
 
 __all__ = ["FaceHold", "Rect", "face_patch", "fill_patch"]
@@ -61,7 +62,15 @@ class FaceHold:
         for tid, box in zip(np.asarray(track_ids).reshape(-1).tolist(), boxes, strict=True):
             self._tracks[int(tid)] = _Seen(box, t)
         if detections is not None:
-            self._detections += [_Seen(b, t) for b in np.asarray(detections).reshape(-1, 4)]
+            found = np.asarray(detections, dtype=np.float64).reshape(-1, 4)
+            # A detection a track covers needs no rectangle of its own; nor does an older
+            # one that a track or a newer detection now covers.
+            fresh = found[~_covered(found, boxes)]
+            current = np.concatenate([boxes, fresh])
+            self._detections = [
+                s for s in self._detections if not _covered(s.box[None], current)[0]
+            ]
+            self._detections += [_Seen(b, t) for b in fresh]
             self._last_look = t
         last = self._last_look
         self.blind = last is None or not 0 <= t - last <= self._blind_after
@@ -73,6 +82,16 @@ class FaceHold:
         if not seen:
             return ()
         return _expand(np.stack(seen), self._margin, frame_size)
+
+
+def _covered(boxes: npt.NDArray[np.float64], by: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
+    """Which of ``boxes`` have their centre inside one of ``by``."""
+    if not len(boxes) or not len(by):
+        return np.zeros(len(boxes), dtype=bool)
+    cx = (boxes[:, 0] + boxes[:, 2])[:, None] / 2
+    cy = (boxes[:, 1] + boxes[:, 3])[:, None] / 2
+    inside = (by[:, 0] <= cx) & (cx <= by[:, 2]) & (by[:, 1] <= cy) & (cy <= by[:, 3])
+    return np.asarray(inside.any(axis=1))
 
 
 def _expand(
@@ -118,8 +137,9 @@ def face_patch(
     """The opaque BGRA image that hides ``rect`` of an I420 frame (``planes`` Y, U, V).
 
     ``fill``: a 2x2 image of ``colour``; ``blur``: ``blocks / 2`` block means across the
-    face, to be scaled up smoothly (linearly) by the overlay; ``pixelate``: ``blocks`` block means
-    across it, repeated to the rectangle's size. Only the rectangle's pixels are read.
+    face, to be scaled up smoothly (linearly) by the overlay; ``pixelate``: ``blocks`` block
+    means across it, each repeated 6 x 6 for the overlay to scale up. Only the rectangle's
+    pixels are read.
     """
     x1, y1, x2, y2 = rect
     w, h = x2 - x1, y2 - y1
@@ -140,5 +160,7 @@ def face_patch(
     image[..., :3] = np.clip(bgr + 0.5, 0, 255)
     image[..., 3] = 255
     if mode == "pixelate":
-        image = image[(np.arange(h) * by) // h][:, (np.arange(w) * bx) // w]
+        # Each block repeated a few times: the overlay's smooth scaling then softens only a
+        # thin seam between blocks, at a fraction of the pixels of a full-size image.
+        image = np.repeat(np.repeat(image, _PIXELATE_REPEAT, axis=0), _PIXELATE_REPEAT, axis=1)
     return np.ascontiguousarray(image)
