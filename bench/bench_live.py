@@ -18,7 +18,7 @@ After a warm-up, over a measuring window it reports:
 * RSS: the max of VmRSS sampled every 100 ms, and VmHWM.
 
     .venv/bin/python bench/bench_live.py [CLIP] [--seconds 40] [--warmup 5] [--profile mask]
-        [--camera-json '{"privacy": {"faces": "pixelate"}, "zones": {...}}']
+        [--synthetic N] [--camera-json '{"privacy": {"faces": "pixelate"}, "zones": {...}}']
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from edgecam.config import load_settings
 from edgecam.device.workers import limit_malloc_arenas
 from edgecam.media.gst import Gst
 from edgecam.media.pipeline import Pipeline
+from edgecam.vision.synthetic import SyntheticDetector
 
 FPS = 30
 TARGET_DETS = 8.0
@@ -170,6 +171,12 @@ def main() -> int:
     parser.add_argument("--profile", default="mask", choices=["mask", "people"])
     parser.add_argument("--detect-fps", type=float, default=10)
     parser.add_argument(
+        "--synthetic",
+        type=int,
+        default=None,
+        help="a SyntheticDetector of N moving boxes instead of the models (a known load)",
+    )
+    parser.add_argument(
         "--camera-json",
         default="{}",
         help='more camera keys, e.g. \'{"privacy": {"faces": "pixelate"}}\'',
@@ -186,7 +193,8 @@ def main() -> int:
         f"clip {args.clip}; profile {args.profile}; camera {args.camera_json}; {c.machine_note()}"
     )
     rss_imports = c.proc_status_kb("VmRSS") / 1024
-    with Pipeline(settings, mode="live", rtp=True) as pipeline:
+    detector = SyntheticDetector(args.synthetic) if args.synthetic is not None else None
+    with Pipeline(settings, mode="live", rtp=True, detector=detector) as pipeline:
         rss_built = c.proc_status_kb("VmRSS") / 1024
         monitor = Monitor(pipeline, args.warmup)
         result: dict[str, Any] = {}

@@ -111,14 +111,12 @@ def _expand(
 def _block_means(
     plane: npt.NDArray[np.uint8], y1: int, y2: int, x1: int, x2: int, by: int, bx: int
 ) -> npt.NDArray[np.float32]:
-    """(by, bx) means of ``plane[y1:y2, x1:x2]`` cut into a grid; reads that region only."""
-    region = plane[y1:y2, x1:x2].astype(np.float32)
-    h, w = region.shape
-    rows = (np.arange(by) * h) // by
-    cols = (np.arange(bx) * w) // bx
-    sums = np.add.reduceat(np.add.reduceat(region, rows, axis=0), cols, axis=1)
-    counts = np.diff(np.append(rows, h))[:, None] * np.diff(np.append(cols, w))[None, :]
-    return np.asarray(sums / counts, dtype=np.float32)
+    """(by, bx) means of ``plane[y1:y2, x1:x2]`` cut into equal blocks (a remainder of fewer
+    than a block's rows or columns left out); reads that region only."""
+    kh, kw = max(1, (y2 - y1) // by), max(1, (x2 - x1) // bx)
+    region = plane[y1 : y1 + by * kh, x1 : x1 + bx * kw]
+    sums = region.reshape(by, kh, bx, kw).sum(axis=(1, 3), dtype=np.uint32)
+    return np.asarray(sums, dtype=np.float32) / (kh * kw)
 
 
 def fill_patch(colour: tuple[int, int, int]) -> npt.NDArray[np.uint8]:
@@ -147,11 +145,13 @@ def face_patch(
         return fill_patch(colour)
     if mode == "blur":  # smooth upscaling shows more than blocks: take fewer samples
         blocks = max(2, blocks // 2)
-    bx = max(1, min(blocks, w // 2))
-    by = max(1, min(round(blocks * h / w), h // 2))
+    # On the chroma grid (every second luma pixel each way): a block mean of a quarter of
+    # the block's pixels is as good a mean, and reads 4x less.
     y_plane, u_plane, v_plane = planes
-    luma = _block_means(y_plane, y1, y2, x1, x2, by, bx)
     cy1, cy2, cx1, cx2 = y1 // 2, (y2 + 1) // 2, x1 // 2, (x2 + 1) // 2
+    bx = max(1, min(blocks, cx2 - cx1))
+    by = max(1, min(round(blocks * h / w), cy2 - cy1))
+    luma = _block_means(y_plane[::2, ::2], cy1, cy2, cx1, cx2, by, bx)
     u = _block_means(u_plane, cy1, cy2, cx1, cx2, by, bx) - 128
     v = _block_means(v_plane, cy1, cy2, cx1, cx2, by, bx) - 128
     c = 1.164 * (luma - 16)  # BT.601, limited range
