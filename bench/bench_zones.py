@@ -12,6 +12,9 @@
    each minus the baseline's. Rounds are interleaved and each keeps its best, as the machine
    is shared.
 3. **The pure functions** alone (timeit): ``ZoneCounter.update`` and ``face_patch``.
+4. **The overlay's blending** alone: ``videotestsrc`` 720p I420 into ``overlaycomposition``
+   handing the same rectangles on every frame, against none: what images of each shape
+   cost to blend (it grows with the rows an image spans, and with its area).
 
     .venv/bin/python bench/bench_zones.py [--rounds 2] [--seconds 4] [--skip-accuracy]
 """
@@ -199,6 +202,50 @@ def _zone_step(
     return step
 
 
+def blending(frames: int = 300) -> list[list[object]]:
+    from edgecam.media.gst import Gst, init
+    from edgecam.media.pipeline import _compose, _rectangle
+
+    init()
+
+    def image(w: int, h: int, x: int, y: int) -> Any:
+        pixels = np.zeros((h, w, 4), np.uint8)
+        pixels[::7] = 255  # some opaque rows, the rest transparent
+        return _rectangle(pixels.tobytes(), x, y, w, h)
+
+    def run(rects: list[Any]) -> float:
+        composition = _compose(None, rects) if rects else None
+        pipe = Gst.parse_launch(
+            f"videotestsrc num-buffers={frames} pattern=black ! "
+            "video/x-raw,format=I420,width=1280,height=720 ! overlaycomposition name=o ! fakesink"
+        )
+        pipe.get_by_name("o").connect("draw", lambda _o, _s: composition)
+        t0 = time.perf_counter()
+        pipe.set_state(Gst.State.PLAYING)
+        pipe.get_bus().timed_pop_filtered(Gst.CLOCK_TIME_NONE, Gst.MessageType.EOS)
+        pipe.set_state(Gst.State.NULL)
+        return (time.perf_counter() - t0) * 1000 / frames
+
+    fill = np.full((2, 2, 4), 255, np.uint8).tobytes()
+    cases: dict[str, list[Any]] = {
+        "nothing": [],
+        "one 1200x600 image": [image(1200, 600, 40, 60)],
+        "one 100x600 image (tall, thin)": [image(100, 600, 40, 60)],
+        "one 1200x60 image (wide, short)": [image(1200, 60, 40, 60)],
+        "100 images 54x9": [image(54, 9, (i * 60) % 1200, 60 + i // 20 * 12) for i in range(100)],
+        "100 images 9x54": [image(9, 54, (i * 20) % 1200, 60 + i // 60 * 60) for i in range(100)],
+        "20 images 190x126 (faces)": [
+            image(190, 126, (i % 5) * 250, (i // 5) * 150) for i in range(20)
+        ],
+        "20 2x2 images scaled to 190x126": [
+            _rectangle(fill, (i % 5) * 250, (i // 5) * 150, 190, 126, 2, 2) for i in range(20)
+        ],
+    }
+    times = {name: min(run(rects) for _ in range(2)) for name, rects in cases.items()}
+    base = times["nothing"]
+    return [[name, t, t - base] for name, t in times.items()]
+
+
 def _us(func: Callable[[], None]) -> float:
     timer = timeit.Timer(func)
     number, _ = timer.autorange()
@@ -244,6 +291,8 @@ def main() -> int:
         )
     print("\n3. The pure functions (best of 5, microseconds a call)")
     print(c.table(["function", "us"], micro()))
+    print("\n4. The overlay's blending at 720p (best of 2 runs of 300 frames)")
+    print(c.table(["images on every frame", "ms/frame", "+ ms"], blending()))
     print(f"\nend: {c.machine_note()}")
     return 0
 

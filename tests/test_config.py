@@ -147,6 +147,21 @@ def test_cli_config_check_and_show(tmp_path: Path) -> None:
     assert "recorder.pre_s" in res.stderr
 
 
+def test_cli_config_check_names_a_bad_zone_and_line(tmp_path: Path) -> None:
+    bad = _write(
+        tmp_path,
+        "cameras:\n  - name: door\n"
+        "    zones:\n      bow: [[0, 0], [1, 1], [1, 0], [0, 1]]\n"
+        "    lines:\n      entry: {start: [0.5, 0.5], end: [0.5, 0.5]}\n",
+    )
+    res = _cli("config", "check", str(bad))
+    assert res.returncode == 2
+    assert "cameras.0.lines.entry" in res.stderr and "zero length" in res.stderr
+    bad.write_text("cameras:\n  - zones:\n      bow: [[0, 0], [1, 1], [1, 0], [0, 1]]\n")
+    res = _cli("config", "check", str(bad))
+    assert res.returncode == 2 and "zone 'bow': the polygon crosses itself" in res.stderr
+
+
 def test_streaming_auth_rules() -> None:
     from edgecam.config import StreamingConfig
 
