@@ -99,9 +99,47 @@ def test_a_gap_mid_crossing_counts_once() -> None:
     assert _totals(states) == (1, 0)
 
 
+def _run_seen(
+    counter: ZoneCounter, path: list[tuple[float, float]], seen: list[bool]
+) -> list[tuple[tuple[ZoneState, ...], tuple[LineState, ...]]]:
+    return [
+        counter.update(k / FPS, [1], [_box(*p)], SIZE, seen=[s])
+        for k, (p, s) in enumerate(zip(path, seen, strict=True))
+    ]
+
+
+def test_a_track_drifting_on_estimates_alone_counts_nothing() -> None:
+    # Detected left of the line, then only the tracker's estimate carries it over (a false
+    # track, or someone who stopped where the detector lost them): no crossing, no entry.
+    path = _walk(0.2, 0.4, 10) + _walk(0.42, 0.8, 20)
+    seen = [True] * 10 + [False] * 20
+    square = {"right": [(0.6, 0.2), (0.95, 0.2), (0.95, 0.8), (0.6, 0.8)]}
+    states = _run_seen(ZoneCounter(square, _vertical()), path, seen)
+    assert _totals(states) == (0, 0)
+    assert all(not z[0].ids for z, _ in states)
+
+
+def test_an_estimated_crossing_counts_once_when_a_detection_confirms_it() -> None:
+    # Detections every third frame (30 fps video, 10 detections a second).
+    path = _walk(0.2, 0.8, 31)
+    seen = [k % 3 == 0 for k in range(31)]
+    states = _run_seen(ZoneCounter({}, _vertical()), path, seen)
+    assert _totals(states) == (1, 0)
+    (frame,) = [k for k, (_, lines) in enumerate(states) if lines[0].crossings]
+    assert seen[frame]  # counted on a detection frame
+
+
+def test_a_track_first_seen_on_the_line_comes_from_the_half_it_is_in() -> None:
+    # Out of a crowd standing at the line, 1 % right of it (inside the 3 % band), then left.
+    path = [(0.51, 0.5)] * 5 + _walk(0.51, 0.2, 10)
+    assert _totals(_run(ZoneCounter({}, _vertical()), [{1: p} for p in path])) == (0, 1)
+    path = [(0.51, 0.5)] * 5 + _walk(0.51, 0.8, 10)  # back the way it came: nothing
+    assert _totals(_run(ZoneCounter({}, _vertical()), [{1: p} for p in path])) == (0, 0)
+
+
 def test_leaving_the_frame_in_the_band_and_a_new_id_count_nothing() -> None:
     frames = [{1: p} for p in _walk(0.2, 0.5, 10)] + [{}] * 3
-    frames += [{2: p} for p in _walk(0.55, 0.8, 5)]
+    frames += [{2: p} for p in _walk(0.56, 0.8, 5)]
     states = _run(ZoneCounter({}, _vertical()), frames)
     assert _totals(states) == (0, 0)
     # The same id coming back after its track ended starts afresh too.

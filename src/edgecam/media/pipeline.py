@@ -163,7 +163,9 @@ def describe(
             q = "queue name=infer_q max-size-buffers=8 max-size-bytes=0 max-size-time=0"
             sink = "appsink name=infer_sink sync=false async=false max-buffers=4 drop=false"
         parts.append(
-            f"t. ! {q} ! videoscale ! videoconvert ! "
+            # Stretched, not letterboxed: the detections are scaled back to the source by
+            # width and height alone, so black borders would shift every box.
+            f"t. ! {q} ! videoscale add-borders=false ! videoconvert ! "
             f"video/x-raw,format=RGB,width={w},height={h},pixel-aspect-ratio=1/1 ! {sink}"
         )
         elements += ["videoscale", "appsink"]

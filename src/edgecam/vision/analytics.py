@@ -30,6 +30,7 @@ class TrackInfo:
     label: str
     score: float
     counted: bool
+    seen: bool = True  # a detection matched it on this frame (False: the tracker's estimate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +207,14 @@ class Analytics:
                 if x2 - x1 < 1 or y2 - y1 < 1:
                     continue
             infos.append(
-                TrackInfo(tid, (x1, y1, x2, y2), label, float(tracks.confidence[k]), counted)
+                TrackInfo(
+                    tid,
+                    (x1, y1, x2, y2),
+                    label,
+                    float(tracks.confidence[k]),
+                    counted,
+                    bool(update.matched[k]),
+                )
             )
         now = time.monotonic()
         if self._last_wall:
@@ -223,7 +231,11 @@ class Analytics:
             # Every shown track, counted or not yet: one that is still young when it
             # crosses (just out of a group, say) must not be missed.
             zones, lines = self._zones.update(
-                pts, [t.id for t in infos], [t.box for t in infos], frame_size
+                pts,
+                [t.id for t in infos],
+                [t.box for t in infos],
+                frame_size,
+                seen=[t.seen for t in infos],
             )
         face_tracks = tracks
         if self._face_tracker is not None:

@@ -13,8 +13,15 @@ same tracks always give the same counts. Each track is reduced to one anchor poi
   step); while it is in the band its last side is kept. So one standing on the line counts
   nothing, one who crosses and comes back counts one in and one out, and one the tracker
   carries through a detector gap counts once. The crossing must pass within the segment
-  (its ends extended by the band). A track seen first in the band, or whose id changes
-  (the tracker lost it), only learns its side: a crossing needs one identity both sides.
+  (its ends extended by the band). A track seen first in the band comes from the half of
+  the band it is in. A track whose id changes (the tracker lost it) starts afresh: a
+  crossing needs one identity on both sides.
+
+Only positions a detection confirmed change anything: between detections the tracker's
+estimate carries a box on at its last speed, and a track the detector has stopped finding
+(someone who stopped, or a false track) would drift through a line or into a zone while it
+lives. A crossing (or an entry, an exit) made by an estimate counts when the next detection
+of that track confirms it, once; if none comes, it never happened.
 """
 
 from __future__ import annotations
@@ -125,7 +132,7 @@ class ZoneCounter:
         self._zone_band_share = zone_band
         self._zone_band = 0.0
         self._size: tuple[int, int] | None = None
-        self._last_seen: dict[int, float] = {}
+        self._last_seen: dict[int, float] = {}  # live track -> when last detected
 
     @property
     def empty(self) -> bool:
@@ -171,21 +178,35 @@ class ZoneCounter:
         ids: npt.ArrayLike,
         boxes: npt.ArrayLike,
         frame_size: tuple[int, int],
+        seen: npt.ArrayLike | None = None,
     ) -> tuple[tuple[ZoneState, ...], tuple[LineState, ...]]:
-        """One frame at video time ``t`` (s): the tracks' ids and boxes (pixels)."""
+        """One frame at video time ``t`` (s): the tracks' ids and boxes (pixels), and which
+        of them a detection matched on this frame (``seen``; None: all)."""
         self._resize(frame_size)
         track_ids = [int(i) for i in np.asarray(ids).reshape(-1)]
         box_array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         if len(track_ids) != len(box_array):
             raise ValueError(f"{len(track_ids)} ids for {len(box_array)} boxes")
+        confirmed = (
+            [True] * len(track_ids)
+            if seen is None
+            else [bool(v) for v in np.asarray(seen).reshape(-1)]
+        )
+        if len(confirmed) != len(track_ids):
+            raise ValueError(f"{len(confirmed)} seen flags for {len(track_ids)} ids")
         present = set(track_ids)
         gone = {tid: seen for tid, seen in self._last_seen.items() if tid not in present}
-        for tid in present:
-            self._last_seen[tid] = t
+        for tid, sure in zip(track_ids, confirmed, strict=True):
+            if sure or tid not in self._last_seen:
+                self._last_seen[tid] = t  # a track that ends left when last detected
         for tid in gone:
             del self._last_seen[tid]
-        zones = tuple(self._update_zone(z, t, track_ids, box_array, gone) for z in self._zones)
-        lines = tuple(self._update_line(ln, track_ids, box_array, gone) for ln in self._lines)
+        zones = tuple(
+            self._update_zone(z, t, track_ids, box_array, confirmed, gone) for z in self._zones
+        )
+        lines = tuple(
+            self._update_line(ln, track_ids, box_array, confirmed, gone) for ln in self._lines
+        )
         return zones, lines
 
     def _update_zone(
@@ -194,6 +215,7 @@ class ZoneCounter:
         t: float,
         ids: list[int],
         boxes: FloatArray,
+        confirmed: list[bool],
         gone: dict[int, float],
     ) -> ZoneState:
         exited: list[tuple[int, float]] = []
@@ -205,7 +227,9 @@ class ZoneCounter:
         if ids:
             depth = _depth(anchors(boxes, self._zone_anchor), zone.pixels)
             band = self._zone_band
-            for tid, d in zip(ids, depth.tolist(), strict=True):
+            for tid, d, sure in zip(ids, depth.tolist(), confirmed, strict=True):
+                if not sure:
+                    continue  # an estimate: wait for a detection to say where it is
                 inside = tid in zone.entered_at
                 if not inside and d > band:
                     zone.entered_at[tid] = t
@@ -222,7 +246,12 @@ class ZoneCounter:
         )
 
     def _update_line(
-        self, line: _Line, ids: list[int], boxes: FloatArray, gone: dict[int, float]
+        self,
+        line: _Line,
+        ids: list[int],
+        boxes: FloatArray,
+        confirmed: list[bool],
+        gone: dict[int, float],
     ) -> LineState:
         for tid in gone:
             line.side.pop(tid, None)
@@ -232,8 +261,16 @@ class ZoneCounter:
             signed = rel @ line.normal
             along = rel @ line.along
             band = line.band
-            for tid, s, a in zip(ids, signed.tolist(), along.tolist(), strict=True):
+            for tid, s, a, sure in zip(
+                ids, signed.tolist(), along.tolist(), confirmed, strict=True
+            ):
+                if not sure:
+                    continue  # an estimate: keep the last side
                 if abs(s) <= band:
+                    if tid not in line.side and s != 0:
+                        # First seen on the line (out of a crowd, say): the half it is on
+                        # is where it comes from.
+                        line.side[tid] = (1 if s > 0 else -1, s, a)
                     continue  # on the line: keep the last side
                 side = 1 if s > 0 else -1
                 before = line.side.get(tid)
