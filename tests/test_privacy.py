@@ -194,3 +194,29 @@ def test_face_patch_reads_only_its_rectangle_and_is_opaque() -> None:
             assert image[0, 0].tolist() == [3, 2, 1, 255]  # BGRA
         else:
             assert image[..., :3].min() >= 250  # white: nothing from outside was read
+
+
+def test_boxes_line_up_with_the_picture_whatever_its_aspect(
+    face_detector: CenterFaceDetector, five_faces: Path
+) -> None:
+    # An 880x640 source (not the model's 640x352 shape): the pipeline's face boxes must be
+    # where the detector finds the faces on the picture itself (it once letterboxed the
+    # detector's frame, shifting every box towards the middle).
+    from edgecam.media.pipeline import Pipeline
+
+    settings = load_settings(
+        **{"cameras": [{"source": str(five_faces)}], "tracker.initialization_delay": 0}
+    )
+    pipeline = Pipeline(settings, mode="offline", rtp=False)
+    frames = pipeline.meta_bus.subscribe(maxsize=0)
+    with pipeline:
+        pipeline.start()
+        pipeline.run()
+    third = [frames.get() for _ in range(3)][-1]
+    got = np.array(sorted(t.box for t in third.tracks))
+    picture = _frames(five_faces)[2]
+    w, h = face_detector.input_size
+    direct = face_detector.detect(cv2.resize(picture, (w, h))).scaled(880 / w, 640 / h)
+    want = np.array(sorted(tuple(float(v) for v in b) for b in direct.xyxy))
+    assert got.shape == want.shape == (5, 4)
+    assert np.abs(got - want).max() <= 3
