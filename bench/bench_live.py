@@ -18,11 +18,13 @@ After a warm-up, over a measuring window it reports:
 * RSS: the max of VmRSS sampled every 100 ms, and VmHWM.
 
     .venv/bin/python bench/bench_live.py [CLIP] [--seconds 40] [--warmup 5] [--profile mask]
+        [--synthetic N] [--camera-json '{"privacy": {"faces": "pixelate"}, "zones": {...}}']
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
@@ -39,6 +41,7 @@ from edgecam.config import load_settings
 from edgecam.device.workers import limit_malloc_arenas
 from edgecam.media.gst import Gst
 from edgecam.media.pipeline import Pipeline
+from edgecam.vision.synthetic import SyntheticDetector
 
 FPS = 30
 TARGET_DETS = 8.0
@@ -176,17 +179,31 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=5, help="seconds before measuring")
     parser.add_argument("--profile", default="mask", choices=["mask", "people"])
     parser.add_argument("--detect-fps", type=float, default=10)
+    parser.add_argument(
+        "--synthetic",
+        type=int,
+        default=None,
+        help="a SyntheticDetector of N moving boxes instead of the models (a known load)",
+    )
+    parser.add_argument(
+        "--camera-json",
+        default="{}",
+        help='more camera keys, e.g. \'{"privacy": {"faces": "pixelate"}}\'',
+    )
     args = parser.parse_args()
 
     socks, port = udp_pair()
-    cam = {"source": str(args.clip), "loop": True, "rtp_port": port}
+    cam = {**json.loads(args.camera_json), "source": str(args.clip), "loop": True, "rtp_port": port}
     limit_malloc_arenas()  # as `edgecam run` / `edgecam worker inference` do
     settings = load_settings(
         **{"cameras": [cam], "vision.profile": args.profile, "vision.detect_fps": args.detect_fps}
     )
-    print(f"clip {args.clip}; profile {args.profile}; {c.machine_note()}")
+    print(
+        f"clip {args.clip}; profile {args.profile}; camera {args.camera_json}; {c.machine_note()}"
+    )
     rss_imports = c.proc_status_kb("VmRSS") / 1024
-    with Pipeline(settings, mode="live", rtp=True) as pipeline:
+    detector = SyntheticDetector(args.synthetic) if args.synthetic is not None else None
+    with Pipeline(settings, mode="live", rtp=True, detector=detector) as pipeline:
         rss_built = c.proc_status_kb("VmRSS") / 1024
         monitor = Monitor(pipeline, args.warmup)
         result: dict[str, Any] = {}

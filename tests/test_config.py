@@ -60,12 +60,70 @@ def test_defaults_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
         ("vision: [\n", "not valid YAML"),
         ("streaming:\n  user: alice\n", "user and password must be set together"),
         ("streaming:\n  host: 0.0.0.0\n", "needs user and password"),
+        (
+            "cameras:\n  - zones:\n      bow: [[0, 0], [1, 1], [1, 0], [0, 1]]\n",
+            "cameras.0.zones: zone 'bow': the polygon crosses itself",
+        ),
+        (
+            "cameras:\n  - zones:\n      tiny: [[0, 0], [1, 1]]\n",
+            "zone 'tiny': a polygon needs at least 3 points, got 2",
+        ),
+        (
+            "cameras:\n  - zones:\n      flat: [[0, 0], [0.5, 0.5], [1, 1]]\n",
+            "zone 'flat': the polygon has no area",
+        ),
+        (
+            "cameras:\n  - zones:\n      big: [[0, 0], [1.5, 0], [0, 1]]\n",
+            "cameras.0.zones.big.1.0: Input should be less than or equal to 1",
+        ),
+        ("cameras:\n  - zones:\n      'a b': [[0, 0], [1, 0], [0, 1]]\n", "cameras.0.zones.a b"),
+        (
+            "cameras:\n  - lines:\n      door: {start: [0.5, 0.2], end: [0.5, 0.2]}\n",
+            "cameras.0.lines.door: the line has zero length",
+        ),
+        (
+            "cameras:\n  - lines:\n      door: {start: [0.5, -0.1], end: [0.5, 1]}\n",
+            "cameras.0.lines.door.start.1: Input should be greater than or equal to 0",
+        ),
+        ("cameras:\n  - lines:\n      door: {start: [0.5, 0]}\n", "cameras.0.lines.door.end"),
+        (
+            "cameras:\n  - lines:\n      door: {start: [0, 0], end: [1, 1], in_side: up}\n",
+            "cameras.0.lines.door.in_side",
+        ),
+        (
+            "cameras:\n  - privacy:\n      masks: [[[0, 0], [1, 1], [1, 0], [0, 1]]]\n",
+            "cameras.0.privacy.masks: mask 0: the polygon crosses itself",
+        ),
+        ("cameras:\n  - privacy:\n      faces: smudge\n", "cameras.0.privacy.faces"),
+        (
+            "overlay:\n  element: cairooverlay\ncameras:\n  - privacy:\n      faces: blur\n",
+            "needs overlay.element overlaycomposition",
+        ),
+        ("alerts:\n  line_crossing:\n    forbidden: {door: sideways}\n", "forbidden.door"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(_write(tmp_path, text))
     assert needle in str(info.value)
+
+
+def test_zones_lines_and_privacy_parse(tmp_path: Path) -> None:
+    s = load_settings(
+        _write(
+            tmp_path,
+            "cameras:\n  - name: door\n"
+            "    zones:\n      queue: [[0.1, 0.5], [0.6, 0.5], [0.6, 1], [0.1, 1]]\n"
+            "    lines:\n      entry: {start: [0.5, 0], end: [0.5, 1], in_side: right}\n"
+            "    privacy:\n      faces: pixelate\n"
+            "      masks: [[[0, 0], [0.2, 0], [0.2, 0.2]]]\n",
+        )
+    )
+    cam = s.cameras[0]
+    assert cam.zones["queue"][2] == (0.6, 1.0)
+    assert cam.lines["entry"].anchor == "bottom_centre" and cam.lines["entry"].in_side == "right"
+    assert cam.privacy.faces == "pixelate" and cam.privacy.active
+    assert not load_settings(_write(tmp_path, "device: a\n")).cameras[0].privacy.active
 
 
 def test_environment_beats_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,6 +163,21 @@ def test_cli_config_check_and_show(tmp_path: Path) -> None:
     res = _cli("config", "check", str(bad))
     assert res.returncode == 1
     assert "recorder.pre_s" in res.stderr
+
+
+def test_cli_config_check_names_a_bad_zone_and_line(tmp_path: Path) -> None:
+    bad = _write(
+        tmp_path,
+        "cameras:\n  - name: door\n"
+        "    zones:\n      bow: [[0, 0], [1, 1], [1, 0], [0, 1]]\n"
+        "    lines:\n      entry: {start: [0.5, 0.5], end: [0.5, 0.5]}\n",
+    )
+    res = _cli("config", "check", str(bad))
+    assert res.returncode == 1
+    assert "cameras.0.lines.entry" in res.stderr and "zero length" in res.stderr
+    bad.write_text("cameras:\n  - zones:\n      bow: [[0, 0], [1, 1], [1, 0], [0, 1]]\n")
+    res = _cli("config", "check", str(bad))
+    assert res.returncode == 1 and "zone 'bow': the polygon crosses itself" in res.stderr
 
 
 def test_streaming_auth_rules() -> None:
@@ -345,7 +418,9 @@ def _leaf_variables() -> list[str]:
             ann = field.annotation
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 walk(ann, [*prefix, name])
-            elif getattr(ann, "__origin__", None) is list:
+            elif getattr(ann, "__origin__", None) is list and (
+                isinstance(ann.__args__[0], type) and issubclass(ann.__args__[0], BaseModel)
+            ):
                 walk(ann.__args__[0], [*prefix, name, "0"])
             else:
                 names.append("EDGECAM_" + "__".join(p.upper() for p in [*prefix, name]))

@@ -35,6 +35,7 @@ BENCHES: dict[str, str] = {
     "device": "bench/bench_device.py",
     "fleet": "bench/bench_fleet.py",
     "liveview": "bench/bench_liveview.py",
+    "zones": "bench/bench_zones.py",
 }
 
 

@@ -28,6 +28,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import (
@@ -43,9 +44,11 @@ __all__ = [
     "CameraConfig",
     "EncoderConfig",
     "FileServerConfig",
+    "LineConfig",
     "LiveViewConfig",
     "MqttConfig",
     "OverlayConfig",
+    "PrivacyConfig",
     "RecorderConfig",
     "RuntimeConfig",
     "ServerConfig",
@@ -57,6 +60,7 @@ __all__ = [
     "UploadConfig",
     "VisionConfig",
     "VotingConfig",
+    "check_polygon",
     "load_settings",
     "redact_url",
 ]
@@ -78,6 +82,134 @@ _FilePath = Annotated[Path, BeforeValidator(_not_blank)]
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# Zones, lines and privacy masks are drawn in shares of the frame (0..1), so that they survive
+# a change of resolution.
+Point = tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]]
+Polygon = list[Point]
+Anchor = Literal["bottom_centre", "centre", "top_centre"]
+_REGION_NAME = r"^[A-Za-z0-9_-]{1,32}$"
+_MIN_LINE_LENGTH = 1e-3
+
+
+def _segments_cross(a: Point, b: Point, c: Point, d: Point) -> bool:
+    """Whether segments ab and cd share a point (touching counts)."""
+
+    def orient(p: Point, q: Point, r: Point) -> float:
+        return (q[0] - p[0]) * (r[1] - p[1]) - (q[1] - p[1]) * (r[0] - p[0])
+
+    def on(p: Point, q: Point, r: Point) -> bool:  # r on segment pq, given collinear
+        return min(p[0], q[0]) <= r[0] <= max(p[0], q[0]) and min(p[1], q[1]) <= r[1] <= max(
+            p[1], q[1]
+        )
+
+    o1, o2, o3, o4 = orient(a, b, c), orient(a, b, d), orient(c, d, a), orient(c, d, b)
+    if ((o1 > 0) != (o2 > 0)) and ((o3 > 0) != (o4 > 0)) and o1 and o2 and o3 and o4:
+        return True
+    return (
+        (o1 == 0 and on(a, b, c))
+        or (o2 == 0 and on(a, b, d))
+        or (o3 == 0 and on(c, d, a))
+        or (o4 == 0 and on(c, d, b))
+    )
+
+
+def check_polygon(points: Polygon) -> None:
+    """Raise ValueError unless ``points`` is a simple polygon (>= 3 points, some area, no
+    edge crossing another)."""
+    n = len(points)
+    if n < 3:
+        raise ValueError(f"a polygon needs at least 3 points, got {n}")
+    edges = [(points[i], points[(i + 1) % n]) for i in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            if j == i + 1 or (i == 0 and j == n - 1):
+                continue  # neighbours share a corner
+            if _segments_cross(*edges[i], *edges[j]):
+                raise ValueError(
+                    f"the polygon crosses itself (edge {i}-{i + 1} meets edge {j}-{(j + 1) % n})"
+                )
+    area = sum(
+        points[i][0] * points[(i + 1) % n][1] - points[(i + 1) % n][0] * points[i][1]
+        for i in range(n)
+    )
+    if abs(area) / 2 < 1e-6:
+        raise ValueError("the polygon has no area (its points are on one line)")
+
+
+class LineConfig(_Section):
+    """A counting line: tracks that cross it from one side to the other are counted."""
+
+    start: Point = Field(description="One end [x, y], in shares of the frame (0..1).")
+    end: Point = Field(description="The other end [x, y], in shares of the frame (0..1).")
+    in_side: Literal["left", "right"] = Field(
+        "left",
+        description="The side that is 'in', as seen on screen walking from start to end; a "
+        "crossing into it counts as in, out of it as out.",
+    )
+    anchor: Anchor = Field("bottom_centre", description="The point of a box that crosses.")
+    band: float = Field(
+        0.03,
+        ge=0,
+        le=0.5,
+        description="Half-width of the band around the line, in shares of the frame height: a "
+        "track counts once it has gone from beyond the band on one side to beyond it on the "
+        "other, so one standing on the line is not counted again and again.",
+    )
+
+    @model_validator(mode="after")
+    def _check_length(self) -> LineConfig:
+        dx, dy = self.end[0] - self.start[0], self.end[1] - self.start[1]
+        if (dx * dx + dy * dy) ** 0.5 < _MIN_LINE_LENGTH:
+            raise ValueError("the line has zero length (start and end are the same point)")
+        return self
+
+
+class PrivacyConfig(_Section):
+    faces: Literal["off", "blur", "pixelate", "fill"] = Field(
+        "off", description="Hide faces in every output: off, blur, pixelate or fill."
+    )
+    masks: list[Polygon] = Field(
+        default_factory=list,
+        description="Polygons of [x, y] (0..1) painted opaque in every output.",
+    )
+    colour: tuple[int, int, int] = Field(
+        (0, 0, 0), description="RGB of privacy masks and of filled faces."
+    )
+    margin: float = Field(
+        0.25, ge=0, le=2, description="Face box enlargement on each side, as a share of its size."
+    )
+    hold_s: float = Field(
+        1.0,
+        ge=0,
+        le=30,
+        description="A face no longer detected or tracked stays hidden where it was this long.",
+    )
+    blocks: int = Field(
+        8, ge=2, le=64, description="Pixelate: blocks across a face; blur: half as many samples."
+    )
+    blind_after_s: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="With faces hidden: before the detector's first look, and when it has not "
+        "looked for this long, the whole picture is hidden (privacy fails closed).",
+    )
+
+    @field_validator("masks")
+    @classmethod
+    def _check_masks(cls, masks: list[Polygon]) -> list[Polygon]:
+        for i, polygon in enumerate(masks):
+            try:
+                check_polygon(polygon)
+            except ValueError as exc:
+                raise ValueError(f"mask {i}: {exc}") from None
+        return masks
+
+    @property
+    def active(self) -> bool:
+        return self.faces != "off" or bool(self.masks)
 
 
 class CameraConfig(_Section):
@@ -117,6 +249,24 @@ class CameraConfig(_Section):
         description="First of this camera's three loopback RTP ports (streaming, recorder, "
         "live view); default 5400 + 10 * camera index.",
     )
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)  # type: ignore[arg-type]
+    zones: dict[Annotated[str, Field(pattern=_REGION_NAME)], Polygon] = Field(
+        default_factory=dict,
+        description="Named zones: polygons of [x, y] (0..1); occupancy, entries, exits, dwell.",
+    )
+    lines: dict[Annotated[str, Field(pattern=_REGION_NAME)], LineConfig] = Field(
+        default_factory=dict, description="Named counting lines: in and out counts."
+    )
+    zone_anchor: Anchor = Field(
+        "bottom_centre", description="The point of a box that must be in a zone."
+    )
+    zone_band: float = Field(
+        0.02,
+        ge=0,
+        le=0.5,
+        description="A track enters a zone when this far inside it and leaves when this far "
+        "outside (shares of the frame height), so jitter on the border counts nothing.",
+    )
 
     @model_validator(mode="after")
     def _check_source(self) -> CameraConfig:
@@ -134,6 +284,16 @@ class CameraConfig(_Section):
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
         return self
+
+    @field_validator("zones")
+    @classmethod
+    def _check_zones(cls, zones: dict[str, Polygon]) -> dict[str, Polygon]:
+        for name, polygon in zones.items():
+            try:
+                check_polygon(polygon)
+            except ValueError as exc:
+                raise ValueError(f"zone {name!r}: {exc}") from None
+        return zones
 
 
 _VENDORED_FACE_MODELS = {"centerface": "centerface.onnx", "blazeface": "blazeface_full.onnx"}
@@ -274,6 +434,11 @@ class OverlayConfig(_Section):
     draw_ids: bool = Field(True, description="Draw track ids.")
     draw_labels: bool = Field(True, description="Draw track labels.")
     draw_counts: bool = Field(True, description="Draw live counts in the corner.")
+    draw_zones: bool = Field(True, description="Draw the camera's zones.")
+    draw_lines: bool = Field(True, description="Draw the camera's counting lines.")
+    draw_zone_counts: bool = Field(
+        True, description="Draw each zone's occupancy and each line's in/out counts."
+    )
     line_width: int = Field(3, ge=1, le=20, description="Box line width in pixels.")
     font_size: int = Field(18, ge=6, le=96, description="Text size in pixels.")
 
@@ -500,6 +665,42 @@ class WorkerDownRule(_Section):
     cooldown_s: float = Field(60.0, ge=0, le=86400, description="Quiet time after an alert.")
 
 
+class ZoneOccupancyRule(_Section):
+    enabled: bool = Field(True, description="Alert when a zone holds too many people.")
+    max_people: int = Field(
+        10, ge=0, le=10000, description="Trips when more tracks than this are in one zone."
+    )
+    zones: list[str] = Field(
+        default_factory=list, description="Zones watched (of any camera); empty: every zone."
+    )
+    hold_s: float = Field(1.0, ge=0, le=3600, description="Over the limit this long to trip.")
+    clear_s: float = Field(5.0, ge=0, le=3600, description="Ends after this long at or under.")
+    cooldown_s: float = Field(60.0, ge=0, le=86400, description="Quiet time after an alert.")
+
+
+class DwellRule(_Section):
+    enabled: bool = Field(True, description="Alert when someone stays in a zone too long.")
+    max_s: float = Field(
+        300.0, gt=0, le=86400, description="Trips when a track has been in a zone this long."
+    )
+    zones: list[str] = Field(
+        default_factory=list, description="Zones watched (of any camera); empty: every zone."
+    )
+    cooldown_s: float = Field(60.0, ge=0, le=86400, description="Quiet time after an alert.")
+
+
+class LineCrossingRule(_Section):
+    enabled: bool = Field(True, description="Alert on a crossing in a forbidden direction.")
+    forbidden: dict[str, Literal["in", "out"]] = Field(
+        default_factory=dict,
+        description="Line name -> the direction that must not be crossed (in or out).",
+    )
+    clear_s: float = Field(
+        5.0, ge=0, le=3600, description="The alert ends after this long without such a crossing."
+    )
+    cooldown_s: float = Field(60.0, ge=0, le=86400, description="Quiet time after an alert.")
+
+
 class AlertsConfig(_Section):
     clip: bool = Field(True, description="Save a clip for every alert (extended while it lasts).")
     no_mask: NoMaskRule = Field(default_factory=NoMaskRule)  # type: ignore[arg-type]
@@ -508,6 +709,13 @@ class AlertsConfig(_Section):
         default_factory=CameraOfflineRule  # type: ignore[arg-type]
     )
     worker_down: WorkerDownRule = Field(default_factory=WorkerDownRule)  # type: ignore[arg-type]
+    zone_occupancy: ZoneOccupancyRule = Field(
+        default_factory=ZoneOccupancyRule  # type: ignore[arg-type]
+    )
+    dwell: DwellRule = Field(default_factory=DwellRule)  # type: ignore[arg-type]
+    line_crossing: LineCrossingRule = Field(
+        default_factory=LineCrossingRule  # type: ignore[arg-type]
+    )
 
 
 class MqttConfig(_Section):
@@ -717,6 +925,24 @@ class Settings(BaseSettings):
         flat = [p for pair in ports for p in pair]
         if len(set(flat)) != len(flat):
             raise ValueError("cameras' RTP ports overlap; set distinct rtp_port values")
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_needs_pixels(self) -> Settings:
+        if self.vision.detect_fps == 0:
+            for cam in self.cameras:
+                if cam.privacy.faces != "off":
+                    raise ValueError(
+                        f"camera {cam.name}: privacy.faces needs the detector "
+                        "(vision.detect_fps > 0)"
+                    )
+        if self.overlay.element == "cairooverlay":
+            for cam in self.cameras:
+                if cam.privacy.faces in ("blur", "pixelate"):
+                    raise ValueError(
+                        f"camera {cam.name}: privacy.faces {cam.privacy.faces} needs "
+                        "overlay.element overlaycomposition (or privacy.faces fill)"
+                    )
         return self
 
     def rtp_ports(self, index: int) -> tuple[int, int, int]:

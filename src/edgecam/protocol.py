@@ -31,6 +31,7 @@ __all__ = [
     "Status",
     "WorkerArgs",
     "WorkerState",
+    "ZoneStats",
     "parse_topic",
     "topic",
 ]
@@ -206,6 +207,24 @@ class Status(Payload):
     )
 
 
+class ZoneStats(BaseModel):
+    """One zone over a stats interval."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    occupancy_peak: int = Field(0, ge=0, description="Most tracks in the zone at once.")
+    entries: int = Field(0, ge=0, description="Tracks that entered in the interval.")
+    exits: int = Field(0, ge=0, description="Tracks that left (or ended) in the interval.")
+    dwell_median_s: float | None = Field(
+        None, description="Median dwell of the stays that ended in the interval (None: none)."
+    )
+    dwell_max_s: float | None = Field(
+        None,
+        description="Longest dwell: of the stays that ended and of those still going on at the "
+        "interval's end (None: nobody was in the zone).",
+    )
+
+
 class Stats(Payload):
     """One camera's statistics over one interval ``[start, end)``."""
 
@@ -226,6 +245,13 @@ class Stats(Payload):
     fps_out: float = Field(0.0, ge=0, description="Frames a second encoded.")
     detections_per_s: float = Field(0.0, ge=0, description="Detector runs a second.")
     frames_dropped: int = Field(0, ge=0, description="Frames lost in the interval.")
+    zones: dict[str, ZoneStats] = Field(
+        default_factory=dict, description="Per zone of the camera (none: no zones)."
+    )
+    lines: dict[str, dict[Literal["in", "out"], int]] = Field(
+        default_factory=dict,
+        description="Per counting line: crossings in and out in the interval.",
+    )
     workers: list[WorkerState] = Field(
         default_factory=list, description="This camera's workers and the device-wide ones."
     )

@@ -31,6 +31,8 @@ __all__ = [
     "FrameSummary",
     "Heartbeat",
     "Lifecycle",
+    "LineFrame",
+    "ZoneFrame",
     "parse_event",
 ]
 
@@ -67,14 +69,39 @@ class Heartbeat(_Event):
     figures: dict[str, float] = Field(default_factory=dict)
 
 
+class ZoneFrame(BaseModel):
+    """One zone on one frame, as the orchestrator needs it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    occupancy: int = Field(0, ge=0, description="Tracks in the zone now.")
+    entered: int = Field(0, ge=0, description="Tracks that entered on this frame.")
+    dwell_s: list[float] = Field(
+        default_factory=list, description="Dwell of each stay that ended on this frame."
+    )
+    longest_s: float = Field(0.0, ge=0, description="The longest stay going on now.")
+
+
+class LineFrame(BaseModel):
+    """One counting line on one frame: its crossings on that frame."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    crossed_in: int = Field(0, ge=0, description="Crossings into the in side on this frame.")
+    crossed_out: int = Field(0, ge=0, description="Crossings out of it on this frame.")
+
+
 class FrameSummary(_Event):
-    """One video frame of one camera: the counted tracks and their labels."""
+    """One video frame of one camera: the counted tracks and their labels, and its zones and
+    lines."""
 
     kind: Literal["frame"] = "frame"
     frame: int
     wall_time: float
     tracks: list[tuple[int, str]] = Field(default_factory=list)
     detected: bool = False
+    zones: dict[str, ZoneFrame] = Field(default_factory=dict)
+    lines: dict[str, LineFrame] = Field(default_factory=dict)
 
 
 class ClipEvent(_Event):

@@ -381,13 +381,17 @@ class Orchestrator:
         camera = event.camera
         if camera not in self._intervals:
             return
-        self._intervals[camera].add_frame(event.pid, event.tracks)
+        self._intervals[camera].add_frame(event.pid, event.tracks, event.zones, event.lines)
         self._last_frame[camera] = time.time()
         counts = dict.fromkeys(self.labels, 0)
         for _tid, label in event.tracks:
             counts[label] = counts.get(label, 0) + 1
         self._current_counts[camera] = counts
-        self._on_alerts(self.rules.on_frame(camera, event.wall_time, event.pid, event.tracks))
+        self._on_alerts(
+            self.rules.on_frame(
+                camera, event.wall_time, event.pid, event.tracks, event.zones, event.lines
+            )
+        )
 
     def _tick_rules(self) -> None:
         now = time.time()
@@ -516,6 +520,8 @@ class Orchestrator:
                 fps_out=round(delta.frames_out / span, 2),
                 detections_per_s=round(delta.detections / span, 2),
                 frames_dropped=max(0, int(delta.frames_in - delta.frames_out)),
+                zones=current.zone_figures(),
+                lines=current.line_figures(),
                 workers=[w for w in states if w.camera in (None, camera)],
             )
             log.info(

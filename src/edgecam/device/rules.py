@@ -1,7 +1,8 @@
 """Alert rules: what the device watches for, each with a cool-down, changeable at run time.
 
 Pure logic over a clock given by the caller, so that tests drive it frame by frame:
-:meth:`RuleEngine.on_frame` for the per-frame rules (``no_mask``, ``occupancy``),
+:meth:`RuleEngine.on_frame` for the per-frame rules (``no_mask``, ``occupancy``, and per
+zone or line ``zone_occupancy``, ``dwell``, ``line_crossing``),
 :meth:`RuleEngine.tick` for the ones about time passing (``camera_offline``,
 ``worker_down``). Each returns the alerts that were raised or ended.
 """
@@ -16,11 +17,20 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from edgecam.config import AlertsConfig
+from edgecam.device.events import LineFrame, ZoneFrame
 from edgecam.protocol import WorkerState
 
 __all__ = ["RULES", "ActiveAlert", "AlertChange", "RuleEngine"]
 
-RULES = ("no_mask", "occupancy", "camera_offline", "worker_down")
+RULES = (
+    "no_mask",
+    "occupancy",
+    "camera_offline",
+    "worker_down",
+    "zone_occupancy",
+    "dwell",
+    "line_crossing",
+)
 _DOWN_STATES = frozenset({"restarting", "crash_loop", "starting"})
 
 
@@ -65,6 +75,8 @@ class RuleEngine:
         self._quiet_until: dict[tuple[str, str], float] = {}
         self._occupancy: dict[str, _Occupancy] = {}
         self._masks: dict[str, _MaskWindow] = {}
+        self._zone_occupancy: dict[str, _Occupancy] = {}
+        self._forbidden_at: dict[str, float] = {}  # camera/line -> last forbidden crossing
 
     # -- parameters -------------------------------------------------------------------
 
@@ -85,13 +97,96 @@ class RuleEngine:
     # -- evaluation -------------------------------------------------------------------
 
     def on_frame(
-        self, camera: str, now: float, source: int, tracks: list[tuple[int, str]]
+        self,
+        camera: str,
+        now: float,
+        source: int,
+        tracks: list[tuple[int, str]],
+        zones: Mapping[str, ZoneFrame] | None = None,
+        lines: Mapping[str, LineFrame] | None = None,
     ) -> list[AlertChange]:
-        """One frame's counted tracks (id, label) of ``camera`` at wall time ``now``."""
+        """One frame's counted tracks (id, label) of ``camera`` at wall time ``now``, and its
+        zones and lines."""
         changes: list[AlertChange] = []
         changes += self._check_occupancy(camera, now, len(tracks))
         changes += self._check_no_mask(camera, now, source, tracks)
+        for name, zone in (zones or {}).items():
+            changes += self._check_zone(camera, name, now, zone)
+        for name, line in (lines or {}).items():
+            changes += self._check_line(camera, name, now, line)
         return changes
+
+    def _check_zone(
+        self, camera: str, zone: str, now: float, frame: ZoneFrame
+    ) -> list[AlertChange]:
+        subject = f"{camera}/{zone}"
+        rule = self.config.zone_occupancy
+        watched = not rule.zones or zone in rule.zones
+        state = self._zone_occupancy.setdefault(subject, _Occupancy())
+        count = frame.occupancy
+        if count > rule.max_people:
+            state.under_since = None
+            state.over_since = state.over_since if state.over_since is not None else now
+        else:
+            state.over_since = None
+            state.under_since = state.under_since if state.under_since is not None else now
+        changes = self._update(
+            "zone_occupancy",
+            camera,
+            subject,
+            now,
+            tripped=rule.enabled
+            and watched
+            and state.over_since is not None
+            and now - state.over_since >= rule.hold_s,
+            cleared=state.under_since is not None and now - state.under_since >= rule.clear_s,
+            value=float(count),
+            threshold=float(rule.max_people),
+            message=f"camera {camera}: {count} people in zone {zone} (limit {rule.max_people})",
+            cooldown=rule.cooldown_s,
+        )
+        dwell = self.config.dwell
+        over = frame.longest_s >= dwell.max_s
+        changes += self._update(
+            "dwell",
+            camera,
+            subject,
+            now,
+            tripped=dwell.enabled and (not dwell.zones or zone in dwell.zones) and over,
+            cleared=not over,
+            value=round(frame.longest_s, 1),
+            threshold=dwell.max_s,
+            message=f"camera {camera}: someone in zone {zone} for {frame.longest_s:.0f} s "
+            f"(limit {dwell.max_s:.0f} s)",
+            cooldown=dwell.cooldown_s,
+        )
+        return changes
+
+    def _check_line(
+        self, camera: str, line: str, now: float, frame: LineFrame
+    ) -> list[AlertChange]:
+        subject = f"{camera}/{line}"
+        rule = self.config.line_crossing
+        direction = rule.forbidden.get(line)
+        if direction is None and subject not in self.active:
+            return []
+        crossed = frame.crossed_in if direction == "in" else frame.crossed_out
+        if direction is not None and crossed:
+            self._forbidden_at[subject] = now
+        last = self._forbidden_at.get(subject)
+        return self._update(
+            "line_crossing",
+            camera,
+            subject,
+            now,
+            tripped=rule.enabled and direction is not None and crossed > 0,
+            cleared=last is None or now - last >= rule.clear_s,
+            value=float(crossed),
+            threshold=0.0,
+            message=f"camera {camera}: {crossed} crossing(s) of line {line} in the forbidden "
+            f"direction ({direction})",
+            cooldown=rule.cooldown_s,
+        )
 
     def tick(
         self,

@@ -21,7 +21,7 @@ from typing import Any
 
 from edgecam.config import Settings, redact_url
 from edgecam.device.control import Handler
-from edgecam.device.events import ClipEvent, ClipFailed, FrameSummary
+from edgecam.device.events import ClipEvent, ClipFailed, FrameSummary, LineFrame, ZoneFrame
 from edgecam.device.runner import Worker, WorkerContext
 from edgecam.errors import ConfigError, EdgecamError
 from edgecam.protocol import ClipReady, SaveClipArgs
@@ -107,6 +107,22 @@ class InferenceWorker(Worker):
                     wall_time=meta.wall_time,
                     tracks=[(t.id, t.label) for t in meta.tracks if t.counted],
                     detected=meta.detected,
+                    zones={
+                        z.name: ZoneFrame(
+                            occupancy=z.occupancy,
+                            entered=len(z.entered),
+                            dwell_s=[round(d, 3) for _, d in z.exited],
+                            longest_s=round(z.longest_s, 3),
+                        )
+                        for z in meta.zones
+                    },
+                    lines={
+                        ln.name: LineFrame(
+                            crossed_in=sum(d == "in" for _, d in ln.crossings),
+                            crossed_out=sum(d == "out" for _, d in ln.crossings),
+                        )
+                        for ln in meta.lines
+                    },
                 )
             )
 

@@ -40,11 +40,18 @@ from edgecam.vision.analytics import Analytics, FrameMeta, MetaBus
 from edgecam.vision.detections import Detections, Detector
 from edgecam.vision.drawing import (
     DrawList,
+    DrawText,
+    Rendered,
     build_draw_list,
     draw_on_context,
+    paint_on_context,
+    region_label_positions,
     render_box,
+    render_masks,
+    render_regions,
     render_text,
 )
+from edgecam.vision.privacy import face_patch, fill_patch
 
 __all__ = ["DetectionSchedule", "Mode", "Pipeline", "PipelineStats", "describe"]
 
@@ -76,6 +83,7 @@ _MIN_SIDE = 16  # mp4mux refuses smaller H.264 frames
 # restarted or looped): applied at once rather than held.
 _MAX_LEAD_NS = 2 * Gst.SECOND
 _AUTO_ORDER = ("nvh264", "vaapih264", "x264")
+_TEXT_CACHE = 64  # rendered text lines kept (counts change a few times a second)
 
 
 def _source_description(cam: CameraConfig) -> tuple[str, dict[str, object], bool]:
@@ -177,6 +185,8 @@ def describe(
             q = "queue name=infer_q max-size-buffers=8 max-size-bytes=0 max-size-time=0"
             sink = "appsink name=infer_sink sync=false async=false max-buffers=4 drop=false"
         parts.append(
+            # Letterboxed (the picture keeps its shape for the model); the detections are
+            # mapped back through the borders by _from_model_frame.
             f"t. ! {q} ! videoscale ! videoconvert ! "
             f"video/x-raw,format=RGB,width={w},height={h},pixel-aspect-ratio=1/1 ! {sink}"
         )
@@ -184,7 +194,8 @@ def describe(
 
     overlay = ""
     if analytics:
-        if not settings.overlay.enabled:
+        # Privacy needs a drawing element even where nothing else is drawn.
+        if not settings.overlay.enabled and not cam.privacy.active:
             overlay = "identity name=overlay signal-handoffs=true ! "
         elif settings.overlay.element == "cairooverlay":
             overlay = (
@@ -293,7 +304,8 @@ def _build_detectors(settings: Settings, mode: Mode) -> list[Detector]:
     workers = vision.offline_workers if mode == "offline" else 1
     threads = max(1, vision.threads // workers)
     shared = vision.model_copy(update={"threads": threads})
-    return [build_detector(shared) for _ in range(workers)]
+    faces = any(c.privacy.faces != "off" for c in settings.cameras)
+    return [build_detector(shared, privacy_faces=faces) for _ in range(workers)]
 
 
 class DetectionSchedule:
@@ -373,6 +385,41 @@ class _Results:
             self._pending.clear()
 
 
+def _rectangle(
+    pixels: bytes,
+    x: int,
+    y: int,
+    width: int,
+    height: int,
+    image_width: int | None = None,
+    image_height: int | None = None,
+) -> Any:
+    """An overlay rectangle of a premultiplied BGRA image placed at (x, y), scaled to
+    ``width`` x ``height`` when the image's own size differs. A rectangle used again on later
+    frames keeps the overlay's converted (and scaled) copy of its pixels."""
+    buf = Gst.Buffer.new_wrapped(pixels)
+    GstVideo.buffer_add_video_meta(
+        buf,
+        GstVideo.VideoFrameFlags.NONE,
+        GstVideo.VideoFormat.BGRA,
+        image_width or width,
+        image_height or height,
+    )
+    return GstVideo.VideoOverlayRectangle.new_raw(
+        buf, x, y, width, height, GstVideo.VideoOverlayFormatFlags.PREMULTIPLIED_ALPHA
+    )
+
+
+def _compose(composition: Any, rectangles: list[Any]) -> Any:
+    """``composition`` (a new one when None) with ``rectangles`` added, in order."""
+    for rect in rectangles:
+        if composition is None:
+            composition = GstVideo.VideoOverlayComposition.new(rect)
+        else:
+            composition.add_rectangle(rect)
+    return composition
+
+
 class Pipeline:
     """One camera's inference pipeline, with an explicit life: start(), run(), stop()."""
 
@@ -402,14 +449,23 @@ class Pipeline:
                 [detector] if detector is not None else _build_detectors(settings, mode)
             )
         self._detector = self._detectors[0] if self._detectors else None
-        self._analytics_on = bool(analytics if analytics is not None else self._detector)
+        self._analytics_on = (
+            bool(analytics if analytics is not None else self._detector)
+            or self.camera.privacy.active
+        )
         self._schedule = DetectionSchedule(detect_fps) if mode == "offline" else None
         self._min_interval = 1.0 / detect_fps if detect_fps > 0 else 0.0
         self._results = _Results()
         self._analytics = Analytics(settings, self.camera.name)
         self._frame_size: tuple[int, int] | None = None
         self._frame_dur = int(1e9 / 30)  # until the caps tell
-        self._composition_cache: dict[str, Any] = {}
+        self._text_cache: dict[tuple[str, tuple[int, int, int]], Rendered] = {}
+        self._text_rects: dict[tuple[str, tuple[int, int, int], int, int], Any] = {}
+        self._static_rects: dict[tuple[int, int], tuple[list[Any], list[Any]]] = {}
+        # Per frame size: the privacy masks and the zones and lines, drawn once.
+        self._static: dict[tuple[int, int], tuple[list[Rendered], list[Rendered]]] = {}
+        self._label_positions: dict[str, tuple[int, int]] = {}
+        self._video_info: tuple[Any, Any] | None = None  # (caps, GstVideo.VideoInfo)
         self._error: str | None = None
         self._stopping = threading.Event()
         self._detector_threads: list[threading.Thread] = []
@@ -623,48 +679,130 @@ class Pipeline:
             self.meta_bus.publish(meta)
         return meta
 
+    def _static_layers(self, size: tuple[int, int]) -> tuple[list[Rendered], list[Rendered]]:
+        """(privacy masks, zones and lines) for this frame size, drawn once."""
+        layers = self._static.get(size)
+        if layers is None:
+            cam = self.camera
+            layers = (
+                render_masks(cam.privacy, size),
+                render_regions(cam, self.settings.overlay, size),
+            )
+            self._static = {size: layers}
+            self._label_positions = region_label_positions(cam, size)
+        return layers
+
     def _draw_list(self, meta: FrameMeta) -> DrawList | None:
         if self._frame_size is None:
             return None
-        draws = build_draw_list(meta, self.settings.overlay, *self._frame_size)
+        self._static_layers(self._frame_size)
+        draws = build_draw_list(
+            meta, self.settings.overlay, *self._frame_size, self._label_positions
+        )
         return draws if draws.boxes or draws.texts else None
+
+    def _text(self, text: DrawText) -> Rendered:
+        key = (text.text, text.colour)
+        cached = self._text_cache.get(key)
+        if cached is None:
+            if len(self._text_cache) >= _TEXT_CACHE:
+                self._text_cache.clear()
+            cached = self._text_cache[key] = render_text(text, self.settings.overlay)
+        pixels, _x, _y, w, h = cached
+        return pixels, text.x, text.y, w, h
+
+    def _hide_faces(self, sample: Gst.Sample, meta: FrameMeta, composition: Any) -> Any:
+        """Add to ``composition`` the images that hide this frame's face regions: made from
+        those regions' pixels only (a few block means, or a fill), scaled up by the overlay."""
+        privacy = self.camera.privacy
+        caps = sample.get_caps()
+        if self._video_info is None or self._video_info[0] != caps:
+            self._video_info = (caps, GstVideo.VideoInfo.new_from_caps(caps))
+        info = self._video_info[1]
+        buf = sample.get_buffer()
+        # A decoder's buffers may be laid out with padding: their video meta says how.
+        layout = GstVideo.buffer_get_video_meta(buf) or info
+        ok, mapinfo = buf.map(Gst.MapFlags.READ)
+        if not ok:
+            raise PipelineError("cannot read a video frame to hide its faces")
+        try:
+            w, h = info.width, info.height
+            cw, ch = (w + 1) // 2, (h + 1) // 2
+            planes: list[np.ndarray] = [
+                np.ndarray(
+                    shape,
+                    dtype=np.uint8,
+                    buffer=mapinfo.data,
+                    offset=layout.offset[i],
+                    strides=(layout.stride[i], 1),
+                )
+                for i, shape in enumerate(((h, w), (ch, cw), (ch, cw)))
+            ]
+            y, u, v = planes
+            for face in meta.hidden:
+                image = face_patch((y, u, v), face, privacy.faces, privacy.blocks, privacy.colour)
+                x1, y1, x2, y2 = face
+                ih, iw = image.shape[:2]
+                patch = _rectangle(image.tobytes(), x1, y1, x2 - x1, y2 - y1, iw, ih)
+                composition = _compose(composition, [patch])
+        finally:
+            buf.unmap(mapinfo)
+        return composition
+
+    def _static_rectangles(self, size: tuple[int, int]) -> tuple[list[Any], list[Any]]:
+        """(privacy masks, zones and lines) as overlay rectangles, made once per size."""
+        rects = self._static_rects.get(size)
+        if rects is None:
+            masks, regions = self._static_layers(size)
+            rects = ([_rectangle(*m) for m in masks], [_rectangle(*r) for r in regions])
+            self._static_rects = {size: rects}
+        return rects
+
+    def _text_rectangle(self, text: DrawText) -> Any:
+        key = (text.text, text.colour, text.x, text.y)
+        rect = self._text_rects.get(key)
+        if rect is None:
+            if len(self._text_rects) >= _TEXT_CACHE:
+                self._text_rects.clear()
+            rect = self._text_rects[key] = _rectangle(*self._text(text))
+        return rect
 
     def _on_draw_composition(self, _overlay: Gst.Element, sample: Gst.Sample) -> Any:
         buf = sample.get_buffer()
         meta = self._frame_step(buf.pts, buf.duration)
-        draws = self._draw_list(meta)
-        if draws is None:
+        if self._frame_size is None:
             return None
-        cfg = self.settings.overlay
+        masks, regions = self._static_rectangles(self._frame_size)
         composition = None
-        assert self._frame_size is not None
-        rendered = [render_box(b, cfg, self._frame_size[0]) for b in draws.boxes]
-        for text in draws.texts:
-            key = text.text
-            cached = self._composition_cache.get(key)
-            if cached is None:
-                self._composition_cache.clear()
-                cached = self._composition_cache[key] = render_text(text, cfg)
-            rendered.append(cached)
-        for pixels, x, y, w, h in rendered:
-            buf = Gst.Buffer.new_wrapped(pixels)
-            GstVideo.buffer_add_video_meta(
-                buf, GstVideo.VideoFrameFlags.NONE, GstVideo.VideoFormat.BGRA, w, h
-            )
-            rect = GstVideo.VideoOverlayRectangle.new_raw(
-                buf, x, y, w, h, GstVideo.VideoOverlayFormatFlags.PREMULTIPLIED_ALPHA
-            )
-            if composition is None:
-                composition = GstVideo.VideoOverlayComposition.new(rect)
-            else:
-                composition.add_rectangle(rect)
-        return composition
+        # Blended in this order: faces hidden first (their boxes are drawn over them), the
+        # drawings, then the privacy masks over everything (nothing drawn shows inside one).
+        if meta.blind:
+            fill = fill_patch(self.camera.privacy.colour).tobytes()
+            composition = _compose(None, [_rectangle(fill, 0, 0, *self._frame_size, 2, 2)])
+        elif meta.hidden:
+            composition = self._hide_faces(sample, meta, composition)
+        rects = list(regions)
+        draws = self._draw_list(meta)
+        if draws is not None:
+            cfg = self.settings.overlay
+            rects += [_rectangle(*render_box(b, cfg, self._frame_size[0])) for b in draws.boxes]
+            rects += [self._text_rectangle(t) for t in draws.texts]
+        return _compose(composition, [*rects, *masks])
 
     def _on_draw_cairo(self, _overlay: Gst.Element, ctx: Any, pts: int, dur: int) -> None:
         meta = self._frame_step(pts, dur)
+        if self._frame_size is None:
+            return
+        masks, regions = self._static_layers(self._frame_size)
+        privacy = self.camera.privacy
+        hidden = meta.hidden if privacy.faces == "fill" else ()
+        if meta.blind:
+            hidden = ((0, 0, *self._frame_size),)
+        paint_on_context(ctx, hidden, privacy.colour, regions)
         draws = self._draw_list(meta)
         if draws is not None:
             draw_on_context(ctx, draws, self.settings.overlay)
+        paint_on_context(ctx, (), privacy.colour, masks)
 
     def _on_handoff(self, _identity: Gst.Element, buf: Gst.Buffer) -> None:
         self._frame_step(buf.pts, buf.duration)

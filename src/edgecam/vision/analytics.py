@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgecam.config import Settings
-from edgecam.vision.detections import Detections
+from edgecam.vision.detections import PRIVACY_FACE, Detections
+from edgecam.vision.privacy import FaceHold, Rect
 from edgecam.vision.tracking import TRACKERS, Tracker
 from edgecam.vision.votes import PERSON, LabelVoter
+from edgecam.vision.zones import LineState, ZoneCounter, ZoneState
 
 __all__ = ["Analytics", "FrameMeta", "MetaBus", "TrackInfo"]
 
@@ -28,6 +30,7 @@ class TrackInfo:
     label: str
     score: float
     counted: bool
+    seen: bool = True  # a detection matched it on this frame (False: the tracker's estimate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,10 +45,15 @@ class FrameMeta:
     counts: dict[str, int]
     fps: float
     detected: bool
+    zones: tuple[ZoneState, ...] = ()
+    lines: tuple[LineState, ...] = ()
+    hidden: tuple[Rect, ...] = ()  # face regions no output may show (source pixels)
+    blind: bool = False  # faces are hidden but unknown: no output may show this frame
 
     def to_event(self) -> dict[str, Any]:
-        """The ``--events`` JSON object for this frame."""
-        return {
+        """The ``--events`` JSON object for this frame (``zones`` and ``lines`` only for a
+        camera that has some)."""
+        event: dict[str, Any] = {
             "frame": self.frame,
             "pts": round(self.pts, 6),
             "tracks": [
@@ -59,6 +67,27 @@ class FrameMeta:
             ],
             "counts": self.counts,
         }
+        if self.zones:
+            event["zones"] = {
+                z.name: {
+                    "occupancy": z.occupancy,
+                    "ids": list(z.ids),
+                    "entered": list(z.entered),
+                    "exited": [{"id": t, "dwell_s": round(d, 3)} for t, d in z.exited],
+                    "longest_s": round(z.longest_s, 3),
+                }
+                for z in self.zones
+            }
+        if self.lines:
+            event["lines"] = {
+                ln.name: {
+                    "in": ln.total_in,
+                    "out": ln.total_out,
+                    "crossed": [{"id": t, "dir": d} for t, d in ln.crossings],
+                }
+                for ln in self.lines
+            }
+        return event
 
 
 class MetaBus:
@@ -108,9 +137,21 @@ class Analytics:
 
     def __init__(self, settings: Settings, camera: str, tracker: Tracker | None = None) -> None:
         self._camera = camera
+        cam = settings.camera(camera)[1]
         self._min_age = settings.tracker.min_age_frames
         self._tracker: Tracker = tracker or TRACKERS[settings.tracker.backend](settings.tracker)
         classify = settings.vision.profile == "mask"
+        self._zones = ZoneCounter(
+            cam.zones, cam.lines, zone_anchor=cam.zone_anchor, zone_band=cam.zone_band
+        )
+        hide_faces = cam.privacy.faces != "off"
+        self._faces = FaceHold(cam.privacy) if hide_faces else None
+        # The mask profile tracks faces already; any other tracks faces for privacy apart.
+        self._face_tracker: Tracker | None = (
+            TRACKERS[settings.tracker.backend](settings.tracker)
+            if hide_faces and not classify
+            else None
+        )
         self._voter = LabelVoter(settings.voting, classify=classify, label=PERSON)
         self._frame = -1
         self._last_detection_frame = -1
@@ -134,6 +175,14 @@ class Analytics:
         """
         self._frame += 1
         frame = self._frame
+        faces: Detections | None = None
+        if self._face_tracker is not None:
+            if detections is not None:
+                is_face = detections.class_id == PRIVACY_FACE
+                faces, detections = detections[is_face], detections[~is_face]
+        elif detections is not None and self._faces is not None:
+            faces = detections
+        period = 1
         if detections is not None:
             period = frame - self._last_detection_frame if self._last_detection_frame >= 0 else 1
             self._last_detection_frame = frame
@@ -158,7 +207,14 @@ class Analytics:
             if counted:
                 counts[label] = counts.get(label, 0) + 1
             infos.append(
-                TrackInfo(tid, (x1, y1, x2, y2), label, float(tracks.confidence[k]), counted)
+                TrackInfo(
+                    tid,
+                    (x1, y1, x2, y2),
+                    label,
+                    float(tracks.confidence[k]),
+                    counted,
+                    bool(update.matched[k]),
+                )
             )
         now = time.monotonic()
         if self._last_wall:
@@ -167,6 +223,32 @@ class Analytics:
                 inst = 1.0 / dt
                 self._fps = inst if self._fps == 0 else 0.95 * self._fps + 0.05 * inst
         self._last_wall = now
+        zones: tuple[ZoneState, ...] = ()
+        lines: tuple[LineState, ...] = ()
+        hidden: tuple[Rect, ...] = ()
+        blind = False
+        if frame_size is not None and not self._zones.empty:
+            # Every shown track, counted or not yet: one that is still young when it
+            # crosses (just out of a group, say) must not be missed.
+            zones, lines = self._zones.update(
+                pts,
+                [t.id for t in infos],
+                [t.box for t in infos],
+                frame_size,
+                seen=[t.seen for t in infos],
+            )
+        face_tracks = tracks
+        if self._face_tracker is not None:
+            face_tracks = self._face_tracker.update(faces, period=max(1, period)).tracks
+        if frame_size is not None and self._faces is not None:
+            hidden = self._faces.update(
+                pts,
+                face_tracks.tracker_id,
+                face_tracks.xyxy,
+                faces.xyxy if faces is not None else None,
+                frame_size,
+            )
+            blind = self._faces.blind
         return FrameMeta(
             camera=self._camera,
             frame=frame,
@@ -176,4 +258,8 @@ class Analytics:
             counts=counts,
             fps=self._fps,
             detected=detections is not None,
+            zones=zones,
+            lines=lines,
+            hidden=hidden,
+            blind=blind,
         )

@@ -8,7 +8,10 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Detections", "Detector"]
+__all__ = ["PRIVACY_FACE", "Detections", "Detector"]
+
+# class_id of the faces a non-face profile's detector adds for privacy only (never counted).
+PRIVACY_FACE = 1
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]

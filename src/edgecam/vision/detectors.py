@@ -16,9 +16,9 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from edgecam.config import VisionConfig
+from edgecam.config import MODELS_DIR, VisionConfig
 from edgecam.errors import ModelError
-from edgecam.vision.detections import Detections, Detector
+from edgecam.vision.detections import PRIVACY_FACE, Detections, Detector
 
 __all__ = [
     "BlazeFaceDetector",
@@ -26,6 +26,7 @@ __all__ = [
     "FaceMaskDetector",
     "MaskClassifier",
     "NanoDetDetector",
+    "WithPrivacyFaces",
     "build_detector",
     "nms",
 ]
@@ -522,6 +523,40 @@ class NanoDetDetector:
         self._model.close()
 
 
+class WithPrivacyFaces:
+    """A profile's detector plus a face detector on the same frame, for privacy only: the
+    faces come back among the detections with ``class_id`` :data:`PRIVACY_FACE`, which the
+    analytics track apart and never count."""
+
+    def __init__(self, main: Detector, faces: Detector) -> None:
+        if faces.input_size != main.input_size:
+            raise ValueError(f"face detector input {faces.input_size} must match {main.input_size}")
+        self.main = main
+        self.faces = faces
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.main.input_size
+
+    def detect(self, frame: Frame) -> Detections:
+        found = self.main.detect(frame)
+        faces = self.faces.detect(frame)
+        if not len(faces):
+            return found
+        if np.any(found.class_id == PRIVACY_FACE):
+            raise ValueError(f"the main detector uses class_id {PRIVACY_FACE}, kept for faces")
+        return Detections(
+            np.concatenate([found.xyxy, faces.xyxy]),
+            np.concatenate([found.confidence, faces.confidence]),
+            np.concatenate([found.class_id, np.full(len(faces), PRIVACY_FACE, np.int64)]),
+            np.concatenate([found.attribute, faces.attribute]),
+        )
+
+    def close(self) -> None:
+        self.main.close()
+        self.faces.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Choosing by config
 
@@ -564,6 +599,30 @@ _BUILDERS: dict[str, Callable[[VisionConfig], Detector]] = {
 }
 
 
-def build_detector(vision: VisionConfig) -> Detector:
-    """The detector of ``vision.profile``; its ``input_size`` is what frames must be scaled to."""
-    return _BUILDERS[vision.profile](vision)
+def build_detector(vision: VisionConfig, *, privacy_faces: bool = False) -> Detector:
+    """The detector of ``vision.profile``; its ``input_size`` is what frames must be scaled to.
+
+    With ``privacy_faces``, a profile that does not find faces gets a face detector beside
+    it (on the same frame), whose faces are for privacy masking only.
+    """
+    detector = _BUILDERS[vision.profile](vision)
+    if not privacy_faces or vision.profile == "mask":
+        return detector
+    # CenterFace takes the main detector's own frame size; BlazeFace's input is fixed.
+    model = (
+        vision.face_model_path
+        if vision.face_detector == "centerface"
+        else MODELS_DIR / "centerface.onnx"
+    )
+    try:
+        faces = CenterFaceDetector(
+            model,
+            detector.input_size,
+            vision.face_threshold,
+            vision.provider,
+            vision.threads,
+        )
+    except Exception:
+        detector.close()
+        raise
+    return WithPrivacyFaces(detector, faces)

@@ -1,0 +1,287 @@
+"""Zones and counting lines, driven by a camera's tracks, frame by frame.
+
+Pure logic over numpy arrays and a clock given by the caller (the frame's video time), so the
+same tracks always give the same counts. Each track is reduced to one anchor point of its box
+(the bottom centre by default: where a person stands).
+
+* **Zones** (polygons): which tracks are in each zone now, entries, exits and each stay's
+  dwell time. A track enters when its anchor is ``band`` pixels inside the polygon and leaves
+  when it is ``band`` pixels outside, so an anchor jittering on the border counts nothing.
+  A track that ends (the tracker gave it up) leaves at the time it was last seen.
+* **Lines** (segments): a track crosses when its anchor goes from beyond a band on one side
+  of the line to beyond it on the other, between any two frames (it may jump the band in one
+  step); while it is in the band its last side is kept. So one standing on the line counts
+  nothing, one who crosses and comes back counts one in and one out, and one the tracker
+  carries through a detector gap counts once. The crossing must pass within the segment
+  (its ends extended by the band). A track seen first in the band comes from the half of
+  the band it is in. A track whose id changes (the tracker lost it) starts afresh: a
+  crossing needs one identity on both sides.
+
+Only positions a detection confirmed change anything: between detections the tracker's
+estimate carries a box on at its last speed, and a track the detector has stopped finding
+(someone who stopped, or a false track) would drift through a line or into a zone while it
+lives. A crossing (or an entry, an exit) made by an estimate counts when the next detection
+of that track confirms it, once; if none comes, it never happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from edgecam.config import Anchor, LineConfig, Polygon
+
+__all__ = ["LineState", "ZoneCounter", "ZoneState", "anchors"]
+
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneState:
+    """One zone on one frame."""
+
+    name: str
+    ids: tuple[int, ...]  # tracks in the zone now
+    entered: tuple[int, ...]  # tracks that entered on this frame
+    exited: tuple[tuple[int, float], ...]  # (track, dwell seconds) of stays ended on this frame
+    longest_s: float  # the longest stay going on now (0 when empty)
+
+    @property
+    def occupancy(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True, slots=True)
+class LineState:
+    """One line on one frame: this frame's crossings and the totals since the start."""
+
+    name: str
+    crossings: tuple[tuple[int, str], ...]  # (track, "in" or "out") on this frame
+    total_in: int
+    total_out: int
+
+
+def anchors(boxes: npt.ArrayLike, anchor: Anchor) -> FloatArray:
+    """(N, 2) anchor points of (N, 4) ``x1, y1, x2, y2`` boxes."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    x = (b[:, 0] + b[:, 2]) / 2
+    y = {"bottom_centre": b[:, 3], "top_centre": b[:, 1], "centre": (b[:, 1] + b[:, 3]) / 2}
+    return np.stack([x, y[anchor]], axis=1)
+
+
+def _depth(points: FloatArray, polygon: FloatArray) -> FloatArray:
+    """Signed distance of each point to the polygon's border: > 0 inside, < 0 outside."""
+    v = polygon
+    w = np.roll(polygon, -1, axis=0)
+    px, py = points[:, :1], points[:, 1:]  # (N, 1) against (E,) edges
+    straddles = (v[:, 1] > py) != (w[:, 1] > py)
+    dy = np.where(w[:, 1] == v[:, 1], 1.0, w[:, 1] - v[:, 1])
+    x_cross = v[:, 0] + (py - v[:, 1]) * (w[:, 0] - v[:, 0]) / dy
+    inside = (straddles & (px < x_cross)).sum(axis=1) % 2 == 1
+    edge = w - v
+    length2 = np.maximum((edge**2).sum(axis=1), 1e-12)
+    rel = points[:, None, :] - v[None, :, :]
+    t = np.clip((rel * edge).sum(axis=2) / length2, 0.0, 1.0)
+    nearest = rel - t[:, :, None] * edge[None, :, :]
+    dist = np.sqrt((nearest**2).sum(axis=2)).min(axis=1)
+    return np.where(inside, dist, -dist)
+
+
+@dataclass
+class _Zone:
+    name: str
+    unit: FloatArray  # polygon in shares of the frame
+    pixels: FloatArray = field(default_factory=lambda: np.zeros((0, 2)))
+    entered_at: dict[int, float] = field(default_factory=dict)  # track -> time it entered
+
+
+@dataclass
+class _Line:
+    name: str
+    config: LineConfig
+    origin: FloatArray = field(default_factory=lambda: np.zeros(2))
+    along: FloatArray = field(default_factory=lambda: np.zeros(2))  # unit, start -> end
+    normal: FloatArray = field(default_factory=lambda: np.zeros(2))  # unit, towards "in"
+    length: float = 0.0
+    band: float = 0.0
+    # track -> (side +1 in / -1 out, signed distance, position along) at its last definite side
+    side: dict[int, tuple[int, float, float]] = field(default_factory=dict)
+    total_in: int = 0
+    total_out: int = 0
+
+
+class ZoneCounter:
+    """Zone occupancy, entries, exits and dwell; line in/out counts; one camera's tracks."""
+
+    def __init__(
+        self,
+        zones: Mapping[str, Polygon],
+        lines: Mapping[str, LineConfig],
+        *,
+        zone_anchor: Anchor = "bottom_centre",
+        zone_band: float = 0.02,
+    ) -> None:
+        if zone_band < 0:
+            raise ValueError(f"zone_band must be >= 0, got {zone_band}")
+        self._zones = [_Zone(n, np.asarray(p, dtype=np.float64)) for n, p in zones.items()]
+        self._lines = [_Line(n, cfg) for n, cfg in lines.items()]
+        self._zone_anchor: Anchor = zone_anchor
+        self._zone_band_share = zone_band
+        self._zone_band = 0.0
+        self._size: tuple[int, int] | None = None
+        self._last_seen: dict[int, float] = {}  # live track -> when last detected
+
+    @property
+    def empty(self) -> bool:
+        return not self._zones and not self._lines
+
+    def geometry(
+        self, frame_size: tuple[int, int]
+    ) -> tuple[dict[str, FloatArray], dict[str, tuple[FloatArray, FloatArray, FloatArray]]]:
+        """Zones (polygons) and lines (start, end, unit normal towards "in") in pixels of a
+        ``frame_size`` picture."""
+        self._resize(frame_size)
+        zones = {z.name: z.pixels for z in self._zones}
+        lines = {
+            ln.name: (ln.origin, ln.origin + ln.along * ln.length, ln.normal) for ln in self._lines
+        }
+        return zones, lines
+
+    def _resize(self, frame_size: tuple[int, int]) -> None:
+        if frame_size == self._size:
+            return
+        w, h = frame_size
+        scale = np.array([w, h], dtype=np.float64)
+        self._size = frame_size
+        self._zone_band = self._zone_band_share * h
+        for z in self._zones:
+            z.pixels = z.unit * scale
+        for ln in self._lines:
+            start = np.asarray(ln.config.start, dtype=np.float64) * scale
+            end = np.asarray(ln.config.end, dtype=np.float64) * scale
+            d = end - start
+            ln.length = float(np.hypot(*d))
+            ln.origin = start
+            ln.along = d / ln.length
+            dx, dy = ln.along
+            # Screen coordinates (y down): the left of a walk from start to end is (dy, -dx).
+            left = np.array([dy, -dx])
+            ln.normal = left if ln.config.in_side == "left" else -left
+            ln.band = ln.config.band * h
+
+    def update(
+        self,
+        t: float,
+        ids: npt.ArrayLike,
+        boxes: npt.ArrayLike,
+        frame_size: tuple[int, int],
+        seen: npt.ArrayLike | None = None,
+    ) -> tuple[tuple[ZoneState, ...], tuple[LineState, ...]]:
+        """One frame at video time ``t`` (s): the tracks' ids and boxes (pixels), and which
+        of them a detection matched on this frame (``seen``; None: all)."""
+        self._resize(frame_size)
+        track_ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        box_array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        if len(track_ids) != len(box_array):
+            raise ValueError(f"{len(track_ids)} ids for {len(box_array)} boxes")
+        confirmed = (
+            [True] * len(track_ids)
+            if seen is None
+            else [bool(v) for v in np.asarray(seen).reshape(-1)]
+        )
+        if len(confirmed) != len(track_ids):
+            raise ValueError(f"{len(confirmed)} seen flags for {len(track_ids)} ids")
+        present = set(track_ids)
+        gone = {tid: seen for tid, seen in self._last_seen.items() if tid not in present}
+        for tid, sure in zip(track_ids, confirmed, strict=True):
+            if sure or tid not in self._last_seen:
+                self._last_seen[tid] = t  # a track that ends left when last detected
+        for tid in gone:
+            del self._last_seen[tid]
+        zones = tuple(
+            self._update_zone(z, t, track_ids, box_array, confirmed, gone) for z in self._zones
+        )
+        lines = tuple(
+            self._update_line(ln, track_ids, box_array, confirmed, gone) for ln in self._lines
+        )
+        return zones, lines
+
+    def _update_zone(
+        self,
+        zone: _Zone,
+        t: float,
+        ids: list[int],
+        boxes: FloatArray,
+        confirmed: list[bool],
+        gone: dict[int, float],
+    ) -> ZoneState:
+        exited: list[tuple[int, float]] = []
+        for tid, seen in gone.items():
+            since = zone.entered_at.pop(tid, None)
+            if since is not None:
+                exited.append((tid, seen - since))
+        entered: list[int] = []
+        if ids:
+            depth = _depth(anchors(boxes, self._zone_anchor), zone.pixels)
+            band = self._zone_band
+            for tid, d, sure in zip(ids, depth.tolist(), confirmed, strict=True):
+                if not sure:
+                    continue  # an estimate: wait for a detection to say where it is
+                inside = tid in zone.entered_at
+                if not inside and d > band:
+                    zone.entered_at[tid] = t
+                    entered.append(tid)
+                elif inside and d < -band:
+                    exited.append((tid, t - zone.entered_at.pop(tid)))
+        longest = t - min(zone.entered_at.values()) if zone.entered_at else 0.0
+        return ZoneState(
+            zone.name,
+            tuple(sorted(zone.entered_at)),
+            tuple(entered),
+            tuple(exited),
+            longest,
+        )
+
+    def _update_line(
+        self,
+        line: _Line,
+        ids: list[int],
+        boxes: FloatArray,
+        confirmed: list[bool],
+        gone: dict[int, float],
+    ) -> LineState:
+        for tid in gone:
+            line.side.pop(tid, None)
+        crossings: list[tuple[int, str]] = []
+        if ids:
+            rel = anchors(boxes, line.config.anchor) - line.origin
+            signed = rel @ line.normal
+            along = rel @ line.along
+            band = line.band
+            for tid, s, a, sure in zip(
+                ids, signed.tolist(), along.tolist(), confirmed, strict=True
+            ):
+                if not sure:
+                    continue  # an estimate: keep the last side
+                if abs(s) <= band:
+                    if tid not in line.side and s != 0:
+                        # First seen on the line (out of a crowd, say): the half it is on
+                        # is where it comes from.
+                        line.side[tid] = (1 if s > 0 else -1, s, a)
+                    continue  # on the line: keep the last side
+                side = 1 if s > 0 else -1
+                before = line.side.get(tid)
+                line.side[tid] = (side, s, a)
+                if before is None or before[0] == side:
+                    continue
+                # Where the anchor's path met the line, along the segment.
+                _, s0, a0 = before
+                at = a0 + (a - a0) * (s0 / (s0 - s))
+                if -band <= at <= line.length + band:
+                    crossings.append((tid, "in" if side > 0 else "out"))
+        line.total_in += sum(1 for _, d in crossings if d == "in")
+        line.total_out += len(crossings) - sum(1 for _, d in crossings if d == "in")
+        return LineState(line.name, tuple(crossings), line.total_in, line.total_out)
