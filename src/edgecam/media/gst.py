@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import gi
 
@@ -17,7 +19,7 @@ gi.require_version("GstPbutils", "1.0")
 gi.require_version("GstVideo", "1.0")
 from gi.repository import GLib, Gst, GstApp, GstPbutils, GstVideo
 
-from edgecam.errors import MissingPluginError
+from edgecam.errors import MissingPluginError, PipelineError
 
 __all__ = [
     "RTP_CAPS",
@@ -27,6 +29,7 @@ __all__ = [
     "GstApp",
     "GstPbutils",
     "GstVideo",
+    "call_in_context",
     "init",
     "make_element",
     "require_elements",
@@ -81,3 +84,41 @@ def make_element(factory: str, name: str | None = None, **props: object) -> Gst.
     for key, value in props.items():
         element.set_property(key.replace("_", "-"), value)
     return element
+
+
+_T = TypeVar("_T")
+
+
+def call_in_context(
+    context: GLib.MainContext,
+    owner: threading.Thread | None,
+    func: Callable[[], _T],
+    *,
+    timeout: float,
+    what: str,
+) -> _T:
+    """Run ``func`` in the thread that runs ``context``'s main loop (``owner``) and return
+    its result, or raise its error there. ``what`` names the loop in the timeout error."""
+    if threading.current_thread() is owner:
+        return func()
+    done = threading.Event()
+    box: dict[str, Any] = {}
+
+    def invoke() -> bool:
+        try:
+            box["result"] = func()
+        except BaseException as exc:
+            box["error"] = exc
+        finally:
+            done.set()
+        return False
+
+    source = GLib.idle_source_new()
+    source.set_callback(lambda *_: invoke())
+    source.attach(context)
+    if not done.wait(timeout):
+        raise PipelineError(f"{what} did not answer within {timeout:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    result: _T = box.get("result")  # type: ignore[assignment]
+    return result

@@ -34,7 +34,15 @@ import gi
 from edgecam.config import LiveViewConfig, Settings
 from edgecam.errors import LiveViewError, PipelineError
 from edgecam.media.fmp4 import TIMESCALE, Fmp4Writer
-from edgecam.media.gst import RTP_CAPS, UDP_BUFFER_BYTES, GLib, Gst, init, require_elements
+from edgecam.media.gst import (
+    RTP_CAPS,
+    UDP_BUFFER_BYTES,
+    GLib,
+    Gst,
+    call_in_context,
+    init,
+    require_elements,
+)
 
 gi.require_version("GstSdp", "1.0")
 gi.require_version("GstWebRTC", "1.0")
@@ -286,31 +294,14 @@ class LiveView:
 
     def _call(self, func: Callable[[], _T]) -> _T:
         """Run ``func`` in the main loop thread and return its result (or raise its error)."""
-        context = self._context
-        assert context is not None
-        if threading.current_thread() is self._thread:
-            return func()
-        done = threading.Event()
-        box: dict[str, Any] = {}
-
-        def invoke() -> bool:
-            try:
-                box["result"] = func()
-            except BaseException as exc:
-                box["error"] = exc
-            finally:
-                done.set()
-            return False
-
-        source = GLib.idle_source_new()
-        source.set_callback(lambda *_: invoke())
-        source.attach(context)
-        if not done.wait(_CALL_TIMEOUT_S):
-            raise PipelineError("the live view's main loop did not answer within 10 s")
-        if "error" in box:
-            raise box["error"]
-        result: _T = box.get("result")  # type: ignore[assignment]
-        return result
+        assert self._context is not None
+        return call_in_context(
+            self._context,
+            self._thread,
+            func,
+            timeout=_CALL_TIMEOUT_S,
+            what="the live view's main loop",
+        )
 
     def _later(self, func: Callable[[], object]) -> None:
         """Run ``func`` in the main loop thread soon, without waiting for it."""

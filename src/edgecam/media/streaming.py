@@ -16,13 +16,21 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import gi
 
 from edgecam.config import Settings, StreamingConfig
 from edgecam.errors import PipelineError
-from edgecam.media.gst import RTP_CAPS, UDP_BUFFER_BYTES, GLib, Gst, init, require_elements
+from edgecam.media.gst import (
+    RTP_CAPS,
+    UDP_BUFFER_BYTES,
+    GLib,
+    Gst,
+    call_in_context,
+    init,
+    require_elements,
+)
 
 gi.require_version("GstRtspServer", "1.0")
 gi.require_version("GstRtsp", "1.0")
@@ -258,29 +266,9 @@ class StreamingServer:
     def _call(self, func: Callable[[], _T]) -> _T:
         """Run ``func`` in the main loop thread and return its result (or raise its error)."""
         assert self._context is not None
-        if threading.current_thread() is self._thread:
-            return func()
-        done = threading.Event()
-        box: dict[str, Any] = {}
-
-        def invoke() -> bool:
-            try:
-                box["result"] = func()
-            except BaseException as exc:
-                box["error"] = exc
-            finally:
-                done.set()
-            return False
-
-        source = GLib.idle_source_new()
-        source.set_callback(lambda *_: invoke())
-        source.attach(self._context)
-        if not done.wait(_CALL_TIMEOUT_S):
-            raise PipelineError("the RTSP main loop did not answer within 10 s")
-        if "error" in box:
-            raise box["error"]
-        result: _T = box.get("result")  # type: ignore[assignment]
-        return result
+        return call_in_context(
+            self._context, self._thread, func, timeout=_CALL_TIMEOUT_S, what="the RTSP main loop"
+        )
 
     def _open(self) -> None:
         server = GstRtspServer.RTSPServer()
