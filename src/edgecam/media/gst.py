@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -29,6 +30,7 @@ __all__ = [
     "GstApp",
     "GstPbutils",
     "GstVideo",
+    "LoopThread",
     "call_in_context",
     "init",
     "make_element",
@@ -122,3 +124,71 @@ def call_in_context(
         raise box["error"]
     result: _T = box.get("result")  # type: ignore[assignment]
     return result
+
+
+class LoopThread:
+    """A private GLib main context run by a thread of its own, with an explicit life: the
+    RTSP server and the live view each do their GStreamer work in one, apart from the
+    process's default context. ``call`` runs a function there and waits for it; ``later``
+    runs one there soon; ``context`` is the one to attach sources and bus watches to."""
+
+    def __init__(self, name: str, what: str, timeout: float = 10.0) -> None:
+        self.name = name
+        self.what = what
+        self.timeout = timeout
+        self.context: GLib.MainContext | None = None
+        self._loop: GLib.MainLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError(f"{self.what} already started")
+        context = self.context = GLib.MainContext.new()
+        loop = self._loop = GLib.MainLoop.new(context, False)
+        ready = threading.Event()
+
+        def run() -> None:
+            context.push_thread_default()  # bus watches made here attach to this context
+            try:
+                ready.set()
+                loop.run()
+            finally:
+                context.pop_thread_default()
+
+        self._thread = threading.Thread(target=run, name=self.name, daemon=True)
+        self._thread.start()
+        ready.wait(self.timeout)
+
+    def call(self, func: Callable[[], _T]) -> _T:
+        """Run ``func`` in the loop's thread and return its result (or raise its error)."""
+        assert self.context is not None, f"{self.what} is not running"
+        return call_in_context(self.context, self._thread, func, timeout=self.timeout,
+                               what=self.what)  # fmt: skip
+
+    def later(self, func: Callable[[], object]) -> None:
+        """Run ``func`` in the loop's thread soon, without waiting for it."""
+        context = self.context
+        if context is None:
+            return
+        source = GLib.idle_source_new()
+        source.set_callback(lambda *_: bool(func()) and False)
+        source.attach(context)
+
+    def stop(self) -> None:
+        """End the loop and join its thread. Safe to call twice."""
+        thread, loop = self._thread, self._loop
+        if thread is None or loop is None:
+            return
+        try:
+            self.call(loop.quit)
+        finally:
+            thread.join(self.timeout)
+            if thread.is_alive():
+                logging.getLogger(__name__).warning(
+                    "%s thread did not end within %.0f s", self.what, self.timeout
+                )
+            self._thread = self._loop = self.context = None

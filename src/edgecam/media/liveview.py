@@ -39,7 +39,7 @@ from edgecam.media.gst import (
     UDP_BUFFER_BYTES,
     GLib,
     Gst,
-    call_in_context,
+    LoopThread,
     init,
     require_elements,
 )
@@ -144,9 +144,7 @@ class LiveView:
         self._lock = threading.Lock()
         self._viewers: dict[int, Viewer] = {}
         self._ids = itertools.count(1)
-        self._context: GLib.MainContext | None = None
-        self._loop: GLib.MainLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._loop = LoopThread(f"live-{camera}", "the live view's main loop", _CALL_TIMEOUT_S)
         self._pipeline: Gst.Pipeline | None = None
         self._tee: Gst.Element | None = None
         self._reaper: GLib.Source | None = None
@@ -194,14 +192,7 @@ class LiveView:
             return
         init()
         require_elements(_ELEMENTS + (_WEBRTC_ELEMENTS if self._config.webrtc else ()))
-        self._context = GLib.MainContext.new()
-        self._loop = GLib.MainLoop.new(self._context, False)
-        ready = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run_loop, args=(ready,), name=f"live-{self.camera}", daemon=True
-        )
-        self._thread.start()
-        ready.wait(_CALL_TIMEOUT_S)
+        self._loop.start()
         try:
             self._call(self._open)
         except BaseException:
@@ -211,7 +202,7 @@ class LiveView:
 
     def stop(self) -> None:
         """Drop every viewer, close the port and end the thread. Safe to call twice."""
-        if self._thread is None:
+        if not self._loop.running:
             return
         with self._lock:
             viewers = list(self._viewers.values())
@@ -220,13 +211,7 @@ class LiveView:
         try:
             self._call(self._close)
         finally:
-            assert self._loop is not None
-            loop = self._loop
-            self._call(loop.quit)
-            self._thread.join(_CALL_TIMEOUT_S)
-            if self._thread.is_alive():
-                log.warning("live view thread did not end within %.0f s", _CALL_TIMEOUT_S)
-            self._thread = self._loop = self._context = None
+            self._loop.stop()
 
     def __enter__(self) -> LiveView:
         self.start()
@@ -272,7 +257,7 @@ class LiveView:
         with self._lock:
             if self._viewers.pop(viewer.id, None) is None:
                 return
-        if viewer._branch is not None and self._context is not None:
+        if viewer._branch is not None and self._loop.running:
             branch = viewer._branch
             self._call(branch.detach)
         if reason is not None:
@@ -283,34 +268,11 @@ class LiveView:
 
     # -- main loop thread -----------------------------------------------------------------
 
-    def _run_loop(self, ready: threading.Event) -> None:
-        assert self._context is not None and self._loop is not None
-        self._context.push_thread_default()
-        try:
-            ready.set()
-            self._loop.run()
-        finally:
-            self._context.pop_thread_default()
-
     def _call(self, func: Callable[[], _T]) -> _T:
-        """Run ``func`` in the main loop thread and return its result (or raise its error)."""
-        assert self._context is not None
-        return call_in_context(
-            self._context,
-            self._thread,
-            func,
-            timeout=_CALL_TIMEOUT_S,
-            what="the live view's main loop",
-        )
+        return self._loop.call(func)
 
     def _later(self, func: Callable[[], object]) -> None:
-        """Run ``func`` in the main loop thread soon, without waiting for it."""
-        context = self._context
-        if context is None:
-            return
-        source = GLib.idle_source_new()
-        source.set_callback(lambda *_: bool(func()) and False)
-        source.attach(context)
+        self._loop.later(func)
 
     def _open(self) -> None:
         pipeline = Gst.parse_launch(
@@ -329,7 +291,7 @@ class LiveView:
         sink = pipeline.get_by_name("mse")
         sink.connect("new-sample", self._on_sample)
         bus = pipeline.get_bus()
-        # Runs in this thread's default context, the view's own (see _run_loop).
+        # Runs in this thread's default context, the view's own (see LoopThread).
         bus.add_signal_watch()
         bus.connect("message", self._on_bus_message)
         if pipeline.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
@@ -343,7 +305,7 @@ class LiveView:
             )
         reaper = GLib.timeout_source_new_seconds(_REAP_INTERVAL_S)
         reaper.set_callback(lambda *_: self._reap())
-        reaper.attach(self._context)
+        reaper.attach(self._loop.context)
         self._pipeline, self._tee = pipeline, pipeline.get_by_name("t")
         self._reaper = reaper
 

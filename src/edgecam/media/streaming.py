@@ -13,7 +13,6 @@ sending, and its packets to the closed UDP port are simply lost.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TypeVar
@@ -27,7 +26,7 @@ from edgecam.media.gst import (
     UDP_BUFFER_BYTES,
     GLib,
     Gst,
-    call_in_context,
+    LoopThread,
     init,
     require_elements,
 )
@@ -119,9 +118,7 @@ class StreamingServer:
         self._mounts = dict(mounts)
         self._camera = next(iter(self._mounts))
         self._rtp_host = rtp_host
-        self._context: GLib.MainContext | None = None
-        self._loop: GLib.MainLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._loop = LoopThread("rtsp", "the RTSP main loop", _CALL_TIMEOUT_S)
         self._server: GstRtspServer.RTSPServer | None = None
         self._source: GLib.Source | None = None
         self._cleanup: GLib.Source | None = None
@@ -160,7 +157,7 @@ class StreamingServer:
     @property
     def running(self) -> bool:
         """True between ``start()`` and ``stop()``."""
-        return self._thread is not None
+        return self._loop.running
 
     @property
     def streaming(self) -> bool:
@@ -187,18 +184,11 @@ class StreamingServer:
 
     def start(self) -> None:
         """Start the main loop thread and begin streaming; raise if the port is taken."""
-        if self._thread is not None:
+        if self._loop.running:
             raise RuntimeError("StreamingServer already started")
         init()
         require_elements(_ELEMENTS)
-        self._context = GLib.MainContext.new()
-        self._loop = GLib.MainLoop.new(self._context, False)
-        ready = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run_loop, args=(ready,), name="rtsp", daemon=True
-        )
-        self._thread.start()
-        ready.wait(_CALL_TIMEOUT_S)
+        self._loop.start()
         try:
             self.streaming_start()
         except BaseException:
@@ -207,24 +197,16 @@ class StreamingServer:
 
     def stop(self) -> None:
         """Stop streaming, end the main loop and join its thread. Safe to call twice."""
-        if self._thread is None:
+        if not self._loop.running:
             return
         try:
             self.streaming_stop()
         finally:
-            assert self._loop is not None
-            loop = self._loop
-            self._call(loop.quit)
-            self._thread.join(_CALL_TIMEOUT_S)
-            if self._thread.is_alive():
-                log.warning("RTSP main loop thread did not end within %.0f s", _CALL_TIMEOUT_S)
-            self._thread = None
-            self._loop = None
-            self._context = None
+            self._loop.stop()
 
     def streaming_start(self) -> None:
         """Open the RTSP port and serve the stream; a no-op while streaming."""
-        if self._thread is None:
+        if not self._loop.running:
             raise RuntimeError("StreamingServer.start() first")
         if self._source is None:
             self._call(self._open)
@@ -235,7 +217,7 @@ class StreamingServer:
 
     def streaming_stop(self) -> None:
         """Close every client and the RTSP port; the pipeline is not touched. Idempotent."""
-        if self._thread is None or self._source is None:
+        if not self._loop.running or self._source is None:
             return
         self._call(self._close)
         log.info("streaming stopped on port %d", self._config.port)
@@ -254,21 +236,8 @@ class StreamingServer:
 
     # -- main loop thread -----------------------------------------------------------------
 
-    def _run_loop(self, ready: threading.Event) -> None:
-        assert self._context is not None and self._loop is not None
-        self._context.push_thread_default()
-        try:
-            ready.set()
-            self._loop.run()
-        finally:
-            self._context.pop_thread_default()
-
     def _call(self, func: Callable[[], _T]) -> _T:
-        """Run ``func`` in the main loop thread and return its result (or raise its error)."""
-        assert self._context is not None
-        return call_in_context(
-            self._context, self._thread, func, timeout=_CALL_TIMEOUT_S, what="the RTSP main loop"
-        )
+        return self._loop.call(func)
 
     def _open(self) -> None:
         server = GstRtspServer.RTSPServer()
@@ -326,13 +295,13 @@ class StreamingServer:
                 f"cannot listen for RTSP on {self._config.host}:{self._config.port}: "
                 f"{message}{hint}"
             ) from exc
-        source.attach(self._context)
+        source.attach(self._loop.context)
         # GstRtspServer never expires sessions by itself: a client that vanished without
         # TEARDOWN would stay forever.
         pool = server.get_session_pool()
         cleanup = GLib.timeout_source_new_seconds(_SESSION_CLEANUP_S)
         cleanup.set_callback(lambda *_: pool.cleanup() >= 0)
-        cleanup.attach(self._context)
+        cleanup.attach(self._loop.context)
         self._server, self._source, self._cleanup = server, source, cleanup
 
     def _on_client(self, _server: object, client: GstRtspServer.RTSPClient) -> None:
