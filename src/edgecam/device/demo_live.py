@@ -232,7 +232,10 @@ def run_live_demo(settings: Settings, out: Path, seconds: float, token: str) -> 
     with LocalBroker(out / "broker", [_DEVICE]) as broker:
         print(f"   broker: mosquitto on 127.0.0.1:{broker.port}, one user per device + ACL")
         fleet = _FleetServer(out, broker)
-        print(f"   fleet server: {fleet.url}/  (log in as demo / {fleet.password})")
+        print(
+            f"   fleet server: {fleet.url}/  (log in as demo / {fleet.password}; it stops "
+            "with the demo: `edgecam demo --live-seconds 300` leaves time to look)"
+        )
         config = demo_config(out, broker, token)
         config["upload"] = {"url": fleet.url, "token": fleet.device_token}
         device = Device(
