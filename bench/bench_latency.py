@@ -55,13 +55,13 @@ import gi
 
 from edgecam.media.gst import RTP_CAPS, GLib, Gst, GstVideo, init
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _stamps import BITS, BLOCK, STAMP_MASK, read_stamp, stamped_frames
+
 gi.require_version("GstRtspServer", "1.0")
 from gi.repository import GstRtspServer
 
-BITS = 40
 RUNTIME = Path(tempfile.gettempdir()) / f"edgecam-bench-latency-{os.getpid()}"
-BLOCK = 16
-STAMP_MASK = (1 << BITS) - 1
 
 
 def _free_port(kind: int) -> int:
@@ -72,27 +72,6 @@ def _free_port(kind: int) -> int:
 
 def _now_us() -> int:
     return time.monotonic_ns() // 1000
-
-
-def write_stamp(y: np.ndarray, stamp: int) -> None:
-    """Draw ``stamp`` into the luma plane ``y``: row 0 the bits, row 1 their inverse."""
-    for i in range(BITS):
-        bit = (stamp >> i) & 1
-        x = i * BLOCK
-        y[0:BLOCK, x : x + BLOCK] = 235 if bit else 16
-        y[BLOCK : 2 * BLOCK, x : x + BLOCK] = 16 if bit else 235
-
-
-def read_stamp(y: np.ndarray) -> int | None:
-    """The stamp in luma plane ``y``, or None when the check row disagrees."""
-    c = BLOCK // 4
-    rows = y[c : BLOCK - c, : BITS * BLOCK].reshape(BLOCK - 2 * c, BITS, BLOCK)
-    inv = y[BLOCK + c : 2 * BLOCK - c, : BITS * BLOCK].reshape(BLOCK - 2 * c, BITS, BLOCK)
-    bits = rows[:, :, c : BLOCK - c].mean(axis=(0, 2)) > 128
-    check = inv[:, :, c : BLOCK - c].mean(axis=(0, 2)) > 128
-    if np.any(bits == check):
-        return None
-    return int(sum(1 << i for i, b in enumerate(bits) if b))
 
 
 class Sender:
@@ -112,9 +91,6 @@ class Sender:
         self.src = self.pipeline.get_by_name("src")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
-        # Diagonal stripes that move: P-frames with real content, like a camera.
-        yy, xx = np.mgrid[0:height, 0 : width + 2 * fps * 4]
-        self._pattern = (((xx + yy) // 24) % 2 * 120 + 60).astype(np.uint8)
         self.sent = 0
 
     def start(self) -> None:
@@ -127,22 +103,9 @@ class Sender:
         self.pipeline.set_state(Gst.State.NULL)
 
     def _run(self) -> None:
-        w, h = self.width, self.height
-        frame = np.full(w * h * 3 // 2, 128, dtype=np.uint8)
-        y = frame[: w * h].reshape(h, w)
-        period = 1.0 / self.fps
-        t0 = time.monotonic()
-        k = 0
-        while not self._stop.is_set():
-            delay = t0 + k * period - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            shift = (k * 4) % (2 * self.fps * 4)
-            y[:] = self._pattern[:, shift : shift + w]
-            write_stamp(y, _now_us() & STAMP_MASK)
-            self.src.emit("push-buffer", Gst.Buffer.new_wrapped(frame.tobytes()))
+        for data in stamped_frames(self.width, self.height, self.fps, self._stop, _now_us):
+            self.src.emit("push-buffer", Gst.Buffer.new_wrapped(data))
             self.sent += 1
-            k += 1
 
 
 class RtspCamera:
@@ -172,8 +135,6 @@ class RtspCamera:
             threading.Thread(target=self._loop.run, name="camera-loop", daemon=True),
             threading.Thread(target=self._push, name="camera", daemon=True),
         ]
-        yy, xx = np.mgrid[0:height, 0 : width + 2 * fps * 4]
-        self._pattern = (((xx + yy) // 24) % 2 * 120 + 60).astype(np.uint8)
 
     def _on_media(self, _factory: object, media: GstRtspServer.RTSPMedia) -> None:
         self._src = media.get_element().get_by_name("src")
@@ -189,24 +150,11 @@ class RtspCamera:
         self._loop.quit()
 
     def _push(self) -> None:
-        w, h = self.width, self.height
-        frame = np.full(w * h * 3 // 2, 128, dtype=np.uint8)
-        y = frame[: w * h].reshape(h, w)
-        period = 1.0 / self.fps
-        t0 = time.monotonic()
-        k = 0
-        while not self._stop.is_set():
-            delay = t0 + k * period - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            k += 1
+        frames = stamped_frames(self.width, self.height, self.fps, self._stop, _now_us, bottom=True)
+        for data in frames:
             src = self._src
-            if src is None:
-                continue
-            shift = (k * 4) % (2 * self.fps * 4)
-            y[:] = self._pattern[:, shift : shift + w]
-            write_stamp(y[h - 2 * BLOCK :], _now_us() & STAMP_MASK)
-            src.emit("push-buffer", Gst.Buffer.new_wrapped(frame.tobytes()))
+            if src is not None:  # no client yet: the camera's media is not made
+                src.emit("push-buffer", Gst.Buffer.new_wrapped(data))
 
 
 @dataclass

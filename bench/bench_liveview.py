@@ -33,16 +33,12 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine_note, percentile, table, verdict
+from _stamps import BITS, BLOCK, stamped_frames
 
 from edgecam.media.gst import Gst, init
 
-BITS = 40
-BLOCK = 16
-STAMP_MASK = (1 << BITS) - 1
 TOKEN = "bench-token"
 TARGET_MS = {"webrtc": 200.0, "mse": 1000.0}
 TARGET_CPU_PER_VIEWER = 2.0
@@ -80,15 +76,6 @@ _MEASURE_JS = """
 """
 
 
-def write_stamp(y: np.ndarray, stamp: int) -> None:
-    """Draw ``stamp`` into the luma plane ``y``: row 0 the bits, row 1 their inverse."""
-    for i in range(BITS):
-        bit = (stamp >> i) & 1
-        x = i * BLOCK
-        y[0:BLOCK, x : x + BLOCK] = 235 if bit else 16
-        y[BLOCK : 2 * BLOCK, x : x + BLOCK] = 16 if bit else 235
-
-
 class Sender:
     """Raw frames from Python, stamped at push time, x264 zerolatency, RTP over UDP."""
 
@@ -105,9 +92,6 @@ class Sender:
         self.src = self.pipeline.get_by_name("src")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
-        # Diagonal stripes that move: P-frames with real content, like a camera.
-        yy, xx = np.mgrid[0:height, 0 : width + 2 * fps * 4]
-        self._pattern = (((xx + yy) // 24) % 2 * 120 + 60).astype(np.uint8)
 
     def start(self) -> None:
         self.pipeline.set_state(Gst.State.PLAYING)
@@ -119,21 +103,12 @@ class Sender:
         self.pipeline.set_state(Gst.State.NULL)
 
     def _run(self) -> None:
-        w, h = self.width, self.height
-        frame = np.full(w * h * 3 // 2, 128, dtype=np.uint8)
-        y = frame[: w * h].reshape(h, w)
-        period = 1.0 / self.fps
-        t0 = time.monotonic()
-        k = 0
-        while not self._stop.is_set():
-            delay = t0 + k * period - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            shift = (k * 4) % (2 * self.fps * 4)
-            y[:] = self._pattern[:, shift : shift + w]
-            write_stamp(y, (time.time_ns() // 1_000_000) & STAMP_MASK)
-            self.src.emit("push-buffer", Gst.Buffer.new_wrapped(frame.tobytes()))
-            k += 1
+        # Wall-clock milliseconds: the page compares them with the browser's Date.now().
+        def now_ms() -> int:
+            return time.time_ns() // 1_000_000
+
+        for data in stamped_frames(self.width, self.height, self.fps, self._stop, now_ms):
+            self.src.emit("push-buffer", Gst.Buffer.new_wrapped(data))
 
 
 def serve(http_port: int, rtp_port: int) -> int:
