@@ -312,8 +312,21 @@ class VisionConfig(_Section):
         description="Detections a second of video (0 = off). Offline exact; live an upper "
         "bound: the detector takes the newest frame whenever it is free.",
     )
-    provider: Literal["cpu", "cuda"] = Field("cpu", description="ONNX Runtime provider.")
-    threads: int = Field(2, ge=1, le=64, description="ONNX Runtime intra-op threads.")
+    backend: Literal["onnxruntime", "torch"] = Field(
+        "onnxruntime",
+        description="Inference engine: onnxruntime (the default), or torch: the same ONNX "
+        "models converted by onnx2torch and run by PyTorch, for NVIDIA GPUs without "
+        "onnxruntime-gpu (pip install 'edgecam[gpu]').",
+    )
+    provider: Literal["cpu", "cuda"] = Field(
+        "cpu",
+        description="Where the models run: cpu, or cuda (an NVIDIA GPU, through ONNX Runtime's "
+        "CUDA provider or PyTorch, by vision.backend).",
+    )
+    half: bool = Field(
+        False, description="Run the models in fp16 (vision.backend torch, provider cuda only)."
+    )
+    threads: int = Field(2, ge=1, le=64, description="Inference engine's CPU threads.")
     offline_workers: int = Field(
         2,
         ge=1,
@@ -349,6 +362,15 @@ class VisionConfig(_Section):
         (416, 416), description="Person detector input (width, height), multiples of 32."
     )
     person_threshold: float = Field(0.5, gt=0, lt=1, description="Person score threshold.")
+
+    @model_validator(mode="after")
+    def _check_half(self) -> VisionConfig:
+        if self.half and (self.backend, self.provider) != ("torch", "cuda"):
+            raise ValueError(
+                "half: fp16 needs backend 'torch' and provider 'cuda', got backend "
+                f"{self.backend!r} and provider {self.provider!r}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_sizes(self) -> VisionConfig:

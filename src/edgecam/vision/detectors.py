@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
 
 from edgecam.config import MODELS_DIR, VisionConfig
-from edgecam.errors import ModelError
+from edgecam.errors import EdgecamError, ModelError
+from edgecam.vision.backends import InferenceBackend, Runtime, batch_dim, open_backend
 from edgecam.vision.detections import PRIVACY_FACE, Detections, Detector
 
 __all__ = [
@@ -70,8 +70,8 @@ _MASK = _ModelSpec("mask classifier", "vision.mask_model", (None, 224, 224, 3), 
 _NANODET = _ModelSpec(
     "NanoDet",
     "vision.person_model",
-    (1, 3, None, None),
-    ((1, None, None),) * 6,  # cls_s8, cls_s16, cls_s32, reg_s8, reg_s16, reg_s32
+    (None, 3, None, None),
+    ((None, None, None),) * 6,  # cls_s8, cls_s16, cls_s32, reg_s8, reg_s16, reg_s32
 )
 
 
@@ -92,84 +92,72 @@ def _fmt(shape: Sequence[object]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def _session(
-    path: str | Path, provider: str, threads: int, spec: _ModelSpec = _CENTERFACE
-) -> ort.InferenceSession:
-    """An ONNX Runtime session for ``path``, checked against the model family ``spec``."""
+def _load(
+    path: str | Path, runtime: Runtime, threads: int, spec: _ModelSpec = _CENTERFACE
+) -> InferenceBackend:
+    """``path`` loaded by the backend of ``runtime``, checked against the model family ``spec``."""
     path = Path(path)
     fix = f"set {spec.key} ({_env_name(spec.key)}) to a {spec.family} .onnx file{spec.hint}"
     if not path.is_file():
         raise ModelError(f"{spec.family} model file {path} not found; {fix}")
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-    if provider == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ModelError(
-                "provider 'cuda' requested but ONNX Runtime has no CUDAExecutionProvider "
-                f"(available: {ort.get_available_providers()}); install onnxruntime-gpu "
-                "or set vision.provider to 'cpu'"
-            )
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    elif provider == "cpu":
-        providers = ["CPUExecutionProvider"]
-    else:
-        raise ValueError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # The pool's threads share the two cores with decoding and x264: spinning while idle
-    # only takes CPU from them (edgecam process on the 720p clip: 70 -> 85-88 fps).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    except Exception as exc:  # ORT raises its own pybind exception types
+        backend = open_backend(path, runtime, threads)
+    except (EdgecamError, ValueError):
+        raise  # a missing engine or device, a bad argument: not the file's fault
+    except Exception as exc:  # each engine raises its own exception types
         raise ModelError(f"cannot load {spec.family} model {path}: {exc}; {fix}") from exc
 
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    got_in = [i.shape for i in inputs]
-    got_out = [o.shape for o in outputs]
+    got_in, got_out = backend.input_shape, backend.output_shapes
     if (
-        len(inputs) != 1
-        or inputs[0].type != "tensor(float)"
-        or not _matches(inputs[0].shape, spec.input)
-        or len(outputs) != len(spec.outputs)
-        or not all(_matches(o.shape, e) for o, e in zip(outputs, spec.outputs, strict=True))
+        backend.input_count != 1
+        or backend.input_type != "tensor(float)"
+        or not _matches(got_in, spec.input)
+        or len(got_out) != len(spec.outputs)
+        or not all(_matches(o, e) for o, e in zip(got_out, spec.outputs, strict=True))
     ):
+        backend.close()
         raise ModelError(
             f"{path} does not look like a {spec.family} model: expected one float input "
-            f"{_fmt(spec.input)} and outputs {[_fmt(s) for s in spec.outputs]}, got inputs "
-            f"{[_fmt(s) for s in got_in]} and outputs {[_fmt(s) for s in got_out]}; {fix}"
+            f"{_fmt(spec.input)} and outputs {[_fmt(s) for s in spec.outputs]}, got input "
+            f"{_fmt(got_in)} ({backend.input_type}) and outputs {[_fmt(s) for s in got_out]}; "
+            f"{fix}"
         )
-    log.info(
-        "loaded %s model %s (%s, %d threads)",
-        spec.family,
-        path,
-        session.get_providers()[0],
-        threads,
-    )
-    return session
+    log.info("loaded %s model %s (%s)", spec.family, path, backend.description)
+    return backend
 
 
 class _Model:
-    """One ONNX session with a single input; run() returns its outputs in graph order."""
+    """One model on one backend; run() takes a batch (N, ...) and returns the outputs (N, ...)
+    in graph order.
 
-    def __init__(self, path: str | Path, provider: str, threads: int, spec: _ModelSpec) -> None:
-        self._session: ort.InferenceSession | None = _session(path, provider, threads, spec)
+    ``provider`` is a :class:`Runtime`, or a device name (``"cpu"`` / ``"cuda"``) for ONNX
+    Runtime. A model whose batch dimension is fixed at 1 still takes batches: it is run once a
+    frame (``max_batch`` says so).
+    """
+
+    def __init__(
+        self, path: str | Path, provider: str | Runtime, threads: int, spec: _ModelSpec
+    ) -> None:
+        self.runtime = Runtime.parse(provider)
+        self._backend: InferenceBackend | None = _load(path, self.runtime, threads, spec)
         self.path = Path(path)
         self.family = spec.family
-        self._input = self._session.get_inputs()[0].name
-        self.input_shape: list[object] = list(self._session.get_inputs()[0].shape)
+        self.input_shape: list[object] = list(self._backend.input_shape)
+        self.max_batch = batch_dim(self._backend.input_shape)
 
     def run(self, x: FloatArray) -> list[FloatArray]:
-        if self._session is None:
+        if self._backend is None:
             raise RuntimeError(f"{self.family} model {self.path} is closed")
-        outputs: list[FloatArray] = self._session.run(None, {self._input: x})
-        return outputs
+        if self.max_batch is None or len(x) <= self.max_batch:
+            return self._backend.run(x)
+        step = self.max_batch
+        parts = [self._backend.run(x[i : i + step]) for i in range(0, len(x), step)]
+        return [np.concatenate(outs) for outs in zip(*parts, strict=True)]
 
     def close(self) -> None:
-        self._session = None
+        if self._backend is not None:
+            self._backend.close()
+        self._backend = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,7 +288,7 @@ class CenterFaceDetector:
         path: str | Path,
         input_size: tuple[int, int] = (640, 352),
         threshold: float = 0.5,
-        provider: str = "cpu",
+        provider: str | Runtime = "cpu",
         threads: int = 2,
         nms_iou: float = 0.3,
     ) -> None:
@@ -352,7 +340,7 @@ class BlazeFaceDetector:
         self,
         path: str | Path,
         threshold: float = 0.5,
-        provider: str = "cpu",
+        provider: str | Runtime = "cpu",
         threads: int = 1,
         nms_iou: float = 0.3,
     ) -> None:
@@ -393,7 +381,11 @@ class MaskClassifier:
     _SIZE = 224
 
     def __init__(
-        self, path: str | Path, provider: str = "cpu", threads: int = 2, margin: float = 0.3
+        self,
+        path: str | Path,
+        provider: str | Runtime = "cpu",
+        threads: int = 2,
+        margin: float = 0.3,
     ) -> None:
         if not 0.0 <= margin <= 1.0:
             raise ValueError(f"margin must be in [0, 1], got {margin}")
@@ -463,7 +455,7 @@ class NanoDetDetector:
         path: str | Path,
         input_size: tuple[int, int] = (416, 416),
         threshold: float = 0.5,
-        provider: str = "cpu",
+        provider: str | Runtime = "cpu",
         threads: int = 2,
         classes: Sequence[int] = (0,),
         nms_iou: float = 0.6,
@@ -563,12 +555,12 @@ class WithPrivacyFaces:
 
 def _centerface(v: VisionConfig) -> Detector:
     return CenterFaceDetector(
-        v.face_model_path, v.face_input, v.face_threshold, v.provider, v.threads
+        v.face_model_path, v.face_input, v.face_threshold, Runtime.of(v), v.threads
     )
 
 
 def _blazeface(v: VisionConfig) -> Detector:
-    return BlazeFaceDetector(v.face_model_path, v.face_threshold, v.provider, v.threads)
+    return BlazeFaceDetector(v.face_model_path, v.face_threshold, Runtime.of(v), v.threads)
 
 
 _FACE_DETECTORS: dict[str, Callable[[VisionConfig], Detector]] = {
@@ -580,7 +572,7 @@ _FACE_DETECTORS: dict[str, Callable[[VisionConfig], Detector]] = {
 def _build_mask(v: VisionConfig) -> Detector:
     faces = _FACE_DETECTORS[v.face_detector](v)
     try:
-        classifier = MaskClassifier(v.mask_model, v.provider, v.threads, v.mask_crop_margin)
+        classifier = MaskClassifier(v.mask_model, Runtime.of(v), v.threads, v.mask_crop_margin)
     except Exception:
         faces.close()
         raise
@@ -589,7 +581,7 @@ def _build_mask(v: VisionConfig) -> Detector:
 
 def _build_people(v: VisionConfig) -> Detector:
     return NanoDetDetector(
-        v.person_model, v.person_input, v.person_threshold, v.provider, v.threads
+        v.person_model, v.person_input, v.person_threshold, Runtime.of(v), v.threads
     )
 
 
@@ -619,7 +611,7 @@ def build_detector(vision: VisionConfig, *, privacy_faces: bool = False) -> Dete
             model,
             detector.input_size,
             vision.face_threshold,
-            vision.provider,
+            Runtime.of(vision),
             vision.threads,
         )
     except Exception:
