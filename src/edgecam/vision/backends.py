@@ -222,7 +222,7 @@ class TorchBackend:
         self.input_shape = _onnx_dims(inputs[0])
         self.output_shapes = [_onnx_dims(o) for o in model.graph.output]
         self._device = torch.device(device)
-        self._dtype = torch.float16 if half else torch.float32
+        self.dtype = torch.float16 if half else torch.float32
         module = convert(model).eval().to(self._device)
         self._module: Any = module.half() if half else module
         if device == "cuda":
@@ -251,7 +251,7 @@ class TorchBackend:
         if self._module is None:
             raise RuntimeError("the PyTorch module is closed")
         with self._torch.inference_mode():
-            out = self._module(x.to(self._dtype))
+            out = self._module(x.to(self.dtype))
         return list(out) if isinstance(out, list | tuple) else [out]
 
     def run(self, batch: FloatArray) -> list[FloatArray]:
