@@ -173,3 +173,26 @@ def test_gpu_inputs_go_through_one_reused_pinned_buffer() -> None:
     backend.close()
     with pytest.raises(RuntimeError, match="closed"):
         backend.run(small)
+
+
+@pytest.mark.parametrize(
+    ("path", "shape"),
+    [
+        (CENTERFACE, (3, 352, 640)),
+        (NANODET, (3, 416, 416)),
+        (BLAZEFACE, (192, 192, 3)),
+        (MASK, (224, 224, 3)),
+    ],
+)
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16"])
+def test_gpu_cuda_graphs_replay_the_module(path: object, shape: tuple, half: bool) -> None:
+    """Each model is captured as a CUDA graph (no fallback) and its replays equal the module."""
+    rng = np.random.default_rng(1)
+    graphs = TorchBackend(path, "cuda", 1, half)  # type: ignore[arg-type]
+    eager = TorchBackend(path, "cuda", 1, half, graphs=False)  # type: ignore[arg-type]
+    for n in (1, 4, 1):  # a shape seen before replays its own graph
+        batch = rng.random((n, *shape), dtype=np.float32)
+        got, want = graphs.run(batch), eager.run(batch)
+        assert _gap(got, want) < (1e-5 if not half else 1e-2)
+    assert graphs._graphs is not None and set(graphs._graphs) == {(1, *shape), (4, *shape)}
+    assert all(g is not None for g in graphs._graphs.values()), "a capture fell back to eager"

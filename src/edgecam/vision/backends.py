@@ -18,6 +18,7 @@ chosen: the project runs without them.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +189,33 @@ def _onnx_dims(value_info: Any) -> list[Dim]:
     return dims
 
 
+# onnx2torch modules that read every argument after the data on the host (.tolist(), bool()):
+# shape constants. Kept in host memory they cost no GPU -> host sync at each call (NanoDet has
+# about 40), and the module can be captured as a CUDA graph.
+_HOST_ARGUMENTS = {"OnnxReshape", "OnnxPadDynamic", "OnnxResize", "OnnxResizeV10", "OnnxSplit13"}
+
+
+def _shape_constants_to_host(module: Any) -> int:
+    """Move the initializers that are only ever shape arguments back to host memory; how many."""
+    moved = 0
+    for node in module.graph.nodes:
+        if node.op != "get_attr" or not node.users:
+            continue
+        host_only = all(
+            user.op == "call_module"
+            and type(module.get_submodule(user.target)).__name__ in _HOST_ARGUMENTS
+            and node not in user.args[:1]
+            and node not in user.kwargs.values()
+            for user in node.users
+        )
+        owner_path, _, name = node.target.rpartition(".")
+        owner = module.get_submodule(owner_path)
+        if host_only and name in owner._buffers:
+            owner._buffers[name] = owner._buffers[name].cpu()
+            moved += 1
+    return moved
+
+
 # ONNX TensorProto element types that a float model input can have (1 = FLOAT).
 _ONNX_TYPES = {1: "tensor(float)", 10: "tensor(float16)", 11: "tensor(double)"}
 
@@ -198,9 +226,24 @@ class TorchBackend:
     Host batches go to the GPU through one pinned buffer, reused while it is large enough, and
     an asynchronous copy; outputs come back as float32 numpy arrays. :meth:`run_tensor` takes
     a tensor already on the device (for preprocessing done on the GPU).
+
+    On a GPU, fp32 means fp32: TensorFloat-32 is turned off for convolutions and matrix
+    products (process-wide), so that the GPU gives the CPU backend's boxes; fp16 is the fast
+    option. With ``graphs`` each batch shape is captured once as a CUDA graph and replayed
+    (one launch instead of one per layer: batch 1 is launch-bound); a graph that cannot be
+    captured falls back to running the module. ``channels_last`` stores 4-D activations NHWC.
     """
 
-    def __init__(self, path: Path, device: DeviceName, threads: int, half: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        device: DeviceName,
+        threads: int,
+        half: bool = False,
+        *,
+        graphs: bool = True,
+        channels_last: bool = False,
+    ) -> None:
         torch, onnx, convert = _import_torch()
         if device == "cuda" and not torch.cuda.is_available():
             raise ModelError(
@@ -224,15 +267,30 @@ class TorchBackend:
         self._device = torch.device(device)
         self.dtype = torch.float16 if half else torch.float32
         module = convert(model).eval().to(self._device)
+        self._channels_last = channels_last and len(self.input_shape) == 4
+        if self._channels_last:
+            module = module.to(memory_format=torch.channels_last)
         self._module: Any = module.half() if half else module
-        if device == "cuda":
+        host_constants = _shape_constants_to_host(self._module)
+        cuda = device == "cuda"
+        if cuda:
             # Fixed input sizes: let cuDNN pick the fastest convolution for each.
             torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         else:
             torch.set_num_threads(threads)
-        self._pinned = device == "cuda"
+        self._pinned = cuda
         self._host: Any = None  # pinned staging buffer, grown on demand
-        self.description = f"torch {torch.__version__} {self._device} {'fp16' if half else 'fp32'}"
+        self._lock = threading.Lock()  # one batch at a time through the buffer and graphs
+        self._graphs: dict[tuple[int, ...], Any] | None = {} if cuda and graphs else None
+        self._pool: Any = torch.cuda.graph_pool_handle() if self._graphs is not None else None
+        self.description = (
+            f"torch {torch.__version__} {self._device} {'fp16' if half else 'fp32'}"
+            f"{', CUDA graphs' if self._graphs is not None else ''}"
+            f"{', channels-last' if self._channels_last else ''}"
+            f", {host_constants} shape constants in host memory"
+        )
 
     def _stage(self, batch: FloatArray) -> Any:
         """``batch`` on the device: through the pinned buffer for a GPU, as is on the CPU."""
@@ -246,22 +304,70 @@ class TorchBackend:
         host.copy_(source)
         return host.to(self._device, non_blocking=True)
 
+    def _prepare(self, x: Any) -> Any:
+        x = x.to(self.dtype)
+        if self._channels_last:
+            x = x.contiguous(memory_format=self._torch.channels_last)
+        return x
+
+    def _call(self, x: Any) -> list[Any]:
+        out = self._module(x)
+        return list(out) if isinstance(out, list | tuple) else [out]
+
+    def _capture(self, x: Any) -> Any:
+        """(static input, graph, static outputs) for x's shape, or None where capture fails."""
+        torch = self._torch
+        static = x.clone()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):  # warm-up (cuDNN's choice, lazy inits) outside the graph
+                    self._call(static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                outputs = self._call(static)
+        except Exception as exc:  # capture refuses host syncs, CPU tensors and the like
+            log.warning(
+                "CUDA graph capture failed for input %s (%s); running eagerly", x.shape, exc
+            )
+            return None
+        return static, graph, outputs
+
     def run_tensor(self, x: Any) -> list[Any]:
-        """Outputs (device tensors, the module's dtype) for ``x``, a tensor on the device."""
+        """Outputs (device tensors, the module's dtype) for ``x``, a tensor on the device.
+
+        With CUDA graphs the outputs are the graph's own buffers, overwritten by the next call
+        of the same shape: copy them before calling again.
+        """
         if self._module is None:
             raise RuntimeError("the PyTorch module is closed")
         with self._torch.inference_mode():
-            out = self._module(x.to(self.dtype))
-        return list(out) if isinstance(out, list | tuple) else [out]
+            x = self._prepare(x)
+            if self._graphs is None:
+                return self._call(x)
+            key = tuple(x.shape)
+            if key not in self._graphs:
+                self._graphs[key] = self._capture(x)
+            captured = self._graphs[key]
+            if captured is None:
+                return self._call(x)
+            static, graph, outputs = captured
+            static.copy_(x)
+            graph.replay()
+            return list(outputs)
 
     def run(self, batch: FloatArray) -> list[FloatArray]:
-        outputs = self.run_tensor(self._stage(batch))
-        # .cpu() waits for the GPU, so the staging buffer is free again on return.
-        return [o.float().cpu().numpy() for o in outputs]
+        with self._lock:
+            outputs = self.run_tensor(self._stage(batch))
+            # .cpu() waits for the GPU, so the staging buffer is free again on return.
+            return [o.float().cpu().numpy() for o in outputs]
 
     def close(self) -> None:
         self._module = None
         self._host = None
+        self._graphs = None
 
 
 # ---------------------------------------------------------------------------------------------
