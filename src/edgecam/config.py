@@ -226,6 +226,12 @@ class CameraConfig(_Section):
         True, description="Run this camera's workers (inference and recorder) in `edgecam run`."
     )
     loop: bool = Field(False, description="Play a file source again from the start at its end.")
+    detect_fps: float | None = Field(
+        None,
+        ge=0,
+        le=240,
+        description="Detections a second for this camera (0 = off); default vision.detect_fps.",
+    )
     width: int = Field(1280, ge=16, le=7680, description="Frame width for test:// and v4l2://.")
     height: int = Field(720, ge=16, le=4320, description="Frame height for test:// and v4l2://.")
     fps: int = Field(30, ge=1, le=240, description="Frame rate for test:// and v4l2://.")
@@ -320,6 +326,19 @@ class VisionConfig(_Section):
         le=16,
         description="Detectors running side by side in `edgecam process`, sharing `threads` "
         "(two one-thread detectors beat one two-thread detector next to decode and x264).",
+    )
+    batch_size: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="Most frames, from all cameras, that the shared detector takes in one call.",
+    )
+    batch_deadline_ms: float = Field(
+        15.0,
+        ge=0,
+        le=1000,
+        description="A batch of the shared detector runs this long after its first frame "
+        "came, full or not (so a slow or lost camera never holds the others back).",
     )
     face_detector: Literal["centerface", "blazeface"] = Field(
         "centerface",
@@ -929,13 +948,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _privacy_needs_pixels(self) -> Settings:
-        if self.vision.detect_fps == 0:
-            for cam in self.cameras:
-                if cam.privacy.faces != "off":
-                    raise ValueError(
-                        f"camera {cam.name}: privacy.faces needs the detector "
-                        "(vision.detect_fps > 0)"
-                    )
+        for i, cam in enumerate(self.cameras):
+            if self.detect_fps(i) == 0 and cam.privacy.faces != "off":
+                raise ValueError(
+                    f"camera {cam.name}: privacy.faces needs the detector "
+                    "(vision.detect_fps or cameras[].detect_fps > 0)"
+                )
         if self.overlay.element == "cairooverlay":
             for cam in self.cameras:
                 if cam.privacy.faces in ("blur", "pixelate"):
@@ -950,6 +968,18 @@ class Settings(BaseSettings):
         RTP to."""
         base = self.cameras[index].rtp_port or 5400 + 10 * index
         return base, base + 1, base + 2
+
+    def detect_fps(self, index: int) -> float:
+        """Detections a second for camera ``index``: its own, else ``vision.detect_fps``."""
+        own = self.cameras[index].detect_fps
+        return self.vision.detect_fps if own is None else own
+
+    def for_camera(self, name: str) -> Settings:
+        """These settings as camera ``name``'s pipeline reads them (``vision.detect_fps``
+        is that camera's rate)."""
+        index, _ = self.camera(name)
+        vision = self.vision.model_copy(update={"detect_fps": self.detect_fps(index)})
+        return self.model_copy(update={"vision": vision})
 
     def camera(self, name: str | None = None) -> tuple[int, CameraConfig]:
         """The camera called ``name`` (the first when None) and its index."""
