@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MEDIA
+from conftest import MEDIA, free_port, free_udp_pair
 
-from edgecam.config import load_settings
+from edgecam.config import Settings, load_settings
+from edgecam.device.events import EventReceiver, EventSender, FrameSummary
+from edgecam.device.runner import WorkerContext
+from edgecam.device.workers import InferenceWorker
 from edgecam.errors import UsageError
 from edgecam.media.offline import FileJob, process_file, process_files
 
@@ -99,3 +105,158 @@ def test_process_command_runs_several_files_into_a_folder(tmp_path: Path) -> Non
     for clip, frames in ((CLIPS[0], 120), (CLIPS[1], 122)):
         assert len(_events(tmp_path / "out" / f"{clip.stem}.jsonl")) == frames
         assert (tmp_path / "out" / f"{clip.stem}.mp4").stat().st_size > 10_000
+
+
+# -- live: one inference process, three remote cameras ------------------------------------------
+
+SHARED_MOTION = Path("/work/shared/media/motion_720p30.mp4")
+LIVE_CLIPS = {  # camera -> (clip, its frame rate)
+    "street": (MEDIA / "pedestrians_30s.mp4", 10.0),
+    "hall": (SHARED_MOTION if SHARED_MOTION.is_file() else MEDIA / "motion_720p30_4s.mp4", 30.0),
+    "door": (MEDIA / "faces_720p30_15s.mp4", 30.0),
+}
+
+
+class _RemoteCamera:
+    """A real clip served over RTSP by tests/rtsp_camera.py, in a process that can die."""
+
+    def __init__(self, clip: Path) -> None:
+        self.port = free_port()
+        self.clip = clip
+        self.url = f"rtsp://127.0.0.1:{self.port}/cam"
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "rtsp_camera.py"), str(self.port),
+             str(self.clip)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            self.proc = None
+
+
+class _Frames:
+    """The inference worker's frame summaries, as the orchestrator receives them."""
+
+    def __init__(self, path: Path) -> None:
+        self.receiver = EventReceiver(path)
+        self.frames: list[FrameSummary] = []
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            event = self.receiver.receive(0.2)
+            if isinstance(event, FrameSummary):
+                with self._lock:
+                    self.frames.append(event)
+
+    def count(self, camera: str, since: float, until: float = float("inf")) -> int:
+        with self._lock:
+            return sum(
+                1 for f in self.frames if f.camera == camera and since <= f.wall_time < until
+            )
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+        self.receiver.close()
+
+
+def _wait_for(pred: Callable[[], bool], timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_three_cameras_in_one_process_and_one_lost_camera_disturbs_no_other(
+    tmp_path: Path,
+) -> None:
+    remotes = {name: _RemoteCamera(clip) for name, (clip, _fps) in LIVE_CLIPS.items()}
+    cameras = [
+        {
+            "name": name,
+            "source": cam.url,
+            "rtsp_latency_ms": 100,
+            "reconnect_min_s": 0.5,
+            "reconnect_max_s": 1,
+            "stall_timeout_s": 3,
+            "rtp_port": free_udp_pair(),
+            "detect_fps": 2 if name == "door" else None,  # per camera; the others: vision's
+        }
+        for name, cam in remotes.items()
+    ]
+    settings = Settings.model_validate(
+        {"cameras": cameras, "vision": {"profile": "mask", "detect_fps": 3}}
+    )
+    frames = _Frames(tmp_path / "events.sock")
+    sender = EventSender(tmp_path / "events.sock")
+    worker = InferenceWorker(WorkerContext(settings, None, sender))
+    stop = threading.Event()
+    server = threading.Thread(target=worker.serve, args=(stop,), daemon=True)
+    try:
+        for remote in remotes.values():
+            remote.start()
+        worker.start()
+        server.start()
+        assert _wait_for(lambda: all(frames.count(c, 0) > 30 for c in remotes), 30), {
+            c: frames.count(c, 0) for c in remotes
+        }
+        window = 4.0
+        t0 = time.time()
+        time.sleep(window)
+        before = {c: frames.count(c, t0, t0 + window) / window for c in remotes}
+
+        remotes["door"].kill()  # one camera's source is lost
+        time.sleep(1.0)
+        t1 = time.time()
+        time.sleep(window)
+        during = {c: frames.count(c, t1, t1 + window) / window for c in remotes}
+        assert during["door"] < 1.0, during  # nothing comes from a lost camera
+        for cam in ("street", "hall"):
+            fps = LIVE_CLIPS[cam][1]
+            # The others go on at the rate they had, the rate of their source.
+            assert during[cam] >= 0.8 * before[cam] and during[cam] >= 0.6 * fps, (
+                before,
+                during,
+            )
+        assert worker.healthy()
+        status = worker.status()
+        assert status["cameras"]["door"]["waiting_for_source"] == 1.0
+        assert status["cameras"]["door"]["detect_fps"] == 2 and status["mean_batch"] >= 1
+
+        remotes["door"].start()  # ...and comes back on its own
+        t2 = time.time()
+        assert _wait_for(lambda: frames.count("door", t2) > 30, 20), "door did not come back"
+        figures = worker.figures()
+        assert figures["door/source_restarts"] >= 1 and figures["street/source_restarts"] == 0
+        for cam in remotes:
+            assert figures[f"{cam}/detections"] > 0
+        assert {f.camera for f in frames.frames} == set(remotes)
+        # The faces clip is tracked under its own camera's name only.
+        assert any(f.tracks for f in frames.frames if f.camera == "door")
+        assert worker.batcher is not None and worker.batcher.stats.frames > 0
+    finally:
+        stop.set()
+        server.join(timeout=30)
+        worker.close()
+        sender.close()
+        frames.close()
+        for remote in remotes.values():
+            remote.kill()
+    assert not server.is_alive()
