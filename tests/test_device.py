@@ -254,9 +254,7 @@ def test_a_second_device_and_a_second_worker_are_refused(device: Device, tmp_pat
         text=True,
         timeout=30,
     )
-    assert (
-        status.returncode == 0 and "inference" in status.stdout and "running" in status.stdout
-    )
+    assert status.returncode == 0 and "inference" in status.stdout and "running" in status.stdout
 
 
 def test_acl_keeps_devices_apart(device: Device, broker: LocalBroker) -> None:
