@@ -353,7 +353,7 @@ def process_files(
     vision = settings.vision
     faces = any(c.privacy.faces != "off" for c in cams)
     batcher = None
-    if settings.detect_fps(0) > 0:
+    if vision.detect_fps > 0:  # the rate every file's pipeline runs at
         batcher = DetectorBatcher(
             build_detector(vision, privacy_faces=faces),
             max_batch=vision.batch_size,
