@@ -17,8 +17,8 @@ camera, and for the process the CPU cores used (CPU time / wall) and the RSS (ma
 and VmHWM). A configuration holds in real time when every camera gives >= 29.4 fps, at most
 one frame short per second of window, and >= 90 % of the detections a second asked.
 
-    edgecam bench cameras [CLIP] [--cameras 1,2,3,4] [--rates 5,10] [--seconds 15]
-        [--warmup 5] [--modes batched,per-call]
+    edgecam bench cameras [CLIP] [--cameras 1,2,3,4] [--rates 5,10] [--seconds 12]
+        [--warmup 4] [--modes batched,per-call]
 """
 
 from __future__ import annotations
@@ -169,8 +169,8 @@ def main() -> int:
     parser.add_argument("--cameras", default="1,2,3,4", help="numbers of cameras to try")
     parser.add_argument("--rates", default="5,10", help="detections a second per camera")
     parser.add_argument("--modes", default=",".join(MODES), help="batched, per-call")
-    parser.add_argument("--seconds", type=float, default=15, help="measuring window")
-    parser.add_argument("--warmup", type=float, default=5, help="seconds before measuring")
+    parser.add_argument("--seconds", type=float, default=12, help="measuring window")
+    parser.add_argument("--warmup", type=float, default=4, help="seconds before measuring")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--rate", type=float, default=5, help=argparse.SUPPRESS)
