@@ -260,3 +260,59 @@ def test_three_cameras_in_one_process_and_one_lost_camera_disturbs_no_other(
         for remote in remotes.values():
             remote.kill()
     assert not server.is_alive()
+
+
+# -- config and the orchestrator's side ----------------------------------------------------------
+
+
+def test_a_camera_has_its_own_detection_rate() -> None:
+    settings = Settings(
+        cameras=[{"name": "a"}, {"name": "b", "detect_fps": 2}, {"name": "c", "detect_fps": 0}],
+        vision={"detect_fps": 7},
+    )
+    rates = [settings.for_camera(n).vision.detect_fps for n in ("a", "b", "c")]
+    assert rates == [7, 2, 0]
+    assert settings.vision.detect_fps == 7  # the device's settings stay as they are
+    with pytest.raises(ValueError, match=r"camera c: privacy.faces needs the detector"):
+        Settings(cameras=[{"name": "c", "detect_fps": 0, "privacy": {"faces": "blur"}}])
+    with pytest.raises(ValueError, match=r"cameras\.0\.detect_fps"):
+        Settings(cameras=[{"name": "a", "detect_fps": -1}])
+
+
+def test_the_orchestrator_reads_each_cameras_figures_from_one_heartbeat() -> None:
+    from edgecam.device.events import Heartbeat
+    from edgecam.device.orchestrator import Orchestrator
+
+    orchestrator = Orchestrator(Settings(cameras=[{"name": "a"}, {"name": "b"}]))
+    figures = {"a/frames_in": 30.0, "a/frames_out": 29.0, "a/detections": 5.0}
+    figures |= {"b/frames_in": 10.0, "b/frames_out": 10.0, "b/detections": 2.0}
+    orchestrator._on_event(Heartbeat(worker="inference", camera=None, figures=figures))
+    assert (orchestrator._figures["a"].frames_out, orchestrator._figures["a"].detections) == (
+        29.0,
+        5.0,
+    )
+    assert orchestrator._figures["b"].frames_in == 10.0
+
+
+def test_worker_inference_takes_one_camera_or_every_camera(tmp_path: Path) -> None:
+    """``edgecam worker inference --camera C`` runs C alone under its own lock, beside a
+    worker for every camera; a camera that does not exist is named in the error."""
+    settings = Settings(
+        cameras=[{"name": "a", "source": str(CLIPS[0])}, {"name": "b", "source": str(CLIPS[1])}],
+        runtime={"dir": tmp_path / "run"},
+    )
+    sender = EventSender(tmp_path / "x.sock")
+    try:
+        alone = InferenceWorker(WorkerContext(settings, "b", sender))
+        every = InferenceWorker(WorkerContext(settings, None, sender))
+        assert [b.camera for b in alone._branches] == ["b"]
+        assert [b.camera for b in every._branches] == ["a", "b"]
+    finally:
+        sender.close()
+    res = subprocess.run(
+        [*EDGECAM, "worker", "inference", "--camera", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode != 0 and "no camera named 'nope'" in res.stderr
