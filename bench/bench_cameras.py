@@ -9,7 +9,9 @@ tracker, overlay, x264 and RTP to loopback. Two ways of running the detector, sa
 
 * ``batched``: the shared detector takes frames of every camera in one call
   (``vision.batch_size`` 8, ``vision.batch_deadline_ms`` 15);
-* ``per-call``: the same shared detector, one frame a call (``vision.batch_size`` 1).
+* ``per-call``: the same shared detector, one frame a call (``vision.batch_size`` 1);
+* ``per-call-2``: one frame a call, two calls at once of one thread each
+  (``vision.detector_workers`` 2), as two cameras' own detectors would run.
 
 After a warm-up, over a measuring window, each run reports per camera the output fps
 (frames into the encoder / s) and the frames short of real time, detections a second per
@@ -18,7 +20,7 @@ and VmHWM). A configuration holds in real time when every camera gives >= 29.4 f
 one frame short per second of window, and >= 90 % of the detections a second asked.
 
     edgecam bench cameras [CLIP] [--cameras 1,2,3,4] [--rates 5,10] [--seconds 12]
-        [--warmup 4] [--modes batched,per-call]
+        [--warmup 4] [--modes batched,per-call,per-call-2]
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ import _common as c
 FPS = 30
 REAL_TIME_FPS = 0.98 * FPS
 DETECTION_SHARE = 0.9  # of the asked detections a second, to count as held
-MODES = {"batched": 8, "per-call": 1}  # mode -> vision.batch_size
+# mode -> (vision.batch_size, vision.detector_workers)
+MODES = {"batched": (8, 1), "per-call": (1, 1), "per-call-2": (1, 2)}
 
 
 def _child(args: argparse.Namespace) -> int:
@@ -60,7 +63,8 @@ def _child(args: argparse.Namespace) -> int:
             "cameras": cameras,
             "vision.profile": "mask",
             "vision.detect_fps": args.rate,
-            "vision.batch_size": MODES[args.mode],
+            "vision.batch_size": MODES[args.mode][0],
+            "vision.detector_workers": MODES[args.mode][1],
         }
     )
     folder = Path(tempfile.mkdtemp(prefix="bench-cameras-"))
@@ -168,7 +172,9 @@ def main() -> int:
     parser.add_argument("clip", nargs="?", type=Path, default=c.default_clip())
     parser.add_argument("--cameras", default="1,2,3,4", help="numbers of cameras to try")
     parser.add_argument("--rates", default="5,10", help="detections a second per camera")
-    parser.add_argument("--modes", default=",".join(MODES), help="batched, per-call")
+    parser.add_argument(
+        "--modes", default="batched,per-call", help="of batched, per-call, per-call-2"
+    )
     parser.add_argument("--seconds", type=float, default=12, help="measuring window")
     parser.add_argument("--warmup", type=float, default=4, help="seconds before measuring")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -125,9 +125,11 @@ def face_frames() -> list[Image]:
 def batcher_of() -> Iterator[Callable[..., DetectorBatcher]]:
     made: list[DetectorBatcher] = []
 
-    def make(max_batch: int, deadline_s: float, detector: Detector | None = None):
+    def make(
+        max_batch: int, deadline_s: float, detector: Detector | None = None, workers: int = 1
+    ) -> DetectorBatcher:
         batcher = DetectorBatcher(
-            detector or _centerface(), max_batch=max_batch, deadline_s=deadline_s
+            detector or _centerface(), max_batch=max_batch, deadline_s=deadline_s, workers=workers
         )
         batcher.start()
         made.append(batcher)
@@ -174,6 +176,29 @@ def test_a_full_batch_runs_in_one_call_with_each_cameras_own_result(
             _same(dets, reference.detect(frame))
     finally:
         reference.close()
+
+
+def test_two_workers_serve_every_camera_with_its_own_frame(
+    batcher_of: Callable[..., DetectorBatcher], face_frames: list[Image]
+) -> None:
+    batcher = batcher_of(max_batch=1, deadline_s=0.0, workers=2)
+    cams = [batcher.attach(f"cam{i}") for i in range(len(face_frames))]
+    rounds = 3
+    got = _in_threads(
+        [
+            lambda c=c, f=f: [c.detect(f) for _ in range(rounds)]
+            for c, f in zip(cams, face_frames, strict=True)
+        ]
+    )
+    reference = _centerface()
+    try:
+        for frame, results in zip(face_frames, got, strict=True):
+            assert isinstance(results, list)
+            for dets in results:
+                _same(dets, reference.detect(frame))
+    finally:
+        reference.close()
+    assert batcher.stats.sizes == {1: rounds * len(face_frames)}
 
 
 def test_a_batch_closes_at_its_deadline_when_a_camera_is_silent(
@@ -264,7 +289,11 @@ def test_closing_a_camera_detaches_it_and_leaves_the_model_open(
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"max_batch": 0}, "max_batch"), ({"deadline_s": -1.0}, "deadline_s")],
+    [
+        ({"max_batch": 0}, "max_batch"),
+        ({"deadline_s": -1.0}, "deadline_s"),
+        ({"workers": 0}, "workers"),
+    ],
 )
 def test_bad_batcher_arguments(kwargs: dict[str, float], message: str) -> None:
     detector = _centerface()

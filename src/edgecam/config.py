@@ -302,6 +302,10 @@ class CameraConfig(_Section):
         return zones
 
 
+# Frames a call of the shared detector by default: on the CPU one (a batch of N costs N frames
+# and holds more memory: docs/benchmarks.md, "Several cameras"), on a GPU a batch pays.
+_CPU_BATCH = 1
+_GPU_BATCH = 8
 _VENDORED_FACE_MODELS = {"centerface": "centerface.onnx", "blazeface": "blazeface_full.onnx"}
 # Model inputs past this many pixels a side are a typo, not a choice (and would exhaust memory).
 _MAX_MODEL_INPUT = 4096
@@ -327,11 +331,20 @@ class VisionConfig(_Section):
         description="Detectors running side by side in `edgecam process`, sharing `threads` "
         "(two one-thread detectors beat one two-thread detector next to decode and x264).",
     )
-    batch_size: int = Field(
-        8,
+    batch_size: int | None = Field(
+        None,
         ge=1,
         le=64,
-        description="Most frames, from all cameras, that the shared detector takes in one call.",
+        description="Most frames, from all cameras, that the shared detector takes in one "
+        "call; default 1 on the CPU (a batch costs as much a frame there, and more memory), "
+        "8 on a GPU.",
+    )
+    detector_workers: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Calls the shared detector of the live cameras makes at once, sharing "
+        "vision.threads (offline: vision.offline_workers).",
     )
     batch_deadline_ms: float = Field(
         15.0,
@@ -389,6 +402,13 @@ class VisionConfig(_Section):
     def face_model_path(self) -> Path:
         """The face model file: ``face_model``, or the vendored one of ``face_detector``."""
         return self.face_model or MODELS_DIR / _VENDORED_FACE_MODELS[self.face_detector]
+
+    @property
+    def max_batch(self) -> int:
+        """``batch_size``, or its default for the provider."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return _CPU_BATCH if self.provider == "cpu" else _GPU_BATCH
 
 
 class TrackerConfig(_Section):

@@ -280,10 +280,13 @@ class InferenceWorker(Worker):
         if any(b.settings.vision.detect_fps > 0 for b in self._branches):
             vision = settings.vision
             faces = any(c.privacy.faces != "off" for c in settings.cameras)
+            workers = vision.detector_workers
+            shared = vision.model_copy(update={"threads": max(1, vision.threads // workers)})
             self.batcher = DetectorBatcher(
-                build_detector(vision, privacy_faces=faces),
-                max_batch=vision.batch_size,
+                build_detector(shared, privacy_faces=faces),
+                max_batch=vision.max_batch,
                 deadline_s=vision.batch_deadline_ms / 1000,
+                workers=workers,
             )
             self.batcher.start()
         failed: list[str] = []

@@ -354,10 +354,14 @@ def process_files(
     faces = any(c.privacy.faces != "off" for c in cams)
     batcher = None
     if vision.detect_fps > 0:  # the rate every file's pipeline runs at
+        # As one file's own detectors: offline_workers calls at once, sharing the threads.
+        workers = vision.offline_workers
+        shared = vision.model_copy(update={"threads": max(1, vision.threads // workers)})
         batcher = DetectorBatcher(
-            build_detector(vision, privacy_faces=faces),
-            max_batch=vision.batch_size,
+            build_detector(shared, privacy_faces=faces),
+            max_batch=vision.max_batch,
             deadline_s=vision.batch_deadline_ms / 1000,
+            workers=workers,
         )
     outputs = [
         [_Output(j.out, "--out")] + ([_Output(j.events, "--events")] if j.events else [])

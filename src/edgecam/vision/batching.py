@@ -2,9 +2,10 @@
 
 Each camera gets a :class:`BatchedDetector`, a proxy with the :class:`Detector` shape, so
 its pipeline uses it as it would its own detector; ``detect()`` hands the frame to the
-shared :class:`DetectorBatcher` and waits for that frame's detections. One worker thread
-takes the waiting frames, up to ``max_batch`` of them, and runs them through the detector's
-``detect_batch`` in one call. A batch closes when it is full or ``deadline_s`` after its
+shared :class:`DetectorBatcher` and waits for that frame's detections. A worker thread (or
+``workers`` of them, each with a batch of its own: ONNX Runtime sessions take concurrent
+calls) takes the waiting frames, up to ``max_batch`` of them, and runs them through the
+detector's ``detect_batch`` in one call. A batch closes when it is full or ``deadline_s`` after its
 first frame arrived, so a camera that is slow or gone never holds the others' frames back.
 """
 
@@ -81,7 +82,16 @@ class DetectorBatcher:
     detector's ``input_size``: cameras of another profile need a batcher of their own.
     """
 
-    def __init__(self, detector: Detector, *, max_batch: int = 8, deadline_s: float = 0.015):
+    def __init__(
+        self,
+        detector: Detector,
+        *,
+        max_batch: int = 8,
+        deadline_s: float = 0.015,
+        workers: int = 1,
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if not 0.0 <= deadline_s <= 1.0:
@@ -89,11 +99,12 @@ class DetectorBatcher:
         self.detector = detector
         self.max_batch = max_batch
         self.deadline_s = deadline_s
+        self.workers = workers
         self.stats = BatchStats()
         self._cond = threading.Condition()
         self._queue: deque[_Request] = deque()
         self._running = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._cameras: dict[str, int] = {}  # camera -> attached proxies
         self._closed = False
 
@@ -108,8 +119,12 @@ class DetectorBatcher:
             if self._running:
                 return
             self._running = True
-        self._thread = threading.Thread(target=self._work, name="batched-detector", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"batched-detector-{i}", daemon=True)
+            for i in range(self.workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         """Stop the worker, fail every frame still waiting with :class:`BatcherStopped`, and
@@ -121,9 +136,9 @@ class DetectorBatcher:
             self._cond.notify_all()
         for request in waiting:
             self._finish(request, error=BatcherStopped("the shared detector was stopped"))
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self._threads = []
         if not self._closed:
             self._closed = True
             self.detector.close()
@@ -221,16 +236,18 @@ class DetectorBatcher:
                 ", ".join(sorted({r.camera for r in batch})),
                 exc,
             )
-            self.stats.errors += 1
+            with self._cond:
+                self.stats.errors += 1
             for request in batch:
                 self._finish(request, error=exc)
             return
         seconds = time.perf_counter() - t0
-        stats = self.stats
-        stats.batches += 1
-        stats.frames += len(batch)
-        stats.seconds += seconds
-        stats.sizes[len(batch)] = stats.sizes.get(len(batch), 0) + 1
+        with self._cond:
+            stats = self.stats
+            stats.batches += 1
+            stats.frames += len(batch)
+            stats.seconds += seconds
+            stats.sizes[len(batch)] = stats.sizes.get(len(batch), 0) + 1
         for request, dets in zip(batch, results, strict=True):
             self._finish(request, result=dets)
 
