@@ -21,6 +21,7 @@ one frame short per second of window, and >= 90 % of the detections a second ask
 
     edgecam bench cameras [CLIP] [--cameras 1,2,3,4] [--rates 5,10] [--seconds 12]
         [--warmup 4] [--modes batched,per-call,per-call-2]
+    edgecam bench cameras --batch-cost    # the detector alone: ms a frame by frames a call
 """
 
 from __future__ import annotations
@@ -125,6 +126,44 @@ def _child(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_cost(clip: Path, sizes: list[int], rounds: int) -> None:
+    """The mask profile's detector alone on real frames of ``clip``: ms a frame at each batch
+    size, the sizes interleaved round by round so that load from elsewhere hits them alike."""
+    import cv2
+    import numpy as np
+
+    from edgecam.config import load_settings
+    from edgecam.vision.detectors import build_detector, detect_batch
+
+    detector = build_detector(load_settings().vision)
+    w, h = detector.input_size
+    capture = cv2.VideoCapture(str(clip))
+    frames = []
+    while len(frames) < max(sizes):
+        ok, frame = capture.read()
+        if not ok:
+            raise SystemExit(f"cannot read {max(sizes)} frames of {clip}")
+        small = cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA)
+        rgb = cv2.cvtColor(small, cv2.COLOR_BGR2RGB)
+        frames.append(np.ascontiguousarray(rgb))
+    capture.release()
+    for n in sizes:
+        detect_batch(
+            detector, frames[:n]
+        )  # ONNX Runtime plans its memory for a new shape on the first call
+    ms: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(rounds):
+        for n in sizes:
+            t0 = time.perf_counter()
+            detect_batch(detector, frames[:n])
+            ms[n].append(1000 * (time.perf_counter() - t0) / n)
+    detector.close()
+    one = c.median(ms[sizes[0]])
+    rows = [[n, c.median(ms[n]), min(ms[n]), c.median(ms[n]) / one] for n in sizes]
+    print(f"mask profile detector ({w}x{h}), {rounds} rounds; {c.machine_note()}")
+    print(c.table(["frames a call", "ms a frame, median", "min", f"vs {sizes[0]}"], rows))
+
+
 def _run(args: argparse.Namespace, n: int, rate: float, mode: str) -> dict[str, Any]:
     cmd = [
         sys.executable,
@@ -177,6 +216,11 @@ def main() -> int:
     )
     parser.add_argument("--seconds", type=float, default=12, help="measuring window")
     parser.add_argument("--warmup", type=float, default=4, help="seconds before measuring")
+    parser.add_argument(
+        "--batch-cost",
+        action="store_true",
+        help="only the detector's cost a frame at 1, 2, 4, 8 frames a call (no cameras)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--rate", type=float, default=5, help=argparse.SUPPRESS)
@@ -184,6 +228,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         return _child(args)
+    if args.batch_cost:
+        _batch_cost(args.clip, [1, 2, 4, 8], rounds=10)
+        return 0
 
     counts = [int(x) for x in args.cameras.split(",")]
     rates = [float(x) for x in args.rates.split(",")]
