@@ -147,10 +147,8 @@ def _batch_cost(clip: Path, sizes: list[int], rounds: int) -> None:
         rgb = cv2.cvtColor(small, cv2.COLOR_BGR2RGB)
         frames.append(np.ascontiguousarray(rgb))
     capture.release()
-    for n in sizes:
-        detect_batch(
-            detector, frames[:n]
-        )  # ONNX Runtime plans its memory for a new shape on the first call
+    for n in sizes:  # ONNX Runtime plans its memory for a new shape on the first call
+        detect_batch(detector, frames[:n])
     ms: dict[int, list[float]] = {n: [] for n in sizes}
     for _ in range(rounds):
         for n in sizes:
