@@ -1,9 +1,10 @@
 """The workers: each wraps media resources in the :class:`~edgecam.device.runner.Worker`
 shape, and :data:`WORKERS` is the one registry the CLI, the demo and the orchestrator use.
 
-Per camera: ``inference`` (the pipeline) and ``recorder`` (the RAM ring and clips). Per
-device: ``streaming`` (one RTSP server, a mount per camera) and ``fileserver`` (one HTTP
-server for every camera's clips, and the one place clip retention runs).
+Per camera: ``recorder`` (the RAM ring and clips). Per device: ``inference`` (every
+camera's pipeline, one shared detector), ``streaming`` (one RTSP server, a mount per camera)
+and ``fileserver`` (one HTTP server for every camera's clips, and the one place clip
+retention runs).
 """
 
 from __future__ import annotations
