@@ -294,6 +294,16 @@ def test_the_orchestrator_reads_each_cameras_figures_from_one_heartbeat() -> Non
     assert orchestrator._figures["b"].frames_in == 10.0
 
 
+def test_commands_name_the_one_inference_worker_without_a_camera() -> None:
+    from edgecam.device.supervisor import Supervisor
+
+    supervisor = Supervisor(Settings(cameras=[{"name": "a"}, {"name": "b"}]), None, None)
+    assert [c.key for c in supervisor.select("inference", None)] == ["inference"]
+    with pytest.raises(ValueError, match="serves every camera: name no camera"):
+        supervisor.select("inference", "a")
+    assert [c.key for c in supervisor.select("recorder", "b")] == ["recorder/b"]
+
+
 def test_worker_inference_takes_one_camera_or_every_camera(tmp_path: Path) -> None:
     """``edgecam worker inference --camera C`` runs C alone under its own lock, beside a
     worker for every camera; a camera that does not exist is named in the error."""
