@@ -266,6 +266,8 @@ def test_stop_unblocks_waiting_cameras(
     assert len(results) == 2 and all(isinstance(r, BatcherStopped) for r in results)
     with pytest.raises(BatcherStopped):
         cams[0].detect(face_frames[0])
+    with pytest.raises(BatcherStopped, match="make a new one"):
+        batcher.start()  # its model is closed
 
 
 def _catch(fn: Callable[[Image], Detections], frame: Image) -> object:

@@ -116,6 +116,8 @@ class DetectorBatcher:
 
     def start(self) -> None:
         with self._cond:
+            if self._closed:
+                raise BatcherStopped("this shared detector was stopped; make a new one")
             if self._running:
                 return
             self._running = True
