@@ -116,7 +116,7 @@ def restarts(folder: Path, broker: LocalBroker) -> None:
     rows = []
     try:
         port = dev.config["streaming"]["port"]
-        for key in ("fileserver", "streaming", "recorder/main", "inference/main"):
+        for key in ("fileserver", "streaming", "recorder/main", "inference"):
             pid = dev.workers()[key]["pid"]
             mark = dev.listener.mark()
             t0 = time.monotonic()

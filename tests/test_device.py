@@ -70,7 +70,7 @@ def _rtsp_ok(port: int, camera: str = "main") -> bool:
 
 def test_workers_are_processes_named_on_their_command_line(device: Device) -> None:
     workers = device.workers()
-    assert set(workers) == {"fileserver", "streaming", "recorder/main", "inference/main"}
+    assert set(workers) == {"fileserver", "streaming", "recorder/main", "inference"}
     for key, w in workers.items():
         cmdline = psutil.Process(w["pid"]).cmdline()
         name, _, camera = key.partition("/")
@@ -155,7 +155,7 @@ def test_malformed_commands_get_error_results_and_replays_are_answered_once(
 
 def test_kill9_of_each_worker_is_undone_alone(device: Device) -> None:
     port = device.config["streaming"]["port"]
-    for key in ("fileserver", "streaming", "recorder/main", "inference/main"):
+    for key in ("fileserver", "streaming", "recorder/main", "inference"):
         before = device.workers()
         victim = before[key]
         mark = device.listener.mark()
@@ -254,9 +254,7 @@ def test_a_second_device_and_a_second_worker_are_refused(device: Device, tmp_pat
         text=True,
         timeout=30,
     )
-    assert (
-        status.returncode == 0 and "inference/main" in status.stdout and "running" in status.stdout
-    )
+    assert status.returncode == 0 and "inference" in status.stdout and "running" in status.stdout
 
 
 def test_acl_keeps_devices_apart(device: Device, broker: LocalBroker) -> None:
@@ -489,7 +487,7 @@ def test_live_page_plays_through_the_device_and_survives_restarts(device: Device
                 "() => window.edgecamLive.counts && 'person' in window.edgecamLive.counts",
                 timeout=15_000,
             )
-            os.kill(device.workers()["inference/main"]["pid"], signal.SIGKILL)
+            os.kill(device.workers()["inference"]["pid"], signal.SIGKILL)
             mark = device.listener.mark()
             device.wait_running(timeout=30, after=mark)
             seen = page.evaluate(frames)

@@ -175,6 +175,9 @@ def test_tls_link_refuses_a_broker_it_cannot_verify(
 def test_a_disabled_camera_runs_no_workers() -> None:
     settings = Settings(cameras=[{"name": "a"}, {"name": "b", "enabled": False}])
     children = Supervisor(settings, None, None).children
-    assert children["inference/a"].enabled and children["recorder/a"].enabled
-    assert not children["inference/b"].enabled and not children["recorder/b"].enabled
-    assert children["inference/b"].state == "disabled"
+    # One inference worker runs every enabled camera; each camera has its recorder.
+    assert children["inference"].enabled and children["recorder/a"].enabled
+    assert not children["recorder/b"].enabled and children["recorder/b"].state == "disabled"
+    assert "inference/a" not in children and "inference/b" not in children
+    none = Settings(cameras=[{"name": "a", "enabled": False}])
+    assert Supervisor(none, None, None).children["inference"].state == "disabled"

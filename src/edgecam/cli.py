@@ -37,6 +37,7 @@ BENCHES: dict[str, str] = {
     "liveview": "bench/bench_liveview.py",
     "zones": "bench/bench_zones.py",
     "gpu": "bench/bench_gpu.py",
+    "cameras": "bench/bench_cameras.py",
 }
 
 
@@ -100,20 +101,32 @@ def _raise_terminated(signum: int, _frame: FrameType | None) -> None:
 
 
 def _cmd_process(args: argparse.Namespace) -> int:
-    from edgecam.media.offline import process_file
+    from edgecam.media.offline import FileJob, process_file, process_files
 
+    inputs = [Path(i) for i in args.input]
+    if (args.out is None) == (args.out_dir is None):
+        raise UsageError("give --out OUT.mp4 (one input) or --out-dir DIR (any inputs)")
+    if args.out is not None and len(inputs) > 1:
+        raise UsageError("several inputs write into a folder: give --out-dir DIR, not --out")
+    if args.out_dir is not None and args.events:
+        raise UsageError("with --out-dir each input's events go to DIR/NAME.jsonl; drop --events")
     settings = _settings(
         args, **{"vision.profile": args.profile, "vision.detect_fps": args.detect_fps}
     )
     # A terminated run leaves no temporary output behind, as an interrupted one.
     signal.signal(signal.SIGTERM, _raise_terminated)
-    process_file(
-        settings,
-        Path(args.input),
-        Path(args.out),
-        events=Path(args.events) if args.events else None,
-        progress=not args.quiet,
-    )
+    if args.out is not None:
+        process_file(
+            settings,
+            inputs[0],
+            Path(args.out),
+            events=Path(args.events) if args.events else None,
+            progress=not args.quiet,
+        )
+        return 0
+    folder = Path(args.out_dir)
+    jobs = [FileJob(i, folder / f"{i.stem}.mp4", folder / f"{i.stem}.jsonl") for i in inputs]
+    process_files(settings, jobs, progress=not args.quiet)
     return 0
 
 
@@ -275,10 +288,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the raw status message")
     p.set_defaults(func=_cmd_status)
 
-    p = sub.add_parser("process", parents=[common], help="process a video file offline")
-    p.add_argument("input", help="input video file")
-    p.add_argument("--out", required=True, help="annotated MP4 to write")
-    p.add_argument("--events", help="JSON lines file, one object a frame")
+    p = sub.add_parser(
+        "process", parents=[common], help="process video files offline (several: side by side)"
+    )
+    p.add_argument("input", nargs="+", help="input video file(s)")
+    p.add_argument("--out", help="annotated MP4 to write (one input)")
+    p.add_argument(
+        "--out-dir",
+        help="folder for NAME.mp4 and NAME.jsonl (events) of each input; several inputs run "
+        "side by side through one shared detector",
+    )
+    p.add_argument("--events", help="JSON lines file, one object a frame (with --out)")
     p.add_argument("--profile", choices=["mask", "people"])
     p.add_argument(
         "--detect-fps",

@@ -226,6 +226,12 @@ class CameraConfig(_Section):
         True, description="Run this camera's workers (inference and recorder) in `edgecam run`."
     )
     loop: bool = Field(False, description="Play a file source again from the start at its end.")
+    detect_fps: float | None = Field(
+        None,
+        ge=0,
+        le=240,
+        description="Detections a second for this camera (0 = off); default vision.detect_fps.",
+    )
     width: int = Field(1280, ge=16, le=7680, description="Frame width for test:// and v4l2://.")
     height: int = Field(720, ge=16, le=4320, description="Frame height for test:// and v4l2://.")
     fps: int = Field(30, ge=1, le=240, description="Frame rate for test:// and v4l2://.")
@@ -296,6 +302,10 @@ class CameraConfig(_Section):
         return zones
 
 
+# Frames a call of the shared detector by default: on the CPU one (a batch of N costs N frames
+# and holds more memory: docs/benchmarks.md, "Several cameras"), on a GPU a batch pays.
+_CPU_BATCH = 1
+_GPU_BATCH = 8
 _VENDORED_FACE_MODELS = {"centerface": "centerface.onnx", "blazeface": "blazeface_full.onnx"}
 # Model inputs past this many pixels a side are a typo, not a choice (and would exhaust memory).
 _MAX_MODEL_INPUT = 4096
@@ -333,6 +343,28 @@ class VisionConfig(_Section):
         le=16,
         description="Detectors running side by side in `edgecam process`, sharing `threads` "
         "(two one-thread detectors beat one two-thread detector next to decode and x264).",
+    )
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Most frames, from all cameras, that the shared detector takes in one "
+        "call; default 1 on the CPU (a batch costs as much a frame there, and more memory), "
+        "8 on a GPU.",
+    )
+    detector_workers: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Calls the shared detector of the live cameras makes at once, sharing "
+        "vision.threads (offline: vision.offline_workers).",
+    )
+    batch_deadline_ms: float = Field(
+        15.0,
+        ge=0,
+        le=1000,
+        description="A batch of the shared detector runs this long after its first frame "
+        "came, full or not (so a slow or lost camera never holds the others back).",
     )
     face_detector: Literal["centerface", "blazeface"] = Field(
         "centerface",
@@ -392,6 +424,13 @@ class VisionConfig(_Section):
     def face_model_path(self) -> Path:
         """The face model file: ``face_model``, or the vendored one of ``face_detector``."""
         return self.face_model or MODELS_DIR / _VENDORED_FACE_MODELS[self.face_detector]
+
+    @property
+    def max_batch(self) -> int:
+        """``batch_size``, or its default for the provider."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return _CPU_BATCH if self.provider == "cpu" else _GPU_BATCH
 
 
 class TrackerConfig(_Section):
@@ -951,13 +990,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _privacy_needs_pixels(self) -> Settings:
-        if self.vision.detect_fps == 0:
-            for cam in self.cameras:
-                if cam.privacy.faces != "off":
-                    raise ValueError(
-                        f"camera {cam.name}: privacy.faces needs the detector "
-                        "(vision.detect_fps > 0)"
-                    )
+        for i, cam in enumerate(self.cameras):
+            if self.detect_fps(i) == 0 and cam.privacy.faces != "off":
+                raise ValueError(
+                    f"camera {cam.name}: privacy.faces needs the detector "
+                    "(vision.detect_fps or cameras[].detect_fps > 0)"
+                )
         if self.overlay.element == "cairooverlay":
             for cam in self.cameras:
                 if cam.privacy.faces in ("blur", "pixelate"):
@@ -972,6 +1010,18 @@ class Settings(BaseSettings):
         RTP to."""
         base = self.cameras[index].rtp_port or 5400 + 10 * index
         return base, base + 1, base + 2
+
+    def detect_fps(self, index: int) -> float:
+        """Detections a second for camera ``index``: its own, else ``vision.detect_fps``."""
+        own = self.cameras[index].detect_fps
+        return self.vision.detect_fps if own is None else own
+
+    def for_camera(self, name: str) -> Settings:
+        """These settings as camera ``name``'s pipeline reads them (``vision.detect_fps``
+        is that camera's rate)."""
+        index, _ = self.camera(name)
+        vision = self.vision.model_copy(update={"detect_fps": self.detect_fps(index)})
+        return self.model_copy(update={"vision": vision})
 
     def camera(self, name: str | None = None) -> tuple[int, CameraConfig]:
         """The camera called ``name`` (the first when None) and its index."""

@@ -360,11 +360,8 @@ class Orchestrator:
             self._on_frame(event)
         elif isinstance(event, Heartbeat):
             self.supervisor.on_heartbeat(key, event.pid, event.healthy, event.figures)
-            if event.worker == "inference" and event.camera in self._figures:
-                f = event.figures
-                self._figures[event.camera] = CameraFigures(
-                    f.get("frames_in", 0.0), f.get("frames_out", 0.0), f.get("detections", 0.0)
-                )
+            if event.worker == "inference":
+                self._camera_figures(event.figures)
         elif isinstance(event, Lifecycle):
             if event.state == "ready":
                 self.supervisor.on_ready(key, event.pid)
@@ -376,6 +373,16 @@ class Orchestrator:
         elif isinstance(event, ClipFailed):
             log.error("clip %s of %s failed: %s", event.request_id, event.camera, event.error)
             self._alert_jobs.pop(event.request_id, None)
+
+    def _camera_figures(self, figures: dict[str, float]) -> None:
+        """The inference worker reports each camera's counters as ``CAMERA/NAME``."""
+        for camera in self._figures:
+            if f"{camera}/frames_out" in figures:
+                self._figures[camera] = CameraFigures(
+                    figures.get(f"{camera}/frames_in", 0.0),
+                    figures.get(f"{camera}/frames_out", 0.0),
+                    figures.get(f"{camera}/detections", 0.0),
+                )
 
     def _on_frame(self, event: FrameSummary) -> None:
         camera = event.camera
@@ -395,10 +402,11 @@ class Orchestrator:
 
     def _tick_rules(self) -> None:
         now = time.time()
+        inference = self.supervisor.children["inference"].enabled
         watched = {
             c: self._last_frame[c]
             for c in self.cameras
-            if self.supervisor.children[f"inference/{c}"].enabled
+            if inference and self.settings.camera(c)[1].enabled
         }
         self._on_alerts(self.rules.tick(now, watched, self.supervisor.states()))
         # While an alert lasts, its clip is extended (same key): one incident, one clip.

@@ -106,6 +106,8 @@ class Worker:
 
     name: ClassVar[str]
     per_camera: ClassVar[bool]
+    # A device-wide worker that can also run for one camera alone (``--camera C``).
+    camera_optional: ClassVar[bool] = False
 
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
@@ -187,7 +189,7 @@ def run_worker(worker_cls: type[Worker], settings: Settings, camera: str | None 
     """Run one worker until SIGTERM/SIGINT; 0 after a clean stop, :data:`EXIT_CONFIG` when
     it refused its configuration; raises when it failed (the command exits 1)."""
     name = worker_cls.name
-    if worker_cls.per_camera:
+    if worker_cls.per_camera or (worker_cls.camera_optional and camera is not None):
         _, cam = settings.camera(camera)
         camera = cam.name
     else:

@@ -138,6 +138,8 @@ class Supervisor:
             for c in self.children.values()
             if c.name == worker and (camera is None or c.camera == camera)
         ]
+        if not found and not WORKERS[worker].per_camera:
+            raise ValueError(f"the {worker} worker serves every camera: name no camera")
         if not found:
             raise ValueError(f"no {worker} worker for camera {camera!r}")
         return found

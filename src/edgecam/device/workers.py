@@ -1,9 +1,10 @@
 """The workers: each wraps media resources in the :class:`~edgecam.device.runner.Worker`
 shape, and :data:`WORKERS` is the one registry the CLI, the demo and the orchestrator use.
 
-Per camera: ``inference`` (the pipeline) and ``recorder`` (the RAM ring and clips). Per
-device: ``streaming`` (one RTSP server, a mount per camera) and ``fileserver`` (one HTTP
-server for every camera's clips, and the one place clip retention runs).
+Per camera: ``recorder`` (the RAM ring and clips). Per device: ``inference`` (every
+camera's pipeline, one shared detector), ``streaming`` (one RTSP server, a mount per camera)
+and ``fileserver`` (one HTTP server for every camera's clips, and the one place clip
+retention runs).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 import uuid
 from collections import OrderedDict
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgecam.config import Settings, redact_url
 from edgecam.device.control import Handler
@@ -25,6 +26,12 @@ from edgecam.device.events import ClipEvent, ClipFailed, FrameSummary, LineFrame
 from edgecam.device.runner import Worker, WorkerContext
 from edgecam.errors import ConfigError, EdgecamError
 from edgecam.protocol import ClipReady, SaveClipArgs
+
+if TYPE_CHECKING:
+    from edgecam.media.pipeline import Pipeline
+    from edgecam.vision.analytics import FrameMeta
+    from edgecam.vision.batching import DetectorBatcher
+    from edgecam.vision.detections import Detector
 
 __all__ = [
     "WORKERS",
@@ -44,6 +51,7 @@ _RETENTION_EVERY_S = 60.0
 _KEEP_CLIP_RESULTS = 256
 _LISTEN_TIMEOUT_S = 10.0
 _COUNTS_EVERY_S = 1.0
+_TOTALLED = ("frames", "detections", "restarts")  # PipelineStats counters summed over rebuilds
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
@@ -54,43 +62,92 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # -8: M_ARENA_MAX
 
 
-class InferenceWorker(Worker):
-    """One camera's live pipeline; every frame's counted tracks go to the orchestrator."""
+def _frame_summary(worker: str, camera: str, meta: FrameMeta) -> FrameSummary:
+    return FrameSummary(
+        worker=worker,
+        camera=camera,
+        frame=meta.frame,
+        wall_time=meta.wall_time,
+        tracks=[(t.id, t.label) for t in meta.tracks if t.counted],
+        detected=meta.detected,
+        zones={
+            z.name: ZoneFrame(
+                occupancy=z.occupancy,
+                entered=len(z.entered),
+                dwell_s=[round(d, 3) for _, d in z.exited],
+                longest_s=round(z.longest_s, 3),
+            )
+            for z in meta.zones
+        },
+        lines={
+            ln.name: LineFrame(
+                crossed_in=sum(d == "in" for _, d in ln.crossings),
+                crossed_out=sum(d == "out" for _, d in ln.crossings),
+            )
+            for ln in meta.lines
+        },
+    )
 
-    name = "inference"
-    per_camera = True
 
-    def __init__(self, ctx: WorkerContext) -> None:
-        super().__init__(ctx)
-        from edgecam.media.pipeline import Pipeline
+class _CameraBranch:
+    """One camera's live pipeline inside the inference worker, on a thread of its own.
 
-        self._pipeline: Pipeline | None = None
-        self._frames_in = 0
+    The pipeline reconnects a lost live source itself (with backoff); a pipeline that fails
+    anyway (its detector failed, an error that is not the source's) is rebuilt here after a
+    backoff, while the other cameras go on. A file source that ends finishes the branch.
+    """
+
+    def __init__(self, worker: InferenceWorker, camera: str) -> None:
+        self.worker = worker
+        self.camera = camera
+        self.settings = worker.settings.for_camera(camera)
+        self.cam = self.settings.camera(camera)[1]
+        self.pipeline: Pipeline | None = None
+        self.detectors: list[Detector] = []
+        self.error: str | None = None
+        self.finished = False
+        self.rebuilds = 0
+        self.frames_in = 0
+        # Counters of the pipelines discarded before this one: the figures stay monotonic.
+        self._totals = dict.fromkeys(_TOTALLED, 0)
+        self._lock = threading.Lock()
         self._forwarder: threading.Thread | None = None
+        self._thread: threading.Thread | None = None
         self._last_frames = -1
         self._last_progress = time.monotonic()
 
-    def start(self) -> None:
+    def build(self) -> None:
         from edgecam.media.pipeline import Pipeline
 
-        limit_malloc_arenas()
-        pipeline = Pipeline(self.settings, self.camera, mode="live", rtp=True)
-        self._pipeline = pipeline
-        ports = self.settings.rtp_ports(pipeline.camera_index)
+        batcher = self.worker.batcher
+        detectors: list[Detector] = (
+            [batcher.attach(self.camera)]
+            if batcher is not None and self.settings.vision.detect_fps > 0
+            else []
+        )
+        try:
+            pipeline = Pipeline(
+                self.settings, self.camera, mode="live", rtp=True, detectors=detectors
+            )
+        except BaseException:
+            for d in detectors:
+                d.close()
+            raise
+        frames = pipeline.meta_bus.subscribe(maxsize=256)
+        forwarder = threading.Thread(
+            target=self._forward, args=(frames,), name=f"frame-events-{self.camera}", daemon=True
+        )
+        forwarder.start()
+        with self._lock:
+            self.pipeline, self.detectors, self._forwarder = pipeline, detectors, forwarder
         log.info(
             "camera %s: %s -> H.264 RTP to 127.0.0.1 ports %s (profile %s, <= %.1f detections/s)",
-            pipeline.camera.name,
-            redact_url(pipeline.camera.source),
-            ",".join(map(str, ports)),
+            self.camera,
+            redact_url(self.cam.source),
+            ",".join(map(str, self.settings.rtp_ports(pipeline.camera_index))),
             self.settings.vision.profile,
             self.settings.vision.detect_fps,
         )
-        frames = pipeline.meta_bus.subscribe(maxsize=256)
-        self._forwarder = threading.Thread(
-            target=self._forward, args=(frames,), name="frame-events", daemon=True
-        )
-        self._forwarder.start()
-        pipeline.start()
 
     def _forward(self, frames: queue.Queue[Any]) -> None:
         """Off the streaming thread: each frame's summary to the event channel."""
@@ -98,78 +155,196 @@ class InferenceWorker(Worker):
             meta = frames.get()
             if meta is None:
                 return
-            self._frames_in += 1
-            self.ctx.events.send(
-                FrameSummary(
-                    worker=self.name,
-                    camera=self.camera,
-                    frame=meta.frame,
-                    wall_time=meta.wall_time,
-                    tracks=[(t.id, t.label) for t in meta.tracks if t.counted],
-                    detected=meta.detected,
-                    zones={
-                        z.name: ZoneFrame(
-                            occupancy=z.occupancy,
-                            entered=len(z.entered),
-                            dwell_s=[round(d, 3) for _, d in z.exited],
-                            longest_s=round(z.longest_s, 3),
-                        )
-                        for z in meta.zones
-                    },
-                    lines={
-                        ln.name: LineFrame(
-                            crossed_in=sum(d == "in" for _, d in ln.crossings),
-                            crossed_out=sum(d == "out" for _, d in ln.crossings),
-                        )
-                        for ln in meta.lines
-                    },
-                )
-            )
+            self.frames_in += 1
+            self.worker.ctx.events.send(_frame_summary(self.worker.name, self.camera, meta))
 
-    def serve(self, stop: threading.Event) -> None:
-        pipeline = self._pipeline
-        assert pipeline is not None
+    def discard(self) -> None:
+        """Close the pipeline (its figures kept in the totals) and detach its detectors."""
+        with self._lock:
+            pipeline, self.pipeline = self.pipeline, None
+            detectors, self.detectors = self.detectors, []
+            forwarder, self._forwarder = self._forwarder, None
+        if pipeline is not None:
+            pipeline.close()  # publishes the end to the forwarder
+            for name in _TOTALLED:
+                self._totals[name] += getattr(pipeline.stats, name)
+        for d in detectors:
+            d.close()
+        if forwarder is not None:
+            forwarder.join(timeout=5)
 
-        def stop_on_request() -> None:
-            stop.wait()
+    def start(self, stop: threading.Event) -> None:
+        self._thread = threading.Thread(
+            target=self._run, args=(stop,), name=f"camera-{self.camera}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, stop: threading.Event) -> None:
+        backoff = self.cam.reconnect_min_s
+        while not stop.is_set():
+            try:
+                if self.pipeline is None:
+                    self.build()
+                pipeline = self.pipeline
+                assert pipeline is not None
+                pipeline.start()
+                if stop.is_set():
+                    pipeline.stop()
+                pipeline.run()
+            except EdgecamError as exc:
+                if stop.is_set():
+                    break
+                self.error = str(exc)
+                self.rebuilds += 1
+                log.warning("camera %s: %s; starting again in %.1f s", self.camera, exc, backoff)
+                self.discard()
+                if stop.wait(backoff):
+                    break
+                backoff = min(backoff * 2, self.cam.reconnect_max_s)
+                continue
+            if not stop.is_set():
+                log.info("camera %s: the source ended", self.camera)
+                self.finished = True
+            break
+
+    def stop(self) -> None:
+        with self._lock:
+            pipeline = self.pipeline
+        if pipeline is not None:
             pipeline.stop()
 
-        threading.Thread(target=stop_on_request, name="stop-watch", daemon=True).start()
-        pipeline.run()
-        if not stop.is_set():
-            log.info("camera %s: the source ended", self.camera)
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
 
-    def close(self) -> None:
-        if self._pipeline is not None:
-            self._pipeline.close()  # publishes the end to the forwarder
-        if self._forwarder is not None:
-            self._forwarder.join(timeout=5)
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
-    def status(self) -> dict[str, Any]:
-        return {"camera": self.camera, **self.figures()}
-
-    def healthy(self) -> bool:
-        pipeline = self._pipeline
-        if pipeline is None:
-            return False
-        now = time.monotonic()
+    def healthy(self, now: float) -> bool:
+        """Frames flow, or the camera is away (reconnecting) or being rebuilt, or done."""
+        pipeline = self.pipeline
+        if pipeline is None or self.finished:
+            self._last_progress = now
+            return True
         if pipeline.stats.frames != self._last_frames or pipeline.waiting_for_source:
             self._last_frames = pipeline.stats.frames
             self._last_progress = now
         return now - self._last_progress < _STUCK_S
 
     def figures(self) -> dict[str, float]:
-        pipeline = self._pipeline
-        if pipeline is None:
-            return {}
-        stats = pipeline.stats
+        pipeline = self.pipeline
+        now = {
+            name: self._totals[name] + (getattr(pipeline.stats, name) if pipeline else 0)
+            for name in _TOTALLED
+        }
         return {
-            "frames_in": float(self._frames_in),
-            "frames_out": float(stats.frames),
-            "detections": float(stats.detections),
-            "source_restarts": float(stats.restarts),
-            "waiting_for_source": float(pipeline.waiting_for_source),
-            "events_dropped": float(self.ctx.events.dropped + pipeline.meta_bus.dropped),
+            "frames_in": float(self.frames_in),
+            "frames_out": float(now["frames"]),
+            "detections": float(now["detections"]),
+            "source_restarts": float(now["restarts"]),
+            "waiting_for_source": float(pipeline is None or pipeline.waiting_for_source),
+            "pipeline_rebuilds": float(self.rebuilds),
+            "events_dropped": float(pipeline.meta_bus.dropped if pipeline is not None else 0),
+        }
+
+
+class InferenceWorker(Worker):
+    """Every camera's live pipeline in one process (``--camera C``: that camera's alone),
+    each with its own tracker and analytics, all sharing one batched detector; every
+    frame's counted tracks go to the orchestrator with their camera's name."""
+
+    name = "inference"
+    per_camera = False
+    camera_optional = True
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        super().__init__(ctx)
+        settings = self.settings
+        if self.camera is None:
+            names = [c.name for c in settings.cameras if c.enabled]
+        else:
+            names = [settings.camera(self.camera)[1].name]
+        self.batcher: DetectorBatcher | None = None
+        self._branches = [_CameraBranch(self, n) for n in names]
+
+    @classmethod
+    def enabled(cls, settings: Settings) -> bool:
+        return any(c.enabled for c in settings.cameras)
+
+    def start(self) -> None:
+        from edgecam.vision.batching import DetectorBatcher
+        from edgecam.vision.detectors import build_detector
+
+        limit_malloc_arenas()
+        settings = self.settings
+        if any(b.settings.vision.detect_fps > 0 for b in self._branches):
+            vision = settings.vision
+            faces = any(c.privacy.faces != "off" for c in settings.cameras)
+            workers = vision.detector_workers
+            shared = vision.model_copy(update={"threads": max(1, vision.threads // workers)})
+            self.batcher = DetectorBatcher(
+                build_detector(shared, privacy_faces=faces),
+                max_batch=vision.max_batch,
+                deadline_s=vision.batch_deadline_ms / 1000,
+                workers=workers,
+            )
+            self.batcher.start()
+        failed: list[str] = []
+        for branch in self._branches:
+            try:
+                branch.build()
+            except EdgecamError as exc:  # this camera tries again on its own thread
+                failed.append(f"camera {branch.camera}: {exc}")
+                branch.error = str(exc)
+                log.error("camera %s: %s", branch.camera, exc)
+        if len(failed) == len(self._branches):
+            raise EdgecamError("; ".join(failed))
+
+    def serve(self, stop: threading.Event) -> None:
+        for branch in self._branches:
+            branch.start(stop)
+        while not stop.wait(0.2):
+            if not any(b.alive for b in self._branches):
+                break  # every source ended
+        for branch in self._branches:
+            branch.stop()
+        for branch in self._branches:
+            branch.join(timeout=15)
+
+    def close(self) -> None:
+        for branch in self._branches:
+            branch.stop()
+        for branch in self._branches:
+            branch.join(timeout=15)
+            branch.discard()
+        if self.batcher is not None:
+            self.batcher.stop()
+
+    def status(self) -> dict[str, Any]:
+        batcher = self.batcher
+        return {
+            "cameras": {
+                b.camera: {
+                    **b.figures(),
+                    "error": b.error,
+                    "finished": b.finished,
+                    "detect_fps": b.settings.vision.detect_fps,
+                }
+                for b in self._branches
+            },
+            "batches": batcher.stats.batches if batcher is not None else 0,
+            "mean_batch": round(batcher.stats.mean_batch, 2) if batcher is not None else 0.0,
+        }
+
+    def healthy(self) -> bool:
+        now = time.monotonic()
+        return all([b.healthy(now) for b in self._branches])
+
+    def figures(self) -> dict[str, float]:
+        """Each camera's counters as ``CAMERA/NAME`` (camera names have no slash)."""
+        return {
+            f"{b.camera}/{key}": value for b in self._branches for key, value in b.figures().items()
         }
 
 

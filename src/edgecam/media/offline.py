@@ -6,21 +6,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import sys
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from edgecam.config import Settings
 from edgecam.errors import EdgecamError, SourceError, UsageError
 from edgecam.media.pipeline import Pipeline
-from edgecam.media.probe import probe_video
+from edgecam.media.probe import VideoFileInfo, probe_video
 from edgecam.vision.analytics import FrameMeta
 from edgecam.vision.detections import Detector
 
-__all__ = ["ProcessResult", "process_file"]
+__all__ = ["FileJob", "ProcessResult", "process_file", "process_files"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,7 @@ _OUT_SUFFIXES = (".mp4", ".m4v", ".mov")
 # container's duration may run a little past the video's when another track is longer).
 _END_TOLERANCE_S = 0.5
 _END_TOLERANCE = 0.05
+_PROGRESS_EVERY_S = 5.0  # several files: a log line of each one's frames this often
 
 
 class ProcessResult:
@@ -237,6 +241,11 @@ def process_file(
     finally:
         for output in outputs:
             output.discard()
+    _check_whole(input_path, out, info, result)
+    return result
+
+
+def _check_whole(input_path: Path, out: Path, info: VideoFileInfo, result: ProcessResult) -> None:
     if info.duration_s is not None and result.video_end_s < info.duration_s - max(
         _END_TOLERANCE_S, _END_TOLERANCE * info.duration_s
     ):
@@ -249,7 +258,6 @@ def process_file(
             f"({result.video_end_s:.1f} s), the header promised {about} (the file is truncated "
             f"or damaged); {out} holds the {result.frames} frames"
         )
-    return result
 
 
 def _run(
@@ -285,3 +293,206 @@ def _run(
     )
     bar.finish(result)
     return result
+
+
+# -- several files through one detector ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileJob:
+    """One input of :func:`process_files` and where its outputs go."""
+
+    input: Path
+    out: Path
+    events: Path | None = None
+
+
+def _camera_names(jobs: Sequence[FileJob]) -> list[str]:
+    """A camera name per job (from the file name: what logs and the detector call it)."""
+    names: list[str] = []
+    for job in jobs:
+        base = re.sub(r"[^A-Za-z0-9_-]", "-", job.input.stem)[:28] or "file"
+        name, k = base, 1
+        while name in names:
+            k += 1
+            name = f"{base}-{k}"
+        names.append(name)
+    return names
+
+
+def process_files(
+    settings: Settings, jobs: Sequence[FileJob], *, progress: bool = True
+) -> list[ProcessResult]:
+    """Several files side by side, each through its own pipeline, tracker and analytics,
+    with one detector for all of them that takes frames of every file in one call.
+
+    Each file gets the same detections, tracks and events as :func:`process_file` gives it
+    alone: every due frame is detected whatever else runs. Outputs are written as
+    :func:`process_file` writes them; the first file that fails fails the run (after every
+    pipeline has stopped), and no file's outputs are left half written.
+    """
+    from edgecam.vision.batching import DetectorBatcher
+    from edgecam.vision.detectors import build_detector
+
+    if not jobs:
+        raise UsageError("give at least one input file")
+    targets = [p for job in jobs for p in (job.out, job.events) if p is not None]
+    resolved = [t.resolve() for t in targets]
+    if len(set(resolved)) != len(resolved):
+        raise UsageError("two inputs would write the same output file; give distinct outputs")
+    for job in jobs:
+        _check_outputs(job.input, job.out, job.events)
+        if any(_same_file(job.input, t) for t in targets):
+            raise UsageError(f"{job.input} is also an output; it would be overwritten")
+    infos = [probe_video(job.input) for job in jobs]
+    names = _camera_names(jobs)
+    cams = [
+        settings.cameras[0].model_copy(update={"name": n, "source": str(j.input), "loop": False})
+        for n, j in zip(names, jobs, strict=True)
+    ]
+    vision = settings.vision
+    faces = any(c.privacy.faces != "off" for c in cams)
+    batcher = None
+    if vision.detect_fps > 0:  # the rate every file's pipeline runs at
+        # As one file's own detectors: offline_workers calls at once, sharing the threads.
+        workers = vision.offline_workers
+        shared = vision.model_copy(update={"threads": max(1, vision.threads // workers)})
+        batcher = DetectorBatcher(
+            build_detector(shared, privacy_faces=faces),
+            max_batch=vision.max_batch,
+            deadline_s=vision.batch_deadline_ms / 1000,
+            workers=workers,
+        )
+    outputs = [
+        [_Output(j.out, "--out")] + ([_Output(j.events, "--events")] if j.events else [])
+        for j in jobs
+    ]
+    runs: list[_FileRun] = []
+    try:
+        if batcher is not None:
+            batcher.start()
+        for group in outputs:
+            for output in group:
+                output.open()
+        for cam, job, group in zip(cams, jobs, outputs, strict=True):
+            detectors: list[Detector] | None = None
+            if batcher is not None:
+                detectors = [batcher.attach(cam.name) for _ in range(vision.offline_workers)]
+            runs.append(
+                _FileRun(
+                    settings.model_copy(update={"cameras": [cam]}),
+                    group[0].writing,
+                    group[1].writing if job.events else None,
+                    detectors,
+                )
+            )
+        results = _run_side_by_side(runs, progress)
+        for group in outputs:
+            for output in group:
+                output.commit()
+    finally:
+        for run in runs:
+            if not run.thread.ident:  # never started: a later pipeline could not be built
+                run.close()
+        for group in outputs:
+            for output in group:
+                output.discard()
+        if batcher is not None:
+            if batcher.stats.batches:
+                log.info(
+                    "shared detector: %d frames in %d calls (%.2f a call)",
+                    batcher.stats.frames,
+                    batcher.stats.batches,
+                    batcher.stats.mean_batch,
+                )
+            batcher.stop()
+    for job, info, result in zip(jobs, infos, results, strict=True):
+        _check_whole(job.input, job.out, info, result)
+    return results
+
+
+class _FileRun:
+    """One file's pipeline in :func:`process_files`, run on a thread of its own."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        out: Path,
+        events: Path | None,
+        detectors: list[Detector] | None,
+    ) -> None:
+        self.pipeline = Pipeline(
+            settings,
+            mode="offline",
+            out_file=out,
+            rtp=False,
+            detectors=detectors,
+            analytics=True if events is not None else None,
+        )
+        self.detectors = detectors or []
+        self.writer = _EventsWriter(self.pipeline, events) if events is not None else None
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self.thread = threading.Thread(
+            target=self._run, name=f"process-{self.pipeline.camera.name}", daemon=True
+        )
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        try:
+            self.pipeline.start()
+            self.pipeline.run()
+        except BaseException as exc:  # re-raised in the caller's thread
+            self.error = exc
+        finally:
+            self.seconds = time.monotonic() - start
+            self.close()
+
+    def close(self) -> None:
+        self.pipeline.close()
+        for detector in self.detectors:
+            detector.close()  # detaches from the shared detector
+        if self.writer is not None:
+            writer, self.writer = self.writer, None
+            try:
+                writer.close()
+            except EdgecamError as exc:
+                self.error = self.error or exc
+
+    def result(self) -> ProcessResult:
+        stats = self.pipeline.stats
+        return ProcessResult(stats.frames, self.seconds, stats.detections, stats.video_end_s)
+
+
+def _run_side_by_side(runs: list[_FileRun], progress: bool) -> list[ProcessResult]:
+    stopped = False
+    try:
+        for run in runs:
+            run.thread.start()
+        last = time.monotonic()
+        while any(r.thread.is_alive() for r in runs):
+            for r in runs:
+                r.thread.join(timeout=0.2)
+            if not stopped and any(r.error is not None for r in runs):
+                stopped = True  # one file fails the run: the others stop too
+                for r in runs:
+                    r.pipeline.stop()
+            if progress and time.monotonic() - last >= _PROGRESS_EVERY_S:
+                last = time.monotonic()
+                log.info(
+                    "%s",
+                    "  ".join(f"{r.pipeline.camera.name}: {r.pipeline.stats.frames}" for r in runs),
+                )
+    finally:
+        for r in runs:
+            if r.thread.is_alive():
+                r.pipeline.stop()
+                r.thread.join(timeout=30)
+    for r in runs:
+        if r.error is not None:
+            raise r.error
+    results = [r.result() for r in runs]
+    if progress:
+        for r, res in zip(runs, results, strict=True):
+            log.info("%s: %r", r.pipeline.camera.name, res)
+    return results

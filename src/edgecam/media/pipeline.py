@@ -434,6 +434,7 @@ class Pipeline:
         detector: Detector | None = None,
         analytics: bool | None = None,
         meta_bus: MetaBus | None = None,
+        detectors: list[Detector] | None = None,
     ) -> None:
         init()
         self.settings = settings
@@ -444,9 +445,15 @@ class Pipeline:
         self.counts: dict[str, int] = {}
         detect_fps = settings.vision.detect_fps
         self._detectors: list[Detector] = []
+        # Detectors handed in (one per detector thread) belong to the caller: not closed here.
+        self._owns_detectors = detectors is None
         if detect_fps > 0:
             self._detectors = (
-                [detector] if detector is not None else _build_detectors(settings, mode)
+                list(detectors)
+                if detectors is not None
+                else [detector]
+                if detector is not None
+                else _build_detectors(settings, mode)
             )
         self._detector = self._detectors[0] if self._detectors else None
         self._analytics_on = (
@@ -1043,8 +1050,9 @@ class Pipeline:
     def close(self) -> None:
         """Release everything (idempotent)."""
         self._teardown()
-        for detector in self._detectors:
-            detector.close()
+        if self._owns_detectors:
+            for detector in self._detectors:
+                detector.close()
         self._detectors = []
 
     def __enter__(self) -> Pipeline:

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +22,7 @@ from edgecam.vision.backends import InferenceBackend, Runtime, batch_dim, open_b
 from edgecam.vision.detections import PRIVACY_FACE, Detections, Detector
 
 __all__ = [
+    "BatchDetector",
     "BlazeFaceDetector",
     "CenterFaceDetector",
     "FaceMaskDetector",
@@ -28,6 +30,7 @@ __all__ = [
     "NanoDetDetector",
     "WithPrivacyFaces",
     "build_detector",
+    "detect_batch",
     "nms",
 ]
 
@@ -276,6 +279,37 @@ def _empty() -> Detections:
     return Detections.empty()
 
 
+@runtime_checkable
+class BatchDetector(Detector, Protocol):
+    """A :class:`Detector` that also takes several frames in one model call."""
+
+    def detect_batch(self, frames: Sequence[Frame]) -> list[Detections]:
+        """``detect`` of each frame, in order, from one stacked model input."""
+        ...
+
+
+def detect_batch(detector: Detector, frames: Sequence[Frame]) -> list[Detections]:
+    """``detector``'s detections of each frame: in one call where it batches, else in turn."""
+    if isinstance(detector, BatchDetector):
+        return detector.detect_batch(frames)
+    return [detector.detect(f) for f in frames]
+
+
+def _run_batch(model: _Model, x: FloatArray) -> list[FloatArray]:
+    """``model``'s outputs for the stacked input ``x`` (N, ...). A model file whose batch
+    dimension is fixed at 1 (the vendored NanoDet and BlazeFace) is run once per frame and
+    its outputs stacked: the same results, without the saving of one call."""
+    if len(x) == 1 or model.input_shape[0] != 1:
+        return model.run(x)
+    runs = [model.run(x[i : i + 1]) for i in range(len(x))]
+    return [np.concatenate(outs) for outs in zip(*runs, strict=True)]
+
+
+def _check_frames(frames: Sequence[Frame], size: tuple[int, int]) -> None:
+    for frame in frames:
+        _check_frame(frame, size)
+
+
 # ---------------------------------------------------------------------------------------------
 # Detectors
 
@@ -303,9 +337,17 @@ class CenterFaceDetector:
         return self._size
 
     def detect(self, frame: Frame) -> Detections:
-        _check_frame(frame, self._size)
-        x = np.ascontiguousarray(frame.transpose(2, 0, 1)[None], dtype=np.float32)
-        heat, scale, offset = (o[0] for o in self._model.run(x)[:3])
+        return self.detect_batch([frame])[0]
+
+    def detect_batch(self, frames: Sequence[Frame]) -> list[Detections]:
+        _check_frames(frames, self._size)
+        if not frames:
+            return []
+        x = np.stack(frames).transpose(0, 3, 1, 2).astype(np.float32)  # NCHW, contiguous
+        heat, scale, offset = _run_batch(self._model, x)[:3]
+        return [self._decode(heat[i], scale[i], offset[i]) for i in range(len(frames))]
+
+    def _decode(self, heat: FloatArray, scale: FloatArray, offset: FloatArray) -> Detections:
         rows, cols = np.nonzero(heat[0] > self.threshold)
         if rows.size == 0:
             return _empty()
@@ -357,14 +399,22 @@ class BlazeFaceDetector:
         return (self._SIZE, self._SIZE)
 
     def detect(self, frame: Frame) -> Detections:
-        _check_frame(frame, self.input_size)
-        x = (frame.astype(np.float32) / 127.5 - 1.0)[None]
-        regressors, logits = self._model.run(x)
-        scores = 1.0 / (1.0 + np.exp(-np.clip(logits[0, :, 0], -80, 80)))
+        return self.detect_batch([frame])[0]
+
+    def detect_batch(self, frames: Sequence[Frame]) -> list[Detections]:
+        _check_frames(frames, self.input_size)
+        if not frames:
+            return []
+        x = np.stack(frames).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+        regressors, logits = _run_batch(self._model, x)
+        return [self._decode(regressors[i], logits[i]) for i in range(len(frames))]
+
+    def _decode(self, regressors: FloatArray, logits: FloatArray) -> Detections:
+        scores = 1.0 / (1.0 + np.exp(-np.clip(logits[:, 0], -80, 80)))
         keep = np.nonzero(scores > self.threshold)[0]
         if keep.size == 0:
             return _empty()
-        r = regressors[0, keep, :4]
+        r = regressors[keep, :4]
         centre = self._anchors[keep] + r[:, :2]
         half = r[:, 2:4] / 2
         boxes = np.concatenate([centre - half, centre + half], axis=1).astype(np.float32)
@@ -428,7 +478,17 @@ class FaceMaskDetector:
         return self.face_detector.input_size
 
     def detect(self, frame: Frame) -> Detections:
-        faces = self.face_detector.detect(frame)
+        return self.detect_batch([frame])[0]
+
+    def detect_batch(self, frames: Sequence[Frame]) -> list[Detections]:
+        """The faces of every frame in one face-detector call, then each frame's faces
+        classified."""
+        return [
+            self._classified(frame, faces)
+            for frame, faces in zip(frames, detect_batch(self.face_detector, frames), strict=True)
+        ]
+
+    def _classified(self, frame: Frame, faces: Detections) -> Detections:
         if not len(faces):
             return faces
         return Detections(
@@ -479,20 +539,29 @@ class NanoDetDetector:
         return self._size
 
     def detect(self, frame: Frame) -> Detections:
-        _check_frame(frame, self._size)
-        x = (frame.astype(np.float32) - self._mean_rgb) * self._inv_std_rgb
-        x = np.ascontiguousarray(x.transpose(2, 0, 1)[::-1][None])
-        outputs = self._model.run(x)
+        return self.detect_batch([frame])[0]
+
+    def detect_batch(self, frames: Sequence[Frame]) -> list[Detections]:
+        _check_frames(frames, self._size)
+        if not frames:
+            return []
+        x = (np.stack(frames).astype(np.float32) - self._mean_rgb) * self._inv_std_rgb
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2)[:, ::-1])
+        outputs = _run_batch(self._model, x)
+        return [self._decode([o[i] for o in outputs]) for i in range(len(frames))]
+
+    def _decode(self, outputs: list[FloatArray]) -> Detections:
+        """One frame's detections from its six head outputs (batch dimension removed)."""
         n = len(self._STRIDES)
         w, h = self._size
         all_boxes, all_scores, all_classes = [], [], []
         for stride, cls, reg in zip(self._STRIDES, outputs[:n], outputs[n:], strict=True):
-            scores = cls[0][:, self.classes]
+            scores = cls[:, self.classes]
             pos, which = np.nonzero(scores > self.threshold)
             if pos.size == 0:
                 continue
             bins = reg.shape[-1] // 4
-            logits = reg[0, pos].reshape(-1, 4, bins)
+            logits = reg[pos].reshape(-1, 4, bins)
             prob = np.exp(logits - logits.max(axis=-1, keepdims=True))
             prob /= prob.sum(axis=-1, keepdims=True)
             dist = prob @ np.arange(bins, dtype=np.float32) * stride  # (M, 4): l, t, r, b
@@ -531,8 +600,15 @@ class WithPrivacyFaces:
         return self.main.input_size
 
     def detect(self, frame: Frame) -> Detections:
-        found = self.main.detect(frame)
-        faces = self.faces.detect(frame)
+        return self.detect_batch([frame])[0]
+
+    def detect_batch(self, frames: Sequence[Frame]) -> list[Detections]:
+        found = detect_batch(self.main, frames)
+        faces = detect_batch(self.faces, frames)
+        return [self._merged(f, fc) for f, fc in zip(found, faces, strict=True)]
+
+    @staticmethod
+    def _merged(found: Detections, faces: Detections) -> Detections:
         if not len(faces):
             return found
         if np.any(found.class_id == PRIVACY_FACE):
