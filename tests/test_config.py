@@ -40,6 +40,8 @@ def test_defaults_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
         ("cameras:\n  - name: a\n    fps: 0\n", "cameras.0.fps"),
         ("cameras:\n  - name: a\n  - name: a\n", "camera names must be unique"),
         ("voting:\n  enter: 0.6\n  leave: 0.7\n", "leave must be < enter"),
+        ("voting:\n  settle_votes: 20\n", "settle_votes (20) must be <= window (15)"),
+        ("voting:\n  recheck_frames: 0\n", "voting.recheck_frames"),
         ("vision:\n  face_input: [650, 352]\n", "multiples of 32"),
         ("vision:\n  person_input: [400, 400]\n", "vision: person_input (400, 400) must be"),
         ("vision:\n  person_input: [0, 416]\n", "person_input (0, 416) must be multiples"),

@@ -403,6 +403,20 @@ class VotingConfig(_Section):
     leave: float = Field(
         0.5, ge=0, lt=1, description="Share below which a track drops its label (hysteresis)."
     )
+    settle_votes: int = Field(
+        5,
+        ge=0,
+        le=1000,
+        description="A labelled track whose last N votes all agree is settled: live, its faces "
+        "skip the classifier and keep the label (0 = classify every face).",
+    )
+    recheck_frames: int = Field(
+        30,
+        ge=1,
+        le=100_000,
+        description="Frames without a vote after which a settled track is classified again "
+        "(so its label can still change).",
+    )
 
     @model_validator(mode="after")
     def _check_hysteresis(self) -> VotingConfig:
@@ -410,6 +424,10 @@ class VotingConfig(_Section):
             raise ValueError("leave must be < enter")
         if self.min_votes > self.window:
             raise ValueError("min_votes must be <= window")
+        if self.settle_votes > self.window:
+            raise ValueError(
+                f"settle_votes ({self.settle_votes}) must be <= window ({self.window})"
+            )
         return self
 
 

@@ -19,6 +19,7 @@ import onnxruntime as ort
 from edgecam.config import MODELS_DIR, VisionConfig
 from edgecam.errors import ModelError
 from edgecam.vision.detections import PRIVACY_FACE, Detections, Detector
+from edgecam.vision.settled import SettledTracks, unsettled
 
 __all__ = [
     "BlazeFaceDetector",
@@ -93,9 +94,17 @@ def _fmt(shape: Sequence[object]) -> str:
 
 
 def _session(
-    path: str | Path, provider: str, threads: int, spec: _ModelSpec = _CENTERFACE
+    path: str | Path,
+    provider: str,
+    threads: int,
+    spec: _ModelSpec = _CENTERFACE,
+    *,
+    arena: bool = True,
 ) -> ort.InferenceSession:
-    """An ONNX Runtime session for ``path``, checked against the model family ``spec``."""
+    """An ONNX Runtime session for ``path``, checked against the model family ``spec``.
+
+    ``arena`` False: tensors come from malloc, not from ONNX Runtime's CPU arena, which
+    keeps the largest working set of any batch size it has seen."""
     path = Path(path)
     fix = f"set {spec.key} ({_env_name(spec.key)}) to a {spec.family} .onnx file{spec.hint}"
     if not path.is_file():
@@ -122,6 +131,7 @@ def _session(
     # The pool's threads share the two cores with decoding and x264: spinning while idle
     # only takes CPU from them (edgecam process on the 720p clip: 70 -> 85-88 fps).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_cpu_mem_arena = arena
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own pybind exception types
@@ -155,8 +165,18 @@ def _session(
 class _Model:
     """One ONNX session with a single input; run() returns its outputs in graph order."""
 
-    def __init__(self, path: str | Path, provider: str, threads: int, spec: _ModelSpec) -> None:
-        self._session: ort.InferenceSession | None = _session(path, provider, threads, spec)
+    def __init__(
+        self,
+        path: str | Path,
+        provider: str,
+        threads: int,
+        spec: _ModelSpec,
+        *,
+        arena: bool = True,
+    ) -> None:
+        self._session: ort.InferenceSession | None = _session(
+            path, provider, threads, spec, arena=arena
+        )
         self.path = Path(path)
         self.family = spec.family
         self._input = self._session.get_inputs()[0].name
@@ -393,11 +413,17 @@ class MaskClassifier:
     _SIZE = 224
 
     def __init__(
-        self, path: str | Path, provider: str = "cpu", threads: int = 2, margin: float = 0.3
+        self,
+        path: str | Path,
+        provider: str = "cpu",
+        threads: int = 2,
+        margin: float = 0.3,
+        *,
+        arena: bool = True,
     ) -> None:
         if not 0.0 <= margin <= 1.0:
             raise ValueError(f"margin must be in [0, 1], got {margin}")
-        self._model = _Model(path, provider, threads, _MASK)
+        self._model = _Model(path, provider, threads, _MASK, arena=arena)
         self.margin = margin
 
     def classify(self, frame: Frame, xyxy: FloatArray) -> FloatArray:
@@ -425,15 +451,27 @@ class MaskClassifier:
 
 
 class FaceMaskDetector:
-    """Faces from ``face_detector`` with ``attribute`` = P(mask) from ``classifier``."""
+    """Faces from ``face_detector`` with ``attribute`` = P(mask) from ``classifier``.
+
+    After :meth:`follow` of the analytics' :class:`~edgecam.vision.settled.SettledTracks`,
+    faces of tracks whose label is settled are not classified: their ``attribute`` is NaN
+    (no vote), and the track keeps its label.
+    """
 
     def __init__(self, face_detector: Detector, classifier: MaskClassifier) -> None:
         self.face_detector = face_detector
         self.classifier = classifier
+        self.settled: SettledTracks | None = None
+        self.faces_classified = 0
+        self.faces_skipped = 0
 
     @property
     def input_size(self) -> tuple[int, int]:
         return self.face_detector.input_size
+
+    def follow(self, settled: SettledTracks) -> None:
+        """Skip the classifier for faces of the tracks in ``settled`` from now on."""
+        self.settled = settled
 
     def detect(self, frame: Frame) -> Detections:
         faces = self.face_detector.detect(frame)
@@ -443,8 +481,22 @@ class FaceMaskDetector:
             faces.xyxy,
             faces.confidence,
             np.zeros(len(faces), dtype=np.int64),
-            self.classifier.classify(frame, faces.xyxy),
+            self._classify(frame, faces.xyxy),
         )
+
+    def _classify(self, frame: Frame, xyxy: FloatArray) -> FloatArray:
+        """P(mask) of each face; NaN for the faces of settled tracks."""
+        if self.settled is None:
+            self.faces_classified += len(xyxy)
+            return self.classifier.classify(frame, xyxy)
+        need = unsettled(xyxy, self.settled.boxes_in((frame.shape[1], frame.shape[0])))
+        probs = np.full(len(xyxy), np.nan, dtype=np.float32)
+        if need.any():
+            probs[need] = self.classifier.classify(frame, xyxy[need])
+        n = int(need.sum())
+        self.faces_classified += n
+        self.faces_skipped += len(xyxy) - n
+        return probs
 
     def close(self) -> None:
         self.face_detector.close()
