@@ -6,19 +6,22 @@ letterboxed into the face input as the pipeline's ``videoscale add-borders`` doe
 detection on every 3rd frame (10 detections/s of 30 fps video). Parts (``--parts``):
 
 * ``profile``: CenterFace at its input size, crop + resize, the classifier on a frame's
-  crops and per batch size; RSS as each model loads and runs (ONNX Runtime arenas), with the
-  classifier's arena on and off (``vision.mask_arena``).
+  crops and per batch size; RSS as each model loads and runs (ONNX Runtime arenas), the
+  classifier one crop a run (``vision.mask_batch: 1``) vs a frame's crops in one run.
 * ``skip``: the real analytics (tracker + votes) on every frame, classifying every face vs
   skipping the faces of settled tracks (``voting.settle_votes``), with the detector seeing
   the analytics' snapshot 1 and 8 frames late: faces classified, labels that differ per
   track and frame, final counts.
 * ``input``: CenterFace at smaller inputs vs the configured one: faces a frame, boxes
   matched (IoU >= 0.5 in source pixels) both ways, time a call.
+* ``live``: ``bench_live.py`` on the clip before (the configuration ``BEFORE``: 640x352
+  fp32 CenterFace, a frame's crops in one run, no skipping) and after, back to back.
 * ``int8``: the int8 models vs fp32 (``vision.mask_model_precision``,
   ``vision.face_model_precision``): classifier decision agreement and max P difference on
   every face crop of the clip, CenterFace matched boxes; time a call.
 
-    .venv/bin/python bench/bench_faces.py [--parts profile,skip,input,int8] [--threads 2]
+    .venv/bin/python bench/bench_faces.py [--parts profile,skip,input,int8,live] [--threads 2]
+        [--seconds 40]
 """
 
 from __future__ import annotations
@@ -84,6 +87,17 @@ def letterbox(src: Image, size: tuple[int, int]) -> tuple[Image, tuple[float, fl
     return out, (scale, dx, dy)
 
 
+def with_masks(src: Image, boxes: Boxes) -> Image:
+    """A flat light-blue mask drawn on each face (source pixels), nose to chin."""
+    out = src.copy()
+    for x1, y1, x2, y2 in boxes:
+        top = y1 + 0.5 * (y2 - y1)
+        inset = 0.08 * (x2 - x1)
+        poly = np.array([[x1, top], [x2, top], [x2 - inset, y2], [x1 + inset, y2]])
+        cv2.fillPoly(out, [poly.round().astype(np.int32)], (160, 205, 230))
+    return out
+
+
 def to_source(dets: Detections, fit: tuple[float, float, float]) -> Detections:
     scale, dx, dy = fit
     return dets.mapped(1 / scale, 1 / scale, -dx / scale, -dy / scale)
@@ -139,18 +153,23 @@ def part_profile(frames: list[Image], v: VisionConfig, threads: int) -> None:
         ["CenterFace loaded", r1 - r0, ""],
         [f"CenterFace run on {len(model)} frames (arena)", r2 - r1, ""],
     ]
-    for arena in (True, False):
-        mask = MaskClassifier(v.mask_model, threads=threads, arena=arena)
+    # One crop a run first: a session's arena only grows, so the larger batch goes second.
+    for batch in (1, 64):
+        name = "one crop a run" if batch == 1 else "a frame's crops in one run"
+        mask = MaskClassifier(v.mask_model, threads=threads, batch=batch)
         r3 = rss_mb()
+        t0 = time.process_time()
         for (m, _), d in zip(model, found, strict=True):
             mask.classify(m, d.xyxy)
+        cpu = time.process_time() - t0
         r4 = rss_mb()
-        rows.append([f"classifier loaded (arena {'on' if arena else 'off'})", r3 - r2, ""])
+        n = sum(len(d) for d in found)
+        rows.append([f"classifier loaded ({name})", r3 - r2, ""])
         rows.append(
             [
-                f"classifier run on every frame's crops (arena {'on' if arena else 'off'})",
+                f"classifier run on every frame's crops ({name})",
                 r4 - r3,
-                f"{r4:.0f} MB now",
+                f"{1000 * cpu / n:.1f} CPU ms a crop",
             ]
         )
         mask.close()
@@ -275,56 +294,87 @@ def part_skip(frames: list[Image], total: int, v: VisionConfig, threads: int) ->
     )
 
 
+REFERENCE = (640, 352)  # the face input before issue 12
+
+
 def part_input(frames: list[Image], v: VisionConfig, threads: int, sizes: list[str]) -> None:
-    print("\n## CenterFace input size: recall against the configured size\n")
-    sample = frames
-    ref_size = v.face_input
-    results: dict[tuple[int, int], tuple[list[Boxes], float]] = {}
-    for size in [ref_size, *(tuple(int(x) for x in s.split("x")) for s in sizes)]:
-        size = (size[0], size[1])
-        face = CenterFaceDetector(v.face_model_path, size, v.face_threshold, threads=threads)
+    print(f"\n## CenterFace input size and precision: recall against fp32 at {REFERENCE}\n")
+    fp32 = MODELS_DIR / "centerface.onnx"
+    runs: list[tuple[str, tuple[int, int], Path]] = [("fp32", REFERENCE, fp32)]
+    for text in sizes:
+        w, h = (int(x) for x in text.split("x"))
+        runs.append(("fp32", (w, h), fp32))
+    if v.face_model_path != fp32:
+        runs.append((f"{v.face_model_precision} (configured)", v.face_input, v.face_model_path))
+    results: dict[tuple[str, tuple[int, int]], tuple[list[Boxes], float]] = {}
+    for precision, size, path in runs:
+        face = CenterFaceDetector(path, size, v.face_threshold, threads=threads)
         boxes = []
         t = []
-        for src in sample:
+        for src in frames:
             m, fit = letterbox(src, size)
             t0 = time.perf_counter()
             d = face.detect(m)
             t.append(time.perf_counter() - t0)
             boxes.append(to_source(d, fit).xyxy)
         face.close()
-        results[size] = (boxes, 1000 * c.median(t))
-    ref_boxes, ref_ms = results[ref_size]
+        results[(precision, size)] = (boxes, 1000 * c.median(t))
+    ref_boxes, ref_ms = results[("fp32", REFERENCE)]
     n_ref = sum(len(b) for b in ref_boxes)
+    # The classifier's crops are cut from the model frame: a smaller one gives it fewer
+    # pixels a face. Its calls on the reference faces, cut from each size's frame, plain
+    # and with a mask drawn on every face, are compared with the reference size's.
+    mask = MaskClassifier(v.mask_model, threads=threads)
+    probs: dict[tuple[tuple[int, int], str], list[float]] = {}
+    for src, boxes in zip(frames[::2], ref_boxes[::2], strict=True):
+        if not len(boxes):
+            continue
+        for variant, image in (("plain", src), ("masked", with_masks(src, boxes))):
+            for size in {size for _, size, _ in runs}:
+                m, (scale, dx, dy) = letterbox(image, size)
+                in_model = boxes * scale + np.array([dx, dy, dx, dy], dtype=np.float32)
+                probs.setdefault((size, variant), []).extend(mask.classify(m, in_model).tolist())
+    mask.close()
     rows = []
-    for size, (boxes, ms) in results.items():
+    for (precision, size), (boxes, ms) in results.items():
         n = sum(len(b) for b in boxes)
         hit = sum(matched(r, b) for r, b in zip(ref_boxes, boxes, strict=True))
+        agree = []
+        for variant in ("plain", "masked"):
+            p_ref = np.array(probs[(REFERENCE, variant)])
+            p = np.array(probs[(size, variant)])
+            called = 100 * float(np.mean(p >= 0.5))
+            same = 100 * float(np.mean((p >= 0.5) == (p_ref >= 0.5)))
+            agree.append(f"{same:.0f} % ({called:.0f} % mask)")
         rows.append(
             [
-                f"{size[0]}x{size[1]}",
-                n / len(sample),
+                f"{size[0]}x{size[1]} {precision}",
+                n / len(frames),
                 f"{hit / max(n_ref, 1):.3f}",
                 f"{hit / max(n, 1):.3f}",
                 ms,
                 ms / ref_ms,
+                *agree,
             ]
         )
     print(
         c.table(
             [
-                "input",
+                "CenterFace",
                 "faces a frame",
-                f"recall vs {ref_size[0]}x{ref_size[1]}",
-                "precision vs it",
+                "recall",
+                "precision",
                 "ms a call",
-                "x configured",
+                "x reference",
+                "classifier same call, plain faces",
+                "drawn masks",
             ],
             rows,
         )
     )
 
 
-def part_int8(frames: list[Image], v: VisionConfig, threads: int) -> None:
+def part_int8(frames: list[Image], v: VisionConfig, threads: int, where: Path) -> None:
     print("\n## int8 models against fp32\n")
     sample = [letterbox(f, v.face_input)[0] for f in frames]
     rows: list[list[object]] = []
@@ -332,7 +382,7 @@ def part_int8(frames: list[Image], v: VisionConfig, threads: int) -> None:
     ref = [fp32.detect(m) for m in sample]
     ref_ms = timed(lambda: fp32.detect(sample[0]), 20)
     fp32.close()
-    int8_path = MODELS_DIR / "centerface_int8.onnx"
+    int8_path = where / "centerface_int8.onnx"
     if int8_path.is_file():
         q = CenterFaceDetector(int8_path, v.face_input, threads=threads)
         got = [q.detect(m) for m in sample]
@@ -356,7 +406,7 @@ def part_int8(frames: list[Image], v: VisionConfig, threads: int) -> None:
     x4 = mask32._crops(*boxes[0])
     ref_ms = timed(lambda: mask32.classify(*boxes[0]), 20)
     mask32.close()
-    int8_path = MODELS_DIR / "mask_classifier_int8.onnx"
+    int8_path = where / "mask_classifier_int8.onnx"
     if int8_path.is_file():
         mask8 = MaskClassifier(int8_path, threads=threads)
         p8 = np.concatenate([mask8.classify(m, b) for m, b in boxes])
@@ -375,18 +425,96 @@ def part_int8(frames: list[Image], v: VisionConfig, threads: int) -> None:
     print(c.table(["model", "agreement with fp32", "fp32 ms", "int8 ms", "x fp32"], rows))
 
 
+# The configuration before issue 12's face-rich work, as environment variables.
+BEFORE = {
+    "EDGECAM_VISION__FACE_INPUT": "[640, 352]",
+    "EDGECAM_VISION__FACE_MODEL_PRECISION": "fp32",
+    "EDGECAM_VISION__MASK_BATCH": "64",
+    "EDGECAM_VOTING__SETTLE_VOTES": "0",
+}
+LIVE_FIGURES = (
+    "output fps",
+    "frames short of real time",
+    "frames sent late",
+    "detections / s",
+    "mean detector call",
+    "CPU cores used",
+    "RSS max sampled",
+)
+
+
+def live_run(clip: Path, seconds: float) -> int:
+    """bench_live.py on ``clip`` in this process, the detector following the analytics'
+    settled tracks (what the live pipeline does once it calls ``share_settled``)."""
+    import bench_live
+
+    class Wired(bench_live.Pipeline):  # type: ignore[misc, name-defined]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            analytics = getattr(self, "_analytics", None)
+            if analytics is not None and self.mode == "live":
+                n = analytics.share_settled(getattr(self, "_detectors", []))
+                print(f"{n} detector(s) follow the settled tracks")
+
+    bench_live.Pipeline = Wired
+    sys.argv = ["bench_live.py", str(clip), "--seconds", f"{seconds:g}"]
+    result: int = bench_live.main()
+    return result
+
+
+def part_live(clip: Path, seconds: float) -> None:
+    """The live pipeline before (``BEFORE``) and after, back to back, each in its own
+    process; the figures side by side."""
+    import os
+    import subprocess
+
+    print(f"\n## Live, {clip.name} played in real time (before: {BEFORE})\n")
+    figures: dict[str, dict[str, str]] = {}
+    for name, env in (("before", BEFORE), ("after", {})):
+        out = subprocess.run(
+            [sys.executable, __file__, str(clip), "--live-run", "--seconds", f"{seconds:g}"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        print(f"### {name}\n{out}")
+        figures[name] = {}
+        for line in out.splitlines():
+            cells = [x.strip() for x in line.strip("|").split("|")]
+            for key in LIVE_FIGURES:
+                if len(cells) >= 2 and cells[0].startswith(key):
+                    figures[name][cells[0]] = cells[1]
+    keys = list(figures["before"])
+    print(
+        c.table(
+            ["live figure", "before", "after"],
+            [[k, figures["before"][k], figures["after"].get(k, "-")] for k in keys],
+        )
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("clip", nargs="?", type=Path, default=CLIP)
     parser.add_argument("--parts", default="profile,skip,input,int8")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--int8-dir", type=Path, default=MODELS_DIR, help="int8 models' folder")
     parser.add_argument("--sizes", default="480x256,416x224,320x192")
+    parser.add_argument("--seconds", type=float, default=40, help="live: measuring window")
+    parser.add_argument("--live-run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.live_run:
+        return live_run(args.clip, args.seconds)
     limit_malloc_arenas()  # as the live worker does
     print(f"clip {args.clip}; {c.machine_note()}")
+    parts = args.parts.split(",")
+    if "live" in parts:
+        part_live(args.clip, args.seconds)
+        if parts == ["live"]:
+            return 0
     frames, total = decode(args.clip)
     v = VisionConfig()
-    parts = args.parts.split(",")
     if "profile" in parts:
         part_profile(frames, v, args.threads)
     if "skip" in parts:
@@ -394,7 +522,7 @@ def main() -> int:
     if "input" in parts:
         part_input(frames, v, args.threads, args.sizes.split(","))
     if "int8" in parts:
-        part_int8(frames, v, args.threads)
+        part_int8(frames, v, args.threads, args.int8_dir)
     print(f"\nfinished {c.machine_note()}")
     return 0
 

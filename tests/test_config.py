@@ -49,6 +49,8 @@ def test_defaults_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
         ("vision:\n  person_input: 416x416\n", "vision.person_input"),
         ("vision:\n  face_input: [99999, 352]\n", "from 32 to 4096"),
         ("vision:\n  face_detector: yolo\n", "vision.face_detector"),
+        ("vision:\n  face_model_precision: int4\n", "vision.face_model_precision"),
+        ("vision:\n  mask_batch: 0\n", "vision.mask_batch"),
         ("cameras:\n  - source: ''\n", "source is empty"),
         ("cameras:\n  - source: rtsp://u:pw@/x\n", "'rtsp://***@/x' names no host"),
         ("cameras:\n  - source: rtsp://:554/x\n", "names no host"),

@@ -94,17 +94,9 @@ def _fmt(shape: Sequence[object]) -> str:
 
 
 def _session(
-    path: str | Path,
-    provider: str,
-    threads: int,
-    spec: _ModelSpec = _CENTERFACE,
-    *,
-    arena: bool = True,
+    path: str | Path, provider: str, threads: int, spec: _ModelSpec = _CENTERFACE
 ) -> ort.InferenceSession:
-    """An ONNX Runtime session for ``path``, checked against the model family ``spec``.
-
-    ``arena`` False: tensors come from malloc, not from ONNX Runtime's CPU arena, which
-    keeps the largest working set of any batch size it has seen."""
+    """An ONNX Runtime session for ``path``, checked against the model family ``spec``."""
     path = Path(path)
     fix = f"set {spec.key} ({_env_name(spec.key)}) to a {spec.family} .onnx file{spec.hint}"
     if not path.is_file():
@@ -131,7 +123,6 @@ def _session(
     # The pool's threads share the two cores with decoding and x264: spinning while idle
     # only takes CPU from them (edgecam process on the 720p clip: 70 -> 85-88 fps).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.enable_cpu_mem_arena = arena
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own pybind exception types
@@ -165,18 +156,8 @@ def _session(
 class _Model:
     """One ONNX session with a single input; run() returns its outputs in graph order."""
 
-    def __init__(
-        self,
-        path: str | Path,
-        provider: str,
-        threads: int,
-        spec: _ModelSpec,
-        *,
-        arena: bool = True,
-    ) -> None:
-        self._session: ort.InferenceSession | None = _session(
-            path, provider, threads, spec, arena=arena
-        )
+    def __init__(self, path: str | Path, provider: str, threads: int, spec: _ModelSpec) -> None:
+        self._session: ort.InferenceSession | None = _session(path, provider, threads, spec)
         self.path = Path(path)
         self.family = spec.family
         self._input = self._session.get_inputs()[0].name
@@ -408,7 +389,12 @@ class BlazeFaceDetector:
 
 
 class MaskClassifier:
-    """MobileNetV2 mask / no-mask classifier on enlarged face crops (224x224 NHWC, [-1, 1])."""
+    """MobileNetV2 mask / no-mask classifier on enlarged face crops (224x224 NHWC, [-1, 1]).
+
+    The crops go through the model ``batch`` at a time. On a CPU a batch is no faster per
+    crop than one crop, while ONNX Runtime's arena keeps the working set of the largest
+    batch it has seen (five crops: about 95 MB, one: about 16 MB); a GPU wants larger ones.
+    """
 
     _SIZE = 224
 
@@ -418,21 +404,27 @@ class MaskClassifier:
         provider: str = "cpu",
         threads: int = 2,
         margin: float = 0.3,
-        *,
-        arena: bool = True,
+        batch: int = 1,
     ) -> None:
         if not 0.0 <= margin <= 1.0:
             raise ValueError(f"margin must be in [0, 1], got {margin}")
-        self._model = _Model(path, provider, threads, _MASK, arena=arena)
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        self._model = _Model(path, provider, threads, _MASK)
         self.margin = margin
+        self.batch = batch
 
     def classify(self, frame: Frame, xyxy: FloatArray) -> FloatArray:
         """P(mask) of each box in ``frame`` (H, W, 3) RGB uint8; boxes (N, 4) in its pixels."""
         if len(xyxy) == 0:
             return np.zeros(0, dtype=np.float32)
         crops = self._crops(frame, np.asarray(xyxy, dtype=np.float32))
-        probs = self._model.run(crops / np.float32(127.5) - np.float32(1.0))[0]
-        return probs[:, 0].astype(np.float32)
+        np.divide(crops, np.float32(127.5), out=crops)
+        crops -= np.float32(1.0)
+        probs = [
+            self._model.run(crops[k : k + self.batch])[0] for k in range(0, len(crops), self.batch)
+        ]
+        return np.concatenate(probs)[:, 0].astype(np.float32)
 
     def _crops(self, frame: Frame, xyxy: FloatArray) -> FloatArray:
         """Each box enlarged by the margin, clipped, resized to 224x224: (N, 224, 224, 3)."""
@@ -632,7 +624,9 @@ _FACE_DETECTORS: dict[str, Callable[[VisionConfig], Detector]] = {
 def _build_mask(v: VisionConfig) -> Detector:
     faces = _FACE_DETECTORS[v.face_detector](v)
     try:
-        classifier = MaskClassifier(v.mask_model, v.provider, v.threads, v.mask_crop_margin)
+        classifier = MaskClassifier(
+            v.mask_model, v.provider, v.threads, v.mask_crop_margin, v.mask_batch
+        )
     except Exception:
         faces.close()
         raise
