@@ -21,7 +21,7 @@ detection on every 3rd frame (10 detections/s of 30 fps video). Parts (``--parts
   every face crop of the clip, CenterFace matched boxes; time a call.
 
     .venv/bin/python bench/bench_faces.py [--parts profile,skip,input,int8,live] [--threads 2]
-        [--seconds 40]
+        [--seconds 40] [--detect-fps 10]
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-import cv2
 import numpy as np
 import numpy.typing as npt
 
@@ -59,6 +58,8 @@ def rss_mb() -> float:
 
 def decode(path: Path) -> tuple[list[Image], int]:
     """Every EVERY-th frame of ``path`` (RGB), and how many frames it has."""
+    import cv2  # here, not at the top: the live runs must not carry OpenCV's memory
+
     cap = cv2.VideoCapture(str(path))
     out = []
     n = 0
@@ -77,6 +78,8 @@ def decode(path: Path) -> tuple[list[Image], int]:
 
 def letterbox(src: Image, size: tuple[int, int]) -> tuple[Image, tuple[float, float, float]]:
     """``src`` scaled to fit ``size`` with centred borders; (frame, (scale, dx, dy))."""
+    import cv2
+
     w, h = size
     sh, sw = src.shape[:2]
     scale = min(w / sw, h / sh)
@@ -89,6 +92,8 @@ def letterbox(src: Image, size: tuple[int, int]) -> tuple[Image, tuple[float, fl
 
 def with_masks(src: Image, boxes: Boxes) -> Image:
     """A flat light-blue mask drawn on each face (source pixels), nose to chin."""
+    import cv2
+
     out = src.copy()
     for x1, y1, x2, y2 in boxes:
         top = y1 + 0.5 * (y2 - y1)
@@ -443,7 +448,7 @@ LIVE_FIGURES = (
 )
 
 
-def live_run(clip: Path, seconds: float) -> int:
+def live_run(clip: Path, seconds: float, detect_fps: float) -> int:
     """bench_live.py on ``clip`` in this process, the detector following the analytics'
     settled tracks (what the live pipeline does once it calls ``share_settled``)."""
     import bench_live
@@ -457,22 +462,41 @@ def live_run(clip: Path, seconds: float) -> int:
                 print(f"{n} detector(s) follow the settled tracks")
 
     bench_live.Pipeline = Wired
-    sys.argv = ["bench_live.py", str(clip), "--seconds", f"{seconds:g}"]
+    sys.argv = [
+        "bench_live.py",
+        str(clip),
+        "--seconds",
+        f"{seconds:g}",
+        "--detect-fps",
+        f"{detect_fps:g}",
+    ]
     result: int = bench_live.main()
     return result
 
 
-def part_live(clip: Path, seconds: float) -> None:
+def part_live(clip: Path, seconds: float, detect_fps: float) -> None:
     """The live pipeline before (``BEFORE``) and after, back to back, each in its own
     process; the figures side by side."""
     import os
     import subprocess
 
-    print(f"\n## Live, {clip.name} played in real time (before: {BEFORE})\n")
+    print(
+        f"\n## Live, {clip.name} played in real time, up to {detect_fps:g} detections/s "
+        f"(before: {BEFORE})\n"
+    )
     figures: dict[str, dict[str, str]] = {}
     for name, env in (("before", BEFORE), ("after", {})):
         out = subprocess.run(
-            [sys.executable, __file__, str(clip), "--live-run", "--seconds", f"{seconds:g}"],
+            [
+                sys.executable,
+                __file__,
+                str(clip),
+                "--live-run",
+                "--seconds",
+                f"{seconds:g}",
+                "--detect-fps",
+                f"{detect_fps:g}",
+            ],
             env={**os.environ, **env},
             capture_output=True,
             text=True,
@@ -502,15 +526,16 @@ def main() -> int:
     parser.add_argument("--int8-dir", type=Path, default=MODELS_DIR, help="int8 models' folder")
     parser.add_argument("--sizes", default="480x256,416x224,320x192")
     parser.add_argument("--seconds", type=float, default=40, help="live: measuring window")
+    parser.add_argument("--detect-fps", type=float, default=10, help="live: detections/s cap")
     parser.add_argument("--live-run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.live_run:
-        return live_run(args.clip, args.seconds)
+        return live_run(args.clip, args.seconds, args.detect_fps)
     limit_malloc_arenas()  # as the live worker does
     print(f"clip {args.clip}; {c.machine_note()}")
     parts = args.parts.split(",")
     if "live" in parts:
-        part_live(args.clip, args.seconds)
+        part_live(args.clip, args.seconds, args.detect_fps)
         if parts == ["live"]:
             return 0
     frames, total = decode(args.clip)

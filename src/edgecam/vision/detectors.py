@@ -476,12 +476,16 @@ class FaceMaskDetector:
             self._classify(frame, faces.xyxy),
         )
 
-    def _classify(self, frame: Frame, xyxy: FloatArray) -> FloatArray:
-        """P(mask) of each face; NaN for the faces of settled tracks."""
-        if self.settled is None:
+    def _classify(
+        self, frame: Frame, xyxy: FloatArray, settled: SettledTracks | None = None
+    ) -> FloatArray:
+        """P(mask) of each face; NaN for the faces of the tracks in ``settled`` (default:
+        the followed ones; a detector shared by cameras passes each frame's camera's)."""
+        settled = settled or self.settled
+        if settled is None:
             self.faces_classified += len(xyxy)
             return self.classifier.classify(frame, xyxy)
-        need = unsettled(xyxy, self.settled.boxes_in((frame.shape[1], frame.shape[0])))
+        need = unsettled(xyxy, settled.boxes_in((frame.shape[1], frame.shape[0])))
         probs = np.full(len(xyxy), np.nan, dtype=np.float32)
         if need.any():
             probs[need] = self.classifier.classify(frame, xyxy[need])
