@@ -1,5 +1,6 @@
-"""The mask profile on a face-rich scene: where the detector's time and memory go, and what
-each cut buys, measured on the same frames in the same run.
+"""Mask profile on a face-rich scene: the detector's time and memory, and what each cut buys.
+
+Every figure is measured on the same frames in the same run as its baseline.
 
 Frames: ``media/faces_720p30_15s.mp4`` (1280x720, 450 frames, 3.6-3.9 faces a frame),
 letterboxed into the face input as the pipeline's ``videoscale add-borders`` does; a
