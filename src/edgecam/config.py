@@ -338,8 +338,8 @@ class VisionConfig(_Section):
     )
     face_model_precision: Literal["int8", "fp32"] = Field(
         "int8",
-        description="The vendored CenterFace model: int8 (quantized from fp32, 2.3x faster, "
-        "same boxes on >= 99 % of faces) or fp32. BlazeFace and vision.face_model: as given.",
+        description="The vendored CenterFace model: int8 (quantized from fp32: 1.4-2.6x "
+        "faster, about 99 % of the same faces) or fp32. BlazeFace, vision.face_model: as given.",
     )
     face_threshold: float = Field(0.5, gt=0, lt=1, description="Face score threshold.")
     mask_model: _FilePath = Field(
