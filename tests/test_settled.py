@@ -134,4 +134,8 @@ def test_only_a_classifying_profile_shares_settled_tracks() -> None:
     ]:
         analytics = Analytics(load_settings(**overrides), "main")
         assert analytics.share_settled([detector, object()]) == shared
+    # A second camera's analytics cannot take over a detector that follows the first's.
+    other = Analytics(load_settings(), "main")
+    with pytest.raises(ValueError, match="already follows another camera"):
+        other.share_settled([detector])
     detector.close()

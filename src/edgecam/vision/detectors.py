@@ -462,7 +462,16 @@ class FaceMaskDetector:
         return self.face_detector.input_size
 
     def follow(self, settled: SettledTracks) -> None:
-        """Skip the classifier for faces of the tracks in ``settled`` from now on."""
+        """Skip the classifier for faces of the tracks in ``settled`` from now on.
+
+        One camera's: a detector that several cameras share must not follow any one of
+        them, but take each frame's camera's settled tracks in :meth:`_classify`.
+        """
+        if self.settled is not None and self.settled is not settled:
+            raise ValueError(
+                "this detector already follows another camera's settled tracks; a detector "
+                "shared by cameras takes each frame's camera's in _classify(..., settled)"
+            )
         self.settled = settled
 
     def detect(self, frame: Frame) -> Detections:
