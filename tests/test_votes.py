@@ -74,3 +74,33 @@ def test_people_profile_has_one_label() -> None:
 def test_bad_voting_config_rejected(cfg: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         VotingConfig.model_validate(cfg)
+
+
+def _settled(probs: list[float], frame_gap: int = 0, **cfg: int) -> bool:
+    """Whether the track is settled ``frame_gap`` frames after its last vote."""
+    voter = LabelVoter(VotingConfig.model_validate(cfg))
+    for frame, p in enumerate(probs):
+        voter.update(frame, np.array([7]), np.array([p], dtype=np.float32), np.array([True]))
+    state = voter.state(7)
+    assert state is not None
+    return voter.settled(state, len(probs) - 1 + frame_gap)
+
+
+@pytest.mark.parametrize(
+    ("probs", "gap", "cfg", "settled"),
+    [
+        ([N] * 4, 0, {}, False),  # labelled, but only 4 votes
+        ([N] * 5, 0, {}, True),  # 5 agreeing votes
+        ([M] * 5, 0, {}, True),
+        ([M] * 8 + [N] + [M] * 4, 0, {}, False),  # one odd vote among the last 5
+        ([M] * 8 + [N] + [M] * 5, 0, {}, True),
+        ([M] * 5, 29, {}, True),
+        ([M] * 5, 30, {}, False),  # recheck_frames without a vote: classify again
+        ([M] * 5, 10, {"recheck_frames": 10}, False),
+        ([M] * 5, 0, {"settle_votes": 0}, False),  # off
+        ([M] * 3, 0, {"settle_votes": 3}, True),
+        ([M, N] * 5, 0, {}, False),  # undecided
+    ],
+)
+def test_settled_rule(probs: list[float], gap: int, cfg: dict[str, int], settled: bool) -> None:
+    assert _settled(probs, gap, **cfg) is settled

@@ -38,6 +38,7 @@ BENCHES: dict[str, str] = {
     "zones": "bench/bench_zones.py",
     "gpu": "bench/bench_gpu.py",
     "cameras": "bench/bench_cameras.py",
+    "faces": "bench/bench_faces.py",
 }
 
 

@@ -6,17 +6,21 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
 
 from edgecam.config import Settings
 from edgecam.vision.detections import PRIVACY_FACE, Detections
 from edgecam.vision.privacy import FaceHold, Rect
+from edgecam.vision.settled import SettledTracks
 from edgecam.vision.tracking import TRACKERS, Tracker
 from edgecam.vision.votes import PERSON, LabelVoter
 from edgecam.vision.zones import LineState, ZoneCounter, ZoneState
 
-__all__ = ["Analytics", "FrameMeta", "MetaBus", "TrackInfo"]
+__all__ = ["Analytics", "FollowsSettled", "FrameMeta", "MetaBus", "TrackInfo"]
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +136,19 @@ class MetaBus:
         return bool(self._subscribers)
 
 
+@runtime_checkable
+class FollowsSettled(Protocol):
+    """A detector that can skip work for tracks whose label is settled."""
+
+    def follow(self, settled: SettledTracks) -> None: ...
+
+
 class Analytics:
-    """Turns each frame's (optional) detections into tracks with labels and counts."""
+    """Turns each frame's (optional) detections into tracks with labels and counts.
+
+    With a classifying profile, :attr:`settled` holds the boxes of the tracks whose label is
+    settled after each frame, for the detector (:meth:`share_settled`).
+    """
 
     def __init__(self, settings: Settings, camera: str, tracker: Tracker | None = None) -> None:
         self._camera = camera
@@ -153,6 +168,8 @@ class Analytics:
             else None
         )
         self._voter = LabelVoter(settings.voting, classify=classify, label=PERSON)
+        self._publish_settled = classify and settings.voting.settle_votes > 0
+        self.settled = SettledTracks()
         self._frame = -1
         self._last_detection_frame = -1
         self._fps = 0.0
@@ -161,6 +178,21 @@ class Analytics:
     @property
     def labels(self) -> tuple[str, ...]:
         return self._voter.labels
+
+    def share_settled(self, detectors: Iterable[object]) -> int:
+        """Let every detector that can skip settled tracks follow :attr:`settled`; how many do.
+
+        Live only: which faces skip then depends on how far the analytics are behind the
+        detector, which offline runs must not (their output is the same on every run).
+        """
+        if not self._publish_settled:
+            return 0
+        n = 0
+        for detector in detectors:
+            if isinstance(detector, FollowsSettled):
+                detector.follow(self.settled)
+                n += 1
+        return n
 
     def step(
         self,
@@ -193,6 +225,7 @@ class Analytics:
         labels = self._voter.update(frame, tracks.tracker_id, tracks.attribute, update.matched)
         counts = dict.fromkeys(self._voter.labels, 0)
         infos = []
+        settled: list[int] = []
         for k, label in enumerate(labels):
             tid = int(tracks.tracker_id[k])
             x1, y1, x2, y2 = (float(v) for v in tracks.xyxy[k])
@@ -203,6 +236,8 @@ class Analytics:
                 if x2 - x1 < 1 or y2 - y1 < 1:
                     continue  # carried out of the picture: neither drawn nor counted
             state = self._voter.state(tid)
+            if self._publish_settled and state is not None and self._voter.settled(state, frame):
+                settled.append(k)
             counted = state is not None and frame - state.first_frame >= self._min_age
             if counted:
                 counts[label] = counts.get(label, 0) + 1
@@ -216,6 +251,8 @@ class Analytics:
                     bool(update.matched[k]),
                 )
             )
+        if self._publish_settled and frame_size is not None:
+            self.settled.publish(tracks.xyxy[np.asarray(settled, dtype=np.int64)], frame_size)
         now = time.monotonic()
         if self._last_wall:
             dt = now - self._last_wall

@@ -20,6 +20,7 @@ from edgecam.config import MODELS_DIR, VisionConfig
 from edgecam.errors import EdgecamError, ModelError
 from edgecam.vision.backends import InferenceBackend, Runtime, batch_dim, open_backend
 from edgecam.vision.detections import PRIVACY_FACE, Detections, Detector
+from edgecam.vision.settled import SettledTracks, unsettled
 
 __all__ = [
     "BatchDetector",
@@ -426,7 +427,12 @@ class BlazeFaceDetector:
 
 
 class MaskClassifier:
-    """MobileNetV2 mask / no-mask classifier on enlarged face crops (224x224 NHWC, [-1, 1])."""
+    """MobileNetV2 mask / no-mask classifier on enlarged face crops (224x224 NHWC, [-1, 1]).
+
+    The crops go through the model ``batch`` at a time. On a CPU a batch is no faster per
+    crop than one crop, while ONNX Runtime's arena keeps the working set of the largest
+    batch it has seen (five crops: about 95 MB, one: about 16 MB); a GPU wants larger ones.
+    """
 
     _SIZE = 224
 
@@ -436,19 +442,27 @@ class MaskClassifier:
         provider: str | Runtime = "cpu",
         threads: int = 2,
         margin: float = 0.3,
+        batch: int = 1,
     ) -> None:
         if not 0.0 <= margin <= 1.0:
             raise ValueError(f"margin must be in [0, 1], got {margin}")
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
         self._model = _Model(path, provider, threads, _MASK)
         self.margin = margin
+        self.batch = batch
 
     def classify(self, frame: Frame, xyxy: FloatArray) -> FloatArray:
         """P(mask) of each box in ``frame`` (H, W, 3) RGB uint8; boxes (N, 4) in its pixels."""
         if len(xyxy) == 0:
             return np.zeros(0, dtype=np.float32)
         crops = self._crops(frame, np.asarray(xyxy, dtype=np.float32))
-        probs = self._model.run(crops / np.float32(127.5) - np.float32(1.0))[0]
-        return probs[:, 0].astype(np.float32)
+        np.divide(crops, np.float32(127.5), out=crops)
+        crops -= np.float32(1.0)
+        probs = [
+            self._model.run(crops[k : k + self.batch])[0] for k in range(0, len(crops), self.batch)
+        ]
+        return np.concatenate(probs)[:, 0].astype(np.float32)
 
     def _crops(self, frame: Frame, xyxy: FloatArray) -> FloatArray:
         """Each box enlarged by the margin, clipped, resized to 224x224: (N, 224, 224, 3)."""
@@ -467,15 +481,36 @@ class MaskClassifier:
 
 
 class FaceMaskDetector:
-    """Faces from ``face_detector`` with ``attribute`` = P(mask) from ``classifier``."""
+    """Faces from ``face_detector`` with ``attribute`` = P(mask) from ``classifier``.
+
+    After :meth:`follow` of the analytics' :class:`~edgecam.vision.settled.SettledTracks`,
+    faces of tracks whose label is settled are not classified: their ``attribute`` is NaN
+    (no vote), and the track keeps its label.
+    """
 
     def __init__(self, face_detector: Detector, classifier: MaskClassifier) -> None:
         self.face_detector = face_detector
         self.classifier = classifier
+        self.settled: SettledTracks | None = None
+        self.faces_classified = 0
+        self.faces_skipped = 0
 
     @property
     def input_size(self) -> tuple[int, int]:
         return self.face_detector.input_size
+
+    def follow(self, settled: SettledTracks) -> None:
+        """Skip the classifier for faces of the tracks in ``settled`` from now on.
+
+        One camera's: a detector that several cameras share must not follow any one of
+        them, but take each frame's camera's settled tracks in :meth:`_classify`.
+        """
+        if self.settled is not None and self.settled is not settled:
+            raise ValueError(
+                "this detector already follows another camera's settled tracks; a detector "
+                "shared by cameras takes each frame's camera's in _classify(..., settled)"
+            )
+        self.settled = settled
 
     def detect(self, frame: Frame) -> Detections:
         return self.detect_batch([frame])[0]
@@ -495,8 +530,26 @@ class FaceMaskDetector:
             faces.xyxy,
             faces.confidence,
             np.zeros(len(faces), dtype=np.int64),
-            self.classifier.classify(frame, faces.xyxy),
+            self._classify(frame, faces.xyxy),
         )
+
+    def _classify(
+        self, frame: Frame, xyxy: FloatArray, settled: SettledTracks | None = None
+    ) -> FloatArray:
+        """P(mask) of each face; NaN for the faces of the tracks in ``settled`` (default:
+        the followed ones; a detector shared by cameras passes each frame's camera's)."""
+        settled = settled or self.settled
+        if settled is None:
+            self.faces_classified += len(xyxy)
+            return self.classifier.classify(frame, xyxy)
+        need = unsettled(xyxy, settled.boxes_in((frame.shape[1], frame.shape[0])))
+        probs = np.full(len(xyxy), np.nan, dtype=np.float32)
+        if need.any():
+            probs[need] = self.classifier.classify(frame, xyxy[need])
+        n = int(need.sum())
+        self.faces_classified += n
+        self.faces_skipped += len(xyxy) - n
+        return probs
 
     def close(self) -> None:
         self.face_detector.close()
@@ -648,7 +701,9 @@ _FACE_DETECTORS: dict[str, Callable[[VisionConfig], Detector]] = {
 def _build_mask(v: VisionConfig) -> Detector:
     faces = _FACE_DETECTORS[v.face_detector](v)
     try:
-        classifier = MaskClassifier(v.mask_model, Runtime.of(v), v.threads, v.mask_crop_margin)
+        classifier = MaskClassifier(
+            v.mask_model, Runtime.of(v), v.threads, v.mask_crop_margin, v.mask_batch
+        )
     except Exception:
         faces.close()
         raise

@@ -8,6 +8,11 @@ track keeps its label until that label's share falls below ``leave`` (hysteresis
 frame does not flip a label), then it is ``undecided`` again (and may at once take the other
 label if that one reaches ``enter``).
 
+A labelled track whose last ``settle_votes`` votes all agree with its label is *settled*
+until ``recheck_frames`` frames pass without a vote: live, the detector skips the classifier
+for its faces (they cast no vote), so a settled track is classified about once every
+``recheck_frames`` frames instead of on every detection, and one disagreeing vote unsettles it.
+
 For profiles without a classifier every track is labelled with the profile's single label.
 """
 
@@ -37,6 +42,7 @@ class TrackVotes:
     first_frame: int = 0
     last_frame: int = 0
     counted: bool = field(default=False)
+    last_vote_frame: int = -1
 
 
 class LabelVoter:
@@ -72,10 +78,22 @@ class LabelVoter:
             st.last_frame = frame
             if self._classify and hit and p == p:  # p == p: not NaN
                 st.votes.append(p >= self._config.mask_threshold)
+                st.last_vote_frame = frame
                 st.label = self._decide(st)
             labels.append(st.label)
         self._forget_before(frame - 10 * self._config.window - 300)
         return labels
+
+    def settled(self, st: TrackVotes, frame: int) -> bool:
+        """Whether ``st``'s label needs no more votes at ``frame`` (see the module's rule)."""
+        n = self._config.settle_votes
+        if not n or st.label not in (MASK, NO_MASK) or len(st.votes) < n:
+            return False
+        if frame - st.last_vote_frame >= self._config.recheck_frames:
+            return False
+        want = st.label == MASK
+        votes = st.votes
+        return all(votes[k] == want for k in range(len(votes) - n, len(votes)))
 
     def _decide(self, st: TrackVotes) -> str:
         cfg = self._config
