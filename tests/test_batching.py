@@ -23,6 +23,7 @@ from edgecam.vision.detectors import (
     NanoDetDetector,
     WithPrivacyFaces,
 )
+from edgecam.vision.settled import SettledTracks
 
 MEDIA = Path(__file__).parents[1] / "media"
 FACES = MEDIA / "faces_720p30_15s.mp4"
@@ -304,3 +305,28 @@ def test_bad_batcher_arguments(kwargs: dict[str, float], message: str) -> None:
             DetectorBatcher(detector, **kwargs)  # type: ignore[arg-type]
     finally:
         detector.close()
+
+
+def test_each_camera_skips_only_its_own_settled_faces(
+    batcher_of: Callable[..., DetectorBatcher], face_frames: list[Image]
+) -> None:
+    # Both cameras see the same frame in one batch; camera a's settled tracks cover every
+    # face, camera b has none settled: a's faces are not classified (NaN), b's are.
+    detector = _mask()
+    batcher = batcher_of(max_batch=2, deadline_s=1.0, detector=detector)
+    frame = face_frames[0]
+    faces = _centerface().detect(frame)
+    assert len(faces) >= 2, "the face-rich frame should hold several faces"
+    settled = SettledTracks()
+    settled.publish(faces.xyxy, (frame.shape[1], frame.shape[0]))
+    cam_a, cam_b = batcher.attach("a"), batcher.attach("b")
+    cam_a.follow(settled)
+    got_a, got_b = _in_threads([lambda: cam_a.detect(frame), lambda: cam_b.detect(frame)])
+    assert batcher.stats.sizes == {2: 1}
+    assert isinstance(got_a, Detections) and isinstance(got_b, Detections)
+    assert got_a.attribute is not None and got_b.attribute is not None
+    assert np.isnan(got_a.attribute).all()
+    assert not np.isnan(got_b.attribute).any()
+    assert detector.faces_skipped == len(faces) and detector.faces_classified == len(faces)
+    # The shared detector itself follows no camera.
+    assert detector.settled is None

@@ -24,6 +24,7 @@ import numpy.typing as npt
 from edgecam.errors import EdgecamError
 from edgecam.vision.detections import Detections, Detector
 from edgecam.vision.detectors import detect_batch
+from edgecam.vision.settled import SettledTracks
 
 __all__ = [
     "BatchFailed",
@@ -65,11 +66,12 @@ class BatchStats:
 
 
 class _Request:
-    __slots__ = ("camera", "done", "error", "frame", "result")
+    __slots__ = ("camera", "done", "error", "frame", "result", "settled")
 
-    def __init__(self, camera: str, frame: Frame) -> None:
+    def __init__(self, camera: str, frame: Frame, settled: SettledTracks | None) -> None:
         self.camera = camera
         self.frame = frame
+        self.settled = settled
         self.done = threading.Event()
         self.result: Detections | None = None
         self.error: BaseException | None = None
@@ -176,15 +178,17 @@ class DetectorBatcher:
 
     # -- frames -------------------------------------------------------------------------------
 
-    def submit(self, camera: str, frame: Frame) -> Detections:
+    def submit(self, camera: str, frame: Frame, settled: SettledTracks | None = None) -> Detections:
         """Detections of ``frame`` (blocks until its batch has run); the detector's error
-        when the batch failed, :class:`BatcherStopped` when the batcher stopped first."""
+        when the batch failed, :class:`BatcherStopped` when the batcher stopped first.
+        ``settled``: the camera's settled tracks, whose faces the mask profile need not
+        classify again."""
         w, h = self.input_size
         if frame.shape != (h, w, 3):  # refused here, so it never fails the others' batch
             raise ValueError(
                 f"camera {camera!r}: frame must be (H, W, 3) = ({h}, {w}, 3), got {frame.shape}"
             )
-        request = _Request(camera, frame)
+        request = _Request(camera, frame, settled)
         with self._cond:
             if not self._running:
                 raise BatcherStopped("the shared detector is not running")
@@ -226,7 +230,12 @@ class DetectorBatcher:
     def _run(self, batch: Sequence[_Request]) -> None:
         t0 = time.perf_counter()
         try:
-            results = detect_batch(self.detector, [r.frame for r in batch])
+            settled = [r.settled for r in batch]
+            results = detect_batch(
+                self.detector,
+                [r.frame for r in batch],
+                settled if any(s is not None for s in settled) else None,
+            )
             if len(results) != len(batch):
                 raise EdgecamError(
                     f"the detector returned {len(results)} results for {len(batch)} frames"
@@ -269,6 +278,7 @@ class BatchedDetector:
         self.batcher = batcher
         self.camera = camera
         self._attached = True
+        self._settled: SettledTracks | None = None
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -277,7 +287,12 @@ class BatchedDetector:
     def detect(self, frame: Frame) -> Detections:
         if not self._attached:
             raise BatcherStopped(f"camera {self.camera!r} was detached from its detector")
-        return self.batcher.submit(self.camera, frame)
+        return self.batcher.submit(self.camera, frame, self._settled)
+
+    def follow(self, settled: SettledTracks) -> None:
+        """Hand this camera's settled tracks along with each of its frames, so that a
+        shared mask detector skips their faces for this camera alone."""
+        self._settled = settled
 
     def close(self) -> None:
         """Detach this camera; the shared detector goes on for the others."""

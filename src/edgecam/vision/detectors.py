@@ -289,8 +289,18 @@ class BatchDetector(Detector, Protocol):
         ...
 
 
-def detect_batch(detector: Detector, frames: Sequence[Frame]) -> list[Detections]:
-    """``detector``'s detections of each frame: in one call where it batches, else in turn."""
+def detect_batch(
+    detector: Detector,
+    frames: Sequence[Frame],
+    settled: Sequence[SettledTracks | None] | None = None,
+) -> list[Detections]:
+    """``detector``'s detections of each frame: in one call where it batches, else in turn.
+
+    ``settled`` (one per frame, for a detector shared by cameras) are the settled tracks of
+    each frame's camera, for a detector that skips them (:class:`FaceMaskDetector`).
+    """
+    if settled is not None and isinstance(detector, FaceMaskDetector):
+        return detector.detect_batch(frames, settled)
     if isinstance(detector, BatchDetector):
         return detector.detect_batch(frames)
     return [detector.detect(f) for f in frames]
@@ -515,22 +525,29 @@ class FaceMaskDetector:
     def detect(self, frame: Frame) -> Detections:
         return self.detect_batch([frame])[0]
 
-    def detect_batch(self, frames: Sequence[Frame]) -> list[Detections]:
+    def detect_batch(
+        self, frames: Sequence[Frame], settled: Sequence[SettledTracks | None] | None = None
+    ) -> list[Detections]:
         """The faces of every frame in one face-detector call, then each frame's faces
-        classified."""
+        classified; ``settled``, one per frame, are the settled tracks of each frame's own
+        camera when cameras share this detector (default: the followed ones)."""
+        per_frame = list(settled) if settled is not None else [None] * len(frames)
+        faces = detect_batch(self.face_detector, frames)
         return [
-            self._classified(frame, faces)
-            for frame, faces in zip(frames, detect_batch(self.face_detector, frames), strict=True)
+            self._classified(frame, found, tracks)
+            for frame, found, tracks in zip(frames, faces, per_frame, strict=True)
         ]
 
-    def _classified(self, frame: Frame, faces: Detections) -> Detections:
+    def _classified(
+        self, frame: Frame, faces: Detections, settled: SettledTracks | None = None
+    ) -> Detections:
         if not len(faces):
             return faces
         return Detections(
             faces.xyxy,
             faces.confidence,
             np.zeros(len(faces), dtype=np.int64),
-            self._classify(frame, faces.xyxy),
+            self._classify(frame, faces.xyxy, settled),
         )
 
     def _classify(
