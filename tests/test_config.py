@@ -47,6 +47,12 @@ def test_defaults_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
         ("vision:\n  person_input: 416x416\n", "vision.person_input"),
         ("vision:\n  face_input: [99999, 352]\n", "from 32 to 4096"),
         ("vision:\n  face_detector: yolo\n", "vision.face_detector"),
+        ("vision:\n  person_detector: yolo\n", "vision.person_detector"),
+        ("vision:\n  person_tiles: [0, 1]\n", "person_tiles (0, 1) must be 1..4"),
+        (
+            "vision:\n  person_tiles: [2, 1]\n  person_tile_overlap: 40\n",
+            "person_tile_overlap 40 must be a multiple of 32",
+        ),
         ("cameras:\n  - source: ''\n", "source is empty"),
         ("cameras:\n  - source: rtsp://u:pw@/x\n", "'rtsp://***@/x' names no host"),
         ("cameras:\n  - source: rtsp://:554/x\n", "names no host"),
