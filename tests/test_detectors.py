@@ -23,6 +23,7 @@ from edgecam.vision.detectors import (
     build_detector,
     nms,
 )
+from edgecam.vision.person_detectors import TiledDetector
 
 DATA = Path(__file__).parent / "data"
 MEDIA = Path(__file__).parents[1] / "media"
@@ -172,7 +173,9 @@ def test_face_mask_detector_sets_p_mask(astronaut: Image, classifier: MaskClassi
             BlazeFaceDetector,
             (192, 192),
         ),
-        ({"profile": "people"}, NanoDetDetector, (416, 416)),
+        # Two 416 tiles of a 736x416 frame (docs/benchmarks.md, issue 11).
+        ({"profile": "people"}, TiledDetector, (736, 416)),
+        ({"profile": "people", "person_tiles": (1, 1)}, NanoDetDetector, (416, 416)),
     ],
 )
 def test_build_detector_by_profile(

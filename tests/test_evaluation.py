@@ -194,3 +194,28 @@ def test_centernet_input_must_be_512(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match=r"person_input must be \(512, 512\)"):
         build_person_detector(v)
+
+
+def test_a_piece_cut_off_by_a_tile_edge_is_dropped_but_a_neighbour_is_kept() -> None:
+    from edgecam.vision.person_detectors import _uncontained
+
+    boxes = _boxes(
+        (0, 0, 40, 100),  # a person, best score first
+        (20, 0, 40, 50),  # the upper right quarter of the same person: fully inside
+        (30, 0, 70, 100),  # the neighbour, overlapping a quarter of the first
+    )
+    assert _uncontained(boxes, 0.8).tolist() == [True, False, True]
+    assert _uncontained(boxes, 1.0).tolist() == [True, True, True]
+
+
+def test_whole_frame_run_adds_a_person_too_large_for_one_tile() -> None:
+    inner = NanoDetDetector(MODELS_DIR / "nanodet_g.onnx", (416, 416), 0.4, threads=1)
+    photo = cv2.imread(str(ROOT / "tests" / "data" / "astronaut.jpg"))
+    # One person filling the frame: each 416 tile sees only part of her.
+    frame = np.ascontiguousarray(cv2.resize(photo[:, :, ::-1], (736, 416)))
+    tiles_only = TiledDetector(inner, (736, 416), 2, 1).detect(frame)
+    with_whole = TiledDetector(inner, (736, 416), 2, 1, whole=True).detect(frame)
+    tallest = float((with_whole.xyxy[:, 3] - with_whole.xyxy[:, 1]).max())
+    assert tallest > 300
+    assert len(tiles_only) == 0 or (tiles_only.xyxy[:, 3] - tiles_only.xyxy[:, 1]).max() <= tallest
+    inner.close()

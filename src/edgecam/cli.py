@@ -36,6 +36,7 @@ BENCHES: dict[str, str] = {
     "fleet": "bench/bench_fleet.py",
     "liveview": "bench/bench_liveview.py",
     "zones": "bench/bench_zones.py",
+    "accuracy": "bench/bench_accuracy.py",
 }
 
 

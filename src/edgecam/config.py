@@ -359,14 +359,26 @@ class VisionConfig(_Section):
         "person_tiles, the size of one tile.",
     )
     person_tiles: tuple[int, int] = Field(
-        (1, 1),
-        description="(columns, rows) of overlapping person_input tiles the frame is cut into; "
-        "(1, 1): the whole frame scaled into one input.",
+        (2, 1),
+        description="(columns, rows) of overlapping person_input tiles the frame is cut into "
+        "(2, 1: two 416 tiles of a 736x416 frame, small people get 1.8x the pixels); (1, 1): "
+        "the whole frame scaled into one input.",
     )
     person_tile_overlap: int = Field(
         96, ge=0, le=1024, description="Pixels two neighbouring tiles share (detector input)."
     )
-    person_threshold: float = Field(0.5, gt=0, lt=1, description="Person score threshold.")
+    person_tile_whole: bool = Field(
+        False,
+        description="With person_tiles, also run the whole frame scaled into one tile (finds "
+        "people too large for one tile; one more detector run a frame).",
+    )
+    person_threshold: float = Field(
+        0.45,
+        gt=0,
+        lt=1,
+        description="Person score threshold (0.45: lowest counting error of the measured "
+        "precision/recall curve, docs/benchmarks.md issue 11).",
+    )
 
     @model_validator(mode="after")
     def _check_sizes(self) -> VisionConfig:

@@ -21,6 +21,7 @@ from edgecam.errors import ModelError
 from edgecam.vision.detections import Detections, Detector
 from edgecam.vision.detectors import (
     NanoDetDetector,
+    _bilinear_weights,
     _check_frame,
     _check_threshold,
     _Model,
@@ -210,7 +211,10 @@ class TiledDetector:
 
     Small people get ``cols`` (``rows``) times more of the model's pixels than when the
     whole frame is scaled into one input. ``input_size`` is the full frame the tiles cut;
-    each tile is ``inner.input_size``; boxes of all tiles are merged by NMS.
+    each tile is ``inner.input_size``. With ``whole``, the whole frame scaled to one tile is
+    run as well (large people, whom tiles cut in pieces). Boxes of all runs are merged by NMS;
+    then a box lying at least ``contain`` inside a better one is dropped (the piece of a
+    person that a tile edge cut off).
     """
 
     def __init__(
@@ -220,6 +224,8 @@ class TiledDetector:
         cols: int = 2,
         rows: int = 1,
         nms_iou: float = 0.5,
+        contain: float = 0.8,
+        whole: bool = False,
     ) -> None:
         tw, th = inner.input_size
         w, h = int(input_size[0]), int(input_size[1])
@@ -231,10 +237,14 @@ class TiledDetector:
                 f"{inner.input_size} without gaps: width {tw}..{cols * tw}, "
                 f"height {th}..{rows * th}"
             )
+        if not 0.0 < contain <= 1.0:
+            raise ValueError(f"contain must be in (0, 1], got {contain}")
         self.inner = inner
         self._size = (w, h)
         self._origins = [(x, y) for y in _starts(h, th, rows) for x in _starts(w, tw, cols)]
         self.nms_iou = nms_iou
+        self.contain = contain
+        self.whole = whole
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -254,14 +264,44 @@ class TiledDetector:
             )
             for x, y in self._origins
         ]
+        if self.whole:
+            w, h = self._size
+            small = _resize(frame, tw, th)
+            found.append(self.inner.detect(np.ascontiguousarray(small)).scaled(w / tw, h / th))
         xyxy = np.concatenate([d.xyxy for d in found])
         conf = np.concatenate([d.confidence for d in found])
         cls = np.concatenate([d.class_id for d in found])
         keep = nms(xyxy, conf, self.nms_iou, classes=cls)
+        keep = keep[_uncontained(xyxy[keep], self.contain)]
         return Detections(xyxy[keep], conf[keep], cls[keep])
 
     def close(self) -> None:
         self.inner.close()
+
+
+def _resize(frame: Frame, w: int, h: int) -> Frame:
+    """``frame`` scaled to (h, w, 3) bilinearly: two small matrix products."""
+    fh, fw = frame.shape[:2]
+    rows = _bilinear_weights(fh, h) @ frame.reshape(fh, fw * 3).astype(np.float32)
+    cols = rows.reshape(h, fw, 3).transpose(1, 0, 2).reshape(fw, h * 3)
+    out = (_bilinear_weights(fw, w) @ cols).reshape(w, h, 3).transpose(1, 0, 2)
+    return np.ascontiguousarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
+
+
+def _uncontained(boxes: FloatArray, contain: float) -> npt.NDArray[np.bool_]:
+    """For boxes sorted best first: False where a box lies ``contain`` inside a better one."""
+    n = len(boxes)
+    out = np.ones(n, dtype=bool)
+    if n < 2 or contain >= 1.0:
+        return out
+    lt = np.maximum(boxes[:, None, :2], boxes[None, :, :2])
+    rb = np.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area = np.prod(np.clip(boxes[:, 2:] - boxes[:, :2], 1e-9, None), axis=1)
+    inside = inter / area[:, None] >= contain  # [i, j]: box i lies inside box j
+    better = np.tri(n, k=-1, dtype=bool)  # j < i: j scored higher
+    out[(inside & better).any(axis=1)] = False
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,4 +358,4 @@ def build_person_detector(v: VisionConfig) -> Detector:
     if v.person_tiles == (1, 1):
         return inner
     cols, rows = v.person_tiles
-    return TiledDetector(inner, v.person_frame, cols, rows)
+    return TiledDetector(inner, v.person_frame, cols, rows, whole=v.person_tile_whole)
