@@ -359,10 +359,11 @@ class VisionConfig(_Section):
         "person_tiles, the size of one tile.",
     )
     person_tiles: tuple[int, int] = Field(
-        (2, 1),
-        description="(columns, rows) of overlapping person_input tiles the frame is cut into "
-        "(2, 1: two 416 tiles of a 736x416 frame, small people get 1.8x the pixels); (1, 1): "
-        "the whole frame scaled into one input.",
+        (1, 1),
+        description="(columns, rows) of overlapping person_input tiles the frame is cut into; "
+        "(1, 1): the whole frame scaled into one input. (2, 1) with person_threshold 0.45: "
+        "two 416 tiles of a 736x416 frame, the more accurate choice for small people, at "
+        "about twice the detector time (a GPU, or a CPU faster than two cores).",
     )
     person_tile_overlap: int = Field(
         96, ge=0, le=1024, description="Pixels two neighbouring tiles share (detector input)."
@@ -376,8 +377,8 @@ class VisionConfig(_Section):
         0.45,
         gt=0,
         lt=1,
-        description="Person score threshold (0.45: lowest counting error of the measured "
-        "precision/recall curve, docs/benchmarks.md issue 11).",
+        description="Person score threshold (0.45: the lowest of the measured precision/"
+        "recall curve that keeps precision >= 0.95; docs/benchmarks.md, issue 11).",
     )
 
     @model_validator(mode="after")
