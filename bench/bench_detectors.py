@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from edgecam.config import VisionConfig
+from edgecam.config import MODELS_DIR, VisionConfig
 from edgecam.vision.detectors import (
     BlazeFaceDetector,
     CenterFaceDetector,
@@ -62,7 +62,9 @@ def _cases(v: VisionConfig) -> list[Case]:
         return "blazeface_full", "192x192", lambda: d.detect(frame), d.close
 
     def nanodet(threads: int) -> tuple[str, str, Callable[[], object], Callable[[], None]]:
-        d = NanoDetDetector(v.person_model, v.person_input, v.person_threshold, threads=threads)
+        d = NanoDetDetector(
+            MODELS_DIR / "nanodet_g.onnx", v.person_input, v.person_threshold, threads=threads
+        )
         frame = _rgb(street, d.input_size)
         return "nanodet_g", "x".join(map(str, v.person_input)), lambda: d.detect(frame), d.close
 

@@ -55,6 +55,12 @@ def test_defaults_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
         ("vision:\n  backend: torch\n  half: true\n", "got backend 'torch' and provider 'cpu'"),
         ("vision:\n  face_model_precision: int4\n", "vision.face_model_precision"),
         ("vision:\n  mask_batch: 0\n", "vision.mask_batch"),
+        ("vision:\n  person_detector: yolo\n", "vision.person_detector"),
+        ("vision:\n  person_tiles: [0, 1]\n", "person_tiles (0, 1) must be 1..4"),
+        (
+            "vision:\n  person_tiles: [2, 1]\n  person_tile_overlap: 40\n",
+            "person_tile_overlap 40 must be a multiple of 32",
+        ),
         ("cameras:\n  - source: ''\n", "source is empty"),
         ("cameras:\n  - source: rtsp://u:pw@/x\n", "'rtsp://***@/x' names no host"),
         ("cameras:\n  - source: rtsp://:554/x\n", "names no host"),

@@ -113,9 +113,11 @@ def test_people_counted_in_pedestrian_clip(
     _, events = people_run
     assert len(events) == 302
     counts = [e["counts"]["person"] for e in events[20:]]
-    # By eye on the clip: 3 to 8 people in view at a time; measured mean 6.3, 4 to 8.
+    # Labelled frame by frame (media/eval/plaza.json, frames 100-149): 6 to 13 people, 9.4
+    # on average, some half hidden or 25 px tall; the detector finds the clearer ones.
+    # Measured at the 0.45 threshold: mean in 5.8..6.8, 4 to 9 counted.
     assert 5.8 <= float(np.mean(counts)) <= 6.8
-    assert min(counts) >= 4 and max(counts) <= 8
+    assert min(counts) >= 4 and max(counts) <= 10
     assert all(t["label"] == "person" for e in events for t in e["tracks"])
 
 
@@ -129,8 +131,11 @@ def test_walking_people_keep_their_id(people_run: tuple[Path, list[dict[str, Any
     long_walks = [tid for tid, p in paths.items() if len(p) >= 70 and math.dist(p[0], p[-1]) >= 300]
     # Several people cross most of the 768 px scene; each keeps one id the whole way.
     assert len(long_walks) >= 3, {k: len(v) for k, v in paths.items()}
-    # Few identities overall: no id churn (about 15 people in 30 s by eye; measured 15).
-    assert len(paths) <= 17
+    # Few identities overall: little id churn. About 15 people in 30 s by eye, more when the
+    # small and half-hidden ones are counted (media/eval/plaza.json labels 30 identities in
+    # frames 100-149 alone). Measured 22 at the 0.45 threshold (15 at 0.5); on the labelled
+    # set, 1.16 track ids per person found vs 1.09 at 0.5 (docs/benchmarks.md, issue 11).
+    assert len(paths) <= 24
 
 
 def test_output_video_is_complete_h264_with_keyframe_each_second(

@@ -39,6 +39,7 @@ BENCHES: dict[str, str] = {
     "gpu": "bench/bench_gpu.py",
     "cameras": "bench/bench_cameras.py",
     "faces": "bench/bench_faces.py",
+    "accuracy": "bench/bench_accuracy.py",
 }
 
 

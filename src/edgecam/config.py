@@ -309,6 +309,7 @@ _GPU_BATCH = 8
 _VENDORED_FACE_MODELS = {"centerface": "centerface.onnx", "blazeface": "blazeface_full.onnx"}
 # Model inputs past this many pixels a side are a typo, not a choice (and would exhaust memory).
 _MAX_MODEL_INPUT = 4096
+_MAX_TILES = 4
 
 
 class VisionConfig(_Section):
@@ -400,13 +401,43 @@ class VisionConfig(_Section):
         description="Face crops per classifier run. On a CPU one is as fast per crop as more "
         "and keeps ONNX Runtime's memory at one crop's (a GPU wants more).",
     )
-    person_model: _FilePath = Field(
-        MODELS_DIR / "nanodet_g.onnx", description="NanoDet-family COCO detector ONNX."
+    person_detector: Literal["nanodet", "centernet", "movenet", "ssdlite"] = Field(
+        "nanodet",
+        description="Person detector family: nanodet (NanoDet-g, vendored); centernet, "
+        "movenet or ssdlite (built by scripts/candidate_models.sh, see docs/benchmarks.md).",
+    )
+    person_model: _FilePath | None = Field(
+        None,
+        description="Person detector ONNX of the vision.person_detector family; default: "
+        "the vendored NanoDet-g, or the built candidate of that family.",
     )
     person_input: tuple[int, int] = Field(
-        (416, 416), description="Person detector input (width, height), multiples of 32."
+        (416, 416),
+        description="Person detector input (width, height), multiples of 32; with "
+        "person_tiles, the size of one tile.",
     )
-    person_threshold: float = Field(0.5, gt=0, lt=1, description="Person score threshold.")
+    person_tiles: tuple[int, int] = Field(
+        (1, 1),
+        description="(columns, rows) of overlapping person_input tiles the frame is cut into; "
+        "(1, 1): the whole frame scaled into one input. (2, 1) with person_threshold 0.45: "
+        "two 416 tiles of a 736x416 frame, the more accurate choice for small people, at "
+        "about twice the detector time (a GPU, or a CPU faster than two cores).",
+    )
+    person_tile_overlap: int = Field(
+        96, ge=0, le=1024, description="Pixels two neighbouring tiles share (detector input)."
+    )
+    person_tile_whole: bool = Field(
+        False,
+        description="With person_tiles, also run the whole frame scaled into one tile (finds "
+        "people too large for one tile; one more detector run a frame).",
+    )
+    person_threshold: float = Field(
+        0.45,
+        gt=0,
+        lt=1,
+        description="Person score threshold (0.45: the lowest of the measured precision/"
+        "recall curve that keeps precision >= 0.95; docs/benchmarks.md, issue 11).",
+    )
 
     @model_validator(mode="after")
     def _check_half(self) -> VisionConfig:
@@ -431,7 +462,24 @@ class VisionConfig(_Section):
                     f"{key} {getattr(self, key)} must be multiples of 32 from 32 to "
                     f"{_MAX_MODEL_INPUT}"
                 )
+        cols, rows = self.person_tiles
+        if not (1 <= cols <= _MAX_TILES and 1 <= rows <= _MAX_TILES):
+            raise ValueError(f"person_tiles {self.person_tiles} must be 1..{_MAX_TILES} each")
+        if self.person_tiles != (1, 1) and (
+            self.person_tile_overlap % 32 or self.person_tile_overlap >= min(self.person_input)
+        ):
+            raise ValueError(
+                f"person_tile_overlap {self.person_tile_overlap} must be a multiple of 32 "
+                f"smaller than person_input {self.person_input}"
+            )
         return self
+
+    @property
+    def person_frame(self) -> tuple[int, int]:
+        """(width, height) the frame is scaled to for the person detector (all tiles)."""
+        (w, h), (cols, rows) = self.person_input, self.person_tiles
+        ov = self.person_tile_overlap
+        return (cols * w - (cols - 1) * ov, rows * h - (rows - 1) * ov)
 
     @property
     def face_model_path(self) -> Path:

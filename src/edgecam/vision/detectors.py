@@ -728,9 +728,10 @@ def _build_mask(v: VisionConfig) -> Detector:
 
 
 def _build_people(v: VisionConfig) -> Detector:
-    return NanoDetDetector(
-        v.person_model, v.person_input, v.person_threshold, Runtime.of(v), v.threads
-    )
+    # Imported here: person_detectors builds on this module's helpers.
+    from edgecam.vision.person_detectors import build_person_detector
+
+    return build_person_detector(v)
 
 
 _BUILDERS: dict[str, Callable[[VisionConfig], Detector]] = {
