@@ -25,7 +25,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -432,9 +432,17 @@ class Pipeline:
         out_file: Path | None = None,
         rtp: bool = True,
         detector: Detector | None = None,
+        detectors: Sequence[Detector] | None = None,
         analytics: bool | None = None,
         meta_bus: MetaBus | None = None,
     ) -> None:
+        """``detector``: one detector the pipeline owns (closed with it). ``detectors``:
+        detectors owned by the caller (shared with other pipelines, say), used instead of
+        building any and never closed here. Neither: built from config and owned."""
+        if detector is not None and detectors is not None:
+            raise ValueError("give either detector or detectors, not both")
+        if detectors is not None and not detectors:
+            raise ValueError("detectors, when given, must hold at least one detector")
         init()
         self.settings = settings
         self.camera_index, self.camera = settings.camera(camera)
@@ -444,10 +452,14 @@ class Pipeline:
         self.counts: dict[str, int] = {}
         detect_fps = settings.vision.detect_fps
         self._detectors: list[Detector] = []
+        self._owns_detectors = detectors is None
         if detect_fps > 0:
-            self._detectors = (
-                [detector] if detector is not None else _build_detectors(settings, mode)
-            )
+            if detectors is not None:
+                self._detectors = list(detectors)
+            elif detector is not None:
+                self._detectors = [detector]
+            else:
+                self._detectors = _build_detectors(settings, mode)
         self._detector = self._detectors[0] if self._detectors else None
         self._analytics_on = (
             bool(analytics if analytics is not None else self._detector)
@@ -1043,8 +1055,9 @@ class Pipeline:
     def close(self) -> None:
         """Release everything (idempotent)."""
         self._teardown()
-        for detector in self._detectors:
-            detector.close()
+        if self._owns_detectors:
+            for detector in self._detectors:
+                detector.close()
         self._detectors = []
 
     def __enter__(self) -> Pipeline:
