@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import string
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -509,22 +510,26 @@ def _hide(plane: U8, rect: tuple[int, int, int, int], mode: str, blocks: int) ->
     region[...] = grid + 0.5
 
 
+@functools.lru_cache(maxsize=4096)
+def _glyph(char: str, size: int) -> tuple[U8, float]:
+    """One character's coverage mask and advance (shared by every renderer)."""
+    pixels, w, h, stride, advance = render_glyph(char, size)
+    return np.frombuffer(pixels, np.uint8).reshape(h, stride)[:, :w].copy(), advance
+
+
 class _Glyphs:
     """Lines of text as coverage masks, put together from glyphs rendered once each: text
-    never seen before costs a few array copies, not a cairo rendering."""
+    never seen before costs a few array copies, not a cairo rendering. The printable ASCII
+    glyphs are rendered when it is made (not on a streaming thread)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.height = size + 10  # as ``render_text``: baseline at size + 3
-        self._glyphs: dict[str, tuple[U8, float]] = {}
+        for char in string.printable.strip():
+            _glyph(char, size)
 
     def _glyph(self, char: str) -> tuple[U8, float]:
-        glyph = self._glyphs.get(char)
-        if glyph is None:
-            pixels, w, h, stride, advance = render_glyph(char, self.size)
-            mask = np.frombuffer(pixels, np.uint8).reshape(h, stride)[:, :w].copy()
-            glyph = self._glyphs[char] = (mask, advance)
-        return glyph
+        return _glyph(char, self.size)
 
     def coverage(self, text: str, pad: int) -> U8:
         """(height, width) coverage of ``text`` starting ``pad`` pixels in; the width (even)
