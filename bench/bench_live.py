@@ -193,16 +193,28 @@ def main() -> int:
         default="{}",
         help='more camera keys, e.g. \'{"privacy": {"faces": "pixelate"}}\'',
     )
+    parser.add_argument(
+        "--overlay",
+        default=None,
+        choices=["direct", "overlaycomposition", "cairooverlay"],
+        help="the drawing element (default: config's, direct)",
+    )
     args = parser.parse_args()
 
     socks, port = udp_pair()
     cam = {**json.loads(args.camera_json), "source": str(args.clip), "loop": True, "rtp_port": port}
     limit_malloc_arenas()  # as `edgecam run` / `edgecam worker inference` do
-    settings = load_settings(
-        **{"cameras": [cam], "vision.profile": args.profile, "vision.detect_fps": args.detect_fps}
-    )
+    overrides: dict[str, object] = {
+        "cameras": [cam],
+        "vision.profile": args.profile,
+        "vision.detect_fps": args.detect_fps,
+    }
+    if args.overlay is not None:
+        overrides["overlay.element"] = args.overlay
+    settings = load_settings(**overrides)
     print(
-        f"clip {args.clip}; profile {args.profile}; camera {args.camera_json}; {c.machine_note()}"
+        f"clip {args.clip}; profile {args.profile}; camera {args.camera_json}; "
+        f"overlay {settings.overlay.element}; {c.machine_note()}"
     )
     rss_imports = c.proc_status_kb("VmRSS") / 1024
     detector = SyntheticDetector(args.synthetic) if args.synthetic is not None else None

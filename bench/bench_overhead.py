@@ -10,7 +10,9 @@ Every configuration decodes the 720p30 clip and encodes it with x264 (ultrafast,
 * ``detect-fps 0``: ``process_file`` (what ``edgecam process --detect-fps 0`` runs);
 * ``synthetic 20, <element>``: ``process_file`` with ``SyntheticDetector(20)`` at 10
   detections a second, so the tracker carries and the overlay draws 20 tracked boxes a frame,
-  with each overlay element: direct (the default), overlaycomposition, cairooverlay.
+  with each overlay element: direct (the default), overlaycomposition, cairooverlay, and
+  with the overlay off (``nothing drawn``: detection, tracker and votes only), so that the
+  drawing's own cost is the difference.
 
 Rounds are interleaved (the order rotates each round) and each configuration keeps its best
 and median time, because the 2-core machine is shared. Ratios are fps / bare fps.
@@ -67,8 +69,11 @@ def run_bare(clip: Path, out: Path, description: str = BARE) -> float:
 
 
 def run_edgecam(clip: Path, out: Path, detect_fps: float, element: str | None) -> float:
+    """``element`` None: the default; "off": nothing drawn (the tracker still runs)."""
     overrides: dict[str, object] = {"vision.detect_fps": detect_fps}
-    if element is not None:
+    if element == "off":
+        overrides["overlay.enabled"] = False
+    elif element is not None:
         overrides["overlay.element"] = element
     settings = load_settings(**overrides)
     detector = SyntheticDetector(20) if detect_fps > 0 else None
@@ -105,6 +110,7 @@ def main() -> int:
             "bare + queue after decodebin": lambda o: run_bare(clip, o, BARE_QUEUE),
             "edgecam process --detect-fps 0": lambda o: run_edgecam(clip, o, 0, None),
             "synthetic 20 boxes, direct (default)": lambda o: run_edgecam(clip, o, 10, "direct"),
+            "synthetic 20 boxes, nothing drawn": lambda o: run_edgecam(clip, o, 10, "off"),
             "synthetic 20 boxes, overlaycomposition": lambda o: run_edgecam(
                 clip, o, 10, "overlaycomposition"
             ),
@@ -161,7 +167,7 @@ def main() -> int:
         f"\ntarget: detect-fps 0 / bare >= {TARGET}: {ratio:.2f} -> {c.verdict(ratio >= TARGET)}"
         f" (best of {args.rounds}; bare {bare_best:.1f} fps)"
     )
-    for row in rows[3:6]:
+    for row in (rows[3], rows[5], rows[6]):
         drawn = row[4] / ratio
         extra_ms = 1000 / row[2] - 1000 / rows[2][2]
         print(
@@ -169,6 +175,11 @@ def main() -> int:
             f"{c.verdict(drawn >= TARGET_DRAWN)} ({extra_ms:.2f} ms a frame more, best of "
             f"{args.rounds}; median ratio {row[5] / rows[2][5]:.2f})"
         )
+    drawing_ms = 1000 / rows[3][2] - 1000 / rows[4][2]
+    print(
+        f"drawing alone (direct minus nothing drawn, same detections and tracks): "
+        f"{drawing_ms:.2f} ms a frame (best of {args.rounds})"
+    )
     print(f"finished {c.machine_note()}")
     return 0
 
