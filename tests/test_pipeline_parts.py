@@ -400,3 +400,25 @@ def test_direct_drawing_never_reaches_the_detectors_frames(tmp_path: Path) -> No
         p.run(timeout=120)
     assert len(seer.magenta) == 21
     assert max(seer.magenta) == 0
+
+
+def test_a_burst_of_new_labels_is_spread_over_frames() -> None:
+    settings = load_settings()
+    renderer = DirectRenderer(settings, settings.cameras[0], None, None)  # type: ignore[arg-type]
+    boxes = tuple(
+        DrawBox(10 + 110 * k, 40, 50 + 110 * k, 90, (0, 200, 0), f"{k} mask") for k in range(10)
+    )
+    made = []
+    for _ in range(4):
+        buf, info = _i420_buffer(1120, 120)
+        with _MappedFrame(buf, info, Gst.MapFlags.READ | Gst.MapFlags.WRITE) as frame:
+            renderer._draw_list(frame, DrawList(boxes, ()))
+        made.append(renderer.label_cache.misses)
+        y, _chroma = _planes(buf, 1120, 120)
+        label_h = settings.overlay.font_size + 4
+        with_label = sum(
+            bool((y[40 - label_h : 40, box.x1 : box.x1 + 20] == 16).any()) for box in boxes
+        )
+        assert with_label == min(10, made[-1])  # each label drawn once it is made
+        assert (y[40:43, 10:50] != 100).all()  # every box's outline, label or not
+    assert made == [4, 8, 10, 10]

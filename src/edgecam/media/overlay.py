@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 
 _TEXT_CACHE = 64  # text images kept (counts change a few times a second)
 _LABEL_CACHE = 256  # box label images kept (a label per track id and class)
+_NEW_LABELS_A_FRAME = 4  # label images made on one frame at most (~0.1 ms each)
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -81,6 +82,14 @@ class LruCache(Generic[K, V]):
         self._items: OrderedDict[K, V] = OrderedDict()
         self.hits = 0
         self.misses = 0
+
+    def peek(self, key: K) -> V | None:
+        """The value under ``key`` (a hit), or None (not counted: :meth:`get` may follow)."""
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+            self.hits += 1
+        return value
 
     def get(self, key: K, make: Callable[[], V]) -> V:
         value = self._items.get(key)
@@ -619,13 +628,19 @@ class DirectRenderer(_Drawing):
         self._region_stamps = [_stamp_at(r) for r in regions]
         self._static_stamps_size = size
 
-    def _label(self, box: DrawBox) -> _Stamp:
+    def _label(self, box: DrawBox, may_make: bool) -> _Stamp | None:
+        """The box's label image; a new one only when ``may_make`` (else None)."""
+        key = (box.text, box.colour)
+        label = self._labels.peek(key)
+        if label is not None or not may_make:
+            return label
+
         def make() -> _Stamp:
             # Rows 3.. of the text's coverage: the baseline at font_size, as render_box.
             coverage = self._glyphs.coverage(box.text, 4)[3 : 3 + self._label_h]
             return _label_stamp(coverage, box.colour)
 
-        return self._labels.get((box.text, box.colour), make)
+        return self._labels.get(key, make)
 
     def _text(self, text: DrawText) -> _Stamp:
         return self._texts.get(
@@ -667,12 +682,20 @@ class DirectRenderer(_Drawing):
 
     def _draw_list(self, frame: _Frame, draws: DrawList) -> None:
         lw, label_h = self._lw, self._label_h
+        made = 0
         for box in draws.boxes:
             y_value, uv_value = self._colour(box.colour)
             _outline(frame, box, lw, y_value, uv_value)
             if box.text:
+                # A burst of new labels (many tracks appearing or changing class at once)
+                # is spread over a few frames: a label shows a frame or two late instead.
+                misses = self._labels.misses
+                label = self._label(box, made < _NEW_LABELS_A_FRAME)
+                made += self._labels.misses - misses
+                if label is None:
+                    continue
                 y = box.y1 - label_h if box.y1 >= label_h else box.y1
-                self._label(box).put(frame, box.x1 - box.x1 % 2, y - y % 2)
+                label.put(frame, box.x1 - box.x1 % 2, y - y % 2)
         for text in draws.texts:
             self._text(text).put(frame, text.x - text.x % 2, text.y - text.y % 2)
 
