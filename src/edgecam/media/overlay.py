@@ -144,13 +144,16 @@ class _Drawing:
 
 @dataclass(frozen=True)
 class _GiCalls:
-    """The GObject-introspection calls made for every rectangle, looked up once (each
-    attribute access through introspection costs microseconds). Only after ``Gst.init``."""
+    """The GObject-introspection calls made for every rectangle or frame, looked up once
+    (each attribute access through introspection costs microseconds). Only after
+    ``Gst.init``."""
 
     new_wrapped: Any
     add_video_meta: Any
     new_rectangle: Any
     new_composition: Any
+    get_video_meta: Any
+    read_write: Gst.MapFlags
 
 
 @functools.cache
@@ -160,6 +163,8 @@ def _gi() -> _GiCalls:
         GstVideo.buffer_add_video_meta,
         GstVideo.VideoOverlayRectangle.new_raw,
         GstVideo.VideoOverlayComposition.new,
+        GstVideo.buffer_get_video_meta,
+        Gst.MapFlags.READ | Gst.MapFlags.WRITE,
     )
 
 
@@ -350,7 +355,7 @@ class _MappedFrame:
 
     def __enter__(self) -> _Frame:
         buf, info = self._buf, self._info
-        layout = GstVideo.buffer_get_video_meta(buf) or info
+        layout = _gi().get_video_meta(buf) or info
         offset, stride = layout.offset, layout.stride
         if stride[1] != stride[2] or offset[2] <= offset[1]:
             raise PipelineError(f"unexpected I420 layout: offsets {offset}, strides {stride}")
@@ -658,7 +663,7 @@ class DirectRenderer(_Drawing):
         privacy = self.camera.privacy
         if not (draws or meta.blind or meta.hidden or self._mask_stamps or self._region_stamps):
             return  # nothing to draw: the frame is not even mapped (no copy is made)
-        with _MappedFrame(buf, self._info, Gst.MapFlags.READ | Gst.MapFlags.WRITE) as frame:
+        with _MappedFrame(buf, self._info, _gi().read_write) as frame:
             # In this order: faces hidden first (their boxes are drawn over them), the
             # drawings, then the privacy masks over everything.
             if meta.blind:
