@@ -451,6 +451,61 @@ def _blend(plane: U8, p: F32, k: F32, x: int, y: int) -> None:
         region[...] = region * k[ir, ic] + p[..., ir, ic] + 0.5
 
 
+@dataclass(frozen=True)
+class _Sparse:
+    """Many small translucent images (the zones' and lines' strokes) merged once into the
+    pixels they touch: one gather, blend and scatter a plane on every frame, whatever the
+    number of pieces."""
+
+    rows: npt.NDArray[np.intp]
+    cols: npt.NDArray[np.intp]
+    y_p: F32
+    y_k: F32
+    c_rows: npt.NDArray[np.intp]
+    c_cols: npt.NDArray[np.intp]
+    uv_p: F32  # (2, n)
+    c_k: F32
+
+    @classmethod
+    def merge(cls, images: list[Rendered], size: tuple[int, int]) -> _Sparse | None:
+        if not images:
+            return None
+        w, h = size
+        w2, h2 = (w + 1) // 2 * 2, (h + 1) // 2 * 2
+        canvas = np.zeros((h2, w2, 4), dtype=np.float32)  # premultiplied BGRA, 0..255
+        for pixels, x, y, iw, ih in images:  # "over", in order
+            piece = np.frombuffer(pixels, np.uint8).reshape(ih, iw, 4).astype(np.float32)
+            region = canvas[y : y + ih, x : x + iw]
+            piece = piece[: region.shape[0], : region.shape[1]]
+            region[...] = piece + region * (1 - piece[..., 3:] / 255)
+        b, g, r, a = (canvas[..., i] for i in range(4))
+        a = a / 255
+        y_p = 16 * a + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+        u_p = 128 * a + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
+        v_p = 128 * a + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+        rows, cols = np.nonzero(a[:h, :w] > 0)
+        c_a = _half(a)
+        uv = np.stack([_half(u_p), _half(v_p)])
+        c_rows, c_cols = np.nonzero(c_a > 0)
+        return cls(
+            rows=rows,
+            cols=cols,
+            y_p=y_p[rows, cols],
+            y_k=1 - a[rows, cols],
+            c_rows=c_rows,
+            c_cols=c_cols,
+            uv_p=uv[:, c_rows, c_cols],
+            c_k=1 - c_a[c_rows, c_cols],
+        )
+
+    def put(self, frame: _Frame) -> None:
+        luma = frame.y
+        luma[self.rows, self.cols] = luma[self.rows, self.cols] * self.y_k + self.y_p + 0.5
+        chroma = frame.uv
+        idx = (slice(None), self.c_rows, self.c_cols)
+        chroma[idx] = chroma[idx] * self.c_k + self.uv_p + 0.5
+
+
 def _chroma(yuv: tuple[int, int, int]) -> U8:
     return np.array([[[yuv[1]]], [[yuv[2]]]], dtype=np.uint8)
 
@@ -603,7 +658,7 @@ class DirectRenderer(_Drawing):
         self._texts: LruCache[tuple[str, tuple[int, int, int]], _Stamp] = LruCache(_TEXT_CACHE)
         self._static_stamps_size: tuple[int, int] | None = None
         self._mask_stamps: list[tuple[_Stamp, int, int]] = []
-        self._region_stamps: list[tuple[_Stamp, int, int]] = []
+        self._regions: _Sparse | None = None
         self._privacy_yuv = _yuv(camera.privacy.colour)
         self._info: Any = None
 
@@ -630,7 +685,7 @@ class DirectRenderer(_Drawing):
             return
         masks, regions = self.static_layers(size)
         self._mask_stamps = [_stamp_at(r) for r in masks]
-        self._region_stamps = [_stamp_at(r) for r in regions]
+        self._regions = _Sparse.merge(regions, size)
         self._static_stamps_size = size
 
     def _label(self, box: DrawBox, may_make: bool) -> _Stamp | None:
@@ -661,7 +716,7 @@ class DirectRenderer(_Drawing):
         self._static_stamps(size)
         draws = self.draw_list(meta, size)
         privacy = self.camera.privacy
-        if not (draws or meta.blind or meta.hidden or self._mask_stamps or self._region_stamps):
+        if not (draws or meta.blind or meta.hidden or self._mask_stamps or self._regions):
             return  # nothing to draw: the frame is not even mapped (no copy is made)
         with _MappedFrame(buf, self._info, _gi().read_write) as frame:
             # In this order: faces hidden first (their boxes are drawn over them), the
@@ -678,8 +733,8 @@ class DirectRenderer(_Drawing):
                     chroma = (x1 // 2, y1 // 2, (x2 + 1) // 2, (y2 + 1) // 2)
                     _hide(frame.uv[0], chroma, privacy.faces, privacy.blocks)
                     _hide(frame.uv[1], chroma, privacy.faces, privacy.blocks)
-            for stamp, x, y in self._region_stamps:
-                stamp.put(frame, x, y)
+            if self._regions is not None:
+                self._regions.put(frame)
             if draws is not None:
                 self._draw_list(frame, draws)
             for stamp, x, y in self._mask_stamps:
