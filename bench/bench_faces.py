@@ -450,19 +450,10 @@ LIVE_FIGURES = (
 
 
 def live_run(clip: Path, seconds: float, detect_fps: float) -> int:
-    """bench_live.py on ``clip`` in this process, the detector following the analytics'
-    settled tracks (what the live pipeline does once it calls ``share_settled``)."""
+    """bench_live.py on ``clip`` in this process (the live pipeline lets the mask detector
+    follow the analytics' settled tracks)."""
     import bench_live
 
-    class Wired(bench_live.Pipeline):  # type: ignore[misc, name-defined]
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, **kwargs)
-            analytics = getattr(self, "_analytics", None)
-            if analytics is not None and self.mode == "live":
-                n = analytics.share_settled(getattr(self, "_detectors", []))
-                print(f"{n} detector(s) follow the settled tracks")
-
-    bench_live.Pipeline = Wired
     sys.argv = [
         "bench_live.py",
         str(clip),

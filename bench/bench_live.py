@@ -40,6 +40,7 @@ import _common as c
 from edgecam.config import load_settings
 from edgecam.device.workers import limit_malloc_arenas
 from edgecam.media.gst import Gst
+from edgecam.media.launch import Names
 from edgecam.media.pipeline import Pipeline
 from edgecam.vision.synthetic import SyntheticDetector
 
@@ -89,7 +90,6 @@ class Monitor:
 
     def __init__(self, pipeline: Pipeline, warmup: float) -> None:
         self.p = pipeline
-        self.gst = pipeline._pipeline
         self.warmup = warmup
         self.t_start = time.monotonic()
         self.window_open = False
@@ -98,14 +98,19 @@ class Monitor:
         self.late = 0
         self.lateness_ms: list[float] = []
         self._last_pts = -1
-        self.video_q: list[int] = []
+        self.video_q_levels: list[int] = []
         self.rss_kb: list[int] = []
         self.t0 = self.cpu0 = 0.0
         self.threads0: dict[int, tuple[str, float]] = {}
         self.dets0 = 0
         self.detect_s0 = 0.0
         self._lock = threading.Lock()
-        sink = self.gst.get_by_name("rtp_sink").get_static_pad("sink")
+        rtp_sink = pipeline.element(Names.RTP_SINK)
+        video_q = pipeline.element(Names.VIDEO_QUEUE)
+        if rtp_sink is None or video_q is None:
+            raise SystemExit("the pipeline has no RTP sink or no video queue to watch")
+        self.video_q = video_q
+        sink = rtp_sink.get_static_pad("sink")
         # rtph264pay pushes a frame's packets as one buffer list or as single buffers
         # (depending on the frame): both must be counted.
         sink.add_probe(Gst.PadProbeType.BUFFER | Gst.PadProbeType.BUFFER_LIST, self._on_rtp)
@@ -122,12 +127,11 @@ class Monitor:
         if pts == self._last_pts or not self.window_open:
             return Gst.PadProbeReturn.OK
         self._last_pts = pts
-        clock = self.gst.get_clock()
+        now = self.p.running_time_ns()
         seg_event = pad.get_sticky_event(Gst.EventType.SEGMENT, 0)
-        if clock is None or seg_event is None:
+        if now is None or seg_event is None:
             return Gst.PadProbeReturn.OK
         running = seg_event.parse_segment().to_running_time(Gst.Format.TIME, pts)
-        now = clock.get_time() - self.gst.get_base_time()
         late_ms = (now - running) / 1e6
         with self._lock:
             self.frames += 1
@@ -144,8 +148,7 @@ class Monitor:
             self.dets0, self.detect_s0 = pipeline.stats.detections, pipeline.stats.detect_seconds
             self.window_open = True
         if self.window_open:
-            q = self.gst.get_by_name("video_q")
-            self.video_q.append(int(q.get_property("current-level-buffers")))
+            self.video_q_levels.append(int(self.video_q.get_property("current-level-buffers")))
         self.rss_kb.append(c.proc_status_kb("VmRSS"))
 
     def close_window(self) -> dict[str, Any]:
@@ -190,16 +193,28 @@ def main() -> int:
         default="{}",
         help='more camera keys, e.g. \'{"privacy": {"faces": "pixelate"}}\'',
     )
+    parser.add_argument(
+        "--overlay",
+        default=None,
+        choices=["direct", "overlaycomposition", "cairooverlay"],
+        help="the drawing element (default: config's, direct)",
+    )
     args = parser.parse_args()
 
     socks, port = udp_pair()
     cam = {**json.loads(args.camera_json), "source": str(args.clip), "loop": True, "rtp_port": port}
     limit_malloc_arenas()  # as `edgecam run` / `edgecam worker inference` do
-    settings = load_settings(
-        **{"cameras": [cam], "vision.profile": args.profile, "vision.detect_fps": args.detect_fps}
-    )
+    overrides: dict[str, object] = {
+        "cameras": [cam],
+        "vision.profile": args.profile,
+        "vision.detect_fps": args.detect_fps,
+    }
+    if args.overlay is not None:
+        overrides["overlay.element"] = args.overlay
+    settings = load_settings(**overrides)
     print(
-        f"clip {args.clip}; profile {args.profile}; camera {args.camera_json}; {c.machine_note()}"
+        f"clip {args.clip}; profile {args.profile}; camera {args.camera_json}; "
+        f"overlay {settings.overlay.element}; {c.machine_note()}"
     )
     rss_imports = c.proc_status_kb("VmRSS") / 1024
     detector = SyntheticDetector(args.synthetic) if args.synthetic is not None else None
@@ -230,6 +245,7 @@ def main() -> int:
     rss_max = max(monitor.rss_kb) / 1024
     hwm = c.proc_status_kb("VmHWM") / 1024
     lat = monitor.lateness_ms
+    levels = monitor.video_q_levels
     detect_ms = 1000 * result["detect_s"] / max(result["dets"], 1)
 
     print("\nCPU by thread over the window (cores = CPU seconds / wall seconds):")
@@ -248,7 +264,7 @@ def main() -> int:
         ["lateness at the sink, median / max (ms)", f"{c.median(lat):.1f} / {max(lat):.1f}", "< 0"],
         [
             "video_q level, min / median / max (of 30)",
-            f"{min(monitor.video_q)} / {c.median(monitor.video_q):.0f} / {max(monitor.video_q)}",
+            f"{min(levels)} / {c.median(levels):.0f} / {max(levels)}",
             "",
         ],
         ["detections / s", dets_s, f">= {TARGET_DETS:g}"],

@@ -10,7 +10,9 @@ Every configuration decodes the 720p30 clip and encodes it with x264 (ultrafast,
 * ``detect-fps 0``: ``process_file`` (what ``edgecam process --detect-fps 0`` runs);
 * ``synthetic 20, <element>``: ``process_file`` with ``SyntheticDetector(20)`` at 10
   detections a second, so the tracker carries and the overlay draws 20 tracked boxes a frame,
-  once with overlaycomposition and once with cairooverlay.
+  with each overlay element: direct (the default), overlaycomposition, cairooverlay, and
+  with the overlay off (``nothing drawn``: detection, tracker and votes only), so that the
+  drawing's own cost is the difference.
 
 Rounds are interleaved (the order rotates each round) and each configuration keeps its best
 and median time, because the 2-core machine is shared. Ratios are fps / bare fps.
@@ -45,6 +47,7 @@ BARE = (
 # decoding and encoding then run on two threads (on 2 cores, that is most of the difference).
 BARE_QUEUE = BARE.replace("decodebin ! videoconvert", "decodebin ! queue ! videoconvert")
 TARGET = 0.8
+TARGET_DRAWN = 0.9  # drawing 20 tracked boxes keeps 90 % of the speed with nothing drawn
 
 
 def run_bare(clip: Path, out: Path, description: str = BARE) -> float:
@@ -66,8 +69,11 @@ def run_bare(clip: Path, out: Path, description: str = BARE) -> float:
 
 
 def run_edgecam(clip: Path, out: Path, detect_fps: float, element: str | None) -> float:
+    """``element`` None: the default; "off": nothing drawn (the tracker still runs)."""
     overrides: dict[str, object] = {"vision.detect_fps": detect_fps}
-    if element is not None:
+    if element == "off":
+        overrides["overlay.enabled"] = False
+    elif element is not None:
         overrides["overlay.element"] = element
     settings = load_settings(**overrides)
     detector = SyntheticDetector(20) if detect_fps > 0 else None
@@ -103,6 +109,8 @@ def main() -> int:
             "bare GStreamer (parse_launch)": lambda o: run_bare(clip, o),
             "bare + queue after decodebin": lambda o: run_bare(clip, o, BARE_QUEUE),
             "edgecam process --detect-fps 0": lambda o: run_edgecam(clip, o, 0, None),
+            "synthetic 20 boxes, direct (default)": lambda o: run_edgecam(clip, o, 10, "direct"),
+            "synthetic 20 boxes, nothing drawn": lambda o: run_edgecam(clip, o, 10, "off"),
             "synthetic 20 boxes, overlaycomposition": lambda o: run_edgecam(
                 clip, o, 10, "overlaycomposition"
             ),
@@ -158,6 +166,19 @@ def main() -> int:
     print(
         f"\ntarget: detect-fps 0 / bare >= {TARGET}: {ratio:.2f} -> {c.verdict(ratio >= TARGET)}"
         f" (best of {args.rounds}; bare {bare_best:.1f} fps)"
+    )
+    for row in (rows[3], rows[5], rows[6]):
+        drawn = row[4] / ratio
+        extra_ms = 1000 / row[2] - 1000 / rows[2][2]
+        print(
+            f"target: {row[0]} / detect-fps 0 >= {TARGET_DRAWN}: {drawn:.2f} -> "
+            f"{c.verdict(drawn >= TARGET_DRAWN)} ({extra_ms:.2f} ms a frame more, best of "
+            f"{args.rounds}; median ratio {row[5] / rows[2][5]:.2f})"
+        )
+    drawing_ms = 1000 / rows[3][2] - 1000 / rows[4][2]
+    print(
+        f"drawing alone (direct minus nothing drawn, same detections and tracks): "
+        f"{drawing_ms:.2f} ms a frame (best of {args.rounds})"
     )
     print(f"finished {c.machine_note()}")
     return 0

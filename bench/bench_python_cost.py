@@ -5,15 +5,18 @@ detections a second, so a detection lands on every 3rd frame and the tracker car
 in between. This script wraps (in this process only) the places where Python runs with
 ``time.perf_counter_ns``:
 
-* the overlay callback (``Pipeline._on_draw_composition`` / ``_on_draw_cairo``), split into
-  tracker + votes (``Analytics.step``), draw list (``build_draw_list``), rendering
-  (``render_box`` / ``draw_on_context``) and the rest (overlay rectangles, FrameMeta, ...).
-  Time spent *waiting* for the detector (``_Results.wait``) is subtracted: it is idle time;
+* the overlay's per-frame entry point (``DirectRenderer.draw`` for ``direct``, the draw
+  signal handler of ``CompositionRenderer`` / ``CairoRenderer``), split into tracker + votes
+  (``Analytics.step``), draw list (``build_draw_list``), rendering (``DirectRenderer._draw_list``
+  / ``render_box`` / ``draw_on_context``) and the rest (mapping the frame, overlay rectangles,
+  FrameMeta, ...). Time spent *waiting* for the detector (``DetectionResults.wait``) is
+  subtracted: it is idle time;
 * the per-frame pad probes: the one that picks detection frames (``_on_infer_buffer``) and
   the one that forces keyframes by time on the encoder's input (``_on_enc_buffer``);
 * the appsink side of the detector thread: from ``try_pull_sample`` returning to
-  ``_Results.post`` (caps -> VideoInfo, buffer map, numpy view, unmap, box scaling), minus the
-  detector's own ``detect()``; once per detection, also given per frame (/ 3).
+  ``DetectionResults.post`` (caps -> VideoInfo, buffer map, numpy view, unmap, box
+  scaling), minus the detector's own ``detect()``; once per detection, also given per frame
+  (/ 3).
 
 Everything runs under real load (x264 on both cores, the detector thread holding the GIL
 at times), so these wall-clock times are what a frame pays in production; the callback's
@@ -39,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c
 import numpy as np
 
+import edgecam.media.detection as det
+import edgecam.media.overlay as ov
 import edgecam.media.pipeline as pl
 from edgecam.config import load_settings
 from edgecam.media.gst import GstApp
@@ -109,16 +114,23 @@ def instrument(probe: Probe) -> Callable[[], None]:
         saved.append((owner, name, getattr(owner, name)))
         setattr(owner, name, new)
 
-    patch(
-        pl.Pipeline, "_on_draw_composition", timed_callback(probe, pl.Pipeline._on_draw_composition)
-    )
-    patch(pl.Pipeline, "_on_draw_cairo", timed_callback(probe, pl.Pipeline._on_draw_cairo))
-    patch(pl._Results, "wait", timed(probe, "wait", pl._Results.wait))
+    for cls, name in (
+        (ov.DirectRenderer, "draw"),
+        (ov.CompositionRenderer, "_on_draw"),
+        (ov.CairoRenderer, "_on_draw"),
+    ):
+        patch(cls, name, timed_callback(probe, getattr(cls, name)))
+    patch(det.DetectionResults, "wait", timed(probe, "wait", det.DetectionResults.wait))
     patch(Analytics, "step", timed(probe, "tracker", Analytics.step))
-    patch(pl, "render_box", timed(probe, "render", pl.render_box))
-    patch(pl, "draw_on_context", timed(probe, "render", pl.draw_on_context))
+    patch(ov, "render_box", timed(probe, "render", ov.render_box))
+    patch(ov, "draw_on_context", timed(probe, "render", ov.draw_on_context))
+    patch(
+        ov.DirectRenderer,
+        "_draw_list",
+        timed(probe, "render", ov.DirectRenderer._draw_list),
+    )
 
-    build = pl.build_draw_list
+    build = ov.build_draw_list
 
     def counting_build(*args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter_ns()
@@ -127,7 +139,7 @@ def instrument(probe: Probe) -> Callable[[], None]:
         probe.boxes.append(len(draws.boxes))
         return draws
 
-    patch(pl, "build_draw_list", counting_build)
+    patch(ov, "build_draw_list", counting_build)
 
     on_infer = pl.Pipeline._on_infer_buffer
 
@@ -170,7 +182,7 @@ def instrument(probe: Probe) -> Callable[[], None]:
 
     patch(SyntheticDetector, "detect", timed_detect)
 
-    post = pl._Results.post
+    post = det.DetectionResults.post
 
     def timed_post(self: Any, pts: int, dets: Any) -> None:
         if probe._pulled_ns:
@@ -179,7 +191,7 @@ def instrument(probe: Probe) -> Callable[[], None]:
             probe._pulled_ns = 0
         post(self, pts, dets)
 
-    patch(pl._Results, "post", timed_post)
+    patch(det.DetectionResults, "post", timed_post)
 
     def undo() -> None:
         for owner, name, old in reversed(saved):
@@ -247,7 +259,9 @@ def main() -> int:
     parser.add_argument("clip", nargs="?", type=Path, default=c.default_clip())
     parser.add_argument("--seconds", type=float, help="use only the clip's first S seconds")
     parser.add_argument(
-        "--elements", default="overlaycomposition,cairooverlay", help="overlay elements to run"
+        "--elements",
+        default="direct,overlaycomposition",
+        help="overlay elements to run (overlaycomposition, the old default, is the baseline)",
     )
     args = parser.parse_args()
 

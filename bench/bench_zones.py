@@ -38,7 +38,7 @@ import numpy as np
 
 from edgecam.config import LineConfig, load_settings
 from edgecam.media.offline import process_file
-from edgecam.media.pipeline import Pipeline
+from edgecam.media.overlay import CompositionRenderer, DirectRenderer
 from edgecam.vision.privacy import face_patch
 from edgecam.vision.synthetic import SyntheticDetector
 from edgecam.vision.zones import ZoneCounter
@@ -92,28 +92,35 @@ def configs() -> dict[str, _Config]:
 
 
 class CallbackTimer:
-    """Times every call of the overlay callback (all of a frame's Python)."""
+    """Times every call of the per-frame overlay entry point (all of a frame's Python), of
+    whichever renderer ``overlay.element`` picks."""
+
+    ENTRY_POINTS = ((DirectRenderer, "draw"), (CompositionRenderer, "_on_draw"))
 
     def __init__(self) -> None:
         self.ms: list[float] = []
-        self._original = Pipeline._on_draw_composition
+        self._originals = [(cls, name, getattr(cls, name)) for cls, name in self.ENTRY_POINTS]
 
     def __enter__(self) -> CallbackTimer:
-        original = self._original
         record = self.ms
 
-        def timed(pipeline: Pipeline, *args: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return original(pipeline, *args)
-            finally:
-                record.append((time.perf_counter() - t0) * 1000)
+        def timing(original: Callable[..., Any]) -> Callable[..., Any]:
+            def timed(renderer: Any, *args: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return original(renderer, *args)
+                finally:
+                    record.append((time.perf_counter() - t0) * 1000)
 
-        Pipeline._on_draw_composition = timed  # type: ignore[method-assign]
+            return timed
+
+        for cls, name, original in self._originals:
+            setattr(cls, name, timing(original))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        Pipeline._on_draw_composition = self._original  # type: ignore[method-assign]
+        for cls, name, original in self._originals:
+            setattr(cls, name, original)
 
 
 def one_run(clip: Path, out: Path, faces: int, camera: _Config) -> tuple[float, float, int]:
@@ -204,7 +211,7 @@ def _zone_step(
 
 def blending(frames: int = 300) -> list[list[object]]:
     from edgecam.media.gst import Gst, init
-    from edgecam.media.pipeline import _compose, _rectangle
+    from edgecam.media.overlay import _compose, _rectangle
 
     init()
 

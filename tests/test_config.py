@@ -111,8 +111,13 @@ def test_defaults_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
         ("cameras:\n  - privacy:\n      faces: smudge\n", "cameras.0.privacy.faces"),
         (
             "overlay:\n  element: cairooverlay\ncameras:\n  - privacy:\n      faces: blur\n",
-            "needs overlay.element overlaycomposition",
+            "needs overlay.element direct or overlaycomposition",
         ),
+        (
+            "media:\n  backend: cpu\nencoder:\n  element: nvh264\n",
+            "encoder.element nvh264 needs media.backend nvidia",
+        ),
+        ("media:\n  backend: cuda\n", "media.backend"),
         ("alerts:\n  line_crossing:\n    forbidden: {door: sideways}\n", "forbidden.door"),
     ],
 )

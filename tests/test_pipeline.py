@@ -18,7 +18,9 @@ from conftest import MEDIA, free_udp_pair
 
 from edgecam.config import Settings, load_settings
 from edgecam.errors import MissingPluginError, ModelError, PipelineError, SourceError
+from edgecam.media.detection import DetectionResults, from_model_frame
 from edgecam.media.gst import require_elements
+from edgecam.media.launch import Names
 from edgecam.media.offline import process_file
 from edgecam.media.pipeline import DetectionSchedule, Pipeline, describe
 from edgecam.vision.synthetic import SyntheticDetector
@@ -189,7 +191,7 @@ def test_detection_schedule_is_exact(
     assert due == expected
 
 
-@pytest.mark.parametrize("element", ["overlaycomposition", "cairooverlay"])
+@pytest.mark.parametrize("element", ["direct", "overlaycomposition", "cairooverlay"])
 def test_overlay_draws_boxes(tmp_path: Path, element: str) -> None:
     clip = MEDIA / "motion_720p30_4s.mp4"
     plain = tmp_path / "plain.mp4"
@@ -377,10 +379,8 @@ def test_missing_v4l2_device_is_a_clear_error() -> None:
 
 def test_live_detections_wait_for_their_frame() -> None:
     """Live, the detector's branch runs ahead of queued video: boxes must not lead."""
-    from edgecam.media.pipeline import _Results
-
     s = 1_000_000_000
-    results = _Results()
+    results = DetectionResults()
     a, b, c = (
         SyntheticDetector(n, (640, 352)).detect(np.zeros((352, 640, 3), np.uint8))
         for n in (1, 2, 3)
@@ -430,7 +430,9 @@ def test_v4l2_width_height_fps_ask_the_camera_for_that_mode() -> None:
     mode = "width=640,height=480,framerate=15/1"
     assert f'"video/x-raw,{mode};image/jpeg,{mode}"' in layout.description
     with Pipeline(settings, mode="live", rtp=False) as pipeline:  # the description parses
-        peer = pipeline._pipeline.get_by_name("src").get_static_pad("src").get_peer()
+        src = pipeline.element(Names.SRC)
+        assert src is not None
+        peer = src.get_static_pad("src").get_peer()
         caps = peer.get_parent_element().get_property("caps")
         assert caps.get_size() == 2 and caps.get_structure(0).get_value("framerate") is not None
         assert caps.get_structure(1).get_name() == "image/jpeg"
@@ -494,7 +496,6 @@ def test_boxes_map_back_through_the_model_frame_borders(
     expected: tuple[float, float, float, float],
 ) -> None:
     from edgecam.media.gst import Gst, GstVideo, init
-    from edgecam.media.pipeline import _from_model_frame
 
     init()
     w, h, par_n, par_d = source
@@ -504,7 +505,7 @@ def test_boxes_map_back_through_the_model_frame_borders(
     info = GstVideo.VideoInfo.new_from_caps(
         Gst.Caps.from_string(f"video/x-raw,format=RGB,width={model[0]},height={model[1]}")
     )
-    assert _from_model_frame(caps.get_structure(0), info) == pytest.approx(expected, abs=0.5)
+    assert from_model_frame(caps.get_structure(0), info) == pytest.approx(expected, abs=0.5)
 
 
 def test_live_file_camera_that_is_no_video_is_named(tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "FileServerConfig",
     "LineConfig",
     "LiveViewConfig",
+    "MediaConfig",
     "MqttConfig",
     "OverlayConfig",
     "PrivacyConfig",
@@ -564,8 +565,11 @@ _Colour = tuple[_Channel, _Channel, _Channel]
 
 class OverlayConfig(_Section):
     enabled: bool = Field(True, description="Draw boxes and counts into the video.")
-    element: Literal["overlaycomposition", "cairooverlay"] = Field(
-        "overlaycomposition", description="GStreamer element that draws."
+    element: Literal["direct", "overlaycomposition", "cairooverlay"] = Field(
+        "direct",
+        description="What draws: direct (boxes and cached labels written into the frame, "
+        "the cheapest), overlaycomposition (blended ARGB layers) or cairooverlay (cairo on "
+        "a BGRx copy of every frame).",
     )
     colours: dict[str, _Colour] = Field(
         default_factory=lambda: {
@@ -588,9 +592,20 @@ class OverlayConfig(_Section):
     font_size: int = Field(18, ge=6, le=96, description="Text size in pixels.")
 
 
+class MediaConfig(_Section):
+    backend: Literal["auto", "cpu", "nvidia", "vaapi"] = Field(
+        "auto",
+        description="Where video is decoded, converted, scaled and encoded: cpu, nvidia "
+        "(NVDEC/NVENC, CUDA), vaapi; auto takes the first of nvidia, vaapi that works here, "
+        "else cpu.",
+    )
+
+
 class EncoderConfig(_Section):
     element: Literal["auto", "x264", "openh264", "nvh264", "vaapih264"] = Field(
-        "auto", description="H.264 encoder; auto picks a hardware one when present, else x264."
+        "auto",
+        description="H.264 encoder; auto: the media backend's own (x264 on cpu). nvh264 needs "
+        "media.backend nvidia and vaapih264 media.backend vaapi (or auto where it works).",
     )
     bitrate_kbps: int = Field(2500, ge=100, le=100000, description="Target bitrate.")
     keyframe_s: float = Field(1.0, gt=0, le=10, description="Seconds between keyframes.")
@@ -1049,6 +1064,7 @@ class Settings(BaseSettings):
     voting: VotingConfig = Field(default_factory=VotingConfig)  # type: ignore[arg-type]
     overlay: OverlayConfig = Field(default_factory=OverlayConfig)  # type: ignore[arg-type]
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)  # type: ignore[arg-type]
+    media: MediaConfig = Field(default_factory=MediaConfig)  # type: ignore[arg-type]
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)  # type: ignore[arg-type]
     recorder: RecorderConfig = Field(default_factory=RecorderConfig)  # type: ignore[arg-type]
     fileserver: FileServerConfig = Field(default_factory=FileServerConfig)  # type: ignore[arg-type]
@@ -1085,8 +1101,18 @@ class Settings(BaseSettings):
                 if cam.privacy.faces in ("blur", "pixelate"):
                     raise ValueError(
                         f"camera {cam.name}: privacy.faces {cam.privacy.faces} needs "
-                        "overlay.element overlaycomposition (or privacy.faces fill)"
+                        "overlay.element direct or overlaycomposition (or privacy.faces fill)"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _encoder_on_its_backend(self) -> Settings:
+        needs = {"nvh264": "nvidia", "vaapih264": "vaapi"}.get(self.encoder.element)
+        if needs is not None and self.media.backend not in ("auto", needs):
+            raise ValueError(
+                f"encoder.element {self.encoder.element} needs media.backend {needs} "
+                f"(or auto), not {self.media.backend}"
+            )
         return self
 
     def rtp_ports(self, index: int) -> tuple[int, int, int]:

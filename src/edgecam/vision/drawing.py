@@ -26,6 +26,7 @@ __all__ = [
     "paint_on_context",
     "region_label_positions",
     "render_box",
+    "render_glyph",
     "render_masks",
     "render_regions",
 ]
@@ -278,6 +279,24 @@ def render_box(
         ctx.show_text(box.text)
     surface.flush()
     return bytes(surface.get_data()), x, y, w, h
+
+
+GLYPH_PAD = 2  # pixels left of a glyph's origin in its image
+
+
+def render_glyph(char: str, size: int) -> tuple[bytes, int, int, int, float]:
+    """One character's coverage (8-bit alpha) in the overlay's font, placed as
+    ``render_text`` places text: origin ``GLYPH_PAD`` pixels in, baseline ``size + 3`` down
+    an image ``size + 10`` high. Returns (pixels, width, height, stride, advance)."""
+    w, h = math.ceil(_text_width(char, size)) + 2 * GLYPH_PAD + 2, size + 10
+    surface = cairo.ImageSurface(cairo.FORMAT_A8, w, h)
+    ctx = cairo.Context(surface)
+    _set_font(ctx, size)
+    ctx.move_to(GLYPH_PAD, size + 3)
+    ctx.show_text(char)
+    advance = ctx.text_extents(char).x_advance
+    surface.flush()
+    return bytes(surface.get_data()), w, h, surface.get_stride(), advance
 
 
 def render_text(text: DrawText, cfg: OverlayConfig) -> tuple[bytes, int, int, int, int]:

@@ -1,0 +1,359 @@
+"""The detector side of a pipeline: detector threads, their results by timestamp, and the
+per-frame step that turns them into tracks.
+
+:class:`DetectorRunner` owns the detector threads: each pulls model-sized RGB frames from the
+pipeline's appsink, runs its detector and posts the boxes (in source pixels) by the frame's
+PTS to :class:`DetectionResults`. :class:`FrameAnalysis` is what runs once a video frame:
+the detections due on that frame in, tracks, votes and counts out (a
+:class:`~edgecam.vision.analytics.FrameMeta`, also published on the meta bus).
+
+Offline the detector runs on exactly ``detect_fps`` frames a second of video
+(:class:`DetectionSchedule`) and a frame waits for its detection, so the output depends on
+the input only. Live the detector takes the newest frame whenever it is free, and its boxes
+are applied when the video reaches the frame they were found on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgecam.config import Settings
+from edgecam.media.gst import Gst, GstVideo
+from edgecam.vision.analytics import Analytics, FrameMeta, MetaBus
+from edgecam.vision.detections import Detections, Detector
+
+__all__ = [
+    "DetectionResults",
+    "DetectionSchedule",
+    "DetectorRunner",
+    "FrameAnalysis",
+    "PipelineStats",
+    "VideoFormat",
+    "from_model_frame",
+]
+
+log = logging.getLogger(__name__)
+
+# A detection further ahead of the video than this is from another timeline (the source
+# restarted or looped): applied at once rather than held.
+_MAX_LEAD_NS = 2 * Gst.SECOND
+_PENDING_LIVE = 64  # live detections held until the video reaches their frame
+_PULL_TIMEOUT_NS = 100 * Gst.MSECOND  # how often a detector thread looks at its stop flag
+_RESULT_TIMEOUT_S = 120.0  # offline: a frame waits this long for its detection, then fails
+_JOIN_TIMEOUT_S = 10.0
+_DEFAULT_FRAME_NS = int(1e9 / 30)  # until the caps tell
+
+
+@dataclass
+class PipelineStats:
+    frames: int = 0
+    detections: int = 0
+    detect_seconds: float = 0.0
+    restarts: int = 0
+    video_end_s: float = 0.0  # stream time where the latest frame ends
+
+
+class VideoFormat:
+    """The video branch's frame size and frame duration, as its caps say (set from a pad
+    probe, read by the per-frame code)."""
+
+    def __init__(self) -> None:
+        self.size: tuple[int, int] | None = None
+        self.frame_ns = _DEFAULT_FRAME_NS
+
+    def set_caps(self, s: Gst.Structure) -> None:
+        self.size = (s.get_value("width"), s.get_value("height"))
+        ok, num, den = s.get_fraction("framerate")
+        self.frame_ns = int(1e9 * den / num) if ok and num > 0 else _DEFAULT_FRAME_NS
+
+    def duration(self, dur: int) -> int:
+        """A buffer's duration, or one frame's where the buffer does not say."""
+        if dur == Gst.CLOCK_TIME_NONE or dur <= 0:
+            return self.frame_ns
+        return int(dur)
+
+
+class DetectionSchedule:
+    """Which frames get a detection, as a pure function of their timestamps.
+
+    A frame covering ``[pts - dur/2, pts + dur/2)`` is a detection frame when a multiple of
+    ``1/fps`` falls in that interval: exactly ``fps`` detections per second of video
+    (every frame when ``fps`` exceeds the frame rate), the same on every run.
+    """
+
+    def __init__(self, fps: float) -> None:
+        if fps < 0:
+            raise ValueError(f"detection fps must be >= 0, got {fps}")
+        self.fps = fps
+
+    def due(self, pts_ns: int, dur_ns: int) -> bool:
+        if self.fps <= 0:
+            return False
+        half = dur_ns / 2e9
+        t = pts_ns / 1e9
+        return math.floor((t + half) * self.fps - 1e-9) > math.floor((t - half) * self.fps - 1e-9)
+
+
+class DetectionResults:
+    """Detections handed from the detector threads to the per-frame step, by PTS."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._by_pts: dict[int, Detections] = {}
+        self._pending: deque[tuple[int, Detections]] = deque(maxlen=_PENDING_LIVE)
+        self._closed = False
+
+    def post(self, pts: int, dets: Detections) -> None:
+        with self._cond:
+            self._by_pts[pts] = dets
+            self._pending.append((pts, dets))
+            self._cond.notify_all()
+
+    def wait(self, pts: int, timeout: float) -> Detections | None:
+        """Offline: the detections of the frame at ``pts``, once made (None: closed or
+        timed out)."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: pts in self._by_pts or self._closed, timeout)
+            return self._by_pts.pop(pts, None) if ok else None
+
+    def take_due(self, pts: int) -> Detections | None:
+        """Live: the newest detections, once the video has reached the frame they were made
+        on. Queued video runs behind the detector's branch (a file played live fills the
+        queue), and boxes applied early would lead the people they belong to."""
+        with self._cond:
+            self._by_pts.clear()
+            due = None
+            while self._pending:
+                det_pts, dets = self._pending[0]
+                if pts < det_pts < pts + _MAX_LEAD_NS:
+                    break  # not yet: that frame is still in the queue
+                self._pending.popleft()
+                due = dets  # of several due, the newest wins
+            return due
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def reopen(self) -> None:
+        with self._cond:
+            self._closed = False
+            self._by_pts.clear()
+            self._pending.clear()
+
+
+def from_model_frame(
+    source: Gst.Structure, model: GstVideo.VideoInfo
+) -> tuple[float, float, float, float]:
+    """(sx, sy, dx, dy) taking model-frame pixels to source pixels (x * sx + dx).
+
+    videoscale keeps the picture's shape (add-borders): a frame of another aspect than the
+    model's is letterboxed (or pillarboxed) into it, centred, as computed here the way
+    videoscale does it (integer pixels, the source's pixel aspect ratio included).
+    """
+    src_w, src_h = source.get_value("width"), source.get_value("height")
+    ok, par_n, par_d = source.get_fraction("pixel-aspect-ratio")
+    if not ok or par_n <= 0 or par_d <= 0:
+        par_n, par_d = 1, 1
+    dar_n, dar_d = src_w * par_n, src_h * par_d  # display aspect ratio of the source
+    content_w, content_h = model.width, model.height
+    to_h = model.width * dar_d // dar_n
+    if to_h <= model.height:
+        content_h = to_h
+    else:
+        content_w = model.height * dar_n // dar_d
+    off_x, off_y = (model.width - content_w) // 2, (model.height - content_h) // 2
+    sx, sy = src_w / content_w, src_h / content_h
+    return sx, sy, -off_x * sx, -off_y * sy
+
+
+class DetectorRunner:
+    """The detector threads of one pipeline: started with the pipeline, joined on stop.
+
+    ``detectors`` are used, never closed here (their owner closes them). ``source_caps``
+    gives the full-size video's current caps, to map boxes from the model's frame back to
+    source pixels. ``on_failure`` is called (once a failure) when a detector raises.
+    """
+
+    def __init__(
+        self,
+        detectors: Sequence[Detector],
+        *,
+        name: str,
+        live: bool,
+        detect_fps: float,
+        stats: PipelineStats,
+        on_failure: Callable[[str], None],
+    ) -> None:
+        self.results = DetectionResults()
+        self._detectors = list(detectors)
+        self._name = name
+        self._live = live
+        self._min_interval = 1.0 / detect_fps if detect_fps > 0 else 0.0
+        self._stats = stats
+        self._on_failure = on_failure
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._left = 0
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def reopen(self) -> None:
+        """Ready for a (re)start: no stale results, waits no longer cut short."""
+        self._stopping.clear()
+        self.results.reopen()
+
+    def start(self, appsink: Gst.Element, source_caps: Callable[[], Gst.Caps | None]) -> None:
+        """Start the threads (after the pipeline was asked to play: an appsink that has not
+        started reports EOS). Idempotent while they run."""
+        if self.running:
+            return
+        self._left = len(self._detectors)
+        self._threads = [
+            threading.Thread(
+                target=self._loop,
+                args=(d, appsink, source_caps),
+                name=f"detector-{self._name}-{i}",
+                daemon=True,
+            )
+            for i, d in enumerate(self._detectors)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def halt(self) -> None:
+        """Tell the threads to stop; frames waiting for a detection are released."""
+        self._stopping.set()
+        self.results.close()
+
+    def join(self) -> None:
+        """Wait for the threads to end (after :meth:`halt`)."""
+        for t in self._threads:
+            t.join(timeout=_JOIN_TIMEOUT_S)
+        self._threads = []
+
+    def _loop(
+        self,
+        detector: Detector,
+        appsink: Gst.Element,
+        source_caps: Callable[[], Gst.Caps | None],
+    ) -> None:
+        try:
+            self._detect_samples(detector, appsink, source_caps)
+        finally:
+            with self._lock:
+                self._left -= 1
+                last = self._left == 0
+            if last:  # the others may still be finishing frames the video waits for
+                self.results.close()
+
+    def _detect_samples(
+        self,
+        detector: Detector,
+        appsink: Gst.Element,
+        source_caps: Callable[[], Gst.Caps | None],
+    ) -> None:
+        while not self._stopping.is_set():
+            sample = appsink.try_pull_sample(_PULL_TIMEOUT_NS)
+            if sample is None:
+                if appsink.is_eos() and not self._live:
+                    break
+                continue
+            buf = sample.get_buffer()
+            info = GstVideo.VideoInfo.new_from_caps(sample.get_caps())
+            ok, mapinfo = buf.map(Gst.MapFlags.READ)
+            if not ok:
+                continue
+            t0 = time.perf_counter()
+            started = time.monotonic()
+            try:
+                frame: np.ndarray = np.ndarray(
+                    (info.height, info.width, 3),
+                    dtype=np.uint8,
+                    buffer=mapinfo.data,
+                    strides=(info.stride[0], 3, 1),
+                )
+                dets = detector.detect(frame)
+            except Exception as exc:  # a broken model must stop the run, loudly
+                log.exception("detector failed")
+                self._on_failure(f"detector failed: {exc}")
+                break
+            finally:
+                buf.unmap(mapinfo)
+            with self._lock:
+                self._stats.detect_seconds += time.perf_counter() - t0
+                self._stats.detections += 1
+            caps = source_caps()
+            if caps is not None:
+                dets = dets.mapped(*from_model_frame(caps.get_structure(0), info))
+            self.results.post(buf.pts, dets)
+            if self._live and self._min_interval:
+                delay = started + self._min_interval - time.monotonic()
+                if delay > 0 and self._stopping.wait(delay):
+                    break
+
+
+class FrameAnalysis:
+    """The Python work of one video frame: its detections in, tracks and counts out.
+
+    ``runner`` None: nothing is detected (privacy masks, zones and lines still need the
+    step). ``schedule`` (offline) says which frames wait for a detection.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        camera: str,
+        *,
+        runner: DetectorRunner | None,
+        schedule: DetectionSchedule | None,
+        video: VideoFormat,
+        meta_bus: MetaBus,
+        on_failure: Callable[[str], None],
+    ) -> None:
+        self._analytics = Analytics(settings, camera)
+        self._runner = runner
+        self._schedule = schedule
+        self._video = video
+        self._meta_bus = meta_bus
+        self._on_failure = on_failure
+        self.counts: dict[str, int] = {}
+
+    def share_settled(self, detectors: Sequence[Detector]) -> int:
+        """Let the detectors skip the faces of this camera's settled tracks (live only:
+        offline output must not depend on timing); how many can."""
+        return self._analytics.share_settled(detectors)
+
+    def step(self, pts: int, dur: int) -> FrameMeta:
+        dets: Detections | None = None
+        runner = self._runner
+        if runner is not None:
+            if self._schedule is not None:
+                if self._schedule.due(pts, self._video.duration(dur)):
+                    dets = runner.results.wait(pts, timeout=_RESULT_TIMEOUT_S)
+                    if dets is None and not runner.stopping:
+                        self._on_failure("the detector produced no result for a frame in time")
+            else:
+                dets = runner.results.take_due(pts)
+        seconds = pts / 1e9 if pts != Gst.CLOCK_TIME_NONE else 0.0
+        meta = self._analytics.step(seconds, dets, self._video.size)
+        self.counts = meta.counts
+        if self._meta_bus.active:
+            self._meta_bus.publish(meta)
+        return meta
