@@ -157,8 +157,6 @@ class Pipeline:
         building any and never closed here. Neither: built from config and owned."""
         if detector is not None and detectors is not None:
             raise ValueError("give either detector or detectors, not both")
-        if detectors is not None and not detectors:
-            raise ValueError("detectors, when given, must hold at least one detector")
         init()
         self.settings = settings
         self.camera_index, self.camera = settings.camera(camera)
