@@ -93,6 +93,7 @@ FACE_MODELS = {"fp32": "centerface.onnx", "int8": "centerface_int8.onnx"}
 FACE_CHOICES = (
     ("int8", (480, 256)),
     ("fp32", (480, 256)),
+    ("int8", (640, 352)),
     ("fp32", (640, 352)),
     ("fp32", (960, 544)),
     ("fp32", (1280, 704)),

@@ -166,7 +166,7 @@ def test_face_mask_detector_sets_p_mask(astronaut: Image, classifier: MaskClassi
 @pytest.mark.parametrize(
     ("vision", "kind", "size"),
     [
-        ({"profile": "mask"}, CenterFaceDetector, (480, 256)),
+        ({"profile": "mask"}, CenterFaceDetector, (640, 352)),
         ({"profile": "mask", "face_detector": "blazeface"}, BlazeFaceDetector, (192, 192)),
         (
             {"profile": "mask", "face_detector": "blazeface"} | {"face_model": BLAZEFACE},

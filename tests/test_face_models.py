@@ -35,8 +35,8 @@ def _iou(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> npt.NDArray[
 
 
 def test_precision_picks_the_vendored_centerface() -> None:
-    assert VisionConfig().face_model_path == INT8  # the default
-    assert VisionConfig(face_model_precision="fp32").face_model_path == FP32
+    assert VisionConfig().face_model_path == FP32  # the default
+    assert VisionConfig(face_model_precision="int8").face_model_path == INT8
     blaze = VisionConfig(face_detector="blazeface")  # only CenterFace has an int8 file
     assert blaze.face_model_path == MODELS_DIR / "blazeface_full.onnx"
 

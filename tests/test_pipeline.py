@@ -97,8 +97,8 @@ def test_one_face_found_in_face_clip(faces_run: tuple[Path, list[dict[str, Any]]
             x1, y1, x2, y2 = t["box"]
             assert 0 <= x1 < x2 <= 176 and 0 <= y1 < y2 <= 144  # source pixels
             # About 50x65 px, a face's shape: the 176x144 frame is pillarboxed into the
-            # detector's 480x256, and its boxes are mapped back through the borders
-            # (measured 46-56 x 59-73 px; at 640x352 45-55 x 56-70).
+            # detector's 640x352, and its boxes are mapped back through the borders
+            # (measured 45-55 x 56-70 px; at 480x256 46-56 x 59-73).
             assert 42 <= x2 - x1 <= 58 and 54 <= y2 - y1 <= 75
     # The man wears no mask: undecided until the votes are in, then no_mask (measured: from
     # frame 12 to 111; the last frames' crops turn his votes undecided again). Never mask.
