@@ -266,6 +266,23 @@ def test_stopped_run_keeps_the_old_output_and_leaves_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.mp4"]
 
 
+def test_a_stop_noticed_after_the_run_keeps_the_old_output(tmp_path: Path) -> None:
+    # A stop signal whose exception was lost (raised inside a GObject callback) is raised
+    # again before the outputs replace their targets: the run then leaves them as they were.
+    out, events = tmp_path / "o.mp4", tmp_path / "e.jsonl"
+    out.write_bytes(b"the previous result")
+
+    def stopped() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        process_file(
+            load_settings(), MEDIA / "faces.mp4", out, events=events, before_commit=stopped
+        )
+    assert out.read_bytes() == b"the previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.mp4"]
+
+
 def test_events_into_a_pipe_and_outputs_through_symlinks(tmp_path: Path) -> None:
     # A FIFO (as /dev/stdout is a pipe): written to, not replaced by a renamed file.
     fifo = tmp_path / "events.fifo"

@@ -98,8 +98,23 @@ class _Terminated(BaseException):
         self.signum = signum
 
 
-def _raise_terminated(signum: int, _frame: FrameType | None) -> None:
+# The stop signals a run received. Raising from a signal handler can be lost when the
+# handler runs inside a GObject callback (the exception is printed and dropped there), so
+# the run also looks here before it keeps its outputs.
+_stop_signals: list[int] = []
+
+
+def _on_stop_signal(signum: int, _frame: FrameType | None) -> None:
+    _stop_signals.append(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise _Terminated(signum)
+
+
+def _no_stop_signal() -> None:
+    """Raise for a stop signal received earlier whose exception was lost."""
+    if _stop_signals:
+        _on_stop_signal(_stop_signals[0], None)
 
 
 def _cmd_process(args: argparse.Namespace) -> int:
@@ -116,7 +131,8 @@ def _cmd_process(args: argparse.Namespace) -> int:
         args, **{"vision.profile": args.profile, "vision.detect_fps": args.detect_fps}
     )
     # A terminated run leaves no temporary output behind, as an interrupted one.
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _on_stop_signal)
     if args.out is not None:
         process_file(
             settings,
@@ -124,6 +140,7 @@ def _cmd_process(args: argparse.Namespace) -> int:
             Path(args.out),
             events=Path(args.events) if args.events else None,
             progress=not args.quiet,
+            before_commit=_no_stop_signal,
         )
         return 0
     folder = Path(args.out_dir)

@@ -11,7 +11,7 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -210,8 +210,13 @@ def process_file(
     events: Path | None = None,
     progress: bool = True,
     detector: Detector | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> ProcessResult:
     """Run the pipeline on ``input_path`` as fast as possible; write ``out`` (and ``events``).
+
+    ``before_commit`` is called after the run, before the outputs replace their targets; what
+    it raises leaves the targets as they were (the CLI raises there for a stop signal that
+    arrived while the run could not be interrupted).
 
     Detection is deterministic here: exactly ``vision.detect_fps`` detections a second of
     video, so the same input and config give the same output on any machine.
@@ -236,6 +241,8 @@ def process_file(
             progress,
             detector,
         )
+        if before_commit is not None:
+            before_commit()
         for output in outputs:
             output.commit()
     finally:
