@@ -148,8 +148,11 @@ BACKENDS: dict[BackendName, Backend] = {
         decoders=("nvh264dec", "nvh265dec"),
         elements=("cudaupload", "cudadownload", "cudaconvertscale", "nvh264enc", "nvh264dec"),
         probe=(
+            # What the pipeline asks of these elements, letterboxing included: a GStreamer
+            # whose cudaconvertscale lacks add-borders fails here, not in the camera's run.
             "videotestsrc num-buffers=3 ! video/x-raw,format=I420,width=64,height=64 ! "
-            "cudaupload ! cudaconvertscale ! video/x-raw(memory:CUDAMemory),format=NV12 ! "
+            "cudaupload ! cudaconvertscale add-borders=true ! "
+            "video/x-raw(memory:CUDAMemory),format=NV12,width=96,height=64 ! "
             "nvh264enc ! h264parse ! nvh264dec ! cudadownload ! fakesink"
         ),
     ),
