@@ -57,8 +57,8 @@ def rss_mb() -> float:
     return c.proc_status_kb("VmRSS") / 1024
 
 
-def decode(path: Path) -> tuple[list[Image], int]:
-    """Every EVERY-th frame of ``path`` (RGB), and how many frames it has."""
+def decode(path: Path, every: int = EVERY) -> tuple[list[Image], int]:
+    """Every ``every``-th frame of ``path`` (RGB), and how many frames it has."""
     import cv2  # here, not at the top: the live runs must not carry OpenCV's memory
 
     cap = cv2.VideoCapture(str(path))
@@ -68,7 +68,7 @@ def decode(path: Path) -> tuple[list[Image], int]:
         ok, frame = cap.read()
         if not ok:
             break
-        if n % EVERY == 0:
+        if n % every == 0:
             out.append(np.asarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), dtype=np.uint8))
         n += 1
     cap.release()

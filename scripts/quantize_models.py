@@ -34,6 +34,9 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_faces import decode, letterbox, with_masks  # the benchmark's own frame helpers
 
 from edgecam.config import MODELS_DIR
 from edgecam.vision.detectors import CenterFaceDetector, MaskClassifier
@@ -42,50 +45,15 @@ Image = npt.NDArray[np.uint8]
 MEDIA = ROOT / "media"
 
 
-def _clip(path: Path, every: int) -> list[Image]:
-    cap = cv2.VideoCapture(str(path))
-    out, i = [], 0
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        if i % every == 0:
-            out.append(np.asarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), dtype=np.uint8))
-        i += 1
-    cap.release()
-    return out
-
-
-def _letterbox(src: Image, size: tuple[int, int]) -> Image:
-    w, h = size
-    sh, sw = src.shape[:2]
-    scale = min(w / sw, h / sh)
-    cw, ch = round(sw * scale), round(sh * scale)
-    dx, dy = (w - cw) // 2, (h - ch) // 2
-    out = np.zeros((h, w, 3), dtype=np.uint8)
-    out[dy : dy + ch, dx : dx + cw] = cv2.resize(src, (cw, ch), interpolation=cv2.INTER_AREA)
-    return out
-
-
-def _with_masks(src: Image, boxes: npt.NDArray[np.float32]) -> Image:
-    out = src.copy()
-    for x1, y1, x2, y2 in boxes:
-        top = y1 + 0.5 * (y2 - y1)
-        inset = 0.08 * (x2 - x1)
-        poly = np.array([[x1, top], [x2, top], [x2 - inset, y2], [x1 + inset, y2]])
-        cv2.fillPoly(out, [poly.round().astype(np.int32)], (160, 205, 230))
-    return out
-
-
 def calibration_frames(size: tuple[int, int]) -> list[Image]:
     astronaut = cv2.cvtColor(cv2.imread(str(ROOT / "tests/data/astronaut.jpg")), cv2.COLOR_BGR2RGB)
     sources = [
-        *_clip(MEDIA / "faces.mp4", 4),
+        *decode(MEDIA / "faces.mp4", 4)[0],
         np.asarray(astronaut, dtype=np.uint8),
-        *_clip(MEDIA / "pedestrians_30s.mp4", 60),
-        *_clip(MEDIA / "motion_720p30_4s.mp4", 40),
+        *decode(MEDIA / "pedestrians_30s.mp4", 60)[0],
+        *decode(MEDIA / "motion_720p30_4s.mp4", 40)[0],
     ]
-    return [_letterbox(s, size) for s in sources]
+    return [letterbox(s, size)[0] for s in sources]
 
 
 def _heads(path: Path) -> list[str]:
@@ -170,7 +138,7 @@ def main() -> int:
         for f in frames:
             boxes = face.detect(f).xyxy
             if len(boxes):
-                for image in (f, _with_masks(f, boxes)):
+                for image in (f, with_masks(f, boxes)):
                     c = mask._crops(image, boxes)
                     crops.extend(c / np.float32(127.5) - np.float32(1.0))
         print(f"classifier calibration: {len(crops)} crops")
