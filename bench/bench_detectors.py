@@ -7,10 +7,10 @@ real image. Run: ``.venv/bin/python bench/bench_detectors.py [--runs 30] [--warm
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+import _common as c
 import cv2
 import numpy as np
 import numpy.typing as npt
@@ -82,15 +82,8 @@ def _cases(v: VisionConfig) -> list[Case]:
 
 
 def _time(call: Callable[[], object], runs: int, warmup: int) -> tuple[float, float]:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    ms = np.array(times) * 1000
-    return float(np.median(ms)), float(np.percentile(ms, 90))
+    ms = c.timed_ms(call, runs, warmup)
+    return c.median(ms), c.percentile(ms, 90)
 
 
 def main() -> None:

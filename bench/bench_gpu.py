@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ if str(ROOT / "src") not in sys.path:
 if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))
 
+import _common as c
 import cv2
 import onnxruntime as ort
 import torch
@@ -163,14 +163,7 @@ class GpuPreprocess:
 
 
 def _median_ms(call: Callable[[], object], runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1000)
+    return c.median(c.timed_ms(call, runs, warmup))
 
 
 def _frames_1080p(batch: int) -> np.ndarray:
