@@ -4,6 +4,10 @@ torch backend where PyTorch and onnx2torch are installed (GPU runs: tests/test_g
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +155,27 @@ def test_fixed_batch_model_is_run_frame_by_frame(tmp_path: Path) -> None:
     batch = _inputs(_NANODET)
     for a, b in zip(one.run(batch), any_batch.run(batch), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_opening_a_model_holds_numpy_blas_to_one_thread() -> None:
+    # A fresh interpreter: the limit is process-wide and another test may have set it.
+    # OpenBLAS's idle pool threads spin after each small product the detectors make.
+    script = (
+        "import json, threadpoolctl, numpy\n"
+        "def blas():\n"
+        "    return [p['num_threads'] for p in threadpoolctl.threadpool_info()"
+        " if p['user_api'] == 'blas']\n"
+        "before = blas()\n"
+        "from edgecam.config import MODELS_DIR\n"
+        "from edgecam.vision.detectors import CenterFaceDetector\n"
+        "CenterFaceDetector(MODELS_DIR / 'centerface.onnx').close()\n"
+        "print(json.dumps([before, blas()]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=60
+    )
+    before, after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert before, "numpy has no BLAS pool threadpoolctl can see"
+    if (os.cpu_count() or 1) > 1:
+        assert max(before) > 1, before  # what the limit changes
+    assert after == [1] * len(after), after
