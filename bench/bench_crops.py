@@ -23,6 +23,7 @@ import numpy as np
 
 from edgecam.config import VisionConfig
 from edgecam.vision.detectors import CenterFaceDetector, MaskClassifier
+from edgecam.vision.evaluation import letterbox
 
 ROOT = Path(__file__).resolve().parents[1]
 LIGHT_BLUE = (160, 205, 230)
@@ -52,17 +53,6 @@ def _frames() -> list[tuple[str, str, np.ndarray]]:
     return out
 
 
-def _letterbox(src: np.ndarray, w: int, h: int) -> tuple[np.ndarray, float, float, float]:
-    """``src`` scaled to fit (w, h) with black borders, centred; (frame, scale, dx, dy)."""
-    sh, sw = src.shape[:2]
-    scale = min(w / sw, h / sh)
-    cw, ch = round(sw * scale), round(sh * scale)
-    dx, dy = (w - cw) // 2, (h - ch) // 2
-    out = np.zeros((h, w, 3), dtype=np.uint8)
-    out[dy : dy + ch, dx : dx + cw] = cv2.resize(src, (cw, ch), interpolation=cv2.INTER_LINEAR)
-    return out, scale, dx, dy
-
-
 def _with_masks(src: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """A mask drawn on each face (source pixels): from below the eyes to the chin."""
     out = src.copy()
@@ -79,10 +69,9 @@ def main() -> None:
     cfg = VisionConfig()
     face = CenterFaceDetector(cfg.face_model_path, cfg.face_input, cfg.face_threshold)
     mask = MaskClassifier(cfg.mask_model, margin=cfg.mask_crop_margin)
-    w, h = cfg.face_input
     stats: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for group, _name, src in _frames():
-        model, scale, dx, dy = _letterbox(src, w, h)
+        model, (scale, dx, dy) = letterbox(src, cfg.face_input)
         dets = face.detect(model)
         if not len(dets):
             continue
@@ -90,7 +79,7 @@ def main() -> None:
         in_src = dets.mapped(1 / scale, 1 / scale, -dx / scale, -dy / scale).xyxy
         for variant in ("plain", "masked"):
             image = src if variant == "plain" else _with_masks(src, in_src)
-            framed = model if variant == "plain" else _letterbox(image, w, h)[0]
+            framed = model if variant == "plain" else letterbox(image, cfg.face_input)[0]
             p_model = mask.classify(framed, in_model)
             p_src = mask.classify(image, in_src)
             s = stats[(group, variant)]

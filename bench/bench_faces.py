@@ -42,6 +42,7 @@ import _common as c
 
 from edgecam.config import MODELS_DIR, VisionConfig, load_settings
 from edgecam.device.workers import limit_malloc_arenas
+from edgecam.vision import evaluation
 from edgecam.vision.analytics import Analytics
 from edgecam.vision.detections import Detections
 from edgecam.vision.detectors import CenterFaceDetector, FaceMaskDetector, MaskClassifier
@@ -77,18 +78,10 @@ def decode(path: Path, every: int = EVERY) -> tuple[list[Image], int]:
     return out, n
 
 
-def letterbox(src: Image, size: tuple[int, int]) -> tuple[Image, tuple[float, float, float]]:
-    """``src`` scaled to fit ``size`` with centred borders; (frame, (scale, dx, dy))."""
-    import cv2
-
-    w, h = size
-    sh, sw = src.shape[:2]
-    scale = min(w / sw, h / sh)
-    cw, ch = round(sw * scale), round(sh * scale)
-    dx, dy = (w - cw) // 2, (h - ch) // 2
-    out = np.zeros((h, w, 3), dtype=np.uint8)
-    out[dy : dy + ch, dx : dx + cw] = cv2.resize(src, (cw, ch), interpolation=cv2.INTER_AREA)
-    return out, (scale, dx, dy)
+def letterbox(src: Image, size: tuple[int, int]) -> tuple[Image, tuple[float, int, int]]:
+    """``src`` scaled to fit ``size`` with centred borders (area averaging); (frame, (scale,
+    dx, dy))."""
+    return evaluation.letterbox(src, size, area=True)
 
 
 def with_masks(src: Image, boxes: Boxes) -> Image:

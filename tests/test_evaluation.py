@@ -17,6 +17,7 @@ from edgecam.vision.evaluation import (
     average_precision,
     bucket_of,
     iou_matrix,
+    letterbox,
     load_scene,
     load_scenes,
     match_frame,
@@ -219,3 +220,15 @@ def test_whole_frame_run_adds_a_person_too_large_for_one_tile() -> None:
     assert tallest > 300
     assert len(tiles_only) == 0 or (tiles_only.xyxy[:, 3] - tiles_only.xyxy[:, 1]).max() <= tallest
     inner.close()
+
+
+def test_letterbox_fits_and_centres_as_videoscale_add_borders() -> None:
+    wide = np.full((720, 1280, 3), 200, np.uint8)
+    frame, (scale, dx, dy) = letterbox(wide, (640, 352))
+    assert frame.shape == (352, 640, 3)
+    assert (scale, dx, dy) == (352 / 720, 7, 0)  # 626 px of picture, 7 px each side
+    assert (frame[:, :7] == 0).all() and (frame[:, 633:] == 0).all()
+    assert (frame[:, 7:633] == 200).all()
+    tall = np.full((144, 176, 3), 50, np.uint8)
+    frame, (scale, dx, dy) = letterbox(tall, (640, 352), area=True)
+    assert (dx, dy) == (105, 0) and (frame[:, 105:535] == 50).all()

@@ -12,6 +12,7 @@ import pytest
 from edgecam.config import MODELS_DIR, load_settings
 from edgecam.vision.analytics import Analytics
 from edgecam.vision.detectors import CenterFaceDetector, FaceMaskDetector, MaskClassifier
+from edgecam.vision.evaluation import letterbox
 from edgecam.vision.settled import SettledTracks, unsettled
 
 MEDIA = Path(__file__).parents[1] / "media"
@@ -58,17 +59,6 @@ def test_settled_boxes_map_into_the_letterboxed_model_frame() -> None:
     np.testing.assert_allclose(snapshot.boxes_in(FACE_INPUT), [[105, 0, 535, 352]], atol=1e-3)
 
 
-def _letterbox(src: Image) -> tuple[Image, float, int, int]:
-    w, h = FACE_INPUT
-    sh, sw = src.shape[:2]
-    scale = min(w / sw, h / sh)
-    cw, ch = round(sw * scale), round(sh * scale)
-    dx, dy = (w - cw) // 2, (h - ch) // 2
-    out = np.zeros((h, w, 3), dtype=np.uint8)
-    out[dy : dy + ch, dx : dx + cw] = cv2.resize(src, (cw, ch), interpolation=cv2.INTER_LINEAR)
-    return out, scale, dx, dy
-
-
 @pytest.fixture(scope="module")
 def face_clip() -> list[Image]:
     cap = cv2.VideoCapture(str(MEDIA / "faces.mp4"))
@@ -100,7 +90,7 @@ def _run(
     for i, src in enumerate(frames):
         dets = None
         if i % 3 == 0:
-            model, scale, dx, dy = _letterbox(src)
+            model, (scale, dx, dy) = letterbox(src, FACE_INPUT)
             dets = detector.detect(model).mapped(1 / scale, 1 / scale, -dx / scale, -dy / scale)
         meta = analytics.step(i / 30, dets, (src.shape[1], src.shape[0]))
         labels.append([(t.id, t.label) for t in meta.tracks])

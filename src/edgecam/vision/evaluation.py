@@ -33,6 +33,7 @@ __all__ = [
     "average_precision",
     "bucket_of",
     "iou_matrix",
+    "letterbox",
     "load_scene",
     "load_scenes",
     "match_frame",
@@ -163,6 +164,25 @@ def _darken(frame: Frame, condition: dict[str, float], index: int) -> Frame:
     rng = np.random.default_rng(index)
     x = x * 255.0 + rng.normal(0.0, condition.get("noise", 0.0), x.shape)
     return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def letterbox(
+    src: Frame, size: tuple[int, int], *, area: bool = False
+) -> tuple[Frame, tuple[float, int, int]]:
+    """``src`` scaled to fit ``size`` (width, height) between black borders, centred, as the
+    pipeline's ``videoscale add-borders`` makes a model frame; (frame, (scale, dx, dy)):
+    source pixels to the frame's are ``x * scale + dx``. Bilinear, or ``area`` averaging."""
+    import cv2
+
+    w, h = size
+    sh, sw = src.shape[:2]
+    scale = min(w / sw, h / sh)
+    cw, ch = round(sw * scale), round(sh * scale)
+    dx, dy = (w - cw) // 2, (h - ch) // 2
+    out = np.zeros((h, w, 3), dtype=np.uint8)
+    how = cv2.INTER_AREA if area else cv2.INTER_LINEAR
+    out[dy : dy + ch, dx : dx + cw] = cv2.resize(src, (cw, ch), interpolation=how)
+    return out, (scale, dx, dy)
 
 
 def read_frames(scene: Scene) -> Iterator[tuple[EvalFrame, Frame]]:

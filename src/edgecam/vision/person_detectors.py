@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -114,12 +115,47 @@ class CenterNetDetector:
         self._model.close()
 
 
-class MoveNetDetector:
+class _NhwcDetector:
+    """What the detectors that take one raw RGB NHWC frame of any size share: the model,
+    its input size (``_MULTIPLE`` of a side) and threshold."""
+
+    _SPEC: ClassVar[_ModelSpec]
+    _MULTIPLE: ClassVar[int] = 1
+
+    def __init__(
+        self,
+        path: str | Path,
+        input_size: tuple[int, int],
+        threshold: float,
+        provider: str | Runtime,
+        threads: int,
+    ) -> None:
+        _check_threshold(threshold)
+        w, h = int(input_size[0]), int(input_size[1])
+        m = self._MULTIPLE
+        if w <= 0 or h <= 0 or w % m or h % m:
+            raise ValueError(f"input_size {input_size} must be positive multiples of {m}")
+        self._model = _Model(path, provider, threads, self._SPEC)
+        self._size = (w, h)
+        self.threshold = threshold
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self._size
+
+    def close(self) -> None:
+        self._model.close()
+
+
+class MoveNetDetector(_NhwcDetector):
     """MoveNet multipose lightning: at most 6 people, each a box from the model's own head.
 
     Any input size in multiples of 32; each row of its output is 17 keypoints (y, x, score)
     then ymin, xmin, ymax, xmax (0..1 of the input) and the person score.
     """
+
+    _SPEC = _MOVENET
+    _MULTIPLE = 32
 
     def __init__(
         self,
@@ -129,17 +165,7 @@ class MoveNetDetector:
         provider: str | Runtime = "cpu",
         threads: int = 2,
     ) -> None:
-        _check_threshold(threshold)
-        w, h = int(input_size[0]), int(input_size[1])
-        if w <= 0 or h <= 0 or w % 32 or h % 32:
-            raise ValueError(f"input_size {input_size} must be positive multiples of 32")
-        self._model = _Model(path, provider, threads, _MOVENET)
-        self._size = (w, h)
-        self.threshold = threshold
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self._size
+        super().__init__(path, input_size, threshold, provider, threads)
 
     def detect(self, frame: Frame) -> Detections:
         _check_frame(frame, self._size)
@@ -153,16 +179,15 @@ class MoveNetDetector:
         boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
         return Detections(boxes, rows[:, 55].astype(np.float32))
 
-    def close(self) -> None:
-        self._model.close()
 
-
-class SSDLiteDetector:
+class SSDLiteDetector(_NhwcDetector):
     """SSDLite MobileNetV2 (TF Object Detection API, COCO); person is class 1.
 
     The graph resizes any input to 300x300 itself and ends in its own NMS (top 100, boxes
     ymin, xmin, ymax, xmax as 0..1 of the input).
     """
+
+    _SPEC = _SSDLITE
 
     def __init__(
         self,
@@ -172,17 +197,7 @@ class SSDLiteDetector:
         provider: str | Runtime = "cpu",
         threads: int = 2,
     ) -> None:
-        _check_threshold(threshold)
-        w, h = int(input_size[0]), int(input_size[1])
-        if w <= 0 or h <= 0:
-            raise ValueError(f"input_size {input_size} must be positive")
-        self._model = _Model(path, provider, threads, _SSDLITE)
-        self._size = (w, h)
-        self.threshold = threshold
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self._size
+        super().__init__(path, input_size, threshold, provider, threads)
 
     def detect(self, frame: Frame) -> Detections:
         _check_frame(frame, self._size)
@@ -195,9 +210,6 @@ class SSDLiteDetector:
         b = boxes[0, :n][keep]
         xyxy = np.stack([b[:, 1] * w, b[:, 0] * h, b[:, 3] * w, b[:, 2] * h], axis=1)
         return Detections(xyxy.astype(np.float32), scores[0, :n][keep].astype(np.float32))
-
-    def close(self) -> None:
-        self._model.close()
 
 
 def _starts(full: int, tile: int, n: int) -> list[int]:
