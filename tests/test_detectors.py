@@ -282,3 +282,22 @@ def test_blazeface_end_to_end(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in events.read_text().splitlines()]
     assert len(rows) == 120
     assert sum(len(r["tracks"]) == 1 for r in rows[10:]) >= 100  # the one man, found
+
+
+def test_the_mask_classifier_runs_one_crop_a_call_on_one_thread() -> None:
+    # A second thread doubled its CPU a crop and did not shorten the call.
+    detector = build_detector(VisionConfig(profile="mask", threads=2))
+    try:
+        assert isinstance(detector, FaceMaskDetector)
+        described = detector.classifier._model._backend.description
+        assert described.endswith(", 1 threads"), described
+        faces = detector.face_detector._model._backend.description  # type: ignore[attr-defined]
+        assert faces.endswith(", 2 threads"), faces
+    finally:
+        detector.close()
+    batched = build_detector(VisionConfig(profile="mask", threads=2, mask_batch=8))
+    try:
+        assert isinstance(batched, FaceMaskDetector)
+        assert batched.classifier._model._backend.description.endswith(", 2 threads")
+    finally:
+        batched.close()

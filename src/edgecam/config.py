@@ -342,7 +342,13 @@ class VisionConfig(_Section):
     half: bool = Field(
         False, description="Run the models in fp16 (vision.backend torch, provider cuda only)."
     )
-    threads: int = Field(2, ge=1, le=64, description="Inference engine's CPU threads.")
+    threads: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Inference engine's CPU threads (the mask classifier takes 1 while it runs "
+        "one crop a call).",
+    )
     offline_workers: int = Field(
         2,
         ge=1,

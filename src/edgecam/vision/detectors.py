@@ -717,9 +717,12 @@ _FACE_DETECTORS: dict[str, Callable[[VisionConfig], Detector]] = {
 
 def _build_mask(v: VisionConfig) -> Detector:
     faces = _FACE_DETECTORS[v.face_detector](v)
+    # One crop a call is too small to share: a second thread doubled the classifier's CPU
+    # (13.9 against 7.3 ms a crop) and did not shorten the call (7.6 against 7.3 ms).
+    threads = 1 if v.mask_batch == 1 else v.threads
     try:
         classifier = MaskClassifier(
-            v.mask_model, Runtime.of(v), v.threads, v.mask_crop_margin, v.mask_batch
+            v.mask_model, Runtime.of(v), threads, v.mask_crop_margin, v.mask_batch
         )
     except Exception:
         faces.close()
