@@ -326,3 +326,33 @@ def test_worker_inference_takes_one_camera_or_every_camera(tmp_path: Path) -> No
         timeout=60,
     )
     assert res.returncode != 0 and "no camera named 'nope'" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("cameras", "vision", "calls"),
+    [
+        (1, {}, 1),
+        (2, {}, 2),  # two face-rich cameras held 10 detections/s each only with two calls
+        (3, {}, 2),  # at most vision.threads
+        (2, {"detector_workers": 1}, 1),
+        (2, {"detect_fps": 0}, 1),
+    ],
+)
+def test_live_cameras_get_one_detector_call_each_up_to_the_threads(
+    tmp_path: Path, cameras: int, vision: dict[str, object], calls: int
+) -> None:
+    settings = Settings(
+        cameras=[{"name": f"c{k}", "source": str(CLIPS[k % len(CLIPS)])} for k in range(cameras)],
+        vision={"threads": 2, **vision},
+        runtime={"dir": tmp_path / "run"},
+    )
+    sender = EventSender(tmp_path / "x.sock")
+    worker = InferenceWorker(WorkerContext(settings, None, sender))
+    try:
+        worker.start()
+        batcher = worker.batcher
+        assert (batcher.workers if batcher is not None else 1) == calls
+        assert batcher is None or len(batcher._threads) == calls
+    finally:
+        worker.close()
+        sender.close()

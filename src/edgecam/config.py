@@ -364,12 +364,13 @@ class VisionConfig(_Section):
         "call; default 1 on the CPU (a batch costs as much a frame there, and more memory), "
         "8 on a GPU.",
     )
-    detector_workers: int = Field(
-        1,
+    detector_workers: int | None = Field(
+        None,
         ge=1,
         le=16,
         description="Calls the shared detector of the live cameras makes at once, sharing "
-        "vision.threads (offline: vision.offline_workers).",
+        "vision.threads (offline: vision.offline_workers). Unset: one per camera, at most "
+        "vision.threads (two face-rich cameras held 10 detections/s each only so).",
     )
     batch_deadline_ms: float = Field(
         15.0,

@@ -281,7 +281,8 @@ class InferenceWorker(Worker):
         if any(b.settings.vision.detect_fps > 0 for b in self._branches):
             vision = settings.vision
             faces = any(c.privacy.faces != "off" for c in settings.cameras)
-            workers = vision.detector_workers
+            detecting = sum(b.settings.vision.detect_fps > 0 for b in self._branches)
+            workers = vision.detector_workers or max(1, min(detecting, vision.threads))
             shared = vision.model_copy(update={"threads": max(1, vision.threads // workers)})
             self.batcher = DetectorBatcher(
                 build_detector(shared, privacy_faces=faces),
