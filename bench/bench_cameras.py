@@ -11,7 +11,10 @@ tracker, overlay, x264 and RTP to loopback. Two ways of running the detector, sa
   (``vision.batch_size`` 8, ``vision.batch_deadline_ms`` 15);
 * ``per-call``: the same shared detector, one frame a call (``vision.batch_size`` 1);
 * ``per-call-2``: one frame a call, two calls at once of one thread each
-  (``vision.detector_workers`` 2), as two cameras' own detectors would run.
+  (``vision.detector_workers`` 2), as two cameras' own detectors would run;
+* ``default``: what config gives when neither is set: one frame a call on a CPU, and one
+  call at a time per camera up to ``vision.threads`` (so ``per-call`` for one camera and
+  ``per-call-2`` for more, on the default 2 threads).
 
 After a warm-up, over a measuring window, each run reports per camera the output fps
 (frames into the encoder / s) and the frames short of real time, detections a second per
@@ -20,7 +23,7 @@ and VmHWM). A configuration holds in real time when every camera gives >= 29.4 f
 one frame short per second of window, and >= 90 % of the detections a second asked.
 
     edgecam bench cameras [CLIP] [--cameras 1,2,3,4] [--rates 5,10] [--seconds 12]
-        [--warmup 4] [--modes batched,per-call,per-call-2]
+        [--warmup 4] [--modes batched,per-call,per-call-2,default]
     edgecam bench cameras --batch-cost    # the detector alone: ms a frame by frames a call
 """
 
@@ -43,8 +46,13 @@ import _common as c
 FPS = 30
 REAL_TIME_FPS = 0.98 * FPS
 DETECTION_SHARE = 0.9  # of the asked detections a second, to count as held
-# mode -> (vision.batch_size, vision.detector_workers)
-MODES = {"batched": (8, 1), "per-call": (1, 1), "per-call-2": (1, 2)}
+# mode -> (vision.batch_size, vision.detector_workers); None: config's default
+MODES: dict[str, tuple[int | None, int | None]] = {
+    "batched": (8, 1),
+    "per-call": (1, 1),
+    "per-call-2": (1, 2),
+    "default": (None, None),
+}
 
 
 def _child(args: argparse.Namespace) -> int:
@@ -59,15 +67,17 @@ def _child(args: argparse.Namespace) -> int:
         {"name": f"cam{i}", "source": str(args.clip), "loop": True, "rtp_port": free_udp_pair()}
         for i in range(args.n)
     ]
-    settings = load_settings(
-        **{
-            "cameras": cameras,
-            "vision.profile": "mask",
-            "vision.detect_fps": args.rate,
-            "vision.batch_size": MODES[args.mode][0],
-            "vision.detector_workers": MODES[args.mode][1],
-        }
-    )
+    batch_size, workers = MODES[args.mode]
+    overrides: dict[str, object] = {
+        "cameras": cameras,
+        "vision.profile": "mask",
+        "vision.detect_fps": args.rate,
+    }
+    if batch_size is not None:
+        overrides["vision.batch_size"] = batch_size
+    if workers is not None:
+        overrides["vision.detector_workers"] = workers
+    settings = load_settings(**overrides)
     folder = Path(tempfile.mkdtemp(prefix="bench-cameras-"))
     sender = EventSender(folder / "nobody.sock")  # frame summaries go nowhere, cheaply
     worker = InferenceWorker(WorkerContext(settings, None, sender))
@@ -210,7 +220,9 @@ def main() -> int:
     parser.add_argument("--cameras", default="1,2,3,4", help="numbers of cameras to try")
     parser.add_argument("--rates", default="5,10", help="detections a second per camera")
     parser.add_argument(
-        "--modes", default="batched,per-call", help="of batched, per-call, per-call-2"
+        "--modes",
+        default="batched,per-call,default",
+        help="of batched, per-call, per-call-2, default",
     )
     parser.add_argument("--seconds", type=float, default=12, help="measuring window")
     parser.add_argument("--warmup", type=float, default=4, help="seconds before measuring")
