@@ -134,7 +134,8 @@ class _NhwcDetector:
         w, h = int(input_size[0]), int(input_size[1])
         m = self._MULTIPLE
         if w <= 0 or h <= 0 or w % m or h % m:
-            raise ValueError(f"input_size {input_size} must be positive multiples of {m}")
+            what = f"multiples of {m}" if m > 1 else "numbers"
+            raise ValueError(f"input_size {input_size} must be positive {what}")
         self._model = _Model(path, provider, threads, self._SPEC)
         self._size = (w, h)
         self.threshold = threshold
