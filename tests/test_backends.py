@@ -171,8 +171,15 @@ def test_opening_a_model_holds_numpy_blas_to_one_thread() -> None:
         "CenterFaceDetector(MODELS_DIR / 'centerface.onnx').close()\n"
         "print(json.dumps([before, blas()]))\n"
     )
+    limits = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    env = {k: v for k, v in os.environ.items() if k not in limits}
     out = subprocess.run(
-        [sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", script],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     before, after = json.loads(out.stdout.strip().splitlines()[-1])
     assert before, "numpy has no BLAS pool threadpoolctl can see"
