@@ -117,20 +117,22 @@ class CenterNetDetector:
 
 class _NhwcDetector:
     """What the detectors that take one raw RGB NHWC frame of any size share: the model,
-    its input size (``_MULTIPLE`` of a side) and threshold."""
+    its input size (``_MULTIPLE`` of a side, ``_SIZE`` unless given) and threshold."""
 
     _SPEC: ClassVar[_ModelSpec]
+    _SIZE: ClassVar[tuple[int, int]]
     _MULTIPLE: ClassVar[int] = 1
 
     def __init__(
         self,
         path: str | Path,
-        input_size: tuple[int, int],
-        threshold: float,
-        provider: str | Runtime,
-        threads: int,
+        input_size: tuple[int, int] | None = None,
+        threshold: float = 0.3,
+        provider: str | Runtime = "cpu",
+        threads: int = 2,
     ) -> None:
         _check_threshold(threshold)
+        input_size = input_size or self._SIZE
         w, h = int(input_size[0]), int(input_size[1])
         m = self._MULTIPLE
         if w <= 0 or h <= 0 or w % m or h % m:
@@ -156,17 +158,8 @@ class MoveNetDetector(_NhwcDetector):
     """
 
     _SPEC = _MOVENET
+    _SIZE = (256, 256)
     _MULTIPLE = 32
-
-    def __init__(
-        self,
-        path: str | Path,
-        input_size: tuple[int, int] = (256, 256),
-        threshold: float = 0.3,
-        provider: str | Runtime = "cpu",
-        threads: int = 2,
-    ) -> None:
-        super().__init__(path, input_size, threshold, provider, threads)
 
     def detect(self, frame: Frame) -> Detections:
         _check_frame(frame, self._size)
@@ -189,16 +182,7 @@ class SSDLiteDetector(_NhwcDetector):
     """
 
     _SPEC = _SSDLITE
-
-    def __init__(
-        self,
-        path: str | Path,
-        input_size: tuple[int, int] = (300, 300),
-        threshold: float = 0.3,
-        provider: str | Runtime = "cpu",
-        threads: int = 2,
-    ) -> None:
-        super().__init__(path, input_size, threshold, provider, threads)
+    _SIZE = (300, 300)
 
     def detect(self, frame: Frame) -> Detections:
         _check_frame(frame, self._size)
