@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgecam.vision.detections import Detections
+from edgecam.vision.evaluation import iou_matrix
 
 FRAMES = Path(__file__).parent / "data" / "gpu_frames.npz"
 
@@ -42,19 +43,6 @@ def _index(name: str) -> int:
     return int(name.rsplit("_", 1)[1])
 
 
-def _iou(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """IoU matrix (len(a), len(b)) of two sets of xyxy boxes."""
-    lo = np.maximum(a[:, None, :2], b[None, :, :2])
-    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
-    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
-    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
-    result: npt.NDArray[np.float32] = inter / np.maximum(
-        area_a[:, None] + area_b[None] - inter, 1e-9
-    )
-    return result
-
-
 def differences(
     want: Detections, got: Detections, threshold: float, iou: float = 0.99, score: float = 0.01
 ) -> list[str]:
@@ -63,7 +51,7 @@ def differences(
     ``score`` of the detector's ``threshold`` may be missing from the other). Empty when equal."""
     problems: list[str] = []
     for name, a, b in (("missing", want, got), ("extra", got, want)):
-        overlaps = _iou(a.xyxy, b.xyxy) if len(a) and len(b) else np.zeros((len(a), len(b)))
+        overlaps = iou_matrix(a.xyxy, b.xyxy)
         for k in range(len(a)):
             best = int(np.argmax(overlaps[k])) if len(b) else -1
             if best >= 0 and overlaps[k, best] >= iou:

@@ -11,6 +11,7 @@ import pytest
 
 from edgecam.config import MODELS_DIR, VisionConfig
 from edgecam.vision.detectors import CenterFaceDetector, MaskClassifier
+from edgecam.vision.evaluation import iou_matrix
 
 DATA = Path(__file__).parent / "data"
 FP32 = MODELS_DIR / "centerface.onnx"
@@ -22,16 +23,6 @@ Image = npt.NDArray[np.uint8]
 def _rgb(name: str, size: tuple[int, int]) -> Image:
     image = cv2.cvtColor(cv2.imread(str(DATA / name)), cv2.COLOR_BGR2RGB)
     return np.asarray(cv2.resize(image, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
-
-
-def _iou(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    lo = np.maximum(a[:, None, :2], b[None, :, :2])
-    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
-    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
-    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
-    result: npt.NDArray[np.float32] = inter / (area_a[:, None] + area_b[None, :] - inter)
-    return result
 
 
 def test_precision_picks_the_vendored_centerface() -> None:
@@ -62,7 +53,7 @@ def test_int8_centerface_finds_the_faces_fp32_finds(
     int8.close()
     assert len(ref) == len(got) == count
     # Every face matched one to one, the boxes nearly the same.
-    best = _iou(ref.xyxy, got.xyxy).max(axis=1)
+    best = iou_matrix(ref.xyxy, got.xyxy).max(axis=1)
     assert (best >= 0.8).all(), best
     np.testing.assert_allclose(np.sort(got.confidence), np.sort(ref.confidence), atol=0.1)
 
