@@ -226,31 +226,32 @@ class Analytics:
         counts = dict.fromkeys(self._voter.labels, 0)
         infos = []
         settled: list[int] = []
-        for k, label in enumerate(labels):
-            tid = int(tracks.tracker_id[k])
-            x1, y1, x2, y2 = (float(v) for v in tracks.xyxy[k])
-            if frame_size is not None:
-                w, h = frame_size
-                x1, x2 = min(max(x1, 0.0), w), min(max(x2, 0.0), w)
-                y1, y2 = min(max(y1, 0.0), h), min(max(y2, 0.0), h)
-                if x2 - x1 < 1 or y2 - y1 < 1:
-                    continue  # carried out of the picture: neither drawn nor counted
+        # Plain Python values, converted once for all tracks: numpy scalars a track each
+        # would cost more than the rest of this loop.
+        xyxy = tracks.xyxy
+        if frame_size is not None:
+            w, h = frame_size
+            xyxy = np.clip(xyxy, 0.0, (w, h, w, h))
+        for k, (tid, box, label, conf, hit) in enumerate(
+            zip(
+                tracks.tracker_id.tolist(),
+                xyxy.tolist(),
+                labels,
+                tracks.confidence.tolist(),
+                update.matched.tolist(),
+                strict=True,
+            )
+        ):
+            x1, y1, x2, y2 = box
+            if frame_size is not None and (x2 - x1 < 1 or y2 - y1 < 1):
+                continue  # carried out of the picture: neither drawn nor counted
             state = self._voter.state(tid)
             if self._publish_settled and state is not None and self._voter.settled(state, frame):
                 settled.append(k)
             counted = state is not None and frame - state.first_frame >= self._min_age
             if counted:
                 counts[label] = counts.get(label, 0) + 1
-            infos.append(
-                TrackInfo(
-                    tid,
-                    (x1, y1, x2, y2),
-                    label,
-                    float(tracks.confidence[k]),
-                    counted,
-                    bool(update.matched[k]),
-                )
-            )
+            infos.append(TrackInfo(tid, (x1, y1, x2, y2), label, conf, counted, hit))
         if self._publish_settled and frame_size is not None:
             self.settled.publish(tracks.xyxy[np.asarray(settled, dtype=np.int64)], frame_size)
         now = time.monotonic()
