@@ -10,7 +10,7 @@ APT_PACKAGES=(
   gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good
   gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
   gstreamer1.0-x gstreamer1.0-nice gir1.2-gst-plugins-bad-1.0 mosquitto ffmpeg
-  fonts-dejavu-core chromium postgresql
+  fonts-dejavu-core chromium postgresql gcc libc6-dev
 )
 
 missing=()
@@ -31,7 +31,10 @@ if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 stamp=.venv/.edgecam-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# Installing also builds the drawing core (src/edgecam/native/*.c) in place.
+native_built() { compgen -G "src/edgecam/native/_draw*.so" >/dev/null; }
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || ! native_built \
+  || [ -n "$(find src/edgecam/native -name '*.c' -newer "$stamp")" ]; then
   echo "setup: installing edgecam and its Python dependencies into .venv"
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,bench]"

@@ -28,10 +28,12 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from edgecam import native
 from edgecam.config import CameraConfig, Settings
 from edgecam.errors import PipelineError
 from edgecam.media.detection import FrameAnalysis, VideoFormat
 from edgecam.media.gst import Gst, GstVideo
+from edgecam.native import BoxBatch, Label, draw_boxes
 from edgecam.vision.analytics import FrameMeta
 from edgecam.vision.drawing import (
     GLYPH_PAD,
@@ -380,16 +382,14 @@ class _MappedFrame:
 
 @dataclass(frozen=True)
 class _Stamp:
-    """An image in I420 terms, put at an even (x, y): opaque (``y8``, ``uv8``: copied), or
-    premultiplied (``y_p``, ``uv_p``: the colour weighted by alpha; ``y_k``, ``c_k``: what
-    is left of the frame under it)."""
+    """A translucent image in I420 terms, put at an even (x, y): premultiplied (``y_p``,
+    ``uv_p``: the colour weighted by alpha; ``y_k``, ``c_k``: what is left of the frame
+    under it). Opaque ones (the box labels) are :class:`~edgecam.native.Label`."""
 
-    y8: U8 | None = None
-    uv8: U8 | None = None
-    y_p: F32 | None = None
-    y_k: F32 | None = None
-    uv_p: F32 | None = None
-    c_k: F32 | None = None
+    y_p: F32
+    y_k: F32
+    uv_p: F32
+    c_k: F32
 
     @classmethod
     def from_bgra(cls, pixels: bytes, width: int, height: int, *, dx: int = 0, dy: int = 0
@@ -408,13 +408,8 @@ class _Stamp:
 
     def put(self, frame: _Frame, x: int, y: int) -> None:
         """Onto the frame with its top-left at (x, y), both even; clipped to the frame."""
-        if self.y8 is not None and self.uv8 is not None:
-            _copy(frame.y, self.y8, x, y)
-            _copy(frame.uv, self.uv8, x // 2, y // 2)
-        elif self.y_p is not None and self.y_k is not None:
-            assert self.uv_p is not None and self.c_k is not None
-            _blend(frame.y, self.y_p, self.y_k, x, y)
-            _blend(frame.uv, self.uv_p, self.c_k, x // 2, y // 2)
+        _blend(frame.y, self.y_p, self.y_k, x, y)
+        _blend(frame.uv, self.uv_p, self.c_k, x // 2, y // 2)
 
 
 def _half(x: F32) -> F32:
@@ -434,13 +429,6 @@ def _cut(shape: tuple[int, ...], size: tuple[int, int], x: int, y: int
     r0, c0 = max(0, -y), max(0, -x)
     r1, c1 = min(h, ph - y), min(w, pw - x)
     return slice(r0, r1), slice(c0, c1), slice(y + r0, y + r1), slice(x + c0, x + c1)
-
-
-def _copy(plane: U8, image: U8, x: int, y: int) -> None:
-    cut = _cut(plane.shape, image.shape[-2:], x, y)  # type: ignore[arg-type]
-    if cut is not None:
-        ir, ic, pr, pc = cut
-        plane[..., pr, pc] = image[..., ir, ic]
 
 
 def _blend(plane: U8, p: F32, k: F32, x: int, y: int) -> None:
@@ -515,23 +503,6 @@ def _fill(frame: _Frame, rect: tuple[int, int, int, int], yuv: tuple[int, int, i
     x1, y1, x2, y2 = rect
     frame.y[y1:y2, x1:x2] = yuv[0]
     frame.uv[:, y1 // 2 : (y2 + 1) // 2, x1 // 2 : (x2 + 1) // 2] = _chroma(yuv)
-
-
-def _outline(frame: _Frame, box: DrawBox, lw: int, y_value: int, uv_value: U8) -> None:
-    """The box's outline, ``lw`` pixels wide inside its corners (as ``render_box``)."""
-    x1, y1, x2, y2 = box.x1, box.y1, box.x2 + 1, box.y2 + 1  # exclusive ends
-    luma = frame.y
-    luma[y1 : y1 + lw, x1:x2] = y_value
-    luma[y2 - lw : y2, x1:x2] = y_value
-    luma[y1:y2, x1 : x1 + lw] = y_value
-    luma[y1:y2, x2 - lw : x2] = y_value
-    cl = (lw + 1) // 2
-    cx1, cy1, cx2, cy2 = x1 // 2, y1 // 2, (x2 + 1) // 2, (y2 + 1) // 2
-    chroma = frame.uv
-    chroma[:, cy1 : cy1 + cl, cx1:cx2] = uv_value
-    chroma[:, cy2 - cl : cy2, cx1:cx2] = uv_value
-    chroma[:, cy1:cy2, cx1 : cx1 + cl] = uv_value
-    chroma[:, cy1:cy2, cx2 - cl : cx2] = uv_value
 
 
 def _block_edges(n: int, blocks: int) -> npt.NDArray[np.intp]:
@@ -618,14 +589,14 @@ class _Glyphs:
         return canvas
 
 
-def _label_stamp(coverage: U8, colour: tuple[int, int, int]) -> _Stamp:
+def _label_stamp(coverage: U8, colour: tuple[int, int, int]) -> Label:
     """A box label: black text on the box colour, opaque."""
     m = coverage.astype(np.float32) / 255
     y, u, v = _yuv(colour)
     luma = y + (_BLACK_Y - y) * m
     mh = _half(m)
     chroma = np.stack([u + (_GREY_UV - u) * mh, v + (_GREY_UV - v) * mh])
-    return _Stamp(y8=(luma + 0.5).astype(np.uint8), uv8=(chroma + 0.5).astype(np.uint8))
+    return Label((luma + 0.5).astype(np.uint8), (chroma + 0.5).astype(np.uint8))
 
 
 def _text_stamp(coverage: U8, colour: tuple[int, int, int]) -> _Stamp:
@@ -648,13 +619,14 @@ class DirectRenderer(_Drawing):
     def __init__(self, settings: Settings, camera: CameraConfig, analysis: FrameAnalysis,
                  video: VideoFormat) -> None:  # fmt: skip
         super().__init__(settings, camera, analysis, video)
+        native.check()  # an install without the drawing core fails here, saying so
         cfg = settings.overlay
         self._lw = cfg.line_width
         self._glyphs = _Glyphs(cfg.font_size)
         label_h = cfg.font_size + 4
         self._label_h = label_h + label_h % 2
-        self._colours: dict[tuple[int, int, int], tuple[int, U8]] = {}
-        self._labels: LruCache[tuple[str, tuple[int, int, int]], _Stamp] = LruCache(_LABEL_CACHE)
+        self._colours: dict[tuple[int, int, int], tuple[int, int, int]] = {}
+        self._labels: LruCache[tuple[str, tuple[int, int, int]], Label] = LruCache(_LABEL_CACHE)
         self._texts: LruCache[tuple[str, tuple[int, int, int]], _Stamp] = LruCache(_TEXT_CACHE)
         self._static_stamps_size: tuple[int, int] | None = None
         self._mask_stamps: list[tuple[_Stamp, int, int]] = []
@@ -670,15 +642,14 @@ class DirectRenderer(_Drawing):
         self._info = info
 
     @property
-    def label_cache(self) -> LruCache[tuple[str, tuple[int, int, int]], _Stamp]:
+    def label_cache(self) -> LruCache[tuple[str, tuple[int, int, int]], Label]:
         return self._labels
 
-    def _colour(self, colour: tuple[int, int, int]) -> tuple[int, U8]:
-        values = self._colours.get(colour)
-        if values is None:
-            yuv = _yuv(colour)
-            values = self._colours[colour] = (yuv[0], _chroma(yuv))
-        return values
+    def _colour(self, colour: tuple[int, int, int]) -> tuple[int, int, int]:
+        yuv = self._colours.get(colour)
+        if yuv is None:
+            yuv = self._colours[colour] = _yuv(colour)
+        return yuv
 
     def _static_stamps(self, size: tuple[int, int]) -> None:
         if size == self._static_stamps_size:
@@ -688,19 +659,15 @@ class DirectRenderer(_Drawing):
         self._regions = _Sparse.merge(regions, size)
         self._static_stamps_size = size
 
-    def _label(self, box: DrawBox, may_make: bool) -> _Stamp | None:
-        """The box's label image; a new one only when ``may_make`` (else None)."""
-        key = (box.text, box.colour)
-        label = self._labels.peek(key)
-        if label is not None or not may_make:
-            return label
+    def _new_label(self, box: DrawBox) -> Label:
+        """The box's label image, made now (and cached)."""
 
-        def make() -> _Stamp:
+        def make() -> Label:
             # Rows 3.. of the text's coverage: the baseline at font_size, as render_box.
             coverage = self._glyphs.coverage(box.text, 4)[3 : 3 + self._label_h]
             return _label_stamp(coverage, box.colour)
 
-        return self._labels.get(key, make)
+        return self._labels.get((box.text, box.colour), make)
 
     def _text(self, text: DrawText) -> _Stamp:
         return self._texts.get(
@@ -741,21 +708,25 @@ class DirectRenderer(_Drawing):
                 stamp.put(frame, x, y)
 
     def _draw_list(self, frame: _Frame, draws: DrawList) -> None:
-        lw, label_h = self._lw, self._label_h
+        label_h, labels, colours = self._label_h, self._labels, self._colours
         made = 0
+        batch = BoxBatch()
         for box in draws.boxes:
-            y_value, uv_value = self._colour(box.colour)
-            _outline(frame, box, lw, y_value, uv_value)
-            if box.text:
+            outline = (box.x1, box.y1, box.x2 + 1, box.y2 + 1)  # exclusive ends
+            yuv = colours.get(box.colour) or self._colour(box.colour)
+            label = labels.peek((box.text, box.colour)) if box.text else None
+            if label is None and box.text and made < _NEW_LABELS_A_FRAME:
                 # A burst of new labels (many tracks appearing or changing class at once)
                 # is spread over a few frames: a label shows a frame or two late instead.
-                misses = self._labels.misses
-                label = self._label(box, made < _NEW_LABELS_A_FRAME)
-                made += self._labels.misses - misses
-                if label is None:
-                    continue
+                label = self._new_label(box)
+                made += 1
+            if label is None:
+                batch.add(outline, yuv)
+            else:
                 y = box.y1 - label_h if box.y1 >= label_h else box.y1
-                label.put(frame, box.x1 - box.x1 % 2, y - y % 2)
+                batch.add(outline, yuv, label, box.x1 - box.x1 % 2, y - y % 2)
+        # The outlines and labels in one compiled call, without the GIL.
+        draw_boxes(frame.y, frame.uv, batch, self._lw)
         for text in draws.texts:
             self._text(text).put(frame, text.x - text.x % 2, text.y - text.y % 2)
 

@@ -1,0 +1,105 @@
+/* edgecam's drawing core: box outlines and opaque label images written into an I420 frame.
+ *
+ * Called through ctypes by edgecam.media.overlay (DirectRenderer), once a frame for all of
+ * its boxes: the per-box work runs here, without the GIL, instead of a dozen numpy calls a
+ * box. Plain C with no Python API, so it builds with a C compiler alone.
+ *
+ * Coordinates are pixels of the luma plane; everything is clipped to the frame. The chroma
+ * planes are at half resolution (I420), their rows `uv_stride` bytes apart.
+ */
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    uint8_t *y, *u, *v;
+    int32_t y_stride, uv_stride;
+    int32_t width, height; /* luma */
+} Frame;
+
+static int clamp(int value, int lo, int hi) {
+    return value < lo ? lo : (value > hi ? hi : value);
+}
+
+/* v / 2 rounded down (C's division rounds toward zero): chroma coordinates of luma ones. */
+static int half(int v) {
+    return v >= 0 ? v / 2 : -((1 - v) / 2);
+}
+
+/* Fill [x1, x2) x [y1, y2) of one plane (width pw, height ph) with `value`. */
+static void fill(uint8_t *plane, int stride, int pw, int ph, int x1, int y1, int x2, int y2,
+                 uint8_t value) {
+    x1 = clamp(x1, 0, pw);
+    x2 = clamp(x2, 0, pw);
+    y1 = clamp(y1, 0, ph);
+    y2 = clamp(y2, 0, ph);
+    if (x1 >= x2) return;
+    for (int row = y1; row < y2; row++) memset(plane + (ptrdiff_t)row * stride + x1, value, x2 - x1);
+}
+
+/* GCC turns short byte loops into memset calls: for the few bytes a row of an outline's
+ * sides, the call costs more than the bytes. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define BYTE_LOOPS __attribute__((optimize("no-tree-loop-distribute-patterns")))
+#else
+#define BYTE_LOOPS
+#endif
+
+/* The four sides of [x1, x2) x [y1, y2), `lw` pixels wide inside it, on one plane; the
+ * left and right ones in one pass over the rows. */
+BYTE_LOOPS static void outline(uint8_t *plane, int stride, int pw, int ph, int x1, int y1,
+                               int x2, int y2, int lw, uint8_t value) {
+    fill(plane, stride, pw, ph, x1, y1, x2, y1 + lw, value);
+    fill(plane, stride, pw, ph, x1, y2 - lw, x2, y2, value);
+    int l1 = clamp(x1, 0, pw), l2 = clamp(x1 + lw, 0, pw);
+    int r1 = clamp(x2 - lw, 0, pw), r2 = clamp(x2, 0, pw);
+    int top = clamp(y1, 0, ph), bottom = clamp(y2, 0, ph);
+    for (int row = top; row < bottom; row++) {
+        uint8_t *p = plane + (ptrdiff_t)row * stride;
+        for (int c = l1; c < l2; c++) p[c] = value;
+        for (int c = r1; c < r2; c++) p[c] = value;
+    }
+}
+
+/* Copy a w x h image (rows w bytes apart) onto a plane with its top-left at (x, y). */
+static void copy(uint8_t *plane, int stride, int pw, int ph, const uint8_t *image, int w, int h,
+                 int x, int y) {
+    int c0 = x < 0 ? -x : 0, r0 = y < 0 ? -y : 0;
+    int c1 = w < pw - x ? w : pw - x, r1 = h < ph - y ? h : ph - y;
+    if (c0 >= c1) return;
+    for (int r = r0; r < r1; r++)
+        memcpy(plane + (ptrdiff_t)(y + r) * stride + x + c0, image + (ptrdiff_t)r * w + c0,
+               c1 - c0);
+}
+
+/* Draw `n` boxes in order, each its outline then its label (if any). Each box is 13
+ * values of `boxes`:
+ *
+ *   x1, y1, x2, y2     the outline, ends exclusive, `line` luma pixels wide inside them;
+ *   Y, U, V            its colour;
+ *   luma, chroma       the label's images (addresses; 0 for no label): luma width x height
+ *                      bytes, chroma the U then the V image, (width / 2) x (height / 2) each;
+ *   x, y, width, height  where the label goes (x, y even), and its size (even).
+ */
+void edgecam_draw_boxes(uint8_t *y, uint8_t *u, uint8_t *v, int32_t y_stride, int32_t uv_stride,
+                        int32_t width, int32_t height, int32_t n, const int64_t *boxes,
+                        int32_t line) {
+    int cw = (width + 1) / 2, ch = (height + 1) / 2, cl = (line + 1) / 2;
+    for (int k = 0; k < n; k++) {
+        const int64_t *b = boxes + 13 * k;
+        int x1 = (int)b[0], y1 = (int)b[1], x2 = (int)b[2], y2 = (int)b[3];
+        outline(y, y_stride, width, height, x1, y1, x2, y2, line, (uint8_t)b[4]);
+        int cx1 = half(x1), cy1 = half(y1), cx2 = half(x2 + 1), cy2 = half(y2 + 1);
+        outline(u, uv_stride, cw, ch, cx1, cy1, cx2, cy2, cl, (uint8_t)b[5]);
+        outline(v, uv_stride, cw, ch, cx1, cy1, cx2, cy2, cl, (uint8_t)b[6]);
+        const uint8_t *luma = (const uint8_t *)(uintptr_t)b[7];
+        const uint8_t *chroma = (const uint8_t *)(uintptr_t)b[8];
+        if (luma == NULL || chroma == NULL) continue;
+        int lx = (int)b[9], ly = (int)b[10], iw = (int)b[11], ih = (int)b[12];
+        copy(y, y_stride, width, height, luma, iw, ih, lx, ly);
+        int hw = iw / 2, hh = ih / 2;
+        copy(u, uv_stride, cw, ch, chroma, hw, hh, half(lx), half(ly));
+        copy(v, uv_stride, cw, ch, chroma + (ptrdiff_t)hw * hh, hw, hh, half(lx), half(ly));
+    }
+}

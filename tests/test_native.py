@@ -1,0 +1,123 @@
+"""The compiled drawing core against a plain numpy drawing of the same boxes."""
+
+from __future__ import annotations
+
+import importlib.machinery
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+import edgecam.native as native
+from edgecam.errors import EdgecamError
+from edgecam.native import BoxBatch, Label, draw_boxes
+
+U8 = npt.NDArray[np.uint8]
+SENTINEL = 7
+
+
+def _frame(width: int, height: int, pad: int, rng: np.random.Generator) -> tuple[U8, U8, U8]:
+    """Random I420 planes inside one buffer whose rows are ``pad`` bytes longer than the
+    picture and with a guard row after each plane: (buffer, luma view, chroma view)."""
+    cw, ch = (width + 1) // 2, (height + 1) // 2
+    ys, cs = width + pad, cw + pad
+    buf = np.full((height + 1) * ys + 2 * (ch + 1) * cs, SENTINEL, np.uint8)
+    y = np.ndarray((height, width), np.uint8, buf, 0, (ys, 1))
+    uv = np.ndarray((2, ch, cw), np.uint8, buf, (height + 1) * ys, ((ch + 1) * cs, cs, 1))
+    y[...] = rng.integers(20, 235, y.shape)
+    uv[...] = rng.integers(20, 235, uv.shape)
+    return buf, y, uv
+
+
+def _reference(y: U8, uv: U8, boxes: list[tuple[tuple[int, int, int, int], tuple[int, int, int],
+               Label | None, int, int]], lw: int) -> None:  # fmt: skip
+    """The same drawing in numpy slices: each box's outline, then its label, in order."""
+
+    def fill(plane: U8, x1: int, y1: int, x2: int, y2: int, value: int) -> None:
+        h, w = plane.shape
+        x1, x2, y1, y2 = (min(max(v, 0), lim) for v, lim in ((x1, w), (x2, w), (y1, h), (y2, h)))
+        plane[y1:y2, x1:x2] = value
+
+    def copy(plane: U8, image: U8, x: int, y: int) -> None:
+        h, w = plane.shape
+        for r in range(image.shape[0]):
+            for c in range(image.shape[1]):
+                if 0 <= y + r < h and 0 <= x + c < w:
+                    plane[y + r, x + c] = image[r, c]
+
+    cl = (lw + 1) // 2
+    for (x1, y1, x2, y2), (cy, cu, cv), label, lx, ly in boxes:
+        for plane, (a, b, c, d), width, value in (
+            (y, (x1, y1, x2, y2), lw, cy),
+            (uv[0], (x1 // 2, y1 // 2, (x2 + 1) // 2, (y2 + 1) // 2), cl, cu),
+            (uv[1], (x1 // 2, y1 // 2, (x2 + 1) // 2, (y2 + 1) // 2), cl, cv),
+        ):
+            fill(plane, a, b, c, b + width, value)
+            fill(plane, a, d - width, c, d, value)
+            fill(plane, a, b, a + width, d, value)
+            fill(plane, c - width, b, c, d, value)
+        if label is not None:
+            copy(y, label.y8, lx, ly)
+            copy(uv[0], label.uv8[0], lx // 2, ly // 2)
+            copy(uv[1], label.uv8[1], lx // 2, ly // 2)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "pad", "lw"),
+    [(64, 48, 0, 2), (67, 41, 5, 3), (100, 30, 12, 1), (33, 57, 1, 5)],
+)
+def test_the_compiled_drawing_matches_numpy_and_stays_inside_the_frame(
+    width: int, height: int, pad: int, lw: int
+) -> None:
+    rng = np.random.default_rng(width * height + lw)
+    buf, y, uv = _frame(width, height, pad, rng)
+    ref_buf, ref_y, ref_uv = _frame(width, height, pad, np.random.default_rng(width * height + lw))
+    boxes = []
+    batch = BoxBatch()
+    for k in range(30):
+        x1, y1 = (int(v) for v in rng.integers(-5, (width, height)))
+        x2, y2 = x1 + int(rng.integers(1, width)), y1 + int(rng.integers(1, height))
+        yuv = tuple(int(v) for v in rng.integers(16, 240, 3))
+        label = None
+        lx = ly = 0
+        if k % 3:  # labels of every size, some over the frame's edges
+            lh, lw_ = 2 * int(rng.integers(1, 8)), 2 * int(rng.integers(1, 20))
+            label = Label(
+                rng.integers(0, 255, (lh, lw_), dtype=np.uint8),
+                rng.integers(0, 255, (2, lh // 2, lw_ // 2), dtype=np.uint8),
+            )
+            lx, ly = (2 * int(v) for v in rng.integers(-6, (width // 2 + 3, height // 2 + 3)))
+        boxes.append(((x1, y1, x2, y2), yuv, label, lx, ly))
+        batch.add((x1, y1, x2, y2), yuv, label, lx, ly)  # type: ignore[arg-type]
+    draw_boxes(y, uv, batch, lw)
+    _reference(ref_y, ref_uv, boxes, lw)  # type: ignore[arg-type]
+    assert np.array_equal(y, ref_y) and np.array_equal(uv, ref_uv)
+    assert np.array_equal(buf, ref_buf)  # padding and guard rows untouched too
+    assert (buf != SENTINEL).sum() == (ref_buf != SENTINEL).sum()
+
+
+def test_a_label_must_be_an_even_sized_i420_image() -> None:
+    with pytest.raises(ValueError, match="even-sized"):
+        Label(np.zeros((3, 4), np.uint8), np.zeros((2, 1, 2), np.uint8))
+    with pytest.raises(ValueError, match="even-sized"):
+        Label(np.zeros((4, 4), np.uint8), np.zeros((2, 2, 3), np.uint8))
+
+
+def test_planes_that_do_not_fit_together_are_refused() -> None:
+    _buf, y, uv = _frame(64, 48, 0, np.random.default_rng(1))
+    batch = BoxBatch()
+    batch.add((1, 1, 10, 10), (100, 100, 100))
+    with pytest.raises(ValueError, match="chroma"):
+        draw_boxes(y, uv[:, :10], batch, 2)
+    with pytest.raises(ValueError, match="contiguous"):
+        draw_boxes(y[:, ::2], uv, batch, 2)
+
+
+def test_a_missing_library_says_how_to_build_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    native._library.cache_clear()
+    monkeypatch.setattr(importlib.machinery, "EXTENSION_SUFFIXES", [".not-built.so"])
+    try:
+        with pytest.raises(EdgecamError, match=r"not built.*setup\.sh"):
+            native.check()
+    finally:
+        native._library.cache_clear()
