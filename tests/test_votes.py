@@ -94,6 +94,7 @@ def _settled(probs: list[float], frame_gap: int = 0, **cfg: int) -> bool:
         ([M] * 5, 0, {}, True),
         ([M] * 8 + [N] + [M] * 4, 0, {}, False),  # one odd vote among the last 5
         ([M] * 8 + [N] + [M] * 5, 0, {}, True),
+        ([M] * 20 + [N] * 5, 0, {}, False),  # 5 agreeing votes, but against the label kept
         ([M] * 5, 29, {}, True),
         ([M] * 5, 30, {}, False),  # recheck_frames without a vote: classify again
         ([M] * 5, 10, {"recheck_frames": 10}, False),

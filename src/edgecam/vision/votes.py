@@ -43,6 +43,11 @@ class TrackVotes:
     last_frame: int = 0
     counted: bool = field(default=False)
     last_vote_frame: int = -1
+    streak: int = 0  # how many of the latest votes in a row equal the latest one
+
+    def vote(self, vote: bool) -> None:
+        self.streak = self.streak + 1 if self.votes and self.votes[-1] == vote else 1
+        self.votes.append(vote)
 
 
 class LabelVoter:
@@ -77,7 +82,7 @@ class LabelVoter:
                 self._tracks[tid] = st
             st.last_frame = frame
             if self._classify and hit and p == p:  # p == p: not NaN
-                st.votes.append(p >= self._config.mask_threshold)
+                st.vote(p >= self._config.mask_threshold)
                 st.last_vote_frame = frame
                 st.label = self._decide(st)
             labels.append(st.label)
@@ -91,9 +96,7 @@ class LabelVoter:
             return False
         if frame - st.last_vote_frame >= self._config.recheck_frames:
             return False
-        want = st.label == MASK
-        votes = st.votes
-        return all(votes[k] == want for k in range(len(votes) - n, len(votes)))
+        return st.streak >= n and st.votes[-1] == (st.label == MASK)
 
     def _decide(self, st: TrackVotes) -> str:
         cfg = self._config
