@@ -48,7 +48,7 @@ import edgecam.media.pipeline as pl
 from edgecam.config import load_settings
 from edgecam.media.gst import GstApp
 from edgecam.vision.analytics import Analytics
-from edgecam.vision.drawing import build_draw_list, render_box
+from edgecam.vision.drawing import build_draw_list
 from edgecam.vision.synthetic import SyntheticDetector
 
 TARGET_P99_MS = 2.0
@@ -231,12 +231,15 @@ def in_pipeline(
 
 
 def standalone(frames: int) -> Probe:
-    """The same Python work (tracker, draw list, box rendering) without the pipeline."""
+    """The same Python work (tracker, draw list, the ``direct`` element's drawing into an
+    I420 frame in memory) without the pipeline."""
     settings = load_settings(**{"vision.detect_fps": 10})
     analytics = Analytics(settings, "main")
     detector = SyntheticDetector(20)
     w, h = detector.input_size
     image = np.zeros((h, w, 3), np.uint8)
+    renderer = ov.DirectRenderer(settings, settings.cameras[0], None, None)  # type: ignore[arg-type]
+    frame = ov._Frame(np.full((720, 1280), 90, np.uint8), np.full((2, 360, 640), 128, np.uint8))
     probe = Probe()
     for k in range(frames):
         t0 = time.perf_counter_ns()
@@ -246,8 +249,7 @@ def standalone(frames: int) -> Probe:
         t2 = time.perf_counter_ns()
         draws = build_draw_list(meta, settings.overlay, 1280, 720)
         t3 = time.perf_counter_ns()
-        for box in draws.boxes:
-            render_box(box, settings.overlay, 1280)
+        renderer._draw_list(frame, draws)
         t4 = time.perf_counter_ns()
         probe.frame_ms.append((t4 - t1) / 1e6)
         probe.parts["tracker"].append((t2 - t1) / 1e6)
