@@ -33,7 +33,7 @@ fi
 stamp=.venv/.edgecam-installed
 # Installing also builds the drawing core (src/edgecam/native/*.c) in place.
 native_built() { compgen -G "src/edgecam/native/_draw*.so" >/dev/null; }
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || ! native_built \
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] || ! native_built \
   || [ -n "$(find src/edgecam/native -name '*.c' -newer "$stamp")" ]; then
   echo "setup: installing edgecam and its Python dependencies into .venv"
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip

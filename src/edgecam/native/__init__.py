@@ -1,5 +1,5 @@
 """edgecam's compiled helpers: plain C built when the package is installed (see
-pyproject.toml), called through ctypes, which lets go of the GIL for each call."""
+setup.py), called through ctypes, which lets go of the GIL for each call."""
 
 from __future__ import annotations
 
