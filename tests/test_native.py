@@ -111,6 +111,9 @@ def test_planes_that_do_not_fit_together_are_refused() -> None:
         draw_boxes(y, uv[:, :10], batch, 2)
     with pytest.raises(ValueError, match="contiguous"):
         draw_boxes(y[:, ::2], uv, batch, 2)
+    y.flags.writeable = False  # as a buffer mapped for reading: numpy would refuse to write
+    with pytest.raises(ValueError, match="read-only"):
+        draw_boxes(y, uv, batch, 2)
 
 
 def test_a_missing_library_says_how_to_build_it(monkeypatch: pytest.MonkeyPatch) -> None:

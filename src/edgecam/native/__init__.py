@@ -89,6 +89,8 @@ def draw_boxes(y: npt.NDArray[np.uint8], uv: npt.NDArray[np.uint8], batch: BoxBa
     n = len(batch)
     if not n:
         return
+    if not (y.flags.writeable and uv.flags.writeable):
+        raise ValueError("the planes are read-only")
     if y.strides[1] != 1 or uv.strides[2] != 1:
         raise ValueError("the planes' pixels must be contiguous along a row")
     h, w = y.shape
