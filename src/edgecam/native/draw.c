@@ -12,12 +12,6 @@
 #include <stdint.h>
 #include <string.h>
 
-typedef struct {
-    uint8_t *y, *u, *v;
-    int32_t y_stride, uv_stride;
-    int32_t width, height; /* luma */
-} Frame;
-
 static int clamp(int value, int lo, int hi) {
     return value < lo ? lo : (value > hi ? hi : value);
 }
@@ -35,7 +29,8 @@ static void fill(uint8_t *plane, int stride, int pw, int ph, int x1, int y1, int
     y1 = clamp(y1, 0, ph);
     y2 = clamp(y2, 0, ph);
     if (x1 >= x2) return;
-    for (int row = y1; row < y2; row++) memset(plane + (ptrdiff_t)row * stride + x1, value, x2 - x1);
+    for (int row = y1; row < y2; row++)
+        memset(plane + (ptrdiff_t)row * stride + x1, value, (size_t)(x2 - x1));
 }
 
 /* GCC turns short byte loops into memset calls: for the few bytes a row of an outline's
@@ -70,7 +65,7 @@ static void copy(uint8_t *plane, int stride, int pw, int ph, const uint8_t *imag
     if (c0 >= c1) return;
     for (int r = r0; r < r1; r++)
         memcpy(plane + (ptrdiff_t)(y + r) * stride + x + c0, image + (ptrdiff_t)r * w + c0,
-               c1 - c0);
+               (size_t)(c1 - c0));
 }
 
 /* Draw `n` boxes in order, each its outline then its label (if any). Each box is 13
