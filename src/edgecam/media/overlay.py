@@ -5,9 +5,10 @@ Each renderer is driven by one element of the pipeline (named ``overlay``) and s
 frame's analytics (:class:`~edgecam.media.detection.FrameAnalysis`) before it draws:
 
 * :class:`DirectRenderer` (``overlay.element: direct``): a small in-place element made here
-  hands each I420 frame to Python, which writes the box outlines (opaque, a few slices a
-  box) and cached label images straight into it. The cheapest by far: blending in C costs
-  every row a layer covers across the frame's whole width.
+  hands each I420 frame to Python, which has all box outlines (opaque) and cached label
+  images written straight into it by one call of the C drawing core (:mod:`edgecam.native`),
+  and blends the few translucent images (counts, zones, masks) with numpy. The cheapest by
+  far: ``overlaycomposition`` blends every row a layer covers across the frame's whole width.
 * :class:`CompositionRenderer` (``overlaycomposition``): ARGB layers of each box, blended in
   C by ``overlaycomposition``.
 * :class:`CairoRenderer` (``cairooverlay``): cairo draws on a BGRx copy of the frame.
@@ -320,7 +321,7 @@ class HandoffRenderer:
         self.analysis.step(buf.pts, buf.duration)
 
 
-# -- direct: Python writes into the I420 frame -------------------------------------------------
+# -- direct: written into the I420 frame in place ----------------------------------------------
 
 U8 = npt.NDArray[np.uint8]
 F32 = npt.NDArray[np.float32]
