@@ -278,10 +278,10 @@ class InferenceWorker(Worker):
 
         limit_malloc_arenas()
         settings = self.settings
-        if any(b.settings.vision.detect_fps > 0 for b in self._branches):
+        detecting = sum(b.settings.vision.detect_fps > 0 for b in self._branches)
+        if detecting:
             vision = settings.vision
             faces = any(c.privacy.faces != "off" for c in settings.cameras)
-            detecting = sum(b.settings.vision.detect_fps > 0 for b in self._branches)
             workers = vision.detector_workers or max(1, min(detecting, vision.threads))
             shared = vision.model_copy(update={"threads": max(1, vision.threads // workers)})
             self.batcher = DetectorBatcher(
