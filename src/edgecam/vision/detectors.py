@@ -699,14 +699,18 @@ class WithPrivacyFaces:
 # Choosing by config
 
 
+def _face_threads(v: VisionConfig) -> int:
+    return min(v.threads, v.face_threads)
+
+
 def _centerface(v: VisionConfig) -> Detector:
     return CenterFaceDetector(
-        v.face_model_path, v.face_input, v.face_threshold, Runtime.of(v), v.threads
+        v.face_model_path, v.face_input, v.face_threshold, Runtime.of(v), _face_threads(v)
     )
 
 
 def _blazeface(v: VisionConfig) -> Detector:
-    return BlazeFaceDetector(v.face_model_path, v.face_threshold, Runtime.of(v), v.threads)
+    return BlazeFaceDetector(v.face_model_path, v.face_threshold, Runtime.of(v), _face_threads(v))
 
 
 _FACE_DETECTORS: dict[str, Callable[[VisionConfig], Detector]] = {
@@ -764,7 +768,7 @@ def build_detector(vision: VisionConfig, *, privacy_faces: bool = False) -> Dete
             detector.input_size,
             vision.face_threshold,
             Runtime.of(vision),
-            vision.threads,
+            _face_threads(vision),
         )
     except Exception:
         detector.close()
