@@ -19,7 +19,7 @@ from conftest import MEDIA, free_udp_pair
 from edgecam.config import Settings, load_settings
 from edgecam.errors import MissingPluginError, ModelError, PipelineError, SourceError
 from edgecam.media.detection import DetectionResults, from_model_frame
-from edgecam.media.gst import require_elements
+from edgecam.media.gst import Gst, require_elements
 from edgecam.media.launch import Names
 from edgecam.media.offline import process_file
 from edgecam.media.pipeline import DetectionSchedule, Pipeline, describe
@@ -339,6 +339,35 @@ def test_live_test_source_sends_rtp_and_stops_cleanly() -> None:
     assert 5 <= detections <= 14  # at most 5 a second
     time.sleep(0.2)
     assert [t for t in threading.enumerate() if t not in before and t.is_alive()] == []
+
+
+def test_live_scales_only_the_frames_the_detector_may_take() -> None:
+    # Under a rate cap the frames that come while the detector may not start are dropped
+    # before they are scaled to the model's size; the rate holds.
+    settings = Settings.model_validate(
+        {
+            "cameras": [{"name": "t", "source": "test://", "width": 320, "height": 240, "fps": 30}],
+            "vision": {"detect_fps": 5},
+        }
+    )
+    scaled = 0
+
+    def count(_pad: Any, _info: Any) -> Any:
+        nonlocal scaled
+        scaled += 1
+        return Gst.PadProbeReturn.OK
+
+    with Pipeline(settings, mode="live", detector=SyntheticDetector(4, (640, 352))) as p:
+        sink = p.element(Names.INFER_SINK)
+        assert sink is not None
+        sink.get_static_pad("sink").add_probe(Gst.PadProbeType.BUFFER, count)
+        p.start()
+        p.run(timeout=3.0)
+        frames, detections = p.stats.frames, p.stats.detections
+    assert frames >= 70
+    assert detections >= 12  # 5 a second held
+    # About two frames a detection (those within 1.5 frame times of it), not all 30 a second.
+    assert scaled <= 3 * detections < frames, (scaled, detections, frames)
 
 
 def test_looping_file_plays_on_past_its_end() -> None:

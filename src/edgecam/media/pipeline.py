@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 _MIN_SIDE = 16  # mp4mux refuses smaller H.264 frames
 _KEYFRAME_EARLY = 20  # a forced keyframe may come 1/20 of the interval early
 _STOP_TIMEOUT_S = 10.0
+# Live: frames are scaled for the detector from this many frame times before it may take one.
+_LIVE_INFER_LEAD = 1.5
 
 
 def _pinned_caps(first: Gst.Structure, feature: str) -> Gst.Caps:
@@ -258,9 +260,12 @@ class Pipeline:
             _replace(self._pipeline, Names.OVERLAY, self._renderer.element())
         elif self._renderer is not None:
             self._renderer.attach(get(Names.OVERLAY))
-        if self._schedule is not None and self._runner is not None:
+        if self._runner is not None:
             q = get(Names.INFER_QUEUE)
-            q.get_static_pad("sink").add_probe(Gst.PadProbeType.BUFFER, self._on_infer_buffer)
+            if self._schedule is not None:
+                q.get_static_pad("sink").add_probe(Gst.PadProbeType.BUFFER, self._on_infer_buffer)
+            elif self._runner.gates_frames:
+                q.get_static_pad("src").add_probe(Gst.PadProbeType.BUFFER, self._on_live_infer)
         self._entry.add_probe(Gst.PadProbeType.EVENT_DOWNSTREAM, self._on_source_caps)
         video_q = get(Names.VIDEO_QUEUE)
         video_q.get_static_pad("src").add_probe(Gst.PadProbeType.EVENT_DOWNSTREAM, self._on_caps)
@@ -330,6 +335,15 @@ class Pipeline:
         buf = info.get_buffer()
         assert self._schedule is not None
         if self._schedule.due(buf.pts, self._video.duration(buf.duration)):
+            return Gst.PadProbeReturn.OK
+        return Gst.PadProbeReturn.DROP
+
+    @guarded(Gst.PadProbeReturn.OK)
+    def _on_live_infer(self, _pad: Gst.Pad, _info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
+        # Live, before scaling: only the frames the detector may take (the leaky queue has
+        # already let the older ones go).
+        assert self._runner is not None
+        if self._runner.wants_frame(_LIVE_INFER_LEAD * self._video.frame_ns / 1e9):
             return Gst.PadProbeReturn.OK
         return Gst.PadProbeReturn.DROP
 
