@@ -15,18 +15,21 @@ scaled to fit 640x352 with borders (letterbox or pillarbox), boxes mapped back.
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_faces import with_masks
+
 from edgecam.config import VisionConfig
 from edgecam.vision.detectors import CenterFaceDetector, MaskClassifier
-from edgecam.vision.evaluation import letterbox
+from edgecam.vision.evaluation import from_letterbox, letterbox
 
 ROOT = Path(__file__).resolve().parents[1]
-LIGHT_BLUE = (160, 205, 230)
 
 
 def _clip_frames(path: Path, every: int, group: str) -> list[tuple[str, str, np.ndarray]]:
@@ -53,32 +56,20 @@ def _frames() -> list[tuple[str, str, np.ndarray]]:
     return out
 
 
-def _with_masks(src: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """A mask drawn on each face (source pixels): from below the eyes to the chin."""
-    out = src.copy()
-    for x1, y1, x2, y2 in boxes:
-        top = y1 + 0.5 * (y2 - y1)
-        poly = np.array(
-            [[x1, top], [x2, top], [x2 - 0.08 * (x2 - x1), y2], [x1 + 0.08 * (x2 - x1), y2]]
-        )
-        cv2.fillPoly(out, [poly.round().astype(np.int32)], LIGHT_BLUE)
-    return out
-
-
 def main() -> None:
     cfg = VisionConfig()
     face = CenterFaceDetector(cfg.face_model_path, cfg.face_input, cfg.face_threshold)
     mask = MaskClassifier(cfg.mask_model, margin=cfg.mask_crop_margin)
     stats: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for group, _name, src in _frames():
-        model, (scale, dx, dy) = letterbox(src, cfg.face_input)
+        model, fit = letterbox(src, cfg.face_input)
         dets = face.detect(model)
         if not len(dets):
             continue
         in_model = dets.xyxy
-        in_src = dets.mapped(1 / scale, 1 / scale, -dx / scale, -dy / scale).xyxy
+        in_src = from_letterbox(dets, fit).xyxy
         for variant in ("plain", "masked"):
-            image = src if variant == "plain" else _with_masks(src, in_src)
+            image = src if variant == "plain" else with_masks(src, in_src)
             framed = model if variant == "plain" else letterbox(image, cfg.face_input)[0]
             p_model = mask.classify(framed, in_model)
             p_src = mask.classify(image, in_src)

@@ -44,7 +44,6 @@ from edgecam.config import MODELS_DIR, VisionConfig, load_settings
 from edgecam.device.workers import limit_malloc_arenas
 from edgecam.vision import evaluation
 from edgecam.vision.analytics import Analytics
-from edgecam.vision.detections import Detections
 from edgecam.vision.detectors import CenterFaceDetector, FaceMaskDetector, MaskClassifier
 from edgecam.vision.settled import SettledTracks
 
@@ -95,11 +94,6 @@ def with_masks(src: Image, boxes: Boxes) -> Image:
         poly = np.array([[x1, top], [x2, top], [x2 - inset, y2], [x1 + inset, y2]])
         cv2.fillPoly(out, [poly.round().astype(np.int32)], (160, 205, 230))
     return out
-
-
-def to_source(dets: Detections, fit: tuple[float, float, float]) -> Detections:
-    scale, dx, dy = fit
-    return dets.mapped(1 / scale, 1 / scale, -dx / scale, -dy / scale)
 
 
 def timed(fn: Callable[[], object], runs: int) -> float:
@@ -229,7 +223,7 @@ def _run_analytics(
                 seen.publish(*history[0])
             m, fit = letterbox(frames[i // EVERY], v.face_input)
             t0 = time.perf_counter()
-            dets = to_source(det.detect(m), fit)
+            dets = evaluation.from_letterbox(det.detect(m), fit)
             spent += time.perf_counter() - t0
         meta = analytics.step(i / 30, dets, size)
         history.append(analytics.settled.boxes())
@@ -315,7 +309,7 @@ def part_input(frames: list[Image], v: VisionConfig, threads: int, sizes: list[s
             t0 = time.perf_counter()
             d = face.detect(m)
             t.append(time.perf_counter() - t0)
-            boxes.append(to_source(d, fit).xyxy)
+            boxes.append(evaluation.from_letterbox(d, fit).xyxy)
         face.close()
         results[(precision, size)] = (boxes, 1000 * c.median(t))
     ref_boxes, ref_ms = results[("fp32", REFERENCE)]

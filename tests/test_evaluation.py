@@ -11,11 +11,13 @@ import pytest
 
 from edgecam.config import MODELS_DIR, VisionConfig
 from edgecam.errors import ModelError
+from edgecam.vision.detections import Detections
 from edgecam.vision.detectors import NanoDetDetector, build_detector
 from edgecam.vision.evaluation import (
     EvalSetError,
     average_precision,
     bucket_of,
+    from_letterbox,
     iou_matrix,
     letterbox,
     load_scene,
@@ -232,3 +234,14 @@ def test_letterbox_fits_and_centres_as_videoscale_add_borders() -> None:
     tall = np.full((144, 176, 3), 50, np.uint8)
     frame, (scale, dx, dy) = letterbox(tall, (640, 352), area=True)
     assert (dx, dy) == (105, 0) and (frame[:, 105:535] == 50).all()
+
+
+def test_boxes_found_in_a_letterboxed_frame_map_back_to_the_source() -> None:
+    source = np.zeros((144, 176, 3), np.uint8)  # pillarboxed into 640x352
+    _frame, fit = letterbox(source, (640, 352))
+    scale, dx, dy = fit
+    in_source = np.array([[10, 20, 60, 100], [0, 0, 176, 144]], np.float32)
+    in_frame = in_source * scale + np.array([dx, dy, dx, dy], np.float32)
+    back = from_letterbox(Detections(in_frame, np.array([0.9, 0.8], np.float32)), fit)
+    np.testing.assert_allclose(back.xyxy, in_source, atol=1e-3)
+    np.testing.assert_array_equal(back.confidence, np.array([0.9, 0.8], np.float32))

@@ -12,7 +12,7 @@ import pytest
 from edgecam.config import MODELS_DIR, load_settings
 from edgecam.vision.analytics import Analytics
 from edgecam.vision.detectors import CenterFaceDetector, FaceMaskDetector, MaskClassifier
-from edgecam.vision.evaluation import letterbox
+from edgecam.vision.evaluation import from_letterbox, letterbox
 from edgecam.vision.settled import SettledTracks, unsettled
 
 MEDIA = Path(__file__).parents[1] / "media"
@@ -90,8 +90,8 @@ def _run(
     for i, src in enumerate(frames):
         dets = None
         if i % 3 == 0:
-            model, (scale, dx, dy) = letterbox(src, FACE_INPUT)
-            dets = detector.detect(model).mapped(1 / scale, 1 / scale, -dx / scale, -dy / scale)
+            model, fit = letterbox(src, FACE_INPUT)
+            dets = from_letterbox(detector.detect(model), fit)
         meta = analytics.step(i / 30, dets, (src.shape[1], src.shape[0]))
         labels.append([(t.id, t.label) for t in meta.tracks])
         counts = meta.counts

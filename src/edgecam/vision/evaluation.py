@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgecam.errors import EdgecamError
+from edgecam.vision.detections import Detections
 
 __all__ = [
     "SIZE_BUCKETS",
@@ -32,6 +33,7 @@ __all__ = [
     "Scene",
     "average_precision",
     "bucket_of",
+    "from_letterbox",
     "iou_matrix",
     "letterbox",
     "load_scene",
@@ -183,6 +185,13 @@ def letterbox(
     how = cv2.INTER_AREA if area else cv2.INTER_LINEAR
     out[dy : dy + ch, dx : dx + cw] = cv2.resize(src, (cw, ch), interpolation=how)
     return out, (scale, dx, dy)
+
+
+def from_letterbox(dets: Detections, fit: tuple[float, int, int]) -> Detections:
+    """``dets`` found in a frame :func:`letterbox` made, in the source's pixels (``fit`` is
+    the ``(scale, dx, dy)`` it returned)."""
+    scale, dx, dy = fit
+    return dets.mapped(1 / scale, 1 / scale, -dx / scale, -dy / scale)
 
 
 def read_frames(scene: Scene) -> Iterator[tuple[EvalFrame, Frame]]:
