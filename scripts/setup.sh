@@ -31,8 +31,8 @@ if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 stamp=.venv/.edgecam-installed
-# Installing also builds the drawing core (src/edgecam/native/*.c) in place.
-native_built() { compgen -G "src/edgecam/native/_draw*.so" >/dev/null; }
+# Installing also builds the compiled core (src/edgecam/native/*.c) in place.
+native_built() { compgen -G "src/edgecam/native/_core*.so" >/dev/null; }
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] || ! native_built \
   || [ -n "$(find src/edgecam/native -name '*.c' -newer "$stamp")" ]; then
   echo "setup: installing edgecam and its Python dependencies into .venv"

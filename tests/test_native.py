@@ -1,4 +1,5 @@
-"""The compiled drawing core against a plain numpy drawing of the same boxes."""
+"""The compiled core against plain numpy: the drawing of the same boxes, and the tracker's
+matching against the numpy version it replaced."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 import edgecam.native as native
 from edgecam.errors import EdgecamError
-from edgecam.native import BoxBatch, Label, draw_boxes
+from edgecam.native import BoxBatch, Label, draw_boxes, match_iou
 
 U8 = npt.NDArray[np.uint8]
 SENTINEL = 7
@@ -124,3 +125,80 @@ def test_a_missing_library_says_how_to_build_it(monkeypatch: pytest.MonkeyPatch)
             native.check()
     finally:
         native._library.cache_clear()
+
+
+# -- the tracker's matching ----------------------------------------------------------------
+
+
+def _iou_distance(candidates: np.ndarray, objects: np.ndarray) -> np.ndarray:
+    """(N, K) matrix of 1 - IoU, Norfair's ``iou`` distance (the tracker's former numpy)."""
+    area_c = (candidates[:, 2] - candidates[:, 0]) * (candidates[:, 3] - candidates[:, 1])
+    area_o = (objects[:, 2] - objects[:, 0]) * (objects[:, 3] - objects[:, 1])
+    top_left = np.maximum(candidates[:, None, :2], objects[:, :2])
+    bottom_right = np.minimum(candidates[:, None, 2:], objects[:, 2:])
+    inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.asarray(1 - inter / (area_c[:, None] + area_o - inter))
+
+
+def _greedy(distance: np.ndarray, threshold: float) -> list[tuple[int, int]]:
+    """Norfair's matching: take the globally closest pair while it is under ``threshold``."""
+    pairs: list[tuple[int, int]] = []
+    if not distance.size:
+        return pairs
+    d = np.nan_to_num(distance.copy(), nan=threshold + 1)
+    cols = d.shape[1]
+    while True:
+        flat = int(d.argmin())
+        if not d.flat[flat] < threshold:
+            return pairs
+        row, col = divmod(flat, cols)
+        pairs.append((row, col))
+        d[row, :] = threshold + 1
+        d[:, col] = threshold + 1
+
+
+def _boxes(n: int, rng: np.random.Generator) -> np.ndarray:
+    xy = rng.uniform(-50, 1300, (n, 2))
+    wh = rng.uniform(1, 300, (n, 2))
+    return np.concatenate([xy, xy + wh], axis=1)
+
+
+def _case(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(candidates, objects): detections near the objects (jittered), plus some anywhere."""
+    rng = np.random.default_rng(seed)
+    objects = _boxes(int(rng.integers(0, 25)), rng)
+    near = objects[rng.permutation(len(objects))[: int(rng.integers(0, len(objects) + 1))]]
+    near = near + rng.normal(0, 8, near.shape)
+    candidates = np.concatenate([near, _boxes(int(rng.integers(0, 6)), rng)])
+    if seed % 5 == 0 and len(candidates) > 1:
+        candidates[1] = candidates[0]  # equal distances: the first in row-major order wins
+    if seed % 7 == 0 and len(candidates):
+        candidates[-1] = [10, 10, 10, 10]  # empty box: 0/0 against another empty one
+        objects = np.concatenate([objects, [[10, 10, 10, 10]]])
+    return candidates, objects
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_matching_pairs_equal_the_numpy_rule(seed: int) -> None:
+    candidates, objects = _case(seed)
+    for threshold in (0.3, 0.8, 1.0):
+        expected = _greedy(_iou_distance(candidates, objects), threshold)
+        assert match_iou(candidates, objects, threshold) == expected
+
+
+def test_the_random_matching_cases_are_not_all_empty() -> None:
+    sizes = [len(_greedy(_iou_distance(*_case(seed)), 0.8)) for seed in range(40)]
+    assert sum(n > 3 for n in sizes) >= 15 and max(sizes) >= 15, sizes
+
+
+def test_matching_never_takes_a_nan_and_takes_the_closest_first() -> None:
+    empty = np.array([[5.0, 5.0, 5.0, 5.0]])
+    assert match_iou(empty, empty, 0.8) == []  # 0 / 0: NaN, never a match
+    a = np.array([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0]])
+    b = np.array([[0.0, 0.0, 1.0, 1.0]])
+    assert match_iou(a, b, 0.8) == _greedy(_iou_distance(a, b), 0.8) == [(1, 0)]
+    assert match_iou(a, b, 0.0) == []  # nothing is nearer than 0
+    assert match_iou(np.zeros((0, 4)), b, 0.8) == []
+    with pytest.raises(ValueError, match=r"\(n, 4\)"):
+        match_iou(np.zeros((3, 3)), b, 0.8)

@@ -1,5 +1,6 @@
 """edgecam's compiled helpers: plain C built when the package is installed (see
-setup.py), called through ctypes, which lets go of the GIL for each call."""
+setup.py), called through ctypes, which lets go of the GIL for each call: the drawing core
+(``draw.c``) and the tracker's matching (``match.c``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy.typing as npt
 
 from edgecam.errors import EdgecamError
 
-__all__ = ["BoxBatch", "Label", "check", "draw_boxes"]
+__all__ = ["BoxBatch", "Label", "check", "draw_boxes", "match_iou"]
 
 _PER_BOX = 13
 
@@ -23,15 +24,17 @@ _PER_BOX = 13
 def _library() -> ctypes.CDLL:
     here = Path(__file__).resolve().parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = here / f"_draw{suffix}"
+        path = here / f"_core{suffix}"
         if path.is_file():
             lib = ctypes.CDLL(str(path))
-            vp, i32 = ctypes.c_void_p, ctypes.c_int32
+            vp, i32, f64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_double
             lib.edgecam_draw_boxes.argtypes = [vp, vp, vp, i32, i32, i32, i32, i32, vp, i32]
             lib.edgecam_draw_boxes.restype = None
+            lib.edgecam_match_iou.argtypes = [vp, i32, vp, i32, f64, vp, vp, vp]
+            lib.edgecam_match_iou.restype = i32
             return lib
     raise EdgecamError(
-        f"edgecam's drawing library is not built in {here}: reinstall edgecam "
+        f"edgecam's compiled core is not built in {here}: reinstall edgecam "
         "(bash scripts/setup.sh, or pip install -e . with a C compiler present)"
     )
 
@@ -102,3 +105,26 @@ def draw_boxes(y: npt.NDArray[np.uint8], uv: npt.NDArray[np.uint8], batch: BoxBa
         y.ctypes.data, base, base + uv.strides[0], y.strides[0], uv.strides[1], w, h, n,
         items.buffer_info()[0], line_width,
     )  # fmt: skip
+
+
+def match_iou(
+    candidates: npt.NDArray[np.float64], objects: npt.NDArray[np.float64], threshold: float
+) -> list[tuple[int, int]]:
+    """Norfair's greedy IoU matching: (candidate, object) index pairs, closest first, while
+    ``1 - IoU < threshold``; each box in one pair at most. Both arrays are (n, 4) boxes
+    (x1, y1, x2, y2); a pair whose distance is NaN (an empty union) never matches."""
+    a = np.ascontiguousarray(candidates, dtype=np.float64)
+    b = np.ascontiguousarray(objects, dtype=np.float64)
+    if a.ndim != 2 or a.shape[1] != 4 or b.ndim != 2 or b.shape[1] != 4:
+        raise ValueError(f"boxes must be (n, 4) arrays, got {a.shape} and {b.shape}")
+    n, k = len(a), len(b)
+    if not n or not k:
+        return []
+    work = np.empty(n * k, dtype=np.float64)
+    rows = np.empty(min(n, k), dtype=np.int32)
+    cols = np.empty(min(n, k), dtype=np.int32)
+    found = _library().edgecam_match_iou(
+        a.ctypes.data, n, b.ctypes.data, k, threshold, work.ctypes.data, rows.ctypes.data,
+        cols.ctypes.data,
+    )  # fmt: skip
+    return list(zip(rows[:found].tolist(), cols[:found].tolist(), strict=True))

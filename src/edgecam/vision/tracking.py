@@ -7,6 +7,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgecam.config import TrackerConfig
+from edgecam.native import check as check_native
+from edgecam.native import match_iou
 from edgecam.vision.detections import Detections
 
 __all__ = ["TRACKERS", "NorfairTracker", "NumpyTracker", "TrackUpdate", "Tracker"]
@@ -98,14 +100,15 @@ class NumpyTracker:
 
     The same per-coordinate Kalman filter as Norfair's ``OptimizedKalmanFilter`` (R=4,
     Q=0.1, initial variances 10 / 0 / 1), the same hit counters, initialisation delay and
-    greedy IoU matching (initialised tracks first), so it gives Norfair's tracks; but a
-    detection frame costs a handful of numpy operations instead of ~70 us of Python per
-    object, which matters on two cores at 20 objects.
+    greedy IoU matching (initialised tracks first, compiled: :func:`edgecam.native.match_iou`),
+    so it gives Norfair's tracks; but a detection frame costs a handful of numpy operations
+    instead of ~70 us of Python per object, which matters on two cores at 20 objects.
     """
 
     _R, _Q = 4.0, 0.1
 
     def __init__(self, config: TrackerConfig) -> None:
+        check_native()  # the matching is compiled: an install without it fails here, saying so
         self._threshold = config.distance_threshold
         self._max = config.hit_counter_max
         self._delay = config.initialization_delay
@@ -136,7 +139,7 @@ class NumpyTracker:
             for group in (self._ids > 0, self._ids == 0):
                 objs = np.flatnonzero(group)
                 dets = np.flatnonzero(free)
-                pairs = _greedy(_iou_distance(boxes[dets], self._pos[objs]), self._threshold)
+                pairs = match_iou(boxes[dets], self._pos[objs], self._threshold)
                 for d, o in pairs:
                     det, obj = int(dets[d]), int(objs[o])
                     free[det] = False
@@ -201,36 +204,6 @@ class NumpyTracker:
             return
         for name in ("_pos", "_vel", "_pv", "_pvc", "_vv", "_hits", "_ids", "_conf"):
             setattr(self, name, getattr(self, name)[mask])
-
-
-def _iou_distance(candidates: np.ndarray, objects: np.ndarray) -> np.ndarray:
-    """(N, K) matrix of 1 - IoU, Norfair's ``iou`` distance."""
-    if not len(candidates) or not len(objects):
-        return np.zeros((len(candidates), len(objects)))
-    area_c = (candidates[:, 2] - candidates[:, 0]) * (candidates[:, 3] - candidates[:, 1])
-    area_o = (objects[:, 2] - objects[:, 0]) * (objects[:, 3] - objects[:, 1])
-    top_left = np.maximum(candidates[:, None, :2], objects[:, :2])
-    bottom_right = np.minimum(candidates[:, None, 2:], objects[:, 2:])
-    inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=2)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.asarray(1 - inter / (area_c[:, None] + area_o - inter))
-
-
-def _greedy(distance: np.ndarray, threshold: float) -> list[tuple[int, int]]:
-    """Norfair's matching: take the globally closest pair while it is under ``threshold``."""
-    pairs: list[tuple[int, int]] = []
-    if not distance.size:
-        return pairs
-    d = np.nan_to_num(distance.copy(), nan=threshold + 1)
-    cols = d.shape[1]
-    while True:
-        flat = int(d.argmin())
-        if not d.flat[flat] < threshold:
-            return pairs
-        row, col = divmod(flat, cols)
-        pairs.append((row, col))
-        d[row, :] = threshold + 1
-        d[:, col] = threshold + 1
 
 
 # Config ``tracker.backend`` -> implementation.
