@@ -10,6 +10,7 @@ import functools
 import itertools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cairo
 
@@ -40,8 +41,9 @@ _PIECE_PX = 48
 _ARROW_PX = 28
 
 
-@dataclass(frozen=True, slots=True)
-class DrawBox:
+# Named tuples, not frozen dataclasses: a frame makes one a track, and a frozen dataclass
+# costs several times as much to make.
+class DrawBox(NamedTuple):
     x1: int
     y1: int
     x2: int
@@ -50,8 +52,7 @@ class DrawBox:
     text: str
 
 
-@dataclass(frozen=True, slots=True)
-class DrawText:
+class DrawText(NamedTuple):
     x: int
     y: int
     text: str
@@ -79,20 +80,19 @@ def build_draw_list(
     boxes = []
     if not cfg.enabled:
         return DrawList((), ())
+    colours, ids, labels = cfg.colours, cfg.draw_ids, cfg.draw_labels
+    right, bottom = width - 1, height - 1
     for t in meta.tracks:
         x1, y1, x2, y2 = t.box
         x1i, y1i = max(0, int(x1)), max(0, int(y1))
-        x2i, y2i = min(width - 1, int(x2)), min(height - 1, int(y2))
+        x2i, y2i = min(right, int(x2)), min(bottom, int(y2))
         if x2i - x1i < 2 or y2i - y1i < 2:
             continue
-        parts = []
-        if cfg.draw_ids:
-            parts.append(str(t.id))
-        if cfg.draw_labels:
-            parts.append(t.label)
-        boxes.append(
-            DrawBox(x1i, y1i, x2i, y2i, cfg.colours.get(t.label, _FALLBACK), " ".join(parts))
-        )
+        if ids and labels:
+            text = f"{t.id} {t.label}"
+        else:
+            text = str(t.id) if ids else (t.label if labels else "")
+        boxes.append(DrawBox(x1i, y1i, x2i, y2i, colours.get(t.label, _FALLBACK), text))
     texts = []
     if cfg.draw_counts and meta.counts:
         line = "  ".join(f"{label}: {n}" for label, n in meta.counts.items())
