@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -25,9 +25,9 @@ __all__ = ["Analytics", "FollowsSettled", "FrameMeta", "MetaBus", "TrackInfo"]
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class TrackInfo:
-    """One tracked object on one frame, in source pixels."""
+class TrackInfo(NamedTuple):
+    """One tracked object on one frame, in source pixels (a named tuple: a frame makes one
+    a track, and a frozen dataclass costs several times as much to make)."""
 
     id: int
     box: tuple[float, float, float, float]
