@@ -118,6 +118,10 @@ def test_defaults_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
             "encoder.element nvh264 needs media.backend nvidia",
         ),
         ("media:\n  backend: cuda\n", "media.backend"),
+        (
+            "vision:\n  face_threads: 0\n",
+            "vision.face_threads: Input should be greater than or equal to 1",
+        ),
         ("alerts:\n  line_crossing:\n    forbidden: {door: sideways}\n", "forbidden.door"),
     ],
 )

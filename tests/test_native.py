@@ -10,8 +10,10 @@ import numpy.typing as npt
 import pytest
 
 import edgecam.native as native
+from edgecam.config import TrackerConfig
 from edgecam.errors import EdgecamError
 from edgecam.native import BoxBatch, Label, draw_boxes, match_iou
+from edgecam.vision.tracking import NumpyTracker
 
 U8 = npt.NDArray[np.uint8]
 SENTINEL = 7
@@ -123,6 +125,8 @@ def test_a_missing_library_says_how_to_build_it(monkeypatch: pytest.MonkeyPatch)
     try:
         with pytest.raises(EdgecamError, match=r"not built.*setup\.sh"):
             native.check()
+        with pytest.raises(EdgecamError, match="compiled core is not built"):
+            NumpyTracker(TrackerConfig())  # the tracker's matching is compiled too
     finally:
         native._library.cache_clear()
 
