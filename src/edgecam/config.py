@@ -406,8 +406,8 @@ class VisionConfig(_Section):
         ge=1,
         le=64,
         description="Most CPU threads a face detector call takes (at most vision.threads). "
-        "CenterFace at 640x352 ran 1.2x faster on two threads than on one, for 1.5x the CPU: "
-        "on a camera one thread is the cheaper choice.",
+        "On a 2-core VM a second thread made CenterFace at 640x352 1.2-1.8x faster for "
+        "1.1-1.7x the CPU: one thread is never dearer, and a camera has the time for it.",
     )
     mask_model: _FilePath = Field(
         MODELS_DIR / "mask_classifier.onnx", description="Mask classifier ONNX (224x224 NHWC)."
