@@ -309,7 +309,7 @@ def test_the_mask_classifier_runs_one_crop_a_call_on_one_thread() -> None:
 def test_the_face_detector_takes_face_threads_at_most_threads(
     threads: int, face_threads: int, expected: int
 ) -> None:
-    # CenterFace gained 1.2x from a second thread for 1.5x its CPU: one by default.
+    # A second thread made CenterFace 1.2-1.8x faster for 1.1-1.7x its CPU: one by default.
     for vision in (
         VisionConfig(profile="mask", threads=threads, face_threads=face_threads),
         VisionConfig(profile="people", threads=threads, face_threads=face_threads),
