@@ -224,7 +224,8 @@ class DetectorRunner:
 
     @property
     def gates_frames(self) -> bool:
-        """Live with a rate cap: :meth:`wants_frame` says which frames to scale."""
+        """Live with a rate cap: detections are spaced ``1 / detect_fps`` apart, and
+        :meth:`wants_frame` says which frames to scale."""
         return self._live and self._min_interval > 0
 
     def wants_frame(self, lead_s: float) -> bool:
@@ -300,7 +301,7 @@ class DetectorRunner:
                 continue
             t0 = time.perf_counter()
             started = time.monotonic()
-            if self._live and self._min_interval:
+            if self.gates_frames:
                 self._next_start = started + self._min_interval
             try:
                 frame: np.ndarray = np.ndarray(
@@ -323,7 +324,7 @@ class DetectorRunner:
             if caps is not None:
                 dets = dets.mapped(*from_model_frame(caps.get_structure(0), info))
             self.results.post(buf.pts, dets)
-            if self._live and self._min_interval:
+            if self.gates_frames:
                 delay = started + self._min_interval - time.monotonic()
                 if delay > 0 and self._stopping.wait(delay):
                     break
