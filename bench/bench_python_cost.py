@@ -46,6 +46,7 @@ import edgecam.media.detection as det
 import edgecam.media.overlay as ov
 import edgecam.media.pipeline as pl
 from edgecam.config import load_settings
+from edgecam.media.frames import I420Frame
 from edgecam.media.gst import GstApp
 from edgecam.vision.analytics import Analytics
 from edgecam.vision.drawing import build_draw_list
@@ -239,7 +240,7 @@ def standalone(frames: int) -> Probe:
     w, h = detector.input_size
     image = np.zeros((h, w, 3), np.uint8)
     renderer = ov.DirectRenderer(settings, settings.cameras[0], None, None)  # type: ignore[arg-type]
-    frame = ov._Frame(np.full((720, 1280), 90, np.uint8), np.full((2, 360, 640), 128, np.uint8))
+    frame = I420Frame(np.full((720, 1280), 90, np.uint8), np.full((2, 360, 640), 128, np.uint8))
     probe = Probe()
     for k in range(frames):
         t0 = time.perf_counter_ns()

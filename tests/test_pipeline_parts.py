@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,10 @@ from edgecam.media.backends import (
     resolve_backend,
 )
 from edgecam.media.detection import PipelineStats
+from edgecam.media.frames import MappedFrame
 from edgecam.media.gst import Gst, GstVideo, init
 from edgecam.media.launch import describe
-from edgecam.media.overlay import DirectRenderer, LruCache, _MappedFrame
+from edgecam.media.overlay import DirectRenderer, LruCache
 from edgecam.media.pipeline import Pipeline
 from edgecam.media.supervisor import Backoff, SourceSupervisor
 from edgecam.vision.detections import Detections
@@ -231,22 +233,48 @@ def _describe(settings: Settings, case: dict[str, Any], backend: Backend | None 
     ).description
 
 
+QUEUE = "queue max-size-buffers=3 max-size-bytes=0 max-size-time=0 ! "
+
+
+def _since_the_table(description: str) -> str:
+    """A launch line from before the media backend table, with the two changes made since:
+    the detector's frames are fitted on its thread (no scaling in the pipeline), and a queue
+    puts the encoder on a thread of its own where Python runs once a frame."""
+    line = re.sub(
+        r" ! videoscale ! videoconvert ! video/x-raw,format=RGB,width=\d+,height=\d+,"
+        r"pixel-aspect-ratio=1/1 ! appsink",
+        " ! appsink",
+        description,
+    )
+    if "name=overlay" in line:
+        line = re.sub(
+            r"(\S+enc name=enc)",
+            r"queue max-size-buffers=3 max-size-bytes=0 max-size-time=0 ! \1",
+            line,
+        )
+    return line
+
+
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_cpu_backend_describes_the_pipeline_as_before(name: str) -> None:
     """Byte for byte the launch lines of the pipeline before the media backend table (taken
-    from it, tests/data/pipeline_descriptions.json), drawn by the same element."""
+    from it, tests/data/pipeline_descriptions.json), drawn by the same element, but for the
+    changes made since on purpose (:func:`_since_the_table`)."""
     case = GOLDEN[name]
     element = case["overrides"].get("overlay.element", "overlaycomposition")
     settings = _golden_settings(case, **{"overlay.element": element})
     assert settings.media.backend == "auto"  # and auto is cpu on this machine
-    assert _describe(settings, case) == case["description"]
-    assert _describe(settings, case, BACKENDS["cpu"]) == case["description"]
+    expected = _since_the_table(case["description"])
+    assert _describe(settings, case) == expected
+    assert _describe(settings, case, BACKENDS["cpu"]) == expected
+    if case["infer"]:
+        assert "appsink name=infer_sink" in expected and "format=RGB" not in expected
 
 
 def test_the_default_overlay_differs_only_in_its_element() -> None:
     case = GOLDEN["offline_default_file"]
     direct = _describe(_golden_settings(case), case)
-    assert direct == case["description"].replace(
+    assert direct == _since_the_table(case["description"]).replace(
         "overlaycomposition name=overlay", "identity name=overlay"
     )
 
@@ -264,21 +292,22 @@ def test_nvidia_backend_keeps_frames_on_the_gpu_and_feeds_nvenc_cuda_memory() ->
     ) in line
     # drawn in system memory, then uploaded as NV12 in CUDA memory for NVENC
     assert (
-        "cudadownload ! overlaycomposition name=overlay ! cudaupload ! cudaconvertscale ! "
+        f"cudadownload ! overlaycomposition name=overlay ! {QUEUE}cudaupload ! cudaconvertscale ! "
         "video/x-raw(memory:CUDAMemory),format=NV12 ! nvh264enc name=enc"
     ) in line
     assert "videoconvert" not in line and "videoscale" not in line
     # a software encoder on the nvidia backend gets system memory
     x264 = _golden_settings(GOLDEN["live_test_noverlay"], **{"encoder.element": "x264"})
     line = _describe(x264, GOLDEN["live_test_noverlay"], BACKENDS["nvidia"])
-    assert "identity name=overlay signal-handoffs=true ! cudadownload ! x264enc name=enc" in line
+    assert f"identity name=overlay signal-handoffs=true ! {QUEUE}cudadownload ! x264enc" in line
 
 
 def test_vaapi_backend_decodes_converts_and_encodes_through_vaapi() -> None:
     case = GOLDEN["offline_default_file"]
     line = _describe(_golden_settings(case), case, BACKENDS["vaapi"])
     assert "decodebin name=dec vaapipostproc name=conv ! videoscale name=fit" in line
-    assert "identity name=overlay ! vaapih264enc name=enc bitrate=2500 keyframe-period=600" in line
+    assert f"identity name=overlay ! {QUEUE}vaapih264enc name=enc bitrate=2500" in line
+    assert "keyframe-period=600" in line
     assert BACKENDS["vaapi"].decoders == ("vaapih264dec", "vaapih265dec")
 
 
@@ -360,7 +389,7 @@ def test_direct_drawing_writes_outlines_and_cached_labels_into_the_frame() -> No
     renderer = DirectRenderer(settings, settings.cameras[0], None, None)  # type: ignore[arg-type]
     buf, info = _i420_buffer(320, 240)
     box = DrawBox(100, 80, 199, 159, (255, 0, 255), "7 mask")
-    with _MappedFrame(buf, info, Gst.MapFlags.READ | Gst.MapFlags.WRITE) as frame:
+    with MappedFrame(buf, info, Gst.MapFlags.READ | Gst.MapFlags.WRITE) as frame:
         renderer._draw_list(frame, DrawList((box,), ()))
         renderer._draw_list(frame, DrawList((box,), ()))
     y, chroma = _planes(buf, 320, 240)
@@ -411,7 +440,7 @@ def test_a_burst_of_new_labels_is_spread_over_frames() -> None:
     made = []
     for _ in range(4):
         buf, info = _i420_buffer(1120, 120)
-        with _MappedFrame(buf, info, Gst.MapFlags.READ | Gst.MapFlags.WRITE) as frame:
+        with MappedFrame(buf, info, Gst.MapFlags.READ | Gst.MapFlags.WRITE) as frame:
             renderer._draw_list(frame, DrawList(boxes, ()))
         made.append(renderer.label_cache.misses)
         y, _chroma = _planes(buf, 1120, 120)

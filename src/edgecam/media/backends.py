@@ -87,7 +87,10 @@ class Backend:
     ``fit``: after the decoder, up to the tee: convert and scale to the pinned size; its
     first element is named ``conv`` and it ends in ``capsfilter name=fit_caps``, whose caps
     the pipeline pins at the first frame's size (``caps_feature`` goes into those caps).
-    ``infer_scale``: from the tee to the detector's RGB caps, scaled to ``{w}`` x ``{h}``.
+    ``infer_scale``: from the tee to the detector's RGB caps, scaled to ``{w}`` x ``{h}``;
+    empty: the detector's appsink takes the video frames as they are (system-memory I420)
+    and its thread fits them to the model (:func:`edgecam.media.frames.model_frame`, several
+    times cheaper than ``videoscale ! videoconvert``).
     ``download``/``upload``: between the frames' memory and system memory (empty on cpu).
     """
 
@@ -124,7 +127,7 @@ BACKENDS: dict[BackendName, Backend] = {
             "videoconvert name=conv ! videoscale name=fit add-borders=true ! "
             "capsfilter name=fit_caps caps=video/x-raw,format=I420"
         ),
-        infer_scale="videoscale ! videoconvert ! ",
+        infer_scale="",
         memory="system",
         encoder="x264",
     ),
@@ -164,7 +167,7 @@ BACKENDS: dict[BackendName, Backend] = {
             "vaapipostproc name=conv ! videoscale name=fit add-borders=true ! "
             "capsfilter name=fit_caps caps=video/x-raw,format=I420"
         ),
-        infer_scale="videoscale ! videoconvert ! ",
+        infer_scale="",
         memory="system",
         encoder="vaapih264",
         decoders=("vaapih264dec", "vaapih265dec"),

@@ -1,11 +1,12 @@
 """The detector side of a pipeline: detector threads, their results by timestamp, and the
 per-frame step that turns them into tracks.
 
-:class:`DetectorRunner` owns the detector threads: each pulls model-sized RGB frames from the
-pipeline's appsink, runs its detector and posts the boxes (in source pixels) by the frame's
-PTS to :class:`DetectionResults`. :class:`FrameAnalysis` is what runs once a video frame:
-the detections due on that frame in, tracks, votes and counts out (a
-:class:`~edgecam.vision.analytics.FrameMeta`, also published on the meta bus).
+:class:`DetectorRunner` owns the detector threads: each pulls frames from the pipeline's
+appsink, fits them to its model (:func:`edgecam.media.frames.model_frame`), runs its detector
+and posts the boxes (in source pixels) by the frame's PTS to :class:`DetectionResults`.
+:class:`FrameAnalysis` is what runs once a video frame: the detections due on that frame in,
+tracks, votes and counts out (a :class:`~edgecam.vision.analytics.FrameMeta`, also published
+on the meta bus).
 
 Offline the detector runs on exactly ``detect_fps`` frames a second of video
 (:class:`DetectionSchedule`) and a frame waits for its detection, so the output depends on
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgecam.config import Settings
+from edgecam.errors import PipelineError
+from edgecam.media.frames import MappedFrame, from_model_frame, model_frame
 from edgecam.media.gst import Gst, GstVideo
 from edgecam.vision.analytics import Analytics, FrameMeta, MetaBus
 from edgecam.vision.detections import Detections, Detector
@@ -37,7 +40,6 @@ __all__ = [
     "FrameAnalysis",
     "PipelineStats",
     "VideoFormat",
-    "from_model_frame",
 ]
 
 log = logging.getLogger(__name__)
@@ -151,37 +153,13 @@ class DetectionResults:
             self._pending.clear()
 
 
-def from_model_frame(
-    source: Gst.Structure, model: GstVideo.VideoInfo
-) -> tuple[float, float, float, float]:
-    """(sx, sy, dx, dy) taking model-frame pixels to source pixels (x * sx + dx).
-
-    videoscale keeps the picture's shape (add-borders): a frame of another aspect than the
-    model's is letterboxed (or pillarboxed) into it, centred, as computed here the way
-    videoscale does it (integer pixels, the source's pixel aspect ratio included).
-    """
-    src_w, src_h = source.get_value("width"), source.get_value("height")
-    ok, par_n, par_d = source.get_fraction("pixel-aspect-ratio")
-    if not ok or par_n <= 0 or par_d <= 0:
-        par_n, par_d = 1, 1
-    dar_n, dar_d = src_w * par_n, src_h * par_d  # display aspect ratio of the source
-    content_w, content_h = model.width, model.height
-    to_h = model.width * dar_d // dar_n
-    if to_h <= model.height:
-        content_h = to_h
-    else:
-        content_w = model.height * dar_n // dar_d
-    off_x, off_y = (model.width - content_w) // 2, (model.height - content_h) // 2
-    sx, sy = src_w / content_w, src_h / content_h
-    return sx, sy, -off_x * sx, -off_y * sy
-
-
 class DetectorRunner:
     """The detector threads of one pipeline: started with the pipeline, joined on stop.
 
     ``detectors`` are used, never closed here (their owner closes them). ``source_caps``
-    gives the full-size video's current caps, to map boxes from the model's frame back to
-    source pixels. ``on_failure`` is called (once a failure) when a detector raises.
+    gives the full-size video's current caps, to map boxes found in frames that a backend
+    scaled on its own device back to source pixels. ``on_failure`` is called (once a
+    failure) when a detector raises.
     """
 
     def __init__(
@@ -294,36 +272,27 @@ class DetectorRunner:
                 if appsink.is_eos() and not self._live:
                     break
                 continue
-            buf = sample.get_buffer()
-            info = GstVideo.VideoInfo.new_from_caps(sample.get_caps())
-            ok, mapinfo = buf.map(Gst.MapFlags.READ)
-            if not ok:
-                continue
-            t0 = time.perf_counter()
+            pts = sample.get_buffer().pts
             started = time.monotonic()
             if self.gates_frames:
                 self._next_start = started + self._min_interval
             try:
-                frame: np.ndarray = np.ndarray(
-                    (info.height, info.width, 3),
-                    dtype=np.uint8,
-                    buffer=mapinfo.data,
-                    strides=(info.stride[0], 3, 1),
-                )
+                frame, to_source = _model_frame(sample, detector.input_size, source_caps)
+                # The video frame goes back to the pipeline before the detector runs (the
+                # drawing would copy a frame still held here before writing into it).
+                del sample
+                t0 = time.perf_counter()
                 dets = detector.detect(frame)
             except Exception as exc:  # a broken model must stop the run, loudly
                 log.exception("detector failed")
                 self._on_failure(f"detector failed: {exc}")
                 break
-            finally:
-                buf.unmap(mapinfo)
             with self._lock:
                 self._stats.detect_seconds += time.perf_counter() - t0
                 self._stats.detections += 1
-            caps = source_caps()
-            if caps is not None:
-                dets = dets.mapped(*from_model_frame(caps.get_structure(0), info))
-            self.results.post(buf.pts, dets)
+            if to_source is not None:
+                dets = dets.mapped(*to_source)
+            self.results.post(pts, dets)
             if self.gates_frames:
                 delay = started + self._min_interval - time.monotonic()
                 if delay > 0 and self._stopping.wait(delay):
@@ -378,3 +347,37 @@ class FrameAnalysis:
         if self._meta_bus.active:
             self._meta_bus.publish(meta)
         return meta
+
+
+def _model_frame(
+    sample: Gst.Sample, model: tuple[int, int], source_caps: Callable[[], Gst.Caps | None]
+) -> tuple[np.ndarray, tuple[float, float, float, float] | None]:
+    """The detector's RGB frame from an appsink sample, and the mapping of its pixels back
+    to the source's (None: the source's caps are not known yet).
+
+    System-memory backends hand the video frame itself (I420), fitted here; a backend that
+    scales on its own device hands RGB already at the model's size (its frame is copied:
+    the buffer goes back to the pipeline before the detector runs).
+    """
+    buf, caps = sample.get_buffer(), sample.get_caps()
+    info = GstVideo.VideoInfo.new_from_caps(caps)
+    if info.finfo.format == GstVideo.VideoFormat.I420:
+        with MappedFrame(buf, info, Gst.MapFlags.READ) as planes:
+            frame = model_frame(planes, info, model)
+        return frame, from_model_frame(caps.get_structure(0), model)
+    ok, mapinfo = buf.map(Gst.MapFlags.READ)
+    if not ok:
+        raise PipelineError("cannot map the detector's frame")
+    try:
+        frame = np.ndarray(
+            (info.height, info.width, 3),
+            dtype=np.uint8,
+            buffer=mapinfo.data,
+            strides=(info.stride[0], 3, 1),
+        ).copy()
+    finally:
+        buf.unmap(mapinfo)
+    source = source_caps()
+    if source is None:
+        return frame, None
+    return frame, from_model_frame(source.get_structure(0), (info.width, info.height))

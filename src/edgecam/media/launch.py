@@ -88,6 +88,11 @@ _OVERLAYS: dict[OverlayKind, tuple[str, tuple[str, ...]]] = {
 }
 
 
+# Between the Python that runs once a frame and the encoder: each on a thread of its own, so
+# that a frame's tracking and drawing overlap the previous frame's encoding.
+_ENCODE_QUEUE = "queue max-size-buffers=3 max-size-bytes=0 max-size-time=0 ! "
+
+
 @dataclass(frozen=True)
 class Layout:
     """What :func:`describe` built, for the pipeline to wire up."""
@@ -176,16 +181,22 @@ def describe(
     parts = [f"{src} {backend.fit} ! tee name={Names.TEE}"]
 
     if infer_size is not None:
-        w, h = infer_size
         # Letterboxed (the picture keeps its shape for the model); the detections are
-        # mapped back through the borders (see ``detection.from_model_frame``).
+        # mapped back through the borders (see ``frames.from_model_frame``). A backend with
+        # no scaling of its own hands the frames over as they are, for the detector's
+        # thread to fit.
+        scale = ""
+        if backend.infer_scale:
+            w, h = infer_size
+            scale = (
+                f"{backend.infer_scale.format(w=w, h=h)}"
+                f"video/x-raw,format=RGB,width={w},height={h},pixel-aspect-ratio=1/1 ! "
+            )
         parts.append(
-            f"{Names.TEE}. ! queue name={Names.INFER_QUEUE} {params.infer_queue} ! "
-            f"{backend.infer_scale.format(w=w, h=h)}"
-            f"video/x-raw,format=RGB,width={w},height={h},pixel-aspect-ratio=1/1 ! "
+            f"{Names.TEE}. ! queue name={Names.INFER_QUEUE} {params.infer_queue} ! {scale}"
             f"appsink name={Names.INFER_SINK} {params.infer_sink}"
         )
-        elements += ["videoscale", "appsink"]
+        elements.append("appsink")
 
     kind = overlay_kind(settings, cam, analytics)
     overlay, needs = _OVERLAYS[kind] if kind is not None else ("", ())
@@ -200,7 +211,8 @@ def describe(
     parts.append(
         f"{Names.TEE}. ! queue name={Names.VIDEO_QUEUE} max-size-buffers={params.video_queue} "
         "max-size-bytes=0 max-size-time=0 ! "
-        f"{backend.video_in(draws)}{overlay}{backend.encoder_in(encoder, draws)}"
+        f"{backend.video_in(draws)}{overlay}{_ENCODE_QUEUE if kind else ''}"
+        f"{backend.encoder_in(encoder, draws)}"
         f"{encoder.factory} name={Names.ENCODER} {props} ! {_H264_PROFILE_CAPS} ! "
         f"h264parse config-interval=-1 ! tee name={Names.ENCODED_TEE}"
     )

@@ -31,8 +31,8 @@ import numpy.typing as npt
 
 from edgecam import native
 from edgecam.config import CameraConfig, Settings
-from edgecam.errors import PipelineError
 from edgecam.media.detection import FrameAnalysis, VideoFormat
+from edgecam.media.frames import I420Frame, MappedFrame
 from edgecam.media.gst import Gst, GstVideo
 from edgecam.native import BoxBatch, Label, draw_boxes
 from edgecam.vision.analytics import FrameMeta
@@ -155,7 +155,6 @@ class _GiCalls:
     add_video_meta: Any
     new_rectangle: Any
     new_composition: Any
-    get_video_meta: Any
     read_write: Gst.MapFlags
 
 
@@ -166,7 +165,6 @@ def _gi() -> _GiCalls:
         GstVideo.buffer_add_video_meta,
         GstVideo.VideoOverlayRectangle.new_raw,
         GstVideo.VideoOverlayComposition.new,
-        GstVideo.buffer_get_video_meta,
         Gst.MapFlags.READ | Gst.MapFlags.WRITE,
     )
 
@@ -271,7 +269,7 @@ class CompositionRenderer(_Drawing):
             self._video_info = (caps, GstVideo.VideoInfo.new_from_caps(caps))
         info = self._video_info[1]
         buf = sample.get_buffer()
-        with _MappedFrame(buf, info, Gst.MapFlags.READ) as frame:
+        with MappedFrame(buf, info, Gst.MapFlags.READ) as frame:
             planes = (frame.y, frame.uv[0], frame.uv[1])
             for face in meta.hidden:
                 image = face_patch(planes, face, privacy.faces, privacy.blocks, privacy.colour)
@@ -339,49 +337,6 @@ def _yuv(colour: tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 @dataclass(frozen=True)
-class _Frame:
-    """An I420 frame's luma plane, and its two chroma planes as one (2, h/2, w/2) view."""
-
-    y: U8
-    uv: U8
-
-
-class _MappedFrame:
-    """An I420 buffer mapped as numpy views for the ``with`` block (a decoder's buffers may
-    be laid out with padding: their video meta says how)."""
-
-    def __init__(self, buf: Gst.Buffer, info: Any, flags: Gst.MapFlags) -> None:
-        self._buf = buf
-        self._info = info
-        self._flags = flags
-        self._map: Any = None
-
-    def __enter__(self) -> _Frame:
-        buf, info = self._buf, self._info
-        layout = _gi().get_video_meta(buf) or info
-        offset, stride = layout.offset, layout.stride
-        if stride[1] != stride[2] or offset[2] <= offset[1]:
-            raise PipelineError(f"unexpected I420 layout: offsets {offset}, strides {stride}")
-        ok, self._map = buf.map(self._flags)
-        if not ok:
-            raise PipelineError("cannot map a video frame to draw into it")
-        w, h = info.width, info.height
-        data = self._map.data
-        y: U8 = np.ndarray((h, w), np.uint8, data, offset[0], (stride[0], 1))
-        uv: U8 = np.ndarray(
-            (2, (h + 1) // 2, (w + 1) // 2),
-            np.uint8,
-            data,
-            offset[1],
-            (offset[2] - offset[1], stride[1], 1),
-        )
-        return _Frame(y, uv)
-
-    def __exit__(self, *exc: object) -> None:
-        self._buf.unmap(self._map)
-
-
-@dataclass(frozen=True)
 class _Stamp:
     """A translucent image in I420 terms, put at an even (x, y): premultiplied (``y_p``,
     ``uv_p``: the colour weighted by alpha; ``y_k``, ``c_k``: what is left of the frame
@@ -407,7 +362,7 @@ class _Stamp:
         v_p = 128 * a + (112.0 * r - 93.786 * g - 18.214 * b) / 255
         return cls(y_p=y_p, y_k=1 - a, uv_p=np.stack([_half(u_p), _half(v_p)]), c_k=1 - _half(a))
 
-    def put(self, frame: _Frame, x: int, y: int) -> None:
+    def put(self, frame: I420Frame, x: int, y: int) -> None:
         """Onto the frame with its top-left at (x, y), both even; clipped to the frame."""
         _blend(frame.y, self.y_p, self.y_k, x, y)
         _blend(frame.uv, self.uv_p, self.c_k, x // 2, y // 2)
@@ -487,7 +442,7 @@ class _Sparse:
             c_k=1 - c_a[c_rows, c_cols],
         )
 
-    def put(self, frame: _Frame) -> None:
+    def put(self, frame: I420Frame) -> None:
         luma = frame.y
         luma[self.rows, self.cols] = luma[self.rows, self.cols] * self.y_k + self.y_p + 0.5
         chroma = frame.uv
@@ -499,7 +454,7 @@ def _chroma(yuv: tuple[int, int, int]) -> U8:
     return np.array([[[yuv[1]]], [[yuv[2]]]], dtype=np.uint8)
 
 
-def _fill(frame: _Frame, rect: tuple[int, int, int, int], yuv: tuple[int, int, int]) -> None:
+def _fill(frame: I420Frame, rect: tuple[int, int, int, int], yuv: tuple[int, int, int]) -> None:
     """Fill ``rect`` (x1, y1, x2, y2 exclusive) with a colour, chroma covering it."""
     x1, y1, x2, y2 = rect
     frame.y[y1:y2, x1:x2] = yuv[0]
@@ -686,7 +641,7 @@ class DirectRenderer(_Drawing):
         privacy = self.camera.privacy
         if not (draws or meta.blind or meta.hidden or self._mask_stamps or self._regions):
             return  # nothing to draw: the frame is not even mapped (no copy is made)
-        with _MappedFrame(buf, self._info, _gi().read_write) as frame:
+        with MappedFrame(buf, self._info, _gi().read_write) as frame:
             # In this order: faces hidden first (their boxes are drawn over them), the
             # drawings, then the privacy masks over everything.
             if meta.blind:
@@ -708,7 +663,7 @@ class DirectRenderer(_Drawing):
             for stamp, x, y in self._mask_stamps:
                 stamp.put(frame, x, y)
 
-    def _draw_list(self, frame: _Frame, draws: DrawList) -> None:
+    def _draw_list(self, frame: I420Frame, draws: DrawList) -> None:
         label_h, labels, colours = self._label_h, self._labels, self._colours
         made = 0
         batch = BoxBatch()
