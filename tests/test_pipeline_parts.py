@@ -233,14 +233,10 @@ def _describe(settings: Settings, case: dict[str, Any], backend: Backend | None 
     ).description
 
 
-QUEUE = "queue max-size-buffers=3 max-size-bytes=0 max-size-time=0 ! "
-
-
 def _since_the_table(description: str) -> str:
-    """A launch line from before the media backend table, with the two changes made since:
-    the detector's frames are fitted on its thread (no scaling in the pipeline), and a queue
-    puts the encoder on a thread of its own where Python runs once a frame."""
-    line = re.sub(
+    """A launch line from before the media backend table, with the change made since: the
+    detector's frames are fitted on its thread (no scaling in the pipeline)."""
+    return re.sub(
         r" ! videoscale ! videoconvert ! video/x-raw,format=RGB,width=\d+,height=\d+,"
         r"pixel-aspect-ratio=1/1 ! appsink",
         " ! appsink",
@@ -292,22 +288,21 @@ def test_nvidia_backend_keeps_frames_on_the_gpu_and_feeds_nvenc_cuda_memory() ->
     ) in line
     # drawn in system memory, then uploaded as NV12 in CUDA memory for NVENC
     assert (
-        f"cudadownload ! overlaycomposition name=overlay ! {QUEUE}cudaupload ! cudaconvertscale ! "
+        "cudadownload ! overlaycomposition name=overlay ! cudaupload ! cudaconvertscale ! "
         "video/x-raw(memory:CUDAMemory),format=NV12 ! nvh264enc name=enc"
     ) in line
     assert "videoconvert" not in line and "videoscale" not in line
     # a software encoder on the nvidia backend gets system memory
     x264 = _golden_settings(GOLDEN["live_test_noverlay"], **{"encoder.element": "x264"})
     line = _describe(x264, GOLDEN["live_test_noverlay"], BACKENDS["nvidia"])
-    assert f"identity name=overlay signal-handoffs=true ! {QUEUE}cudadownload ! x264enc" in line
+    assert "identity name=overlay signal-handoffs=true ! cudadownload ! x264enc" in line
 
 
 def test_vaapi_backend_decodes_converts_and_encodes_through_vaapi() -> None:
     case = GOLDEN["offline_default_file"]
     line = _describe(_golden_settings(case), case, BACKENDS["vaapi"])
     assert "decodebin name=dec vaapipostproc name=conv ! videoscale name=fit" in line
-    assert f"identity name=overlay ! {QUEUE}vaapih264enc name=enc bitrate=2500" in line
-    assert "keyframe-period=600" in line
+    assert "identity name=overlay ! vaapih264enc name=enc bitrate=2500 keyframe-period=600" in line
     assert BACKENDS["vaapi"].decoders == ("vaapih264dec", "vaapih265dec")
 
 

@@ -88,11 +88,6 @@ _OVERLAYS: dict[OverlayKind, tuple[str, tuple[str, ...]]] = {
 }
 
 
-# Between the Python that runs once a frame and the encoder: each on a thread of its own, so
-# that a frame's tracking and drawing overlap the previous frame's encoding.
-_ENCODE_QUEUE = "queue max-size-buffers=3 max-size-bytes=0 max-size-time=0 ! "
-
-
 @dataclass(frozen=True)
 class Layout:
     """What :func:`describe` built, for the pipeline to wire up."""
@@ -211,8 +206,7 @@ def describe(
     parts.append(
         f"{Names.TEE}. ! queue name={Names.VIDEO_QUEUE} max-size-buffers={params.video_queue} "
         "max-size-bytes=0 max-size-time=0 ! "
-        f"{backend.video_in(draws)}{overlay}{_ENCODE_QUEUE if kind else ''}"
-        f"{backend.encoder_in(encoder, draws)}"
+        f"{backend.video_in(draws)}{overlay}{backend.encoder_in(encoder, draws)}"
         f"{encoder.factory} name={Names.ENCODER} {props} ! {_H264_PROFILE_CAPS} ! "
         f"h264parse config-interval=-1 ! tee name={Names.ENCODED_TEE}"
     )
