@@ -242,13 +242,6 @@ def _since_the_table(description: str) -> str:
         " ! appsink",
         description,
     )
-    if "name=overlay" in line:
-        line = re.sub(
-            r"(\S+enc name=enc)",
-            r"queue max-size-buffers=3 max-size-bytes=0 max-size-time=0 ! \1",
-            line,
-        )
-    return line
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))
