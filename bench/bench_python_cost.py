@@ -14,9 +14,11 @@ in between. This script wraps (in this process only) the places where Python run
 * the per-frame pad probes: the one that picks detection frames (``_on_infer_buffer``) and
   the one that forces keyframes by time on the encoder's input (``_on_enc_buffer``);
 * the appsink side of the detector thread: from ``try_pull_sample`` returning to
-  ``DetectionResults.post`` (caps -> VideoInfo, buffer map, numpy view, unmap, box
-  scaling), minus the detector's own ``detect()``; once per detection, also given per frame
-  (/ 3).
+  ``DetectionResults.post`` (caps -> VideoInfo, buffer map, fitting the frame to the model,
+  unmap, box scaling), minus the detector's own ``detect()`` and minus OpenCV's resize,
+  merge and colour transform of the frame (C++, without the GIL, where ``videoscale !
+  videoconvert`` in the pipeline did that work before: given on a row of their own); once
+  per detection, also given per frame (/ 3).
 
 Everything runs under real load (x264 on both cores, the detector thread holding the GIL
 at times), so these wall-clock times are what a frame pays in production; the callback's
@@ -40,9 +42,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c
+import cv2
 import numpy as np
 
 import edgecam.media.detection as det
+import edgecam.media.frames as frames
 import edgecam.media.overlay as ov
 import edgecam.media.pipeline as pl
 from edgecam.config import load_settings
@@ -67,9 +71,11 @@ class Probe:
         self.boxes: list[int] = []
         self.probe_ms: list[float] = []  # _on_infer_buffer
         self.enc_ms: list[float] = []  # _on_enc_buffer (keyframe clock)
-        self.appsink_ms: list[float] = []  # per detection, minus detect()
+        self.appsink_ms: list[float] = []  # per detection, minus detect() and OpenCV's work
+        self.opencv_ms: list[float] = []  # per detection: OpenCV fitting the model's frame
         self._pulled_ns = 0
         self._detect_ns = 0
+        self._opencv_ns = 0
 
     def acc(self) -> dict[str, int]:
         acc: dict[str, int] | None = getattr(self.local, "acc", None)
@@ -168,6 +174,7 @@ def instrument(probe: Probe) -> Callable[[], None]:
         sample = pull(self, timeout)
         if sample is not None:
             probe._pulled_ns, probe._detect_ns = time.perf_counter_ns(), 0
+            probe._opencv_ns = 0
         return sample
 
     patch(GstApp.AppSink, "try_pull_sample", timed_pull)
@@ -188,11 +195,31 @@ def instrument(probe: Probe) -> Callable[[], None]:
     def timed_post(self: Any, pts: int, dets: Any) -> None:
         if probe._pulled_ns:
             spent = time.perf_counter_ns() - probe._pulled_ns - probe._detect_ns
-            probe.appsink_ms.append(spent / 1e6)
+            probe.appsink_ms.append((spent - probe._opencv_ns) / 1e6)
+            probe.opencv_ms.append(probe._opencv_ns / 1e6)
             probe._pulled_ns = 0
         post(self, pts, dets)
 
     patch(det.DetectionResults, "post", timed_post)
+
+    # The detector's frame is fitted by OpenCV (C++, the GIL let go), as videoscale and
+    # videoconvert (C) did before: its calls are timed apart, the Python around them counts.
+    class TimedOpenCV:
+        def __getattr__(self, name: str) -> Any:
+            func = getattr(cv2, name)
+            if name not in ("resize", "merge", "transform"):
+                return func
+
+            def timed_call(*args: Any, **kwargs: Any) -> Any:
+                t0 = time.perf_counter_ns()
+                try:
+                    return func(*args, **kwargs)
+                finally:
+                    probe._opencv_ns += time.perf_counter_ns() - t0
+
+            return timed_call
+
+    patch(frames, "cv2", TimedOpenCV())
 
     def undo() -> None:
         for owner, name, old in reversed(saved):
@@ -315,6 +342,9 @@ def main() -> int:
                 rows.append([f"{element}: infer-branch pad probe", *stats(probe.probe_ms)])
             rows.append([f"{element}: encoder keyframe pad probe", *stats(probe.enc_ms)])
             rows.append([f"{element}: appsink side, per detection", *stats(probe.appsink_ms)])
+            rows.append(
+                [f"{element}: OpenCV fitting the frame, per detection", *stats(probe.opencv_ms)]
+            )
             rows.append([f"{element}: per frame total (callback + probes)", *stats(total)])
             if live:
                 continue
