@@ -8,8 +8,9 @@ import numpy.typing as npt
 import pytest
 from conftest import MEDIA
 
-from edgecam.media.frames import I420Frame, MappedFrame, from_model_frame, letterbox, model_frame
+from edgecam.media.frames import I420Frame, MappedFrame, from_model_frame, model_frame
 from edgecam.media.gst import Gst, GstVideo, init
+from edgecam.vision.letterbox import letterbox
 
 U8 = npt.NDArray[np.uint8]
 

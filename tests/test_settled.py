@@ -46,12 +46,13 @@ def test_unsettled(
 def test_settled_boxes_map_into_the_letterboxed_model_frame() -> None:
     snapshot = SettledTracks()
     assert snapshot.boxes_in(FACE_INPUT).shape == (0, 4)
-    # 1280x720 fits 640x352 as 626x352 (whole pixels, as videoscale), 7 px each side.
+    # 1280x720 fits 640x352 as 625x352 (whole pixels, rounded down as videoscale does), 7 px
+    # on the left: as the detector's frame is made (media.frames).
     snapshot.publish(_boxes([0, 0, 1280, 720], [640, 360, 740, 460]), (1280, 720))
-    sx, sy = 626 / 1280, 352 / 720
+    sx, sy = 625 / 1280, 352 / 720
     np.testing.assert_allclose(
         snapshot.boxes_in(FACE_INPUT),
-        [[7, 0, 633, 352], [7 + 640 * sx, 360 * sy, 7 + 740 * sx, 460 * sy]],
+        [[7, 0, 632, 352], [7 + 640 * sx, 360 * sy, 7 + 740 * sx, 460 * sy]],
         atol=1e-3,
     )
     # A 176x144 source is pillarboxed: 430x352, 105 px each side.

@@ -5,15 +5,17 @@ The detector's frame is made here, on the detector's thread, rather than by ``vi
 videoconvert`` in the pipeline: GStreamer's generic converter took 1.5-1.7 ms a 720p frame
 on this project's 2-core machines, OpenCV's resize and an affine colour transform take
 about 0.3 ms, without the GIL. The picture is the one ``videoscale add-borders`` made: the
-same letterbox (:func:`letterbox`, which :func:`from_model_frame` inverts), black borders,
-the caps' colour matrix and range.
+same letterbox (:func:`edgecam.vision.letterbox.letterbox`), black borders, the caps' colour
+matrix and range; and it lies exactly where :func:`from_model_frame` maps boxes back from
+(videoscale, writing I420, moved an odd left border a pixel left: 6 px instead of 7 for
+1280x720 into 640x352).
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import cv2
 import numpy as np
@@ -21,13 +23,12 @@ import numpy.typing as npt
 
 from edgecam.errors import PipelineError
 from edgecam.media.gst import Gst, GstVideo
+from edgecam.vision.letterbox import letterbox
 
 __all__ = [
     "I420Frame",
-    "Letterbox",
     "MappedFrame",
     "from_model_frame",
-    "letterbox",
     "model_frame",
 ]
 
@@ -84,32 +85,6 @@ class MappedFrame:
 @functools.cache
 def _get_video_meta() -> Any:
     return GstVideo.buffer_get_video_meta  # looked up once: introspection is slow
-
-
-class Letterbox(NamedTuple):
-    """Where a source picture lies in the model's frame: its scaled size and offset."""
-
-    width: int
-    height: int
-    x: int
-    y: int
-
-
-def letterbox(source: tuple[int, int], par: tuple[int, int], model: tuple[int, int]) -> Letterbox:
-    """The picture of ``source`` (width, height; pixel aspect ratio ``par``) fitted into
-    ``model`` (width, height) keeping its shape, centred, as ``videoscale add-borders``
-    computes it (integer pixels, the pixel aspect ratio included)."""
-    src_w, src_h = source
-    par_n, par_d = par if par[0] > 0 and par[1] > 0 else (1, 1)
-    dar_n, dar_d = src_w * par_n, src_h * par_d  # display aspect ratio of the source
-    model_w, model_h = model
-    content_w, content_h = model_w, model_h
-    to_h = model_w * dar_d // dar_n
-    if to_h <= model_h:
-        content_h = to_h
-    else:
-        content_w = model_h * dar_n // dar_d
-    return Letterbox(content_w, content_h, (model_w - content_w) // 2, (model_h - content_h) // 2)
 
 
 def _caps_geometry(source: Gst.Structure) -> tuple[tuple[int, int], tuple[int, int]]:

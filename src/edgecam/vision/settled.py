@@ -19,6 +19,8 @@ import threading
 import numpy as np
 import numpy.typing as npt
 
+from edgecam.vision.letterbox import letterbox
+
 __all__ = ["SETTLED_IOU", "SettledTracks", "unsettled"]
 
 FloatArray = npt.NDArray[np.float32]
@@ -51,15 +53,13 @@ class SettledTracks:
 
     def boxes_in(self, size: tuple[int, int]) -> FloatArray:
         """The latest boxes in the pixels of a ``size`` (width, height) frame that holds the
-        source scaled to fit, centred (as ``videoscale add-borders`` makes the model frame)."""
+        source fitted into it as the model's frame is (see :mod:`edgecam.vision.letterbox`)."""
         boxes, (sw, sh) = self.boxes()
         if not len(boxes):
             return boxes
-        w, h = size
-        scale = min(w / sw, h / sh)
-        cw, ch = round(sw * scale), round(sh * scale)  # whole pixels, as videoscale
-        factor = np.array([cw / sw, ch / sh] * 2, dtype=np.float32)
-        offset = np.array([(w - cw) // 2, (h - ch) // 2] * 2, dtype=np.float32)
+        box = letterbox((sw, sh), (1, 1), size)
+        factor = np.array([box.width / sw, box.height / sh] * 2, dtype=np.float32)
+        offset = np.array([box.x, box.y] * 2, dtype=np.float32)
         mapped: FloatArray = boxes * factor + offset
         return mapped
 
