@@ -12,10 +12,22 @@ import pytest
 import edgecam.native as native
 from edgecam.config import TrackerConfig
 from edgecam.errors import EdgecamError
-from edgecam.native import BoxBatch, Label, draw_boxes, match_iou
+from edgecam.native import BoxBatch, Label, draw_boxes
+from edgecam.native import match_iou as match_arrays
 from edgecam.vision.tracking import NumpyTracker
 
 U8 = npt.NDArray[np.uint8]
+
+
+def match_iou(
+    candidates: npt.NDArray[np.float64], objects: npt.NDArray[np.float64], threshold: float
+) -> list[tuple[int, int]]:
+    """The compiled matching's pairs as a list, as the reference gives them."""
+    rows, cols = match_arrays(candidates, objects, threshold)
+    assert rows.dtype == cols.dtype == np.int64 and len(rows) == len(cols)
+    return list(zip(rows.tolist(), cols.tolist(), strict=True))
+
+
 SENTINEL = 7
 
 

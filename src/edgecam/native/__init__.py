@@ -109,17 +109,18 @@ def draw_boxes(y: npt.NDArray[np.uint8], uv: npt.NDArray[np.uint8], batch: BoxBa
 
 def match_iou(
     candidates: npt.NDArray[np.float64], objects: npt.NDArray[np.float64], threshold: float
-) -> list[tuple[int, int]]:
-    """Norfair's greedy IoU matching: (candidate, object) index pairs, closest first, while
-    ``1 - IoU < threshold``; each box in one pair at most. Both arrays are (n, 4) boxes
-    (x1, y1, x2, y2); a pair whose distance is NaN (an empty union) never matches."""
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Norfair's greedy IoU matching: the (candidate, object) index pairs, closest first,
+    while ``1 - IoU < threshold``; each box in one pair at most. Returned as two index arrays
+    of the pairs' candidates and objects. Both inputs are (n, 4) boxes (x1, y1, x2, y2); a
+    pair whose distance is NaN (an empty union) never matches."""
     a = np.ascontiguousarray(candidates, dtype=np.float64)
     b = np.ascontiguousarray(objects, dtype=np.float64)
     if a.ndim != 2 or a.shape[1] != 4 or b.ndim != 2 or b.shape[1] != 4:
         raise ValueError(f"boxes must be (n, 4) arrays, got {a.shape} and {b.shape}")
     n, k = len(a), len(b)
     if not n or not k:
-        return []
+        return _NO_PAIRS
     work = np.empty(n * k, dtype=np.float64)
     rows = np.empty(min(n, k), dtype=np.int32)
     cols = np.empty(min(n, k), dtype=np.int32)
@@ -127,4 +128,8 @@ def match_iou(
         a.ctypes.data, n, b.ctypes.data, k, threshold, work.ctypes.data, rows.ctypes.data,
         cols.ctypes.data,
     )  # fmt: skip
-    return list(zip(rows[:found].tolist(), cols[:found].tolist(), strict=True))
+    return rows[:found].astype(np.int64), cols[:found].astype(np.int64)
+
+
+_NO_PAIRS = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+_NO_PAIRS[0].flags.writeable = _NO_PAIRS[1].flags.writeable = False

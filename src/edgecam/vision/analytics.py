@@ -147,7 +147,8 @@ class Analytics:
     """Turns each frame's (optional) detections into tracks with labels and counts.
 
     With a classifying profile, :attr:`settled` holds the boxes of the tracks whose label is
-    settled after each frame, for the detector (:meth:`share_settled`).
+    settled after each frame, for the detector, once one follows it (:meth:`share_settled`;
+    until then they are not worked out).
     """
 
     def __init__(self, settings: Settings, camera: str, tracker: Tracker | None = None) -> None:
@@ -168,7 +169,8 @@ class Analytics:
             else None
         )
         self._voter = LabelVoter(settings.voting, classify=classify, label=PERSON)
-        self._publish_settled = classify and settings.voting.settle_votes > 0
+        self._can_settle = classify and settings.voting.settle_votes > 0
+        self._publish_settled = False  # only once a detector follows :attr:`settled`
         self.settled = SettledTracks()
         self._frame = -1
         self._last_detection_frame = -1
@@ -185,13 +187,14 @@ class Analytics:
         Live only: which faces skip then depends on how far the analytics are behind the
         detector, which offline runs must not (their output is the same on every run).
         """
-        if not self._publish_settled:
+        if not self._can_settle:
             return 0
         n = 0
         for detector in detectors:
             if isinstance(detector, FollowsSettled):
                 detector.follow(self.settled)
                 n += 1
+        self._publish_settled = self._publish_settled or n > 0
         return n
 
     def step(
@@ -222,8 +225,11 @@ class Analytics:
         else:
             update = self._tracker.update(None)
         tracks = update.tracks
-        labels = self._voter.update(frame, tracks.tracker_id, tracks.attribute, update.matched)
+        states = self._voter.update_states(
+            frame, tracks.tracker_id, tracks.attribute, update.matched
+        )
         counts = dict.fromkeys(self._voter.labels, 0)
+        publish, voter, min_age = self._publish_settled, self._voter, self._min_age
         infos = []
         settled: list[int] = []
         # Plain Python values, converted once for all tracks: numpy scalars a track each
@@ -232,11 +238,11 @@ class Analytics:
         if frame_size is not None:
             w, h = frame_size
             xyxy = np.clip(xyxy, 0.0, (w, h, w, h))
-        for k, (tid, box, label, conf, hit) in enumerate(
+        for k, (tid, box, state, conf, hit) in enumerate(
             zip(
                 tracks.tracker_id.tolist(),
                 xyxy.tolist(),
-                labels,
+                states,
                 tracks.confidence.tolist(),
                 update.matched.tolist(),
                 strict=True,
@@ -245,10 +251,10 @@ class Analytics:
             x1, y1, x2, y2 = box
             if frame_size is not None and (x2 - x1 < 1 or y2 - y1 < 1):
                 continue  # carried out of the picture: neither drawn nor counted
-            state = self._voter.state(tid)
-            if self._publish_settled and state is not None and self._voter.settled(state, frame):
+            if publish and voter.settled(state, frame):
                 settled.append(k)
-            counted = state is not None and frame - state.first_frame >= self._min_age
+            label = state.label
+            counted = frame - state.first_frame >= min_age
             if counted:
                 counts[label] = counts.get(label, 0) + 1
             infos.append(TrackInfo(tid, (x1, y1, x2, y2), label, conf, counted, hit))

@@ -134,19 +134,19 @@ class NumpyTracker:
         if detections is not None and len(detections):
             boxes = detections.xyxy.astype(np.float64)
             free = np.ones(len(boxes), dtype=bool)
-            order: list[int] = []  # tracks hit, in Norfair's matching order
+            order: list[np.ndarray] = []  # tracks hit, in Norfair's matching order
             det_of = np.full(n_old, -1, dtype=np.int64)
             for group in (self._ids > 0, self._ids == 0):
                 objs = np.flatnonzero(group)
                 dets = np.flatnonzero(free)
-                pairs = match_iou(boxes[dets], self._pos[objs], self._threshold)
-                for d, o in pairs:
-                    det, obj = int(dets[d]), int(objs[o])
+                d, o = match_iou(boxes[dets], self._pos[objs], self._threshold)
+                if len(d):
+                    det, obj = dets[d], objs[o]
                     free[det] = False
                     det_of[obj] = det
                     order.append(obj)
             if order:
-                hit = np.array(order, dtype=np.int64)
+                hit = np.concatenate(order)
                 matched[hit] = True
                 attr[hit] = detections.attribute[det_of[hit]]
                 self._conf[hit] = detections.confidence[det_of[hit]]

@@ -71,7 +71,13 @@ class LabelVoter:
         self, frame: int, track_ids: np.ndarray, attribute: np.ndarray, matched: np.ndarray
     ) -> list[str]:
         """Record this frame's votes; return the label of every track, in order."""
-        labels: list[str] = []
+        return [st.label for st in self.update_states(frame, track_ids, attribute, matched)]
+
+    def update_states(
+        self, frame: int, track_ids: np.ndarray, attribute: np.ndarray, matched: np.ndarray
+    ) -> list[TrackVotes]:
+        """Record this frame's votes; return the state of every track, in order."""
+        states: list[TrackVotes] = []
         for tid, p, hit in zip(
             track_ids.tolist(), attribute.tolist(), matched.tolist(), strict=True
         ):
@@ -85,9 +91,9 @@ class LabelVoter:
                 st.vote(p >= self._config.mask_threshold)
                 st.last_vote_frame = frame
                 st.label = self._decide(st)
-            labels.append(st.label)
+            states.append(st)
         self._forget_before(frame - 10 * self._config.window - 300)
-        return labels
+        return states
 
     def settled(self, st: TrackVotes, frame: int) -> bool:
         """Whether ``st``'s label needs no more votes at ``frame`` (see the module's rule)."""
