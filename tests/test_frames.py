@@ -8,6 +8,7 @@ import numpy.typing as npt
 import pytest
 from conftest import MEDIA
 
+from edgecam.errors import PipelineError
 from edgecam.media.frames import I420Frame, MappedFrame, from_model_frame, model_frame
 from edgecam.media.gst import Gst, GstVideo, init
 from edgecam.vision.letterbox import letterbox
@@ -156,3 +157,39 @@ def test_every_shape_is_letterboxed_as_mapped_back(
     assert ((box.x + box.width) * sx + dx, (box.y + box.height) * sy + dy) == pytest.approx(
         (w, h), abs=1e-6
     )
+
+
+def _sample(caps: str, data: bytes) -> Gst.Sample:
+    init()
+    return Gst.Sample.new(Gst.Buffer.new_wrapped(data), Gst.Caps.from_string(caps), None, None)
+
+
+def test_the_detector_thread_takes_i420_frames_or_rgb_at_the_model_size() -> None:
+    from edgecam.media.detection import _model_frame
+
+    source = Gst.Caps.from_string("video/x-raw,format=I420,width=1280,height=720")
+    # I420, as the cpu and vaapi backends hand it: fitted here, mapped back from its caps.
+    i420 = np.concatenate([np.full(1280 * 720, 235, np.uint8), np.full(640 * 720, 128, np.uint8)])
+    frame, to_source = _model_frame(
+        _sample("video/x-raw,format=I420,width=1280,height=720", i420.tobytes()),
+        (640, 352),
+        lambda: None,
+    )
+    assert frame.shape == (352, 640, 3) and frame[176, 320].tolist() == [255, 255, 255]
+    assert to_source == pytest.approx((1280 / 625, 720 / 352, -7 * 1280 / 625, 0.0))
+    # RGB at the model's size, as a backend that scales on its device hands it: copied.
+    rgb = np.arange(352 * 640 * 3, dtype=np.uint8)
+    frame, to_source = _model_frame(
+        _sample("video/x-raw,format=RGB,width=640,height=352", rgb.tobytes()),
+        (640, 352),
+        lambda: source,
+    )
+    assert np.array_equal(frame.ravel(), rgb) and frame.flags.writeable
+    assert to_source == pytest.approx((1280 / 625, 720 / 352, -7 * 1280 / 625, 0.0))
+    # Anything else is refused, saying what came.
+    for caps in (
+        "video/x-raw,format=RGB,width=320,height=176",
+        "video/x-raw,format=NV12,width=640,height=352",
+    ):
+        with pytest.raises(PipelineError, match="neither I420 video nor RGB at the model's"):
+            _model_frame(_sample(caps, bytes(640 * 352 * 3)), (640, 352), lambda: source)

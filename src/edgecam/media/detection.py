@@ -365,6 +365,11 @@ def _model_frame(
         with MappedFrame(buf, info, Gst.MapFlags.READ) as planes:
             frame = model_frame(planes, info, model)
         return frame, from_model_frame(caps.get_structure(0), model)
+    if info.finfo.format != GstVideo.VideoFormat.RGB or (info.width, info.height) != model:
+        raise PipelineError(
+            f"the detector's appsink got {caps.to_string()}: neither I420 video nor RGB at "
+            f"the model's {model[0]}x{model[1]}"
+        )
     ok, mapinfo = buf.map(Gst.MapFlags.READ)
     if not ok:
         raise PipelineError("cannot map the detector's frame")
