@@ -193,3 +193,22 @@ def test_the_detector_thread_takes_i420_frames_or_rgb_at_the_model_size() -> Non
     ):
         with pytest.raises(PipelineError, match="neither I420 video nor RGB at the model's"):
             _model_frame(_sample(caps, bytes(640 * 352 * 3)), (640, 352), lambda: source)
+
+
+@pytest.mark.parametrize(("height", "kr"), [(720, 0.2126), (480, 0.299)])
+def test_an_unknown_colour_matrix_is_gstreamers_default_for_the_height(
+    height: int, kr: float
+) -> None:
+    from types import SimpleNamespace
+
+    from edgecam.media.frames import _colour_matrix, _yuv_to_rgb
+
+    init()
+    # Caps that leave the matrix out get GStreamer's default from VideoInfo itself ...
+    info = _info(height * 16 // 9, height, ",colorimetry=2:0:0:0")
+    assert _colour_matrix(info) is _yuv_to_rgb(kr, 0.0722 if kr < 0.25 else 0.114, False)
+    # ... and a matrix that has no Kr/Kb (RGB) falls back to the same rule here.
+    limited = getattr(GstVideo.VideoColorRange, "16_235")
+    rgb = SimpleNamespace(matrix=GstVideo.VideoColorMatrix.RGB, range=limited)
+    fake = SimpleNamespace(colorimetry=rgb, height=height)
+    assert _colour_matrix(fake) is _colour_matrix(info)

@@ -4,11 +4,11 @@ detector's frame made from one (letterboxed to the model's size, in RGB).
 The detector's frame is made here, on the detector's thread, rather than by ``videoscale !
 videoconvert`` in the pipeline: GStreamer's generic converter took 1.5-1.7 ms a 720p frame
 on this project's 2-core machines, OpenCV's resize and an affine colour transform take
-about 0.3 ms, without the GIL. The picture is the one ``videoscale add-borders`` made: the
-same letterbox (:func:`edgecam.vision.letterbox.letterbox`), black borders, the caps' colour
-matrix and range; and it lies exactly where :func:`from_model_frame` maps boxes back from
-(videoscale, writing I420, moved an odd left border a pixel left: 6 px instead of 7 for
-1280x720 into 640x352).
+0.4 ms (0.55 ms inside a busy pipeline), without the GIL. The picture is the one
+``videoscale add-borders`` made: the same letterbox (:func:`edgecam.vision.letterbox.letterbox`),
+black borders, the caps' colour matrix and range; and it lies exactly where
+:func:`from_model_frame` maps boxes back from (videoscale, writing I420, moved an odd left
+border a pixel left: 6 px instead of 7 for 1280x720 into 640x352).
 """
 
 from __future__ import annotations
@@ -118,8 +118,8 @@ def _yuv_to_rgb(kr: float, kb: float, full_range: bool) -> npt.NDArray[np.float3
 def _colour_matrix(info: Any) -> npt.NDArray[np.float32]:
     colorimetry = info.colorimetry
     ok, kr, kb = GstVideo.VideoColorMatrix.get_Kr_Kb(colorimetry.matrix)
-    if not ok:  # RGB or unknown: GStreamer's own default for YUV
-        kr, kb = (0.2126, 0.0722) if info.height >= 720 else (0.299, 0.114)
+    if not ok:  # unknown: GStreamer's own default for YUV of this height (HD: BT.709)
+        kr, kb = (0.2126, 0.0722) if info.height > 576 else (0.299, 0.114)
     full = colorimetry.range == getattr(GstVideo.VideoColorRange, "0_255")
     return _yuv_to_rgb(round(kr, 6), round(kb, 6), full)
 
