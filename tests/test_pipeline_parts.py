@@ -248,7 +248,7 @@ def _since_the_table(description: str) -> str:
 def test_cpu_backend_describes_the_pipeline_as_before(name: str) -> None:
     """Byte for byte the launch lines of the pipeline before the media backend table (taken
     from it, tests/data/pipeline_descriptions.json), drawn by the same element, but for the
-    changes made since on purpose (:func:`_since_the_table`)."""
+    change made since on purpose (:func:`_since_the_table`)."""
     case = GOLDEN[name]
     element = case["overrides"].get("overlay.element", "overlaycomposition")
     settings = _golden_settings(case, **{"overlay.element": element})
@@ -288,7 +288,7 @@ def test_nvidia_backend_keeps_frames_on_the_gpu_and_feeds_nvenc_cuda_memory() ->
     # a software encoder on the nvidia backend gets system memory
     x264 = _golden_settings(GOLDEN["live_test_noverlay"], **{"encoder.element": "x264"})
     line = _describe(x264, GOLDEN["live_test_noverlay"], BACKENDS["nvidia"])
-    assert "identity name=overlay signal-handoffs=true ! cudadownload ! x264enc" in line
+    assert "identity name=overlay signal-handoffs=true ! cudadownload ! x264enc name=enc" in line
 
 
 def test_vaapi_backend_decodes_converts_and_encodes_through_vaapi() -> None:
