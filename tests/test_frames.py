@@ -165,24 +165,22 @@ def _sample(caps: str, data: bytes) -> Gst.Sample:
 
 
 def test_the_detector_thread_takes_i420_frames_or_rgb_at_the_model_size() -> None:
-    from edgecam.media.detection import _model_frame
+    from edgecam.media.detection import _ModelFrames
 
     source = Gst.Caps.from_string("video/x-raw,format=I420,width=1280,height=720")
     # I420, as the cpu and vaapi backends hand it: fitted here, mapped back from its caps.
     i420 = np.concatenate([np.full(1280 * 720, 235, np.uint8), np.full(640 * 720, 128, np.uint8)])
-    frame, to_source = _model_frame(
-        _sample("video/x-raw,format=I420,width=1280,height=720", i420.tobytes()),
-        (640, 352),
-        lambda: None,
+    frames = _ModelFrames((640, 352), lambda: None)
+    frame, to_source = frames.read(
+        _sample("video/x-raw,format=I420,width=1280,height=720", i420.tobytes())
     )
     assert frame.shape == (352, 640, 3) and frame[176, 320].tolist() == [255, 255, 255]
     assert to_source == pytest.approx((1280 / 625, 720 / 352, -7 * 1280 / 625, 0.0))
     # RGB at the model's size, as a backend that scales on its device hands it: copied.
     rgb = np.arange(352 * 640 * 3, dtype=np.uint8)
-    frame, to_source = _model_frame(
-        _sample("video/x-raw,format=RGB,width=640,height=352", rgb.tobytes()),
-        (640, 352),
-        lambda: source,
+    frames = _ModelFrames((640, 352), lambda: source)
+    frame, to_source = frames.read(
+        _sample("video/x-raw,format=RGB,width=640,height=352", rgb.tobytes())
     )
     assert np.array_equal(frame.ravel(), rgb) and frame.flags.writeable
     assert to_source == pytest.approx((1280 / 625, 720 / 352, -7 * 1280 / 625, 0.0))
@@ -192,7 +190,13 @@ def test_the_detector_thread_takes_i420_frames_or_rgb_at_the_model_size() -> Non
         "video/x-raw,format=NV12,width=640,height=352",
     ):
         with pytest.raises(PipelineError, match="neither I420 video nor RGB at the model's"):
-            _model_frame(_sample(caps, bytes(640 * 352 * 3)), (640, 352), lambda: source)
+            frames.read(_sample(caps, bytes(640 * 352 * 3)))
+    # A refused format is not remembered: the next frame of the same caps is refused too,
+    # and a good one after it is read.
+    with pytest.raises(PipelineError):
+        frames.read(_sample("video/x-raw,format=NV12,width=640,height=352", bytes(640 * 528)))
+    again, _ = frames.read(_sample("video/x-raw,format=RGB,width=640,height=352", rgb.tobytes()))
+    assert np.array_equal(again.ravel(), rgb)
 
 
 @pytest.mark.parametrize(("height", "kr"), [(720, 0.2126), (480, 0.299)])

@@ -2,7 +2,7 @@
 per-frame step that turns them into tracks.
 
 :class:`DetectorRunner` owns the detector threads: each pulls frames from the pipeline's
-appsink, fits them to its model (:func:`edgecam.media.frames.model_frame`), runs its detector
+appsink, fits them to its model (:class:`edgecam.media.frames.ModelFit`), runs its detector
 and posts the boxes (in source pixels) by the frame's PTS to :class:`DetectionResults`.
 :class:`FrameAnalysis` is what runs once a video frame: the detections due on that frame in,
 tracks, votes and counts out (a :class:`~edgecam.vision.analytics.FrameMeta`, also published
@@ -28,7 +28,7 @@ import numpy as np
 
 from edgecam.config import Settings
 from edgecam.errors import PipelineError
-from edgecam.media.frames import MappedFrame, from_model_frame, model_frame
+from edgecam.media.frames import MappedFrame, ModelFit, from_model_frame
 from edgecam.media.gst import Gst, GstVideo
 from edgecam.vision.analytics import Analytics, FrameMeta, MetaBus
 from edgecam.vision.detections import Detections, Detector
@@ -266,6 +266,7 @@ class DetectorRunner:
         appsink: Gst.Element,
         source_caps: Callable[[], Gst.Caps | None],
     ) -> None:
+        frames = _ModelFrames(detector.input_size, source_caps)
         while not self._stopping.is_set():
             sample = appsink.try_pull_sample(_PULL_TIMEOUT_NS)
             if sample is None:
@@ -277,7 +278,7 @@ class DetectorRunner:
             if self.gates_frames:
                 self._next_start = started + self._min_interval
             try:
-                frame, to_source = _model_frame(sample, detector.input_size, source_caps)
+                frame, to_source = frames.read(sample)
                 # The video frame goes back to the pipeline before the detector runs (the
                 # drawing would copy a frame still held here before writing into it).
                 del sample
@@ -349,40 +350,62 @@ class FrameAnalysis:
         return meta
 
 
-def _model_frame(
-    sample: Gst.Sample, model: tuple[int, int], source_caps: Callable[[], Gst.Caps | None]
-) -> tuple[np.ndarray, tuple[float, float, float, float] | None]:
-    """The detector's RGB frame from an appsink sample, and the mapping of its pixels back
-    to the source's (None: the source's caps are not known yet).
+class _ModelFrames:
+    """One detector thread's RGB frames for its model, from the appsink's samples; with the
+    mapping of their pixels back to the source's (None: the source's caps are not known
+    yet). What depends only on the samples' caps is worked out again only when they change.
 
     System-memory backends hand the video frame itself (I420), fitted here; a backend that
     scales on its own device hands RGB already at the model's size (its frame is copied:
     the buffer goes back to the pipeline before the detector runs).
     """
-    buf, caps = sample.get_buffer(), sample.get_caps()
-    info = GstVideo.VideoInfo.new_from_caps(caps)
-    if info.finfo.format == GstVideo.VideoFormat.I420:
-        with MappedFrame(buf, info, Gst.MapFlags.READ) as planes:
-            frame = model_frame(planes, info, model)
-        return frame, from_model_frame(caps.get_structure(0), model)
-    if info.finfo.format != GstVideo.VideoFormat.RGB or (info.width, info.height) != model:
-        raise PipelineError(
-            f"the detector's appsink got {caps.to_string()}: neither I420 video nor RGB at "
-            f"the model's {model[0]}x{model[1]}"
-        )
-    ok, mapinfo = buf.map(Gst.MapFlags.READ)
-    if not ok:
-        raise PipelineError("cannot map the detector's frame")
-    try:
-        frame = np.ndarray(
-            (info.height, info.width, 3),
-            dtype=np.uint8,
-            buffer=mapinfo.data,
-            strides=(info.stride[0], 3, 1),
-        ).copy()
-    finally:
-        buf.unmap(mapinfo)
-    source = source_caps()
-    if source is None:
-        return frame, None
-    return frame, from_model_frame(source.get_structure(0), (info.width, info.height))
+
+    def __init__(self, model: tuple[int, int], source_caps: Callable[[], Gst.Caps | None]) -> None:
+        self._model = model
+        self._source_caps = source_caps
+        self._caps: Gst.Caps | None = None
+        self._info: GstVideo.VideoInfo | None = None
+        self._fit: ModelFit | None = None  # None: RGB at the model's size
+
+    def _learn(self, caps: Gst.Caps) -> None:
+        info = GstVideo.VideoInfo.new_from_caps(caps)
+        fmt = info.finfo.format
+        if fmt == GstVideo.VideoFormat.I420:
+            fit = ModelFit(info, self._model)
+        elif fmt == GstVideo.VideoFormat.RGB and (info.width, info.height) == self._model:
+            fit = None
+        else:
+            w, h = self._model
+            raise PipelineError(
+                f"the detector's appsink got {caps.to_string()}: neither I420 video nor RGB "
+                f"at the model's {w}x{h}"
+            )
+        self._caps, self._info, self._fit = caps, info, fit
+
+    def read(
+        self, sample: Gst.Sample
+    ) -> tuple[np.ndarray, tuple[float, float, float, float] | None]:
+        buf, caps = sample.get_buffer(), sample.get_caps()
+        if self._caps is None or not caps.is_equal(self._caps):
+            self._learn(caps)
+        info, fit = self._info, self._fit
+        if fit is not None:
+            with MappedFrame(buf, info, Gst.MapFlags.READ) as planes:
+                return fit(planes), fit.to_source
+        assert info is not None
+        ok, mapinfo = buf.map(Gst.MapFlags.READ)
+        if not ok:
+            raise PipelineError("cannot map the detector's frame")
+        try:
+            frame: np.ndarray = np.ndarray(
+                (info.height, info.width, 3),
+                dtype=np.uint8,
+                buffer=mapinfo.data,
+                strides=(info.stride[0], 3, 1),
+            ).copy()
+        finally:
+            buf.unmap(mapinfo)
+        source = self._source_caps()
+        if source is None:
+            return frame, None
+        return frame, from_model_frame(source.get_structure(0), self._model)

@@ -28,6 +28,7 @@ from edgecam.vision.letterbox import letterbox
 __all__ = [
     "I420Frame",
     "MappedFrame",
+    "ModelFit",
     "from_model_frame",
     "model_frame",
 ]
@@ -93,15 +94,21 @@ def _caps_geometry(source: Gst.Structure) -> tuple[tuple[int, int], tuple[int, i
     return size, ((par_n, par_d) if ok else (1, 1))
 
 
+def _to_source(
+    size: tuple[int, int], par: tuple[int, int], model: tuple[int, int]
+) -> tuple[float, float, float, float]:
+    box = letterbox(size, par, model)
+    sx, sy = size[0] / box.width, size[1] / box.height
+    return sx, sy, -box.x * sx, -box.y * sy
+
+
 def from_model_frame(
     source: Gst.Structure, model: tuple[int, int]
 ) -> tuple[float, float, float, float]:
     """(sx, sy, dx, dy) taking pixels of the model's frame (width, height ``model``) back
     to the source's (x * sx + dx), through the letterbox's borders."""
-    (src_w, src_h), par = _caps_geometry(source)
-    box = letterbox((src_w, src_h), par, model)
-    sx, sy = src_w / box.width, src_h / box.height
-    return sx, sy, -box.x * sx, -box.y * sy
+    size, par = _caps_geometry(source)
+    return _to_source(size, par, model)
 
 
 @functools.lru_cache(maxsize=8)
@@ -145,15 +152,32 @@ def _resize(plane: U8, size: tuple[int, int]) -> U8:
     return cast(U8, cv2.resize(plane, size, interpolation=cv2.INTER_LINEAR))
 
 
+class ModelFit:
+    """How the frames of one video format are fitted to a model's size: worked out once,
+    then used for every frame (``info``: the frames' video info)."""
+
+    def __init__(self, info: Any, model: tuple[int, int]) -> None:
+        size, par = (info.width, info.height), (info.par_n, info.par_d)
+        self._model = model
+        self._box = letterbox(size, par, model)
+        self._matrix = _colour_matrix(info)
+        self.to_source = _to_source(size, par, model)  # as :func:`from_model_frame`
+
+    def __call__(self, frame: I420Frame) -> U8:
+        """The detector's (height, width, 3) RGB frame: ``frame`` letterboxed between black
+        borders."""
+        box, (w, h) = self._box, self._model
+        size = (box.width, box.height)
+        yuv = cv2.merge([_resize(frame.y, size), _resize(frame.uv[0], size),
+                         _resize(frame.uv[1], size)])  # fmt: skip
+        out = np.zeros((h, w, 3), dtype=np.uint8)
+        out[box.y : box.y + box.height, box.x : box.x + box.width] = cv2.transform(
+            yuv, self._matrix
+        )
+        return out
+
+
 def model_frame(frame: I420Frame, info: Any, model: tuple[int, int]) -> U8:
     """The detector's (height, width, 3) RGB frame of ``model`` (width, height) size: the
     I420 ``frame`` (``info``: its video info) letterboxed between black borders."""
-    box = letterbox((info.width, info.height), (info.par_n, info.par_d), model)
-    size = (box.width, box.height)
-    yuv = cv2.merge([_resize(frame.y, size), _resize(frame.uv[0], size),
-                     _resize(frame.uv[1], size)])  # fmt: skip
-    out = np.zeros((model[1], model[0], 3), dtype=np.uint8)
-    out[box.y : box.y + box.height, box.x : box.x + box.width] = cv2.transform(
-        yuv, _colour_matrix(info)
-    )
-    return out
+    return ModelFit(info, model)(frame)
