@@ -16,14 +16,18 @@ import numpy.typing as npt
 import pytest
 from conftest import MEDIA, ROOT
 
-from edgecam.config import CameraConfig, Settings, load_settings
+from edgecam.config import CameraConfig, EncoderConfig, Settings, load_settings
 from edgecam.errors import MissingPluginError, PipelineError, SourceError
+from edgecam.media import backends
 from edgecam.media.backends import (
     BACKENDS,
+    ENCODERS,
     Backend,
     backend_problem,
+    encoder_problem,
     probe_backend,
     resolve_backend,
+    resolve_encoder,
 )
 from edgecam.media.detection import PipelineStats
 from edgecam.media.frames import MappedFrame
@@ -270,7 +274,9 @@ def test_the_default_overlay_differs_only_in_its_element() -> None:
 
 def test_nvidia_backend_keeps_frames_on_the_gpu_and_feeds_nvenc_cuda_memory() -> None:
     case = GOLDEN["live_rtsp_rtp"]
-    settings = _golden_settings(case, **{"overlay.element": "overlaycomposition"})
+    settings = _golden_settings(
+        case, **{"overlay.element": "overlaycomposition", "encoder.element": "nvh264"}
+    )
     line = _describe(settings, case, BACKENDS["nvidia"])
     assert "decodebin name=dec cudaupload name=conv ! cudaconvertscale name=fit" in line
     assert "caps=video/x-raw(memory:CUDAMemory),format=I420 ! tee name=t" in line
@@ -299,10 +305,71 @@ def test_vaapi_backend_decodes_converts_and_encodes_through_vaapi() -> None:
     assert BACKENDS["vaapi"].decoders == ("vaapih264dec", "vaapih265dec")
 
 
+def test_nvidia_backend_without_nvenc_encodes_with_x264(caplog: pytest.LogCaptureFixture) -> None:
+    """A GPU that decodes but has no NVENC (an A100, H100, H200; or none at all, as here):
+    encoder auto on the nvidia backend is x264, fed system memory, and says why once."""
+    caplog.set_level(logging.INFO, logger="edgecam.media.backends")
+    assert encoder_problem("nvh264") is not None  # no NVIDIA GPU on this machine
+    backends._say_fallback.cache_clear()  # said once a process: this test may not be first
+    case = GOLDEN["offline_default_file"]
+    line = _describe(_golden_settings(case), case, BACKENDS["nvidia"])
+    assert "cudadownload ! identity name=overlay ! x264enc name=enc" in line
+    assert "nvh264enc" not in line and "cudaupload ! cudaconvertscale ! " not in line
+    assert resolve_encoder(EncoderConfig(), BACKENDS["nvidia"]) is ENCODERS["x264"]
+    said = [r for r in caplog.records if "not nvh264enc" in r.getMessage()]
+    assert len(said) == 1 and "x264 encodes" in said[0].getMessage()
+    # asked for by name, NVENC is not replaced: the pipeline would refuse to start instead
+    explicit = EncoderConfig(element="nvh264")
+    assert resolve_encoder(explicit, BACKENDS["nvidia"]) is ENCODERS["nvh264"]
+
+
+@pytest.mark.parametrize(
+    ("probe", "falls_back"),
+    [("videotestsrc num-buffers=5 ! identity error-after=2 ! fakesink", True),
+     ("videotestsrc num-buffers=2 ! fakesink", False)],
+)  # fmt: skip
+def test_an_encoder_is_kept_only_where_its_probe_runs(
+    monkeypatch: pytest.MonkeyPatch, probe: str, falls_back: bool
+) -> None:
+    """Registered is not enough (nvcodec registers nvh264enc on a GPU without NVENC): the
+    encoder's own test pipeline must run to its end."""
+    present = dataclasses.replace(ENCODERS["nvh264"], factory="x264enc", probe=probe)
+    monkeypatch.setitem(ENCODERS, "nvh264", present)
+    encoder_problem.cache_clear()
+    try:
+        chosen = resolve_encoder(EncoderConfig(), BACKENDS["nvidia"])
+    finally:
+        encoder_problem.cache_clear()
+    assert chosen is (ENCODERS["x264"] if falls_back else present)
+
+
+def test_nvdec_backend_decodes_on_the_gpu_and_does_the_rest_as_cpu() -> None:
+    """Where GStreamer has NVDEC but not the CUDA converter (before 1.22; 1.22 with CUDA 13's
+    NVRTC): the cpu backend's launch line, with NVDEC preferred by decodebin."""
+    nvdec = BACKENDS["nvdec"]
+    assert nvdec.decoders == ("nvh264dec", "nvh265dec") and nvdec.elements == ("nvh264dec",)
+    for name in ("offline_default_file", "live_rtsp_rtp"):
+        case = GOLDEN[name]
+        settings = _golden_settings(case)
+        assert _describe(settings, case, nvdec) == _describe(settings, case, BACKENDS["cpu"])
+    assert "nvh264dec ! videoconvert" in (nvdec.probe or "")
+
+
+def test_a_backend_partly_installed_says_what_would_do_instead() -> None:
+    partial = dataclasses.replace(
+        BACKENDS["cpu"], elements=("videotestsrc", "nosuchelement"), missing_hint="try cpu"
+    )
+    problem = probe_backend(partial)
+    assert problem == "GStreamer element(s) nosuchelement not installed (try cpu)"
+    # none of them installed: the common case, said plainly
+    absent = dataclasses.replace(partial, elements=("nosuchelement",))
+    assert probe_backend(absent) == "GStreamer element(s) nosuchelement not installed"
+
+
 def test_auto_falls_back_to_cpu_saying_why(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="edgecam.media.backends")
     assert resolve_backend(load_settings()) is BACKENDS["cpu"]
-    for name in ("nvidia", "vaapi"):
+    for name in ("nvidia", "vaapi", "nvdec"):
         problem = backend_problem(name)
         assert problem is not None  # no GPU, no VA-API device on this machine
         assert f"media backend auto: not {name}: {problem}" in caplog.text

@@ -613,11 +613,11 @@ class OverlayConfig(_Section):
 
 
 class MediaConfig(_Section):
-    backend: Literal["auto", "cpu", "nvidia", "vaapi"] = Field(
+    backend: Literal["auto", "cpu", "nvidia", "nvdec", "vaapi"] = Field(
         "auto",
         description="Where video is decoded, converted, scaled and encoded: cpu, nvidia "
-        "(NVDEC/NVENC, CUDA), vaapi; auto takes the first of nvidia, vaapi that works here, "
-        "else cpu.",
+        "(NVDEC, CUDA, NVENC where the GPU has it, else x264), nvdec (NVDEC, then the CPU), "
+        "vaapi; auto takes the first of nvidia, vaapi, nvdec that works here, else cpu.",
     )
 
 

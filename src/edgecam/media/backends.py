@@ -4,14 +4,18 @@ One table entry per backend (``media.backend`` in config): the launch-descriptio
 it puts around the pipeline's fixed parts (the tee, the detector's appsink, the drawing
 element, the muxers), the memory its frames are in, its own H.264 encoder and the elements
 it needs. ``cpu`` is GStreamer's software elements; ``nvidia`` decodes with NVDEC, converts
-and scales with CUDA and encodes with NVENC on CUDA memory; ``vaapi`` decodes, converts and
-encodes through VA-API. Drawing (Python, or cairo) always works on system-memory I420: a
-hardware backend downloads frames for it and uploads them again for its encoder.
+and scales with CUDA and encodes with NVENC on CUDA memory; ``nvdec`` decodes with NVDEC
+and does the rest on the CPU (for GStreamers without the CUDA converter: before 1.22, or
+1.22 with a CUDA 13 NVRTC); ``vaapi`` decodes, converts and encodes through VA-API.
+Drawing (Python, or cairo) always works on system-memory I420: a hardware backend downloads
+frames for it and uploads them again for its encoder.
 
-``auto`` takes the first of ``nvidia``, ``vaapi`` that *works* (its elements exist and a tiny
-pipeline through them reaches PLAYING and runs to its end: a plugin that loads on a machine
-without the device fails there), else ``cpu``; the probe runs once a process, and the reason
-a backend was passed over is logged.
+``auto`` takes the first of ``nvidia``, ``vaapi``, ``nvdec`` that *works* (its elements exist
+and a tiny pipeline through them reaches PLAYING and runs to its end: a plugin that loads on
+a machine without the device fails there), else ``cpu``; the probe runs once a process, and
+the reason a backend was passed over is logged. A hardware encoder is probed the same way,
+apart: NVIDIA's data-centre GPUs (A100, H100, H200) decode but have no NVENC, and there
+``encoder.element: auto`` falls back to x264 on the ``nvidia`` backend, saying so.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ __all__ = [
     "Encoder",
     "Memory",
     "backend_problem",
+    "encoder_problem",
     "prefer_decoders",
     "probe_backend",
     "resolve_backend",
@@ -41,9 +46,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BackendName = Literal["cpu", "nvidia", "vaapi"]
+BackendName = Literal["cpu", "nvidia", "nvdec", "vaapi"]
 Memory = Literal["system", "cuda"]
-_AUTO_ORDER: tuple[BackendName, ...] = ("nvidia", "vaapi")
+_AUTO_ORDER: tuple[BackendName, ...] = ("nvidia", "vaapi", "nvdec")
 _PROBE_TIMEOUT_NS = 5 * Gst.SECOND
 _NOT_INSTALLED = "GStreamer element(s)"
 
@@ -57,6 +62,7 @@ class Encoder:
     props: str
     memory: Memory = "system"
     backend: BackendName | None = None  # only on this backend (a hardware encoder)
+    probe: str | None = None  # a short launch line that must run to its end here
 
 
 # Keyframes are forced by time from a pad probe; the encoders' own interval is only a long
@@ -74,6 +80,11 @@ ENCODERS: dict[str, Encoder] = {
         "bitrate={kbps} preset=low-latency-hq zerolatency=true gop-size=600",
         memory="cuda",
         backend="nvidia",
+        # Registered wherever nvcodec finds a GPU, NVENC or not (an H200 has none).
+        probe=(
+            "videotestsrc num-buffers=3 ! video/x-raw,format=NV12,width=64,height=64 ! "
+            "nvh264enc ! h264parse ! fakesink"
+        ),
     ),
     # vaapih264enc uploads system-memory frames itself.
     "vaapih264": Encoder("vaapih264enc", "bitrate={kbps} keyframe-period=600", backend="vaapi"),
@@ -105,6 +116,7 @@ class Backend:
     decoders: tuple[str, ...] = ()  # preferred by decodebin over software decoders
     elements: tuple[str, ...] = ()  # what it needs besides the common elements
     probe: str | None = None  # a short launch line that must run to its end here
+    missing_hint: str = ""  # said after the missing elements, where some are present
 
     def video_in(self, draws: bool) -> str:
         """From the video queue to the drawing element (or straight to the encoder)."""
@@ -120,13 +132,19 @@ class Backend:
         return ""
 
 
+_CPU_FIT = (
+    "videoconvert name=conv ! videoscale name=fit add-borders=true ! "
+    "capsfilter name=fit_caps caps=video/x-raw,format=I420"
+)
+# A few frames of H.264 for a decoder's probe (x264 is the cpu backend's own encoder).
+_H264_SAMPLE = (
+    "videotestsrc num-buffers=3 ! video/x-raw,format=I420,width=64,height=64 ! x264enc ! h264parse"
+)
+
 BACKENDS: dict[BackendName, Backend] = {
     "cpu": Backend(
         name="cpu",
-        fit=(
-            "videoconvert name=conv ! videoscale name=fit add-borders=true ! "
-            "capsfilter name=fit_caps caps=video/x-raw,format=I420"
-        ),
+        fit=_CPU_FIT,
         infer_scale="",
         memory="system",
         encoder="x264",
@@ -149,15 +167,31 @@ BACKENDS: dict[BackendName, Backend] = {
         upload="cudaupload ! cudaconvertscale ! video/x-raw(memory:CUDAMemory),format=NV12 ! ",
         caps_feature="(memory:CUDAMemory)",
         decoders=("nvh264dec", "nvh265dec"),
-        elements=("cudaupload", "cudadownload", "cudaconvertscale", "nvh264enc", "nvh264dec"),
+        # nvh264enc is probed apart (see ENCODERS): without NVENC, x264 encodes.
+        elements=("cudaupload", "cudadownload", "cudaconvertscale", "nvh264dec"),
+        # What the pipeline asks of these elements, letterboxing included: a GStreamer
+        # whose cudaconvertscale lacks add-borders fails here, not in the camera's run.
         probe=(
-            # What the pipeline asks of these elements, letterboxing included: a GStreamer
-            # whose cudaconvertscale lacks add-borders fails here, not in the camera's run.
-            "videotestsrc num-buffers=3 ! video/x-raw,format=I420,width=64,height=64 ! "
-            "cudaupload ! cudaconvertscale add-borders=true ! "
-            "video/x-raw(memory:CUDAMemory),format=NV12,width=96,height=64 ! "
-            "nvh264enc ! h264parse ! nvh264dec ! cudadownload ! fakesink"
+            f"{_H264_SAMPLE} ! nvh264dec ! cudaupload ! cudaconvertscale add-borders=true ! "
+            "video/x-raw(memory:CUDAMemory),format=I420,width=96,height=64 ! cudadownload ! "
+            "fakesink"
         ),
+        missing_hint=(
+            "nvcodec registers cudaconvertscale from GStreamer 1.22, with an NVRTC library it "
+            "can use (GST_CUDA_NVRTC_LIBNAME names one; 1.22 cannot use CUDA 13's): "
+            "media.backend nvdec decodes on the GPU without it"
+        ),
+    ),
+    "nvdec": Backend(
+        name="nvdec",
+        # The decoder hands system-memory NV12 on; the CPU converts, scales and encodes.
+        fit=_CPU_FIT,
+        infer_scale="",
+        memory="system",
+        encoder="x264",
+        decoders=("nvh264dec", "nvh265dec"),
+        elements=("nvh264dec",),
+        probe=f"{_H264_SAMPLE} ! nvh264dec ! videoconvert ! video/x-raw,format=I420 ! fakesink",
     ),
     "vaapi": Backend(
         name="vaapi",
@@ -187,17 +221,35 @@ def backend_problem(name: BackendName) -> str | None:
     return probe_backend(BACKENDS[name])
 
 
+@functools.cache
+def encoder_problem(name: str) -> str | None:
+    """Why encoder ``name`` cannot run here (None when it can); probed once a process."""
+    encoder = ENCODERS[name]
+    init()
+    if Gst.ElementFactory.find(encoder.factory) is None:
+        return f"{_NOT_INSTALLED} {encoder.factory} not installed"
+    return _run_probe(encoder.probe)
+
+
 def probe_backend(backend: Backend) -> str | None:
     """Why ``backend`` cannot run here (None when it can): an element it needs is missing,
     or its test pipeline does not run to its end."""
     init()
     missing = [e for e in backend.elements if Gst.ElementFactory.find(e) is None]
     if missing:
-        return f"{_NOT_INSTALLED} {', '.join(missing)} not installed"
-    if backend.probe is None:
+        problem = f"{_NOT_INSTALLED} {', '.join(missing)} not installed"
+        if backend.missing_hint and len(missing) < len(backend.elements):
+            problem += f" ({backend.missing_hint})"
+        return problem
+    return _run_probe(backend.probe)
+
+
+def _run_probe(description: str | None) -> str | None:
+    """Why the test pipeline ``description`` does not run to its end here (None: it does)."""
+    if description is None:
         return None
     try:
-        pipeline = Gst.parse_launch(backend.probe)
+        pipeline = Gst.parse_launch(description)
     except Exception as exc:  # GLib.Error: an element refused its properties
         return f"its test pipeline does not build: {exc}"
     try:
@@ -219,13 +271,16 @@ def probe_backend(backend: Backend) -> str | None:
 def resolve_backend(settings: Settings) -> Backend:
     """The backend config asks for, ``auto`` resolved; raises :class:`MissingPluginError`
     naming what is missing when an explicit one (or the one a hardware encoder needs)
-    cannot run here."""
+    cannot run here, or the hardware encoder asked for cannot."""
     wanted = settings.media.backend
     needed_by = ENCODERS.get(settings.encoder.element)
     if wanted == "auto" and needed_by is not None and needed_by.backend is not None:
         wanted = needed_by.backend  # encoder.element nvh264 or vaapih264: that backend only
     if wanted != "auto":
-        problem = backend_problem(wanted)
+        problem = None
+        if needed_by is not None and needed_by.probe is not None:
+            problem = encoder_problem(settings.encoder.element)  # NVENC asked for, and absent
+        problem = problem or backend_problem(wanted)
         if problem is not None:
             raise MissingPluginError(
                 f"media backend {wanted} (media.backend {settings.media.backend}, "
@@ -238,14 +293,16 @@ def resolve_backend(settings: Settings) -> Backend:
             log.info("media backend auto: %s", name)
             return BACKENDS[name]
         # Said out loud only when the backend is installed but does not work here (no
-        # device, no driver): a machine without the plugins is the common case.
-        level = logging.DEBUG if problem.startswith(_NOT_INSTALLED) else logging.INFO
+        # device, no driver, some of its elements): a machine without the plugins is the
+        # common case.
+        level = logging.DEBUG if problem.endswith(" not installed") else logging.INFO
         log.log(level, "media backend auto: not %s: %s", name, problem)
     return BACKENDS["cpu"]
 
 
 def resolve_encoder(cfg: EncoderConfig, backend: Backend) -> Encoder:
-    """The encoder config asks for on ``backend`` (``auto``: the backend's own)."""
+    """The encoder config asks for on ``backend``. ``auto``: the backend's own, or x264
+    where that one does not run here (a GPU without NVENC)."""
     name = backend.encoder if cfg.element == "auto" else cfg.element
     encoder = ENCODERS[name]
     if encoder.backend not in (None, backend.name):
@@ -253,7 +310,19 @@ def resolve_encoder(cfg: EncoderConfig, backend: Backend) -> Encoder:
         raise MissingPluginError(
             f"encoder.element {name} needs media.backend {encoder.backend}, not {backend.name}"
         )
+    if cfg.element == "auto" and encoder.probe is not None:
+        problem = encoder_problem(name)
+        if problem is not None:
+            _say_fallback(backend.name, encoder.factory, problem)
+            return ENCODERS["x264"]
     return encoder
+
+
+@functools.cache
+def _say_fallback(backend: BackendName, factory: str, problem: str) -> None:
+    # Once a process, not at every (re)start of every camera's pipeline.
+    log.info("encoder auto on media backend %s: not %s: %s; x264 encodes", backend, factory,
+             problem)  # fmt: skip
 
 
 def prefer_decoders(backend: Backend) -> None:
