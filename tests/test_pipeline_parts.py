@@ -33,6 +33,7 @@ from edgecam.media.detection import PipelineStats
 from edgecam.media.frames import MappedFrame
 from edgecam.media.gst import Gst, GstVideo, init
 from edgecam.media.launch import describe
+from edgecam.media.offline import FileJob, process_files
 from edgecam.media.overlay import DirectRenderer, LruCache
 from edgecam.media.pipeline import Pipeline
 from edgecam.media.supervisor import Backoff, SourceSupervisor
@@ -381,6 +382,27 @@ def test_an_explicit_backend_that_cannot_run_is_a_clear_error() -> None:
     # asking for NVENC with backend auto asks for the nvidia backend
     with pytest.raises(MissingPluginError, match="nvh264enc"):
         resolve_backend(load_settings(**{"encoder.element": "nvh264"}))
+
+
+def test_a_backend_that_cannot_run_fails_before_a_model_is_loaded(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Loading the models takes seconds on a small box; a config that cannot run is said
+    first, by a pipeline and by several files side by side."""
+    import edgecam.vision.detectors as detectors
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(detectors, "build_detector", refuse)
+    settings = _offline(**{"media.backend": "nvdec"})
+    clip = MEDIA / "motion_720p30_4s.mp4"
+    with pytest.raises(MissingPluginError, match=r"media backend nvdec .* nvh264dec"):
+        Pipeline(settings, mode="offline", rtp=False, out_file=tmp_path / "o.mp4")
+    job = FileJob(clip, tmp_path / "o.mp4")
+    with pytest.raises(MissingPluginError, match=r"media backend nvdec .* nvh264dec"):
+        process_files(settings, [job, FileJob(clip, tmp_path / "p.mp4")], progress=False)
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from typing import IO
 
 from edgecam.config import Settings
 from edgecam.errors import EdgecamError, SourceError, UsageError
+from edgecam.media.backends import resolve_backend
 from edgecam.media.pipeline import Pipeline
 from edgecam.media.probe import VideoFileInfo, probe_video
 from edgecam.vision.analytics import FrameMeta
@@ -352,6 +353,7 @@ def process_files(
         if any(_same_file(job.input, t) for t in targets):
             raise UsageError(f"{job.input} is also an output; it would be overwritten")
     infos = [probe_video(job.input) for job in jobs]
+    resolve_backend(settings)  # one that cannot run here fails before the model is loaded
     names = _camera_names(jobs)
     cams = [
         settings.cameras[0].model_copy(update={"name": n, "source": str(j.input), "loop": False})

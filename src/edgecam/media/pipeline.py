@@ -23,7 +23,7 @@ from pathlib import Path
 
 from edgecam.config import Settings, redact_url
 from edgecam.errors import PipelineError, SourceError
-from edgecam.media.backends import prefer_decoders
+from edgecam.media.backends import prefer_decoders, resolve_backend
 from edgecam.media.detection import (
     DetectionSchedule,
     DetectorRunner,
@@ -168,6 +168,7 @@ class Pipeline:
         detect_fps = settings.vision.detect_fps
         self._owned: list[Detector] = []  # closed with the pipeline
         used: list[Detector] = []
+        backend = resolve_backend(settings)  # one that cannot run fails before a model loads
         if detect_fps > 0:
             if detectors is not None:
                 used = list(detectors)
@@ -187,6 +188,7 @@ class Pipeline:
                 analytics=analytics_on,
                 out_file=out_file,
                 rtp_ports=settings.rtp_ports(self.camera_index) if rtp else (),
+                backend=backend,
             )
             pipeline = _launch(layout, out_file)
         except BaseException:
