@@ -18,7 +18,7 @@ from edgecam.config import Settings, load_settings
 from edgecam.device.events import EventReceiver, EventSender, FrameSummary
 from edgecam.device.runner import WorkerContext
 from edgecam.device.workers import InferenceWorker
-from edgecam.errors import UsageError
+from edgecam.errors import MissingPluginError, UsageError
 from edgecam.media.offline import FileJob, process_file, process_files
 
 CLIPS = [MEDIA / "faces.mp4", MEDIA / "motion_720p30_4s.mp4", MEDIA / "faces_720p30_15s.mp4"]
@@ -353,6 +353,32 @@ def test_live_cameras_get_one_detector_call_each_up_to_the_threads(
         batcher = worker.batcher
         assert (batcher.workers if batcher is not None else 1) == calls
         assert batcher is None or len(batcher._threads) == calls
+    finally:
+        worker.close()
+        sender.close()
+
+
+def test_a_media_backend_that_cannot_run_fails_the_worker_before_the_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a camera retrying for ever in the same process (its probe's answer is kept for
+    the process's life): the worker fails, saying why, and its supervisor restarts it."""
+    import edgecam.vision.detectors as detectors
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(detectors, "build_detector", refuse)
+    settings = Settings(
+        cameras=[{"name": "c0", "source": str(CLIPS[0])}],
+        media={"backend": "nvdec"},
+        runtime={"dir": tmp_path / "run"},
+    )
+    sender = EventSender(tmp_path / "x.sock")
+    worker = InferenceWorker(WorkerContext(settings, None, sender))
+    try:
+        with pytest.raises(MissingPluginError, match=r"media backend nvdec .* nvh264dec"):
+            worker.start()
     finally:
         worker.close()
         sender.close()

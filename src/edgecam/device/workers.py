@@ -273,11 +273,16 @@ class InferenceWorker(Worker):
         return any(c.enabled for c in settings.cameras)
 
     def start(self) -> None:
+        from edgecam.media.backends import resolve_backend
         from edgecam.vision.batching import DetectorBatcher
         from edgecam.vision.detectors import build_detector
 
         limit_malloc_arenas()
         settings = self.settings
+        # A media backend that cannot run here fails the worker before the model loads, and
+        # its restart probes afresh (a GPU driver loaded late, say): a camera retrying in
+        # this process would meet the same answer, kept for the process's life.
+        resolve_backend(settings)
         detecting = sum(b.settings.vision.detect_fps > 0 for b in self._branches)
         if detecting:
             vision = settings.vision
