@@ -336,9 +336,12 @@ def test_kill9_of_the_orchestrator_leaves_no_process(tmp_path: Path, broker: Loc
         assert dev.proc is not None
         dev.proc.kill()
         dev.proc.wait()
-        end = time.monotonic() + 30
+        # A worker drains its pipelines, then is forced out 30 s after its signal at most.
+        end = time.monotonic() + 40
         while any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children):
-            assert time.monotonic() < end, [c.cmdline() for c in children if c.is_running()]
+            if time.monotonic() > end:
+                left = [c.pid for c in children if c.is_running()]
+                raise AssertionError(f"still running: {left}\n{dev.log()[-3000:]}")
             time.sleep(0.2)
         offline = dev.listener.wait(
             "the last will", lambda k, d: k == "status" and d["state"] == "offline", 60

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 # A pipeline that has not produced a frame for this long, while not waiting for its
 # camera to come back, is hung (the orchestrator restarts it).
 _STUCK_S = 10.0
+# Every camera's pipeline drains together: one deadline for all (a drain takes up to the
+# pipeline's 10 s), well inside the runner's forced exit, whatever the number of cameras.
+_STOP_ALL_S = 15.0
 _RETENTION_EVERY_S = 60.0
 _KEEP_CLIP_RESULTS = 256
 _LISTEN_TIMEOUT_S = 10.0
@@ -313,19 +316,21 @@ class InferenceWorker(Worker):
         while not stop.wait(0.2):
             if not any(b.alive for b in self._branches):
                 break  # every source ended
-        for branch in self._branches:
-            branch.stop()
-        for branch in self._branches:
-            branch.join(timeout=15)
+        self._stop_branches()
 
     def close(self) -> None:
+        self._stop_branches()
         for branch in self._branches:
-            branch.stop()
-        for branch in self._branches:
-            branch.join(timeout=15)
             branch.discard()
         if self.batcher is not None:
             self.batcher.stop()
+
+    def _stop_branches(self) -> None:
+        for branch in self._branches:
+            branch.stop()
+        deadline = time.monotonic() + _STOP_ALL_S
+        for branch in self._branches:
+            branch.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def status(self) -> dict[str, Any]:
         batcher = self.batcher

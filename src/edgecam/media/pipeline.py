@@ -459,7 +459,7 @@ class Pipeline:
 
     @property
     def backend(self) -> str:
-        """The media backend in use (``cpu``, ``nvidia`` or ``vaapi``)."""
+        """The media backend in use (``cpu``, ``nvidia``, ``nvdec`` or ``vaapi``)."""
         return self._layout.backend.name
 
     @property
