@@ -20,6 +20,7 @@ apart: NVIDIA's data-centre GPUs (A100, H100, H200) decode but have no NVENC, an
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -132,23 +133,24 @@ class Backend:
         return ""
 
 
-_CPU_FIT = (
-    "videoconvert name=conv ! videoscale name=fit add-borders=true ! "
-    "capsfilter name=fit_caps caps=video/x-raw,format=I420"
-)
 # A few frames of H.264 for a decoder's probe (x264 is the cpu backend's own encoder).
 _H264_SAMPLE = (
     "videotestsrc num-buffers=3 ! video/x-raw,format=I420,width=64,height=64 ! x264enc ! h264parse"
 )
 
-BACKENDS: dict[BackendName, Backend] = {
-    "cpu": Backend(
-        name="cpu",
-        fit=_CPU_FIT,
-        infer_scale="",
-        memory="system",
-        encoder="x264",
+_CPU = Backend(
+    name="cpu",
+    fit=(
+        "videoconvert name=conv ! videoscale name=fit add-borders=true ! "
+        "capsfilter name=fit_caps caps=video/x-raw,format=I420"
     ),
+    infer_scale="",
+    memory="system",
+    encoder="x264",
+)
+
+BACKENDS: dict[BackendName, Backend] = {
+    "cpu": _CPU,
     "nvidia": Backend(
         name="nvidia",
         fit=(
@@ -182,13 +184,11 @@ BACKENDS: dict[BackendName, Backend] = {
             "media.backend nvdec decodes on the GPU without it"
         ),
     ),
-    "nvdec": Backend(
+    # The cpu backend with NVDEC preferred by decodebin: the decoder hands system-memory NV12
+    # on, and the CPU converts, scales and encodes.
+    "nvdec": dataclasses.replace(
+        _CPU,
         name="nvdec",
-        # The decoder hands system-memory NV12 on; the CPU converts, scales and encodes.
-        fit=_CPU_FIT,
-        infer_scale="",
-        memory="system",
-        encoder="x264",
         decoders=("nvh264dec", "nvh265dec"),
         elements=("nvh264dec",),
         probe=f"{_H264_SAMPLE} ! nvh264dec ! videoconvert ! video/x-raw,format=I420 ! fakesink",
