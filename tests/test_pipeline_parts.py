@@ -399,6 +399,10 @@ def test_a_backend_that_cannot_run_fails_before_a_model_is_loaded(
     clip = MEDIA / "motion_720p30_4s.mp4"
     with pytest.raises(MissingPluginError, match=r"media backend nvdec .* nvh264dec"):
         Pipeline(settings, mode="offline", rtp=False, out_file=tmp_path / "o.mp4")
+    own = _CountingDetector()  # given to the pipeline to own: closed all the same
+    with pytest.raises(MissingPluginError, match=r"media backend nvdec"):
+        Pipeline(settings, mode="offline", rtp=False, detector=own)
+    assert own.closed == 1
     job = FileJob(clip, tmp_path / "o.mp4")
     with pytest.raises(MissingPluginError, match=r"media backend nvdec .* nvh264dec"):
         process_files(settings, [job, FileJob(clip, tmp_path / "p.mp4")], progress=False)

@@ -168,7 +168,12 @@ class Pipeline:
         detect_fps = settings.vision.detect_fps
         self._owned: list[Detector] = []  # closed with the pipeline
         used: list[Detector] = []
-        backend = resolve_backend(settings)  # one that cannot run fails before a model loads
+        try:  # a backend that cannot run here fails before a model is loaded
+            backend = resolve_backend(settings)
+        except BaseException:
+            if detector is not None:
+                detector.close()  # owned from here on, as when the pipeline cannot be built
+            raise
         if detect_fps > 0:
             if detectors is not None:
                 used = list(detectors)
