@@ -9,7 +9,7 @@ import pytest
 from conftest import MEDIA
 
 from edgecam.errors import PipelineError
-from edgecam.media.frames import I420Frame, MappedFrame, from_model_frame, model_frame
+from edgecam.media.frames import I420Frame, MappedFrame, ModelFit, from_model_frame
 from edgecam.media.gst import Gst, GstVideo, init
 from edgecam.vision.letterbox import letterbox
 
@@ -53,7 +53,7 @@ def _gstreamer_pairs(
             info = GstVideo.VideoInfo.new_from_caps(a.get_caps())
             shape = (info.width, info.height, info.par_n, info.par_d)
             with MappedFrame(a.get_buffer(), info, Gst.MapFlags.READ) as planes:
-                ours = model_frame(planes, info, model)
+                ours = ModelFit(info, model)(planes)
             binfo = GstVideo.VideoInfo.new_from_caps(b.get_caps())
             ok, mapped = b.get_buffer().map(Gst.MapFlags.READ)
             assert ok
@@ -91,7 +91,7 @@ def test_a_thin_line_lands_where_the_boxes_are_mapped_back_from() -> None:
     frame = _flat(w, h, 16)
     frame.y[:, 640:642] = 235  # a 2-pixel line, its centre at x = 641
     frame.y[300:302, :] = 235
-    out = model_frame(frame, _info(w, h), model)
+    out = ModelFit(_info(w, h), model)(frame)
     sx, sy, dx, dy = from_model_frame(
         Gst.Caps.from_string(f"video/x-raw,width={w},height={h}").get_structure(0), model
     )
@@ -121,7 +121,7 @@ def test_colours_follow_the_caps_matrix_and_range(
     caps: str, yuv: tuple[int, int, int], rgb: tuple[int, int, int]
 ) -> None:
     w, h = 1280, 720
-    out = model_frame(_flat(w, h, *yuv), _info(w, h, caps), (640, 352))
+    out = ModelFit(_info(w, h, caps), (640, 352))(_flat(w, h, *yuv))
     assert tuple(int(c) for c in out[176, 320]) == pytest.approx(rgb, abs=1)
 
 
@@ -140,7 +140,7 @@ def test_every_shape_is_letterboxed_as_mapped_back(
 ) -> None:
     w, h = source
     info = _info(w, h, f",pixel-aspect-ratio={par[0]}/{par[1]}")
-    out = model_frame(_flat(w, h, 180), info, model)
+    out = ModelFit(info, model)(_flat(w, h, 180))
     box = letterbox(source, par, model)
     assert out.shape == (model[1], model[0], 3)
     lit = out[..., 0] > 0

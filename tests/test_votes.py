@@ -15,10 +15,10 @@ def _run(probs: list[float], **cfg: float) -> list[str]:
     voter = LabelVoter(VotingConfig.model_validate(cfg))
     out = []
     for frame, p in enumerate(probs):
-        labels = voter.update(
+        states = voter.update_states(
             frame, np.array([7]), np.array([p], dtype=np.float32), np.array([True])
         )
-        out.append(labels[0])
+        out.append(states[0].label)
     return out
 
 
@@ -55,16 +55,16 @@ def test_label_flips_only_after_sustained_change() -> None:
 def test_unmatched_frames_do_not_vote() -> None:
     voter = LabelVoter(VotingConfig())
     for frame in range(10):
-        labels = voter.update(
+        states = voter.update_states(
             frame, np.array([1]), np.array([M], dtype=np.float32), np.array([False])
         )
-    assert labels == [UNDECIDED]
+    assert [st.label for st in states] == [UNDECIDED]
 
 
 def test_people_profile_has_one_label() -> None:
     voter = LabelVoter(VotingConfig(), classify=False)
-    labels = voter.update(0, np.array([1, 2]), np.full(2, np.nan), np.array([True, False]))
-    assert labels == [PERSON, PERSON]
+    states = voter.update_states(0, np.array([1, 2]), np.full(2, np.nan), np.array([True, False]))
+    assert [st.label for st in states] == [PERSON, PERSON]
     assert voter.labels == (PERSON,)
 
 
@@ -80,9 +80,9 @@ def _settled(probs: list[float], frame_gap: int = 0, **cfg: int) -> bool:
     """Whether the track is settled ``frame_gap`` frames after its last vote."""
     voter = LabelVoter(VotingConfig.model_validate(cfg))
     for frame, p in enumerate(probs):
-        voter.update(frame, np.array([7]), np.array([p], dtype=np.float32), np.array([True]))
-    state = voter.state(7)
-    assert state is not None
+        (state,) = voter.update_states(
+            frame, np.array([7]), np.array([p], dtype=np.float32), np.array([True])
+        )
     return voter.settled(state, len(probs) - 1 + frame_gap)
 
 

@@ -101,7 +101,7 @@ class Backend:
     the pipeline pins at the first frame's size (``caps_feature`` goes into those caps).
     ``infer_scale``: from the tee to the detector's RGB caps, scaled to ``{w}`` x ``{h}``;
     empty: the detector's appsink takes the video frames as they are (system-memory I420)
-    and its thread fits them to the model (:func:`edgecam.media.frames.model_frame`, several
+    and its thread fits them to the model (:class:`edgecam.media.frames.ModelFit`, several
     times cheaper than ``videoscale ! videoconvert``).
     ``download``/``upload``: between the frames' memory and system memory (empty on cpu).
     """

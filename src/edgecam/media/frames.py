@@ -23,14 +23,13 @@ import numpy.typing as npt
 
 from edgecam.errors import PipelineError
 from edgecam.media.gst import Gst, GstVideo
-from edgecam.vision.letterbox import letterbox
+from edgecam.vision.letterbox import Letterbox, letterbox
 
 __all__ = [
     "I420Frame",
     "MappedFrame",
     "ModelFit",
     "from_model_frame",
-    "model_frame",
 ]
 
 U8 = npt.NDArray[np.uint8]
@@ -94,10 +93,7 @@ def _caps_geometry(source: Gst.Structure) -> tuple[tuple[int, int], tuple[int, i
     return size, ((par_n, par_d) if ok else (1, 1))
 
 
-def _to_source(
-    size: tuple[int, int], par: tuple[int, int], model: tuple[int, int]
-) -> tuple[float, float, float, float]:
-    box = letterbox(size, par, model)
+def _to_source(size: tuple[int, int], box: Letterbox) -> tuple[float, float, float, float]:
     sx, sy = size[0] / box.width, size[1] / box.height
     return sx, sy, -box.x * sx, -box.y * sy
 
@@ -108,7 +104,7 @@ def from_model_frame(
     """(sx, sy, dx, dy) taking pixels of the model's frame (width, height ``model``) back
     to the source's (x * sx + dx), through the letterbox's borders."""
     size, par = _caps_geometry(source)
-    return _to_source(size, par, model)
+    return _to_source(size, letterbox(size, par, model))
 
 
 @functools.lru_cache(maxsize=8)
@@ -161,7 +157,7 @@ class ModelFit:
         self._model = model
         self._box = letterbox(size, par, model)
         self._matrix = _colour_matrix(info)
-        self.to_source = _to_source(size, par, model)  # as :func:`from_model_frame`
+        self.to_source = _to_source(size, self._box)  # as :func:`from_model_frame`
 
     def __call__(self, frame: I420Frame) -> U8:
         """The detector's (height, width, 3) RGB frame: ``frame`` letterboxed between black
@@ -175,9 +171,3 @@ class ModelFit:
             yuv, self._matrix
         )
         return out
-
-
-def model_frame(frame: I420Frame, info: Any, model: tuple[int, int]) -> U8:
-    """The detector's (height, width, 3) RGB frame of ``model`` (width, height) size: the
-    I420 ``frame`` (``info``: its video info) letterboxed between black borders."""
-    return ModelFit(info, model)(frame)

@@ -64,15 +64,6 @@ class LabelVoter:
         """Every label this voter can give, in display order."""
         return (MASK, NO_MASK, UNDECIDED) if self._classify else (self._fixed_label,)
 
-    def state(self, track_id: int) -> TrackVotes | None:
-        return self._tracks.get(track_id)
-
-    def update(
-        self, frame: int, track_ids: np.ndarray, attribute: np.ndarray, matched: np.ndarray
-    ) -> list[str]:
-        """Record this frame's votes; return the label of every track, in order."""
-        return [st.label for st in self.update_states(frame, track_ids, attribute, matched)]
-
     def update_states(
         self, frame: int, track_ids: np.ndarray, attribute: np.ndarray, matched: np.ndarray
     ) -> list[TrackVotes]:
