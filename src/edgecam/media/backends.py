@@ -287,6 +287,13 @@ def resolve_backend(settings: Settings) -> Backend:
                 f"encoder.element {settings.encoder.element}) cannot run here: {problem}"
             )
         return BACKENDS[wanted]
+    return _auto_backend()
+
+
+@functools.cache
+def _auto_backend() -> Backend:
+    """What ``auto`` finds here: worked out (and said) once a process, as the probes are,
+    not at every camera's pipeline start."""
     for name in _AUTO_ORDER:
         problem = backend_problem(name)
         if problem is None:
