@@ -524,8 +524,8 @@ class TrackerConfig(_Section):
     backend: Literal["norfair", "numpy"] = Field(
         "numpy",
         description="numpy: Norfair's tracker (same Kalman filter, hit counters and greedy "
-        "IoU matching, same tracks) vectorised over all tracks, ~5x less Python a frame; "
-        "norfair: the Norfair library itself.",
+        "IoU matching, same tracks) compiled, one C call a frame for all tracks (named after "
+        "its first, numpy version); norfair: the Norfair library itself.",
     )
     distance_threshold: float = Field(
         0.8, gt=0, le=1, description="Max IoU distance (1 - IoU) to match a detection."

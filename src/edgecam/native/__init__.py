@@ -1,6 +1,6 @@
 """edgecam's compiled helpers: plain C built when the package is installed (see
 setup.py), called through ctypes, which lets go of the GIL for each call: the drawing core
-(``draw.c``) and the tracker's matching (``match.c``)."""
+(``draw.c``), the tracker's step (``track.c``) and its matching (``match.c``)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import functools
 import importlib.machinery
 from array import array
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
 from edgecam.errors import EdgecamError
 
-__all__ = ["BoxBatch", "Label", "check", "draw_boxes", "match_iou"]
+__all__ = ["BoxBatch", "Label", "TrackStep", "TrackTable", "check", "draw_boxes", "match_iou"]
 
 _PER_BOX = 13
 
@@ -32,11 +33,42 @@ def _library() -> ctypes.CDLL:
             lib.edgecam_draw_boxes.restype = None
             lib.edgecam_match_iou.argtypes = [vp, i32, vp, i32, f64, vp, vp, vp]
             lib.edgecam_match_iou.restype = i32
+            i64 = ctypes.c_int64
+            lib.edgecam_track_step.argtypes = [ctypes.POINTER(_Tracks), vp, vp, vp, i64, i64]
+            lib.edgecam_track_step.restype = i64
             return lib
     raise EdgecamError(
         f"edgecam's compiled core is not built in {here}: reinstall edgecam "
         "(bash scripts/setup.sh, or pip install -e . with a C compiler present)"
     )
+
+
+# track.c's TrackTable: its arrays (each cap rows) in order, with their row shape and type.
+_TRACK_ARRAYS: dict[str, tuple[tuple[int, ...], type]] = {
+    **{name: ((4,), np.float64) for name in ("pos", "vel", "pv", "pvc", "vv")},
+    "hits": ((), np.int64),
+    "ids": ((), np.int64),
+    "conf": ((), np.float32),
+    "out_xyxy": ((4,), np.float32),
+    "out_conf": ((), np.float32),
+    "out_attr": ((), np.float32),
+    "out_ids": ((), np.int64),
+    "out_matched": ((), np.bool_),
+}
+
+
+class _Tracks(ctypes.Structure):
+    """track.c's TrackTable."""
+
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in _TRACK_ARRAYS),
+        ("n", ctypes.c_int64),
+        ("cap", ctypes.c_int64),
+        ("next_id", ctypes.c_int64),
+        ("threshold", ctypes.c_double),
+        ("hit_max", ctypes.c_int64),
+        ("delay", ctypes.c_int64),
+    ]
 
 
 def check() -> None:
@@ -133,3 +165,75 @@ def match_iou(
 
 _NO_PAIRS = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
 _NO_PAIRS[0].flags.writeable = _NO_PAIRS[1].flags.writeable = False
+
+
+class TrackStep(NamedTuple):
+    """The tracks shown after one :meth:`TrackTable.step`, one row each."""
+
+    xyxy: npt.NDArray[np.float32]
+    confidence: npt.NDArray[np.float32]
+    attribute: npt.NDArray[np.float32]  # NaN unless a detection hit the track on this frame
+    ids: npt.NDArray[np.int64]
+    matched: npt.NDArray[np.bool_]  # a detection hit the track on this frame
+
+
+class TrackTable:
+    """The compiled tracker's state: Norfair's model (see ``track.c``), a row a track, in
+    numpy arrays that grow as tracks are added; one :meth:`step` a frame."""
+
+    def __init__(self, threshold: float, hit_max: int, delay: int) -> None:
+        self._lib = _library()  # an install without the library fails here, saying so
+        self._arrays: dict[str, np.ndarray] = {}
+        self._table = _Tracks(n=0, cap=0, next_id=1, threshold=threshold, hit_max=hit_max,
+                              delay=delay)  # fmt: skip
+        self._grow(16)
+
+    def __len__(self) -> int:
+        """Rows held, expired ones included until the next step removes them."""
+        return int(self._table.n)
+
+    def _grow(self, cap: int) -> None:
+        n, old = self._table.n, self._arrays
+        self._arrays = {}
+        for name, (row, dtype) in _TRACK_ARRAYS.items():
+            array: np.ndarray = np.zeros((cap, *row), dtype=dtype)
+            if old:
+                array[:n] = old[name][:n]
+            setattr(self._table, name, array.ctypes.data)
+            self._arrays[name] = array
+        self._table.cap = cap
+
+    def step(
+        self,
+        boxes: npt.NDArray[np.float32] | None,
+        confidence: npt.NDArray[np.float32] | None = None,
+        attribute: npt.NDArray[np.float32] | None = None,
+        period: int = 1,
+    ) -> TrackStep:
+        """Advance one frame; ``boxes`` (n, 4), with their ``confidence`` and ``attribute``,
+        where a detector ran on it, ``period`` frames after the previous detections."""
+        table = self._table
+        if boxes is None or not len(boxes):
+            shown = self._lib.edgecam_track_step(table, None, None, None, 0, period)
+        else:
+            m = len(boxes)
+            boxes = np.ascontiguousarray(boxes, dtype=np.float32)
+            conf = np.ascontiguousarray(confidence, dtype=np.float32)
+            attr = np.ascontiguousarray(attribute, dtype=np.float32)
+            if boxes.shape != (m, 4) or conf.shape != (m,) or attr.shape != (m,):
+                raise ValueError("boxes must be (n, 4), with n scores and n attributes")
+            if table.n + m > table.cap:
+                self._grow(max(table.n + m, 2 * table.cap))
+            shown = self._lib.edgecam_track_step(
+                table, boxes.ctypes.data, conf.ctypes.data, attr.ctypes.data, m, period
+            )
+        if shown < 0:
+            raise MemoryError("the tracker's step could not allocate its scratch space")
+        a = self._arrays
+        return TrackStep(
+            a["out_xyxy"][:shown].copy(),
+            a["out_conf"][:shown].copy(),
+            a["out_attr"][:shown].copy(),
+            a["out_ids"][:shown].copy(),
+            a["out_matched"][:shown].copy(),
+        )

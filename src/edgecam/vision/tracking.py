@@ -7,8 +7,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgecam.config import TrackerConfig
-from edgecam.native import check as check_native
-from edgecam.native import match_iou
+from edgecam.native import TrackTable
 from edgecam.vision.detections import Detections
 
 __all__ = ["TRACKERS", "NorfairTracker", "NumpyTracker", "TrackUpdate", "Tracker"]
@@ -96,114 +95,39 @@ class NorfairTracker:
 
 
 class NumpyTracker:
-    """Norfair's model, vectorised over all tracks at once.
+    """Norfair's model, compiled: one C call a frame for all tracks (``tracker.backend:
+    numpy``, the name it had as a numpy version).
 
     The same per-coordinate Kalman filter as Norfair's ``OptimizedKalmanFilter`` (R=4,
     Q=0.1, initial variances 10 / 0 / 1), the same hit counters, initialisation delay and
-    greedy IoU matching (initialised tracks first, compiled: :func:`edgecam.native.match_iou`),
-    so it gives Norfair's tracks; but a detection frame costs a handful of numpy operations
-    instead of ~70 us of Python per object, which matters on two cores at 20 objects.
+    greedy IoU matching (initialised tracks first), so it gives Norfair's tracks; but a frame
+    costs one call of ``edgecam.native`` instead of ~70 us of Python per object (Norfair) or
+    some twenty numpy calls (the numpy version, kept in tests/test_tracking.py as the
+    reference this one must equal bit for bit).
     """
 
-    _R, _Q = 4.0, 0.1
-
     def __init__(self, config: TrackerConfig) -> None:
-        check_native()  # the matching is compiled: an install without it fails here, saying so
-        self._threshold = config.distance_threshold
-        self._max = config.hit_counter_max
-        self._delay = config.initialization_delay
-        self._pos = np.zeros((0, 4))  # x1, y1, x2, y2
-        self._vel = np.zeros((0, 4))
-        self._pv = np.zeros((0, 4))  # position variance
-        self._pvc = np.zeros((0, 4))  # position-velocity covariance
-        self._vv = np.zeros((0, 4))  # velocity variance
-        self._hits = np.zeros(0, dtype=np.int64)
-        self._ids = np.zeros(0, dtype=np.int64)  # 0 while initialising
-        self._conf = np.zeros(0, dtype=np.float32)
-        self._next_id = 1
+        # An install without the compiled core fails here, saying so.
+        self._table = TrackTable(
+            config.distance_threshold, config.hit_counter_max, config.initialization_delay
+        )
 
     def update(self, detections: Detections | None, period: int = 1) -> TrackUpdate:
         if period < 1:
             raise ValueError(f"period must be >= 1, got {period}")
-        self._keep(self._hits >= 0)
-        self._hits -= 1
-        self._pos += self._vel
-        n_old = len(self._hits)
-        matched = np.zeros(n_old, dtype=bool)
-        attr = np.full(n_old, np.nan, dtype=np.float32)
-        if detections is not None and len(detections):
-            boxes = detections.xyxy.astype(np.float64)
-            free = np.ones(len(boxes), dtype=bool)
-            order: list[np.ndarray] = []  # tracks hit, in Norfair's matching order
-            det_of = np.full(n_old, -1, dtype=np.int64)
-            for group in (self._ids > 0, self._ids == 0):
-                objs = np.flatnonzero(group)
-                dets = np.flatnonzero(free)
-                d, o = match_iou(boxes[dets], self._pos[objs], self._threshold)
-                if len(d):
-                    det, obj = dets[d], objs[o]
-                    free[det] = False
-                    det_of[obj] = det
-                    order.append(obj)
-            if order:
-                hit = np.concatenate(order)
-                matched[hit] = True
-                attr[hit] = detections.attribute[det_of[hit]]
-                self._conf[hit] = detections.confidence[det_of[hit]]
-                self._kalman_update(hit, boxes[det_of[hit]])
-                self._hits[hit] = np.minimum(self._hits[hit] + 2 * period, self._max)
-                self._promote(hit)
-            self._spawn(boxes[free], detections.confidence[free], period)
-            # A new track was seen by this frame's detector: it votes like a matched one.
-            matched = np.concatenate([matched, np.ones(int(free.sum()), dtype=bool)])
-            attr = np.concatenate([attr, detections.attribute[free]])
-        show = (self._ids > 0) & (self._hits >= 0)
+        if detections is None:
+            step = self._table.step(None)
+        else:
+            step = self._table.step(
+                detections.xyxy, detections.confidence, detections.attribute, period
+            )
         tracks = Detections(
-            xyxy=self._pos[show].astype(np.float32),
-            confidence=self._conf[show].copy(),
-            attribute=attr[show],
-            tracker_id=self._ids[show].copy(),
+            xyxy=step.xyxy,
+            confidence=step.confidence,
+            attribute=step.attribute,
+            tracker_id=step.ids,
         )
-        return TrackUpdate(tracks, matched[show])
-
-    def _kalman_update(self, idx: np.ndarray, z: np.ndarray) -> None:
-        r, q = self._R, self._Q
-        error = z - self._pos[idx]
-        a = self._pvc[idx] + self._vv[idx]
-        added = self._pv[idx] + self._pvc[idx] + a + q + r
-        k_pos = 1.0 - r / added
-        k_vel = a / added
-        self._pos[idx] += k_pos * error
-        self._vel[idx] += k_vel * error
-        self._pv[idx] = k_pos * r
-        self._pvc[idx] = k_vel * r
-        self._vv[idx] += q - k_vel**2 * added
-
-    def _promote(self, idx: np.ndarray) -> None:
-        new = idx[(self._ids[idx] == 0) & (self._hits[idx] > self._delay)]
-        self._ids[new] = np.arange(self._next_id, self._next_id + len(new))
-        self._next_id += len(new)
-
-    def _spawn(self, boxes: np.ndarray, conf: np.ndarray, period: int) -> None:
-        n = len(boxes)
-        if not n:
-            return
-        first = len(self._hits)
-        self._pos = np.concatenate([self._pos, boxes])
-        self._vel = np.concatenate([self._vel, np.zeros((n, 4))])
-        self._pv = np.concatenate([self._pv, np.full((n, 4), 10.0)])
-        self._pvc = np.concatenate([self._pvc, np.zeros((n, 4))])
-        self._vv = np.concatenate([self._vv, np.ones((n, 4))])
-        self._hits = np.concatenate([self._hits, np.full(n, period, dtype=np.int64)])
-        self._ids = np.concatenate([self._ids, np.zeros(n, dtype=np.int64)])
-        self._conf = np.concatenate([self._conf, conf.astype(np.float32)])
-        self._promote(np.arange(first, first + n))
-
-    def _keep(self, mask: np.ndarray) -> None:
-        if mask.all():
-            return
-        for name in ("_pos", "_vel", "_pv", "_pvc", "_vv", "_hits", "_ids", "_conf"):
-            setattr(self, name, getattr(self, name)[mask])
+        return TrackUpdate(tracks, step.matched)
 
 
 # Config ``tracker.backend`` -> implementation.
