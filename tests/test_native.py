@@ -1,5 +1,5 @@
-"""The compiled core against plain numpy: the drawing of the same boxes, and the tracker's
-matching against the numpy version it replaced."""
+"""The compiled core against plain numpy: the drawing of the same boxes, the blending of
+translucent images, and the tracker's matching against the numpy version it replaced."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import edgecam.native as native
 from edgecam.config import TrackerConfig
 from edgecam.errors import EdgecamError
-from edgecam.native import BoxBatch, Label, draw_boxes
+from edgecam.native import BoxBatch, Label, Translucent, draw_boxes
 from edgecam.native import match_iou as match_arrays
 from edgecam.vision.tracking import NumpyTracker
 
@@ -109,6 +109,55 @@ def test_the_compiled_drawing_matches_numpy_and_stays_inside_the_frame(
     assert np.array_equal(y, ref_y) and np.array_equal(uv, ref_uv)
     assert np.array_equal(buf, ref_buf)  # padding and guard rows untouched too
     assert (buf != SENTINEL).sum() == (ref_buf != SENTINEL).sum()
+
+
+def _blend_reference(plane: U8, add: np.ndarray, keep: np.ndarray, x: int, y: int) -> None:
+    """The blending as numpy did it before it was compiled: pixel * keep + add + 0.5."""
+    h, w = keep.shape
+    ph, pw = plane.shape[-2:]
+    r0, c0, r1, c1 = max(0, -y), max(0, -x), min(h, ph - y), min(w, pw - x)
+    if r0 >= r1 or c0 >= c1:
+        return
+    region = plane[..., y + r0 : y + r1, x + c0 : x + c1]
+    region[...] = region * keep[r0:r1, c0:c1] + add[..., r0:r1, c0:c1] + 0.5
+
+
+@pytest.mark.parametrize(("width", "height", "pad"), [(64, 48, 0), (67, 41, 5), (33, 57, 3)])
+def test_translucent_images_blend_as_numpy_did_and_stay_inside_the_frame(
+    width: int, height: int, pad: int
+) -> None:
+    rng = np.random.default_rng(width + height)
+    buf, y, uv = _frame(width, height, pad, rng)
+    ref_buf, ref_y, ref_uv = _frame(width, height, pad, np.random.default_rng(width + height))
+    for _ in range(40):  # over every edge, partly and wholly outside
+        ih, iw = (int(v) for v in rng.integers(1, 30, 2))
+        alpha = rng.random((ih, iw)).astype(np.float32)
+        keep = (1 - alpha).astype(np.float32)
+        add = (rng.random((2, ih, iw)) * 235 * alpha).astype(np.float32)
+        x, y0 = (int(v) for v in rng.integers(-35, (width + 5, height + 5)))
+        Translucent(add[0], keep).put(y, x, y0)
+        _blend_reference(ref_y, add[0], keep, x, y0)
+        Translucent(add, keep).put(uv, x // 2, y0 // 2)
+        _blend_reference(ref_uv, add, keep, x // 2, y0 // 2)
+    assert np.array_equal(y, ref_y) and np.array_equal(uv, ref_uv)
+    assert np.array_equal(buf, ref_buf)  # padding and guard rows untouched too
+    assert (y != _frame(width, height, pad, np.random.default_rng(width + height))[1]).any()
+
+
+def test_a_translucent_image_refuses_planes_it_does_not_fit() -> None:
+    _buf, y, uv = _frame(64, 48, 0, np.random.default_rng(2))
+    keep = np.ones((4, 6), np.float32)
+    with pytest.raises(ValueError, match="does not match"):
+        Translucent(np.zeros((4, 5), np.float32), keep)
+    with pytest.raises(ValueError, match="cannot go onto"):
+        Translucent(np.zeros((2, 4, 6), np.float32), keep).put(y, 0, 0)
+    with pytest.raises(ValueError, match="cannot go onto"):
+        Translucent(np.zeros((4, 6), np.float32), keep).put(uv, 0, 0)
+    with pytest.raises(ValueError, match="contiguous"):
+        Translucent(np.zeros((4, 6), np.float32), keep).put(y[:, ::2], 0, 0)
+    y.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        Translucent(np.zeros((4, 6), np.float32), keep).put(y, 0, 0)
 
 
 def test_a_label_must_be_an_even_sized_i420_image() -> None:

@@ -34,7 +34,7 @@ from edgecam.config import CameraConfig, Settings
 from edgecam.media.detection import FrameAnalysis, VideoFormat
 from edgecam.media.frames import I420Frame, MappedFrame
 from edgecam.media.gst import Gst, GstVideo
-from edgecam.native import BoxBatch, Label, draw_boxes
+from edgecam.native import BoxBatch, Label, Translucent, draw_boxes
 from edgecam.vision.analytics import FrameMeta
 from edgecam.vision.drawing import (
     GLYPH_PAD,
@@ -336,16 +336,17 @@ def _yuv(colour: tuple[int, int, int]) -> tuple[int, int, int]:
     return round(y), round(u), round(v)
 
 
-@dataclass(frozen=True)
 class _Stamp:
     """A translucent image in I420 terms, put at an even (x, y): premultiplied (``y_p``,
     ``uv_p``: the colour weighted by alpha; ``y_k``, ``c_k``: what is left of the frame
-    under it). Opaque ones (the box labels) are :class:`~edgecam.native.Label`."""
+    under it), blended by the compiled core. Opaque ones (the box labels) are
+    :class:`~edgecam.native.Label`."""
 
-    y_p: F32
-    y_k: F32
-    uv_p: F32
-    c_k: F32
+    __slots__ = ("chroma", "luma")
+
+    def __init__(self, y_p: F32, y_k: F32, uv_p: F32, c_k: F32) -> None:
+        self.luma = Translucent(y_p, y_k)
+        self.chroma = Translucent(uv_p, c_k)
 
     @classmethod
     def from_bgra(cls, pixels: bytes, width: int, height: int, *, dx: int = 0, dy: int = 0
@@ -364,8 +365,8 @@ class _Stamp:
 
     def put(self, frame: I420Frame, x: int, y: int) -> None:
         """Onto the frame with its top-left at (x, y), both even; clipped to the frame."""
-        _blend(frame.y, self.y_p, self.y_k, x, y)
-        _blend(frame.uv, self.uv_p, self.c_k, x // 2, y // 2)
+        self.luma.put(frame.y, x, y)
+        self.chroma.put(frame.uv, x // 2, y // 2)
 
 
 def _half(x: F32) -> F32:
@@ -385,14 +386,6 @@ def _cut(shape: tuple[int, ...], size: tuple[int, int], x: int, y: int
     r0, c0 = max(0, -y), max(0, -x)
     r1, c1 = min(h, ph - y), min(w, pw - x)
     return slice(r0, r1), slice(c0, c1), slice(y + r0, y + r1), slice(x + c0, x + c1)
-
-
-def _blend(plane: U8, p: F32, k: F32, x: int, y: int) -> None:
-    cut = _cut(plane.shape, k.shape, x, y)  # type: ignore[arg-type]
-    if cut is not None:
-        ir, ic, pr, pc = cut
-        region = plane[..., pr, pc]
-        region[...] = region * k[ir, ic] + p[..., ir, ic] + 0.5
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,16 @@ import numpy.typing as npt
 
 from edgecam.errors import EdgecamError
 
-__all__ = ["BoxBatch", "Label", "TrackStep", "TrackTable", "check", "draw_boxes", "match_iou"]
+__all__ = [
+    "BoxBatch",
+    "Label",
+    "TrackStep",
+    "TrackTable",
+    "Translucent",
+    "check",
+    "draw_boxes",
+    "match_iou",
+]
 
 _PER_BOX = 13
 
@@ -34,6 +43,8 @@ def _library() -> ctypes.CDLL:
             lib.edgecam_match_iou.argtypes = [vp, i32, vp, i32, f64, vp, vp, vp]
             lib.edgecam_match_iou.restype = i32
             i64 = ctypes.c_int64
+            lib.edgecam_blend.argtypes = [vp, i64, i32, i32, i32, i32, vp, vp, i32, i32, i32, i32]
+            lib.edgecam_blend.restype = None
             lib.edgecam_track_step.argtypes = [ctypes.POINTER(_Tracks), vp, vp, vp, i64, i64]
             lib.edgecam_track_step.restype = i64
             return lib
@@ -137,6 +148,36 @@ def draw_boxes(y: npt.NDArray[np.uint8], uv: npt.NDArray[np.uint8], batch: BoxBa
         y.ctypes.data, base, base + uv.strides[0], y.strides[0], uv.strides[1], w, h, n,
         items.buffer_info()[0], line_width,
     )  # fmt: skip
+
+
+class Translucent:
+    """A translucent image for :meth:`put`: what each pixel of a plane becomes under it,
+    ``pixel * keep + add`` (float32; ``add`` a plane each, ``keep`` shared by them), so
+    that putting it is one compiled call a frame."""
+
+    __slots__ = ("_add", "_keep", "_planes", "height", "width")
+
+    def __init__(self, add: npt.NDArray[np.float32], keep: npt.NDArray[np.float32]) -> None:
+        self._add = np.ascontiguousarray(add, dtype=np.float32)
+        self._keep = np.ascontiguousarray(keep, dtype=np.float32)
+        self.height, self.width = self._keep.shape
+        if self._add.shape[-2:] != self._keep.shape or self._add.ndim not in (2, 3):
+            raise ValueError(f"add {add.shape} does not match keep {keep.shape}")
+        self._planes = 1 if self._add.ndim == 2 else len(self._add)
+
+    def put(self, plane: npt.NDArray[np.uint8], x: int, y: int) -> None:
+        """Onto ``plane`` ((height, width), or (planes, height, width) for an image of as
+        many planes), its top-left at (x, y); clipped to it."""
+        shape = plane.shape
+        if len(shape) != self._add.ndim or (len(shape) == 3 and shape[0] != self._planes):
+            raise ValueError(f"a {self._add.shape} image cannot go onto a {shape} plane")
+        if not plane.flags.writeable or plane.strides[-1] != 1:
+            raise ValueError("the plane must be writable, its pixels contiguous along a row")
+        step = plane.strides[0] if len(shape) == 3 else 0
+        _library().edgecam_blend(
+            plane.ctypes.data, step, self._planes, plane.strides[-2], shape[-1], shape[-2],
+            self._add.ctypes.data, self._keep.ctypes.data, self.width, self.height, x, y,
+        )  # fmt: skip
 
 
 def match_iou(

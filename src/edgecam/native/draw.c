@@ -98,3 +98,27 @@ void edgecam_draw_boxes(uint8_t *y, uint8_t *u, uint8_t *v, int32_t y_stride, in
         copy(v, uv_stride, cw, ch, chroma + (ptrdiff_t)hw * hh, hw, hh, half(lx), half(ly));
     }
 }
+
+/* Blend a translucent iw x ih image onto `planes` planes (each pw x ph, `plane_step` bytes
+ * after the one before) with its top-left at (x, y), clipped to them: each pixel becomes
+ * pixel * keep + add + 0.5, in float and in that order, as numpy computes it, then
+ * truncated. `add` holds an iw x ih image a plane, one after another; `keep` one for all. */
+void edgecam_blend(uint8_t *plane, int64_t plane_step, int32_t planes, int32_t stride,
+                   int32_t pw, int32_t ph, const float *add, const float *keep, int32_t iw,
+                   int32_t ih, int32_t x, int32_t y) {
+    int c0 = x < 0 ? -x : 0, r0 = y < 0 ? -y : 0;
+    int c1 = iw < pw - x ? iw : pw - x, r1 = ih < ph - y ? ih : ph - y;
+    if (c0 >= c1) return;
+    for (int k = 0; k < planes; k++) {
+        const float *a = add + (ptrdiff_t)k * iw * ih;
+        for (int r = r0; r < r1; r++) {
+            uint8_t *p = plane + k * plane_step + (ptrdiff_t)(y + r) * stride + x;
+            const float *ar = a + (ptrdiff_t)r * iw, *kr = keep + (ptrdiff_t)r * iw;
+            for (int c = c0; c < c1; c++) {
+                float value = (float)p[c] * kr[c] + ar[c];
+                value = value + 0.5f;
+                p[c] = value <= 0.0f ? 0 : (value >= 255.0f ? 255 : (uint8_t)value);
+            }
+        }
+    }
+}

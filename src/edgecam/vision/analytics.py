@@ -176,10 +176,21 @@ class Analytics:
         self._last_detection_frame = -1
         self._fps = 0.0
         self._last_wall = 0.0
+        self._bounds_size: tuple[int, int] | None = None
+        self._bounds_array = np.zeros(4, dtype=np.float32)
 
     @property
     def labels(self) -> tuple[str, ...]:
         return self._voter.labels
+
+    def _bounds(self, frame_size: tuple[int, int]) -> np.ndarray:
+        """The picture's (w, h, w, h), to clip boxes to (np.clip's own checks and the array
+        made from a tuple cost more than the clipping, on every frame)."""
+        if frame_size != self._bounds_size:
+            w, h = frame_size
+            self._bounds_array = np.array([w, h, w, h], dtype=np.float32)
+            self._bounds_size = frame_size
+        return self._bounds_array
 
     def share_settled(self, detectors: Iterable[object]) -> int:
         """Let every detector that can skip settled tracks follow :attr:`settled`; how many do.
@@ -236,8 +247,7 @@ class Analytics:
         # would cost more than the rest of this loop.
         xyxy = tracks.xyxy
         if frame_size is not None:
-            w, h = frame_size
-            xyxy = np.clip(xyxy, 0.0, (w, h, w, h))
+            xyxy = np.minimum(np.maximum(xyxy, 0.0), self._bounds(frame_size))
         for k, (tid, box, state, conf, hit) in enumerate(
             zip(
                 tracks.tracker_id.tolist(),
