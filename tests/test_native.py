@@ -4,16 +4,20 @@ translucent images, and the tracker's matching against the numpy version it repl
 from __future__ import annotations
 
 import importlib.machinery
+import math
+import string
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
+import edgecam.media.overlay as overlay
 import edgecam.native as native
 from edgecam.config import TrackerConfig
 from edgecam.errors import EdgecamError
 from edgecam.native import BoxBatch, Label, Translucent, draw_boxes
 from edgecam.native import match_iou as match_arrays
+from edgecam.vision.drawing import GLYPH_PAD
 from edgecam.vision.tracking import NumpyTracker
 
 U8 = npt.NDArray[np.uint8]
@@ -158,6 +162,68 @@ def test_a_translucent_image_refuses_planes_it_does_not_fit() -> None:
     y.flags.writeable = False
     with pytest.raises(ValueError, match="writable"):
         Translucent(np.zeros((4, 6), np.float32), keep).put(y, 0, 0)
+
+
+def _coverage_reference(glyphs: overlay._Glyphs, text: str, pad: int) -> U8:
+    """A line's coverage as numpy put it together before it was compiled."""
+    masks = [overlay._glyph(ch, glyphs.size) for ch in text]
+    width = math.ceil(sum(g.advance for g in masks)) + 2 * pad
+    width += width % 2
+    canvas = np.zeros((glyphs.height, width), dtype=np.uint8)
+    pen = float(pad)
+    for g in masks:
+        x = round(pen) - GLYPH_PAD
+        c0, c1 = max(0, -x), min(g.mask.shape[1], width - x)
+        rows = min(g.mask.shape[0], glyphs.height)
+        if c0 < c1:
+            region = canvas[:rows, x + c0 : x + c1]
+            np.maximum(region, g.mask[:rows, c0:c1], out=region)
+        pen += g.advance
+    return canvas
+
+
+def _label_reference(coverage: U8, colour: tuple[int, int, int]) -> tuple[U8, U8]:
+    """A box label's I420 images as numpy made them before they were compiled."""
+    m = coverage.astype(np.float32) / 255
+    y, u, v = overlay._yuv(colour)
+    luma = y + (16 - y) * m
+    mh = overlay._half(m)
+    chroma = np.stack([u + (128 - u) * mh, v + (128 - v) * mh])
+    return (luma + 0.5).astype(np.uint8), (chroma + 0.5).astype(np.uint8)
+
+
+def _text_reference(coverage: U8, colour: tuple[int, int, int]) -> list[np.ndarray]:
+    """A line of text's translucent images as numpy made them before they were compiled:
+    luma add and keep, chroma add and keep."""
+    m = coverage.astype(np.float32) / 255
+    y, u, v = overlay._yuv(colour)
+    band = 0.6 * (1 - m)
+    mh, bh = overlay._half(m), overlay._half(band)
+    uv_p = np.stack([mh * u + bh * 128, mh * v + bh * 128])
+    return [m * y + band * 16, 1 - m - band, uv_p, 1 - mh - bh]
+
+
+@pytest.mark.parametrize("size", [10, 14, 23])
+def test_text_and_labels_equal_the_numpy_versions(size: int) -> None:
+    glyphs = overlay._Glyphs(size)
+    texts = [string.printable.strip(), "17 person", "no_mask: 3  mask: 12", "Wj|", "", " "]
+    colours = [(0, 255, 0), (255, 0, 0), (255, 255, 255), (0, 0, 0), (17, 130, 201)]
+    covered = 0
+    for text in texts:
+        for pad in (0, 4, 6):
+            coverage = glyphs.coverage(text, pad)
+            assert np.array_equal(coverage, _coverage_reference(glyphs, text, pad)), text
+            covered += int(coverage.sum() > 0)
+            rows = coverage[3 : 3 + size + 4 + size % 2]  # as the renderer cuts a label
+            for colour in colours:
+                stamp = overlay._text_stamp(coverage, colour)
+                made = [stamp.luma.add, stamp.luma.keep, stamp.chroma.add, stamp.chroma.keep]
+                for got, want in zip(made, _text_reference(coverage, colour), strict=True):
+                    assert got.tobytes() == want.astype(np.float32).tobytes(), text
+                label = overlay._label_stamp(rows, colour)
+                y8, uv8 = _label_reference(rows, colour)
+                assert np.array_equal(label.y8, y8) and np.array_equal(label.uv8, uv8), text
+    assert covered >= 12  # the texts really had glyphs in them
 
 
 def test_a_label_must_be_an_even_sized_i420_image() -> None:

@@ -131,11 +131,20 @@ def test_without_privacy_the_face_is_in_the_output(
     assert sum(1 for n in outputs if n) >= 110
 
 
-@pytest.mark.parametrize("element", ["overlaycomposition", "cairooverlay"])
-def test_privacy_mask_is_uniformly_filled_on_every_frame(tmp_path: Path, element: str) -> None:
+@pytest.mark.parametrize(
+    ("element", "font_size"),
+    # An odd font size made the direct drawing's counts line fail on every frame, and the
+    # masks, drawn after it, were left out.
+    [("direct", 23), ("overlaycomposition", 18), ("cairooverlay", 18)],
+)
+def test_privacy_mask_is_uniformly_filled_on_every_frame(
+    tmp_path: Path, element: str, font_size: int
+) -> None:
     # The face's box and label are drawn, and must not show inside the mask either.
     frames = _process(
-        tmp_path, {"masks": [MASK], "colour": list(MASK_RGB)}, **{"overlay.element": element}
+        tmp_path,
+        {"masks": [MASK], "colour": list(MASK_RGB)},
+        **{"overlay.element": element, "overlay.font_size": font_size},
     )
     h, w = frames[0].shape[:2]
     # The polygon's inside, 4 px in from its edges (chroma is shared by 2x2 pixels).

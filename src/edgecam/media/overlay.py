@@ -34,7 +34,16 @@ from edgecam.config import CameraConfig, Settings
 from edgecam.media.detection import FrameAnalysis, VideoFormat
 from edgecam.media.frames import I420Frame, MappedFrame
 from edgecam.media.gst import Gst, GstVideo
-from edgecam.native import BoxBatch, Label, Translucent, draw_boxes
+from edgecam.native import (
+    BoxBatch,
+    Glyph,
+    Label,
+    Translucent,
+    compose_text,
+    draw_boxes,
+    label_image,
+    text_images,
+)
 from edgecam.vision.analytics import FrameMeta
 from edgecam.vision.drawing import (
     GLYPH_PAD,
@@ -344,9 +353,9 @@ class _Stamp:
 
     __slots__ = ("chroma", "luma")
 
-    def __init__(self, y_p: F32, y_k: F32, uv_p: F32, c_k: F32) -> None:
-        self.luma = Translucent(y_p, y_k)
-        self.chroma = Translucent(uv_p, c_k)
+    def __init__(self, luma: Translucent, chroma: Translucent) -> None:
+        self.luma = luma
+        self.chroma = chroma
 
     @classmethod
     def from_bgra(cls, pixels: bytes, width: int, height: int, *, dx: int = 0, dy: int = 0
@@ -361,7 +370,8 @@ class _Stamp:
         y_p = 16 * a + (65.481 * r + 128.553 * g + 24.966 * b) / 255
         u_p = 128 * a + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
         v_p = 128 * a + (112.0 * r - 93.786 * g - 18.214 * b) / 255
-        return cls(y_p=y_p, y_k=1 - a, uv_p=np.stack([_half(u_p), _half(v_p)]), c_k=1 - _half(a))
+        uv_p = np.stack([_half(u_p), _half(v_p)])
+        return cls(Translucent(y_p, 1 - a), Translucent(uv_p, 1 - _half(a)))
 
     def put(self, frame: I420Frame, x: int, y: int) -> None:
         """Onto the frame with its top-left at (x, y), both even; clipped to the frame."""
@@ -373,19 +383,6 @@ def _half(x: F32) -> F32:
     """2x2 means (the chroma grid) of an even-sized array."""
     h, w = x.shape
     return np.asarray(x.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3)), np.float32)
-
-
-def _cut(shape: tuple[int, ...], size: tuple[int, int], x: int, y: int
-         ) -> tuple[slice, slice, slice, slice] | None:  # fmt: skip
-    """(image rows, image cols, plane rows, plane cols) of an ``size`` image put at (x, y)
-    on a plane of ``shape`` (its last two axes), or None when nothing overlaps."""
-    h, w = size
-    ph, pw = shape[-2], shape[-1]
-    if x >= pw or y >= ph or x + w <= 0 or y + h <= 0:
-        return None
-    r0, c0 = max(0, -y), max(0, -x)
-    r1, c1 = min(h, ph - y), min(w, pw - x)
-    return slice(r0, r1), slice(c0, c1), slice(y + r0, y + r1), slice(x + c0, x + c1)
 
 
 @dataclass(frozen=True)
@@ -500,10 +497,10 @@ def _hide(plane: U8, rect: tuple[int, int, int, int], mode: str, blocks: int) ->
 
 
 @functools.lru_cache(maxsize=4096)
-def _glyph(char: str, size: int) -> tuple[U8, float]:
+def _glyph(char: str, size: int) -> Glyph:
     """One character's coverage mask and advance (shared by every renderer)."""
     pixels, w, h, stride, advance = render_glyph(char, size)
-    return np.frombuffer(pixels, np.uint8).reshape(h, stride)[:, :w].copy(), advance
+    return Glyph.of(np.frombuffer(pixels, np.uint8).reshape(h, stride)[:, :w], advance)
 
 
 class _Glyphs:
@@ -513,53 +510,34 @@ class _Glyphs:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.height = size + 10  # as ``render_text``: baseline at size + 3
+        # As ``render_text``: baseline at size + 3; made even (the chroma grid), or a line in
+        # an odd font size could not be halved for the chroma planes.
+        self.height = size + 10 + size % 2
         for char in string.printable.strip():
             _glyph(char, size)
-
-    def _glyph(self, char: str) -> tuple[U8, float]:
-        return _glyph(char, self.size)
 
     def coverage(self, text: str, pad: int) -> U8:
         """(height, width) coverage of ``text`` starting ``pad`` pixels in; the width (even)
         is the text's advance plus ``pad`` on both sides."""
-        glyphs = [self._glyph(ch) for ch in text]
-        width = math.ceil(sum(adv for _, adv in glyphs)) + 2 * pad
-        width += width % 2
-        canvas = np.zeros((self.height, width), dtype=np.uint8)
+        size = self.size
+        placed = []
         pen = float(pad)
-        for mask, advance in glyphs:
-            x = round(pen) - GLYPH_PAD
-            cut = _cut(canvas.shape, mask.shape, x, 0)  # type: ignore[arg-type]
-            if cut is not None:
-                ir, ic, pr, pc = cut
-                np.maximum(canvas[pr, pc], mask[ir, ic], out=canvas[pr, pc])
-            pen += advance
-        return canvas
+        for ch in text:
+            glyph = _glyph(ch, size)
+            placed.append((glyph, round(pen) - GLYPH_PAD))
+            pen += glyph.advance
+        width = math.ceil(sum(glyph.advance for glyph, _ in placed)) + 2 * pad
+        return compose_text(placed, width + width % 2, self.height)
 
 
 def _label_stamp(coverage: U8, colour: tuple[int, int, int]) -> Label:
     """A box label: black text on the box colour, opaque."""
-    m = coverage.astype(np.float32) / 255
-    y, u, v = _yuv(colour)
-    luma = y + (_BLACK_Y - y) * m
-    mh = _half(m)
-    chroma = np.stack([u + (_GREY_UV - u) * mh, v + (_GREY_UV - v) * mh])
-    return Label((luma + 0.5).astype(np.uint8), (chroma + 0.5).astype(np.uint8))
+    return label_image(coverage, _yuv(colour))
 
 
 def _text_stamp(coverage: U8, colour: tuple[int, int, int]) -> _Stamp:
     """A line of text in ``colour`` on a dark translucent band (as ``render_text``)."""
-    m = coverage.astype(np.float32) / 255
-    y, u, v = _yuv(colour)
-    band = _BAND_ALPHA * (1 - m)  # the band's share where the text does not cover it
-    mh, bh = _half(m), _half(band)
-    return _Stamp(
-        y_p=m * y + band * _BLACK_Y,
-        y_k=1 - m - band,
-        uv_p=np.stack([mh * u + bh * _GREY_UV, mh * v + bh * _GREY_UV]),
-        c_k=1 - mh - bh,
-    )
+    return _Stamp(*text_images(coverage, _yuv(colour), _BAND_ALPHA))
 
 
 class DirectRenderer(_Drawing):

@@ -18,13 +18,17 @@ from edgecam.errors import EdgecamError
 
 __all__ = [
     "BoxBatch",
+    "Glyph",
     "Label",
     "TrackStep",
     "TrackTable",
     "Translucent",
     "check",
+    "compose_text",
     "draw_boxes",
+    "label_image",
     "match_iou",
+    "text_images",
 ]
 
 _PER_BOX = 13
@@ -45,6 +49,13 @@ def _library() -> ctypes.CDLL:
             i64 = ctypes.c_int64
             lib.edgecam_blend.argtypes = [vp, i64, i32, i32, i32, i32, vp, vp, i32, i32, i32, i32]
             lib.edgecam_blend.restype = None
+            lib.edgecam_coverage.argtypes = [vp, i32, vp, i32, i32]
+            lib.edgecam_coverage.restype = None
+            lib.edgecam_label.argtypes = [vp, i32, i32, i32, i32, i32, i32, vp, vp]
+            lib.edgecam_label.restype = None
+            f32 = ctypes.c_float
+            lib.edgecam_text.argtypes = [vp, i32, i32, i32, i32, i32, i32, f32, vp, vp, vp, vp]
+            lib.edgecam_text.restype = None
             lib.edgecam_track_step.argtypes = [ctypes.POINTER(_Tracks), vp, vp, vp, i64, i64]
             lib.edgecam_track_step.restype = i64
             return lib
@@ -150,33 +161,102 @@ def draw_boxes(y: npt.NDArray[np.uint8], uv: npt.NDArray[np.uint8], batch: BoxBa
     )  # fmt: skip
 
 
+class Glyph(NamedTuple):
+    """One character's 8-bit coverage image (C-contiguous, kept with its address for the
+    compiled core) and how far it moves the pen."""
+
+    mask: npt.NDArray[np.uint8]
+    advance: float
+    address: int
+
+    @classmethod
+    def of(cls, mask: npt.NDArray[np.uint8], advance: float) -> Glyph:
+        mask = np.ascontiguousarray(mask, dtype=np.uint8)
+        if mask.ndim != 2:
+            raise ValueError(f"a glyph is a 2-d coverage image, got {mask.shape}")
+        return cls(mask, advance, mask.ctypes.data)
+
+
+def compose_text(glyphs: list[tuple[Glyph, int]], width: int, height: int) -> npt.NDArray[np.uint8]:
+    """A (height, width) coverage image of ``glyphs``, each (glyph, x) with its top-left at
+    (x, 0), the larger coverage kept where they overlap; clipped to the image."""
+    canvas = np.zeros((height, width), dtype=np.uint8)
+    items = array("q")
+    for glyph, x in glyphs:  # ``glyphs`` keeps the images alive through the call
+        h, w = glyph.mask.shape
+        items.extend((glyph.address, w, h, x))
+    if glyphs:
+        _library().edgecam_coverage(
+            items.buffer_info()[0], len(glyphs), canvas.ctypes.data, width, height
+        )
+    return canvas
+
+
+def label_image(coverage: npt.NDArray[np.uint8], yuv: tuple[int, int, int]) -> Label:
+    """An opaque box label from an even-sized coverage image: the colour ``yuv`` where the
+    text does not cover it, black where it does (see ``edgecam_label`` in draw.c)."""
+    h, w = coverage.shape
+    if h % 2 or w % 2 or coverage.dtype != np.uint8:
+        raise ValueError(f"not an even-sized 8-bit coverage image: {coverage.shape}")
+    y8 = np.empty((h, w), dtype=np.uint8)
+    uv8 = np.empty((2, h // 2, w // 2), dtype=np.uint8)
+    if not coverage.size:
+        return Label(y8, uv8)
+    coverage = np.ascontiguousarray(coverage)
+    _library().edgecam_label(
+        coverage.ctypes.data, coverage.strides[0], w, h, *yuv, y8.ctypes.data, uv8.ctypes.data
+    )
+    return Label(y8, uv8)
+
+
+def text_images(
+    coverage: npt.NDArray[np.uint8], yuv: tuple[int, int, int], band_alpha: float
+) -> tuple[Translucent, Translucent]:
+    """A line of text in the colour ``yuv`` on a dark band of opacity ``band_alpha``, from
+    an even-sized coverage image: its luma and chroma as translucent images (see
+    ``edgecam_text`` in draw.c)."""
+    h, w = coverage.shape
+    if h % 2 or w % 2 or coverage.dtype != np.uint8:
+        raise ValueError(f"not an even-sized 8-bit coverage image: {coverage.shape}")
+    y_add, y_keep = np.empty((h, w), np.float32), np.empty((h, w), np.float32)
+    uv_add = np.empty((2, h // 2, w // 2), np.float32)
+    c_keep = np.empty((h // 2, w // 2), np.float32)
+    if coverage.size:
+        coverage = np.ascontiguousarray(coverage)
+        _library().edgecam_text(
+            coverage.ctypes.data, coverage.strides[0], w, h, *yuv, band_alpha,
+            y_add.ctypes.data, y_keep.ctypes.data, uv_add.ctypes.data, c_keep.ctypes.data,
+        )  # fmt: skip
+    return Translucent(y_add, y_keep), Translucent(uv_add, c_keep)
+
+
 class Translucent:
     """A translucent image for :meth:`put`: what each pixel of a plane becomes under it,
     ``pixel * keep + add`` (float32; ``add`` a plane each, ``keep`` shared by them), so
     that putting it is one compiled call a frame."""
 
-    __slots__ = ("_add", "_keep", "_planes", "height", "width")
+    __slots__ = ("_planes", "add", "height", "keep", "width")
 
     def __init__(self, add: npt.NDArray[np.float32], keep: npt.NDArray[np.float32]) -> None:
-        self._add = np.ascontiguousarray(add, dtype=np.float32)
-        self._keep = np.ascontiguousarray(keep, dtype=np.float32)
-        self.height, self.width = self._keep.shape
-        if self._add.shape[-2:] != self._keep.shape or self._add.ndim not in (2, 3):
+        self.add = np.ascontiguousarray(add, dtype=np.float32)
+        self.keep = np.ascontiguousarray(keep, dtype=np.float32)
+        self.height, self.width = self.keep.shape
+        if self.add.shape[-2:] != self.keep.shape or self.add.ndim not in (2, 3):
             raise ValueError(f"add {add.shape} does not match keep {keep.shape}")
-        self._planes = 1 if self._add.ndim == 2 else len(self._add)
+        self._planes = 1 if self.add.ndim == 2 else len(self.add)
 
     def put(self, plane: npt.NDArray[np.uint8], x: int, y: int) -> None:
         """Onto ``plane`` ((height, width), or (planes, height, width) for an image of as
         many planes), its top-left at (x, y); clipped to it."""
         shape = plane.shape
-        if len(shape) != self._add.ndim or (len(shape) == 3 and shape[0] != self._planes):
-            raise ValueError(f"a {self._add.shape} image cannot go onto a {shape} plane")
+        if len(shape) != self.add.ndim or (len(shape) == 3 and shape[0] != self._planes):
+            raise ValueError(f"a {self.add.shape} image cannot go onto a {shape} plane")
         if not plane.flags.writeable or plane.strides[-1] != 1:
             raise ValueError("the plane must be writable, its pixels contiguous along a row")
         step = plane.strides[0] if len(shape) == 3 else 0
         _library().edgecam_blend(
             plane.ctypes.data, step, self._planes, plane.strides[-2], shape[-1], shape[-2],
-            self._add.ctypes.data, self._keep.ctypes.data, self.width, self.height, x, y,
+            self.add.ctypes.data, self.keep.ctypes.data, self.width, self.height, x, y,
         )  # fmt: skip
 
 

@@ -122,3 +122,87 @@ void edgecam_blend(uint8_t *plane, int64_t plane_step, int32_t planes, int32_t s
         }
     }
 }
+
+/* Put n glyph images (8-bit coverage; 4 values each of `glyphs`: address, width, height,
+ * x) onto a zeroed w x h canvas, each with its top-left at (x, 0), keeping the larger
+ * coverage where they overlap; clipped to the canvas. */
+void edgecam_coverage(const int64_t *glyphs, int32_t n, uint8_t *canvas, int32_t w,
+                      int32_t h) {
+    for (int k = 0; k < n; k++) {
+        const int64_t *g = glyphs + 4 * k;
+        const uint8_t *image = (const uint8_t *)(uintptr_t)g[0];
+        int gw = (int)g[1], gh = (int)g[2], x = (int)g[3];
+        int c0 = x < 0 ? -x : 0, c1 = gw < w - x ? gw : w - x, rows = gh < h ? gh : h;
+        for (int r = 0; r < rows; r++) {
+            uint8_t *p = canvas + (ptrdiff_t)r * w + x;
+            const uint8_t *q = image + (ptrdiff_t)r * gw;
+            for (int c = c0; c < c1; c++)
+                if (q[c] > p[c]) p[c] = q[c];
+        }
+    }
+}
+
+/* A box label, opaque, from a w x h coverage image (rows `stride` bytes apart; w and h
+ * even): the box colour (Y, U, V) where the text does not cover it, black where it does.
+ * In float as numpy computes it: m = coverage / 255, luma Y + (16 - Y) * m; chroma from the
+ * 2 x 2 means of m; each + 0.5, truncated. out_y is w x h, out_uv the U then the V image,
+ * (w / 2) x (h / 2) each. */
+void edgecam_label(const uint8_t *coverage, int32_t stride, int32_t w, int32_t h, int32_t luma,
+                   int32_t u, int32_t v, uint8_t *out_y, uint8_t *out_uv) {
+    const float yl = (float)luma, ys = (float)(16 - luma);
+    const float ul = (float)u, us = (float)(128 - u), vl = (float)v, vs = (float)(128 - v);
+    int hw = w / 2, hh = h / 2;
+    for (int r = 0; r < h; r++)
+        for (int c = 0; c < w; c++) {
+            float m = (float)coverage[(ptrdiff_t)r * stride + c] / 255.0f;
+            float value = yl + ys * m;
+            out_y[(ptrdiff_t)r * w + c] = (uint8_t)(value + 0.5f);
+        }
+    for (int r = 0; r < hh; r++)
+        for (int c = 0; c < hw; c++) {
+            const uint8_t *top = coverage + (ptrdiff_t)(2 * r) * stride + 2 * c;
+            const uint8_t *bottom = top + stride;
+            float upper = (float)top[0] / 255.0f + (float)top[1] / 255.0f;
+            float lower = (float)bottom[0] / 255.0f + (float)bottom[1] / 255.0f;
+            float mh = (upper + lower) / 4.0f; /* numpy's order for these 2 x 2 means */
+            float uu = ul + us * mh, vv = vl + vs * mh;
+            out_uv[(ptrdiff_t)r * hw + c] = (uint8_t)(uu + 0.5f);
+            out_uv[(ptrdiff_t)(hh + r) * hw + c] = (uint8_t)(vv + 0.5f);
+        }
+}
+
+/* A line of text in colour (Y, U, V) on a dark band of opacity `band_alpha`, from a w x h
+ * coverage image (rows `stride` bytes apart; w and h even), as translucent images (see
+ * edgecam_blend): with m = coverage / 255 and band = band_alpha * (1 - m), luma adds
+ * m * Y + band * 16 and keeps 1 - m - band; chroma the same from the 2 x 2 means of m and
+ * band, with U and V (over 128). In float as numpy computes it. y_add and y_keep are
+ * w x h; uv_add the U then the V image, (w / 2) x (h / 2) each, as c_keep. */
+void edgecam_text(const uint8_t *coverage, int32_t stride, int32_t w, int32_t h, int32_t luma,
+                  int32_t u, int32_t v, float band_alpha, float *y_add, float *y_keep,
+                  float *uv_add, float *c_keep) {
+    int hw = w / 2, hh = h / 2;
+    for (int r = 0; r < h; r++)
+        for (int c = 0; c < w; c++) {
+            float m = (float)coverage[(ptrdiff_t)r * stride + c] / 255.0f;
+            float band = band_alpha * (1.0f - m);
+            ptrdiff_t at = (ptrdiff_t)r * w + c;
+            y_add[at] = m * (float)luma + band * 16.0f;
+            y_keep[at] = 1.0f - m - band;
+        }
+    for (int r = 0; r < hh; r++)
+        for (int c = 0; c < hw; c++) {
+            const uint8_t *top = coverage + (ptrdiff_t)(2 * r) * stride + 2 * c;
+            const uint8_t *q[4] = {top, top + 1, top + stride, top + stride + 1};
+            float m[4], band[4];
+            for (int i = 0; i < 4; i++) {
+                m[i] = (float)*q[i] / 255.0f;
+                band[i] = band_alpha * (1.0f - m[i]);
+            }
+            float mh = ((m[0] + m[1]) + (m[2] + m[3])) / 4.0f; /* numpy's order, as above */
+            float bh = ((band[0] + band[1]) + (band[2] + band[3])) / 4.0f;
+            ptrdiff_t at = (ptrdiff_t)r * hw + c;
+            uv_add[at] = mh * (float)u + bh * 128.0f;
+            uv_add[(ptrdiff_t)hh * hw + at] = mh * (float)v + bh * 128.0f;
+            c_keep[at] = 1.0f - mh - bh;
+        }
+}
