@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import MEDIA, ROOT
 
+import edgecam.media.overlay as overlay
 from edgecam.config import PrivacyConfig, VisionConfig, load_settings
 from edgecam.media.offline import process_file
 from edgecam.vision.detectors import CenterFaceDetector
@@ -155,6 +156,26 @@ def test_privacy_mask_is_uniformly_filled_on_every_frame(
         assert inside.std(axis=0).max() < 2.0, "mask not uniform"
     outside = frames[60][: int(0.6 * h) - 8, :].reshape(-1, 3).astype(np.int64)
     assert outside.std(axis=0).min() > 10  # the rest of the picture is still the picture
+
+
+@pytest.mark.parametrize("element", ["direct", "overlaycomposition", "cairooverlay"])
+def test_a_frame_that_fails_to_draw_is_hidden_whole_never_shown_unmasked(
+    tmp_path: Path, element: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*_args: object) -> None:
+        raise RuntimeError("a drawing bug")
+
+    monkeypatch.setattr(overlay._Drawing, "draw_list", broken)
+    frames = _process(
+        tmp_path, {"masks": [MASK], "colour": list(MASK_RGB)}, **{"overlay.element": element}
+    )
+    for frame in frames:  # the privacy colour, all over: nothing of the picture
+        pixels = frame.reshape(-1, 3).astype(np.int64)
+        assert np.abs(pixels - MASK_RGB).max() <= 32 and pixels.std(axis=0).max() < 2.0
+    assert [r.message for r in caplog.records].count("drawing failed") == 1
+    # Without privacy the video goes on, undrawn.
+    plain = _process(tmp_path, {}, **{"overlay.element": element})
+    assert plain[30].reshape(-1, 3).std(axis=0).min() > 10
 
 
 # -- which regions are hidden, frame by frame (no video) ----------------------------------------

@@ -77,6 +77,7 @@ log = logging.getLogger(__name__)
 
 _TEXT_CACHE = 64  # text images kept (counts change a few times a second)
 _LABEL_CACHE = 256  # box label images kept (a label per track id and class)
+_FAILURES_LOGGED = 300  # after the first, a drawing failure is logged once in so many frames
 _NEW_LABELS_A_FRAME = 4  # label images made on one frame at most (~0.1 ms each)
 
 K = TypeVar("K", bound=Hashable)
@@ -132,6 +133,19 @@ class _Drawing:
         self._static_size: tuple[int, int] | None = None
         self._static: tuple[list[Rendered], list[Rendered]] = ([], [])
         self._label_positions: dict[str, tuple[int, int]] = {}
+        self._failures = 0
+
+    def failed(self) -> bool:
+        """Log a frame that could not be drawn (the first failure with its traceback, then a
+        line every ``_FAILURES_LOGGED`` frames); whether the frame must then be hidden whole:
+        a camera with privacy masks or hidden faces never shows a frame unmasked."""
+        self._failures += 1
+        if self._failures == 1:
+            log.exception("drawing failed")
+        elif self._failures % _FAILURES_LOGGED == 0:
+            log.error("drawing has failed on %d frames", self._failures)
+        privacy = self.camera.privacy
+        return bool(privacy.masks) or privacy.faces != "off"
 
     def static_layers(self, size: tuple[int, int]) -> tuple[list[Rendered], list[Rendered]]:
         """(privacy masks, zones and lines) for this frame size, drawn once."""
@@ -247,6 +261,16 @@ class CompositionRenderer(_Drawing):
         return self._texts.get((text.text, text.colour, text.x, text.y), make)
 
     def _on_draw(self, _overlay: Gst.Element, sample: Gst.Sample) -> Any:
+        try:
+            return self._draw(sample)
+        except Exception:  # a drawing bug must not stop the video, nor unmask it
+            size = self.video.size
+            if not self.failed() or size is None:
+                return None
+            fill = fill_patch(self.camera.privacy.colour).tobytes()
+            return _compose(None, [_rectangle(fill, 0, 0, *size, 2, 2)])
+
+    def _draw(self, sample: Gst.Sample) -> Any:
         buf = sample.get_buffer()
         meta = self.analysis.step(buf.pts, buf.duration)
         size = self.video.size
@@ -299,6 +323,14 @@ class CairoRenderer(_Drawing):
         element.connect("draw", self._on_draw)
 
     def _on_draw(self, _overlay: Gst.Element, ctx: Any, pts: int, dur: int) -> None:
+        try:
+            self._draw(ctx, pts, dur)
+        except Exception:  # a drawing bug must not stop the video, nor unmask it
+            size = self.video.size
+            if self.failed() and size is not None:
+                paint_on_context(ctx, ((0, 0, *size),), self.camera.privacy.colour, [])
+
+    def _draw(self, ctx: Any, pts: int, dur: int) -> None:
         meta = self.analysis.step(pts, dur)
         size = self.video.size
         if size is None:
@@ -634,6 +666,13 @@ class DirectRenderer(_Drawing):
             for stamp, x, y in self._mask_stamps:
                 stamp.put(frame, x, y)
 
+    def hide(self, buf: Gst.Buffer) -> None:
+        """Fill the whole frame with the privacy colour (a frame that could not be drawn)."""
+        size = self.video.size
+        if size is not None and self._info is not None:
+            with MappedFrame(buf, self._info, _gi().read_write) as frame:
+                _fill(frame, (0, 0, *size), self._privacy_yuv)
+
     def _draw_list(self, frame: I420Frame, draws: DrawList) -> None:
         label_h, labels, colours = self._label_h, self._labels, self._colours
         made = 0
@@ -712,11 +751,19 @@ def _define_draw_element() -> type:
             return True
 
         def do_transform_ip(self, buf: Gst.Buffer) -> Gst.FlowReturn:
+            renderer = self.renderer
+            if renderer is None:
+                return Gst.FlowReturn.OK
             try:
-                if self.renderer is not None:
-                    self.renderer.draw(buf)
-            except Exception:  # a drawing bug must not stop the video
-                log.exception("drawing failed; the frame passes undrawn")
+                renderer.draw(buf)
+            except Exception:  # a drawing bug must not stop the video, nor unmask it
+                if renderer.failed():
+                    try:
+                        renderer.hide(buf)
+                    except Exception:
+                        log.exception("cannot hide a frame that failed to draw: dropped")
+                        # GST_BASE_TRANSFORM_FLOW_DROPPED (a define introspection leaves out)
+                        return Gst.FlowReturn.CUSTOM_SUCCESS
             return Gst.FlowReturn.OK
 
     GObject.type_register(EdgecamDraw)
