@@ -33,7 +33,7 @@ from edgecam.media.detection import PipelineStats
 from edgecam.media.frames import MappedFrame
 from edgecam.media.gst import Gst, GstVideo, init
 from edgecam.media.launch import describe
-from edgecam.media.offline import FileJob, process_files
+from edgecam.media.offline import FileJob, process_file, process_files
 from edgecam.media.overlay import DirectRenderer, LruCache
 from edgecam.media.pipeline import Pipeline
 from edgecam.media.supervisor import Backoff, SourceSupervisor
@@ -564,3 +564,54 @@ def test_live_mask_pipeline_lets_its_detectors_skip_settled_tracks(
         assert len(d.followed) == int(follows)
     if follows:
         assert detectors[0].followed[0] is detectors[1].followed[0]
+
+
+# -- what a broken model gives ----------------------------------------------------------------
+
+
+def test_only_usable_boxes_are_kept() -> None:
+    xyxy = np.array(
+        [[1, 2, 3, 4], [np.nan, 2, 3, 4], [1, 2, np.inf, 4], [5, 2, 3, 4], [1, 4, 3, 4],
+         [1, 2, 3, 4]],
+        dtype=np.float32,
+    )  # fmt: skip
+    conf = np.array([0.9, 0.9, 0.9, 0.9, 0.9, np.nan], dtype=np.float32)
+    dets = Detections(xyxy, conf, attribute=np.arange(6, dtype=np.float32))
+    usable = dets.usable()
+    assert usable.xyxy.tolist() == [[1, 2, 3, 4]] and usable.attribute.tolist() == [0.0]
+    good = dets[np.array([0])]
+    assert good.usable() is good  # nothing left out: no copy
+
+
+def test_boxes_a_broken_model_gives_are_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken(SyntheticDetector):
+        """Five boxes a call, three of them unusable: NaN, infinite, inverted."""
+
+        def detect(self, frame: npt.NDArray[np.uint8]) -> Detections:
+            dets = super().detect(frame)
+            xyxy = dets.xyxy.copy()
+            xyxy[0] = np.nan
+            xyxy[1, 2] = np.inf
+            xyxy[2] = [1e30, 1e30, -1e30, 5]
+            return Detections(xyxy, dets.confidence, attribute=dets.attribute)
+
+    settings = load_settings(**{"vision.detect_fps": 10, "vision.profile": "people"})
+    events = tmp_path / "events.jsonl"
+    with caplog.at_level(logging.WARNING):
+        process_file(
+            settings, MEDIA / "motion_720p30_4s.mp4", tmp_path / "out.mp4", progress=False,
+            detector=Broken(5), events=events,
+        )  # fmt: skip
+
+    def no_constant(name: str) -> None:
+        raise AssertionError(f"{name} in the events: not JSON")
+
+    lines = events.read_text().splitlines()
+    frames = [json.loads(line, parse_constant=no_constant) for line in lines]
+    assert len(frames) > 100
+    assert max(len(f["tracks"]) for f in frames) == 2  # the two usable boxes, tracked
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("NaN, infinite or empty" in m for m in messages) == 1
+    assert not any("drawing failed" in m for m in messages)

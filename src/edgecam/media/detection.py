@@ -51,6 +51,7 @@ _PENDING_LIVE = 64  # live detections held until the video reaches their frame
 _PULL_TIMEOUT_NS = 100 * Gst.MSECOND  # how often a detector thread looks at its stop flag
 _RESULT_TIMEOUT_S = 120.0  # offline: a frame waits this long for its detection, then fails
 _JOIN_TIMEOUT_S = 10.0
+_UNUSABLE_LOGGED = 1000  # after the first, unusable boxes are logged once in so many
 _DEFAULT_FRAME_NS = int(1e9 / 30)  # until the caps tell
 
 
@@ -185,6 +186,7 @@ class DetectorRunner:
         self._lock = threading.Lock()
         # Live with a rate cap: when (monotonic seconds) the next detection may start.
         self._next_start = 0.0
+        self._unusable = 0  # boxes left out for being NaN, infinite or empty
 
     @property
     def running(self) -> bool:
@@ -293,11 +295,27 @@ class DetectorRunner:
                 self._stats.detections += 1
             if to_source is not None:
                 dets = dets.mapped(*to_source)
-            self.results.post(pts, dets)
+            self.results.post(pts, self._usable(dets))
             if self.gates_frames:
                 delay = started + self._min_interval - time.monotonic()
                 if delay > 0 and self._stopping.wait(delay):
                     break
+
+    def _usable(self, dets: Detections) -> Detections:
+        usable = dets.usable()
+        if usable is not dets:
+            left_out = len(dets) - len(usable)
+            with self._lock:
+                before = self._unusable
+                self._unusable = total = before + left_out
+            if not before or total // _UNUSABLE_LOGGED > before // _UNUSABLE_LOGGED:
+                log.warning(
+                    "%s: the detector gave boxes that are NaN, infinite or empty (%d so far); "
+                    "they are left out",
+                    self._name,
+                    total,
+                )
+        return usable
 
 
 class FrameAnalysis:

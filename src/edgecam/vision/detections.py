@@ -84,6 +84,16 @@ class Detections:
             self.tracker_id,
         )
 
+    def usable(self) -> Detections:
+        """Only the boxes a tracker can follow: finite corners, a positive width and height,
+        a finite score (a broken model can give NaN, infinite or inverted boxes: NaN boxes
+        would be tracked as people and written as NaN, which is no JSON). Itself when all
+        are."""
+        xyxy = self.xyxy
+        ok = np.isfinite(xyxy).all(axis=1) & np.isfinite(self.confidence)
+        ok &= (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+        return self if ok.all() else self[ok]
+
     def scaled(self, sx: float, sy: float) -> Detections:
         """The same boxes with x multiplied by ``sx`` and y by ``sy``."""
         factor = np.array([sx, sy, sx, sy], dtype=np.float32)
