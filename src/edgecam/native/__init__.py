@@ -233,30 +233,41 @@ def text_images(
 class Translucent:
     """A translucent image for :meth:`put`: what each pixel of a plane becomes under it,
     ``pixel * keep + add`` (float32; ``add`` a plane each, ``keep`` shared by them), so
-    that putting it is one compiled call a frame."""
+    that putting it is one compiled call a frame. Its arrays are read-only copies."""
 
-    __slots__ = ("_planes", "add", "height", "keep", "width")
+    __slots__ = ("_add", "_blend", "_keep", "_planes", "height", "width")
 
     def __init__(self, add: npt.NDArray[np.float32], keep: npt.NDArray[np.float32]) -> None:
-        self.add = np.ascontiguousarray(add, dtype=np.float32)
-        self.keep = np.ascontiguousarray(keep, dtype=np.float32)
-        self.height, self.width = self.keep.shape
-        if self.add.shape[-2:] != self.keep.shape or self.add.ndim not in (2, 3):
+        self._add = np.array(add, dtype=np.float32, order="C")
+        self._keep = np.array(keep, dtype=np.float32, order="C")
+        if self._add.shape[-2:] != self._keep.shape or self._add.ndim not in (2, 3):
             raise ValueError(f"add {add.shape} does not match keep {keep.shape}")
-        self._planes = 1 if self.add.ndim == 2 else len(self.add)
+        self._add.flags.writeable = self._keep.flags.writeable = False
+        self.height, self.width = self._keep.shape
+        self._planes = 1 if self._add.ndim == 2 else len(self._add)
+        # What the call needs of this image, worked out once: put runs on every frame.
+        self._blend = (self._add.ctypes.data, self._keep.ctypes.data, self.width, self.height)
+
+    @property
+    def add(self) -> npt.NDArray[np.float32]:
+        return self._add
+
+    @property
+    def keep(self) -> npt.NDArray[np.float32]:
+        return self._keep
 
     def put(self, plane: npt.NDArray[np.uint8], x: int, y: int) -> None:
         """Onto ``plane`` ((height, width), or (planes, height, width) for an image of as
         many planes), its top-left at (x, y); clipped to it."""
-        shape = plane.shape
-        if len(shape) != self.add.ndim or (len(shape) == 3 and shape[0] != self._planes):
-            raise ValueError(f"a {self.add.shape} image cannot go onto a {shape} plane")
-        if not plane.flags.writeable or plane.strides[-1] != 1:
-            raise ValueError("the plane must be writable, its pixels contiguous along a row")
-        step = plane.strides[0] if len(shape) == 3 else 0
+        shape, strides = plane.shape, plane.strides
+        if len(shape) != self._add.ndim or (len(shape) == 3 and shape[0] != self._planes):
+            raise ValueError(f"a {self._add.shape} image cannot go onto a {shape} plane")
+        if not plane.flags.writeable or strides[-1] != 1 or plane.dtype != np.uint8:
+            raise ValueError("the plane must be writable 8-bit, its pixels contiguous along a row")
+        step = strides[0] if len(shape) == 3 else 0
         _library().edgecam_blend(
-            plane.ctypes.data, step, self._planes, plane.strides[-2], shape[-1], shape[-2],
-            self.add.ctypes.data, self.keep.ctypes.data, self.width, self.height, x, y,
+            plane.ctypes.data, step, self._planes, strides[-2], shape[-1], shape[-2],
+            *self._blend, x, y,
         )  # fmt: skip
 
 
