@@ -226,6 +226,41 @@ def test_text_and_labels_equal_the_numpy_versions(size: int) -> None:
     assert covered >= 12  # the texts really had glyphs in them
 
 
+def test_positions_far_off_the_frame_draw_nothing_and_never_wrap() -> None:
+    buf, y, uv = _frame(64, 48, 3, np.random.default_rng(4))
+    before = buf.copy()
+    image = Translucent(np.zeros((2, 4, 6), np.float32), np.zeros((4, 6), np.float32))
+    label = Label(np.zeros((4, 6), np.uint8), np.zeros((2, 2, 3), np.uint8))
+    batch = BoxBatch()
+    for far in (-(2**31), 2**31, -(2**63), 2**63 - 1, 10**30):
+        image.put(uv, far, 0)
+        image.put(uv, 0, far)
+    for far in (-(2**31), 2**31, -(2**62), 2**62):  # the batch holds 64-bit integers
+        batch.add((far, far, far + 5, far + 5), (1, 2, 3), label, far, far)
+    draw_boxes(y, uv, batch, 2)
+    assert np.array_equal(buf, before)
+
+
+def test_nan_and_out_of_range_values_give_defined_pixels() -> None:
+    _buf, y, _uv = _frame(16, 8, 0, np.random.default_rng(5))
+    add = np.full((4, 4), np.nan, np.float32)
+    add[0, 0], add[0, 1] = np.inf, -np.inf
+    Translucent(add, np.zeros((4, 4), np.float32)).put(y, 0, 0)
+    assert y[0, 0] == 255 and y[0, 1] == 0 and (y[1:4, 0:4] == 0).all()
+    with pytest.raises(ValueError, match="8-bit colour"):
+        native.label_image(np.zeros((4, 4), np.uint8), (300, -5, 128))
+    with pytest.raises(ValueError, match="8-bit colour"):
+        native.text_images(np.zeros((4, 4), np.uint8), (16, 128, 128), 1.5)
+
+
+def test_draw_boxes_wants_both_chroma_planes() -> None:
+    _buf, y, uv = _frame(64, 64, 0, np.random.default_rng(6))
+    batch = BoxBatch()
+    batch.add((0, 0, 64, 64), (1, 2, 3))
+    with pytest.raises(ValueError, match="chroma"):
+        draw_boxes(y, uv[:1], batch, 2)
+
+
 def test_a_label_must_be_an_even_sized_i420_image() -> None:
     with pytest.raises(ValueError, match="even-sized"):
         Label(np.zeros((3, 4), np.uint8), np.zeros((2, 1, 2), np.uint8))

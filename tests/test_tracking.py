@@ -213,6 +213,32 @@ def test_compiled_step_refuses_mismatched_arrays() -> None:
         tracker._table.step(box.reshape(4, 2), np.zeros(4), np.zeros(4))
 
 
+def test_a_table_that_cannot_grow_is_left_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = TrackerConfig()
+    tracker, reference = NumpyTracker(config), NumpyTracker(config)
+    scene = _scene(8, 60, 1)
+    for dets in scene[:20]:
+        tracker.update(dets), reference.update(dets)
+    crowd = np.concatenate([np.arange(40)[:, None] * 20.0 + [0, 0, 10, 10]]).astype(np.float32)
+    big = Detections(crowd, np.full(40, 0.9, np.float32))  # more rows than the table holds
+    zeros, calls = np.zeros, [0]
+
+    def failing(*args: object, **kwargs: object) -> np.ndarray:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise MemoryError("no memory")
+        return zeros(*args, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+    monkeypatch.setattr(np, "zeros", failing)
+    with pytest.raises(MemoryError):
+        tracker.update(big)
+    monkeypatch.setattr(np, "zeros", zeros)
+    for dets in [big, *scene[20:]]:  # it goes on exactly as a table that never failed
+        a, b = reference.update(dets), tracker.update(dets)
+        assert a.tracks.tracker_id.tolist() == b.tracks.tracker_id.tolist()
+        assert a.tracks.xyxy.tobytes() == b.tracks.xyxy.tobytes()
+
+
 def test_tracker_carries_a_box_between_detections() -> None:
     tracker = NumpyTracker(TrackerConfig())
     box = np.array([[100, 100, 150, 200]], dtype=np.float32)
@@ -232,3 +258,5 @@ def test_backend_chosen_by_config() -> None:
         TrackerConfig.model_validate({"backend": "sort"})
     with pytest.raises(ValueError, match="period"):
         NumpyTracker(TrackerConfig()).update(None, period=0)
+    with pytest.raises(ValueError, match="period"):
+        NumpyTracker(TrackerConfig()).update(None, period=2**62)

@@ -532,7 +532,7 @@ def _hide(plane: U8, rect: tuple[int, int, int, int], mode: str, blocks: int) ->
 def _glyph(char: str, size: int) -> Glyph:
     """One character's coverage mask and advance (shared by every renderer)."""
     pixels, w, h, stride, advance = render_glyph(char, size)
-    return Glyph.of(np.frombuffer(pixels, np.uint8).reshape(h, stride)[:, :w], advance)
+    return Glyph(np.frombuffer(pixels, np.uint8).reshape(h, stride)[:, :w], advance)
 
 
 class _Glyphs:

@@ -32,6 +32,13 @@ __all__ = [
 ]
 
 _PER_BOX = 13
+# Positions handed to the C side are kept within +-_FAR: far enough to be off any picture,
+# near enough that its clipping arithmetic (in int) cannot overflow.
+_FAR = 1 << 28
+
+
+def _clamp(v: int) -> int:
+    return -_FAR if v < -_FAR else (_FAR if v > _FAR else v)
 
 
 @functools.cache
@@ -151,8 +158,8 @@ def draw_boxes(y: npt.NDArray[np.uint8], uv: npt.NDArray[np.uint8], batch: BoxBa
     if y.strides[1] != 1 or uv.strides[2] != 1:
         raise ValueError("the planes' pixels must be contiguous along a row")
     h, w = y.shape
-    if uv.shape[1:] != ((h + 1) // 2, (w + 1) // 2):
-        raise ValueError(f"chroma planes {uv.shape[1:]} do not match a {w}x{h} frame")
+    if uv.ndim != 3 or uv.shape != (2, (h + 1) // 2, (w + 1) // 2):
+        raise ValueError(f"chroma planes {uv.shape} do not match a {w}x{h} frame")
     base = uv.ctypes.data
     items = array("q", batch.items)
     _library().edgecam_draw_boxes(
@@ -161,20 +168,23 @@ def draw_boxes(y: npt.NDArray[np.uint8], uv: npt.NDArray[np.uint8], batch: BoxBa
     )  # fmt: skip
 
 
-class Glyph(NamedTuple):
-    """One character's 8-bit coverage image (C-contiguous, kept with its address for the
-    compiled core) and how far it moves the pen."""
+class Glyph:
+    """One character's 8-bit coverage image (a read-only C-contiguous copy, kept with its
+    address for the compiled core) and how far it moves the pen."""
 
-    mask: npt.NDArray[np.uint8]
-    advance: float
-    address: int
+    __slots__ = ("_address", "_mask", "advance")
 
-    @classmethod
-    def of(cls, mask: npt.NDArray[np.uint8], advance: float) -> Glyph:
-        mask = np.ascontiguousarray(mask, dtype=np.uint8)
-        if mask.ndim != 2:
-            raise ValueError(f"a glyph is a 2-d coverage image, got {mask.shape}")
-        return cls(mask, advance, mask.ctypes.data)
+    def __init__(self, mask: npt.NDArray[np.uint8], advance: float) -> None:
+        self._mask = np.array(mask, dtype=np.uint8, order="C")
+        if self._mask.ndim != 2:
+            raise ValueError(f"a glyph is a 2-d coverage image, got {self._mask.shape}")
+        self._mask.flags.writeable = False
+        self._address = self._mask.ctypes.data
+        self.advance = advance
+
+    @property
+    def mask(self) -> npt.NDArray[np.uint8]:
+        return self._mask
 
 
 def compose_text(glyphs: list[tuple[Glyph, int]], width: int, height: int) -> npt.NDArray[np.uint8]:
@@ -183,8 +193,8 @@ def compose_text(glyphs: list[tuple[Glyph, int]], width: int, height: int) -> np
     canvas = np.zeros((height, width), dtype=np.uint8)
     items = array("q")
     for glyph, x in glyphs:  # ``glyphs`` keeps the images alive through the call
-        h, w = glyph.mask.shape
-        items.extend((glyph.address, w, h, x))
+        h, w = glyph._mask.shape
+        items.extend((glyph._address, w, h, _clamp(x)))
     if glyphs:
         _library().edgecam_coverage(
             items.buffer_info()[0], len(glyphs), canvas.ctypes.data, width, height
@@ -198,6 +208,8 @@ def label_image(coverage: npt.NDArray[np.uint8], yuv: tuple[int, int, int]) -> L
     h, w = coverage.shape
     if h % 2 or w % 2 or coverage.dtype != np.uint8:
         raise ValueError(f"not an even-sized 8-bit coverage image: {coverage.shape}")
+    if not all(0 <= c <= 255 for c in yuv):
+        raise ValueError(f"not an 8-bit colour: {yuv}")
     y8 = np.empty((h, w), dtype=np.uint8)
     uv8 = np.empty((2, h // 2, w // 2), dtype=np.uint8)
     if not coverage.size:
@@ -218,6 +230,8 @@ def text_images(
     h, w = coverage.shape
     if h % 2 or w % 2 or coverage.dtype != np.uint8:
         raise ValueError(f"not an even-sized 8-bit coverage image: {coverage.shape}")
+    if not all(0 <= c <= 255 for c in yuv) or not 0 <= band_alpha <= 1:
+        raise ValueError(f"not an 8-bit colour and an opacity: {yuv}, {band_alpha}")
     y_add, y_keep = np.empty((h, w), np.float32), np.empty((h, w), np.float32)
     uv_add = np.empty((2, h // 2, w // 2), np.float32)
     c_keep = np.empty((h // 2, w // 2), np.float32)
@@ -267,7 +281,7 @@ class Translucent:
         step = strides[0] if len(shape) == 3 else 0
         _library().edgecam_blend(
             plane.ctypes.data, step, self._planes, strides[-2], shape[-1], shape[-2],
-            *self._blend, x, y,
+            *self._blend, _clamp(x), _clamp(y),
         )  # fmt: skip
 
 
@@ -314,6 +328,8 @@ class TrackTable:
     numpy arrays that grow as tracks are added; one :meth:`step` a frame."""
 
     def __init__(self, threshold: float, hit_max: int, delay: int) -> None:
+        if not (1 <= hit_max <= _FAR and 0 <= delay <= _FAR):
+            raise ValueError(f"hit_max {hit_max} and delay {delay} must be in 1 (0) .. {_FAR}")
         self._lib = _library()  # an install without the library fails here, saying so
         self._arrays: dict[str, np.ndarray] = {}
         self._table = _Tracks(n=0, cap=0, next_id=1, threshold=threshold, hit_max=hit_max,
@@ -325,14 +341,17 @@ class TrackTable:
         return int(self._table.n)
 
     def _grow(self, cap: int) -> None:
+        # Every array made before the table points at any (a MemoryError halfway must not
+        # leave it pointing at freed ones).
         n, old = self._table.n, self._arrays
-        self._arrays = {}
+        new: dict[str, np.ndarray] = {}
         for name, (row, dtype) in _TRACK_ARRAYS.items():
-            array: np.ndarray = np.zeros((cap, *row), dtype=dtype)
+            new[name] = np.zeros((cap, *row), dtype=dtype)
             if old:
-                array[:n] = old[name][:n]
-            setattr(self._table, name, array.ctypes.data)
-            self._arrays[name] = array
+                new[name][:n] = old[name][:n]
+        for name, made in new.items():
+            setattr(self._table, name, made.ctypes.data)
+        self._arrays = new
         self._table.cap = cap
 
     def step(
@@ -344,6 +363,8 @@ class TrackTable:
     ) -> TrackStep:
         """Advance one frame; ``boxes`` (n, 4), with their ``confidence`` and ``attribute``,
         where a detector ran on it, ``period`` frames after the previous detections."""
+        if not 1 <= period <= _FAR:
+            raise ValueError(f"period must be between 1 and {_FAR}, got {period}")
         table = self._table
         if boxes is None or not len(boxes):
             shown = self._lib.edgecam_track_step(table, None, None, None, 0, period)

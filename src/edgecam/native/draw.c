@@ -16,6 +16,20 @@ static int clamp(int value, int lo, int hi) {
     return value < lo ? lo : (value > hi ? hi : value);
 }
 
+/* Positions from the caller are kept within +-FAR: off any picture, and far enough from
+ * INT_MAX that no clipping arithmetic below overflows. */
+#define FAR (1 << 28)
+
+static int far(int64_t v) {
+    return v < -FAR ? -FAR : (v > FAR ? FAR : (int)v);
+}
+
+/* A float pixel value, truncated to 8 bits as numpy casts it; NaN and out-of-range values
+ * (which numpy leaves undefined) go to the nearest end. */
+static uint8_t to_u8(float value) {
+    return !(value > 0.0f) ? 0 : (value >= 255.0f ? 255 : (uint8_t)value);
+}
+
 /* v / 2 rounded down (C's division rounds toward zero): chroma coordinates of luma ones. */
 static int half(int v) {
     return v >= 0 ? v / 2 : -((1 - v) / 2);
@@ -83,7 +97,7 @@ void edgecam_draw_boxes(uint8_t *y, uint8_t *u, uint8_t *v, int32_t y_stride, in
     int cw = (width + 1) / 2, ch = (height + 1) / 2, cl = (line + 1) / 2;
     for (int k = 0; k < n; k++) {
         const int64_t *b = boxes + 13 * k;
-        int x1 = (int)b[0], y1 = (int)b[1], x2 = (int)b[2], y2 = (int)b[3];
+        int x1 = far(b[0]), y1 = far(b[1]), x2 = far(b[2]), y2 = far(b[3]);
         outline(y, y_stride, width, height, x1, y1, x2, y2, line, (uint8_t)b[4]);
         int cx1 = half(x1), cy1 = half(y1), cx2 = half(x2 + 1), cy2 = half(y2 + 1);
         outline(u, uv_stride, cw, ch, cx1, cy1, cx2, cy2, cl, (uint8_t)b[5]);
@@ -91,7 +105,7 @@ void edgecam_draw_boxes(uint8_t *y, uint8_t *u, uint8_t *v, int32_t y_stride, in
         const uint8_t *luma = (const uint8_t *)(uintptr_t)b[7];
         const uint8_t *chroma = (const uint8_t *)(uintptr_t)b[8];
         if (luma == NULL || chroma == NULL) continue;
-        int lx = (int)b[9], ly = (int)b[10], iw = (int)b[11], ih = (int)b[12];
+        int lx = far(b[9]), ly = far(b[10]), iw = far(b[11]), ih = far(b[12]);
         copy(y, y_stride, width, height, luma, iw, ih, lx, ly);
         int hw = iw / 2, hh = ih / 2;
         copy(u, uv_stride, cw, ch, chroma, hw, hh, half(lx), half(ly));
@@ -106,6 +120,8 @@ void edgecam_draw_boxes(uint8_t *y, uint8_t *u, uint8_t *v, int32_t y_stride, in
 void edgecam_blend(uint8_t *plane, int64_t plane_step, int32_t planes, int32_t stride,
                    int32_t pw, int32_t ph, const float *add, const float *keep, int32_t iw,
                    int32_t ih, int32_t x, int32_t y) {
+    x = far(x);
+    y = far(y);
     int c0 = x < 0 ? -x : 0, r0 = y < 0 ? -y : 0;
     int c1 = iw < pw - x ? iw : pw - x, r1 = ih < ph - y ? ih : ph - y;
     if (c0 >= c1) return;
@@ -116,8 +132,7 @@ void edgecam_blend(uint8_t *plane, int64_t plane_step, int32_t planes, int32_t s
             const float *ar = a + (ptrdiff_t)r * iw, *kr = keep + (ptrdiff_t)r * iw;
             for (int c = c0; c < c1; c++) {
                 float value = (float)p[c] * kr[c] + ar[c];
-                value = value + 0.5f;
-                p[c] = value <= 0.0f ? 0 : (value >= 255.0f ? 255 : (uint8_t)value);
+                p[c] = to_u8(value + 0.5f);
             }
         }
     }
@@ -131,7 +146,7 @@ void edgecam_coverage(const int64_t *glyphs, int32_t n, uint8_t *canvas, int32_t
     for (int k = 0; k < n; k++) {
         const int64_t *g = glyphs + 4 * k;
         const uint8_t *image = (const uint8_t *)(uintptr_t)g[0];
-        int gw = (int)g[1], gh = (int)g[2], x = (int)g[3];
+        int gw = far(g[1]), gh = far(g[2]), x = far(g[3]);
         int c0 = x < 0 ? -x : 0, c1 = gw < w - x ? gw : w - x, rows = gh < h ? gh : h;
         for (int r = 0; r < rows; r++) {
             uint8_t *p = canvas + (ptrdiff_t)r * w + x;
@@ -156,7 +171,7 @@ void edgecam_label(const uint8_t *coverage, int32_t stride, int32_t w, int32_t h
         for (int c = 0; c < w; c++) {
             float m = (float)coverage[(ptrdiff_t)r * stride + c] / 255.0f;
             float value = yl + ys * m;
-            out_y[(ptrdiff_t)r * w + c] = (uint8_t)(value + 0.5f);
+            out_y[(ptrdiff_t)r * w + c] = to_u8(value + 0.5f);
         }
     for (int r = 0; r < hh; r++)
         for (int c = 0; c < hw; c++) {
@@ -166,8 +181,8 @@ void edgecam_label(const uint8_t *coverage, int32_t stride, int32_t w, int32_t h
             float lower = (float)bottom[0] / 255.0f + (float)bottom[1] / 255.0f;
             float mh = (upper + lower) / 4.0f; /* numpy's order for these 2 x 2 means */
             float uu = ul + us * mh, vv = vl + vs * mh;
-            out_uv[(ptrdiff_t)r * hw + c] = (uint8_t)(uu + 0.5f);
-            out_uv[(ptrdiff_t)(hh + r) * hw + c] = (uint8_t)(vv + 0.5f);
+            out_uv[(ptrdiff_t)r * hw + c] = to_u8(uu + 0.5f);
+            out_uv[(ptrdiff_t)(hh + r) * hw + c] = to_u8(vv + 0.5f);
         }
 }
 

@@ -113,10 +113,8 @@ class NumpyTracker:
         )
 
     def update(self, detections: Detections | None, period: int = 1) -> TrackUpdate:
-        if period < 1:
-            raise ValueError(f"period must be >= 1, got {period}")
         if detections is None:
-            step = self._table.step(None)
+            step = self._table.step(None, period=period)
         else:
             step = self._table.step(
                 detections.xyxy, detections.confidence, detections.attribute, period
