@@ -204,3 +204,10 @@ def test_clip_upload_with_device_token_sha_checked(
     )
     assert escape.status_code in (404, 422)
     assert not any(p.name == "x.mp4" for p in Path(fleet.ctx.cfg.clips_dir).parent.rglob("x.mp4"))
+
+
+@pytest.mark.parametrize("ts", [1e20, -1e13, float("inf"), float("nan")])
+def test_a_time_no_date_can_show_is_shown_as_a_dash(ts: float) -> None:
+    # Such a time in the database broke every page that showed it (500), for good.
+    assert dashboard._dt(ts) == "-"
+    assert dashboard._dt(0.0) == "1970-01-01 00:00:00 UTC"

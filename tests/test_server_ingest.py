@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from server_support import wait_until
 from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import OperationalError
 
 from edgecam.config import MqttConfig, ServerConfig
-from edgecam.protocol import MAX_PAYLOAD_BYTES, Alert, ClipReady, Stats, Status
+from edgecam.protocol import MAX_PAYLOAD_BYTES, Alert, ClipReady, CommandResult, Stats, Status
 from edgecam.server import db
 from edgecam.server.ingest import Ingest, Rejected, decode
 from edgecam.server.simulate import SimDevice, make_stats
+from edgecam.server.store import Store
 
 IngestFactory = Callable[..., Ingest]
 
@@ -99,6 +103,20 @@ def _stats_with(**fields: object) -> str:
     return make_stats("cam-1", 1, 1.0).model_copy(update=fields).model_dump_json()
 
 
+def _stats_with(**fields: object) -> str:
+    """A valid stats message's JSON with ``fields`` set to what a model would not hold."""
+    message = json.loads(make_stats("cam-1", 1, 1000.0).model_dump_json())
+    return json.dumps({**message, **fields})  # NaN and infinities as Python writes them
+
+
+def _clip(**fields: object) -> str:
+    clip = ClipReady(
+        device="cam-1", camera="main", name="main-1.mp4", path="/clips/main-1.mp4", size=10,
+        duration=1.0, sha256="0" * 64, start=1.0, end=2.0, trigger=1.5, reason="manual",
+    )  # fmt: skip
+    return json.dumps({**json.loads(clip.model_dump_json()), **fields})
+
+
 BAD_PAYLOADS = [
     ("stats", b"not json"),
     ("stats", b'{"device": "cam-1"}'),  # required fields missing
@@ -114,6 +132,19 @@ BAD_PAYLOADS = [
         "stats",
         make_stats("cam-1", 1, 1.0).model_copy(update={"camera": "c" * 65}).model_dump_json(),
     ),
+    # Numbers no column or date holds: one of these stopped the ingest writer for good.
+    ("stats", _stats_with(start=float("inf"))),
+    ("stats", _stats_with(end=1e999)),
+    ("stats", _stats_with(ts=float("nan"))),
+    ("stats", _stats_with(ts=1e20)),
+    ("stats", _stats_with(start=-5.0)),
+    ("stats", _stats_with(counts={"person": -2000000000})),
+    ("stats", _stats_with(lines={"door": {"in": -1, "out": 0}})),
+    ("stats", _stats_with(fps_in=float("nan"))),
+    # Names that go into paths and links, links that are not http(s).
+    ("clips", _clip(name="../../logout")),
+    ("clips", _clip(url="javascript:alert(1)")),
+    ("clips", _clip(start=1e15)),
 ]
 
 
@@ -133,6 +164,63 @@ def test_decode_rejects(kind: str, payload: bytes | str) -> None:
     raw = payload.encode() if isinstance(payload, str) else payload
     with pytest.raises(Rejected):
         decode("edgecam", f"edgecam/cam-1/{kind}", raw)
+
+
+@pytest.mark.parametrize("device", ["x' OR 1=1--", "caméra", "a" * 65, "a b"])
+def test_a_topic_that_names_no_device_is_rejected(device: str) -> None:
+    result = CommandResult(command_id="0" * 32, ok=True).model_dump_json().encode()
+    with pytest.raises(Rejected, match="not a device name"):
+        decode("edgecam", f"edgecam/{device}/cmd/result", result)
+
+
+def test_a_message_the_store_cannot_handle_is_rejected_and_ingest_goes_on(
+    start_ingest: IngestFactory, device: SimDevice, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle = Store._write_stats
+
+    def picky(self: Store, conn: Any, items: list[tuple[str, Stats]], now: float) -> int:
+        if any(m.seq == 666 for _, m in items):
+            raise OverflowError("a value the store cannot convert")
+        return handle(self, conn, items, now)
+
+    monkeypatch.setattr(Store, "_write_stats", picky)
+    ingest = start_ingest()
+    for seq in (1, 666, 2):
+        device.publish(make_stats("cam-1", seq, 1000.0 + seq)).wait_for_publish(5)
+    wait_until(lambda: ingest.counters.snapshot()["rejected"] == 1)
+    device.publish(make_stats("cam-1", 3, 1003.0)).wait_for_publish(5)
+    wait_until(lambda: _count(engine, db.StatsRow) == 3)  # all but the culprit, and after it
+
+
+def test_a_new_device_in_a_batch_rolled_back_is_stored_when_it_is_tried_again(
+    start_ingest: IngestFactory,
+    broker: int,
+    prefix: str,
+    engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    handle, failures = Store._write_status, [0]
+
+    def full_disk_once(self: Store, conn: Any, items: list[tuple[str, Status]], now: float) -> int:
+        if not failures[0]:  # after the device's row went in, in the same transaction
+            failures[0] += 1
+            raise OperationalError("INSERT", {}, Exception("database or disk is full"))
+        return handle(self, conn, items, now)
+
+    monkeypatch.setattr(Store, "_write_status", full_disk_once)
+    monkeypatch.setattr("edgecam.server.ingest.RETRY_DELAY_S", 0.1)
+    start_ingest()
+    dev = SimDevice("cam-9", "127.0.0.1", broker, prefix).start()
+    try:
+
+        def online() -> bool | None:
+            with engine.connect() as conn:
+                return conn.scalar(select(db.Device.online).where(db.Device.name == "cam-9"))
+
+        wait_until(lambda: online() is True)  # stalled for good before: the row was "known"
+        assert failures[0] == 1
+    finally:
+        dev.stop()
 
 
 def test_status_online_then_last_will_offline(

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
 __all__ = [
+    "CLIP_NAME",
     "COMMAND_NAMES",
     "DEFAULT_PREFIX",
+    "DEVICE_NAME",
     "MAX_PAYLOAD_BYTES",
     "PROTOCOL_VERSION",
     "TOPIC_KINDS",
@@ -56,7 +58,18 @@ COMMAND_NAMES = (
     "set_rule",
 )
 
-_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+DEVICE_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+_NAME = DEVICE_NAME
+# A clip's file name, as the device's recorder makes them (and nothing else: names go into
+# paths and links).
+CLIP_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}\.mp4$"
+# The latest wall time a message may carry (9999-12-31T23:59:59Z): a date can show it.
+_LAST_TIME = 253402300799.0
+UnixTime = Annotated[float, Field(ge=0, le=_LAST_TIME, allow_inf_nan=False)]
+# Non-negative counts by label or direction.
+Counts = dict[str, NonNegativeInt]
+# Where a device's signed download links may point: http(s) only.
+Link = Annotated[str, Field(max_length=2048, pattern=r"^https?://")]
 
 
 def topic(prefix: str, device: str, kind: TopicKind) -> str:
@@ -82,13 +95,13 @@ def _new_id() -> str:
 class Payload(BaseModel):
     """Fields every message carries."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
     v: int = Field(PROTOCOL_VERSION, ge=1, description="Protocol version of the sender.")
     id: str = Field(
         default_factory=_new_id, pattern=r"^[0-9a-f]{32}$", description="Unique message id."
     )
-    ts: float = Field(default_factory=time.time, description="When it was made (Unix s).")
+    ts: UnixTime = Field(default_factory=time.time, description="When it was made (Unix s).")
 
 
 class Command(Payload):
@@ -125,7 +138,7 @@ class SaveClipArgs(BaseModel):
     at: float | None = Field(
         None, allow_inf_nan=False, description="Trigger wall time (Unix s); None: now."
     )
-    counts: dict[str, int] = Field(
+    counts: Counts = Field(
         default_factory=dict, description="Live counts at the trigger, kept in the sidecar."
     )
     job: str | None = Field(
@@ -137,24 +150,24 @@ class ClipReady(Payload):
     """A clip was saved: where it is and what it holds."""
 
     kind: Literal["clip_ready"] = "clip_ready"
-    device: str = Field(description="Device name.")
+    device: str = Field(pattern=_NAME, description="Device name.")
     camera: str = Field(description="Camera name.")
-    name: str = Field(description="File name of the clip in the clips folder.")
+    name: str = Field(pattern=CLIP_NAME, description="File name of the clip in the clips folder.")
     path: str = Field(description="Absolute path of the clip on the device.")
     size: int = Field(ge=0, description="Bytes.")
     duration: float = Field(ge=0, description="Seconds of video.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the file.")
-    start: float = Field(description="Wall time of the first frame (Unix s).")
-    end: float = Field(description="Wall time just after the last frame (Unix s).")
-    trigger: float = Field(description="Wall time of the first request (Unix s).")
+    start: UnixTime = Field(description="Wall time of the first frame (Unix s).")
+    end: UnixTime = Field(description="Wall time just after the last frame (Unix s).")
+    trigger: UnixTime = Field(description="Wall time of the first request (Unix s).")
     reason: str = Field(description="Reason of the first request.")
     reasons: list[str] = Field(default_factory=list, description="Reasons of all merged requests.")
-    counts: dict[str, int] = Field(default_factory=dict, description="Counts at the trigger.")
+    counts: Counts = Field(default_factory=dict, description="Counts at the trigger.")
     requests: int = Field(1, ge=1, description="How many requests this clip answers.")
     request_ids: list[str] = Field(
         default_factory=list, description="Ids of the save_clip requests this clip answers."
     )
-    url: str | None = Field(None, description="Signed, expiring download link, when known.")
+    url: Link | None = Field(None, description="Signed, expiring download link, when known.")
     alert_id: str | None = Field(None, description="The alert this clip was saved for.")
 
 
@@ -166,14 +179,14 @@ WorkerStateName = Literal[
 class WorkerState(BaseModel):
     """One worker process as the orchestrator sees it."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
     name: str = Field(description="Worker name: inference, streaming, recorder, fileserver.")
     camera: str | None = Field(None, description="Camera of a per-camera worker.")
     state: WorkerStateName = Field(description="Where the worker is in its life.")
     pid: int | None = Field(None, description="Process id while it runs.")
     restarts: int = Field(0, ge=0, description="Restarts since the device started.")
-    since: float = Field(description="When it entered this state (Unix s).")
+    since: UnixTime = Field(description="When it entered this state (Unix s).")
     cpu: float | None = Field(None, ge=0, description="CPU cores used lately.")
     rss_mb: float | None = Field(None, ge=0, description="Resident memory (MB).")
     error: str | None = Field(None, description="Why it last stopped, when it failed.")
@@ -194,7 +207,7 @@ class Status(Payload):
     profile: str | None = Field(None, description="Vision profile (mask or people).")
     cameras: list[str] = Field(default_factory=list, description="Camera names.")
     workers: list[WorkerState] = Field(default_factory=list, description="Worker states.")
-    started: float | None = Field(None, description="When the device started (Unix s).")
+    started: UnixTime | None = Field(None, description="When the device started (Unix s).")
     rules: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Alert rules and their parameters."
     )
@@ -210,7 +223,7 @@ class Status(Payload):
 class ZoneStats(BaseModel):
     """One zone over a stats interval."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
     occupancy_peak: int = Field(0, ge=0, description="Most tracks in the zone at once.")
     entries: int = Field(0, ge=0, description="Tracks that entered in the interval.")
@@ -232,9 +245,9 @@ class Stats(Payload):
     device: str = Field(pattern=_NAME, description="Device name.")
     camera: str = Field(description="Camera name.")
     seq: int = Field(ge=0, description="Per device, +1 for each stats message made.")
-    start: float = Field(description="Interval start (Unix s).")
-    end: float = Field(description="Interval end (Unix s).")
-    counts: dict[str, int] = Field(
+    start: UnixTime = Field(description="Interval start (Unix s).")
+    end: UnixTime = Field(description="Interval end (Unix s).")
+    counts: Counts = Field(
         default_factory=dict,
         description="Tracks seen in the interval, each once, by label (person, or "
         "mask/no_mask/undecided): a track's label is its last one in the interval.",
@@ -248,7 +261,7 @@ class Stats(Payload):
     zones: dict[str, ZoneStats] = Field(
         default_factory=dict, description="Per zone of the camera (none: no zones)."
     )
-    lines: dict[str, dict[Literal["in", "out"], int]] = Field(
+    lines: dict[str, dict[Literal["in", "out"], NonNegativeInt]] = Field(
         default_factory=dict,
         description="Per counting line: crossings in and out in the interval.",
     )
@@ -270,10 +283,10 @@ class Alert(Payload):
     message: str = Field(description="What happened, for people.")
     value: float | None = Field(None, description="The measured value that tripped it.")
     threshold: float | None = Field(None, description="The rule's threshold.")
-    started: float = Field(description="When the incident started (Unix s).")
-    ended: float | None = Field(None, description="When it ended (Unix s).")
-    clip: str | None = Field(None, description="Name of the incident's clip.")
-    clip_url: str | None = Field(None, description="Signed, expiring download link.")
+    started: UnixTime = Field(description="When the incident started (Unix s).")
+    ended: UnixTime | None = Field(None, description="When it ended (Unix s).")
+    clip: str | None = Field(None, pattern=CLIP_NAME, description="Name of the incident's clip.")
+    clip_url: Link | None = Field(None, description="Signed, expiring download link.")
 
 
 class WorkerArgs(BaseModel):

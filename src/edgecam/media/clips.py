@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecam.errors import EdgecamError, MissingPluginError
-from edgecam.protocol import ClipReady
+from edgecam.protocol import CLIP_NAME, ClipReady
 
 __all__ = [
     "CLIP_NAME_RE",
@@ -55,7 +55,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _SEGMENT_RE = re.compile(r"^seg-(?P<start>\d{13})-(?P<run>[0-9a-f]{8})-(?P<index>\d{6})\.ts$")
-CLIP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}\.mp4$")
+CLIP_NAME_RE = re.compile(CLIP_NAME)
 
 
 def clip_name(camera: str, start: float) -> str:

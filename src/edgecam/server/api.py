@@ -20,7 +20,7 @@ from sqlalchemy import Connection, func, select, update
 from sqlalchemy.orm import Session
 
 from edgecam.errors import EdgecamError
-from edgecam.protocol import Command
+from edgecam.protocol import CLIP_NAME, DEVICE_NAME, Command
 from edgecam.server import auth, db
 from edgecam.server.commands import check_command
 from edgecam.server.context import Conn, User, any_principal, ctx_of
@@ -30,8 +30,8 @@ __all__ = ["router"]
 
 router = APIRouter()
 
-DEVICE_RE = r"^[A-Za-z0-9_-]{1,64}$"
-CLIP_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.mp4$"
+DEVICE_RE = DEVICE_NAME
+CLIP_RE = CLIP_NAME
 MAX_RANGE_S = 400 * 86400
 DEFAULT_RANGE_S = 3600.0
 UPLOAD_CHUNK = 1024 * 1024

@@ -43,7 +43,10 @@ def _ago(ts: float | None) -> str:
 def _dt(ts: float | None) -> str:
     if ts is None:
         return "-"
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, ValueError, OSError):  # a time no date can show: never a 500
+        return "-"
 
 
 TEMPLATES.env.filters["ago"] = _ago

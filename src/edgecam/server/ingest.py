@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -21,10 +22,12 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import ValidationError
-from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from edgecam.config import MqttConfig, ServerConfig
 from edgecam.protocol import (
+    DEVICE_NAME,
     MAX_PAYLOAD_BYTES,
     Alert,
     ClipReady,
@@ -84,12 +87,18 @@ class Counters:
         return {n: getattr(self, n).value for n in names}
 
 
+# The database's own failures (down, locked, full): a batch that meets one is tried again.
+UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeout)
+
+
 def decode(prefix: str, topic: str, payload: bytes) -> tuple[str, Payload]:
     """(device, message) of one MQTT message, or :class:`Rejected` saying why not."""
     parsed = parse_topic(prefix, topic)
     if parsed is None or parsed[1] not in MODELS:
         raise Rejected(f"unexpected topic {topic!r}")
     device, kind = parsed
+    if not re.match(DEVICE_NAME, device):
+        raise Rejected(f"unexpected topic {topic!r}: not a device name")
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise Rejected(f"{topic}: payload of {len(payload)} bytes is too large")
     try:
@@ -222,12 +231,8 @@ class Ingest:
             messages = self._validate(batch)
             while messages:
                 try:
-                    result = self._store.write(messages)
-                except (DataError, IntegrityError):
-                    # A value the database refuses (too long, out of range): store the batch
-                    # one by one and reject only the culprits, never the whole batch.
-                    result = self._write_singly(messages)
-                except SQLAlchemyError:
+                    result = self._store_batch(messages)
+                except UNAVAILABLE:  # the database is down, locked or full: again later
                     self.counters.add("write_errors", 1)
                     log.exception("writing %d messages failed; trying again", len(messages))
                     if self._stop.wait(RETRY_DELAY_S):
@@ -238,7 +243,9 @@ class Ingest:
                 now = time.time()
                 self.counters.lag_s.value = max(now - m.ts for _, m in messages)
                 for device, m in messages:
-                    seen[device] = max(seen.get(device, 0.0), m.ts)
+                    # Never ahead of this clock: a device whose own is wrong would otherwise
+                    # look alive until then.
+                    seen[device] = max(seen.get(device, 0.0), min(m.ts, now))
                 break
             self._ack(batch)
             if seen and time.monotonic() - last_touch >= TOUCH_INTERVAL_S:
@@ -249,14 +256,32 @@ class Ingest:
                     log.exception("updating last_seen failed")
                 last_touch = time.monotonic()
 
+    def _store_batch(self, messages: list[tuple[str, Payload]]) -> BatchResult:
+        """Store a batch; where that fails, its messages one by one, rejecting only those
+        that fail alone (a value the database refuses: too long, out of range; or one the
+        store cannot handle), never the whole batch and never ingest itself. Raises only
+        :data:`UNAVAILABLE`, for the batch to be tried again."""
+        try:
+            return self._store.write(messages)
+        except UNAVAILABLE:
+            raise
+        except Exception:
+            return self._write_singly(messages)
+
     def _write_singly(self, messages: list[tuple[str, Payload]]) -> BatchResult:
         stored = duplicates = 0
         for message in messages:
             try:
                 one = self._store.write([message])
-            except (DataError, IntegrityError) as exc:
+            except UNAVAILABLE:
+                raise  # the database itself: the batch is tried again
+            except Exception as exc:
                 self.counters.add("rejected", 1)
-                log.warning("rejected a message the database refuses: %s", exc.orig)
+                log.warning(
+                    "rejected a message from %s that the database or the store refuses: %s",
+                    message[0],
+                    getattr(exc, "orig", None) or repr(exc),
+                )
                 continue
             stored += one.stored
             duplicates += one.duplicates

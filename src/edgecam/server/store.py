@@ -144,9 +144,12 @@ class Store:
             by_kind.setdefault(type(msg), []).append((device, msg))
         stored = 0
         with self._engine.begin() as conn:
-            self._ensure_devices(conn, {device for device, _ in messages})
+            added = self._ensure_devices(conn, {device for device, _ in messages})
             for kind, items in by_kind.items():
                 stored += self._handlers[kind](conn, items, now)
+        # Known only once committed: a batch rolled back (a full disk, a value refused) takes
+        # its new devices' rows with it, and the retry must insert them again.
+        self._known_devices |= added
         return BatchResult(stored=stored, duplicates=len(messages) - stored)
 
     def touch(self, last_seen: dict[str, float]) -> None:
@@ -171,14 +174,15 @@ class Store:
             else:
                 conn.execute(stmt, [{"d": d, "t": t} for d, t in last_seen.items()])
 
-    def _ensure_devices(self, conn: Connection, names: set[str]) -> None:
+    def _ensure_devices(self, conn: Connection, names: set[str]) -> set[str]:
+        """Insert the devices not seen before; which those were."""
         new = names - self._known_devices
         if new:
             rows = [
                 {"name": n, "online": False, "cameras": [], "workers": [], "rules": {}} for n in new
             ]
             _ignore_existing(conn, _t(db.Device), rows)
-            self._known_devices |= new
+        return new
 
     def _write_stats(self, conn: Connection, items: list[tuple[str, Stats]], now: float) -> int:
         # The hot path (most messages are stats): the new rows and their per-minute sums in
