@@ -196,6 +196,14 @@ def test_clip_upload_with_device_token_sha_checked(
     broken.write_bytes(data[:1000])
     with pytest.raises(UploadError, match="SHA-256"):
         upload_clip(fleet.url, "cam-1", token, broken, clip, attempts=1)
+    # Other bytes, with their own right hash, never replace the clip the device announced.
+    other = fleet.http.put(
+        f"/api/devices/cam-1/clips/{clip.name}",
+        content=data[:1000],
+        headers={"X-Content-SHA256": hashlib.sha256(data[:1000]).hexdigest()},
+    )
+    assert other.status_code == 409, other.text
+    assert fleet.http.get(clips[0]["play_url"]).content == data
     # No path escapes the clips folder.
     escape = fleet.http.put(
         "/api/devices/cam-1/clips/..%2F..%2Fx.mp4",

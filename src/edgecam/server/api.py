@@ -393,6 +393,12 @@ async def upload_clip(
     if not re.fullmatch(r"[0-9a-f]{64}", want):
         raise HTTPException(422, "send the file's SHA-256 in X-Content-SHA256")
     path = clip_path(ctx.cfg.clips_dir, device, name)
+    with Session(ctx.engine) as s:
+        known = s.get(db.Clip, (device, name))
+    if known is not None and known.sha256 is not None and known.sha256 != want:
+        # The device announced this clip with its hash, or it is stored already: a clip is
+        # never replaced by other bytes under its name.
+        raise HTTPException(409, "this clip is known with another SHA-256; it is not replaced")
     path.parent.mkdir(parents=True, exist_ok=True)
     limit = ctx.cfg.clip_max_bytes
     declared = request.headers.get("content-length")
