@@ -90,6 +90,24 @@ def test_server_command_users_tokens_and_api(
             return "edgecam_messages_ingested_total 21" in metrics  # status + 20 stats
 
         wait_until(ingested, timeout=15)
+
+        # A password changed ends the user's sessions; a user deleted is cut off at once.
+        with httpx.Client(base_url=url) as browser:
+            page = browser.get("/login")
+            csrf = page.cookies.get("edgecam_login_csrf") or ""
+            form = {"username": "ops", "password": "a long password", "csrf": csrf}
+            assert browser.post("/login", data=form).status_code in (200, 303)
+            assert browser.get("/api/devices").status_code == 200
+            code, _, err = edgecam(
+                "server", "create-user", "ops", config=config, stdin="another long password\n"
+            )
+            assert code == 0, err
+            assert browser.get("/api/devices").status_code == 401
+        assert httpx.get(f"{url}/api/devices", headers=auth).status_code == 200
+        code, _, err = edgecam("server", "delete-user", "ops", config=config)
+        assert code == 0 and "deleted" in err, err
+        assert httpx.get(f"{url}/api/devices", headers=auth).status_code == 401
+        assert edgecam("server", "delete-user", "ops", config=config)[0] == 1
     finally:
         if device is not None:
             device.stop()

@@ -370,7 +370,7 @@ def _parser() -> argparse.ArgumentParser:
         "action",
         nargs="?",
         default="run",
-        choices=["run", "create-user", "create-token", "revoke-token"],
+        choices=["run", "create-user", "delete-user", "create-token", "revoke-token"],
     )
     p.add_argument("name", nargs="?", help="user name (token number for revoke-token)")
     p.add_argument("--device", help="create-token: limit the token to this device's clip uploads")

@@ -37,6 +37,7 @@ __all__ = [
     "create_app",
     "create_token_cli",
     "create_user_cli",
+    "delete_user_cli",
     "run_server",
 ]
 
@@ -350,6 +351,17 @@ def create_token_cli(settings: Settings, name: str, device: str | None = None) -
     return 0
 
 
+def delete_user_cli(settings: Settings, name: str) -> int:
+    """``edgecam server delete-user NAME``: the user, its sessions and tokens, at once."""
+    engine = _engine(settings)
+    try:
+        auth.delete_user(engine, name)
+    finally:
+        engine.dispose()
+    print(f"user {name} deleted, with its sessions and tokens", file=sys.stderr)
+    return 0
+
+
 def revoke_token_cli(settings: Settings, token_id: int) -> int:
     engine = _engine(settings)
     try:
@@ -371,6 +383,8 @@ def server_cli(settings: Settings, action: str, name: str | None, device: str | 
         return create_user_cli(settings, name)
     if action == "create-token":
         return create_token_cli(settings, name, device)
+    if action == "delete-user":
+        return delete_user_cli(settings, name)
     if not name.isdigit():
         raise EdgecamError("edgecam server revoke-token needs the token's number")
     return revoke_token_cli(settings, int(name))

@@ -31,6 +31,7 @@ __all__ = [
     "check_token",
     "create_token",
     "create_user",
+    "delete_user",
     "end_session",
     "list_tokens",
     "revoke_token",
@@ -63,7 +64,9 @@ class Principal:
 
 
 def create_user(engine: Engine, name: str, password: str) -> None:
-    """Create user ``name``, or set a new password when it exists."""
+    """Create user ``name``, or set a new password when it exists: that ends every session
+    of the user (a stolen cookie dies with the old password; API tokens stay, each revoked
+    on its own or with the user, :func:`delete_user`)."""
     if not re.match(USER_NAME, name):
         raise EdgecamError(f"user name {name!r}: use 1-64 letters, digits, _ . @ -")
     if len(password) < MIN_PASSWORD:
@@ -75,6 +78,16 @@ def create_user(engine: Engine, name: str, password: str) -> None:
             s.add(User(name=name, password_hash=digest, created=time.time()))
         else:
             user.password_hash = digest
+            s.execute(delete(SessionRow).where(SessionRow.user_id == user.id))
+
+
+def delete_user(engine: Engine, name: str) -> None:
+    """Delete user ``name`` with its sessions and API tokens: cut off at once."""
+    with Session(engine) as s, s.begin():
+        user = _user(s, name)
+        s.execute(delete(SessionRow).where(SessionRow.user_id == user.id))
+        s.execute(delete(Token).where(Token.user_id == user.id))
+        s.delete(user)
 
 
 def _user(s: Session, name: str) -> User:
