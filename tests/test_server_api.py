@@ -152,6 +152,20 @@ def test_command_and_its_result(fleet: FleetServer, device: SimDevice) -> None:
     assert bad.status_code == 422
     missing = fleet.http.post("/api/devices/nobody/commands", json={"name": "status"})
     assert missing.status_code == 404
+    # A command the device would refuse unread (over 64 KiB) is refused here, not sent.
+    sent = len(device.commands)
+    huge = {"rule": "occupancy", "params": {"note": "x" * 200_000}}
+    big = fleet.http.post("/api/devices/cam-1/commands", json={"name": "set_rule", "args": huge})
+    assert big.status_code == 422 and "bytes" in big.text
+    # NaN in the body: a clear 422, not a 500 (the error echoed the value, which no JSON has).
+    nan = fleet.http.post(
+        "/api/devices/cam-1/commands",
+        content=b'{"name": "status", "args": NaN}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert nan.status_code == 422, nan.text
+    time.sleep(0.5)
+    assert len(device.commands) == sent
 
 
 def test_clip_upload_with_device_token_sha_checked(

@@ -145,6 +145,17 @@ def test_login_limiter_locks_then_forgets() -> None:
     assert not limiter.locked("user:a", "ip:1")
 
 
+def test_asking_the_limiter_about_new_names_costs_no_memory() -> None:
+    limiter = LoginLimiter(max_failures=3, window_s=60)
+    for _ in range(3):
+        limiter.failed("ip:1")
+    tracked = len(limiter)
+    # A locked-out client spraying user names: each is only looked up, never kept (each
+    # used to add an entry, ~1 KB, freed never while the lock lasted).
+    assert all(limiter.locked(f"user:{i}", "ip:1") for i in range(10_000))
+    assert len(limiter) == tracked
+
+
 def test_migrations_upgrade_a_database_with_data(database_url: str) -> None:
     from alembic import command
     from alembic.config import Config

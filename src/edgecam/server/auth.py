@@ -203,7 +203,9 @@ class LoginLimiter:
         self._lock = threading.Lock()
 
     def _recent(self, key: str, now: float) -> deque[float]:
-        times = self._failures.setdefault(key, deque())
+        times = self._failures.get(key)
+        if times is None:
+            return deque()  # not kept: asking about a name costs no memory
         while times and times[0] <= now - self._window:
             times.popleft()
         return times
@@ -213,6 +215,10 @@ class LoginLimiter:
         with self._lock:
             return any(len(self._recent(k, now)) >= self._max for k in keys)
 
+    def __len__(self) -> int:
+        """Names and addresses tracked."""
+        return len(self._failures)
+
     def failed(self, *keys: str) -> None:
         now = time.monotonic()
         with self._lock:
@@ -220,7 +226,8 @@ class LoginLimiter:
                 for k in [k for k in self._failures if not self._recent(k, now)]:
                     del self._failures[k]
             for k in keys:
-                self._recent(k, now).append(now)
+                self._recent(k, now)
+                self._failures.setdefault(k, deque()).append(now)
 
     def succeeded(self, key: str) -> None:
         with self._lock:

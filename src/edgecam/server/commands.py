@@ -11,7 +11,15 @@ from pydantic import BaseModel, ValidationError
 
 from edgecam.config import MqttConfig
 from edgecam.errors import EdgecamError
-from edgecam.protocol import COMMAND_NAMES, Command, SaveClipArgs, SetRuleArgs, WorkerArgs, topic
+from edgecam.protocol import (
+    COMMAND_NAMES,
+    MAX_PAYLOAD_BYTES,
+    Command,
+    SaveClipArgs,
+    SetRuleArgs,
+    WorkerArgs,
+    topic,
+)
 from edgecam.server.mqtt import make_client
 
 __all__ = ["ARGS", "CommandPublisher", "check_command"]
@@ -42,11 +50,17 @@ def check_command(name: str, args: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{name} takes no arguments")
         return {}
     try:
-        return model.model_validate(args).model_dump(exclude_defaults=True)
+        canonical = model.model_validate(args).model_dump(exclude_defaults=True)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "args"
         raise ValueError(f"{name}: {where}: {first['msg']}") from exc
+    # The device refuses, unread, a message over MAX_PAYLOAD_BYTES: sent, it would wait for
+    # an answer for ever.
+    size = len(Command(name=name, args=canonical).model_dump_json())
+    if size > MAX_PAYLOAD_BYTES:
+        raise ValueError(f"{name}: the command is {size} bytes; at most {MAX_PAYLOAD_BYTES}")
+    return canonical
 
 
 class CommandPublisher:
