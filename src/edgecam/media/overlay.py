@@ -364,7 +364,6 @@ class HandoffRenderer:
 
 U8 = npt.NDArray[np.uint8]
 F32 = npt.NDArray[np.float32]
-_BLACK_Y, _GREY_UV = 16, 128
 _BAND_ALPHA = 0.6  # the dark band under a line of text, as ``render_text`` paints it
 
 
@@ -378,10 +377,10 @@ def _yuv(colour: tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 class _Stamp:
-    """A translucent image in I420 terms, put at an even (x, y): premultiplied (``y_p``,
-    ``uv_p``: the colour weighted by alpha; ``y_k``, ``c_k``: what is left of the frame
-    under it), blended by the compiled core. Opaque ones (the box labels) are
-    :class:`~edgecam.native.Label`."""
+    """A translucent image in I420 terms, put at an even (x, y): its luma and its chroma
+    planes, each premultiplied (``add``: the colour weighted by alpha; ``keep``: what is left
+    of the frame under it) and blended by the compiled core. Opaque ones (the box labels)
+    are :class:`~edgecam.native.Label`."""
 
     __slots__ = ("chroma", "luma")
 
