@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -304,3 +305,20 @@ def test_the_same_last_will_twice_sets_offline_twice(
     dev.publish(will).wait_for_publish(5)  # and crashes again: the same will, the same id
     wait_until(lambda: online() is False)
     dev.stop()
+
+
+def test_a_status_from_a_clock_ahead_does_not_hide_the_next_ones(
+    start_ingest: IngestFactory, device: SimDevice, engine: Engine
+) -> None:
+    start_ingest()
+
+    def version() -> str | None:
+        with engine.connect() as conn:
+            return conn.scalar(select(db.Device.version).where(db.Device.name == "cam-1"))
+
+    ahead = Status(device="cam-1", state="online", version="clock-ahead", ts=time.time() + 86400)
+    device.publish(ahead).wait_for_publish(5)
+    wait_until(lambda: version() == "clock-ahead")
+    # The device's clock is put right and it restarts: its status must be taken.
+    device.publish(Status(device="cam-1", state="online", version="right")).wait_for_publish(5)
+    wait_until(lambda: version() == "right")

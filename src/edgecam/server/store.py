@@ -276,7 +276,9 @@ class Store:
                 continue
             if not _status_applies(m, current.state_ts, current.started):
                 continue
-            values: dict[str, Any] = {"online": m.state == "online", "state_ts": m.ts}
+            # Never ahead of this clock: a device whose own was ahead once (wrong at boot)
+            # would have every later, right status taken for an older one.
+            values: dict[str, Any] = {"online": m.state == "online", "state_ts": min(m.ts, now)}
             if m.state == "online":
                 values.update(
                     version=m.version,
