@@ -21,6 +21,7 @@ from conftest import free_port
 from starlette.applications import Starlette
 
 from edgecam.config import LiveViewConfig, Settings, load_settings
+from edgecam.device.fileserver import server_config
 from edgecam.device.liveview_http import COOKIE, live_path, live_routes, live_url
 from edgecam.errors import ConfigError, LiveViewError
 from edgecam.media.fmp4 import Fmp4Writer, codec_string
@@ -75,9 +76,10 @@ def host() -> Iterator[Host]:
         )
     )
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
-    )
+    # The worker's own server, its head deadline short: a WebSocket must outlive it (every
+    # viewer was cut off when it ran out, 10 s after connecting).
+    served = settings.fileserver.model_copy(update={"host": "127.0.0.1", "port": port})
+    server = uvicorn.Server(server_config(app, served, header_timeout_s=2.0))
     thread = threading.Thread(target=server.run, daemon=True)
     view.start()
     thread.start()

@@ -384,8 +384,14 @@ class GuardedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         cycle = self.cycle
         super().data_received(data)
-        if self.cycle is not cycle:  # a whole request head arrived
+        # A whole request head arrived; or it was a WebSocket upgrade, and the connection
+        # is the WebSocket protocol's now (with its own pings): not to be cut off.
+        if self.cycle is not cycle or self._upgraded():
             self._disarm_header_deadline()
+
+    def _upgraded(self) -> bool:
+        transport = self.transport
+        return transport is not None and transport.get_protocol() is not self
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -407,7 +413,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _header_late(self) -> None:
         self._header_deadline = None
-        if not self.transport.is_closing():
+        if not self.transport.is_closing() and not self._upgraded():
             log.info("file server: no request head within %.0f s; closing", self.header_timeout_s)
             self.transport.close()
 
