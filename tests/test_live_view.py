@@ -11,6 +11,7 @@ import shutil
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -377,3 +378,33 @@ def test_cli_live_url(capsys: pytest.CaptureFixture[str], tmp_path: Any) -> None
     assert main(["live-url", "--config", str(config)]) == 0
     out = capsys.readouterr().out.strip()
     assert out.startswith("http://127.0.0.1:8081/live/main?expires=")
+
+
+def test_two_cameras_links_keep_their_own_cookies_and_bad_cookies_are_refused() -> None:
+    with warnings.catch_warnings():  # Starlette prefers httpx2 for its test client
+        warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+        from starlette.testclient import TestClient
+
+    settings = Settings(
+        cameras=[{"name": "main"}, {"name": "cam2"}], fileserver={"token": TOKEN}, live={}
+    )
+    views = {
+        name: LiveView(settings.live, camera=name, rtp_port=_free_udp_port())
+        for name in ("main", "cam2")
+    }
+    app = Starlette(routes=live_routes(settings, views, lambda _cam: {}, lambda _cam: {}))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        assert client.get(live_path(settings, "main")).status_code == 200
+        assert client.get(live_path(settings, "cam2")).status_code == 200
+        # Each camera's page opens again on its own cookie, the first after the second's.
+        assert client.get("/live/main").status_code == 200
+        assert client.get("/live/cam2").status_code == 200
+        # A camera's cookie is not the index's: to the login form.
+        assert client.get("/live", follow_redirects=False).status_code == 303
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        for bad in (b"*.9" + b"9" * 5000 + b".x", b"*.\xb2.x", b"main.12.", b"..", b"*"):
+            cookie = {"Cookie": COOKIE.encode() + b"=" + bad}
+            # a 500 before, for the first two
+            assert client.get("/live/main", headers=cookie).status_code == 401, bad
+            index = client.get("/live", headers=cookie, follow_redirects=False)
+            assert index.status_code == 303, bad

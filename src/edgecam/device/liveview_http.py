@@ -25,6 +25,7 @@ import hmac
 import html
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -43,7 +44,7 @@ from edgecam.device.fileserver import sign_link, verify_link
 from edgecam.errors import ConfigError, LiveViewError
 from edgecam.media.liveview import LiveView, ViewerKind
 
-__all__ = ["CountsSource", "SaveClip", "live_path", "live_routes", "live_url"]
+__all__ = ["CountsSource", "SaveClip", "camera_cookie", "live_path", "live_routes", "live_url"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,13 @@ SaveClip = Callable[[str], Awaitable[Mapping[str, Any]] | Mapping[str, Any]]
 """Save a clip of a camera now; returns what the page shows (e.g. the clip's name)."""
 
 COOKIE = "edgecam_live"
+
+
+def camera_cookie(camera: str) -> str:
+    """The name of the cookie a camera's signed link leaves (camera names are cookie-safe)."""
+    return f"{COOKIE}_{camera}"
+
+
 _ALL_CAMERAS = "*"
 _COUNTS_INTERVAL_S = 1.0
 # Messages waiting for one viewer's socket before its frames are dropped to the next
@@ -141,6 +149,10 @@ class _Auth:
             return scheme.lower() == "bearer" and self.token_ok(value.strip())
         if self._cookie_ok(conn.cookies.get(COOKIE, ""), camera):
             return True
+        if camera is not None and self._cookie_ok(
+            conn.cookies.get(camera_cookie(camera), ""), camera
+        ):
+            return True
         return camera is not None and self.link_ok(conn, camera)
 
     def link_ok(self, conn: HTTPConnection, camera: str) -> bool:
@@ -160,7 +172,8 @@ class _Auth:
     def _cookie_ok(self, value: str, camera: str | None) -> bool:
         scope, _, rest = value.partition(".")
         expires, _, sig = rest.partition(".")
-        if not scope or not expires.isdigit() or not sig:
+        # ASCII digits, not too many: str.isdigit takes "²", and int() refuses 5000 digits.
+        if not scope or not re.fullmatch(r"[0-9]{1,12}", expires) or not sig:
             return False
         if not hmac.compare_digest(self._cookie_sig(scope, int(expires)).encode(), sig.encode()):
             return False
@@ -295,12 +308,16 @@ def live_routes(
         _set_cookie(request, response, auth.cookie_value(_ALL_CAMERAS))
         return response
 
-    def _set_cookie(request: Request, response: Response, value: str) -> None:
+    def _set_cookie(
+        request: Request, response: Response, value: str, camera: str | None = None
+    ) -> None:
+        # A camera's own cookie has its own name and path: one camera's link opened after
+        # another's must not replace the first one's (its tab could not reconnect).
         response.set_cookie(
-            COOKIE,
+            COOKIE if camera is None else camera_cookie(camera),
             value,
             max_age=auth.session_ttl_s,
-            path="/live",
+            path="/live" if camera is None else f"/live/{quote(camera)}",
             secure=request.url.scheme == "https",
             httponly=True,
             samesite="lax",
@@ -335,7 +352,7 @@ def live_routes(
             script=True,
         )
         if by_link:
-            _set_cookie(request, response, auth.cookie_value(camera))
+            _set_cookie(request, response, auth.cookie_value(camera), camera)
         return response
 
     async def live_js(_request: Request) -> Response:
