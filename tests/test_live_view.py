@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from conftest import free_port
@@ -394,7 +395,11 @@ def test_two_cameras_links_keep_their_own_cookies_and_bad_cookies_are_refused() 
     }
     app = Starlette(routes=live_routes(settings, views, lambda _cam: {}, lambda _cam: {}))
     with TestClient(app, base_url="http://127.0.0.1") as client:
-        assert client.get(live_path(settings, "main")).status_code == 200
+        page = client.get(live_path(settings, "main"))
+        assert page.status_code == 200
+        # Never framed by another page (a click on Save clip for the viewer).
+        assert page.headers["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
         assert client.get(live_path(settings, "cam2")).status_code == 200
         # Each camera's page opens again on its own cookie, the first after the second's.
         assert client.get("/live/main").status_code == 200
@@ -408,3 +413,42 @@ def test_two_cameras_links_keep_their_own_cookies_and_bad_cookies_are_refused() 
             assert client.get("/live/main", headers=cookie).status_code == 401, bad
             index = client.get("/live", headers=cookie, follow_redirects=False)
             assert index.status_code == 303, bad
+
+
+def test_a_slow_recorder_does_not_stop_the_server() -> None:
+    settings = _settings()
+    view = LiveView(settings.live, camera="main", rtp_port=_free_udp_port())
+
+    def slow_save_clip(_camera: str) -> dict[str, str]:
+        time.sleep(2.0)  # a recorder that takes its time (it froze every viewer's video)
+        raise OSError("no answer on /dev/shm/edgecam-run/recorder.main.sock")
+
+    app = Starlette(routes=live_routes(settings, {"main": view}, lambda _c: {}, slow_save_clip))
+    port = free_port()
+    served = settings.fileserver.model_copy(update={"host": "127.0.0.1", "port": port})
+    server = uvicorn.Server(server_config(app, served))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{port}"
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        answers: list[httpx.Response] = []
+        clip = threading.Thread(
+            target=lambda: answers.append(
+                httpx.post(f"{base}/live/main/clip", headers=auth, timeout=10)
+            )
+        )
+        clip.start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        assert httpx.get(f"{base}/live", headers=auth, timeout=10).status_code == 200
+        assert time.monotonic() - t0 < 1.0  # answered while the clip is being saved
+        clip.join(10)
+        assert answers[0].status_code == 502
+        assert "sock" not in answers[0].text  # the device's paths stay in its log
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import hmac
 import html
+import inspect
 import json
 import logging
 import re
@@ -72,9 +73,12 @@ _CSRF_HEADER = "x-edgecam-live"
 _WS_POLICY_VIOLATION = 1008
 _WS_TRY_AGAIN_LATER = 1013
 _LINK_NAME = "live/{camera}"  # what a live link signs; clip names cannot hold '/'
+# No page of another origin may frame these (its Save clip button could be clicked for the
+# viewer): frame-ancestors, and X-Frame-Options for browsers without it.
 _PAGE_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; "
-    "connect-src 'self'; media-src 'self' blob:; img-src 'self' data:"
+    "connect-src 'self'; media-src 'self' blob:; img-src 'self' data:; "
+    "frame-ancestors 'none'"
 )
 
 
@@ -249,9 +253,12 @@ dl {{ display: grid; grid-template-columns: auto auto; gap: 0.2rem 1rem; }}
 dd {{ margin: 0; text-align: right; font-variant-numeric: tabular-nums; }}
 </style></head>
 <body>{body}</body></html>"""
-    return HTMLResponse(
-        document, headers={"Content-Security-Policy": _PAGE_CSP, "Cache-Control": "no-store"}
-    )
+    headers = {
+        "Content-Security-Policy": _PAGE_CSP,
+        "X-Frame-Options": "DENY",
+        "Cache-Control": "no-store",
+    }
+    return HTMLResponse(document, headers=headers)
 
 
 def live_routes(
@@ -373,12 +380,16 @@ def live_routes(
         if save_clip is None:
             return JSONResponse({"error": "saving clips is not available"}, status_code=501)
         try:
-            result = save_clip(camera)
-            if isinstance(result, Awaitable):
-                result = await result
-        except Exception as exc:
+            if inspect.iscoroutinefunction(save_clip):
+                result = await save_clip(camera)
+            else:  # off the event loop: a slow recorder must not stop every viewer's video
+                result = await asyncio.to_thread(save_clip, camera)
+                if isinstance(result, Awaitable):
+                    result = await result
+        except Exception:
             log.exception("save clip for %s from the live page failed", camera)
-            return JSONResponse({"error": str(exc)}, status_code=502)
+            # The details (a socket path, say) are the device's: in its log, not the page.
+            return JSONResponse({"error": "saving the clip failed"}, status_code=502)
         return JSONResponse(dict(result))
 
     async def socket(ws: WebSocket) -> None:
