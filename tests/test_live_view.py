@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from edgecam.device.fileserver import server_config
 from edgecam.device.liveview_http import COOKIE, live_path, live_routes, live_url
 from edgecam.errors import ConfigError, LiveViewError
 from edgecam.media.fmp4 import Fmp4Writer, codec_string
+from edgecam.media.gst import GLib, Gst
 from edgecam.media.liveview import LiveView
 
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -452,3 +453,44 @@ def test_a_slow_recorder_does_not_stop_the_server() -> None:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_an_error_in_the_view_starts_it_afresh(rtp_sender: Any) -> None:
+    # A WebRTC branch that could not take the camera's new stream (another H.264 level)
+    # stopped the whole view with "not-negotiated": no viewer got a frame again.
+    port = _free_udp_port()
+    view = LiveView(LiveViewConfig(), camera="main", rtp_port=port)
+
+    class Link:
+        def __init__(self) -> None:
+            self.data = 0
+            self.reasons: list[str] = []
+
+        def send(self, message: bytes | str) -> bool:
+            self.data += isinstance(message, bytes)
+            return True
+
+        def closed(self, reason: str) -> None:
+            self.reasons.append(reason)
+
+    def wait(what: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 15
+        while not what():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+    with view:
+        rtp_sender(port, WIDTH, HEIGHT)
+        first = Link()
+        view.add_viewer("mse", first)
+        wait(lambda: first.data > 5)
+        pipeline = view._pipeline
+        assert pipeline is not None
+        error = GLib.Error.new_literal(Gst.StreamError.quark(), "not negotiated", 11)
+        pipeline.get_bus().post(Gst.Message.new_error(pipeline, error, "test"))
+        wait(lambda: bool(first.reasons))
+        assert "afresh" in first.reasons[0]
+        second = Link()
+        wait(lambda: view._pipeline is not None and view._pipeline is not pipeline)
+        view.add_viewer("mse", second)
+        wait(lambda: second.data > 5)  # frames again, on the new pipeline

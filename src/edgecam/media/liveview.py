@@ -58,6 +58,7 @@ _ELEMENTS = ("udpsrc", "rtph264depay", "h264parse", "tee", "queue", "appsink")
 _WEBRTC_ELEMENTS = ("rtph264pay", "webrtcbin", "nicesrc")
 _CALL_TIMEOUT_S = 10.0
 _REAP_INTERVAL_S = 1
+_RECOVER_INTERVAL_S = 2.0  # after an error, the view starts afresh at most this often
 # Frames queued towards one WebRTC viewer before the oldest are dropped (about 2 s).
 _BRANCH_QUEUE_BUFFERS = 60
 # Until two frames give a real one: 30 fps.
@@ -148,6 +149,8 @@ class LiveView:
         self._pipeline: Gst.Pipeline | None = None
         self._tee: Gst.Element | None = None
         self._reaper: GLib.Source | None = None
+        self._recovery: GLib.Source | None = None  # a fresh start after an error, pending
+        self._recovered_at = -_RECOVER_INTERVAL_S
         # Stream state, written by the appsink thread only.
         self._writer: Fmp4Writer | None = None
         self._caps: Gst.Caps | None = None
@@ -317,6 +320,9 @@ class LiveView:
         if self._reaper is not None:
             self._reaper.destroy()
             self._reaper = None
+        if self._recovery is not None:
+            self._recovery.destroy()
+            self._recovery = None
         # A branch whose teardown has not run yet may hold a streaming thread inside its
         # webrtcbin: flushing releases it, so that NULL cannot hang.
         for element in pipeline.iterate_elements():
@@ -331,10 +337,40 @@ class LiveView:
     def _on_bus_message(self, _bus: Gst.Bus, message: Gst.Message) -> None:
         if message.type == Gst.MessageType.ERROR:
             err, debug = message.parse_error()
-            log.error("live view of %s: %s (%s)", self.camera, err.message, debug)
+            log.error("live view of %s: %s (%s); starting afresh", self.camera, err.message, debug)
+            self._schedule_recovery()
         elif message.type == Gst.MessageType.WARNING:
             err, _debug = message.parse_warning()
             log.warning("live view of %s: %s", self.camera, err.message)
+
+    def _schedule_recovery(self) -> None:
+        """An error stops the pipeline for good (a WebRTC branch that cannot take the
+        camera's new stream, say: every viewer, MSE too, got nothing more until a restart).
+        The view starts afresh instead: its viewers are dropped (their pages reconnect) and
+        it listens again; at most once in ``_RECOVER_INTERVAL_S``, however many errors."""
+        if self._recovery is not None:
+            return
+        wait = self._recovered_at + _RECOVER_INTERVAL_S - time.monotonic()
+        source = GLib.timeout_source_new(max(0, int(wait * 1000)))
+        source.set_callback(lambda *_: self._recover())
+        source.attach(self._loop.context)
+        self._recovery = source
+
+    def _recover(self) -> bool:
+        self._recovery = None
+        if self._pipeline is None:
+            return False  # stopped meanwhile
+        self._recovered_at = time.monotonic()
+        with self._lock:
+            viewers = list(self._viewers.values())
+        for viewer in viewers:
+            self._drop(viewer, "the live view starts afresh after an error")
+        self._close()
+        try:
+            self._open()
+        except PipelineError:
+            log.exception("live view of %s cannot start afresh; it is off", self.camera)
+        return False
 
     def _reap(self) -> bool:
         deadline = self._clock() - self._config.viewer_timeout_s
