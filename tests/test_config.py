@@ -319,6 +319,12 @@ def test_secrets_masked_in_environment_errors(monkeypatch: pytest.MonkeyPatch) -
         ("https://h/p?sig=1&Password=2&user=me", "https://h/p?sig=***&Password=***&user=me"),
         ("cannot open 'rtsp://a:b@h/x': refused", "cannot open 'rtsp://***@h/x': refused"),
         ("/clips/a.mp4", "/clips/a.mp4"),
+        # uvicorn's line for a WebSocket: a path and query, no scheme
+        (
+            '"WebSocket /live/main/ws?expires=9&sig=abc&mode=mse" [accepted]',
+            '"WebSocket /live/main/ws?expires=9&sig=***&mode=mse" [accepted]',
+        ),
+        ("a ? and key=value, not a query", "a ? and key=value, not a query"),
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:

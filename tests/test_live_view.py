@@ -494,3 +494,22 @@ def test_an_error_in_the_view_starts_it_afresh(rtp_sender: Any) -> None:
         wait(lambda: view._pipeline is not None and view._pipeline is not pipeline)
         view.add_viewer("mse", second)
         wait(lambda: second.data > 5)  # frames again, on the new pipeline
+
+
+def test_a_binary_frame_from_the_page_is_ignored() -> None:
+    with warnings.catch_warnings():  # Starlette prefers httpx2 for its test client
+        warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+        from starlette.testclient import TestClient
+
+    settings = _settings()
+    view = LiveView(settings.live, camera="main", rtp_port=_free_udp_port())
+    app = Starlette(routes=live_routes(settings, {"main": view}, lambda _c: {"mask": 1}, None))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with view, TestClient(app, base_url="http://127.0.0.1") as client:
+        with client.websocket_connect("/live/main/ws?mode=mse", headers=auth) as ws:
+            ws.send_bytes(b"\x00\xff")  # it ended the viewer (KeyError 'text'), logged
+            ws.send_text('{"type": "ping"}')
+            for _ in range(3):  # the counts keep coming: the viewer is still there
+                message = json.loads(ws.receive_text())
+                assert message["type"] in ("counts", "codec")
+        assert view.counts() == {"webrtc": 0, "mse": 0}

@@ -1207,10 +1207,20 @@ def _redact_one(url: str) -> str:
     return f"{scheme}://{authority}{slash}{path}{qmark}{query}"
 
 
+# A secret query parameter in a path without a scheme (uvicorn logs a WebSocket's path and
+# query: "WebSocket /live/main/ws?expires=...&sig=..."), its value to mask.
+_PATH_SECRET = re.compile(
+    r"(?<=[?&])([A-Za-z0-9_.-]*(?:token|pass|pwd|secret|key|auth|sig|cred)[A-Za-z0-9_.-]*)"
+    r"=[^&\s'\"<>#]+",
+    re.IGNORECASE,
+)
+
+
 def redact_url(text: str) -> str:
-    """``text`` with every URL's user:password part and secret query values (``?token=``)
-    replaced by ``***``. Safe on any text: only the URLs in it change."""
-    return _URL.sub(lambda m: _redact_one(m.group(0)), text)
+    """``text`` with every URL's user:password part and secret query values (``?token=``,
+    also of a path without a scheme) replaced by ``***``. Safe on any text: only the URLs
+    and query strings in it change."""
+    return _PATH_SECRET.sub(r"\1=***", _URL.sub(lambda m: _redact_one(m.group(0)), text))
 
 
 def _secrets_in(data: Any, seen: set[int] | None = None) -> set[str]:

@@ -431,7 +431,12 @@ async def _serve_viewer(
 
     async def receive() -> None:
         while True:
-            text = await ws.receive_text()
+            received = await ws.receive()
+            if received["type"] == "websocket.disconnect":
+                raise WebSocketDisconnect(received.get("code", 1000))
+            text = received.get("text")
+            if text is None:
+                continue  # a binary frame: the page sends none
             try:
                 message = json.loads(text)
             except ValueError:
@@ -460,5 +465,6 @@ async def _serve_viewer(
         await asyncio.gather(*tasks, return_exceptions=True)
         await run_in_threadpool(viewer.close)
         if link.reason is not None:
-            with contextlib.suppress(RuntimeError):  # the browser closed it first
+            # The browser closed it first.
+            with contextlib.suppress(RuntimeError, WebSocketDisconnect):
                 await ws.close(code=_WS_TRY_AGAIN_LATER, reason=link.reason[:120])
