@@ -380,6 +380,16 @@ def test_cli_live_url(capsys: pytest.CaptureFixture[str], tmp_path: Any) -> None
     assert main(["live-url", "--config", str(config)]) == 0
     out = capsys.readouterr().out.strip()
     assert out.startswith("http://127.0.0.1:8081/live/main?expires=")
+    # No link to a page nobody serves (it answered 404).
+    for off, key in (({"live": {"enabled": False}}, "live.enabled"),
+                     ({"fileserver": {"enabled": False}}, "fileserver.enabled")):  # fmt: skip
+        data = {"fileserver": {"token": TOKEN}}
+        for section, values in off.items():
+            data[section] = {**data.get(section, {}), **values}
+        config.write_text(json.dumps(data))
+        assert main(["live-url", "--config", str(config)]) == 1
+        captured = capsys.readouterr()
+        assert not captured.out and key in captured.err
 
 
 def test_two_cameras_links_keep_their_own_cookies_and_bad_cookies_are_refused() -> None:

@@ -278,7 +278,15 @@ def _cmd_server(args: argparse.Namespace) -> int:
 def _cmd_live_url(args: argparse.Namespace) -> int:
     from edgecam.device.liveview_http import live_url
 
-    print(live_url(_settings(args), args.camera))
+    settings = _settings(args)
+    # A link to a page nobody serves would only answer 404.
+    if not settings.live.enabled:
+        raise EdgecamError("the live view is off (live.enabled: false): there is no page")
+    if not settings.fileserver.enabled:
+        raise EdgecamError(
+            "the live view is served by the file server, which is off (fileserver.enabled)"
+        )
+    print(live_url(settings, args.camera))
     return 0
 
 
