@@ -153,11 +153,10 @@ class _Auth:
             return scheme.lower() == "bearer" and self.token_ok(value.strip())
         if self._cookie_ok(conn.cookies.get(COOKIE, ""), camera):
             return True
-        if camera is not None and self._cookie_ok(
-            conn.cookies.get(camera_cookie(camera), ""), camera
-        ):
-            return True
-        return camera is not None and self.link_ok(conn, camera)
+        if camera is None:
+            return False
+        own = conn.cookies.get(camera_cookie(camera), "")
+        return self._cookie_ok(own, camera) or self.link_ok(conn, camera)
 
     def link_ok(self, conn: HTTPConnection, camera: str) -> bool:
         expires, sig = conn.query_params.get("expires"), conn.query_params.get("sig")

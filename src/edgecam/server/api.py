@@ -30,14 +30,12 @@ __all__ = ["router"]
 
 router = APIRouter()
 
-DEVICE_RE = DEVICE_NAME
-CLIP_RE = CLIP_NAME
 MAX_RANGE_S = 400 * 86400
 DEFAULT_RANGE_S = 3600.0
 UPLOAD_CHUNK = 1024 * 1024
 
-DeviceName = Annotated[str, PathParam(pattern=DEVICE_RE, description="Device name.")]
-ClipName = Annotated[str, PathParam(pattern=CLIP_RE, description="Clip file name.")]
+DeviceName = Annotated[str, PathParam(pattern=DEVICE_NAME, description="Device name.")]
+ClipName = Annotated[str, PathParam(pattern=CLIP_NAME, description="Clip file name.")]
 Time = Annotated[
     float | None, Query(ge=0, le=1e11, allow_inf_nan=False, description="Unix seconds.")
 ]
@@ -155,7 +153,7 @@ class CommandOut(BaseModel):
 class TokenIn(BaseModel):
     label: str | None = Field(None, max_length=128)
     device: str | None = Field(
-        None, pattern=DEVICE_RE, description="Limit the token to this device's clip uploads."
+        None, pattern=DEVICE_NAME, description="Limit the token to this device's clip uploads."
     )
 
 
@@ -274,7 +272,7 @@ def list_alerts(
 
 
 Limit = Annotated[int, Query(ge=1, le=1000)]
-DeviceFilter = Annotated[str | None, Query(pattern=DEVICE_RE)]
+DeviceFilter = Annotated[str | None, Query(pattern=DEVICE_NAME)]
 
 
 @router.get("/api/alerts", tags=["alerts"])
@@ -327,7 +325,7 @@ def clips(
 
 def clip_path(clips_dir: Path, device: str, name: str) -> Path:
     """Where an uploaded clip lives; never outside ``clips_dir``."""
-    if not re.match(DEVICE_RE, device) or not re.match(CLIP_RE, name):
+    if not re.fullmatch(DEVICE_NAME, device) or not re.fullmatch(CLIP_NAME, name):
         raise HTTPException(422, "bad device or clip name")
     root = clips_dir.resolve()
     path = (root / device / name).resolve()

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from edgecam.protocol import DEVICE_NAME
 from edgecam.server import api, auth
 from edgecam.server.auth import Principal
 from edgecam.server.context import SESSION_COOKIE, Conn, ctx_of, page_user
@@ -182,7 +183,7 @@ def alerts_fragment(
     request: Request,
     user: PageUser,
     conn: Conn,
-    device: Annotated[str | None, Query(pattern=api.DEVICE_RE)] = None,
+    device: Annotated[str | None, Query(pattern=DEVICE_NAME)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
 ) -> HTMLResponse:
     return _render(request, "_alerts.html", user, alerts=api.list_alerts(conn, device, None, limit))

@@ -97,7 +97,7 @@ def decode(prefix: str, topic: str, payload: bytes) -> tuple[str, Payload]:
     if parsed is None or parsed[1] not in MODELS:
         raise Rejected(f"unexpected topic {topic!r}")
     device, kind = parsed
-    if not re.match(DEVICE_NAME, device):
+    if not re.fullmatch(DEVICE_NAME, device):  # match: "$" takes a final newline
         raise Rejected(f"unexpected topic {topic!r}: not a device name")
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise Rejected(f"{topic}: payload of {len(payload)} bytes is too large")
