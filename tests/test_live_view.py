@@ -522,4 +522,10 @@ def test_a_binary_frame_from_the_page_is_ignored() -> None:
             for _ in range(3):  # the counts keep coming: the viewer is still there
                 message = json.loads(ws.receive_text())
                 assert message["type"] in ("counts", "codec")
+            # Closed here, and its clean-up let finish: leaving the block cancels the app.
+            ws.close()
+            deadline = time.monotonic() + 5
+            while view.counts()["mse"] and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.2)
         assert view.counts() == {"webrtc": 0, "mse": 0}
