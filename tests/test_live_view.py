@@ -28,7 +28,7 @@ from edgecam.device.liveview_http import COOKIE, live_path, live_routes, live_ur
 from edgecam.errors import ConfigError, LiveViewError
 from edgecam.media.fmp4 import Fmp4Writer, codec_string
 from edgecam.media.gst import GLib, Gst
-from edgecam.media.liveview import LiveView
+from edgecam.media.liveview import LiveView, _WebRtcBranch, refuse_candidate
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -529,3 +529,79 @@ def test_a_binary_frame_from_the_page_is_ignored() -> None:
                 time.sleep(0.02)
             time.sleep(0.2)
         assert view.counts() == {"webrtc": 0, "mse": 0}
+
+
+_HOST = "candidate:1 1 udp 2113937151 {address} {port} typ host generation 0"
+
+
+@pytest.mark.parametrize(
+    ("candidate", "why"),
+    [
+        (_HOST.format(address="841e91e2-6e7a-469e-8082-f0d9be6eafad.local", port=57616), None),
+        (_HOST.format(address="192.0.2.7", port=50000), None),
+        (_HOST.format(address="2001:db8::7", port=50000), None),
+        ("a=" + _HOST.format(address="10.1.2.3", port=1024), None),
+        ("candidate:1 1 udp 1677729535 203.0.113.5 53417 typ srflx raddr 0.0.0.0 rport 0", None),
+        ("candidate:1 1 tcp 1518280447 192.0.2.7 9 typ host tcptype active", "transport"),
+        ("candidate:1 1 TCP 1518280447 192.0.2.7 5432 typ host tcptype passive", "transport"),
+        (_HOST.format(address="192.0.2.7", port=53), "port"),
+        (_HOST.format(address="192.0.2.7", port=0), "port"),
+        (_HOST.format(address="192.0.2.7", port=70000), "port"),
+        (_HOST.format(address="192.0.2.7", port="5e4"), "port"),
+        (_HOST.format(address="127.0.0.1", port=1883), "address"),
+        (_HOST.format(address="::1", port=1883), "address"),
+        (_HOST.format(address="::ffff:127.0.0.1", port=1883), "address"),
+        (_HOST.format(address="169.254.169.254", port=8080), "address"),
+        (_HOST.format(address="fe80::1", port=5000), "address"),
+        (_HOST.format(address="224.0.0.251", port=5353), "address"),
+        (_HOST.format(address="255.255.255.255", port=9999), "address"),
+        (_HOST.format(address="0.0.0.0", port=9999), "address"),
+        (_HOST.format(address="db.internal.example", port=5432), "DNS name"),
+        (_HOST.format(address="localhost", port=5432), "DNS name"),
+        (_HOST.format(address="a.b.local", port=5432), "DNS name"),
+        ("candidate:1 1 udp 1 192.0.2.7 50000", "not a candidate"),
+        ("hello", "not a candidate"),
+    ],
+)
+def test_remote_ice_candidates_only_aim_at_unicast_udp(candidate: str, why: str | None) -> None:
+    reason = refuse_candidate(candidate)
+    if why is None:
+        assert reason is None
+    else:
+        assert reason is not None and why in reason
+
+
+def test_refused_candidates_never_reach_webrtcbin() -> None:
+    """Trickled and in the answer's SDP, and no more than the limit from one viewer."""
+    emitted: list[tuple[Any, ...]] = []
+
+    class FakeWebrtc:
+        def emit(self, *args: Any) -> None:
+            emitted.append(args)
+
+    class FakeViewer:
+        id = 1
+
+    branch = _WebRtcBranch.__new__(_WebRtcBranch)
+    branch.viewer = FakeViewer()  # type: ignore[assignment]
+    branch._webrtc = FakeWebrtc()  # type: ignore[assignment]
+    branch._remote_candidates = 0
+    good = _HOST.format(address="192.0.2.7", port=50000)
+    branch.receive({"type": "ice", "candidate": good, "sdpMLineIndex": 0})
+    branch.receive({"type": "ice", "candidate": _HOST.format(address="127.0.0.1", port=1883)})
+    branch.receive({"type": "ice", "candidate": "candidate:1 1 tcp 1 192.0.2.7 22 typ host"})
+    assert emitted == [("add-ice-candidate", 0, good)]
+    sdp = (
+        "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n"
+        f"a={good}\r\n"
+        f"a={_HOST.format(address='10.0.0.1', port=22)}\r\n"
+        "a=sendrecv\r\n"
+    )
+    assert (
+        branch._answer_text(sdp)
+        == f"v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na={good}\r\na=sendrecv\r\n"
+    )
+    for _ in range(100):
+        branch.receive({"type": "ice", "candidate": good, "sdpMLineIndex": 0})
+    # Five looked at so far: 27 more are taken, the rest left out.
+    assert len(emitted) == 1 + 27

@@ -20,9 +20,11 @@ keyframe.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import itertools
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -48,7 +50,7 @@ gi.require_version("GstSdp", "1.0")
 gi.require_version("GstWebRTC", "1.0")
 from gi.repository import GstSdp, GstWebRTC
 
-__all__ = ["LiveView", "Viewer", "ViewerKind", "ViewerLink"]
+__all__ = ["LiveView", "Viewer", "ViewerKind", "ViewerLink", "refuse_candidate"]
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,50 @@ _BRANCH_QUEUE_BUFFERS = 60
 _DEFAULT_FRAME_TICKS = TIMESCALE // 30
 _NS_PER_TICK = Gst.SECOND / TIMESCALE
 _PAYLOAD_TYPE = 96
+# Remote ICE candidates taken from one viewer (trickled and in its answer): a browser gives
+# a handful, one per interface and kind.
+_MAX_REMOTE_CANDIDATES = 32
+# An mDNS name as browsers make them to hide a host's address (a UUID and ".local").
+_MDNS_NAME = re.compile(r"[0-9A-Za-z-]{1,63}\.local")
 
 _T = TypeVar("_T")
+
+
+def refuse_candidate(candidate: str) -> str | None:
+    """Why a browser's ICE candidate is not given to webrtcbin, or None to take it.
+
+    A candidate makes the device send packets to the address in it, so a viewer could aim
+    the device at anything it can reach: only UDP to an unprivileged port (1024-65535) of a
+    unicast address that is not the device's own loopback, or to a browser's mDNS name, is
+    taken. TCP candidates (the device would open connections), DNS names (a lookup of the
+    viewer's choosing), link-local, multicast, broadcast and unspecified addresses are not.
+    """
+    fields = candidate.removeprefix("a=").split()
+    # candidate:FOUNDATION COMPONENT TRANSPORT PRIORITY ADDRESS PORT typ TYPE ...
+    if len(fields) < 8 or not fields[0].startswith("candidate:") or fields[6] != "typ":
+        return "not a candidate"
+    transport, address, port = fields[2].lower(), fields[4], fields[5]
+    if transport != "udp":
+        return f"transport {fields[2]!r} (UDP only)"
+    if not re.fullmatch(r"[0-9]{1,5}", port) or not 1024 <= int(port) <= 65535:
+        return f"port {port!r} (1024-65535 only)"
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        if _MDNS_NAME.fullmatch(address):
+            return None
+        return "a DNS name (IP addresses and mDNS names only)"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if (
+        ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_unspecified
+        or ip.is_reserved  # 240.0.0.0/4, with the broadcast address
+    ):
+        return f"address {address} (unicast, not loopback or link-local, only)"
+    return None
 
 
 class ViewerLink(Protocol):
@@ -491,6 +535,7 @@ class _WebRtcBranch:
         self._webrtc: Gst.Element | None = None
         self._pipeline: Gst.Pipeline | None = None
         self._tee: Gst.Element | None = None
+        self._remote_candidates = 0
 
     def attach(self, pipeline: Gst.Pipeline, tee: Gst.Element, profile_level_id: str) -> None:
         self.attached = True
@@ -574,7 +619,7 @@ class _WebRtcBranch:
             return
         kind = message.get("type")
         if kind == "answer" and isinstance(message.get("sdp"), str):
-            result, sdp = GstSdp.SDPMessage.new_from_text(message["sdp"])
+            result, sdp = GstSdp.SDPMessage.new_from_text(self._answer_text(message["sdp"]))
             if result != GstSdp.SDPResult.OK:
                 log.warning("viewer %d sent an unreadable SDP answer", self.viewer.id)
                 return
@@ -582,11 +627,36 @@ class _WebRtcBranch:
             view = self.view
             promise = Gst.Promise.new_with_change_func(lambda *_: view._later(self._join_tee))
             webrtc.emit("set-remote-description", answer, promise)
-        elif kind == "ice" and isinstance(message.get("candidate"), str) and message["candidate"]:
-            mline = message.get("sdpMLineIndex")
-            webrtc.emit(
-                "add-ice-candidate", mline if isinstance(mline, int) else 0, message["candidate"]
-            )
+        elif kind == "ice":
+            candidate = message.get("candidate")
+            if isinstance(candidate, str) and candidate and self._take_candidate(candidate):
+                mline = message.get("sdpMLineIndex")
+                webrtc.emit("add-ice-candidate", mline if isinstance(mline, int) else 0, candidate)
+
+    def _take_candidate(self, candidate: str) -> bool:
+        """Whether a remote candidate may go to webrtcbin: see :func:`refuse_candidate`; of
+        one viewer's, only the first ``_MAX_REMOTE_CANDIDATES`` are looked at."""
+        self._remote_candidates += 1
+        if self._remote_candidates > _MAX_REMOTE_CANDIDATES:
+            if self._remote_candidates == _MAX_REMOTE_CANDIDATES + 1:
+                log.info(
+                    "viewer %d: more than %d ICE candidates, the rest left out",
+                    self.viewer.id,
+                    _MAX_REMOTE_CANDIDATES,
+                )
+            return False
+        why = refuse_candidate(candidate)
+        if why is not None:
+            log.info("viewer %d: ICE candidate left out: %s", self.viewer.id, why)
+        return why is None
+
+    def _answer_text(self, sdp: str) -> str:
+        """The browser's answer without the candidates it may not give (its own lines)."""
+        return "".join(
+            line
+            for line in sdp.splitlines(keepends=True)
+            if not line.startswith("a=candidate:") or self._take_candidate(line.strip())
+        )
 
     def _on_negotiation_needed(self, webrtc: Gst.Element) -> None:
         promise = Gst.Promise.new_with_change_func(self._on_offer_created, webrtc)
