@@ -273,14 +273,19 @@ def test_page_resumes_after_the_source_restarts(
     page = _open(browser, host, mode)
     try:
         _wait_playing(page)
+        assert page.evaluate("() => window.edgecamLive.state") == "playing"
         sender.terminate()  # the inference worker goes away...
         sender.wait(5)
-        time.sleep(2)
+        # The frozen picture is not called playing (it was, for as long as it lasted).
+        page.wait_for_function("() => window.edgecamLive.state === 'stalled'", timeout=8000)
+        assert "no new picture for" in page.inner_text("#status")
         frames = page.evaluate("() => window.edgecamLive.frames")
         rtp_sender(host.rtp_port, WIDTH, HEIGHT)  # ...and its restart sends a new stream
         page.wait_for_function(f"() => window.edgecamLive.frames > {frames + 30}", timeout=15000)
         seen = _wait_playing(page)
         assert (seen["w"], seen["h"]) == (WIDTH, HEIGHT)
+        page.wait_for_function("() => window.edgecamLive.state === 'playing'", timeout=5000)
+        assert page.inner_text("#status") == f"{mode} playing"
     finally:
         page.close()
 

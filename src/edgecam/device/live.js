@@ -21,12 +21,39 @@
   const MAX_LAG_S = 0.5;
   const CHASE_LAG_S = 0.15;
   const KEEP_S = 10;
+  // Playing, but no new frame for this long: the page says so (a frozen picture is not live).
+  const STALL_MS = 3000;
 
   let session = null;
 
-  function setStatus(text) {
-    live.state = text;
+  function setStatus(state, text = state) {
+    live.state = state;
     statusEl.textContent = `${live.mode || ""} ${text}`.trim();
+  }
+
+  // "playing" <-> "stalled": frames must keep coming while the page says it plays. Counted
+  // by frame callbacks; without them, by the playback time, which a WebRTC stream advances
+  // with no frames, so there only MSE is watched.
+  function watchStalls() {
+    const counted = "requestVideoFrameCallback" in HTMLVideoElement.prototype;
+    const progress = () => (counted ? live.frames : video.srcObject ? -1 : video.currentTime);
+    let last = progress();
+    let progressAt = Date.now();
+    setInterval(() => {
+      const now = Date.now();
+      const current = progress();
+      if (current !== last || current === -1) {
+        last = current;
+        progressAt = now;
+        if (live.state === "stalled") setStatus("playing");
+      } else if (
+        (live.state === "playing" || live.state === "stalled") &&
+        now - progressAt >= STALL_MS
+      ) {
+        const seconds = Math.round((now - progressAt) / 1000);
+        setStatus("stalled", `no new picture for ${seconds} s`);
+      }
+    }, 1000);
   }
 
   function socketUrl(mode) {
@@ -235,7 +262,8 @@
         video.currentTime = Math.max(start, end - CHASE_LAG_S);
       }
       if (video.paused) video.play().catch(() => {});
-      if (live.state !== "playing" && video.currentTime > 0) setStatus("playing");
+      const waiting = live.state !== "playing" && live.state !== "stalled";
+      if (waiting && video.currentTime > 0) setStatus("playing");
       const buffer = this.buffer;
       if (buffer && !buffer.updating && video.currentTime - ranges.start(0) > 2 * KEEP_S) {
         buffer.remove(0, video.currentTime - KEEP_S);
@@ -272,6 +300,7 @@
   });
 
   countFrames();
+  watchStalls();
   const canWebRtc = cfg.webrtc && "RTCPeerConnection" in window;
   connect(forced === "mse" || (!canWebRtc && forced !== "webrtc") ? "mse" : "webrtc");
 })();
