@@ -3,8 +3,11 @@ writes and reads."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -204,3 +207,37 @@ def test_migrations_make_the_schema_the_models_describe(engine: Engine) -> None:
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), db.Base.metadata)
     assert diff == []
+
+
+def test_a_full_disk_answers_507_and_loses_nothing_once_freed(tmp_path: Path) -> None:
+    """A real full disk: a 4 MiB tmpfs holding the database and the clips, mounted in a user
+    and mount namespace of the test's own. Before, login, upload and commands answered a
+    bare 500 ("Internal Server Error")."""
+    here = Path(__file__).resolve().parent
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    clip = here.parent / "media" / "motion_720p30_4s.mp4"
+    script = here / "full_disk_server.py"
+    done = subprocess.run(
+        ["unshare", "-rm", sys.executable, str(script), str(mount), str(clip)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    full, freed = seen["full"], seen["freed"]
+    # The login page says why, as a page; the API says it as JSON.
+    assert full["login"] == [507, "text/html; charset=utf-8"]
+    assert full["login_error"] == [
+        "The server cannot log you in now (its disk is full); try again later."
+    ]
+    assert full["upload"] == [507, "the server's disk is full: the clip was not stored"]
+    assert full["command"] == [507, "the server's disk is full: nothing was stored"]
+    assert full["read"] == 200  # reading goes on
+    assert full["files"] == []  # no partial clip left behind
+    assert "database or disk is full" in done.stderr  # the details are in the log
+    # Once there is room, the same requests work: nothing is stuck.
+    assert freed["login"][0] == 303
+    assert freed["upload"][0] == 201
+    assert freed["files"] == ["main-20260101-000000.mp4"]

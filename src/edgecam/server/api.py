@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import time
@@ -23,11 +24,12 @@ from edgecam.errors import EdgecamError
 from edgecam.protocol import CLIP_NAME, DEVICE_NAME, Command
 from edgecam.server import auth, db
 from edgecam.server.commands import check_command
-from edgecam.server.context import Conn, User, any_principal, ctx_of
+from edgecam.server.context import Conn, User, any_principal, ctx_of, disk_full
 from edgecam.server.queries import stats_buckets, stats_raw_json
 
 __all__ = ["router"]
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 MAX_RANGE_S = 400 * 86400
@@ -397,7 +399,6 @@ async def upload_clip(
         # The device announced this clip with its hash, or it is stored already: a clip is
         # never replaced by other bytes under its name.
         raise HTTPException(409, "this clip is known with another SHA-256; it is not replaced")
-    path.parent.mkdir(parents=True, exist_ok=True)
     limit = ctx.cfg.clip_max_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -405,8 +406,9 @@ async def upload_clip(
     tmp = path.with_name(f".{name}.{os.getpid()}.{time.monotonic_ns()}.part")
     digest = hashlib.sha256()
     size = 0
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
         with os.fdopen(fd, "wb") as f:
             async for chunk in request.stream():
                 size += len(chunk)
@@ -419,6 +421,11 @@ async def upload_clip(
         if digest.hexdigest() != want:
             raise HTTPException(422, "SHA-256 mismatch: the clip arrived damaged; send it again")
         os.replace(tmp, path)
+    except OSError as exc:
+        if not disk_full(exc):
+            raise
+        log.error("clip %s of %s not stored: %s", name, device, exc)
+        raise HTTPException(507, "the server's disk is full: the clip was not stored") from exc
     finally:
         tmp.unlink(missing_ok=True)
     now = time.time()

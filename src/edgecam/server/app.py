@@ -23,13 +23,14 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 
 from edgecam.config import Settings, redact_url
 from edgecam.errors import EdgecamError
 from edgecam.server import api, auth, dashboard, db
 from edgecam.server.auth import LoginLimiter, Principal
 from edgecam.server.commands import CommandPublisher
-from edgecam.server.context import LoginRequired, ServerContext, User, page_user
+from edgecam.server.context import LoginRequired, ServerContext, User, disk_full, page_user
 from edgecam.server.ingest import Counters, Ingest, run_ingest_process
 from edgecam.server.queries import downsample
 
@@ -76,6 +77,20 @@ def create_app(ctx: ServerContext) -> FastAPI:
         # unanswerable (a 500): say where and what, not the value.
         errors = [{k: v for k, v in e.items() if k != "input"} for e in exc.errors()]
         return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+    @app.exception_handler(OperationalError)
+    async def _database_failed(request: Request, exc: OperationalError) -> JSONResponse:
+        # A full disk or a lost database: say which, keep the details in the log.
+        log.error("%s %s: the database failed: %s", request.method, request.url.path, exc.orig)
+        if disk_full(exc):
+            return JSONResponse(
+                {"detail": "the server's disk is full: nothing was stored"}, status_code=507
+            )
+        return JSONResponse(
+            {"detail": "the database is unavailable; try again"},
+            status_code=503,
+            headers={"Retry-After": "10"},
+        )
 
     app.include_router(api.router)
     app.include_router(dashboard.router)

@@ -7,6 +7,7 @@ session's CSRF token (``X-CSRF-Token`` header or a ``csrf`` form field).
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
@@ -28,6 +29,7 @@ __all__ = [
     "ServerContext",
     "User",
     "ctx_of",
+    "disk_full",
     "page_user",
     "require_user",
 ]
@@ -45,6 +47,16 @@ class ServerContext:
     counters: Counters
     limiter: LoginLimiter
     publisher: CommandPublisher | None = None
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (an ``OSError``, or the database's error) says the disk is full."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    # SQLite: "database or disk is full"; PostgreSQL: "could not extend file ...: No space
+    # left on device".
+    text = str(getattr(exc, "orig", exc)).lower()
+    return "disk is full" in text or "no space left" in text
 
 
 def ctx_of(request: Request) -> ServerContext:

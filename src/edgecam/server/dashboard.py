@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from datetime import UTC, datetime
@@ -11,14 +12,16 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.exc import OperationalError
 
 from edgecam.protocol import DEVICE_NAME
 from edgecam.server import api, auth
 from edgecam.server.auth import Principal
-from edgecam.server.context import SESSION_COOKIE, Conn, ctx_of, page_user
+from edgecam.server.context import SESSION_COOKIE, Conn, ctx_of, disk_full, page_user
 
 __all__ = ["router"]
 
+log = logging.getLogger(__name__)
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 LOGIN_CSRF_COOKIE = "edgecam_login_csrf"
 RANGES = [("1 h", 3600), ("6 h", 6 * 3600), ("24 h", 86400), ("7 d", 7 * 86400)]
@@ -126,12 +129,20 @@ def login(
     keys = (f"user:{username.lower()}", f"ip:{client}")
     if ctx.limiter.locked(*keys):
         return _login_page(request, "Too many failed logins; try again later.", 429, username, next)
-    user_id = auth.check_login(ctx.engine, username, password)
-    if user_id is None:
-        ctx.limiter.failed(*keys)
-        return _login_page(request, "Wrong user name or password.", 401, username, next)
-    ctx.limiter.succeeded(keys[0])
-    session = auth.start_session(ctx.engine, user_id, ctx.cfg.session_hours)
+    try:
+        user_id = auth.check_login(ctx.engine, username, password)
+        if user_id is None:
+            ctx.limiter.failed(*keys)
+            return _login_page(request, "Wrong user name or password.", 401, username, next)
+        ctx.limiter.succeeded(keys[0])
+        session = auth.start_session(ctx.engine, user_id, ctx.cfg.session_hours)
+    except OperationalError as exc:
+        log.error("login of %r: the database failed: %s", username, exc.orig)
+        why, status = (
+            ("its disk is full", 507) if disk_full(exc) else ("its database is unavailable", 503)
+        )
+        message = f"The server cannot log you in now ({why}); try again later."
+        return _login_page(request, message, status, username, next)
     response = RedirectResponse(_safe_next(next), status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
