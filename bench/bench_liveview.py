@@ -120,7 +120,9 @@ def serve(http_port: int, rtp_port: int) -> int:
     from edgecam.device.liveview_http import live_routes
     from edgecam.media.liveview import LiveView
 
-    settings = Settings(fileserver={"token": TOKEN}, live={"max_viewers": 32})
+    settings = Settings(
+        fileserver={"token": TOKEN}, live={"max_viewers": 32, "max_viewers_per_client": 32}
+    )
     view = LiveView(settings.live, camera="main", rtp_port=rtp_port)
     app = Starlette(routes=live_routes(settings, {"main": view}))
     server = uvicorn.Server(

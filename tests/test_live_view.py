@@ -231,6 +231,15 @@ def test_four_viewers_at_once(browser: Any, host: Host, rtp_sender: Any) -> None
             seen = _wait_playing(page)
             assert (seen["w"], seen["h"]) == (WIDTH, HEIGHT)
         assert host.view.counts() == {"webrtc": 2, "mse": 2}
+        # A fifth from the same address is one more than live.max_viewers_per_client: its
+        # page says why, and keeps trying.
+        pages.append(_open(browser, host, "mse"))
+        pages[-1].wait_for_function(
+            "() => document.getElementById('status').textContent"
+            ".includes('live.max_viewers_per_client allows; trying again')",
+            timeout=10000,
+        )
+        assert host.view.counts() == {"webrtc": 2, "mse": 2}
     finally:
         for page in pages:
             page.close()
@@ -331,6 +340,7 @@ def test_viewer_limit_and_stopped_view() -> None:
     ("live", "key"),
     [
         ({"max_viewers": 0}, "live.max_viewers"),
+        ({"max_viewers_per_client": 0}, "live.max_viewers_per_client"),
         ({"viewer_timeout_s": 0.5}, "live.viewer_timeout_s"),
         ({"link_ttl_s": 1}, "live.link_ttl_s"),
         ({"stun_server": "http://stun.example"}, "live.stun_server"),
@@ -509,6 +519,50 @@ def test_an_error_in_the_view_starts_it_afresh(rtp_sender: Any) -> None:
         wait(lambda: view._pipeline is not None and view._pipeline is not pipeline)
         view.add_viewer("mse", second)
         wait(lambda: second.data > 5)  # frames again, on the new pipeline
+
+
+def test_one_client_cannot_take_every_viewer_place() -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+        from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    settings = _settings(max_viewers_per_client=2)
+    view = LiveView(settings.live, camera="main", rtp_port=_free_udp_port())
+    app = Starlette(routes=live_routes(settings, {"main": view}, lambda _c: {}, None))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    url = "/live/main/ws?mode=mse"
+
+    def wait_viewers(n: int) -> None:
+        deadline = time.monotonic() + 5
+        while view.counts()["mse"] != n and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert view.counts()["mse"] == n
+
+    with (
+        view,
+        TestClient(app, base_url="http://127.0.0.1") as client,
+        client.websocket_connect(url, headers=auth) as first,
+    ):
+        with client.websocket_connect(url, headers=auth):
+            wait_viewers(2)
+            with client.websocket_connect(url, headers=auth) as third:
+                refusal = json.loads(third.receive_text())
+                assert refusal["type"] == "error"
+                assert "live.max_viewers_per_client" in refusal["error"]
+                with pytest.raises(WebSocketDisconnect) as closed:
+                    third.receive_text()
+                assert closed.value.code == 1013
+            assert view.counts()["mse"] == 2  # the third never became a viewer
+        wait_viewers(1)
+        # A place given back is a place to take again.
+        with client.websocket_connect(url, headers=auth) as again:
+            assert json.loads(again.receive_text())["type"] in ("counts", "codec")
+            wait_viewers(2)
+            again.close()
+        first.close()
+        wait_viewers(0)
+        time.sleep(0.2)
 
 
 def test_a_binary_frame_from_the_page_is_ignored() -> None:

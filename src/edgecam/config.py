@@ -1034,6 +1034,13 @@ class LiveViewConfig(_Section):
     max_viewers: int = Field(
         8, ge=1, le=256, description="Viewers of one camera at once, WebRTC and fallback together."
     )
+    max_viewers_per_client: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="Viewers of one camera from one client address at once, so that one "
+        "holder of a link cannot take every place of max_viewers.",
+    )
     viewer_timeout_s: float = Field(
         15, ge=1, le=600, description="Drop a viewer that sent no keep-alive for this long."
     )

@@ -89,6 +89,7 @@
     constructor(mode) {
       this.mode = mode;
       this.closed = false;
+      this.error = null;
       this.ws = new WebSocket(socketUrl(mode));
       this.ws.binaryType = "arraybuffer";
       this.ws.onmessage = (ev) => this.onMessage(ev);
@@ -111,14 +112,19 @@
       }
       const message = JSON.parse(ev.data);
       if (message.type === "counts") showCounts(message);
-      else if (message.type === "error") setStatus(message.error);
+      else if (message.type === "error") {
+        this.error = message.error;
+        setStatus("refused", message.error);
+      }
       else this.onSignal(message);
     }
 
     onClose(ev) {
       if (this.closed) return;
       this.stop();
-      setStatus(ev.code === 1008 ? "not authorised" : "reconnecting");
+      if (ev.code === 1008) setStatus("not authorised");
+      else if (this.error) setStatus("reconnecting", `${this.error}; trying again`);
+      else setStatus("reconnecting");
       setTimeout(() => connect(this.mode), RETRY_MS);
     }
 

@@ -29,6 +29,7 @@ import logging
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from typing import Any
@@ -284,6 +285,9 @@ def live_routes(
     ice_servers = [{"urls": settings.live.stun_server}] if settings.live.stun_server else []
     script = resources.files("edgecam.device").joinpath("live.js").read_bytes()
 
+    # Viewers now by (camera, client address); only the event loop touches it.
+    per_client: Counter[tuple[str, str]] = Counter()
+
     def refused() -> Response:
         return RedirectResponse("/live/login", status_code=303)
 
@@ -404,7 +408,22 @@ def live_routes(
             await ws.close(code=_WS_POLICY_VIOLATION)
             return
         await ws.accept()
-        await _serve_viewer(ws, view, mode, counts_source)  # type: ignore[arg-type]
+        client = (camera, ws.client.host if ws.client is not None else "")
+        if per_client[client] >= settings.live.max_viewers_per_client:
+            refusal = (
+                f"{per_client[client]} viewers of this camera from your address already, as "
+                "many as live.max_viewers_per_client allows"
+            )
+            await ws.send_text(json.dumps({"type": "error", "error": refusal}))
+            await ws.close(code=_WS_TRY_AGAIN_LATER)
+            return
+        per_client[client] += 1
+        try:
+            await _serve_viewer(ws, view, mode, counts_source)  # type: ignore[arg-type]
+        finally:
+            per_client[client] -= 1
+            if not per_client[client]:
+                del per_client[client]
 
     return [
         Route("/live", index, methods=["GET"]),
