@@ -233,3 +233,72 @@ def test_a_time_no_date_can_show_is_shown_as_a_dash(ts: float) -> None:
     # Such a time in the database broke every page that showed it (500), for good.
     assert dashboard._dt(ts) == "-"
     assert dashboard._dt(0.0) == "1970-01-01 00:00:00 UTC"
+
+
+_SIGNED = "?expires=1767225600&sig=" + "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("url", "hosts", "why"),
+    [
+        ("http://10.0.0.5:8081/clips/a.mp4" + _SIGNED, [], None),
+        ("https://cam.example/edgecam/clips/a.mp4" + _SIGNED, [], None),
+        ("http://cam-1.cams.lan:8081/clips/a.mp4" + _SIGNED, ["*.cams.lan"], None),
+        ("http://CAM-1.Cams.LAN/clips/a.mp4" + _SIGNED, ["*.cams.lan"], None),
+        ("http://10.0.0.5/clips/a.mp4" + _SIGNED, ["10.0.0.*"], None),
+        ("http://evil.example/clips/a.mp4" + _SIGNED, ["*.cams.lan"], "device_link_hosts"),
+        ("https://evil.example/login", [], "this clip"),
+        ("https://evil.example/clips/b.mp4" + _SIGNED, [], "this clip"),
+        ("https://evil.example/clips/a.mp4/../../login" + _SIGNED, [], "this clip"),
+        ("https://evil.example/clips/a.mp4", [], "signed"),
+        ("https://evil.example/clips/a.mp4" + _SIGNED + "&next=https://evil.example", [], "signed"),
+        ("https://10.0.0.5@evil.example/clips/a.mp4" + _SIGNED, [], "user name"),
+        ("https://evil.example/clips/a.mp4" + _SIGNED + "#x", [], "fragment"),
+        ("javascript:alert(1)//clips/a.mp4", [], "http(s)"),
+        ("http://[::1/clips/a.mp4" + _SIGNED, [], "not a URL"),
+    ],
+)
+def test_device_links_are_followed_only_to_that_clip(
+    url: str, hosts: list[str], why: str | None
+) -> None:
+    reason = api.refuse_device_link(url, "a.mp4", hosts)
+    if why is None:
+        assert reason is None
+    else:
+        assert reason is not None and why in reason
+
+
+def test_a_device_cannot_send_the_operator_elsewhere(fleet: FleetServer, device: SimDevice) -> None:
+    """A clip announced with a link that is not the device's signed link to it is shown,
+    but the server does not redirect to it (a compromised camera could phish operators)."""
+
+    def announce(name: str, url: str) -> None:
+        now = time.time()
+        device.publish(
+            ClipReady(
+                device="cam-1",
+                camera="main",
+                name=name,
+                path=f"/clips/{name}",
+                size=1000,
+                duration=4.0,
+                sha256="0" * 64,
+                start=now - 10,
+                end=now - 6,
+                trigger=now - 8,
+                reason="manual",
+                url=url,
+            )
+        )
+
+    good, bad = "main-20260101-000001.mp4", "main-20260101-000002.mp4"
+    announce(good, f"http://10.0.0.5:8081/clips/{good}{_SIGNED}")
+    announce(bad, "https://evil.example/login")
+    wait_until(lambda: len(fleet.http.get("/api/clips").json()) == 2)
+    followed = fleet.http.get(f"/api/clips/cam-1/{good}", follow_redirects=False)
+    assert followed.status_code == 307
+    assert followed.headers["location"] == f"http://10.0.0.5:8081/clips/{good}{_SIGNED}"
+    refused = fleet.http.get(f"/api/clips/cam-1/{bad}", follow_redirects=False)
+    assert refused.status_code == 404
+    assert "location" not in refused.headers
+    assert "not followed" in refused.json()["detail"]

@@ -91,6 +91,8 @@ Point = tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, 
 Polygon = list[Point]
 Anchor = Literal["bottom_centre", "centre", "top_centre"]
 _REGION_NAME = r"^[A-Za-z0-9_-]{1,32}$"
+# A host name or address, or a shell pattern of them ("*.cams.lan", "10.0.0.*", "fd00::*").
+_HOST_PATTERN = r"^[A-Za-z0-9.*?:-]{1,255}$"
 _MIN_LINE_LENGTH = 1e-3
 
 
@@ -1018,6 +1020,12 @@ class ServerConfig(_Section):
         None,
         description="Device file server URL template, e.g. http://{device}.lan:8081; "
         "None: only uploaded clips play.",
+    )
+    device_link_hosts: list[Annotated[str, Field(pattern=_HOST_PATTERN)]] = Field(
+        default_factory=list,
+        description="Hosts the clip links that devices announce may point to (shell patterns, "
+        "e.g. '*.cams.lan', '10.0.0.*'); empty: any host. Either way a link is followed "
+        "only to that clip's own /clips/ path, signed.",
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import hmac
 import json
@@ -11,7 +12,7 @@ import re
 import time
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi import Path as PathParam
@@ -27,7 +28,7 @@ from edgecam.server.commands import check_command
 from edgecam.server.context import Conn, User, any_principal, ctx_of, disk_full
 from edgecam.server.queries import stats_buckets, stats_raw_json
 
-__all__ = ["router"]
+__all__ = ["refuse_device_link", "router"]
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -372,9 +373,40 @@ def clip_file(
             ctx.cfg.device_clips_url, secret.get_secret_value(), name, ctx.cfg.link_ttl_s, device
         )
         return RedirectResponse(link, status_code=307)
-    if clip.url and clip.url.startswith(("http://", "https://")):
-        return RedirectResponse(clip.url, status_code=307)
+    if clip.url:
+        why = refuse_device_link(clip.url, name, ctx.cfg.device_link_hosts)
+        if why is None:
+            return RedirectResponse(clip.url, status_code=307)
+        log.warning(
+            "device %s announced a link to clip %s that is not followed: %s", device, name, why
+        )
+        raise HTTPException(404, f"the device's link to this clip is not followed: {why}")
     raise HTTPException(404, "the clip is only on the device and no link to it is known")
+
+
+def refuse_device_link(url: str, name: str, hosts: list[str]) -> str | None:
+    """Why the fleet server does not send a user to the link a device announced for its clip
+    ``name``, or None. Devices announce ``{base}/clips/{name}?expires=...&sig=...`` (their
+    file server's signed link): anything else would let a device send the operators
+    anywhere, a login page of its own making included.
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return "not a URL"
+    if parts.scheme not in ("http", "https") or not host:
+        return "not an http(s) URL"
+    if parts.username is not None or parts.password is not None or parts.fragment:
+        return "it carries a user name or a fragment"
+    if hosts and not any(fnmatch.fnmatchcase(host.lower(), h.lower()) for h in hosts):
+        return f"host {host} is not in server.device_link_hosts"
+    if not unquote(parts.path).endswith(f"/clips/{name}"):
+        return "it does not lead to this clip on the device's file server"
+    query = parse_qs(parts.query, keep_blank_values=True)
+    if sorted(query) != ["expires", "sig"]:
+        return "it is not a signed link"
+    return None
 
 
 @router.put("/api/devices/{device}/clips/{name}", tags=["clips"], status_code=201)
