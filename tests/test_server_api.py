@@ -91,10 +91,16 @@ def test_login_wrong_password_lockout_and_csrf(fleet: FleetServer) -> None:
     assert csrf
     made = client.post("/api/tokens", json={"label": "x"}, headers={"X-CSRF-Token": csrf.group(1)})
     assert made.status_code == 201
-    # Repeated failures lock the name out, even with the right password.
+    # Repeated failures lock the name out at that address, even with the right password...
     for _ in range(fleet.ctx.cfg.login_max_failures):
         _login(client, "guess")
     assert _login(client, "correct horse battery").status_code == 429
+    # ...but not from another address: failing on purpose cannot lock the owner out.
+    elsewhere = httpx.Client(
+        base_url=fleet.url, transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=30
+    )
+    with elsewhere:
+        assert _login(elsewhere, "correct horse battery").status_code == 303
     # The login form refuses a post without its CSRF cookie pair.
     client.cookies.clear()
     r = client.post("/login", data={"username": "admin", "password": "x", "csrf": "forged"})

@@ -142,20 +142,34 @@ def test_link_to_the_device_file_server_verifies_there() -> None:
 def test_login_limiter_locks_then_forgets() -> None:
     limiter = LoginLimiter(max_failures=3, window_s=0.3)
     for _ in range(3):
-        limiter.failed("user:a", "ip:1")
-    assert limiter.locked("user:a") and limiter.locked("ip:1") and not limiter.locked("user:b")
+        limiter.failed("A", "10.0.0.1")
+    assert limiter.locked("a", "10.0.0.1")  # names are the same in any case
+    # The name is not locked from another address, nor another name from this one yet.
+    assert not limiter.locked("a", "10.0.0.2") and not limiter.locked("b", "10.0.0.1")
     time.sleep(0.35)
-    assert not limiter.locked("user:a", "ip:1")
+    assert not limiter.locked("a", "10.0.0.1")
+
+
+def test_one_address_trying_many_names_is_locked_out_whole() -> None:
+    limiter = LoginLimiter(max_failures=3, window_s=60)
+    for i in range(3 * LoginLimiter.ADDRESS_FACTOR - 1):
+        limiter.failed(f"user{i}", "10.0.0.1")
+    assert not limiter.locked("someone", "10.0.0.1")
+    limiter.failed("one-more", "10.0.0.1")
+    assert limiter.locked("someone", "10.0.0.1")
+    assert not limiter.locked("someone", "10.0.0.2")
+    limiter.succeeded("someone", "10.0.0.1")  # a right password does not lift the address's
+    assert limiter.locked("someone", "10.0.0.1")
 
 
 def test_asking_the_limiter_about_new_names_costs_no_memory() -> None:
     limiter = LoginLimiter(max_failures=3, window_s=60)
-    for _ in range(3):
-        limiter.failed("ip:1")
+    for i in range(3 * LoginLimiter.ADDRESS_FACTOR):
+        limiter.failed(f"user{i}", "10.0.0.1")
     tracked = len(limiter)
     # A locked-out client spraying user names: each is only looked up, never kept (each
     # used to add an entry, ~1 KB, freed never while the lock lasted).
-    assert all(limiter.locked(f"user:{i}", "ip:1") for i in range(10_000))
+    assert all(limiter.locked(f"user:{i}", "10.0.0.1") for i in range(10_000))
     assert len(limiter) == tracked
 
 

@@ -1006,7 +1006,11 @@ class ServerConfig(_Section):
         "over HTTPS. Set true behind a TLS proxy that forwards plain HTTP.",
     )
     login_max_failures: int = Field(
-        5, ge=1, le=1000, description="Failed logins (per user or address) before lockout."
+        5,
+        ge=1,
+        le=1000,
+        description="Failed logins of one user name from one address before that name is "
+        "locked out there; an address is locked out after four times as many.",
     )
     login_lockout_s: float = Field(300, ge=1, le=86400, description="Lockout length.")
     device_offline_s: float = Field(

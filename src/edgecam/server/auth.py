@@ -193,16 +193,26 @@ def same_secret(a: str | None, b: str | None) -> bool:
 
 
 class LoginLimiter:
-    """Counts failed logins per user name and per client address; too many in the window
-    lock that name or address out until the window has passed."""
+    """Counts failed logins per user name at a client address, and per address; too many in
+    the window lock that name at that address (``max_failures``), or the whole address
+    (``ADDRESS_FACTOR`` times as many: people behind one router share it), until the window
+    has passed. A name is never locked for every address: failing on purpose from one
+    address must not lock its owner out of the dashboard everywhere.
+    """
+
+    ADDRESS_FACTOR = 4
 
     def __init__(self, max_failures: int, window_s: float) -> None:
         self._max = max_failures
         self._window = window_s
-        self._failures: dict[str, deque[float]] = {}
+        self._failures: dict[tuple[str, ...], deque[float]] = {}
         self._lock = threading.Lock()
 
-    def _recent(self, key: str, now: float) -> deque[float]:
+    @staticmethod
+    def _keys(name: str, address: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return (name.lower(), address), (address,)
+
+    def _recent(self, key: tuple[str, ...], now: float) -> deque[float]:
         times = self._failures.get(key)
         if times is None:
             return deque()  # not kept: asking about a name costs no memory
@@ -210,25 +220,31 @@ class LoginLimiter:
             times.popleft()
         return times
 
-    def locked(self, *keys: str) -> bool:
+    def locked(self, name: str, address: str) -> bool:
+        """Whether a login as ``name`` from ``address`` is refused now."""
+        pair, whole = self._keys(name, address)
         now = time.monotonic()
         with self._lock:
-            return any(len(self._recent(k, now)) >= self._max for k in keys)
+            return (
+                len(self._recent(pair, now)) >= self._max
+                or len(self._recent(whole, now)) >= self._max * self.ADDRESS_FACTOR
+            )
 
     def __len__(self) -> int:
-        """Names and addresses tracked."""
+        """Names at addresses, and addresses, tracked."""
         return len(self._failures)
 
-    def failed(self, *keys: str) -> None:
+    def failed(self, name: str, address: str) -> None:
         now = time.monotonic()
         with self._lock:
             if len(self._failures) > MAX_TRACKED:  # names sprayed at the form: forget the old
                 for k in [k for k in self._failures if not self._recent(k, now)]:
                     del self._failures[k]
-            for k in keys:
+            for k in self._keys(name, address):
                 self._recent(k, now)
                 self._failures.setdefault(k, deque()).append(now)
 
-    def succeeded(self, key: str) -> None:
+    def succeeded(self, name: str, address: str) -> None:
+        """A right password: that name's failures at that address are forgotten."""
         with self._lock:
-            self._failures.pop(key, None)
+            self._failures.pop(self._keys(name, address)[0], None)
