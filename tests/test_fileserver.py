@@ -501,3 +501,34 @@ def test_damaged_sidecars_and_odd_files_in_the_folder(tmp_path: Path) -> None:
         assert all(x["meta"] == {} for x in r.json()["clips"])
         for name in (fifo, directory):
             assert c.get(f"/clips/{name}", headers=AUTH).status_code == 404
+
+
+def test_an_address_guessing_the_token_or_links_is_refused_for_a_while(
+    tmp_path: Path, clips: Path
+) -> None:
+    now = [1_000_000.0]
+    settings = _settings(tmp_path, max_auth_failures=3, auth_lockout_s=1)
+    app = create_app(settings, clock=lambda: now[0])
+    wrong = {"Authorization": "Bearer guess"}
+    with (
+        TestClient(app, client=("10.0.0.9", 5000)) as guesser,
+        TestClient(app, client=("10.0.0.1", 5000)) as owner,
+    ):
+        # Genuine links that expired are no guess: they never count.
+        expired = sign_link(TOKEN, CLIP, 999_990)
+        for _ in range(5):
+            assert guesser.get(f"/clips/{CLIP}?{expired}").status_code == 403
+        assert guesser.get("/clips", headers=wrong).status_code == 401
+        forged = sign_link("not-the-key", CLIP, 1_000_060)
+        assert guesser.get(f"/clips/{CLIP}?{forged}").status_code == 403
+        assert guesser.get("/clips", headers=wrong).status_code == 401
+        # The third wrong one: from now on even the right token is refused, and health too.
+        refused = guesser.get("/clips", headers=AUTH)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert guesser.get("/health").status_code == 429
+        # Another address is not concerned.
+        assert owner.get("/clips", headers=AUTH).status_code == 200
+        assert owner.get("/clips", headers=wrong).status_code == 401
+        assert owner.get("/clips", headers=AUTH).status_code == 200
+        time.sleep(1.1)  # past the window, the address is served again
+        assert guesser.get("/clips", headers=AUTH).status_code == 200

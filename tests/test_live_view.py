@@ -544,7 +544,9 @@ def test_one_client_cannot_take_every_viewer_place() -> None:
         TestClient(app, base_url="http://127.0.0.1") as client,
         client.websocket_connect(url, headers=auth) as first,
     ):
-        with client.websocket_connect(url, headers=auth):
+        # Each socket is closed, and its viewer's clean-up let finish, inside its block:
+        # leaving a block with the socket open cancels the app under the test client.
+        with client.websocket_connect(url, headers=auth) as second:
             wait_viewers(2)
             with client.websocket_connect(url, headers=auth) as third:
                 refusal = json.loads(third.receive_text())
@@ -554,12 +556,16 @@ def test_one_client_cannot_take_every_viewer_place() -> None:
                     third.receive_text()
                 assert closed.value.code == 1013
             assert view.counts()["mse"] == 2  # the third never became a viewer
-        wait_viewers(1)
+            second.close()
+            wait_viewers(1)
+            time.sleep(0.2)
         # A place given back is a place to take again.
         with client.websocket_connect(url, headers=auth) as again:
             assert json.loads(again.receive_text())["type"] in ("counts", "codec")
             wait_viewers(2)
             again.close()
+            wait_viewers(1)
+            time.sleep(0.2)
         first.close()
         wait_viewers(0)
         time.sleep(0.2)
@@ -664,3 +670,59 @@ def test_refused_candidates_never_reach_webrtcbin() -> None:
         branch.receive({"type": "ice", "candidate": good, "sdpMLineIndex": 0})
     # Five looked at so far: 27 more are taken, the rest left out.
     assert len(emitted) == 1 + 27
+
+
+def test_forged_credentials_lock_an_address_out_and_a_stale_tab_does_not(
+    tmp_path: Any,
+) -> None:
+    """On the device's own app (the file server's, with the live routes added, as its worker
+    builds it): forged cookies, links and tokens count towards the address's lockout;
+    a genuine cookie that expired, as a tab left open for a day keeps sending, does not."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+        from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    from edgecam.device.fileserver import create_app
+
+    settings = Settings(
+        cameras=[{"name": "main"}],
+        recorder={"clips_dir": tmp_path / "clips", "ring_dir": tmp_path / "ring"},
+        fileserver={"token": TOKEN, "max_auth_failures": 3, "auth_lockout_s": 60},
+        live={"session_ttl_s": 60},
+    )
+    now = [1_000_000.0]
+    view = LiveView(settings.live, camera="main", rtp_port=_free_udp_port())
+    app = create_app(settings)
+    app.router.routes.extend(
+        live_routes(settings, {"main": view}, lambda _c: {}, None, clock=lambda: now[0])
+    )
+    link = live_path(settings, "main", now=now[0])
+    with TestClient(app, base_url="http://127.0.0.1", client=("10.0.0.1", 1)) as tab:
+        assert tab.get(link).status_code == 200  # leaves the camera's cookie
+        assert tab.get("/live/main").status_code == 200
+        now[0] += 120  # the cookie has expired; the tab keeps asking
+        for _ in range(10):
+            assert tab.get("/live/main", follow_redirects=False).status_code in (303, 401)
+        with pytest.raises(WebSocketDisconnect), tab.websocket_connect("/live/main/ws"):
+            pass
+        fresh = live_path(settings, "main", now=now[0])
+        assert tab.get(fresh).status_code == 200  # not locked out: a new link works
+    with TestClient(app, base_url="http://127.0.0.1", client=("10.0.0.9", 1)) as guesser:
+        forged = {"Cookie": f"{COOKIE}=*.{int(now[0]) + 60}.{'0' * 64}"}
+        assert guesser.get("/live/main", headers=forged).status_code == 401
+        assert guesser.get(link.replace("sig=", "sig=00")).status_code in (303, 401)
+        bad_token = {"Authorization": "Bearer guess"}
+        with (
+            pytest.raises(WebSocketDisconnect),
+            guesser.websocket_connect("/live/main/ws", headers=bad_token),
+        ):
+            pass
+        # Three forged: now even the right token is refused, page and socket alike.
+        good = {"Authorization": f"Bearer {TOKEN}"}
+        assert guesser.get("/live/main", headers=good).status_code == 429
+        with (
+            pytest.raises(WebSocketDisconnect),
+            guesser.websocket_connect("/live/main/ws", headers=good),
+        ):
+            pass

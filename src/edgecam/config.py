@@ -736,6 +736,14 @@ class FileServerConfig(_Section):
         description="HMAC key for signed download links (defaults to the token).",
     )
     link_ttl_s: int = Field(3600, ge=10, le=7 * 86400, description="Signed link lifetime.")
+    max_auth_failures: int = Field(
+        20,
+        ge=1,
+        le=100000,
+        description="Wrong tokens, signed links or cookies from one address within "
+        "auth_lockout_s before that address is refused (429) until the window has passed.",
+    )
+    auth_lockout_s: float = Field(60, ge=1, le=86400, description="That window, in seconds.")
     public_url: str | None = Field(
         None,
         pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",

@@ -32,7 +32,8 @@ from urllib.parse import quote, urlencode
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -41,13 +42,16 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from edgecam.config import FileServerConfig, Settings
 from edgecam.errors import ConfigError
 from edgecam.media.clips import CLIP_NAME_RE, ClipStore, camera_clip_re
+from edgecam.ratelimit import Failures
 
 __all__ = [
     "HEADER_TIMEOUT_S",
     "IDLE_TIMEOUT_S",
+    "AuthFailureGuard",
     "GuardedH11Protocol",
     "QuietServer",
     "create_app",
+    "note_auth_failure",
     "server_config",
     "sign_link",
     "signed_url",
@@ -72,6 +76,57 @@ _PRIVATE_META = frozenset({"path", "segments"})
 
 class _Unsatisfiable(Exception):
     pass
+
+
+#: What :func:`verify_link` says of a link it did not make (one it made but that expired
+#: is no guess).
+FORGED_LINK = ("malformed link", "invalid link signature")
+#: Set in a request's scope by a handler that refused the credentials it was given.
+_AUTH_FAILED = "edgecam.auth_failed"
+
+
+def note_auth_failure(conn: HTTPConnection) -> None:
+    """A request (or WebSocket) came with a wrong token, link or cookie: it counts towards
+    its address's lockout (see :class:`AuthFailureGuard`)."""
+    conn.scope[_AUTH_FAILED] = True
+
+
+class AuthFailureGuard:
+    """ASGI middleware: an address that gave ``max_failures`` wrong credentials within
+    ``window_s`` is answered 429 (a WebSocket refused) until the window has passed, before
+    any handler runs: the token, links and cookies cannot be guessed at speed.
+    """
+
+    def __init__(self, app: Any, max_failures: int, window_s: float) -> None:
+        self.app = app
+        self._max = max_failures
+        self._window_s = window_s
+        self._failures = Failures(window_s)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        address = client[0] if client else ""
+        if self._failures.count(address) >= self._max:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            refused = JSONResponse(
+                {"error": "too many wrong credentials from this address; try again later"},
+                status_code=429,
+                headers={"Retry-After": str(round(self._window_s))},
+            )
+            await refused(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if scope.get(_AUTH_FAILED):
+                if self._failures.count(address) + 1 == self._max:
+                    log.warning("%s gave %d wrong credentials: refused for now", address, self._max)
+                self._failures.add(address)
 
 
 def _signature(secret: str, clip_name: str, expires_at: int) -> str:
@@ -113,10 +168,10 @@ def verify_link(
     try:
         expires_at = int(expires)
     except ValueError:
-        return "malformed link"
+        return FORGED_LINK[0]
     expected = _signature(secret, clip_name, expires_at)
     if not hmac.compare_digest(expected.encode(), sig.encode()):
-        return "invalid link signature"
+        return FORGED_LINK[1]
     if now > expires_at:
         return "link expired"
     if expires_at > now + ttl_s + _LINK_SKEW_S:
@@ -219,7 +274,10 @@ def create_app(
         scheme, _, value = auth.partition(" ")
         if scheme.lower() != "bearer":
             return False
-        return hmac.compare_digest(value.strip().encode(), token.encode())
+        if hmac.compare_digest(value.strip().encode(), token.encode()):
+            return True
+        note_auth_failure(request)
+        return False
 
     def unauthorized(detail: str) -> Response:
         return JSONResponse(
@@ -259,6 +317,8 @@ def create_app(
                 return unauthorized("missing bearer token or signed link")
             why = verify_link(secret, name, expires, sig, clock(), ttl_s=cfg.link_ttl_s)
             if why is not None:
+                if why in FORGED_LINK:
+                    note_auth_failure(request)
                 return JSONResponse({"error": why}, status_code=403)
         if not CLIP_NAME_RE.fullmatch(name):
             return JSONResponse({"error": "invalid clip name"}, status_code=400)
@@ -272,7 +332,12 @@ def create_app(
             Route("/health", health, methods=["GET"]),
             Route("/clips", list_clips, methods=["GET"]),
             Route("/clips/{name:path}", get_clip, methods=["GET", "HEAD"]),
-        ]
+        ],
+        middleware=[
+            Middleware(
+                AuthFailureGuard, max_failures=cfg.max_auth_failures, window_s=cfg.auth_lockout_s
+            )
+        ],
     )
 
 

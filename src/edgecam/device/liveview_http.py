@@ -42,7 +42,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from edgecam.config import Settings
-from edgecam.device.fileserver import sign_link, verify_link
+from edgecam.device.fileserver import FORGED_LINK, note_auth_failure, sign_link, verify_link
 from edgecam.errors import ConfigError, LiveViewError
 from edgecam.media.liveview import LiveView, ViewerKind
 
@@ -74,6 +74,9 @@ _CSRF_HEADER = "x-edgecam-live"
 _WS_POLICY_VIOLATION = 1008
 _WS_TRY_AGAIN_LATER = 1013
 _LINK_NAME = "live/{camera}"  # what a live link signs; clip names cannot hold '/'
+# What a cookie or link given to the live view is: none, valid, genuine but expired (or of
+# another camera), or forged.
+_ABSENT, _GOOD, _STALE, _FORGED = "absent", "good", "stale", "forged"
 # No page of another origin may frame these (its Save clip button could be clicked for the
 # viewer): frame-ancestors, and X-Frame-Options for browsers without it.
 _PAGE_CSP = (
@@ -147,22 +150,36 @@ class _Auth:
         return hmac.compare_digest(token.encode(), self._token.encode())
 
     def allows(self, conn: HTTPConnection, camera: str | None) -> bool:
-        """Whether ``conn`` may see ``camera`` (None: the index, which needs full access)."""
+        """Whether ``conn`` may see ``camera`` (None: the index, which needs full access).
+
+        Forged credentials (a wrong token, a bad signature) count towards the address's
+        lockout (:class:`~edgecam.device.fileserver.AuthFailureGuard`); expired or another
+        camera's genuine ones do not: a tab left open must not lock its household out.
+        """
         auth = conn.headers.get("authorization")
         if auth is not None:
             scheme, _, value = auth.partition(" ")
-            return scheme.lower() == "bearer" and self.token_ok(value.strip())
-        if self._cookie_ok(conn.cookies.get(COOKIE, ""), camera):
-            return True
-        if camera is None:
+            if scheme.lower() == "bearer" and self.token_ok(value.strip()):
+                return True
+            note_auth_failure(conn)
             return False
-        own = conn.cookies.get(camera_cookie(camera), "")
-        return self._cookie_ok(own, camera) or self.link_ok(conn, camera)
+        verdicts = [self._cookie(conn.cookies.get(COOKIE), camera)]
+        if camera is not None:
+            verdicts.append(self._cookie(conn.cookies.get(camera_cookie(camera)), camera))
+            verdicts.append(self._link(conn, camera))
+        if _GOOD in verdicts:
+            return True
+        if _FORGED in verdicts:
+            note_auth_failure(conn)
+        return False
 
     def link_ok(self, conn: HTTPConnection, camera: str) -> bool:
+        return self._link(conn, camera) == _GOOD
+
+    def _link(self, conn: HTTPConnection, camera: str) -> str:
         expires, sig = conn.query_params.get("expires"), conn.query_params.get("sig")
         if expires is None or sig is None:
-            return False
+            return _ABSENT
         why = verify_link(
             self._secret,
             _LINK_NAME.format(camera=camera),
@@ -171,19 +188,23 @@ class _Auth:
             self._clock(),
             ttl_s=self._link_ttl_s,
         )
-        return why is None
+        if why is None:
+            return _GOOD
+        return _FORGED if why in FORGED_LINK else _STALE
 
-    def _cookie_ok(self, value: str, camera: str | None) -> bool:
+    def _cookie(self, value: str | None, camera: str | None) -> str:
+        if value is None:
+            return _ABSENT
         scope, _, rest = value.partition(".")
         expires, _, sig = rest.partition(".")
         # ASCII digits, not too many: str.isdigit takes "²", and int() refuses 5000 digits.
         if not scope or not re.fullmatch(r"[0-9]{1,12}", expires) or not sig:
-            return False
+            return _FORGED
         if not hmac.compare_digest(self._cookie_sig(scope, int(expires)).encode(), sig.encode()):
-            return False
-        if self._clock() > int(expires):
-            return False
-        return scope in (_ALL_CAMERAS, camera)
+            return _FORGED
+        if self._clock() > int(expires) or scope not in (_ALL_CAMERAS, camera):
+            return _STALE
+        return _GOOD
 
 
 class _SocketLink:
@@ -313,6 +334,7 @@ def live_routes(
         form = await request.form()
         token = form.get("token")
         if not isinstance(token, str) or not auth.token_ok(token):
+            note_auth_failure(request)
             return JSONResponse({"error": "wrong token"}, status_code=401)
         response = RedirectResponse("/live", status_code=303)
         _set_cookie(request, response, auth.cookie_value(_ALL_CAMERAS))

@@ -10,9 +10,7 @@ import hashlib
 import hmac
 import re
 import secrets
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 
 from argon2 import PasswordHasher
@@ -21,6 +19,7 @@ from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.orm import Session
 
 from edgecam.errors import EdgecamError
+from edgecam.ratelimit import Failures
 from edgecam.server.db import SessionRow, Token, User
 
 __all__ = [
@@ -40,8 +39,6 @@ __all__ = [
 
 USER_NAME = r"^[A-Za-z0-9_.@-]{1,64}$"
 MIN_PASSWORD = 8
-# Most user names and addresses whose failed logins are remembered at once.
-MAX_TRACKED = 10_000
 _hasher = PasswordHasher()
 # Verified against when the user does not exist, so that timing does not tell names apart.
 _DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
@@ -204,47 +201,27 @@ class LoginLimiter:
 
     def __init__(self, max_failures: int, window_s: float) -> None:
         self._max = max_failures
-        self._window = window_s
-        self._failures: dict[tuple[str, ...], deque[float]] = {}
-        self._lock = threading.Lock()
+        self._failures = Failures(window_s)
 
     @staticmethod
-    def _keys(name: str, address: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        return (name.lower(), address), (address,)
-
-    def _recent(self, key: tuple[str, ...], now: float) -> deque[float]:
-        times = self._failures.get(key)
-        if times is None:
-            return deque()  # not kept: asking about a name costs no memory
-        while times and times[0] <= now - self._window:
-            times.popleft()
-        return times
+    def _keys(name: str, address: str) -> tuple[tuple[str, str], str]:
+        return (name.lower(), address), address
 
     def locked(self, name: str, address: str) -> bool:
         """Whether a login as ``name`` from ``address`` is refused now."""
         pair, whole = self._keys(name, address)
-        now = time.monotonic()
-        with self._lock:
-            return (
-                len(self._recent(pair, now)) >= self._max
-                or len(self._recent(whole, now)) >= self._max * self.ADDRESS_FACTOR
-            )
+        return (
+            self._failures.count(pair) >= self._max
+            or self._failures.count(whole) >= self._max * self.ADDRESS_FACTOR
+        )
 
     def __len__(self) -> int:
         """Names at addresses, and addresses, tracked."""
         return len(self._failures)
 
     def failed(self, name: str, address: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if len(self._failures) > MAX_TRACKED:  # names sprayed at the form: forget the old
-                for k in [k for k in self._failures if not self._recent(k, now)]:
-                    del self._failures[k]
-            for k in self._keys(name, address):
-                self._recent(k, now)
-                self._failures.setdefault(k, deque()).append(now)
+        self._failures.add(*self._keys(name, address))
 
     def succeeded(self, name: str, address: str) -> None:
         """A right password: that name's failures at that address are forgotten."""
-        with self._lock:
-            self._failures.pop(self._keys(name, address)[0], None)
+        self._failures.forget(self._keys(name, address)[0])
