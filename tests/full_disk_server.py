@@ -1,11 +1,11 @@
 """The fleet server on a disk that fills up: run by tests/test_server_storage.py inside a
-user and mount namespace of its own (``unshare -rm``), where it mounts a small tmpfs.
+user and mount namespace of its own (``unshare -rm``), where it mounts two small tmpfs.
 
     unshare -rm python tests/full_disk_server.py FOLDER CLIP
 
-The database (SQLite) and the clips folder are on the tmpfs. With the disk full, it tries a
-login, a clip upload and a read; then it frees the disk and tries them again. It prints one
-JSON object: what each answered, and what was left on the disk.
+The database (SQLite) is on one, the clips folder on the other. With both full, it tries a
+login, a clip upload, a command and a read; again with room for clips only; then with both
+freed. It prints one JSON object: what each answered, and what was left on the disk.
 """
 
 from __future__ import annotations
@@ -37,9 +37,11 @@ def fill(folder: Path) -> Path:
 
 def main() -> None:
     folder, clip = Path(sys.argv[1]), Path(sys.argv[2])
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={MOUNT_SIZE}", "tmpfs", str(folder)], check=True
-    )
+    # Two disks: the database's and the clips', to fill one without the other.
+    for disk in ("db", "clips"):
+        (folder / disk).mkdir()
+        mount = ["mount", "-t", "tmpfs", "-o", f"size={MOUNT_SIZE}", "tmpfs"]
+        subprocess.run([*mount, str(folder / disk)], check=True)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -54,8 +56,8 @@ def main() -> None:
     settings = Settings.model_validate(
         {
             "server": {
-                "database_url": f"sqlite:///{folder / 'fleet.db'}",
-                "clips_dir": str(folder / "clips"),
+                "database_url": f"sqlite:///{folder / 'db' / 'fleet.db'}",
+                "clips_dir": str(folder / "clips" / "server"),
                 "secure_cookies": False,
             }
         }
@@ -98,14 +100,18 @@ def main() -> None:
             "upload": [upload.status_code, upload.json().get("detail", "")],
             "read": read.status_code,
             "command": [command.status_code, command.json().get("detail", "")],
-            "files": sorted(p.name for p in (folder / "clips").rglob("*") if p.is_file()),
+            "files": sorted(
+                p.name for p in (folder / "clips").rglob("*") if p.is_file() and p.suffix == ".mp4"
+            ),
         }
 
     try:
         with TestClient(create_app(server.ctx), base_url="http://127.0.0.1") as client:
-            filler = fill(folder)
+            fillers = [fill(folder / "db"), fill(folder / "clips")]
             attempt(client, "full")
-            filler.unlink()
+            fillers.pop().unlink()  # room for clips, none for the database
+            attempt(client, "database_full")
+            fillers.pop().unlink()
             attempt(client, "freed")
     finally:
         server.stop()

@@ -22,7 +22,7 @@ from conftest import free_port
 
 from edgecam.config import Settings
 from edgecam.device import fileserver
-from edgecam.device.fileserver import create_app, sign_link, signed_url
+from edgecam.device.fileserver import TokenGuard, create_app, sign_link, signed_url
 from edgecam.device.runner import run_worker
 from edgecam.device.workers import FileServerWorker
 from edgecam.errors import ConfigError
@@ -503,9 +503,7 @@ def test_damaged_sidecars_and_odd_files_in_the_folder(tmp_path: Path) -> None:
             assert c.get(f"/clips/{name}", headers=AUTH).status_code == 404
 
 
-def test_an_address_guessing_the_token_or_links_is_refused_for_a_while(
-    tmp_path: Path, clips: Path
-) -> None:
+def test_an_address_guessing_the_token_is_refused_for_a_while(tmp_path: Path, clips: Path) -> None:
     now = [1_000_000.0]
     settings = _settings(tmp_path, max_auth_failures=3, auth_lockout_s=1)
     app = create_app(settings, clock=lambda: now[0])
@@ -514,15 +512,15 @@ def test_an_address_guessing_the_token_or_links_is_refused_for_a_while(
         TestClient(app, client=("10.0.0.9", 5000)) as guesser,
         TestClient(app, client=("10.0.0.1", 5000)) as owner,
     ):
-        # Genuine links that expired are no guess: they never count.
+        # Links are signed (nothing to guess at speed): expired or forged, they never count.
         expired = sign_link(TOKEN, CLIP, 999_990)
-        for _ in range(5):
-            assert guesser.get(f"/clips/{CLIP}?{expired}").status_code == 403
-        assert guesser.get("/clips", headers=wrong).status_code == 401
         forged = sign_link("not-the-key", CLIP, 1_000_060)
-        assert guesser.get(f"/clips/{CLIP}?{forged}").status_code == 403
-        assert guesser.get("/clips", headers=wrong).status_code == 401
-        # The third wrong one: from now on even the right token is refused, and health too.
+        for link in [expired, forged] * 3:
+            assert guesser.get(f"/clips/{CLIP}?{link}").status_code == 403
+        assert guesser.get("/clips", headers=AUTH).status_code == 200
+        for _ in range(3):
+            assert guesser.get("/clips", headers=wrong).status_code == 401
+        # The third wrong token: from now on even the right one is refused, and health too.
         refused = guesser.get("/clips", headers=AUTH)
         assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
         assert guesser.get("/health").status_code == 429
@@ -532,3 +530,25 @@ def test_an_address_guessing_the_token_or_links_is_refused_for_a_while(
         assert owner.get("/clips", headers=AUTH).status_code == 200
         time.sleep(1.1)  # past the window, the address is served again
         assert guesser.get("/clips", headers=AUTH).status_code == 200
+
+
+def test_tokens_sent_at_once_cannot_all_be_tried() -> None:
+    """The check and the count are one step: 50 guesses at once get as many tries as 50
+    one after another (a check at the start and a count at the end let all 50 through)."""
+    guard = TokenGuard("the-token", max_failures=5, window_s=60)
+    start = threading.Barrier(50)
+    tried: list[bool] = []
+
+    def guess(i: int) -> None:
+        start.wait()
+        tried.append(guard.check(f"guess-{i}", "10.0.0.9"))
+
+    threads = [threading.Thread(target=guess, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert tried.count(False) == 50 and guard.locked("10.0.0.9")
+    assert len(guard._failures) == 1 and guard._failures.count("10.0.0.9") == 5
+    assert not guard.check("the-token", "10.0.0.9")  # locked: the right token too
+    assert guard.check("the-token", "10.0.0.8")

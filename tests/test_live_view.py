@@ -602,7 +602,7 @@ _HOST = "candidate:1 1 udp 2113937151 {address} {port} typ host generation 0"
 @pytest.mark.parametrize(
     ("candidate", "why"),
     [
-        (_HOST.format(address="841e91e2-6e7a-469e-8082-f0d9be6eafad.local", port=57616), None),
+        (_HOST.format(address="841e91e2-6e7a-469e-8082-f0d9be6eafad.local", port=57616), "name"),
         (_HOST.format(address="192.0.2.7", port=50000), None),
         (_HOST.format(address="2001:db8::7", port=50000), None),
         ("a=" + _HOST.format(address="10.1.2.3", port=1024), None),
@@ -621,9 +621,18 @@ _HOST = "candidate:1 1 udp 2113937151 {address} {port} typ host generation 0"
         (_HOST.format(address="224.0.0.251", port=5353), "address"),
         (_HOST.format(address="255.255.255.255", port=9999), "address"),
         (_HOST.format(address="0.0.0.0", port=9999), "address"),
-        (_HOST.format(address="db.internal.example", port=5432), "DNS name"),
-        (_HOST.format(address="localhost", port=5432), "DNS name"),
-        (_HOST.format(address="a.b.local", port=5432), "DNS name"),
+        (_HOST.format(address="db.internal.example", port=5432), "name"),
+        (_HOST.format(address="localhost", port=5432), "name"),
+        (_HOST.format(address="a.b.local", port=5432), "name"),
+        (_HOST.format(address="0127.0.0.1", port=5432), "name"),  # inet_aton reads octal
+        (_HOST.format(address="127.1", port=5432), "name"),
+        (_HOST.format(address="0.1.2.3", port=5000), "address"),
+        (_HOST.format(address="2001:db8::7%eth0", port=5000), "zone"),
+        # libnice splits on single spaces: a tab would hide 127.0.0.1:53 from a split()
+        ("candidate:1 1 udp 1\t10.0.0.1\t5000\ttyp\thost 127.0.0.1 53 typ host", "printable"),
+        ("candidate:1\t1\tudp 1 1 tcp 1 10.0.0.1 5000 typ host", "printable"),
+        ("candidate:1 1 udp 1  10.0.0.1 5000 typ host", "printable"),
+        ("candidate:1 1 udp 1 10.0.0.1 5000 typ host\r\na=candidate:x", "printable"),
         ("candidate:1 1 udp 1 192.0.2.7 50000", "not a candidate"),
         ("hello", "not a candidate"),
     ],
@@ -662,9 +671,8 @@ def test_refused_candidates_never_reach_webrtcbin() -> None:
         f"a={_HOST.format(address='10.0.0.1', port=22)}\r\n"
         "a=sendrecv\r\n"
     )
-    assert (
-        branch._answer_text(sdp)
-        == f"v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na={good}\r\na=sendrecv\r\n"
+    assert branch._answer_text(sdp) == (
+        f"v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na={good}\r\na=sendrecv\r\n"
     )
     for _ in range(100):
         branch.receive({"type": "ice", "candidate": good, "sdpMLineIndex": 0})
@@ -672,12 +680,50 @@ def test_refused_candidates_never_reach_webrtcbin() -> None:
     assert len(emitted) == 1 + 27
 
 
-def test_forged_credentials_lock_an_address_out_and_a_stale_tab_does_not(
-    tmp_path: Any,
-) -> None:
+def test_every_candidate_gstsdp_reads_in_an_answer_was_checked() -> None:
+    """Whatever GstSdp (and so webrtcbin) reads as a candidate attribute of the answer
+    passed :func:`refuse_candidate`: lines indented, tabbed or cased to slip past a check
+    of the raw text included."""
+    from edgecam.media.liveview import GstSdp
+
+    class FakeViewer:
+        id = 1
+
+    branch = _WebRtcBranch.__new__(_WebRtcBranch)
+    branch.viewer = FakeViewer()  # type: ignore[assignment]
+    branch._remote_candidates = 0
+    good = _HOST.format(address="192.0.2.7", port=50000)
+    sdp = (
+        "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
+        "a=candidate:9 1 udp 1 127.0.0.1 5000 typ host\r\n"  # session level
+        "m=video 9 UDP/TLS/RTP/SAVPF 96\r\n"
+        f"a={good}\r\n"
+        " a=candidate:2 1 udp 1 127.0.0.1 5000 typ host\r\n"
+        "\ta=candidate:3 1 tcp 1 169.254.169.254 8080 typ host\r\n"
+        "a=candidate:4 1 udp 1\t10.0.0.1\t5000\ttyp\thost 127.0.0.1 5353 typ host\r\n"
+        "a=CANDIDATE:5 1 udp 1 127.0.0.1 5000 typ host\n"
+        "a=candidate:6 1 udp 1 10.0.0.1 5000 typ host\ra=candidate:7 1 tcp 1 10.0.0.1 22 typ host\n"
+        "a=sendrecv\r\n"
+    )
+    result, message = GstSdp.SDPMessage.new_from_text(branch._answer_text(sdp))
+    assert result == GstSdp.SDPResult.OK
+    seen = []
+    attributes = [message.get_attribute(i) for i in range(message.attributes_len())]
+    for m in range(message.medias_len()):
+        media = message.get_media(m)
+        attributes += [media.get_attribute(i) for i in range(media.attributes_len())]
+    for attribute in attributes:
+        if attribute.key.lower() == "candidate":
+            seen.append(f"candidate:{attribute.value}")
+    assert seen == [good]
+    assert any(a.key == "sendrecv" for a in attributes)  # the rest of the answer is kept
+
+
+def test_wrong_tokens_lock_an_address_out_and_old_tabs_do_not(tmp_path: Any) -> None:
     """On the device's own app (the file server's, with the live routes added, as its worker
-    builds it): forged cookies, links and tokens count towards the address's lockout;
-    a genuine cookie that expired, as a tab left open for a day keeps sending, does not."""
+    builds it): wrong tokens, by the login form, a header or a WebSocket, count towards the
+    address's lockout; cookies and links do not, expired or signed with a token since
+    changed, as the tabs left open keep sending them every 2 s."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
         from starlette.testclient import TestClient
@@ -685,42 +731,62 @@ def test_forged_credentials_lock_an_address_out_and_a_stale_tab_does_not(
 
     from edgecam.device.fileserver import create_app
 
-    settings = Settings(
-        cameras=[{"name": "main"}],
-        recorder={"clips_dir": tmp_path / "clips", "ring_dir": tmp_path / "ring"},
-        fileserver={"token": TOKEN, "max_auth_failures": 3, "auth_lockout_s": 60},
-        live={"session_ttl_s": 60},
-    )
+    def device_app(token: str) -> tuple[Starlette, Settings]:
+        settings = Settings(
+            cameras=[{"name": "main"}],
+            recorder={"clips_dir": tmp_path / "clips", "ring_dir": tmp_path / "ring"},
+            fileserver={"token": token, "max_auth_failures": 3, "auth_lockout_s": 60},
+            live={"session_ttl_s": 60},
+        )
+        app = create_app(settings)
+        view = LiveView(settings.live, camera="main", rtp_port=_free_udp_port())
+        app.router.routes.extend(
+            live_routes(
+                settings,
+                {"main": view},
+                lambda _c: {},
+                None,
+                clock=lambda: now[0],
+                guard=app.state.token_guard,
+            )
+        )
+        return app, settings
+
     now = [1_000_000.0]
-    view = LiveView(settings.live, camera="main", rtp_port=_free_udp_port())
-    app = create_app(settings)
-    app.router.routes.extend(
-        live_routes(settings, {"main": view}, lambda _c: {}, None, clock=lambda: now[0])
-    )
-    link = live_path(settings, "main", now=now[0])
-    with TestClient(app, base_url="http://127.0.0.1", client=("10.0.0.1", 1)) as tab:
-        assert tab.get(link).status_code == 200  # leaves the camera's cookie
+    old_app, old_settings = device_app(TOKEN)
+    with TestClient(old_app, base_url="http://127.0.0.1", client=("10.0.0.1", 1)) as tab:
+        assert tab.get(live_path(old_settings, "main", now=now[0])).status_code == 200
         assert tab.get("/live/main").status_code == 200
-        now[0] += 120  # the cookie has expired; the tab keeps asking
+        cookies = dict(tab.cookies)
+    # The token is changed; the tab, its cookie now signed with the old one, keeps asking.
+    app, settings = device_app("a-new-token")
+    with TestClient(
+        app, base_url="http://127.0.0.1", client=("10.0.0.1", 1), cookies=cookies
+    ) as tab:
         for _ in range(10):
             assert tab.get("/live/main", follow_redirects=False).status_code in (303, 401)
-        with pytest.raises(WebSocketDisconnect), tab.websocket_connect("/live/main/ws"):
-            pass
-        fresh = live_path(settings, "main", now=now[0])
-        assert tab.get(fresh).status_code == 200  # not locked out: a new link works
+            with pytest.raises(WebSocketDisconnect), tab.websocket_connect("/live/main/ws"):
+                pass
+        now[0] += 120  # and expired: still no guess
+        assert tab.get("/live/main", follow_redirects=False).status_code in (303, 401)
+        old_link = live_path(old_settings, "main", now=now[0])
+        assert tab.get(old_link, follow_redirects=False).status_code in (303, 401)
+        # Not locked out: the new token's login and link work.
+        assert tab.post("/live/login", data={"token": "a-new-token"}).status_code == 200
+        assert tab.get(live_path(settings, "main", now=now[0])).status_code == 200
     with TestClient(app, base_url="http://127.0.0.1", client=("10.0.0.9", 1)) as guesser:
-        forged = {"Cookie": f"{COOKIE}=*.{int(now[0]) + 60}.{'0' * 64}"}
-        assert guesser.get("/live/main", headers=forged).status_code == 401
-        assert guesser.get(link.replace("sig=", "sig=00")).status_code in (303, 401)
-        bad_token = {"Authorization": "Bearer guess"}
+        assert guesser.post("/live/login", data={"token": "guess"}).status_code == 401
+        bad = {"Authorization": "Bearer guess"}
+        assert guesser.get("/live", headers=bad, follow_redirects=False).status_code == 303
         with (
             pytest.raises(WebSocketDisconnect),
-            guesser.websocket_connect("/live/main/ws", headers=bad_token),
+            guesser.websocket_connect("/live/main/ws", headers=bad),
         ):
             pass
-        # Three forged: now even the right token is refused, page and socket alike.
-        good = {"Authorization": f"Bearer {TOKEN}"}
+        # Three wrong tokens: now even the right one is refused, page and socket alike.
+        good = {"Authorization": "Bearer a-new-token"}
         assert guesser.get("/live/main", headers=good).status_code == 429
+        assert guesser.get("/clips", headers=good).status_code == 429  # one count, all routes
         with (
             pytest.raises(WebSocketDisconnect),
             guesser.websocket_connect("/live/main/ws", headers=good),

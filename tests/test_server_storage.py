@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, func, select
 
+from edgecam.ratelimit import MAX_TRACKED, Failures, client_key
 from edgecam.server import db
 from edgecam.server.api import _device_link
 from edgecam.server.app import prune_clips
@@ -142,8 +143,9 @@ def test_link_to_the_device_file_server_verifies_there() -> None:
 def test_login_limiter_locks_then_forgets() -> None:
     limiter = LoginLimiter(max_failures=3, window_s=0.3)
     for _ in range(3):
-        limiter.failed("A", "10.0.0.1")
-    assert limiter.locked("a", "10.0.0.1")  # names are the same in any case
+        assert limiter.attempt("A", "10.0.0.1")  # each a failure (none succeeded)
+    assert not limiter.attempt("a", "10.0.0.1")  # names are the same in any case
+    assert limiter.locked("a", "10.0.0.1")
     # The name is not locked from another address, nor another name from this one yet.
     assert not limiter.locked("a", "10.0.0.2") and not limiter.locked("b", "10.0.0.1")
     time.sleep(0.35)
@@ -153,24 +155,59 @@ def test_login_limiter_locks_then_forgets() -> None:
 def test_one_address_trying_many_names_is_locked_out_whole() -> None:
     limiter = LoginLimiter(max_failures=3, window_s=60)
     for i in range(3 * LoginLimiter.ADDRESS_FACTOR - 1):
-        limiter.failed(f"user{i}", "10.0.0.1")
-    assert not limiter.locked("someone", "10.0.0.1")
-    limiter.failed("one-more", "10.0.0.1")
-    assert limiter.locked("someone", "10.0.0.1")
-    assert not limiter.locked("someone", "10.0.0.2")
-    limiter.succeeded("someone", "10.0.0.1")  # a right password does not lift the address's
-    assert limiter.locked("someone", "10.0.0.1")
+        assert limiter.attempt(f"user{i}", "10.0.0.1")
+    assert limiter.attempt("someone", "10.0.0.1")
+    limiter.succeeded("someone", "10.0.0.1")  # a right password gives its place back
+    assert not limiter.locked("anyone", "10.0.0.1")
+    assert limiter.attempt("one-more", "10.0.0.1")
+    assert limiter.locked("anyone", "10.0.0.1") and not limiter.attempt("anyone", "10.0.0.1")
+    assert not limiter.locked("anyone", "10.0.0.2")
+
+
+def test_an_ipv6_host_counts_as_its_whole_slash_64() -> None:
+    limiter = LoginLimiter(max_failures=3, window_s=60)
+    for i in range(3):
+        assert limiter.attempt("admin", f"2001:db8:1:2::{i + 1:x}")
+    assert not limiter.attempt("admin", "2001:db8:1:2:ffff::9")
+    assert limiter.attempt("admin", "2001:db8:1:3::1")  # another /64
+    assert client_key("::ffff:10.0.0.1") == "10.0.0.1"
+
+
+def test_logins_sent_at_once_cannot_all_be_tried() -> None:
+    """Each attempt takes its place before the password is checked: 50 threads at once get
+    no more tries than one after another (each checked the lock, then all counted)."""
+    limiter = LoginLimiter(max_failures=5, window_s=60)
+    start = threading.Barrier(50)
+    let_in: list[bool] = []
+
+    def one() -> None:
+        start.wait()
+        let_in.append(limiter.attempt("admin", "10.0.0.1"))
+
+    threads = [threading.Thread(target=one) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert let_in.count(True) == 5
 
 
 def test_asking_the_limiter_about_new_names_costs_no_memory() -> None:
     limiter = LoginLimiter(max_failures=3, window_s=60)
     for i in range(3 * LoginLimiter.ADDRESS_FACTOR):
-        limiter.failed(f"user{i}", "10.0.0.1")
+        limiter.attempt(f"user{i}", "10.0.0.1")
     tracked = len(limiter)
     # A locked-out client spraying user names: each is only looked up, never kept (each
     # used to add an entry, ~1 KB, freed never while the lock lasted).
-    assert all(limiter.locked(f"user:{i}", "10.0.0.1") for i in range(10_000))
+    assert not any(limiter.attempt(f"user:{i}", "10.0.0.1") for i in range(10_000))
     assert len(limiter) == tracked
+
+
+def test_failures_stay_bounded_when_every_key_is_fresh() -> None:
+    failures = Failures(window_s=3600)
+    for i in range(3 * MAX_TRACKED):
+        assert failures.add_below(5, f"2001:db8:{i:x}::/64")
+    assert len(failures) <= MAX_TRACKED
 
 
 def test_migrations_upgrade_a_database_with_data(database_url: str) -> None:
@@ -224,7 +261,7 @@ def test_migrations_make_the_schema_the_models_describe(engine: Engine) -> None:
 
 
 def test_a_full_disk_answers_507_and_loses_nothing_once_freed(tmp_path: Path) -> None:
-    """A real full disk: a 4 MiB tmpfs holding the database and the clips, mounted in a user
+    """Real full disks: two 4 MiB tmpfs, the database's and the clips', mounted in a user
     and mount namespace of the test's own. Before, login, upload and commands answered a
     bare 500 ("Internal Server Error")."""
     here = Path(__file__).resolve().parent
@@ -250,6 +287,10 @@ def test_a_full_disk_answers_507_and_loses_nothing_once_freed(tmp_path: Path) ->
     assert full["command"] == [507, "the server's disk is full: nothing was stored"]
     assert full["read"] == 200  # reading goes on
     assert full["files"] == []  # no partial clip left behind
+    # Room for the clip but none for its row: the clip written is taken back.
+    database_full = seen["database_full"]
+    assert database_full["upload"] == [507, "the server's disk is full: nothing was stored"]
+    assert database_full["files"] == []
     assert "database or disk is full" in done.stderr  # the details are in the log
     # Once there is room, the same requests work: nothing is stuck.
     assert freed["login"][0] == 303

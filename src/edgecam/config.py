@@ -1035,9 +1035,11 @@ class ServerConfig(_Section):
     )
     device_link_hosts: list[Annotated[str, Field(pattern=_HOST_PATTERN)]] = Field(
         default_factory=list,
-        description="Hosts the clip links that devices announce may point to (shell patterns, "
-        "e.g. '*.cams.lan', '10.0.0.*'); empty: any host. Either way a link is followed "
-        "only to that clip's own /clips/ path, signed.",
+        description="Hosts the clip links that devices announce may point to (shell patterns "
+        "matched label by label, e.g. 'cams.example.com', '*.cams.example.com', '10.0.0.*'); "
+        "empty: private addresses and local names (one label, .local, .lan, .home.arpa, "
+        ".internal). Either way a link is followed only to that clip's own /clips/ path, "
+        "signed.",
     )
 
 

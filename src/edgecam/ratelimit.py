@@ -1,25 +1,41 @@
 """Failed attempts counted by key in a sliding window: the guard against guessing of the
-fleet server's logins and of the device's token, links and cookies."""
+fleet server's logins and of the device's token."""
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
 
-__all__ = ["Failures"]
+__all__ = ["Failures", "client_key"]
 
-#: Keys kept at most before those with no recent failure are forgotten (keys sprayed at a
-#: form must not grow memory without bound).
+#: Keys kept at most: past it, those with no recent failure are forgotten, then the oldest
+#: (keys sprayed at a form must not grow memory without bound).
 MAX_TRACKED = 10_000
+
+
+def client_key(address: str) -> str:
+    """The key a client address is counted under: an IPv6 address by its /64 (one host
+    holds a whole /64 and can change address at will), an IPv4-mapped one as IPv4, anything
+    else (IPv4, a name, "") as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
 
 
 class Failures:
     """How many times each key failed in the last ``window_s`` seconds. Thread-safe.
 
     Asking about a key that never failed keeps nothing, so a client trying new names costs
-    no memory; keys past ``MAX_TRACKED`` with no recent failure are forgotten.
+    no memory.
     """
 
     def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
@@ -40,20 +56,46 @@ class Failures:
         with self._lock:
             return len(self._recent(key, self._clock()))
 
-    def add(self, *keys: Hashable) -> None:
-        """One more failure of each of ``keys``."""
+    def add_below(self, limit: int, *keys: Hashable) -> bool:
+        """In one step: when every key has failed fewer than ``limit`` times, one more
+        failure of each, and True; else nothing, and False."""
+        return self.add_within({key: limit for key in keys})
+
+    def add_within(self, limits: dict[Hashable, int]) -> bool:
+        """:meth:`add_below` with a limit of each key's own."""
         now = self._clock()
         with self._lock:
-            if len(self._times) > MAX_TRACKED:
-                for k in [k for k in self._times if not self._recent(k, now)]:
-                    del self._times[k]
-            for k in keys:
-                self._recent(k, now)
+            if any(len(self._recent(k, now)) >= limit for k, limit in limits.items()):
+                return False
+            self._prune(now)
+            for k in limits:
                 self._times.setdefault(k, deque()).append(now)
+            return True
+
+    def undo(self, key: Hashable) -> None:
+        """Take back the last failure of ``key`` (an attempt counted before it was known to
+        be a failure, that turned out right)."""
+        with self._lock:
+            times = self._times.get(key)
+            if times:
+                times.pop()
+                if not times:
+                    del self._times[key]
 
     def forget(self, key: Hashable) -> None:
         with self._lock:
             self._times.pop(key, None)
+
+    def _prune(self, now: float) -> None:
+        if len(self._times) < MAX_TRACKED:
+            return
+        for k in [k for k in self._times if not self._recent(k, now)]:
+            del self._times[k]
+        # Still full of recent ones: the oldest keys go, down to nine tenths, so that the
+        # next prune is a tenth of the table's additions away.
+        excess = len(self._times) - MAX_TRACKED * 9 // 10
+        for k in list(self._times)[: max(0, excess)]:
+            del self._times[k]
 
     def __len__(self) -> int:
         """Keys tracked."""

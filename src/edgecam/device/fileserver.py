@@ -33,7 +33,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
-from starlette.requests import HTTPConnection, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -42,16 +42,16 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from edgecam.config import FileServerConfig, Settings
 from edgecam.errors import ConfigError
 from edgecam.media.clips import CLIP_NAME_RE, ClipStore, camera_clip_re
-from edgecam.ratelimit import Failures
+from edgecam.ratelimit import Failures, client_key
 
 __all__ = [
     "HEADER_TIMEOUT_S",
     "IDLE_TIMEOUT_S",
-    "AuthFailureGuard",
     "GuardedH11Protocol",
     "QuietServer",
+    "TokenGate",
+    "TokenGuard",
     "create_app",
-    "note_auth_failure",
     "server_config",
     "sign_link",
     "signed_url",
@@ -78,55 +78,66 @@ class _Unsatisfiable(Exception):
     pass
 
 
-#: What :func:`verify_link` says of a link it did not make (one it made but that expired
-#: is no guess).
-FORGED_LINK = ("malformed link", "invalid link signature")
-#: Set in a request's scope by a handler that refused the credentials it was given.
-_AUTH_FAILED = "edgecam.auth_failed"
-
-
-def note_auth_failure(conn: HTTPConnection) -> None:
-    """A request (or WebSocket) came with a wrong token, link or cookie: it counts towards
-    its address's lockout (see :class:`AuthFailureGuard`)."""
-    conn.scope[_AUTH_FAILED] = True
-
-
-class AuthFailureGuard:
-    """ASGI middleware: an address that gave ``max_failures`` wrong credentials within
-    ``window_s`` is answered 429 (a WebSocket refused) until the window has passed, before
-    any handler runs: the token, links and cookies cannot be guessed at speed.
+class TokenGuard:
+    """The device's token, checked with a brake on guessing it (a short one is allowed):
+    an address that gave ``max_failures`` wrong tokens within ``window_s`` is refused, the
+    right token included, until the window has passed. The check and the count happen in
+    one step, so requests sent at once cannot all be tried before the lock. Addresses are
+    counted as :func:`~edgecam.ratelimit.client_key` keys (an IPv6 /64 as one).
     """
 
-    def __init__(self, app: Any, max_failures: int, window_s: float) -> None:
-        self.app = app
+    def __init__(self, token: str, max_failures: int, window_s: float) -> None:
+        self._token = token.encode()
         self._max = max_failures
-        self._window_s = window_s
+        self.window_s = window_s
         self._failures = Failures(window_s)
 
+    @classmethod
+    def from_config(cls, cfg: FileServerConfig) -> TokenGuard:
+        token = cfg.token.get_secret_value() if cfg.token is not None else ""
+        if not token:
+            raise ConfigError("the file server needs a token (fileserver.token)")
+        return cls(token, cfg.max_auth_failures, cfg.auth_lockout_s)
+
+    def locked(self, address: str) -> bool:
+        return self._failures.count(client_key(address)) >= self._max
+
+    def check(self, presented: str, address: str) -> bool:
+        """Whether ``presented`` is the token; False without looking from a locked address."""
+        key = client_key(address)
+        if hmac.compare_digest(presented.encode(), self._token):
+            return not self.locked(address)
+        if not self._failures.add_below(self._max, key):
+            return False
+        if self._failures.count(key) == self._max:
+            log.warning("%s gave %d wrong tokens: refused for now", key, self._max)
+        return False
+
+
+class TokenGate:
+    """ASGI middleware: requests (WebSockets too) from an address its guard has locked are
+    answered 429 before any handler runs."""
+
+    def __init__(self, app: Any, guard: TokenGuard) -> None:
+        self.app = app
+        self._guard = guard
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
         client = scope.get("client")
-        address = client[0] if client else ""
-        if self._failures.count(address) >= self._max:
+        if scope["type"] in ("http", "websocket") and self._guard.locked(
+            client[0] if client else ""
+        ):
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
                 return
             refused = JSONResponse(
-                {"error": "too many wrong credentials from this address; try again later"},
+                {"error": "too many wrong tokens from this address; try again later"},
                 status_code=429,
-                headers={"Retry-After": str(round(self._window_s))},
+                headers={"Retry-After": str(round(self._guard.window_s))},
             )
             await refused(scope, receive, send)
             return
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            if scope.get(_AUTH_FAILED):
-                if self._failures.count(address) + 1 == self._max:
-                    log.warning("%s gave %d wrong credentials: refused for now", address, self._max)
-                self._failures.add(address)
+        await self.app(scope, receive, send)
 
 
 def _signature(secret: str, clip_name: str, expires_at: int) -> str:
@@ -168,10 +179,10 @@ def verify_link(
     try:
         expires_at = int(expires)
     except ValueError:
-        return FORGED_LINK[0]
+        return "malformed link"
     expected = _signature(secret, clip_name, expires_at)
     if not hmac.compare_digest(expected.encode(), sig.encode()):
-        return FORGED_LINK[1]
+        return "invalid link signature"
     if now > expires_at:
         return "link expired"
     if expires_at > now + ttl_s + _LINK_SKEW_S:
@@ -253,7 +264,7 @@ def create_app(
             "the file server needs a token: set fileserver.token in the config file or "
             "EDGECAM_FILESERVER__TOKEN in the environment"
         )
-    token = cfg.token.get_secret_value()
+    guard = TokenGuard.from_config(cfg)
     secret = _link_secret(cfg)
     if camera is not None:
         settings.camera(camera)  # validates the name
@@ -274,10 +285,7 @@ def create_app(
         scheme, _, value = auth.partition(" ")
         if scheme.lower() != "bearer":
             return False
-        if hmac.compare_digest(value.strip().encode(), token.encode()):
-            return True
-        note_auth_failure(request)
-        return False
+        return guard.check(value.strip(), request.client.host if request.client else "")
 
     def unauthorized(detail: str) -> Response:
         return JSONResponse(
@@ -317,8 +325,6 @@ def create_app(
                 return unauthorized("missing bearer token or signed link")
             why = verify_link(secret, name, expires, sig, clock(), ttl_s=cfg.link_ttl_s)
             if why is not None:
-                if why in FORGED_LINK:
-                    note_auth_failure(request)
                 return JSONResponse({"error": why}, status_code=403)
         if not CLIP_NAME_RE.fullmatch(name):
             return JSONResponse({"error": "invalid clip name"}, status_code=400)
@@ -327,18 +333,16 @@ def create_app(
             return JSONResponse({"error": "no such clip"}, status_code=404)
         return _file_response(request, path)
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
             Route("/clips", list_clips, methods=["GET"]),
             Route("/clips/{name:path}", get_clip, methods=["GET", "HEAD"]),
         ],
-        middleware=[
-            Middleware(
-                AuthFailureGuard, max_failures=cfg.max_auth_failures, window_s=cfg.auth_lockout_s
-            )
-        ],
+        middleware=[Middleware(TokenGate, guard=guard)],
     )
+    app.state.token_guard = guard  # for the live view's routes, added to this app
+    return app
 
 
 def _file_response(request: Request, path: Path) -> Response:

@@ -33,16 +33,17 @@
 
   // "playing" <-> "stalled": frames must keep coming while the page says it plays. Counted
   // by frame callbacks; without them, by the playback time, which a WebRTC stream advances
-  // with no frames, so there only MSE is watched.
+  // with no frames, so there only MSE is watched. Not while the tab is hidden (browsers stop
+  // the frame callbacks there), and counted afresh from each connection.
+  let progressAt = Date.now();
   function watchStalls() {
     const counted = "requestVideoFrameCallback" in HTMLVideoElement.prototype;
     const progress = () => (counted ? live.frames : video.srcObject ? -1 : video.currentTime);
     let last = progress();
-    let progressAt = Date.now();
     setInterval(() => {
       const now = Date.now();
       const current = progress();
-      if (current !== last || current === -1) {
+      if (current !== last || current === -1 || document.hidden) {
         last = current;
         progressAt = now;
         if (live.state === "stalled") setStatus("playing");
@@ -98,6 +99,7 @@
       this.ping = setInterval(() => this.send({ type: "ping" }), cfg.pingMs);
       live.mode = mode;
       live.connects += 1;
+      progressAt = Date.now();
       setStatus("connecting");
     }
 

@@ -42,9 +42,10 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from edgecam.config import Settings
-from edgecam.device.fileserver import FORGED_LINK, note_auth_failure, sign_link, verify_link
+from edgecam.device.fileserver import TokenGuard, sign_link, verify_link
 from edgecam.errors import ConfigError, LiveViewError
 from edgecam.media.liveview import LiveView, ViewerKind
+from edgecam.ratelimit import client_key
 
 __all__ = ["CountsSource", "SaveClip", "camera_cookie", "live_path", "live_routes", "live_url"]
 
@@ -74,9 +75,6 @@ _CSRF_HEADER = "x-edgecam-live"
 _WS_POLICY_VIOLATION = 1008
 _WS_TRY_AGAIN_LATER = 1013
 _LINK_NAME = "live/{camera}"  # what a live link signs; clip names cannot hold '/'
-# What a cookie or link given to the live view is: none, valid, genuine but expired (or of
-# another camera), or forged.
-_ABSENT, _GOOD, _STALE, _FORGED = "absent", "good", "stale", "forged"
 # No page of another origin may frame these (its Save clip button could be clicked for the
 # viewer): frame-ancestors, and X-Frame-Options for browsers without it.
 _PAGE_CSP = (
@@ -125,14 +123,8 @@ def live_url(settings: Settings, camera: str | None = None, now: float | None = 
 class _Auth:
     """Who may watch what: bearer token, login cookie or signed link."""
 
-    def __init__(self, settings: Settings, clock: Callable[[], float]) -> None:
-        token = settings.fileserver.token
-        if token is None or not token.get_secret_value():
-            raise ConfigError(
-                "the live view needs a token: set fileserver.token in the config file or "
-                "EDGECAM_FILESERVER__TOKEN in the environment"
-            )
-        self._token = token.get_secret_value()
+    def __init__(self, settings: Settings, clock: Callable[[], float], guard: TokenGuard) -> None:
+        self._guard = guard
         self._secret = _secret(settings)
         self._link_ttl_s = settings.live.link_ttl_s
         self.session_ttl_s = settings.live.session_ttl_s
@@ -146,40 +138,28 @@ class _Auth:
         expires = int(self._clock()) + self.session_ttl_s
         return f"{scope}.{expires}.{self._cookie_sig(scope, expires)}"
 
-    def token_ok(self, token: str) -> bool:
-        return hmac.compare_digest(token.encode(), self._token.encode())
+    def token_ok(self, conn: HTTPConnection, token: str) -> bool:
+        """Whether ``token`` is the device's; a wrong one counts towards the address's
+        lockout (the token is the one secret here that can be guessed)."""
+        return self._guard.check(token, conn.client.host if conn.client else "")
 
     def allows(self, conn: HTTPConnection, camera: str | None) -> bool:
-        """Whether ``conn`` may see ``camera`` (None: the index, which needs full access).
-
-        Forged credentials (a wrong token, a bad signature) count towards the address's
-        lockout (:class:`~edgecam.device.fileserver.AuthFailureGuard`); expired or another
-        camera's genuine ones do not: a tab left open must not lock its household out.
-        """
+        """Whether ``conn`` may see ``camera`` (None: the index, which needs full access)."""
         auth = conn.headers.get("authorization")
         if auth is not None:
             scheme, _, value = auth.partition(" ")
-            if scheme.lower() == "bearer" and self.token_ok(value.strip()):
-                return True
-            note_auth_failure(conn)
-            return False
-        verdicts = [self._cookie(conn.cookies.get(COOKIE), camera)]
-        if camera is not None:
-            verdicts.append(self._cookie(conn.cookies.get(camera_cookie(camera)), camera))
-            verdicts.append(self._link(conn, camera))
-        if _GOOD in verdicts:
+            return scheme.lower() == "bearer" and self.token_ok(conn, value.strip())
+        if self._cookie_ok(conn.cookies.get(COOKIE, ""), camera):
             return True
-        if _FORGED in verdicts:
-            note_auth_failure(conn)
-        return False
+        if camera is None:
+            return False
+        own = conn.cookies.get(camera_cookie(camera), "")
+        return self._cookie_ok(own, camera) or self.link_ok(conn, camera)
 
     def link_ok(self, conn: HTTPConnection, camera: str) -> bool:
-        return self._link(conn, camera) == _GOOD
-
-    def _link(self, conn: HTTPConnection, camera: str) -> str:
         expires, sig = conn.query_params.get("expires"), conn.query_params.get("sig")
         if expires is None or sig is None:
-            return _ABSENT
+            return False
         why = verify_link(
             self._secret,
             _LINK_NAME.format(camera=camera),
@@ -188,23 +168,19 @@ class _Auth:
             self._clock(),
             ttl_s=self._link_ttl_s,
         )
-        if why is None:
-            return _GOOD
-        return _FORGED if why in FORGED_LINK else _STALE
+        return why is None
 
-    def _cookie(self, value: str | None, camera: str | None) -> str:
-        if value is None:
-            return _ABSENT
+    def _cookie_ok(self, value: str, camera: str | None) -> bool:
         scope, _, rest = value.partition(".")
         expires, _, sig = rest.partition(".")
         # ASCII digits, not too many: str.isdigit takes "²", and int() refuses 5000 digits.
         if not scope or not re.fullmatch(r"[0-9]{1,12}", expires) or not sig:
-            return _FORGED
+            return False
         if not hmac.compare_digest(self._cookie_sig(scope, int(expires)).encode(), sig.encode()):
-            return _FORGED
-        if self._clock() > int(expires) or scope not in (_ALL_CAMERAS, camera):
-            return _STALE
-        return _GOOD
+            return False
+        if self._clock() > int(expires):
+            return False
+        return scope in (_ALL_CAMERAS, camera)
 
 
 class _SocketLink:
@@ -289,18 +265,27 @@ def live_routes(
     save_clip: SaveClip | None = None,
     *,
     clock: Callable[[], float] = time.time,
+    guard: TokenGuard | None = None,
 ) -> list[BaseRoute]:
     """The live view's routes, to add to the device's Starlette app.
 
     ``views`` maps camera names to their :class:`LiveView` (started or not: a stopped view
     answers "live view off" and pages retry until it is started). ``counts_source(camera)``
     gives the counts shown beside the video; ``save_clip(camera)`` (sync or async) is what
-    the save-clip button calls. No routes when ``live.enabled`` is false. Raises
-    ConfigError when no token is configured.
+    the save-clip button calls. ``guard``: the file server's (``app.state.token_guard``),
+    so that wrong tokens count once an address whichever route they came by; by default
+    one of the routes' own. No routes when ``live.enabled`` is false. Raises ConfigError
+    when no token is configured.
     """
     if not settings.live.enabled:
         return []
-    auth = _Auth(settings, clock)
+    token = settings.fileserver.token
+    if token is None or not token.get_secret_value():
+        raise ConfigError(
+            "the live view needs a token: set fileserver.token in the config file or "
+            "EDGECAM_FILESERVER__TOKEN in the environment"
+        )
+    auth = _Auth(settings, clock, guard or TokenGuard.from_config(settings.fileserver))
     for name in views:
         settings.camera(name)  # validates the names
     ice_servers = [{"urls": settings.live.stun_server}] if settings.live.stun_server else []
@@ -333,8 +318,7 @@ def live_routes(
     async def login(request: Request) -> Response:
         form = await request.form()
         token = form.get("token")
-        if not isinstance(token, str) or not auth.token_ok(token):
-            note_auth_failure(request)
+        if not isinstance(token, str) or not auth.token_ok(request, token):
             return JSONResponse({"error": "wrong token"}, status_code=401)
         response = RedirectResponse("/live", status_code=303)
         _set_cookie(request, response, auth.cookie_value(_ALL_CAMERAS))
@@ -430,7 +414,7 @@ def live_routes(
             await ws.close(code=_WS_POLICY_VIOLATION)
             return
         await ws.accept()
-        client = (camera, ws.client.host if ws.client is not None else "")
+        client = (camera, client_key(ws.client.host if ws.client is not None else ""))
         if per_client[client] >= settings.live.max_viewers_per_client:
             refusal = (
                 f"{per_client[client]} viewers of this camera from your address already, as "

@@ -525,7 +525,13 @@ class FileServerWorker(Worker):
         self._counts: dict[str, dict[str, int]] = {}
         app = create_app(self.settings)
         app.router.routes.extend(
-            live_routes(self.settings, self._views, self._counts.get, self._save_clip)
+            live_routes(
+                self.settings,
+                self._views,
+                self._counts.get,
+                self._save_clip,
+                guard=app.state.token_guard,
+            )
         )
         self._server = QuietServer(server_config(app, cfg))
         self._thread: threading.Thread | None = None

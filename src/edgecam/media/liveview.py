@@ -70,8 +70,8 @@ _PAYLOAD_TYPE = 96
 # Remote ICE candidates taken from one viewer (trickled and in its answer): a browser gives
 # a handful, one per interface and kind.
 _MAX_REMOTE_CANDIDATES = 32
-# An mDNS name as browsers make them to hide a host's address (a UUID and ".local").
-_MDNS_NAME = re.compile(r"[0-9A-Za-z-]{1,63}\.local")
+# A candidate's text as libnice reads it: printable ASCII words, one space apart.
+_CANDIDATE_TEXT = re.compile(r"[\x21-\x7e]+(?: [\x21-\x7e]+)*")
 
 _T = TypeVar("_T")
 
@@ -81,11 +81,17 @@ def refuse_candidate(candidate: str) -> str | None:
 
     A candidate makes the device send packets to the address in it, so a viewer could aim
     the device at anything it can reach: only UDP to an unprivileged port (1024-65535) of a
-    unicast address that is not the device's own loopback, or to a browser's mDNS name, is
-    taken. TCP candidates (the device would open connections), DNS names (a lookup of the
-    viewer's choosing), link-local, multicast, broadcast and unspecified addresses are not.
+    unicast IP address that is not loopback, link-local, multicast, reserved or "this
+    network" is taken. Not TCP (the device would open connections), and no names: a DNS
+    name is a lookup of the viewer's choosing, and an mDNS name can be answered by anyone on
+    the network with any address. The device learns a browser that hides its address behind
+    an mDNS name from the browser's own connectivity checks. The text must read the same to
+    libnice, which splits on single spaces: printable ASCII words, one space apart.
     """
-    fields = candidate.removeprefix("a=").split()
+    text = candidate.removeprefix("a=")
+    if not _CANDIDATE_TEXT.fullmatch(text):
+        return "not a candidate (printable words, one space apart)"
+    fields = text.split(" ")
     # candidate:FOUNDATION COMPONENT TRANSPORT PRIORITY ADDRESS PORT typ TYPE ...
     if len(fields) < 8 or not fields[0].startswith("candidate:") or fields[6] != "typ":
         return "not a candidate"
@@ -97,17 +103,19 @@ def refuse_candidate(candidate: str) -> str | None:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
-        if _MDNS_NAME.fullmatch(address):
-            return None
-        return "a DNS name (IP addresses and mDNS names only)"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+        return "not an IP address (names, mDNS ones too, are not resolved)"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.scope_id is not None:
+            return f"address {address} (no zone)"
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
     if (
         ip.is_loopback
         or ip.is_link_local
         or ip.is_multicast
         or ip.is_unspecified
-        or ip.is_reserved  # 240.0.0.0/4, with the broadcast address
+        or ip.is_reserved  # 240.0.0.0/4 with the broadcast address; ::/8
+        or (ip.version == 4 and ip.packed[0] == 0)  # 0.0.0.0/8, "this network"
     ):
         return f"address {address} (unicast, not loopback or link-local, only)"
     return None
@@ -651,11 +659,13 @@ class _WebRtcBranch:
         return why is None
 
     def _answer_text(self, sdp: str) -> str:
-        """The browser's answer without the candidates it may not give (its own lines)."""
+        """The browser's answer, each line trimmed as GstSdp would read it (so that what is
+        checked is what webrtcbin gets), without the candidates it may not give."""
+        lines = (line.strip() for line in sdp.split("\n"))
         return "".join(
-            line
-            for line in sdp.splitlines(keepends=True)
-            if not line.startswith("a=candidate:") or self._take_candidate(line.strip())
+            f"{line}\r\n"
+            for line in lines
+            if line and (not line.lower().startswith("a=candidate") or self._take_candidate(line))
         )
 
     def _on_negotiation_needed(self, webrtc: Gst.Element) -> None:

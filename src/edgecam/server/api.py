@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import Connection, func, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from edgecam.errors import EdgecamError
@@ -384,11 +386,37 @@ def clip_file(
     raise HTTPException(404, "the clip is only on the device and no link to it is known")
 
 
+# Names that only a local network resolves: a device's link may point at them unlisted.
+_LOCAL_SUFFIXES = (".local", ".lan", ".home.arpa", ".internal")
+
+
+def _host_allowed(host: str, patterns: list[str]) -> bool:
+    """``host`` matches one of ``patterns`` label by label ("*" stands for one label or part
+    of one: "10.0.0.*" is not "10.0.0.7.evil.example"); with no patterns, a private address
+    or a local name (one label, or one of ``_LOCAL_SUFFIXES``)."""
+    host = host.lower().removesuffix(".")
+    if patterns:
+        labels = host.split(".")
+        for pattern in patterns:
+            parts = pattern.lower().split(".")
+            if len(parts) == len(labels) and all(
+                fnmatch.fnmatchcase(a, b) for a, b in zip(labels, parts, strict=True)
+            ):
+                return True
+        return False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return "." not in host or host.endswith(_LOCAL_SUFFIXES)
+    return ip.is_private
+
+
 def refuse_device_link(url: str, name: str, hosts: list[str]) -> str | None:
     """Why the fleet server does not send a user to the link a device announced for its clip
     ``name``, or None. Devices announce ``{base}/clips/{name}?expires=...&sig=...`` (their
     file server's signed link): anything else would let a device send the operators
-    anywhere, a login page of its own making included.
+    anywhere, a login page of its own making included. The host must be one of
+    ``server.device_link_hosts`` or, when that is empty, on a local network.
     """
     try:
         parts = urlsplit(url)
@@ -399,8 +427,12 @@ def refuse_device_link(url: str, name: str, hosts: list[str]) -> str | None:
         return "not an http(s) URL"
     if parts.username is not None or parts.password is not None or parts.fragment:
         return "it carries a user name or a fragment"
-    if hosts and not any(fnmatch.fnmatchcase(host.lower(), h.lower()) for h in hosts):
-        return f"host {host} is not in server.device_link_hosts"
+    if not _host_allowed(host, hosts):
+        return (
+            f"host {host} is not in server.device_link_hosts"
+            if hosts
+            else f"host {host} is not on a local network (see server.device_link_hosts)"
+        )
     if not unquote(parts.path).endswith(f"/clips/{name}"):
         return "it does not lead to this clip on the device's file server"
     query = parse_qs(parts.query, keep_blank_values=True)
@@ -452,6 +484,7 @@ async def upload_clip(
             os.fsync(f.fileno())
         if digest.hexdigest() != want:
             raise HTTPException(422, "SHA-256 mismatch: the clip arrived damaged; send it again")
+        existed = path.is_file()
         os.replace(tmp, path)
     except OSError as exc:
         if not disk_full(exc):
@@ -461,14 +494,19 @@ async def upload_clip(
     finally:
         tmp.unlink(missing_ok=True)
     now = time.time()
-    with Session(ctx.engine) as s, s.begin():
-        clip = s.get(db.Clip, (device, name))
-        if clip is None:
-            clip = db.Clip(device=device, name=name, ts=now, size=size, sha256=want)
-            s.add(clip)
-        clip.stored, clip.stored_at = True, now
-        s.flush()
-        return _clip_out(clip)
+    try:
+        with Session(ctx.engine) as s, s.begin():
+            clip = s.get(db.Clip, (device, name))
+            if clip is None:
+                clip = db.Clip(device=device, name=name, ts=now, size=size, sha256=want)
+                s.add(clip)
+            clip.stored, clip.stored_at = True, now
+            s.flush()
+            return _clip_out(clip)
+    except OperationalError:
+        if not existed:  # not stored after all: no file is left without its row
+            path.unlink(missing_ok=True)
+        raise
 
 
 @router.post("/api/devices/{device}/commands", tags=["commands"], status_code=202)

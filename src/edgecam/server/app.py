@@ -81,8 +81,15 @@ def create_app(ctx: ServerContext) -> FastAPI:
     @app.exception_handler(OperationalError)
     async def _database_failed(request: Request, exc: OperationalError) -> JSONResponse:
         # A full disk or a lost database: say which, keep the details in the log.
-        log.error("%s %s: the database failed: %s", request.method, request.url.path, exc.orig)
-        if disk_full(exc):
+        full = disk_full(exc)
+        log.error(
+            "%s %s: the database failed: %s",
+            request.method,
+            request.url.path,
+            exc.orig,
+            exc_info=None if full else exc,
+        )
+        if full:
             return JSONResponse(
                 {"detail": "the server's disk is full: nothing was stored"}, status_code=507
             )

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.orm import Session
 
 from edgecam.errors import EdgecamError
-from edgecam.ratelimit import Failures
+from edgecam.ratelimit import Failures, client_key
 from edgecam.server.db import SessionRow, Token, User
 
 __all__ = [
@@ -194,7 +194,8 @@ class LoginLimiter:
     the window lock that name at that address (``max_failures``), or the whole address
     (``ADDRESS_FACTOR`` times as many: people behind one router share it), until the window
     has passed. A name is never locked for every address: failing on purpose from one
-    address must not lock its owner out of the dashboard everywhere.
+    address must not lock its owner out of the dashboard everywhere. Addresses are counted
+    as :func:`~edgecam.ratelimit.client_key` keys (an IPv6 /64 as one).
     """
 
     ADDRESS_FACTOR = 4
@@ -205,7 +206,8 @@ class LoginLimiter:
 
     @staticmethod
     def _keys(name: str, address: str) -> tuple[tuple[str, str], str]:
-        return (name.lower(), address), address
+        key = client_key(address)
+        return (name.lower(), key), key
 
     def locked(self, name: str, address: str) -> bool:
         """Whether a login as ``name`` from ``address`` is refused now."""
@@ -215,13 +217,20 @@ class LoginLimiter:
             or self._failures.count(whole) >= self._max * self.ADDRESS_FACTOR
         )
 
+    def attempt(self, name: str, address: str) -> bool:
+        """In one step: False when locked; else True, the attempt counted as a failure
+        until :meth:`succeeded` takes it back. Logins sent at once cannot all be tried
+        before the lock: each takes its place first."""
+        pair, whole = self._keys(name, address)
+        return self._failures.add_within({pair: self._max, whole: self._max * self.ADDRESS_FACTOR})
+
     def __len__(self) -> int:
         """Names at addresses, and addresses, tracked."""
         return len(self._failures)
 
-    def failed(self, name: str, address: str) -> None:
-        self._failures.add(*self._keys(name, address))
-
     def succeeded(self, name: str, address: str) -> None:
-        """A right password: that name's failures at that address are forgotten."""
-        self._failures.forget(self._keys(name, address)[0])
+        """The attempt had the right password: that name's failures at that address are
+        forgotten, and the address's count is given back its place."""
+        pair, whole = self._keys(name, address)
+        self._failures.forget(pair)
+        self._failures.undo(whole)

@@ -53,9 +53,12 @@ def disk_full(exc: BaseException) -> bool:
     """Whether ``exc`` (an ``OSError``, or the database's error) says the disk is full."""
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    # SQLite: "database or disk is full"; PostgreSQL: "could not extend file ...: No space
-    # left on device".
-    text = str(getattr(exc, "orig", exc)).lower()
+    orig = getattr(exc, "orig", exc)
+    # PostgreSQL: SQLSTATE 53100 (disk_full), whatever the server's language; SQLite:
+    # "database or disk is full".
+    if getattr(orig, "sqlstate", None) == "53100" or getattr(orig, "pgcode", None) == "53100":
+        return True
+    text = str(orig).lower()
     return "disk is full" in text or "no space left" in text
 
 

@@ -126,12 +126,11 @@ def login(
     if not auth.same_secret(csrf, request.cookies.get(LOGIN_CSRF_COOKIE)):
         return _login_page(request, "The form expired; please log in again.", 403, username, next)
     client = request.client.host if request.client else "unknown"
-    if ctx.limiter.locked(username, client):
+    if not ctx.limiter.attempt(username, client):
         return _login_page(request, "Too many failed logins; try again later.", 429, username, next)
     try:
         user_id = auth.check_login(ctx.engine, username, password)
-        if user_id is None:
-            ctx.limiter.failed(username, client)
+        if user_id is None:  # counted as a failure already, by attempt()
             return _login_page(request, "Wrong user name or password.", 401, username, next)
         ctx.limiter.succeeded(username, client)
         session = auth.start_session(ctx.engine, user_id, ctx.cfg.session_hours)
