@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.routing import APIRoute
-from server_support import FleetServer, wait_until
+from server_support import FleetServer, server_settings, wait_until
 
 from edgecam.device.upload import UploadError, upload_clip
 from edgecam.protocol import ClipReady
@@ -322,3 +322,35 @@ def test_a_device_cannot_send_the_operator_elsewhere(fleet: FleetServer, device:
     assert refused.status_code == 404
     assert "location" not in refused.headers
     assert "not followed" in refused.json()["detail"]
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_behind_a_trusted_proxy_the_limits_count_the_real_clients(
+    database_url: str, broker: int, prefix: str, tmp_path: Path, trusted: bool
+) -> None:
+    """Behind a reverse proxy every login comes from the proxy's address: with
+    server.trusted_proxies its X-Forwarded-For names the client, and one client's failures
+    do not lock out the others. Without, the header is a client's word and is ignored."""
+    proxies = ["127.0.0.1"] if trusted else []
+    fleet = FleetServer(
+        server_settings(database_url, broker, prefix, tmp_path, trusted_proxies=proxies)
+    )
+    try:
+        client = fleet.anon
+        client.headers["X-Forwarded-For"] = "203.0.113.5"
+        for _ in range(fleet.ctx.cfg.login_max_failures):
+            assert _login(client, "guess").status_code == 401
+        assert _login(client, "correct horse battery").status_code == 429
+        client.headers["X-Forwarded-For"] = "203.0.113.6"  # another client, or a spoofed one
+        assert _login(client, "correct horse battery").status_code == (303 if trusted else 429)
+    finally:
+        fleet.close()
+
+
+def test_a_trusted_proxy_must_be_an_ip_address() -> None:
+    from edgecam.config import load_settings
+    from edgecam.errors import ConfigError
+
+    assert load_settings(**{"server.trusted_proxies": [" ::1 "]}).server.trusted_proxies == ["::1"]
+    with pytest.raises(ConfigError, match=r"server\.trusted_proxies.*'proxy\.lan' is not an IP"):
+        load_settings(**{"server.trusted_proxies": ["proxy.lan"]})

@@ -10,6 +10,7 @@ password, token and URL credential found in the raw config is scrubbed from the 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -91,6 +92,18 @@ Point = tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, 
 Polygon = list[Point]
 Anchor = Literal["bottom_centre", "centre", "top_centre"]
 _REGION_NAME = r"^[A-Za-z0-9_-]{1,32}$"
+
+
+def _ip_address_text(value: object) -> object:
+    """An IP address, written as Python writes it (a clear error otherwise)."""
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value.strip()))
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not an IP address") from exc
+    return value
+
+
 # A host name or address, or a shell pattern of them ("*.cams.lan", "10.0.0.*", "fd00::*").
 _HOST_PATTERN = r"^[A-Za-z0-9.*?:-]{1,255}$"
 _MIN_LINE_LENGTH = 1e-3
@@ -1012,6 +1025,12 @@ class ServerConfig(_Section):
         None,
         description="Mark cookies Secure (sent over HTTPS only); None: when the request came "
         "over HTTPS. Set true behind a TLS proxy that forwards plain HTTP.",
+    )
+    trusted_proxies: list[Annotated[str, BeforeValidator(_ip_address_text)]] = Field(
+        default_factory=list,
+        description="IP addresses of reverse proxies in front of the server, whose "
+        "X-Forwarded-For and X-Forwarded-Proto are believed: the login limits then count the "
+        "real clients, not the proxy. Empty: those headers are ignored.",
     )
     login_max_failures: int = Field(
         5,

@@ -25,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
-from edgecam.config import Settings, redact_url
+from edgecam.config import ServerConfig, Settings, redact_url
 from edgecam.errors import EdgecamError
 from edgecam.server import api, auth, dashboard, db
 from edgecam.server.auth import LoginLimiter, Principal
@@ -279,7 +279,9 @@ class BackgroundServer:
         self.server.start()
         cfg = self._settings.server
         self._http = uvicorn.Server(
-            uvicorn.Config(self.app, host=cfg.host, port=cfg.port, log_level="warning")
+            uvicorn.Config(
+                self.app, host=cfg.host, port=cfg.port, log_level="warning", **_proxies(cfg)
+            )
         )
         self._thread = threading.Thread(target=self._http.run, name="http", daemon=True)
         self._thread.start()
@@ -318,6 +320,14 @@ def _http_server(config: Any) -> Any:
     return _Http(config)
 
 
+def _proxies(cfg: ServerConfig) -> dict[str, Any]:
+    """uvicorn's options for ``server.trusted_proxies``: their forwarded headers believed,
+    nobody else's."""
+    if not cfg.trusted_proxies:
+        return {"proxy_headers": False}
+    return {"proxy_headers": True, "forwarded_allow_ips": ",".join(cfg.trusted_proxies)}
+
+
 def run_server(settings: Settings) -> int:
     """Run ``edgecam server`` until interrupted (SIGINT or SIGTERM), then stop in order."""
     import uvicorn
@@ -335,7 +345,7 @@ def run_server(settings: Settings) -> int:
             host=settings.server.host,
             port=settings.server.port,
             log_level="warning",
-            proxy_headers=False,
+            **_proxies(settings.server),
         )
         http = _http_server(config)
         print(f"edgecam server: http://{settings.server.host}:{settings.server.port}/", flush=True)
