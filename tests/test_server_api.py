@@ -65,8 +65,10 @@ def test_every_route_needs_credentials(fleet: FleetServer) -> None:
     assert fleet.anon.get("/static/app.css").status_code == 200
 
 
-def _login(client: httpx.Client, password: str) -> httpx.Response:
+def _login(client: httpx.Client, password: str, known: str | None = None) -> httpx.Response:
     client.cookies.clear()
+    if known is not None:  # this browser logged in before
+        client.cookies.set("edgecam_known", known, path="/login")
     form = client.get("/login")
     csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)
     assert csrf
@@ -354,3 +356,31 @@ def test_a_trusted_proxy_must_be_an_ip_address() -> None:
     assert load_settings(**{"server.trusted_proxies": [" ::1 "]}).server.trusted_proxies == ["::1"]
     with pytest.raises(ConfigError, match=r"server\.trusted_proxies.*'proxy\.lan' is not an IP"):
         load_settings(**{"server.trusted_proxies": ["proxy.lan"]})
+
+
+def test_a_name_guessed_from_many_addresses_still_opens_from_a_known_browser(
+    database_url: str, broker: int, prefix: str, tmp_path: Path
+) -> None:
+    settings = server_settings(
+        database_url, broker, prefix, tmp_path, trusted_proxies=["127.0.0.1"]
+    )
+    fleet = FleetServer(settings)
+    owner = httpx.Client(base_url=fleet.url, timeout=30, headers={"X-Forwarded-For": "192.0.2.10"})
+    try:
+        assert _login(owner, "correct horse battery").status_code == 303
+        known = owner.cookies.get("edgecam_known")
+        assert known
+        # Many addresses guess the admin's password, four tries each.
+        guesses = fleet.ctx.cfg.login_max_failures * fleet.ctx.limiter.NAME_FACTOR
+        guesser = fleet.anon
+        for i in range(guesses):
+            guesser.headers["X-Forwarded-For"] = f"198.51.100.{i // 4}"
+            assert _login(guesser, "guess").status_code == 401
+        # A new browser, from a new address: the name is locked.
+        guesser.headers["X-Forwarded-For"] = "203.0.113.7"
+        assert _login(guesser, "correct horse battery").status_code == 429
+        # The owner's browser, known to the name, is not held by the name's lock.
+        assert _login(owner, "correct horse battery", known=known).status_code == 303
+    finally:
+        owner.close()
+        fleet.close()

@@ -296,3 +296,22 @@ def test_a_full_disk_answers_507_and_loses_nothing_once_freed(tmp_path: Path) ->
     assert freed["login"][0] == 303
     assert freed["upload"][0] == 201
     assert freed["files"] == ["main-20260101-000000.mp4"]
+
+
+def test_many_addresses_guessing_one_name_lock_it_but_not_for_its_known_browsers() -> None:
+    limiter = LoginLimiter(max_failures=5, window_s=60, secret=b"k" * 32)
+    known = limiter.known_value("admin")  # this browser logged in as admin before
+    assert limiter.is_known(known, "Admin") and not limiter.is_known(known, "other")
+    guesses = 5 * LoginLimiter.NAME_FACTOR
+    for i in range(guesses):  # four tries from each of many addresses
+        assert limiter.attempt("admin", f"198.51.100.{i // 4}")
+    assert limiter.locked("admin", "203.0.113.1")  # a new browser, a new address
+    assert not limiter.attempt("admin", "203.0.113.1")
+    assert limiter.attempt("admin", "203.0.113.1", known=limiter.is_known(known, "admin"))
+    assert not limiter.locked("someone-else", "203.0.113.1")
+    # A cookie is known only as made, for its name, until it expires.
+    assert not limiter.is_known(known.replace(".", ".0"), "admin")
+    assert not limiter.is_known("99." + known.split(".")[1], "admin")
+    assert not limiter.is_known(known, "admin", now=time.time() + 91 * 86400)
+    assert not LoginLimiter(5, 60, secret=b"x" * 32).is_known(known, "admin")
+    assert not limiter.is_known(None, "admin") and not limiter.is_known("", "admin")

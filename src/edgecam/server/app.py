@@ -168,7 +168,11 @@ class Server:
             mqtt=settings.mqtt,
             engine=self.engine,
             counters=self.counters,
-            limiter=LoginLimiter(self.cfg.login_max_failures, self.cfg.login_lockout_s),
+            limiter=LoginLimiter(
+                self.cfg.login_max_failures,
+                self.cfg.login_lockout_s,
+                self.cfg.link_secret.get_secret_value().encode() if self.cfg.link_secret else None,
+            ),
         )
         self._ingest: Ingest | None = None
         self._procs: list[Any] = []

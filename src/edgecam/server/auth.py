@@ -11,6 +11,7 @@ import hmac
 import re
 import secrets
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from argon2 import PasswordHasher
@@ -190,47 +191,81 @@ def same_secret(a: str | None, b: str | None) -> bool:
 
 
 class LoginLimiter:
-    """Counts failed logins per user name at a client address, and per address; too many in
-    the window lock that name at that address (``max_failures``), or the whole address
-    (``ADDRESS_FACTOR`` times as many: people behind one router share it), until the window
-    has passed. A name is never locked for every address: failing on purpose from one
-    address must not lock its owner out of the dashboard everywhere. Addresses are counted
+    """Failed logins counted per user name at a client address, per address and per name:
+    too many in the window lock that name at that address (``max_failures``), the whole
+    address (``ADDRESS_FACTOR`` times as many: people behind one router share it), or the
+    name for browsers it has never logged in from (``NAME_FACTOR`` times as many: many
+    addresses guessing one password), until the window has passed.
+
+    A browser the name logged in from before (a :meth:`known_value` cookie) is not held by
+    the name's own lock: failing on purpose, from however many addresses, must not lock the
+    owner out of the dashboard (the "device cookie" defence, OWASP). Addresses are counted
     as :func:`~edgecam.ratelimit.client_key` keys (an IPv6 /64 as one).
     """
 
     ADDRESS_FACTOR = 4
+    NAME_FACTOR = 10
+    KNOWN_DAYS = 90
 
-    def __init__(self, max_failures: int, window_s: float) -> None:
+    def __init__(self, max_failures: int, window_s: float, secret: bytes | None = None) -> None:
         self._max = max_failures
         self._failures = Failures(window_s)
+        # Signs the known-browser cookies; one of this process's own unless given (a
+        # restart then forgets the browsers, which only matters under attack).
+        self._secret = secret or secrets.token_bytes(32)
 
     @staticmethod
-    def _keys(name: str, address: str) -> tuple[tuple[str, str], str]:
+    def _keys(name: str, address: str) -> tuple[tuple[str, str], str, tuple[str]]:
         key = client_key(address)
-        return (name.lower(), key), key
+        return (name.lower(), key), key, (name.lower(),)
 
-    def locked(self, name: str, address: str) -> bool:
+    def _limits(self, name: str, address: str, known: bool) -> dict[Hashable, int]:
+        pair, whole, alone = self._keys(name, address)
+        limits: dict[Hashable, int] = {pair: self._max, whole: self._max * self.ADDRESS_FACTOR}
+        if not known:
+            limits[alone] = self._max * self.NAME_FACTOR
+        return limits
+
+    def locked(self, name: str, address: str, known: bool = False) -> bool:
         """Whether a login as ``name`` from ``address`` is refused now."""
-        pair, whole = self._keys(name, address)
-        return (
-            self._failures.count(pair) >= self._max
-            or self._failures.count(whole) >= self._max * self.ADDRESS_FACTOR
+        return any(
+            self._failures.count(k) >= limit
+            for k, limit in self._limits(name, address, known).items()
         )
 
-    def attempt(self, name: str, address: str) -> bool:
+    def attempt(self, name: str, address: str, known: bool = False) -> bool:
         """In one step: False when locked; else True, the attempt counted as a failure
         until :meth:`succeeded` takes it back. Logins sent at once cannot all be tried
-        before the lock: each takes its place first."""
-        pair, whole = self._keys(name, address)
-        return self._failures.add_within({pair: self._max, whole: self._max * self.ADDRESS_FACTOR})
+        before the lock: each takes its place first. ``known``: the browser showed a
+        :meth:`known_value` cookie of this name."""
+        return self._failures.add_within(self._limits(name, address, known))
 
     def __len__(self) -> int:
-        """Names at addresses, and addresses, tracked."""
+        """Names at addresses, addresses and names tracked."""
         return len(self._failures)
 
-    def succeeded(self, name: str, address: str) -> None:
+    def succeeded(self, name: str, address: str, known: bool = False) -> None:
         """The attempt had the right password: that name's failures at that address are
-        forgotten, and the address's count is given back its place."""
-        pair, whole = self._keys(name, address)
+        forgotten, and the address's and the name's counts are given their places back."""
+        pair, whole, alone = self._keys(name, address)
         self._failures.forget(pair)
         self._failures.undo(whole)
+        if not known:
+            self._failures.undo(alone)
+
+    def known_value(self, name: str, now: float | None = None) -> str:
+        """A cookie value saying that this browser logged in as ``name``."""
+        expires = int(time.time() if now is None else now) + self.KNOWN_DAYS * 86400
+        return f"{expires}.{self._known_sig(name, expires)}"
+
+    def is_known(self, value: str | None, name: str, now: float | None = None) -> bool:
+        expires, _, sig = (value or "").partition(".")
+        if not re.fullmatch(r"[0-9]{1,12}", expires):
+            return False
+        if int(expires) < (time.time() if now is None else now):
+            return False
+        return hmac.compare_digest(sig.encode(), self._known_sig(name, int(expires)).encode())
+
+    def _known_sig(self, name: str, expires: int) -> str:
+        msg = f"known-browser\n{name.lower()}\n{expires}".encode()
+        return hmac.new(self._secret, msg, hashlib.sha256).hexdigest()

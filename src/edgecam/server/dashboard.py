@@ -24,6 +24,7 @@ __all__ = ["router"]
 log = logging.getLogger(__name__)
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 LOGIN_CSRF_COOKIE = "edgecam_login_csrf"
+KNOWN_COOKIE = "edgecam_known"
 RANGES = [("1 h", 3600), ("6 h", 6 * 3600), ("24 h", 86400), ("7 d", 7 * 86400)]
 DEFAULT_WORKERS = ["inference", "streaming", "recorder", "fileserver"]
 
@@ -126,13 +127,14 @@ def login(
     if not auth.same_secret(csrf, request.cookies.get(LOGIN_CSRF_COOKIE)):
         return _login_page(request, "The form expired; please log in again.", 403, username, next)
     client = request.client.host if request.client else "unknown"
-    if not ctx.limiter.attempt(username, client):
+    known = ctx.limiter.is_known(request.cookies.get(KNOWN_COOKIE), username)
+    if not ctx.limiter.attempt(username, client, known):
         return _login_page(request, "Too many failed logins; try again later.", 429, username, next)
     try:
         user_id = auth.check_login(ctx.engine, username, password)
         if user_id is None:  # counted as a failure already, by attempt()
             return _login_page(request, "Wrong user name or password.", 401, username, next)
-        ctx.limiter.succeeded(username, client)
+        ctx.limiter.succeeded(username, client, known)
         session = auth.start_session(ctx.engine, user_id, ctx.cfg.session_hours)
     except OperationalError as exc:
         log.error("login of %r: the database failed: %s", username, exc.orig)
@@ -151,6 +153,17 @@ def login(
         secure=_secure(request),
     )
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
+    # This browser is known to the name from now on: the name's own lock, against many
+    # addresses guessing, does not hold it (see LoginLimiter).
+    response.set_cookie(
+        KNOWN_COOKIE,
+        ctx.limiter.known_value(username),
+        max_age=ctx.limiter.KNOWN_DAYS * 86400,
+        path="/login",
+        httponly=True,
+        samesite="lax",
+        secure=_secure(request),
+    )
     return response
 
 
