@@ -1037,7 +1037,8 @@ class ServerConfig(_Section):
         ge=1,
         le=1000,
         description="Failed logins of one user name from one address before that name is "
-        "locked out there; an address is locked out after four times as many.",
+        "locked out there; an address is locked out after four times as many, and a name, "
+        "for browsers it never logged in from, after ten times as many from anywhere.",
     )
     login_lockout_s: float = Field(300, ge=1, le=86400, description="Lockout length.")
     device_offline_s: float = Field(
