@@ -702,6 +702,8 @@ def test_every_candidate_gstsdp_reads_in_an_answer_was_checked() -> None:
         "\ta=candidate:3 1 tcp 1 169.254.169.254 8080 typ host\r\n"
         "a=candidate:4 1 udp 1\t10.0.0.1\t5000\ttyp\thost 127.0.0.1 5353 typ host\r\n"
         "a=CANDIDATE:5 1 udp 1 127.0.0.1 5000 typ host\n"
+        "a= candidate:8 1 udp 1 127.0.0.1 1883 typ host\r\n"
+        "a=\tcandidate:9 1 tcp 1 169.254.169.254 80 typ host\r\n"
         "a=candidate:6 1 udp 1 10.0.0.1 5000 typ host\ra=candidate:7 1 tcp 1 10.0.0.1 22 typ host\n"
         "a=sendrecv\r\n"
     )
@@ -775,6 +777,11 @@ def test_wrong_tokens_lock_an_address_out_and_old_tabs_do_not(tmp_path: Any) -> 
         assert tab.post("/live/login", data={"token": "a-new-token"}).status_code == 200
         assert tab.get(live_path(settings, "main", now=now[0])).status_code == 200
     with TestClient(app, base_url="http://127.0.0.1", client=("10.0.0.9", 1)) as guesser:
+        # Another site's page posting guesses from this browser: refused, and not counted.
+        evil = {"Origin": "http://evil.example"}
+        for _ in range(5):
+            posted = guesser.post("/live/login", data={"token": "guess"}, headers=evil)
+            assert posted.status_code == 403
         assert guesser.post("/live/login", data={"token": "guess"}).status_code == 401
         bad = {"Authorization": "Bearer guess"}
         assert guesser.get("/live", headers=bad, follow_redirects=False).status_code == 303

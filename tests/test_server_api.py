@@ -259,6 +259,19 @@ _SIGNED = "?expires=1767225600&sig=" + "ab" * 32
         ("https://cam.example/edgecam/clips/a.mp4" + _SIGNED, [], "local network"),
         ("https://evil.example/phish/clips/a.mp4" + _SIGNED, [], "local network"),
         ("https://8.8.8.8/clips/a.mp4" + _SIGNED, [], "local network"),
+        # Hosts a browser reads otherwise than written.
+        ("http://evil%2ecom/clips/a.mp4" + _SIGNED, [], "local network"),
+        ("http://evil%E3%80%82com/clips/a.mp4" + _SIGNED, [], "local network"),
+        ("http://evil\u3002com/clips/a.mp4" + _SIGNED, [], "local network"),
+        ("http://2130706433/clips/a.mp4" + _SIGNED, [], "local network"),
+        ("http://134744072/clips/a.mp4" + _SIGNED, [], "local network"),
+        ("http://0x8080808/clips/a.mp4" + _SIGNED, [], "local network"),
+        ("http://0x7f.1/clips/a.mp4" + _SIGNED, [], "local network"),
+        ("http://10.1/clips/a.mp4" + _SIGNED, [], "local network"),
+        ("http://[::ffff:8.8.8.8]/clips/a.mp4" + _SIGNED, [], "local network"),
+        ("http://0.0.0.0:8081/clips/a.mp4" + _SIGNED, [], "local network"),
+        ("http://[::ffff:10.0.0.5]/clips/a.mp4" + _SIGNED, [], None),
+        ("http://10.0.0.7%2eevil%2eexample/clips/a.mp4" + _SIGNED, ["10.0.0.*"], "device_link"),
         # Listed hosts, label by label.
         ("https://cam.example/edgecam/clips/a.mp4" + _SIGNED, ["cam.example"], None),
         ("http://cam-1.cams.lan:8081/clips/a.mp4" + _SIGNED, ["*.cams.lan"], None),
@@ -353,7 +366,11 @@ def test_a_trusted_proxy_must_be_an_ip_address() -> None:
     from edgecam.config import load_settings
     from edgecam.errors import ConfigError
 
-    assert load_settings(**{"server.trusted_proxies": [" ::1 "]}).server.trusted_proxies == ["::1"]
+    proxies = [" ::1 ", "10.1.2.3/8"]
+    assert load_settings(**{"server.trusted_proxies": proxies}).server.trusted_proxies == [
+        "::1",
+        "10.0.0.0/8",
+    ]
     with pytest.raises(ConfigError, match=r"server\.trusted_proxies.*'proxy\.lan' is not an IP"):
         load_settings(**{"server.trusted_proxies": ["proxy.lan"]})
 
@@ -384,3 +401,21 @@ def test_a_name_guessed_from_many_addresses_still_opens_from_a_known_browser(
     finally:
         owner.close()
         fleet.close()
+
+
+def test_logins_during_a_database_outage_lock_nobody_out(
+    fleet: FleetServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    real = auth.check_login
+
+    def lost(*_args: object) -> None:
+        raise OperationalError("SELECT", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(auth, "check_login", lost)
+    for _ in range(3 * fleet.ctx.cfg.login_max_failures):  # a user retrying through it
+        page = _login(fleet.anon, "correct horse battery")
+        assert page.status_code == 503 and "database is unavailable" in page.text
+    monkeypatch.setattr(auth, "check_login", real)
+    assert _login(fleet.anon, "correct horse battery").status_code == 303

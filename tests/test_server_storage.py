@@ -205,9 +205,12 @@ def test_asking_the_limiter_about_new_names_costs_no_memory() -> None:
 
 def test_failures_stay_bounded_when_every_key_is_fresh() -> None:
     failures = Failures(window_s=3600)
-    for i in range(3 * MAX_TRACKED):
+    for _ in range(50):
+        failures.add_below(50, "admin")  # a name at its limit
+    for i in range(3 * MAX_TRACKED):  # keys sprayed to push it out
         assert failures.add_below(5, f"2001:db8:{i:x}::/64")
     assert len(failures) <= MAX_TRACKED
+    assert failures.count("admin") == 50  # the spray went, the lock stayed
 
 
 def test_migrations_upgrade_a_database_with_data(database_url: str) -> None:
@@ -315,3 +318,16 @@ def test_many_addresses_guessing_one_name_lock_it_but_not_for_its_known_browsers
     assert not limiter.is_known(known, "admin", now=time.time() + 91 * 86400)
     assert not LoginLimiter(5, 60, secret=b"x" * 32).is_known(known, "admin")
     assert not limiter.is_known(None, "admin") and not limiter.is_known("", "admin")
+
+
+def test_the_login_key_outlives_a_restart_and_is_the_servers_own(tmp_path: Path) -> None:
+    from edgecam.server.app import _login_key
+
+    key = _login_key(tmp_path / "clips")
+    assert key is not None and len(key) == 32
+    assert _login_key(tmp_path / "clips") == key  # the next run reads the same
+    assert (tmp_path / "clips" / ".login-key").stat().st_mode & 0o777 == 0o600
+    before = LoginLimiter(5, 60, key).known_value("admin")
+    assert LoginLimiter(5, 60, _login_key(tmp_path / "clips")).is_known(before, "admin")
+    (tmp_path / "clips" / ".login-key").write_bytes(b"short")
+    assert _login_key(tmp_path / "clips") is None  # damaged: a key of the run's own

@@ -95,12 +95,16 @@ _REGION_NAME = r"^[A-Za-z0-9_-]{1,32}$"
 
 
 def _ip_address_text(value: object) -> object:
-    """An IP address, written as Python writes it (a clear error otherwise)."""
+    """An IP address or network ("10.0.0.0/8"), written as Python writes it (a clear error
+    otherwise)."""
     if isinstance(value, str):
+        text = value.strip()
         try:
-            return str(ipaddress.ip_address(value.strip()))
+            if "/" in text:
+                return str(ipaddress.ip_network(text, strict=False))
+            return str(ipaddress.ip_address(text))
         except ValueError as exc:
-            raise ValueError(f"{value!r} is not an IP address") from exc
+            raise ValueError(f"{value!r} is not an IP address or network") from exc
     return value
 
 
@@ -1028,7 +1032,7 @@ class ServerConfig(_Section):
     )
     trusted_proxies: list[Annotated[str, BeforeValidator(_ip_address_text)]] = Field(
         default_factory=list,
-        description="IP addresses of reverse proxies in front of the server, whose "
+        description="IP addresses (or networks) of reverse proxies in front of the server, whose "
         "X-Forwarded-For and X-Forwarded-Proto are believed: the login limits then count the "
         "real clients, not the proxy. Empty: those headers are ignored.",
     )

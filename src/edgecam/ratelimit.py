@@ -16,10 +16,11 @@ __all__ = ["Failures", "client_key"]
 MAX_TRACKED = 10_000
 
 
-def client_key(address: str) -> str:
-    """The key a client address is counted under: an IPv6 address by its /64 (one host
-    holds a whole /64 and can change address at will), an IPv4-mapped one as IPv4, anything
-    else (IPv4, a name, "") as it is."""
+def client_key(address: str, v6_prefix: int = 64) -> str:
+    """The key a client address is counted under: an IPv6 address by its first
+    ``v6_prefix`` bits (on the internet a host holds a whole /64 and can change address at
+    will; on a home network the whole household shares one, so the device counts them
+    whole, 128), an IPv4-mapped one as IPv4, anything else (IPv4, a name, "") as it is."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -27,7 +28,8 @@ def client_key(address: str) -> str:
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+        network = int(ip) >> (128 - v6_prefix) << (128 - v6_prefix)
+        return str(ipaddress.IPv6Network((network, v6_prefix)))
     return str(ip)
 
 
@@ -91,11 +93,14 @@ class Failures:
             return
         for k in [k for k in self._times if not self._recent(k, now)]:
             del self._times[k]
-        # Still full of recent ones: the oldest keys go, down to nine tenths, so that the
+        # Still full of recent ones: those with the fewest failures go (keys sprayed to make
+        # room have one each; a key at its limit stays), down to nine tenths, so that the
         # next prune is a tenth of the table's additions away.
         excess = len(self._times) - MAX_TRACKED * 9 // 10
-        for k in list(self._times)[: max(0, excess)]:
-            del self._times[k]
+        if excess > 0:
+            fewest = sorted(self._times, key=lambda k: len(self._times[k]))[:excess]
+            for k in fewest:
+                del self._times[k]
 
     def __len__(self) -> int:
         """Keys tracked."""

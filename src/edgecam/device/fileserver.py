@@ -83,7 +83,7 @@ class TokenGuard:
     an address that gave ``max_failures`` wrong tokens within ``window_s`` is refused, the
     right token included, until the window has passed. The check and the count happen in
     one step, so requests sent at once cannot all be tried before the lock. Addresses are
-    counted as :func:`~edgecam.ratelimit.client_key` keys (an IPv6 /64 as one).
+    counted whole, IPv6 ones too: a household shares one /64.
     """
 
     def __init__(self, token: str, max_failures: int, window_s: float) -> None:
@@ -100,11 +100,11 @@ class TokenGuard:
         return cls(token, cfg.max_auth_failures, cfg.auth_lockout_s)
 
     def locked(self, address: str) -> bool:
-        return self._failures.count(client_key(address)) >= self._max
+        return self._failures.count(client_key(address, 128)) >= self._max
 
     def check(self, presented: str, address: str) -> bool:
         """Whether ``presented`` is the token; False without looking from a locked address."""
-        key = client_key(address)
+        key = client_key(address, 128)
         if hmac.compare_digest(presented.encode(), self._token):
             return not self.locked(address)
         if not self._failures.add_below(self._max, key):

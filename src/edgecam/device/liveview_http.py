@@ -183,6 +183,12 @@ class _Auth:
         return scope in (_ALL_CAMERAS, camera)
 
 
+def _same_origin(conn: HTTPConnection) -> bool:
+    """No ``Origin`` (not a browser's cross-site request), or the page's own."""
+    origin = conn.headers.get("origin")
+    return origin is None or origin.split("://", 1)[-1] == conn.headers.get("host")
+
+
 class _SocketLink:
     """A :class:`~edgecam.media.liveview.ViewerLink` onto one WebSocket: GStreamer threads
     queue messages, the event loop sends them."""
@@ -316,6 +322,10 @@ def live_routes(
         )
 
     async def login(request: Request) -> Response:
+        if not _same_origin(request):
+            # Another site's page posting guesses from a viewer's browser would count them
+            # against the viewer's address (and could lock the household out).
+            return JSONResponse({"error": "a login from another site"}, status_code=403)
         form = await request.form()
         token = form.get("token")
         if not isinstance(token, str) or not auth.token_ok(request, token):
@@ -404,9 +414,7 @@ def live_routes(
     async def socket(ws: WebSocket) -> None:
         camera: str = ws.path_params["camera"]
         view = views.get(camera)
-        origin = ws.headers.get("origin")
-        same_origin = origin is None or origin.split("://", 1)[-1] == ws.headers.get("host")
-        if view is None or not same_origin or not auth.allows(ws, camera):
+        if view is None or not _same_origin(ws) or not auth.allows(ws, camera):
             await ws.close(code=_WS_POLICY_VIOLATION)
             return
         mode = ws.query_params.get("mode", "webrtc")
@@ -414,7 +422,7 @@ def live_routes(
             await ws.close(code=_WS_POLICY_VIOLATION)
             return
         await ws.accept()
-        client = (camera, client_key(ws.client.host if ws.client is not None else ""))
+        client = (camera, client_key(ws.client.host if ws.client is not None else "", 128))
         if per_client[client] >= settings.live.max_viewers_per_client:
             refusal = (
                 f"{per_client[client]} viewers of this camera from your address already, as "

@@ -70,6 +70,9 @@ _PAYLOAD_TYPE = 96
 # Remote ICE candidates taken from one viewer (trickled and in its answer): a browser gives
 # a handful, one per interface and kind.
 _MAX_REMOTE_CANDIDATES = 32
+# A line of SDP that GstSdp might read as a candidate (it skips blanks after "a="); only the
+# plain form, "a=candidate:...", can pass refuse_candidate.
+_CANDIDATE_LINE = re.compile(r"a=\s*candidate", re.IGNORECASE)
 # A candidate's text as libnice reads it: printable ASCII words, one space apart.
 _CANDIDATE_TEXT = re.compile(r"[\x21-\x7e]+(?: [\x21-\x7e]+)*")
 
@@ -665,7 +668,7 @@ class _WebRtcBranch:
         return "".join(
             f"{line}\r\n"
             for line in lines
-            if line and (not line.lower().startswith("a=candidate") or self._take_candidate(line))
+            if line and (not _CANDIDATE_LINE.match(line) or self._take_candidate(line))
         )
 
     def _on_negotiation_needed(self, webrtc: Gst.Element) -> None:

@@ -393,10 +393,31 @@ _LOCAL_SUFFIXES = (".local", ".lan", ".home.arpa", ".internal")
 def _host_allowed(host: str, patterns: list[str]) -> bool:
     """``host`` matches one of ``patterns`` label by label ("*" stands for one label or part
     of one: "10.0.0.*" is not "10.0.0.7.evil.example"); with no patterns, a private address
-    or a local name (one label, or one of ``_LOCAL_SUFFIXES``)."""
+    or a local name (one label, or one of ``_LOCAL_SUFFIXES``).
+
+    Only hosts a browser reads as written are judged: plain ASCII names and IP addresses in
+    their usual form. A browser decodes "%2e" to a dot, reads "2130706433" or "0x7f.1" as an
+    IPv4 address and maps "evil。com" to "evil.com": such hosts are refused.
+    """
     host = host.lower().removesuffix(".")
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    if ":" in host:
+        try:
+            ip = ipaddress.IPv6Address(host)
+        except ValueError:
+            return False
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+    elif not re.fullmatch(r"[a-z0-9-]+(\.[a-z0-9-]+)*", host):
+        return False
+    elif re.fullmatch(r"[0-9]+|0x[0-9a-f]*", host.rsplit(".", 1)[-1]):
+        # A browser reads a host whose last label is a number as an IPv4 address.
+        try:
+            ip = ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
     if patterns:
-        labels = host.split(".")
+        labels = str(ip if ip is not None else host).split(".")
         for pattern in patterns:
             parts = pattern.lower().split(".")
             if len(parts) == len(labels) and all(
@@ -404,11 +425,9 @@ def _host_allowed(host: str, patterns: list[str]) -> bool:
             ):
                 return True
         return False
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+    if ip is None:
         return "." not in host or host.endswith(_LOCAL_SUFFIXES)
-    return ip.is_private
+    return ip.is_private and not ip.is_unspecified
 
 
 def refuse_device_link(url: str, name: str, hosts: list[str]) -> str | None:

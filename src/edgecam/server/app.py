@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
+import os
+import secrets
 import signal
 import sys
 import threading
@@ -171,7 +173,7 @@ class Server:
             limiter=LoginLimiter(
                 self.cfg.login_max_failures,
                 self.cfg.login_lockout_s,
-                self.cfg.link_secret.get_secret_value().encode() if self.cfg.link_secret else None,
+                _login_key(self.cfg.clips_dir),
             ),
         )
         self._ingest: Ingest | None = None
@@ -243,6 +245,32 @@ class Server:
         if self._retention is not None:
             self._retention.join(timeout=10)
         self.engine.dispose()
+
+
+def _login_key(folder: Path) -> bytes | None:
+    """The server's own key for the known-browser cookies of its logins, kept in
+    ``folder/.login-key`` (0600) so that a restart does not forget the browsers; no device
+    holds it. None (a key of the process's own) when the folder cannot keep it."""
+    path = folder / ".login-key"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+        key = path.read_bytes()
+    except OSError as exc:
+        log.warning(
+            "cannot keep the login key in %s (%s): browsers are forgotten at restart", folder, exc
+        )
+        return None
+    if len(key) < 32:
+        log.warning("%s is damaged: a new key for this run", path)
+        return None
+    return key
 
 
 def prune_clips(folder: Path, max_age_days: float, max_bytes: int) -> int:

@@ -253,6 +253,15 @@ class LoginLimiter:
         if not known:
             self._failures.undo(alone)
 
+    def cancel(self, name: str, address: str, known: bool = False) -> None:
+        """The attempt could not be judged (the database failed): it is taken back whole,
+        so that retrying through an outage locks nobody out."""
+        pair, whole, alone = self._keys(name, address)
+        self._failures.undo(pair)
+        self._failures.undo(whole)
+        if not known:
+            self._failures.undo(alone)
+
     def known_value(self, name: str, now: float | None = None) -> str:
         """A cookie value saying that this browser logged in as ``name``."""
         expires = int(time.time() if now is None else now) + self.KNOWN_DAYS * 86400

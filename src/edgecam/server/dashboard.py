@@ -132,17 +132,18 @@ def login(
         return _login_page(request, "Too many failed logins; try again later.", 429, username, next)
     try:
         user_id = auth.check_login(ctx.engine, username, password)
-        if user_id is None:  # counted as a failure already, by attempt()
-            return _login_page(request, "Wrong user name or password.", 401, username, next)
-        ctx.limiter.succeeded(username, client, known)
+    except BaseException as exc:
+        ctx.limiter.cancel(username, client, known)  # not judged: not a failure
+        if isinstance(exc, OperationalError):
+            return _database_failed(request, exc, username, next)
+        raise
+    if user_id is None:  # counted as a failure already, by attempt()
+        return _login_page(request, "Wrong user name or password.", 401, username, next)
+    ctx.limiter.succeeded(username, client, known)
+    try:
         session = auth.start_session(ctx.engine, user_id, ctx.cfg.session_hours)
     except OperationalError as exc:
-        log.error("login of %r: the database failed: %s", username, exc.orig)
-        why, status = (
-            ("its disk is full", 507) if disk_full(exc) else ("its database is unavailable", 503)
-        )
-        message = f"The server cannot log you in now ({why}); try again later."
-        return _login_page(request, message, status, username, next)
+        return _database_failed(request, exc, username, next)
     response = RedirectResponse(_safe_next(next), status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
@@ -165,6 +166,17 @@ def login(
         secure=_secure(request),
     )
     return response
+
+
+def _database_failed(
+    request: Request, exc: OperationalError, username: str, next_: str
+) -> HTMLResponse:
+    log.error("login of %r: the database failed: %s", username, exc.orig)
+    why, status = (
+        ("its disk is full", 507) if disk_full(exc) else ("its database is unavailable", 503)
+    )
+    message = f"The server cannot log you in now ({why}); try again later."
+    return _login_page(request, message, status, username, next_)
 
 
 @router.post("/logout")
