@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import hmac
@@ -504,6 +505,7 @@ async def upload_clip(
         if digest.hexdigest() != want:
             raise HTTPException(422, "SHA-256 mismatch: the clip arrived damaged; send it again")
         existed = path.is_file()
+        written = os.stat(tmp).st_ino
         os.replace(tmp, path)
     except OSError as exc:
         if not disk_full(exc):
@@ -523,8 +525,11 @@ async def upload_clip(
             s.flush()
             return _clip_out(clip)
     except OperationalError:
-        if not existed:  # not stored after all: no file is left without its row
-            path.unlink(missing_ok=True)
+        # Not stored after all: no file is left without its row (unless another upload of
+        # the same clip has put its own there since).
+        with contextlib.suppress(OSError):
+            if not existed and os.stat(path).st_ino == written:
+                path.unlink()
         raise
 
 
