@@ -757,8 +757,8 @@ class FileServerConfig(_Section):
         20,
         ge=1,
         le=100000,
-        description="Wrong tokens, signed links or cookies from one address within "
-        "auth_lockout_s before that address is refused (429) until the window has passed.",
+        description="Wrong tokens from one address within auth_lockout_s before that "
+        "address is refused (429) until the window has passed.",
     )
     auth_lockout_s: float = Field(60, ge=1, le=86400, description="That window, in seconds.")
     public_url: str | None = Field(
