@@ -552,3 +552,20 @@ def test_tokens_sent_at_once_cannot_all_be_tried() -> None:
     assert len(guard._failures) == 1 and guard._failures.count("10.0.0.9") == 5
     assert not guard.check("the-token", "10.0.0.9")  # locked: the right token too
     assert guard.check("the-token", "10.0.0.8")
+
+
+def test_an_ipv6_household_is_counted_by_address_and_its_network_as_a_whole() -> None:
+    guard = TokenGuard("the-token", max_failures=3, window_s=60)
+    for _ in range(3):
+        assert not guard.check("guess", "2001:db8:1:2::9")
+    assert guard.locked("2001:db8:1:2::9")
+    assert guard.check("the-token", "2001:db8:1:2::10")  # the rest of the household
+    # A host taking a new address in its /64 for every few guesses is caught by the /64.
+    for i in range(3 * TokenGuard.NETWORK_FACTOR):
+        guard.check("guess", f"2001:db8:1:2::{i + 100:x}")
+    assert not guard.check("the-token", "2001:db8:1:2::10")
+    assert guard.check("the-token", "2001:db8:1:3::10")  # another network
+    ipv4 = TokenGuard("the-token", max_failures=3, window_s=60)
+    for _ in range(3):
+        ipv4.check("guess", "10.0.0.9")
+    assert ipv4.locked("10.0.0.9") and not ipv4.locked("10.0.0.8")

@@ -277,6 +277,8 @@ _SIGNED = "?expires=1767225600&sig=" + "ab" * 32
         ("http://cam-1.cams.lan:8081/clips/a.mp4" + _SIGNED, ["*.cams.lan"], None),
         ("http://CAM-1.Cams.LAN/clips/a.mp4" + _SIGNED, ["*.cams.lan"], None),
         ("http://10.0.0.5/clips/a.mp4" + _SIGNED, ["10.0.0.*"], None),
+        ("http://[fd00::5]/clips/a.mp4" + _SIGNED, ["fd00:0:0:0::0005"], None),
+        ("http://cam_1.cams.lan/clips/a.mp4" + _SIGNED, ["*.cams.lan"], None),
         ("http://10.0.0.7.evil.example/clips/a.mp4" + _SIGNED, ["10.0.0.*"], "device_link"),
         ("http://a.b.cams.lan/clips/a.mp4" + _SIGNED, ["*.cams.lan"], "device_link_hosts"),
         ("http://evil.example/clips/a.mp4" + _SIGNED, ["*.cams.lan"], "device_link_hosts"),
@@ -346,7 +348,7 @@ def test_behind_a_trusted_proxy_the_limits_count_the_real_clients(
     """Behind a reverse proxy every login comes from the proxy's address: with
     server.trusted_proxies its X-Forwarded-For names the client, and one client's failures
     do not lock out the others. Without, the header is a client's word and is ignored."""
-    proxies = ["127.0.0.1"] if trusted else []
+    proxies = ["127.0.0.0/8"] if trusted else []  # a network, as uvicorn >= 0.31 reads them
     fleet = FleetServer(
         server_settings(database_url, broker, prefix, tmp_path, trusted_proxies=proxies)
     )

@@ -329,5 +329,9 @@ def test_the_login_key_outlives_a_restart_and_is_the_servers_own(tmp_path: Path)
     assert (tmp_path / "clips" / ".login-key").stat().st_mode & 0o777 == 0o600
     before = LoginLimiter(5, 60, key).known_value("admin")
     assert LoginLimiter(5, 60, _login_key(tmp_path / "clips")).is_known(before, "admin")
-    (tmp_path / "clips" / ".login-key").write_bytes(b"short")
-    assert _login_key(tmp_path / "clips") is None  # damaged: a key of the run's own
+    # A start that died half-way left it empty: it is replaced, and kept from then on.
+    (tmp_path / "clips" / ".login-key").write_bytes(b"")
+    fresh = _login_key(tmp_path / "clips")
+    assert fresh is not None and len(fresh) == 32 and fresh != key
+    assert _login_key(tmp_path / "clips") == fresh
+    assert sorted(p.name for p in (tmp_path / "clips").iterdir()) == [".login-key"]

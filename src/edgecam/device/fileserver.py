@@ -24,7 +24,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -82,9 +82,12 @@ class TokenGuard:
     """The device's token, checked with a brake on guessing it (a short one is allowed):
     an address that gave ``max_failures`` wrong tokens within ``window_s`` is refused, the
     right token included, until the window has passed. The check and the count happen in
-    one step, so requests sent at once cannot all be tried before the lock. Addresses are
-    counted whole, IPv6 ones too: a household shares one /64.
+    one step, so requests sent at once cannot all be tried before the lock. An IPv6 address
+    is counted whole (a household shares one /64) and its /64 too, at ``NETWORK_FACTOR``
+    times as many (a host can take a new address in its /64 at will).
     """
+
+    NETWORK_FACTOR = 4
 
     def __init__(self, token: str, max_failures: int, window_s: float) -> None:
         self._token = token.encode()
@@ -99,18 +102,24 @@ class TokenGuard:
             raise ConfigError("the file server needs a token (fileserver.token)")
         return cls(token, cfg.max_auth_failures, cfg.auth_lockout_s)
 
+    def _limits(self, address: str) -> dict[Hashable, int]:
+        host, network = client_key(address, 128), client_key(address, 64)
+        if network == host:  # IPv4, or not an address
+            return {host: self._max}
+        return {host: self._max, network: self._max * self.NETWORK_FACTOR}
+
     def locked(self, address: str) -> bool:
-        return self._failures.count(client_key(address, 128)) >= self._max
+        return any(self._failures.count(k) >= n for k, n in self._limits(address).items())
 
     def check(self, presented: str, address: str) -> bool:
         """Whether ``presented`` is the token; False without looking from a locked address."""
-        key = client_key(address, 128)
         if hmac.compare_digest(presented.encode(), self._token):
             return not self.locked(address)
-        if not self._failures.add_below(self._max, key):
+        limits = self._limits(address)
+        if not self._failures.add_within(limits):
             return False
-        if self._failures.count(key) == self._max:
-            log.warning("%s gave %d wrong tokens: refused for now", key, self._max)
+        if self.locked(address):
+            log.warning("%s gave too many wrong tokens: refused for now", address)
         return False
 
 

@@ -409,7 +409,7 @@ def _host_allowed(host: str, patterns: list[str]) -> bool:
             return False
         if ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-    elif not re.fullmatch(r"[a-z0-9-]+(\.[a-z0-9-]+)*", host):
+    elif not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*", host):
         return False
     elif re.fullmatch(r"[0-9]+|0x[0-9a-f]*", host.rsplit(".", 1)[-1]):
         # A browser reads a host whose last label is a number as an IPv4 address.
@@ -420,6 +420,8 @@ def _host_allowed(host: str, patterns: list[str]) -> bool:
     if patterns:
         labels = str(ip if ip is not None else host).split(".")
         for pattern in patterns:
+            with contextlib.suppress(ValueError):  # an address: in the form hosts are read
+                pattern = str(ipaddress.ip_address(pattern))
             parts = pattern.lower().split(".")
             if len(parts) == len(labels) and all(
                 fnmatch.fnmatchcase(a, b) for a, b in zip(labels, parts, strict=True)

@@ -48,6 +48,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
+_LOGIN_KEY_BYTES = 32
 CSP = (
     "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
     "media-src 'self' http: https:; frame-ancestors 'none'; form-action 'self'"
@@ -250,27 +251,34 @@ class Server:
 def _login_key(folder: Path) -> bytes | None:
     """The server's own key for the known-browser cookies of its logins, kept in
     ``folder/.login-key`` (0600) so that a restart does not forget the browsers; no device
-    holds it. None (a key of the process's own) when the folder cannot keep it."""
+    holds it. The file appears whole or not at all (written aside, then linked into place:
+    two servers starting at once read the same key), and one found damaged (a start that
+    died half-way) is replaced. None (a key of the process's own) when the folder cannot
+    keep it."""
     path = folder / ".login-key"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(32))
-        key = path.read_bytes()
+        for _ in range(2):
+            with contextlib.suppress(FileNotFoundError):
+                key = path.read_bytes()
+                if len(key) == _LOGIN_KEY_BYTES:
+                    return key
+                log.warning("%s is damaged: a new key replaces it", path)
+                path.unlink()
+            aside = folder / f".login-key.{os.getpid()}.{secrets.token_hex(4)}"
+            fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(secrets.token_bytes(_LOGIN_KEY_BYTES))
+                    f.flush()
+                    os.fsync(f.fileno())
+                with contextlib.suppress(FileExistsError):  # another server was first
+                    os.link(aside, path)
+            finally:
+                aside.unlink(missing_ok=True)
     except OSError as exc:
-        log.warning(
-            "cannot keep the login key in %s (%s): browsers are forgotten at restart", folder, exc
-        )
-        return None
-    if len(key) < 32:
-        log.warning("%s is damaged: a new key for this run", path)
-        return None
-    return key
+        log.warning("no login key kept in %s (%s): browsers forgotten at restart", folder, exc)
+    return None
 
 
 def prune_clips(folder: Path, max_age_days: float, max_bytes: int) -> int:
