@@ -11,8 +11,8 @@ from collections.abc import Callable, Hashable
 
 __all__ = ["Failures", "client_key"]
 
-#: Keys kept at most: past it, those with no recent failure are forgotten, then the oldest
-#: (keys sprayed at a form must not grow memory without bound).
+#: Keys kept at most: past it, those with no recent failure are forgotten, then those with
+#: the fewest (keys sprayed at a form must not grow memory without bound).
 MAX_TRACKED = 10_000
 
 
