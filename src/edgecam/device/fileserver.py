@@ -96,10 +96,14 @@ class TokenGuard:
         self._failures = Failures(window_s)
 
     @classmethod
-    def from_config(cls, cfg: FileServerConfig) -> TokenGuard:
+    def from_config(cls, cfg: FileServerConfig, user: str = "the file server") -> TokenGuard:
+        """The guard of ``cfg``'s token; ConfigError, naming ``user``, when there is none."""
         token = cfg.token.get_secret_value() if cfg.token is not None else ""
         if not token:
-            raise ConfigError("the file server needs a token (fileserver.token)")
+            raise ConfigError(
+                f"{user} needs a token: set fileserver.token in the config file or "
+                "EDGECAM_FILESERVER__TOKEN in the environment"
+            )
         return cls(token, cfg.max_auth_failures, cfg.auth_lockout_s)
 
     def _limits(self, address: str) -> dict[Hashable, int]:
@@ -268,11 +272,6 @@ def create_app(
 ) -> Starlette:
     """The file server's ASGI app. Raises ConfigError when no token is configured."""
     cfg = settings.fileserver
-    if cfg.token is None or not cfg.token.get_secret_value():
-        raise ConfigError(
-            "the file server needs a token: set fileserver.token in the config file or "
-            "EDGECAM_FILESERVER__TOKEN in the environment"
-        )
     guard = TokenGuard.from_config(cfg)
     secret = _link_secret(cfg)
     if camera is not None:

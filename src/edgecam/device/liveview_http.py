@@ -285,13 +285,9 @@ def live_routes(
     """
     if not settings.live.enabled:
         return []
-    token = settings.fileserver.token
-    if token is None or not token.get_secret_value():
-        raise ConfigError(
-            "the live view needs a token: set fileserver.token in the config file or "
-            "EDGECAM_FILESERVER__TOKEN in the environment"
-        )
-    auth = _Auth(settings, clock, guard or TokenGuard.from_config(settings.fileserver))
+    # Made whether or not a guard is given: without a token, a ConfigError here.
+    own_guard = TokenGuard.from_config(settings.fileserver, "the live view")
+    auth = _Auth(settings, clock, guard or own_guard)
     for name in views:
         settings.camera(name)  # validates the names
     ice_servers = [{"urls": settings.live.stun_server}] if settings.live.stun_server else []
