@@ -206,9 +206,9 @@ def test_asking_the_limiter_about_new_names_costs_no_memory() -> None:
 def test_failures_stay_bounded_when_every_key_is_fresh() -> None:
     failures = Failures(window_s=3600)
     for _ in range(50):
-        failures.add_below(50, "admin")  # a name at its limit
+        failures.add_within({"admin": 50})  # a name at its limit
     for i in range(3 * MAX_TRACKED):  # keys sprayed to push it out
-        assert failures.add_below(5, f"2001:db8:{i:x}::/64")
+        assert failures.add_within({f"2001:db8:{i:x}::/64": 5})
     assert len(failures) <= MAX_TRACKED
     assert failures.count("admin") == 50  # the spray went, the lock stayed
 

@@ -58,13 +58,9 @@ class Failures:
         with self._lock:
             return len(self._recent(key, self._clock()))
 
-    def add_below(self, limit: int, *keys: Hashable) -> bool:
-        """In one step: when every key has failed fewer than ``limit`` times, one more
-        failure of each, and True; else nothing, and False."""
-        return self.add_within({key: limit for key in keys})
-
     def add_within(self, limits: dict[Hashable, int]) -> bool:
-        """:meth:`add_below` with a limit of each key's own."""
+        """In one step: when every key has failed fewer times than its limit, one more
+        failure of each, and True; else nothing, and False."""
         now = self._clock()
         with self._lock:
             if any(len(self._recent(k, now)) >= limit for k, limit in limits.items()):
