@@ -32,6 +32,7 @@ with warnings.catch_warnings():
     # Starlette 1.x prefers httpx2 for its test client; httpx (a dev dependency) still works.
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
     from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
 
 TOKEN = "s3cret-token"
 CLIP = "main_20240101T000000Z_abcdef.mp4"
@@ -530,6 +531,65 @@ def test_an_address_guessing_the_token_is_refused_for_a_while(tmp_path: Path, cl
         assert owner.get("/clips", headers=AUTH).status_code == 200
         time.sleep(1.1)  # past the window, the address is served again
         assert guesser.get("/clips", headers=AUTH).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("host", "served"),
+    [
+        ("127.0.0.1:8081", True),
+        ("[::1]:8081", True),
+        ("[fd00::5]", True),
+        ("203.0.113.7:8081", True),  # an address cannot be rebound, public or not
+        ("door-1:8081", True),  # local names
+        ("door-1.local", True),
+        ("DOOR-1.LAN.", True),
+        ("cam-1.cams.example.com", True),  # fileserver.allowed_hosts
+        ("door.example.org:443", True),  # fileserver.public_url's host
+        ("evil.example", False),  # a page whose name was pointed at the device
+        ("evil.example:8081", False),
+        ("127.0.0.1.evil.example", False),
+        ("a.b.cams.example.com", False),  # "*" is one label
+        ("evil%2eexample", False),
+        ("2130706433", False),
+        ("[::1", False),
+        ("[::1]x", False),
+        ("door-1:80:80", False),
+        ("", False),
+    ],
+)
+def test_only_names_the_device_is_known_by_are_served(
+    tmp_path: Path, clips: Path, host: str, served: bool
+) -> None:
+    """Against DNS rebinding: another site's name, pointed at the device by its DNS, makes
+    the site's page same-origin with the device; its requests still name that site."""
+    settings = _settings(
+        tmp_path,
+        allowed_hosts=["*.cams.example.com"],
+        public_url="https://door.example.org/edgecam",
+    )
+    with TestClient(create_app(settings)) as c:
+        r = c.get("/clips", headers={**AUTH, "Host": host})
+        if served:
+            assert r.status_code == 200, r.text
+        else:
+            assert r.status_code == 400 and "fileserver.allowed_hosts" in r.json()["error"]
+            with (
+                pytest.raises(WebSocketDisconnect) as closed,
+                c.websocket_connect("/live/main/ws", headers={"Host": host}),
+            ):
+                pass
+            assert closed.value.code == 1008
+
+
+def test_allowed_hosts_star_takes_every_name(tmp_path: Path, clips: Path) -> None:
+    with TestClient(create_app(_settings(tmp_path, allowed_hosts=["*"]))) as c:
+        assert c.get("/clips", headers={**AUTH, "Host": "cams.example.com"}).status_code == 200
+        assert c.get("/clips", headers={**AUTH, "Host": "evil%2e"}).status_code == 400
+
+
+def test_allowed_hosts_are_checked_in_config(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="allowed_hosts"):
+        _settings(tmp_path, allowed_hosts=["cams.example.com/x"])
 
 
 def test_tokens_sent_at_once_cannot_all_be_tried() -> None:

@@ -761,6 +761,15 @@ class FileServerConfig(_Section):
         "address is refused (429) until the window has passed.",
     )
     auth_lockout_s: float = Field(60, ge=1, le=86400, description="That window, in seconds.")
+    allowed_hosts: list[Annotated[str, Field(pattern=_HOST_PATTERN)]] = Field(
+        default_factory=list,
+        description="Names besides local ones under which browsers reach this server (shell "
+        "patterns matched label by label, e.g. 'cams.example.com', '*.cams.example.com'). IP "
+        "addresses, local names (one label, .local, .lan, .home.arpa, .internal) and "
+        "public_url's host are always taken; a request naming any other host gets 400, "
+        "which stops DNS rebinding (another site's page resolving its own name to this "
+        "device). '*' takes every name.",
+    )
     public_url: str | None = Field(
         None,
         pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -25,6 +23,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from edgecam.errors import EdgecamError
+from edgecam.hostnames import is_local_name, matches, read_host
 from edgecam.protocol import CLIP_NAME, DEVICE_NAME, Command
 from edgecam.server import auth, db
 from edgecam.server.commands import check_command
@@ -387,50 +386,18 @@ def clip_file(
     raise HTTPException(404, "the clip is only on the device and no link to it is known")
 
 
-# Names that only a local network resolves: a device's link may point at them unlisted.
-_LOCAL_SUFFIXES = (".local", ".lan", ".home.arpa", ".internal")
-
-
 def _host_allowed(host: str, patterns: list[str]) -> bool:
-    """``host`` matches one of ``patterns`` label by label ("*" stands for one label or part
-    of one: "10.0.0.*" is not "10.0.0.7.evil.example"); with no patterns, a private address
-    or a local name (one label, or one of ``_LOCAL_SUFFIXES``).
-
-    Only hosts a browser reads as written are judged: plain ASCII names and IP addresses in
-    their usual form. A browser decodes "%2e" to a dot, reads "2130706433" or "0x7f.1" as an
-    IPv4 address and maps "evil。com" to "evil.com": such hosts are refused.
-    """
-    host = host.lower().removesuffix(".")
-    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
-    if ":" in host:
-        try:
-            ip = ipaddress.IPv6Address(host)
-        except ValueError:
-            return False
-        if ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-    elif not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*", host):
+    """``host`` matches one of ``patterns`` (see :func:`edgecam.hostnames.matches`); with no
+    patterns, it is a private address or a local name. A host a browser reads otherwise
+    than it is written is refused (see :func:`edgecam.hostnames.read_host`)."""
+    read = read_host(host)
+    if read is None:
         return False
-    elif re.fullmatch(r"[0-9]+|0x[0-9a-f]*", host.rsplit(".", 1)[-1]):
-        # A browser reads a host whose last label is a number as an IPv4 address.
-        try:
-            ip = ipaddress.IPv4Address(host)
-        except ValueError:
-            return False
     if patterns:
-        labels = str(ip if ip is not None else host).split(".")
-        for pattern in patterns:
-            with contextlib.suppress(ValueError):  # an address: in the form hosts are read
-                pattern = str(ipaddress.ip_address(pattern))
-            parts = pattern.lower().split(".")
-            if len(parts) == len(labels) and all(
-                fnmatch.fnmatchcase(a, b) for a, b in zip(labels, parts, strict=True)
-            ):
-                return True
-        return False
-    if ip is None:
-        return "." not in host or host.endswith(_LOCAL_SUFFIXES)
-    return ip.is_private and not ip.is_unspecified
+        return matches(read, patterns)
+    if isinstance(read, str):
+        return is_local_name(read)
+    return read.is_private and not read.is_unspecified
 
 
 def refuse_device_link(url: str, name: str, hosts: list[str]) -> str | None:
