@@ -357,12 +357,13 @@ def test_kill9_of_the_orchestrator_leaves_no_process(tmp_path: Path, broker: Loc
 
 
 def test_broker_outage_and_device_restart_lose_nothing(tmp_path: Path) -> None:
-    """The broker is away for 30 s; meanwhile the device makes stats, is restarted, makes
+    """The broker is away for 16 s; meanwhile the device makes stats, is restarted, makes
     more. Every stats message arrives, in order, when the broker is back: at least once
     (QoS 1: one whose acknowledgement the outage cut off comes again, with its own id, which
     the fleet server stores once)."""
     with LocalBroker(tmp_path / "broker", ["outage"]) as broker:
         config = _config(tmp_path, broker, "outage", stats={"interval_s": 1})
+        config["mqtt"]["reconnect_max_s"] = 2  # the test is of what is kept, not of the wait
         dev = Device(tmp_path, config, broker, persistent_listener=True)
         dev.start()
         try:
@@ -370,10 +371,10 @@ def test_broker_outage_and_device_restart_lose_nothing(tmp_path: Path) -> None:
             dev.listener.wait("stats", lambda k, d: k == "stats" and d["seq"] >= 2, 30)
             broker.stop()
             outage_start = time.monotonic()
-            time.sleep(12)
+            time.sleep(6)
             assert dev.stop() == 0  # restarted while the broker is down
             dev.start()
-            time.sleep(max(0.0, 30 - (time.monotonic() - outage_start)))
+            time.sleep(max(0.0, 16 - (time.monotonic() - outage_start)))
             broker.start()
             produced = _last_seq(tmp_path / "outbox.sqlite")
             dev.listener.wait(
@@ -389,7 +390,7 @@ def test_broker_outage_and_device_restart_lose_nothing(tmp_path: Path) -> None:
     for d in stats:  # a repeat is a redelivery of the same message, never a new one
         assert first_id.setdefault(d["seq"], d["id"]) == d["id"], d
     seqs = list(first_id)
-    assert produced >= 15, produced  # about one a second during the outage, less the restart
+    assert produced >= 8, produced  # about one a second during the outage, less the restart
     assert seqs == list(range(seqs[0], seqs[-1] + 1)), seqs  # none lost, in order
     assert len(stats) - len(seqs) <= 3, [d["seq"] for d in stats]  # redeliveries are rare
 

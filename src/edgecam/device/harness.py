@@ -68,6 +68,7 @@ class Listener:
         )
         user = self.broker.server_user
         client.username_pw_set(user, self.broker.credentials[user])
+        client.reconnect_delay_set(1, 2)  # back soon after the broker (paho: up to 120 s)
         client.on_message = self._on_message
         client.on_connect = lambda c, *_: c.subscribe(f"{self.prefix}#", qos=1)
         client.connect("127.0.0.1", self.broker.port)
