@@ -796,6 +796,13 @@ class RuntimeConfig(_Section):
         description="Folder of one log file per worker; none: the workers log to the "
         "device's own output.",
     )
+    log_max_bytes: int = Field(
+        10 * 2**20,
+        ge=64 * 2**10,
+        le=2**40,
+        description="Size at which a worker's log file in log_dir is moved to NAME.log.1 "
+        "(replacing the one before) and started afresh: at most twice this a worker.",
+    )
 
 
 class SupervisorConfig(_Section):

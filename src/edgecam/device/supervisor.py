@@ -13,8 +13,10 @@ thread die with it (``PR_SET_PDEATHSIG`` is per thread).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,11 +33,13 @@ from edgecam.device.runner import EXIT_CONFIG, SUPERVISOR_ENV
 from edgecam.device.workers import START_ORDER, WORKERS
 from edgecam.protocol import WorkerState, WorkerStateName
 
-__all__ = ["Child", "Supervisor", "worker_command"]
+__all__ = ["Child", "Supervisor", "trim_log", "worker_command"]
 
 log = logging.getLogger(__name__)
 
 _EXIT_FINISHED = 0  # a worker that exits 0 on its own has finished (a file source ended)
+_LOG_CHECK_S = 10.0  # how often the workers' log files are measured
+_NEW_LOG = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 
 
 def worker_command(name: str, camera: str | None, config: Path | None) -> list[str]:
@@ -48,6 +52,35 @@ def worker_command(name: str, camera: str | None, config: Path | None) -> list[s
     if config is not None:
         cmd += ["--config", str(config)]
     return cmd
+
+
+def trim_log(path: Path, max_bytes: int) -> None:
+    """``path`` copied to ``path.1`` (replacing it) and emptied, if it has grown past
+    ``max_bytes``. Emptied even where the copy fails (a full disk): the bound holds."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning("cannot look at log %s: %s", path, exc)
+        return
+    old = path.with_name(f"{path.name}.1")
+    part = path.with_name(f"{path.name}.1.part")
+    try:
+        with open(path, "rb") as src, open(os.open(part, _NEW_LOG, 0o600), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(part, old)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            part.unlink(missing_ok=True)
+        log.warning("log %s emptied without keeping it: cannot write %s: %s", path, old, exc)
+    try:
+        os.truncate(path, 0)
+    except OSError as exc:
+        log.warning("cannot empty log %s: %s", path, exc)
+        return
+    log.info("log %s passed %d bytes: moved to %s", path, max_bytes, old.name)
 
 
 @dataclass
@@ -112,6 +145,8 @@ class Supervisor:
         self.config: SupervisorConfig = settings.supervisor
         self._config_file = config_file
         self._log_dir = log_dir
+        self._log_max = settings.runtime.log_max_bytes
+        self._next_log_check = 0.0
         self.children: dict[str, Child] = {}
         for name in START_ORDER:
             cls = WORKERS[name]
@@ -161,9 +196,8 @@ class Supervisor:
         out: int | None = None
         if self._log_dir is not None:
             self._log_dir.mkdir(parents=True, exist_ok=True)
-            name = child.key.replace("/", ".")
             out = os.open(
-                self._log_dir / f"{name}.log",
+                self._log_path(child),
                 os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                 0o600,
             )
@@ -194,6 +228,21 @@ class Supervisor:
         child.set_state("starting")
         log.info("worker %s started (pid %d)", child.key, child.proc.pid)
 
+    def _log_path(self, child: Child) -> Path:
+        assert self._log_dir is not None
+        return self._log_dir / f"{child.key.replace('/', '.')}.log"
+
+    def _trim_logs(self, now: float) -> None:
+        """Each worker's log file past ``runtime.log_max_bytes`` copied to NAME.log.1 and
+        emptied (as logrotate's copytruncate): the worker writes on through its descriptor,
+        opened O_APPEND, at the new end. What it writes between the copy and the emptying
+        is lost; a device left for months must not fill its disk with logs."""
+        if self._log_dir is None or now < self._next_log_check:
+            return
+        self._next_log_check = now + _LOG_CHECK_S
+        for child in self.children.values():
+            trim_log(self._log_path(child), self._log_max)
+
     def on_ready(self, key: str, pid: int) -> None:
         child = self.children.get(key)
         if child is None or child.pid != pid or child.state in ("stopping", "stopped"):
@@ -220,8 +269,10 @@ class Supervisor:
             child.error = error
 
     def poll(self) -> None:
-        """Reap dead children, kill hung ones, start the ones whose delay is over."""
+        """Reap dead children, kill hung ones, start the ones whose delay is over; keep
+        their log files within bounds."""
         now = time.monotonic()
+        self._trim_logs(now)
         for child in self.children.values():
             proc = child.proc
             if proc is not None:

@@ -1,0 +1,107 @@
+"""The workers' log files (``runtime.log_dir``) stay within ``runtime.log_max_bytes``: a
+device left for months must not fill its disk with logs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edgecam.config import Settings
+from edgecam.device.supervisor import Supervisor, trim_log
+
+_APPEND = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+
+
+def _writer(path: Path) -> subprocess.Popen[bytes]:
+    """A process writing numbered lines to ``path`` through an O_APPEND descriptor, as
+    the supervisor gives each worker."""
+    fd = os.open(path, _APPEND, 0o600)
+    try:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-u",
+                "-c",
+                "import itertools, time\n"
+                "for i in itertools.count():\n"
+                "    print(f'line {i:08d} ' + 'x' * 100)\n"
+                "    time.sleep(0.0005)\n",
+            ],
+            stdout=fd,
+        )
+    finally:
+        os.close(fd)
+
+
+def _wait_size(path: Path, size: int) -> None:
+    end = time.monotonic() + 20
+    while path.stat().st_size < size:
+        assert time.monotonic() < end, path.stat().st_size
+        time.sleep(0.02)
+
+
+def test_a_log_past_its_bound_is_moved_aside_and_the_worker_writes_on(tmp_path: Path) -> None:
+    log = tmp_path / "inference.main.log"
+    proc = _writer(log)
+    try:
+        _wait_size(log, 70_000)
+        trim_log(log, 64 * 1024)
+        _wait_size(log, 2_000)  # written on, after the emptying
+    finally:
+        proc.kill()
+        proc.wait()
+    old, new = (tmp_path / "inference.main.log.1").read_bytes(), log.read_bytes()
+    assert len(old) > 64 * 1024
+    assert old.startswith(b"line 00000000 ")
+    # Written at the new end (O_APPEND): no hole of zeros where the old bytes were.
+    assert b"\0" not in new and len(new) < len(old)
+    first_new = int(new.split(b"\n")[1].split()[1])  # the first whole line
+    last_old = int(old.rstrip(b"\n").rsplit(b"\n", 1)[1].split()[1])
+    assert first_new > last_old
+    assert oct(os.stat(tmp_path / "inference.main.log.1").st_mode & 0o777) == "0o600"
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_small_logs_are_left_alone(tmp_path: Path) -> None:
+    log = tmp_path / "recorder.log"
+    log.write_bytes(b"a" * 1000)
+    trim_log(log, 1000)
+    trim_log(tmp_path / "missing.log", 1000)
+    assert log.read_bytes() == b"a" * 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recorder.log"]
+
+
+def test_a_log_is_emptied_even_where_it_cannot_be_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = tmp_path / "recorder.log"
+    log.write_bytes(b"a" * 5000)
+    (tmp_path / "recorder.log.1.part").mkdir()  # the copy cannot be written
+    trim_log(log, 1000)
+    assert log.stat().st_size == 0
+    assert "emptied without keeping it" in caplog.text
+
+
+def test_the_supervisor_keeps_every_workers_log_bounded(tmp_path: Path) -> None:
+    settings = Settings(runtime={"log_dir": tmp_path, "log_max_bytes": 64 * 1024})
+    supervisor = Supervisor(settings, None, tmp_path)
+    big = tmp_path / "inference.log"
+    big.write_bytes(b"b" * 100_000)
+    (tmp_path / "recorder.main.log").write_bytes(b"c" * 1000)
+    supervisor.poll()
+    assert big.stat().st_size == 0
+    assert (tmp_path / "inference.log.1").stat().st_size == 100_000
+    assert (tmp_path / "recorder.main.log").stat().st_size == 1000
+    big.write_bytes(b"d" * 100_000)
+    supervisor.poll()  # measured every 10 s, not on every poll
+    assert big.stat().st_size == 100_000
+
+
+def test_log_max_bytes_is_checked_in_config() -> None:
+    with pytest.raises(ValueError, match="log_max_bytes"):
+        Settings(runtime={"log_max_bytes": 1000})
