@@ -303,21 +303,27 @@ def test_a_full_disk_answers_507_and_loses_nothing_once_freed(tmp_path: Path) ->
 
 def test_many_addresses_guessing_one_name_lock_it_but_not_for_its_known_browsers() -> None:
     limiter = LoginLimiter(max_failures=5, window_s=60, secret=b"k" * 32)
-    known = limiter.known_value("admin")  # this browser logged in as admin before
-    assert limiter.is_known(known, "Admin") and not limiter.is_known(known, "other")
+    stamp = "stamp-of-the-password"
+    known = limiter.known_value("admin", stamp)  # this browser logged in as admin before
+    assert limiter.is_known(known, "Admin", stamp)
+    assert not limiter.is_known(known, "other", stamp)
     guesses = 5 * LoginLimiter.NAME_FACTOR
     for i in range(guesses):  # four tries from each of many addresses
         assert limiter.attempt("admin", f"198.51.100.{i // 4}")
     assert limiter.locked("admin", "203.0.113.1")  # a new browser, a new address
     assert not limiter.attempt("admin", "203.0.113.1")
-    assert limiter.attempt("admin", "203.0.113.1", known=limiter.is_known(known, "admin"))
+    assert limiter.attempt("admin", "203.0.113.1", known=limiter.is_known(known, "admin", stamp))
     assert not limiter.locked("someone-else", "203.0.113.1")
     # A cookie is known only as made, for its name, until it expires.
-    assert not limiter.is_known(known.replace(".", ".0"), "admin")
-    assert not limiter.is_known("99." + known.split(".")[1], "admin")
-    assert not limiter.is_known(known, "admin", now=time.time() + 91 * 86400)
-    assert not LoginLimiter(5, 60, secret=b"x" * 32).is_known(known, "admin")
-    assert not limiter.is_known(None, "admin") and not limiter.is_known("", "admin")
+    assert not limiter.is_known(known.replace(".", ".0"), "admin", stamp)
+    assert not limiter.is_known("99." + known.split(".")[1], "admin", stamp)
+    assert not limiter.is_known(known, "admin", stamp, now=time.time() + 91 * 86400)
+    assert not LoginLimiter(5, 60, secret=b"x" * 32).is_known(known, "admin", stamp)
+    assert not limiter.is_known(None, "admin", stamp)
+    assert not limiter.is_known("", "admin", stamp)
+    # A new password (or no such user any more): the browser is unknown again.
+    assert not limiter.is_known(known, "admin", "stamp-of-the-next-password")
+    assert not limiter.is_known(known, "admin", None)
 
 
 def test_the_login_key_outlives_a_restart_and_is_the_servers_own(tmp_path: Path) -> None:
@@ -327,8 +333,8 @@ def test_the_login_key_outlives_a_restart_and_is_the_servers_own(tmp_path: Path)
     assert key is not None and len(key) == 32
     assert _login_key(tmp_path / "clips") == key  # the next run reads the same
     assert (tmp_path / "clips" / ".login-key").stat().st_mode & 0o777 == 0o600
-    before = LoginLimiter(5, 60, key).known_value("admin")
-    assert LoginLimiter(5, 60, _login_key(tmp_path / "clips")).is_known(before, "admin")
+    before = LoginLimiter(5, 60, key).known_value("admin", "s")
+    assert LoginLimiter(5, 60, _login_key(tmp_path / "clips")).is_known(before, "admin", "s")
     # A start that died half-way left it empty: it is replaced, and kept from then on.
     (tmp_path / "clips" / ".login-key").write_bytes(b"")
     fresh = _login_key(tmp_path / "clips")

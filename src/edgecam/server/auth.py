@@ -151,6 +151,14 @@ def check_login(engine: Engine, name: str, password: str) -> int | None:
     return user.id if user is not None else None
 
 
+def password_stamp(engine: Engine, name: str) -> str | None:
+    """A digest of ``name``'s password hash, which changes with the password (what a
+    known-browser cookie is signed with); None when there is no such user."""
+    with Session(engine) as s:
+        digest = s.scalar(select(User.password_hash).where(User.name == name))
+    return None if digest is None else _sha(digest)
+
+
 def start_session(engine: Engine, user_id: int, hours: float) -> str:
     """A new session of ``user_id``: the cookie value."""
     value = secrets.token_urlsafe(32)
@@ -262,19 +270,25 @@ class LoginLimiter:
         if not known:
             self._failures.undo(alone)
 
-    def known_value(self, name: str, now: float | None = None) -> str:
-        """A cookie value saying that this browser logged in as ``name``."""
+    def known_value(self, name: str, stamp: str, now: float | None = None) -> str:
+        """A cookie value saying that this browser logged in as ``name`` while its password
+        had this :func:`password_stamp`: a new password makes it unknown again."""
         expires = int(time.time() if now is None else now) + self.KNOWN_DAYS * 86400
-        return f"{expires}.{self._known_sig(name, expires)}"
+        return f"{expires}.{self._known_sig(name, stamp, expires)}"
 
-    def is_known(self, value: str | None, name: str, now: float | None = None) -> bool:
+    def is_known(
+        self, value: str | None, name: str, stamp: str | None, now: float | None = None
+    ) -> bool:
+        """Whether ``value`` is a :meth:`known_value` of ``name`` with its password's
+        ``stamp`` now (None: no such user), unexpired."""
         expires, _, sig = (value or "").partition(".")
-        if not re.fullmatch(r"[0-9]{1,12}", expires):
+        if stamp is None or not re.fullmatch(r"[0-9]{1,12}", expires):
             return False
         if int(expires) < (time.time() if now is None else now):
             return False
-        return hmac.compare_digest(sig.encode(), self._known_sig(name, int(expires)).encode())
+        expected = self._known_sig(name, stamp, int(expires))
+        return hmac.compare_digest(sig.encode(), expected.encode())
 
-    def _known_sig(self, name: str, expires: int) -> str:
-        msg = f"known-browser\n{name.lower()}\n{expires}".encode()
+    def _known_sig(self, name: str, stamp: str, expires: int) -> str:
+        msg = f"known-browser\n{name.lower()}\n{stamp}\n{expires}".encode()
         return hmac.new(self._secret, msg, hashlib.sha256).hexdigest()

@@ -127,7 +127,7 @@ def login(
     if not auth.same_secret(csrf, request.cookies.get(LOGIN_CSRF_COOKIE)):
         return _login_page(request, "The form expired; please log in again.", 403, username, next)
     client = request.client.host if request.client else "unknown"
-    known = ctx.limiter.is_known(request.cookies.get(KNOWN_COOKIE), username)
+    known = _known_browser(request, username)
     if not ctx.limiter.attempt(username, client, known):
         return _login_page(request, "Too many failed logins; try again later.", 429, username, next)
     try:
@@ -156,9 +156,13 @@ def login(
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
     # This browser is known to the name from now on: the name's own lock, against many
     # addresses guessing, does not hold it (see LoginLimiter).
+    try:
+        stamp = auth.password_stamp(ctx.engine, username)
+    except OperationalError as exc:
+        return _database_failed(request, exc, username, next)
     response.set_cookie(
         KNOWN_COOKIE,
-        ctx.limiter.known_value(username),
+        ctx.limiter.known_value(username, stamp or ""),
         max_age=ctx.limiter.KNOWN_DAYS * 86400,
         path="/login",
         httponly=True,
@@ -166,6 +170,20 @@ def login(
         secure=_secure(request),
     )
     return response
+
+
+def _known_browser(request: Request, username: str) -> bool:
+    """Whether this browser shows a known-browser cookie of ``username`` made under its
+    password of now (see :class:`~edgecam.server.auth.LoginLimiter`)."""
+    value = request.cookies.get(KNOWN_COOKIE)
+    if not value:
+        return False
+    ctx = ctx_of(request)
+    try:
+        stamp = auth.password_stamp(ctx.engine, username)
+    except OperationalError:
+        return False  # the login itself meets the failure, and says so
+    return ctx.limiter.is_known(value, username, stamp)
 
 
 def _database_failed(
