@@ -10,12 +10,13 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from server_support import FleetServer, server_settings, wait_until
 
 from edgecam.device.upload import upload_clip
-from edgecam.protocol import Alert, ClipReady
+from edgecam.protocol import Alert, ClipReady, Command, CommandResult, Status, WorkerState
 from edgecam.server import auth
 from edgecam.server.simulate import SimDevice, make_stats
 
@@ -158,6 +159,120 @@ def test_dashboard_login_live_device_chart_command_and_clip(
             phone.goto(f"{fleet.url}/devices/lobby-cam")
             expect(phone.locator("#chart canvas")).to_be_visible(timeout=15_000)
             phone.screenshot(path=str(ARTIFACTS / "4-device-phone.png"), full_page=True)
+        finally:
+            browser.close()
+            device.stop()
+
+
+# What a device (compromised, or its config wrong) may put in any string it sends.
+HOSTILE = [
+    '<img src=x onerror="window.__pwned=1">',
+    "</script><script>window.__pwned=2</script>",
+    "\"><svg onload=window.__pwned=3> it's",
+    "javascript:window.__pwned=4",
+    '<div hx-get="/health" hx-trigger="load" hx-on::load="window.__pwned=5">Küche</div>',
+]
+
+
+class _HostileDevice(SimDevice):
+    """A device whose names, states and answers are all markup and script."""
+
+    def status(self) -> Status:
+        now = time.time()
+        workers = [
+            WorkerState(name=h, camera=h, state="crash_loop", since=now, error=h) for h in HOSTILE
+        ]
+        return Status(
+            device=self.name,
+            state="online",
+            version=HOSTILE[0],
+            profile=HOSTILE[1],
+            cameras=HOSTILE,
+            workers=workers,
+            started=self.started,
+        )
+
+    def _on_message(self, _client: Any, _userdata: Any, msg: Any) -> None:
+        cmd = Command.model_validate_json(msg.payload)
+        self.commands.append(cmd)
+        ok = cmd.name == "save_clip"
+        data = {h: h for h in HOSTILE} if ok else {}
+        error = None if ok else " ".join(HOSTILE)
+        self.publish(CommandResult(command_id=cmd.id, ok=ok, error=error, data=data))
+
+
+def test_what_a_device_sends_shows_as_text_and_runs_nothing(
+    sqlite_fleet: FleetServer, broker: int, prefix: str
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    fleet = sqlite_fleet
+    device = _HostileDevice("evil", "127.0.0.1", broker, prefix).start()
+    now = time.time()
+    for i, h in enumerate(HOSTILE):
+        alert = Alert(
+            device="evil",
+            camera=h,
+            alert_id=f"{i:032x}",
+            rule=h,
+            state="raised",
+            message=h,
+            started=now - 5,
+        )
+        device.publish(alert).wait_for_publish(5)
+    clip = ClipReady(
+        device="evil",
+        camera=HOSTILE[0],
+        name="main-1.mp4",
+        path=HOSTILE[1],
+        size=1,
+        duration=1.0,
+        sha256="0" * 64,
+        start=now - 9,
+        end=now - 8,
+        trigger=now - 9,
+        reason=HOSTILE[2],
+    )
+    device.publish(clip).wait_for_publish(5)
+    wait_until(lambda: len(fleet.http.get("/api/alerts").json()) == len(HOSTILE))
+    wait_until(lambda: fleet.http.get("/api/clips").json())
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            # Without the CSP, so that only the escaping stands between the text and a script.
+            page = browser.new_context(bypass_csp=True).new_page()
+            page.goto(f"{fleet.url}/login")
+            page.fill("input[name=username]", "admin")
+            page.fill("input[name=password]", "correct horse battery")
+            page.click("button[type=submit]")
+            expect(page.locator("h1")).to_have_text("Devices")
+            for path in ("/", "/alerts", "/devices/evil"):
+                page.goto(f"{fleet.url}{path}")
+                page.wait_for_timeout(5500)  # every fragment swapped in by htmx once
+                text = page.inner_text("main")
+                assert [h for h in HOSTILE if h not in text] == [], path
+                assert page.evaluate("window.__pwned") is None, path
+            page.click("button[value=save_clip]")
+            expect(page.locator("li.command").first.locator(".result")).to_have_text("ok")
+            page.select_option("select[name=worker]", HOSTILE[1])
+            page.click("button[value=worker_restart]")
+            latest = page.locator("li.command").first
+            expect(latest.locator(".result")).to_have_text("failed", timeout=15_000)
+            expect(latest).to_contain_text(" ".join(HOSTILE))
+            # The arguments and the answer's data are shown as JSON, their text as it is.
+            expect(latest.locator("code")).to_contain_text(HOSTILE[1])
+            answer = page.locator("li.command").nth(1).locator("code").nth(1)
+            for h in ("</script><script>", "it's", "Küche"):
+                expect(answer).to_contain_text(h)
+            assert page.evaluate("window.__pwned") is None
+
+            # With the CSP, markup that did reach the page would run no script either.
+            guarded = browser.new_page()
+            guarded.context.add_cookies(page.context.cookies())
+            guarded.goto(f"{fleet.url}/devices/evil")
+            guarded.evaluate(f"document.body.insertAdjacentHTML('beforeend', {HOSTILE[0]!r})")
+            guarded.wait_for_timeout(500)
+            assert guarded.evaluate("window.__pwned") is None
         finally:
             browser.close()
             device.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
@@ -54,8 +55,15 @@ def _dt(ts: float | None) -> str:
         return "-"
 
 
+def _json(value: Any) -> str:
+    # Jinja's tojson writes < > & ' as \u escapes (safe inside <script>): in a page's text
+    # they showed as such. Here the text is escaped like any other.
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
 TEMPLATES.env.filters["ago"] = _ago
 TEMPLATES.env.filters["dt"] = _dt
+TEMPLATES.env.filters["json"] = _json
 
 
 def _render(
