@@ -109,6 +109,19 @@ def test_login_wrong_password_lockout_and_csrf(fleet: FleetServer) -> None:
     assert r.status_code == 403
 
 
+@pytest.mark.parametrize(
+    "path", ["/", "/alerts", "/docs", "/login", "/static/device.js", "/api/devices", "/nope"]
+)
+def test_every_answer_carries_the_security_headers(fleet: FleetServer, path: str) -> None:
+    headers = fleet.http.get(path).headers
+    assert headers["x-content-type-options"] == "nosniff"
+    csp = dict(rule.strip().split(" ", 1) for rule in headers["content-security-policy"].split(";"))
+    assert csp["frame-ancestors"] == "'none'"  # no page of it framed by another site
+    # Scripts only from the server's own files (the API page: its one inline script, by hash).
+    scripts = csp.get("script-src", csp["default-src"]).split()
+    assert all(s == "'self'" or s.startswith("'sha256-") for s in scripts), scripts
+
+
 def test_token_revocation(fleet: FleetServer) -> None:
     made = fleet.http.post("/api/tokens", json={"label": "script"}).json()
     other = httpx.Client(base_url=fleet.url, headers={"Authorization": f"Bearer {made['token']}"})
