@@ -306,3 +306,30 @@ def test_events_into_a_pipe_and_outputs_through_symlinks(tmp_path: Path) -> None
     res = _process(str(MEDIA / "faces.mp4"), "--out", str(link))
     assert res.returncode == 0, res.stderr
     assert link.is_symlink() and real.stat().st_size > 10_000  # the file it points to
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_stopped_run_of_several_inputs_stops_them_all_and_keeps_the_old_outputs(
+    tmp_path: Path, sig: signal.Signals, status: int
+) -> None:
+    # Every file's pipeline is stopped before the shared detector (an interrupted
+    # Thread.join made the running ones look finished: their detection failed, loudly).
+    (tmp_path / "faces.mp4").write_bytes(b"the previous result")
+    inputs = [str(MEDIA / "faces.mp4"), str(MEDIA / "faces_720p30_15s.mp4")]
+    proc = subprocess.Popen(
+        [*EDGECAM, "process", *inputs, "--out-dir", str(tmp_path), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not any(p.name.endswith(".tmp") and p.stat().st_size for p in tmp_path.iterdir()):
+        assert time.monotonic() < deadline and proc.poll() is None, "never started writing"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == status
+    assert "Traceback" not in stderr and "ERROR" not in stderr, stderr
+    assert (tmp_path / "faces.mp4").read_bytes() == b"the previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["faces.mp4"]

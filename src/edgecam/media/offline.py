@@ -442,6 +442,9 @@ class _FileRun:
         self.writer = _EventsWriter(self.pipeline, events) if events is not None else None
         self.error: BaseException | None = None
         self.seconds = 0.0
+        # Set when the run has ended and closed. Not ``thread.is_alive()``: a ``join`` that a
+        # signal interrupts leaves a running thread looking finished (Python < 3.13).
+        self.done = threading.Event()
         self.thread = threading.Thread(
             target=self._run, name=f"process-{self.pipeline.camera.name}", daemon=True
         )
@@ -456,6 +459,7 @@ class _FileRun:
         finally:
             self.seconds = time.monotonic() - start
             self.close()
+            self.done.set()
 
     def close(self) -> None:
         self.pipeline.close()
@@ -479,9 +483,9 @@ def _run_side_by_side(runs: list[_FileRun], progress: bool) -> list[ProcessResul
         for run in runs:
             run.thread.start()
         last = time.monotonic()
-        while any(r.thread.is_alive() for r in runs):
+        while not all(r.done.is_set() for r in runs):
             for r in runs:
-                r.thread.join(timeout=0.2)
+                r.done.wait(timeout=0.2)
             if not stopped and any(r.error is not None for r in runs):
                 stopped = True  # one file fails the run: the others stop too
                 for r in runs:
@@ -493,10 +497,12 @@ def _run_side_by_side(runs: list[_FileRun], progress: bool) -> list[ProcessResul
                     "  ".join(f"{r.pipeline.camera.name}: {r.pipeline.stats.frames}" for r in runs),
                 )
     finally:
-        for r in runs:
-            if r.thread.is_alive():
+        started = [r for r in runs if r.thread.ident]
+        for r in started:
+            if not r.done.is_set():
                 r.pipeline.stop()
-                r.thread.join(timeout=30)
+        for r in started:
+            r.done.wait(timeout=30)
     for r in runs:
         if r.error is not None:
             raise r.error
