@@ -333,3 +333,25 @@ def test_stopped_run_of_several_inputs_stops_them_all_and_keeps_the_old_outputs(
     assert "Traceback" not in stderr and "ERROR" not in stderr, stderr
     assert (tmp_path / "faces.mp4").read_bytes() == b"the previous result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["faces.mp4"]
+
+
+def test_every_bad_input_among_several_is_named(odd: dict[str, Path], tmp_path: Path) -> None:
+    bad = [odd["zero"], odd["text"], odd["audio"], tmp_path / "missing.mp4", tmp_path]
+    res = _process(str(MEDIA / "faces.mp4"), *map(str, bad), "--out-dir", str(tmp_path / "o"))
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == len(bad)  # a line for each, not the first alone
+    for path, line in zip(bad, lines, strict=True):
+        assert line.startswith("edgecam: error: ") and str(path) in line
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+    # Truncated inputs are found at the end: each is named, the good one written whole.
+    second = tmp_path / "second.mp4"
+    second.write_bytes(odd["truncated"].read_bytes())
+    res = _process(str(odd["truncated"]), str(MEDIA / "faces.mp4"), str(second), "--out-dir",
+                   str(tmp_path / "o"))  # fmt: skip
+    assert res.returncode == 1
+    lines = res.stderr.splitlines()
+    assert len(lines) == 2 and all("ended early: decoded 58 frames" in line for line in lines)
+    assert str(odd["truncated"]) in lines[0] and str(second) in lines[1]
+    assert _frames(tmp_path / "o" / "faces.mp4")[2] == 120

@@ -417,7 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edgecam {args.command}: error: {redact_url(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except EdgecamError as exc:
-        print(f"edgecam: error: {redact_url(str(exc))}", file=sys.stderr)
+        for line in redact_url(str(exc)).splitlines():  # several inputs: a line each
+            print(f"edgecam: error: {line}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         return 128 + signal.SIGINT

@@ -11,10 +11,10 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 from edgecam.config import Settings
 from edgecam.errors import EdgecamError, SourceError, UsageError
@@ -27,6 +27,9 @@ from edgecam.vision.detections import Detector
 __all__ = ["FileJob", "ProcessResult", "process_file", "process_files"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 _OUT_SUFFIXES = (".mp4", ".m4v", ".mov")
 # A video that stops short of its container's duration by more than this is truncated (a
@@ -352,7 +355,7 @@ def process_files(
         _check_outputs(job.input, job.out, job.events)
         if any(_same_file(job.input, t) for t in targets):
             raise UsageError(f"{job.input} is also an output; it would be overwritten")
-    infos = [probe_video(job.input) for job in jobs]
+    infos = _each(lambda job: probe_video(job.input), jobs)  # every bad input named
     resolve_backend(settings)  # one that cannot run here fails before the model is loaded
     names = _camera_names(jobs)
     cams = [
@@ -415,8 +418,23 @@ def process_files(
                     batcher.stats.mean_batch,
                 )
             batcher.stop()
-    for job, info, result in zip(jobs, infos, results, strict=True):
-        _check_whole(job.input, job.out, info, result)
+    ends = zip(jobs, infos, results, strict=True)
+    _each(lambda end: _check_whole(end[0].input, end[0].out, end[1], end[2]), ends)
+    return results
+
+
+def _each(check: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
+    """``check`` of every item; the :class:`SourceError` of each item that fails, raised
+    together, a line each (the first alone would hide the others until it is mended)."""
+    results: list[_R] = []
+    errors: list[str] = []
+    for item in items:
+        try:
+            results.append(check(item))
+        except SourceError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise SourceError("\n".join(errors))
     return results
 
 
