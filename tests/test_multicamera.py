@@ -58,7 +58,7 @@ def test_each_file_beside_others_gives_its_solo_events(tmp_path: Path) -> None:
 
 def test_process_files_refuses_two_inputs_writing_one_output(tmp_path: Path) -> None:
     jobs = [FileJob(CLIPS[0], tmp_path / "o.mp4"), FileJob(CLIPS[1], tmp_path / "o.mp4")]
-    with pytest.raises(UsageError, match="same output"):
+    with pytest.raises(UsageError, match="would both write"):
         process_files(load_settings(), jobs, progress=False)
     assert not list(tmp_path.iterdir())
 

@@ -355,3 +355,24 @@ def test_every_bad_input_among_several_is_named(odd: dict[str, Path], tmp_path: 
     assert len(lines) == 2 and all("ended early: decoded 58 frames" in line for line in lines)
     assert str(odd["truncated"]) in lines[0] and str(second) in lines[1]
     assert _frames(tmp_path / "o" / "faces.mp4")[2] == 120
+
+
+@pytest.mark.parametrize(
+    ("inputs", "out_dir", "needle"),
+    [
+        (["a/x.mp4", "a/x.mp4"], "o", "{d}/a/x.mp4 is given twice"),
+        (["a/x.mp4", "b/x.mp4"], "o", "{d}/a/x.mp4 and {d}/b/x.mp4 would both write {d}/o/x."),
+        (["a/x.mp4", "b/y.mp4"], "a/x.mp4", "--out-dir {d}/a/x.mp4 is a file; give a folder"),
+    ],
+)
+def test_out_dir_collisions_name_the_inputs(
+    tmp_path: Path, inputs: list[str], out_dir: str, needle: str
+) -> None:
+    for folder, name in (("a", "x.mp4"), ("b", "x.mp4"), ("b", "y.mp4")):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / name).write_bytes((MEDIA / "faces.mp4").read_bytes())
+    before = sorted(tmp_path.rglob("*"))
+    res = _process(*(str(tmp_path / i) for i in inputs), "--out-dir", str(tmp_path / out_dir))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert needle.format(d=tmp_path) in res.stderr
+    assert sorted(tmp_path.rglob("*")) == before

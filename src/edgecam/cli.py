@@ -144,6 +144,8 @@ def _cmd_process(args: argparse.Namespace) -> int:
         )
         return 0
     folder = Path(args.out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out-dir {folder} is a file; give a folder")
     jobs = [FileJob(i, folder / f"{i.stem}.mp4", folder / f"{i.stem}.jsonl") for i in inputs]
     process_files(settings, jobs, progress=not args.quiet)
     return 0

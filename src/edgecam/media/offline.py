@@ -348,9 +348,7 @@ def process_files(
     if not jobs:
         raise UsageError("give at least one input file")
     targets = [p for job in jobs for p in (job.out, job.events) if p is not None]
-    resolved = [t.resolve() for t in targets]
-    if len(set(resolved)) != len(resolved):
-        raise UsageError("two inputs would write the same output file; give distinct outputs")
+    _check_distinct_targets(jobs)
     for job in jobs:
         _check_outputs(job.input, job.out, job.events)
         if any(_same_file(job.input, t) for t in targets):
@@ -436,6 +434,25 @@ def _each(check: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
     if errors:
         raise SourceError("\n".join(errors))
     return results
+
+
+def _check_distinct_targets(jobs: Sequence[FileJob]) -> None:
+    """Refuse two inputs that would write one file, naming both (with ``--out-dir`` the
+    file name comes from the input's: ``a/x.mp4`` and ``b/x.mp4`` both write ``x.mp4``)."""
+    writers: dict[Path, FileJob] = {}
+    for job in jobs:
+        for target in (job.out, job.events):
+            if target is None:
+                continue
+            other = writers.setdefault(target.resolve(), job)
+            if other is job:
+                continue
+            if other.input.resolve() == job.input.resolve() or _same_file(other.input, job.input):
+                raise UsageError(f"{job.input} is given twice; give each input once")
+            raise UsageError(
+                f"{other.input} and {job.input} would both write {target}; "
+                "process them apart or rename one"
+            )
 
 
 class _FileRun:
