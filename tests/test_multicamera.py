@@ -382,3 +382,39 @@ def test_a_media_backend_that_cannot_run_fails_the_worker_before_the_model_loads
     finally:
         worker.close()
         sender.close()
+
+
+def test_cameras_the_detector_cannot_keep_up_with_are_said_to_be_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three cameras asking for a detection every frame of a 30 fps clip, on a CPU that
+    makes a fraction of that: each is said to be behind (in the log and its status), not
+    left to fall short unsaid; a camera that asks for none never is."""
+    import edgecam.device.workers as workers
+
+    monkeypatch.setattr(workers, "_RATE_WINDOW_S", 2.0)
+    clip = str(MEDIA / "faces.mp4")  # small frames: decoding keeps up, detection cannot
+    cameras = [{"name": f"c{k}", "source": clip, "loop": True} for k in range(3)]
+    settings = Settings(
+        cameras=[*cameras, {"name": "off", "source": clip, "loop": True, "detect_fps": 0}],
+        vision={"profile": "mask", "detect_fps": 30},
+        runtime={"dir": tmp_path / "run"},
+    )
+    sender = EventSender(tmp_path / "x.sock")
+    worker = InferenceWorker(WorkerContext(settings, None, sender))
+    stop = threading.Event()
+    server = threading.Thread(target=worker.serve, args=(stop,), daemon=True)
+    try:
+        worker.start()
+        server.start()
+        cams = ("c0", "c1", "c2")
+        assert _wait_for(lambda: all(worker.status()["cameras"][c]["behind"] for c in cams), 15)
+        assert not worker.status()["cameras"]["off"]["behind"]
+        assert worker.healthy()  # behind is said, not a fault to restart for
+    finally:
+        stop.set()
+        server.join(timeout=30)
+        worker.close()
+        sender.close()
+    said = [r.getMessage() for r in caplog.records if "cannot keep up" in r.getMessage()]
+    assert sorted(m.split(":")[0] for m in said) == ["camera c0", "camera c1", "camera c2"]

@@ -55,6 +55,11 @@ _KEEP_CLIP_RESULTS = 256
 _LISTEN_TIMEOUT_S = 10.0
 _COUNTS_EVERY_S = 1.0
 _TOTALLED = ("frames", "detections", "restarts")  # PipelineStats counters summed over rebuilds
+# A camera whose detections over this window fall below this fraction of those it asks
+# for (its detect_fps, or every frame where its video is slower) is said to be behind: the
+# shared detector cannot keep up with every camera on this machine.
+_RATE_WINDOW_S = 30.0
+_BEHIND_FRACTION = 0.5
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
@@ -118,6 +123,9 @@ class _CameraBranch:
         self._thread: threading.Thread | None = None
         self._last_frames = -1
         self._last_progress = time.monotonic()
+        self.behind = False
+        self.detections_per_s = 0.0  # over the last rate window
+        self._window: tuple[float, float, float] | None = None  # (start, frames, detections)
 
     def build(self) -> None:
         from edgecam.media.pipeline import Pipeline
@@ -235,6 +243,24 @@ class _CameraBranch:
             self._last_progress = now
         return now - self._last_progress < _STUCK_S
 
+    def keeps_up(self, now: float) -> bool | None:
+        """At the end of each rate window, whether the detector made the detections this
+        camera asked for in it; None meanwhile, and when it asked for none (or had no video)."""
+        figures = self.figures()
+        frames, detections = figures["frames_out"], figures["detections"]
+        if self._window is None:
+            self._window = (now, frames, detections)
+            return None
+        start, frames_before, detections_before = self._window
+        if now - start < _RATE_WINDOW_S:
+            return None
+        self._window = (now, frames, detections)
+        asked = min(self.settings.vision.detect_fps * (now - start), frames - frames_before)
+        if asked <= 0:
+            return None
+        self.detections_per_s = (detections - detections_before) / (now - start)
+        return detections - detections_before >= _BEHIND_FRACTION * asked
+
     def figures(self) -> dict[str, float]:
         pipeline = self.pipeline
         now = {
@@ -316,7 +342,32 @@ class InferenceWorker(Worker):
         while not stop.wait(0.2):
             if not any(b.alive for b in self._branches):
                 break  # every source ended
+            self._say_who_is_behind(time.monotonic())
         self._stop_branches()
+
+    def _say_who_is_behind(self, now: float) -> None:
+        """Log a camera that falls behind (and that catches up again) once, not each window."""
+        for branch in self._branches:
+            keeps_up = branch.keeps_up(now)
+            if keeps_up is None or branch.behind == (not keeps_up):
+                continue
+            branch.behind = not keeps_up
+            asked = branch.settings.vision.detect_fps
+            if branch.behind:
+                log.warning(
+                    "camera %s: the detector cannot keep up: %.1f detections a second of the "
+                    "%g asked for (%d cameras share it); lower detect_fps or run fewer cameras",
+                    branch.camera,
+                    branch.detections_per_s,
+                    asked,
+                    len(self._branches),
+                )
+            else:
+                log.info(
+                    "camera %s: the detector keeps up again (%.1f detections a second)",
+                    branch.camera,
+                    branch.detections_per_s,
+                )
 
     def close(self) -> None:
         self._stop_branches()
@@ -341,6 +392,7 @@ class InferenceWorker(Worker):
                     "error": b.error,
                     "finished": b.finished,
                     "detect_fps": b.settings.vision.detect_fps,
+                    "behind": b.behind,
                 }
                 for b in self._branches
             },
