@@ -246,14 +246,14 @@ class _CameraBranch:
     def keeps_up(self, now: float) -> bool | None:
         """At the end of each rate window, whether the detector made the detections this
         camera asked for in it; None meanwhile, and when it asked for none (or had no video)."""
+        if self._window is not None and now - self._window[0] < _RATE_WINDOW_S:
+            return None
         figures = self.figures()
         frames, detections = figures["frames_out"], figures["detections"]
         if self._window is None:
             self._window = (now, frames, detections)
             return None
         start, frames_before, detections_before = self._window
-        if now - start < _RATE_WINDOW_S:
-            return None
         self._window = (now, frames, detections)
         asked = min(self.settings.vision.detect_fps * (now - start), frames - frames_before)
         if asked <= 0:
