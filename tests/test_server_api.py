@@ -122,6 +122,31 @@ def test_every_answer_carries_the_security_headers(fleet: FleetServer, path: str
     assert all(s == "'self'" or s.startswith("'sha256-") for s in scripts), scripts
 
 
+def test_only_names_the_server_is_known_by_are_served(
+    database_url: str, broker: int, prefix: str, tmp_path: Path
+) -> None:
+    """Against DNS rebinding: another site's name, pointed at the server by its DNS, makes
+    the site's page same-origin with the server (to guess passwords from inside the
+    network); its requests still name that site."""
+    settings = server_settings(
+        database_url, broker, prefix, tmp_path, allowed_hosts=["fleet.example.com"]
+    )
+    fleet = FleetServer(settings)
+    try:
+        for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "x%2ey"):
+            refused = fleet.anon.get("/login", headers={"Host": host})
+            assert refused.status_code == 400, host
+            assert "server.allowed_hosts" in refused.json()["error"]
+            assert refused.headers["x-content-type-options"] == "nosniff"
+            api_call = fleet.http.get("/api/devices", headers={"Host": host})
+            assert api_call.status_code == 400  # a token does not make a name known
+        for host in ("127.0.0.1", "[::1]:8000", "fleet-1", "fleet.lan", "fleet.example.com"):
+            assert fleet.anon.get("/login", headers={"Host": host}).status_code == 200, host
+        assert fleet.http.get("/api/devices", headers={"Host": "fleet.example.com"}).is_success
+    finally:
+        fleet.close()
+
+
 def test_token_revocation(fleet: FleetServer) -> None:
     made = fleet.http.post("/api/tokens", json={"label": "script"}).json()
     other = httpx.Client(base_url=fleet.url, headers={"Authorization": f"Bearer {made['token']}"})

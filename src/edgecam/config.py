@@ -1046,6 +1046,15 @@ class ServerConfig(_Section):
         description="Mark cookies Secure (sent over HTTPS only); None: when the request came "
         "over HTTPS. Set true behind a TLS proxy that forwards plain HTTP.",
     )
+    allowed_hosts: list[Annotated[str, Field(pattern=_HOST_PATTERN)]] = Field(
+        default_factory=list,
+        description="Names besides local ones under which browsers and devices reach the server "
+        "(shell patterns matched label by label, e.g. 'fleet.example.com'). IP addresses, "
+        "local names (one label, .local, .lan, .home.arpa, .internal) and this machine's "
+        "name are always taken; a request naming any other host gets 400, which stops DNS "
+        "rebinding (another site's page resolving its own name to this server, to guess "
+        "passwords from inside the network). '*' takes every name.",
+    )
     trusted_proxies: list[Annotated[str, BeforeValidator(_ip_address_text)]] = Field(
         default_factory=list,
         description="IP addresses (or networks) of reverse proxies in front of the server, whose "

@@ -1,6 +1,7 @@
 """Host names as a browser reads them, and shell patterns matched against them label by
-label: for the fleet server's check of the links devices announce, and the device's check
-of the names it is reached under."""
+label: for the fleet server's check of the links devices announce, and for the check of
+the names the device's and the fleet server's HTTP servers are reached under
+(:class:`HostGate`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ import fnmatch
 import ipaddress
 import re
 from collections.abc import Iterable
+from typing import Any
 
-__all__ = ["LOCAL_SUFFIXES", "Address", "is_local_name", "matches", "read_host"]
+from starlette.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
+
+__all__ = ["LOCAL_SUFFIXES", "Address", "HostGate", "is_local_name", "matches", "read_host"]
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Names that only a local network resolves: one label, or one of these endings.
@@ -62,3 +67,62 @@ def matches(host: str | Address, patterns: Iterable[str]) -> bool:
 def is_local_name(name: str) -> bool:
     """Whether a name from :func:`read_host` is one only a local network resolves."""
     return "." not in name or name.endswith(LOCAL_SUFFIXES)
+
+
+def _host_of(header: str) -> str | None:
+    """The host of a Host header (an IPv6 address without brackets), None if malformed."""
+    if header.startswith("["):
+        address, bracket, rest = header[1:].partition("]")
+        return address if bracket and (not rest or re.fullmatch(r":[0-9]+", rest)) else None
+    name, colon, port = header.partition(":")
+    return name if not colon or re.fullmatch(r"[0-9]+", port) else None
+
+
+class HostGate:
+    """ASGI middleware: a request (a WebSocket too) naming in its Host header a host the
+    server is not known by is answered 400 before any handler runs.
+
+    Against DNS rebinding: another site's page whose name its DNS then points at the
+    server is same-origin with it in the browser, and can send requests to it and read the
+    answers (guess passwords or tokens from inside the network, read whatever needs
+    none). Its requests name that site's host. An IP address cannot be rebound and is
+    always taken, as are local names (:func:`is_local_name`) and ``names`` (patterns as
+    :func:`matches` takes them; "*" takes every name). ``setting``: the config key that
+    lists more names, for the refusal to point at.
+    """
+
+    def __init__(self, app: Any, names: Iterable[str], setting: str) -> None:
+        self.app = app
+        self._names = list(names)
+        self._any = "*" in self._names
+        self._setting = setting
+
+    def allows(self, header: str) -> bool:
+        """Whether a request with this Host header is served."""
+        host = _host_of(header)
+        read = read_host(host) if host is not None else None
+        if read is None:
+            return False
+        if self._any or not isinstance(read, str):
+            return True
+        return is_local_name(read) or matches(read, self._names)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            # HTTP/1.1 requires one Host header (h11 refuses a request without); HTTP/1.0
+            # need not send one, and no browser sends such a request.
+            hosts = [v for k, v in scope["headers"] if k == b"host"]
+            if hosts and not self.allows(hosts[0].decode("latin-1")):
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                refused = JSONResponse(
+                    {
+                        "error": "this server is not known by the host named in the request: "
+                        f"add the name to {self._setting}"
+                    },
+                    status_code=400,
+                )
+                await refused(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -42,7 +42,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from edgecam.config import FileServerConfig, Settings
 from edgecam.errors import ConfigError
-from edgecam.hostnames import is_local_name, matches, read_host
+from edgecam.hostnames import HostGate
 from edgecam.media.clips import CLIP_NAME_RE, ClipStore, camera_clip_re
 from edgecam.ratelimit import Failures, client_key
 
@@ -50,7 +50,6 @@ __all__ = [
     "HEADER_TIMEOUT_S",
     "IDLE_TIMEOUT_S",
     "GuardedH11Protocol",
-    "HostGate",
     "QuietServer",
     "TokenGate",
     "TokenGuard",
@@ -156,63 +155,14 @@ class TokenGate:
         await self.app(scope, receive, send)
 
 
-def _host_of(header: str) -> str | None:
-    """The host of a Host header (an IPv6 address without brackets), None if malformed."""
-    if header.startswith("["):
-        address, bracket, rest = header[1:].partition("]")
-        return address if bracket and (not rest or re.fullmatch(r":[0-9]+", rest)) else None
-    name, colon, port = header.partition(":")
-    return name if not colon or re.fullmatch(r"[0-9]+", port) else None
-
-
-class HostGate:
-    """ASGI middleware: a request (a WebSocket too) naming in its Host header a host this
-    server is not known by is answered 400 before any handler runs.
-
-    Against DNS rebinding: another site's page whose name its DNS then points at this
-    device is same-origin with the device in the browser, and can send requests to it (to
-    spend an address's tries at the token, or reach whatever needs none). Its requests
-    name that site's host. An IP address cannot be rebound and is always taken, as are
-    local names (:func:`~edgecam.hostnames.is_local_name`), this machine's name,
-    ``fileserver.public_url``'s host and ``fileserver.allowed_hosts``.
-    """
-
-    def __init__(self, app: Any, cfg: FileServerConfig) -> None:
-        self.app = app
-        self._any = "*" in cfg.allowed_hosts
-        self._names = [*cfg.allowed_hosts, socket.gethostname()]
-        if cfg.public_url:
-            self._names.append(urlsplit(cfg.public_url).hostname or "")
-
-    def allows(self, header: str) -> bool:
-        """Whether a request with this Host header is served."""
-        host = _host_of(header)
-        read = read_host(host) if host is not None else None
-        if read is None:
-            return False
-        if self._any or not isinstance(read, str):
-            return True
-        return is_local_name(read) or matches(read, self._names)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket"):
-            # HTTP/1.1 requires one Host header (h11 refuses a request without); HTTP/1.0
-            # need not send one, and no browser sends such a request.
-            hosts = [v for k, v in scope["headers"] if k == b"host"]
-            if hosts and not self.allows(hosts[0].decode("latin-1")):
-                if scope["type"] == "websocket":
-                    await send({"type": "websocket.close", "code": 1008})
-                    return
-                refused = JSONResponse(
-                    {
-                        "error": "this server is not known by the host named in the request: "
-                        "add the name to fileserver.allowed_hosts"
-                    },
-                    status_code=400,
-                )
-                await refused(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+def _known_names(cfg: FileServerConfig) -> list[str]:
+    """The names this server is reached under besides IP addresses and local names (see
+    :class:`~edgecam.hostnames.HostGate`): ``fileserver.allowed_hosts``, this machine's
+    name and ``fileserver.public_url``'s host."""
+    names = [*cfg.allowed_hosts, socket.gethostname()]
+    if cfg.public_url:
+        names.append(urlsplit(cfg.public_url).hostname or "")
+    return names
 
 
 def _signature(secret: str, clip_name: str, expires_at: int) -> str:
@@ -409,7 +359,10 @@ def create_app(
             Route("/clips", list_clips, methods=["GET"]),
             Route("/clips/{name:path}", get_clip, methods=["GET", "HEAD"]),
         ],
-        middleware=[Middleware(HostGate, cfg=cfg), Middleware(TokenGate, guard=guard)],
+        middleware=[
+            Middleware(HostGate, names=_known_names(cfg), setting="fileserver.allowed_hosts"),
+            Middleware(TokenGate, guard=guard),
+        ],
     )
     app.state.token_guard = guard  # for the live view's routes, added to this app
     return app

@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -32,6 +33,7 @@ from sqlalchemy.exc import OperationalError
 
 from edgecam.config import ServerConfig, Settings, redact_url
 from edgecam.errors import EdgecamError
+from edgecam.hostnames import HostGate
 from edgecam.server import api, auth, dashboard, db
 from edgecam.server.auth import LoginLimiter, Principal
 from edgecam.server.commands import CommandPublisher
@@ -76,6 +78,11 @@ def create_app(ctx: ServerContext) -> FastAPI:
         openapi_url=None,
     )
     app.state.ctx = ctx
+    app.add_middleware(
+        HostGate,
+        names=[*ctx.cfg.allowed_hosts, socket.gethostname()],
+        setting="server.allowed_hosts",
+    )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
