@@ -248,7 +248,13 @@ def test_what_a_device_sends_shows_as_text_and_runs_nothing(
             expect(page.locator("h1")).to_have_text("Devices")
             for path in ("/", "/alerts", "/devices/evil"):
                 page.goto(f"{fleet.url}{path}")
-                page.wait_for_timeout(5500)  # every fragment swapped in by htmx once
+                # Every fragment swapped in by htmx now, as its poll would (every 2-10 s).
+                swapped = page.evaluate(
+                    "Promise.all([...document.querySelectorAll('[hx-get]')].map(el =>"
+                    " htmx.ajax('GET', el.getAttribute('hx-get'), {target: el, swap: 'innerHTML'})"
+                    ")).then(done => done.length)"
+                )
+                assert swapped >= 1, path
                 text = page.inner_text("main")
                 assert [h for h in HOSTILE if h not in text] == [], path
                 assert page.evaluate("window.__pwned") is None, path
