@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -29,6 +30,15 @@ def test_defaults_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.vision.profile == "mask"
     assert s.streaming.port == 8554 and s.fileserver.port == 8081
     assert s.rtp_ports(0) == (5400, 5401, 5402)
+
+
+def _circle(n: int) -> str:
+    """A polygon of ``n`` points on a circle, as YAML."""
+    points = (
+        (0.5 + 0.4 * math.cos(2 * math.pi * i / n), 0.5 + 0.4 * math.sin(2 * math.pi * i / n))
+        for i in range(n)
+    )
+    return "[" + ", ".join(f"[{x:.4f}, {y:.4f}]" for x, y in points) + "]"
 
 
 @pytest.mark.parametrize(
@@ -109,6 +119,26 @@ def test_defaults_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
             "cameras.0.privacy.masks: mask 0: the polygon crosses itself",
         ),
         ("cameras:\n  - privacy:\n      faces: smudge\n", "cameras.0.privacy.faces"),
+        # A polygon traced point by point (checked at every load, in the square of its
+        # points: 2000 took seconds) or a region a frame too many.
+        (
+            "cameras:\n  - zones:\n      traced: " + _circle(101) + "\n",
+            "cameras.0.zones.traced: List should have at most 100 items",
+        ),
+        (
+            "cameras:\n  - privacy:\n      masks: [" + _circle(2000) + "]\n",
+            "cameras.0.privacy.masks.0: List should have at most 100 items",
+        ),
+        (
+            "cameras:\n  - zones:\n"
+            + "".join(f"      z{i}: [[0, 0], [1, 0], [0, 1]]\n" for i in range(33)),
+            "cameras.0.zones: Dictionary should have at most 32 items",
+        ),
+        (
+            "cameras:\n  - lines:\n"
+            + "".join(f"      l{i}: {{start: [0, 0], end: [1, 1]}}\n" for i in range(33)),
+            "cameras.0.lines: Dictionary should have at most 32 items",
+        ),
         (
             "overlay:\n  element: cairooverlay\ncameras:\n  - privacy:\n      faces: blur\n",
             "needs overlay.element direct or overlaycomposition",

@@ -89,7 +89,12 @@ class _Section(BaseModel):
 # Zones, lines and privacy masks are drawn in shares of the frame (0..1), so that they survive
 # a change of resolution.
 Point = tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]]
-Polygon = list[Point]
+# Bounds on what is checked at every config load (a polygon's check takes the square of its
+# points: 2000 points took seconds) and tested on every frame: a polygon traced point by
+# point from an image is to be simplified first.
+MAX_POLYGON_POINTS = 100
+MAX_REGIONS = 32  # zones, lines or privacy masks of one camera
+Polygon = Annotated[list[Point], Field(max_length=MAX_POLYGON_POINTS)]
 Anchor = Literal["bottom_centre", "centre", "top_centre"]
 _REGION_NAME = r"^[A-Za-z0-9_-]{1,32}$"
 
@@ -192,6 +197,7 @@ class PrivacyConfig(_Section):
     )
     masks: list[Polygon] = Field(
         default_factory=list,
+        max_length=MAX_REGIONS,
         description="Polygons of [x, y] (0..1) painted opaque in every output.",
     )
     colour: tuple[int, int, int] = Field(
@@ -282,10 +288,13 @@ class CameraConfig(_Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)  # type: ignore[arg-type]
     zones: dict[Annotated[str, Field(pattern=_REGION_NAME)], Polygon] = Field(
         default_factory=dict,
+        max_length=MAX_REGIONS,
         description="Named zones: polygons of [x, y] (0..1); occupancy, entries, exits, dwell.",
     )
     lines: dict[Annotated[str, Field(pattern=_REGION_NAME)], LineConfig] = Field(
-        default_factory=dict, description="Named counting lines: in and out counts."
+        default_factory=dict,
+        max_length=MAX_REGIONS,
+        description="Named counting lines: in and out counts.",
     )
     zone_anchor: Anchor = Field(
         "bottom_centre", description="The point of a box that must be in a zone."
