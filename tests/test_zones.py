@@ -221,6 +221,23 @@ def test_points_in_concave_zone() -> None:
     assert zone.ids == (1, 3)
 
 
+def test_a_zone_reaching_the_frame_edge_holds_people_cut_off_by_it() -> None:
+    # Someone close to the camera, feet below the picture: the analytics clip the box to the
+    # frame, so the anchor is on its bottom edge. A zone's sides along the frame's edge are
+    # not a border one can be outside of (they were: depth 0, never in).
+    whole = [(0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0)]
+    queue = [(0.1, 0.5), (0.45, 0.5), (0.45, 1.0), (0.1, 1.0)]  # the README's
+    counter = ZoneCounter({"whole": whole, "queue": queue}, {})
+    frames = [{1: (0.3, 1.0), 2: (0.8, 0.4), 3: (0.05, 1.0)}] * 5
+    frames += [{1: (0.3, 1.0), 2: (0.8, 0.4), 3: (0.3 + 0.01 * k, 0.1)} for k in range(5)]
+    states = _run(counter, frames)
+    whole_state, queue_state = states[-1][0]
+    assert whole_state.ids == (1, 2, 3)  # everyone in the picture
+    assert queue_state.ids == (1,)  # the one beside the queue (x 0.05) is not in it
+    assert [len(z.entered) for z in states[0][0]] == [3, 1]
+    assert all(not z.exited for s, _ in states for z in s)
+
+
 def test_counter_rejects_mismatched_arrays() -> None:
     with pytest.raises(ValueError, match="2 ids for 1 boxes"):
         ZoneCounter({}, _vertical()).update(0.0, [1, 2], [_box(0.1, 0.1)], SIZE)

@@ -7,6 +7,8 @@ same tracks always give the same counts. Each track is reduced to one anchor poi
 * **Zones** (polygons): which tracks are in each zone now, entries, exits and each stay's
   dwell time. A track enters when its anchor is ``band`` pixels inside the polygon and leaves
   when it is ``band`` pixels outside, so an anchor jittering on the border counts nothing.
+  A side of the polygon along the frame's edge is no border: nobody is seen beyond it, and
+  the box of someone the edge cuts off (clipped to the frame) has its anchor on it.
   A track that ends (the tracker gave it up) leaves at the time it was last seen.
 * **Lines** (segments): a track crosses when its anchor goes from beyond a band on one side
   of the line to beyond it on the other, between any two frames (it may jump the band in one
@@ -37,6 +39,10 @@ from edgecam.config import Anchor, LineConfig, Polygon
 __all__ = ["LineState", "ZoneCounter", "ZoneState", "anchors"]
 
 FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+# Anchors are kept this far (pixels) inside the frame: one on its edge (a clipped box) is
+# then inside a zone whose side runs along that edge.
+_EDGE_INSET = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +78,9 @@ def anchors(boxes: npt.ArrayLike, anchor: Anchor) -> FloatArray:
     return np.stack([x, y[anchor]], axis=1)
 
 
-def _depth(points: FloatArray, polygon: FloatArray) -> FloatArray:
-    """Signed distance of each point to the polygon's border: > 0 inside, < 0 outside."""
+def _depth(points: FloatArray, polygon: FloatArray, border: BoolArray) -> FloatArray:
+    """Signed distance of each point to the polygon's ``border`` edges (the others are
+    left out): > 0 inside, < 0 outside; infinite where it has none."""
     v = polygon
     w = np.roll(polygon, -1, axis=0)
     px, py = points[:, :1], points[:, 1:]  # (N, 1) against (E,) edges
@@ -86,8 +93,16 @@ def _depth(points: FloatArray, polygon: FloatArray) -> FloatArray:
     rel = points[:, None, :] - v[None, :, :]
     t = np.clip((rel * edge).sum(axis=2) / length2, 0.0, 1.0)
     nearest = rel - t[:, :, None] * edge[None, :, :]
-    dist = np.sqrt((nearest**2).sum(axis=2)).min(axis=1)
+    dist = np.where(border, np.sqrt((nearest**2).sum(axis=2)), np.inf).min(axis=1)
     return np.where(inside, dist, -dist)
+
+
+def _border_edges(unit: FloatArray) -> BoolArray:
+    """Which edges of a polygon (in shares of the frame) are a border: those not along the
+    frame's edge."""
+    ends = np.roll(unit, -1, axis=0)
+    along = (unit == ends) & ((unit == 0) | (unit == 1))  # both ends on x = 0, x = 1, ...
+    return np.asarray(~along.any(axis=1))
 
 
 @dataclass
@@ -95,6 +110,7 @@ class _Zone:
     name: str
     unit: FloatArray  # polygon in shares of the frame
     pixels: FloatArray = field(default_factory=lambda: np.zeros((0, 2)))
+    border: BoolArray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     entered_at: dict[int, float] = field(default_factory=dict)  # track -> time it entered
 
 
@@ -127,6 +143,8 @@ class ZoneCounter:
         if zone_band < 0:
             raise ValueError(f"zone_band must be >= 0, got {zone_band}")
         self._zones = [_Zone(n, np.asarray(p, dtype=np.float64)) for n, p in zones.items()]
+        for z in self._zones:
+            z.border = _border_edges(z.unit)
         self._lines = [_Line(n, cfg) for n, cfg in lines.items()]
         self._zone_anchor: Anchor = zone_anchor
         self._zone_band_share = zone_band
@@ -225,7 +243,9 @@ class ZoneCounter:
                 exited.append((tid, seen - since))
         entered: list[int] = []
         if ids:
-            depth = _depth(anchors(boxes, self._zone_anchor), zone.pixels)
+            size = np.asarray(self._size, dtype=np.float64)
+            points = np.clip(anchors(boxes, self._zone_anchor), _EDGE_INSET, size - _EDGE_INSET)
+            depth = _depth(points, zone.pixels, zone.border)
             band = self._zone_band
             for tid, d, sure in zip(ids, depth.tolist(), confirmed, strict=True):
                 if not sure:
