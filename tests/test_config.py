@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -422,6 +423,21 @@ def test_environment_reaches_list_items(tmp_path: Path, monkeypatch: pytest.Monk
     ]
     assert s.vision.face_input == (320, 192)
     assert s.overlay.colours == {"mask": (1, 2, 3)}
+
+
+def test_environment_sets_one_zone_line_or_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EDGECAM_CONFIG", raising=False)
+    triangle = [[0.1, 0.1], [0.9, 0.1], [0.5, 0.9]]
+    # A zone is a polygon under its name: JSON like any list (it was taken as text).
+    monkeypatch.setenv("EDGECAM_CAMERAS__0__ZONES__QUEUE", json.dumps(triangle))
+    monkeypatch.setenv("EDGECAM_CAMERAS__0__LINES__DOOR__START", "[0.5, 0]")
+    monkeypatch.setenv("EDGECAM_CAMERAS__0__LINES__DOOR__END", "[0.5, 1]")
+    monkeypatch.setenv("EDGECAM_CAMERAS__0__LINES__DOOR__IN_SIDE", "right")
+    monkeypatch.setenv("EDGECAM_CAMERAS__0__PRIVACY__MASKS", json.dumps([triangle]))
+    cam = load_settings().cameras[0]
+    assert cam.zones == {"queue": [tuple(p) for p in triangle]}
+    assert cam.lines["door"].in_side == "right" and cam.lines["door"].end == (0.5, 1)
+    assert cam.privacy.masks == [[tuple(p) for p in triangle]]
 
 
 def test_empty_sections_mean_defaults(tmp_path: Path) -> None:

@@ -1424,6 +1424,8 @@ def _is_complex(annotation: Any) -> bool:
     origin = typing.get_origin(annotation)
     if origin in (list, tuple, dict):
         return True
+    if origin is typing.Annotated:  # a zone's polygon: a list with a bound
+        return _is_complex(typing.get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType):
         return any(_is_complex(a) for a in typing.get_args(annotation) if a is not type(None))
     return False
