@@ -120,6 +120,20 @@ def _circle(n: int) -> str:
             "cameras.0.privacy.masks: mask 0: the polygon crosses itself",
         ),
         ("cameras:\n  - privacy:\n      faces: smudge\n", "cameras.0.privacy.faces"),
+        # A rule naming a zone or line no camera has would never fire.
+        (
+            "cameras:\n  - zones:\n      queue: [[0, 0], [1, 0], [0, 1]]\n"
+            "alerts:\n  dwell:\n    zones: [qeueu]\n",
+            "alerts.dwell.zones: 'qeueu' is no camera's zone (the cameras' zones: queue)",
+        ),
+        (
+            "alerts:\n  zone_occupancy:\n    zones: [queue]\n",
+            "alerts.zone_occupancy.zones: 'queue' is no camera's zone (the cameras' zones: none)",
+        ),
+        (
+            "alerts:\n  line_crossing:\n    forbidden: {dor: out}\n",
+            "alerts.line_crossing.forbidden: 'dor' is no camera's line",
+        ),
         # A polygon traced point by point (checked at every load, in the square of its
         # points: 2000 took seconds) or a region a frame too many.
         (

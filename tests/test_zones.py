@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import MEDIA
 
-from edgecam.config import AlertsConfig, LineConfig, Settings, load_settings
+from edgecam.config import AlertsConfig, CameraConfig, LineConfig, Settings, load_settings
 from edgecam.device.events import FrameSummary, LineFrame, ZoneFrame, parse_event
 from edgecam.device.rules import RuleEngine
 from edgecam.device.stats import IntervalStats
@@ -313,6 +313,27 @@ def test_dwell_rule_trips_on_the_longest_stay() -> None:
     assert engine.set_rule("dwell", {"max_s": 60})["max_s"] == 60
     with pytest.raises(ValueError, match="max_s"):
         engine.set_rule("dwell", {"max_s": -1})
+
+
+def test_set_rule_refuses_a_zone_or_line_no_camera_has() -> None:
+    cameras = [
+        CameraConfig(
+            name="a",
+            zones={"door": [(0, 0), (1, 0), (0, 1)]},
+            lines={"exit": LineConfig(start=(0, 0.5), end=(1, 0.5))},
+        )
+    ]
+    engine = RuleEngine(AlertsConfig(), cameras)
+    assert engine.set_rule("dwell", {"zones": ["door"]})["zones"] == ["door"]
+    for rule, params in [
+        ("dwell", {"zones": ["<script>"]}),
+        ("zone_occupancy", {"zones": ["dor"]}),
+        ("line_crossing", {"forbidden": {"exti": "out"}}),
+    ]:
+        with pytest.raises(ValueError, match="is no camera's"):
+            engine.set_rule(rule, params)
+    assert engine.config.dwell.zones == ["door"]  # unchanged by the refused ones
+    assert engine.config.line_crossing.forbidden == {}
 
 
 def test_line_crossing_rule_only_in_the_forbidden_direction() -> None:

@@ -950,6 +950,25 @@ class AlertsConfig(_Section):
     )
 
 
+def check_rule_regions(alerts: AlertsConfig, cameras: list[CameraConfig]) -> None:
+    """Raise ValueError where a rule names a zone or line no camera has (a misspelt name
+    would make the rule never fire, unsaid)."""
+    zones = sorted({z for cam in cameras for z in cam.zones})
+    lines = sorted({ln for cam in cameras for ln in cam.lines})
+    named = [
+        ("zone_occupancy.zones", alerts.zone_occupancy.zones, "zone", zones),
+        ("dwell.zones", alerts.dwell.zones, "zone", zones),
+        ("line_crossing.forbidden", list(alerts.line_crossing.forbidden), "line", lines),
+    ]
+    for key, names, kind, known in named:
+        for name in names:
+            if name not in known:
+                raise ValueError(
+                    f"alerts.{key}: {name!r} is no camera's {kind} "
+                    f"(the cameras' {kind}s: {', '.join(known) or 'none'})"
+                )
+
+
 class MqttConfig(_Section):
     host: str | None = Field(None, description="Broker host name; None: no broker (MQTT off).")
     port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 is usual with TLS).")
@@ -1210,6 +1229,11 @@ class Settings(BaseSettings):
                         f"camera {cam.name}: privacy.faces {cam.privacy.faces} needs "
                         "overlay.element direct or overlaycomposition (or privacy.faces fill)"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _rules_name_regions(self) -> Settings:
+        check_rule_regions(self.alerts, self.cameras)
         return self
 
     @model_validator(mode="after")

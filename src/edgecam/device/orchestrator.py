@@ -107,7 +107,7 @@ class Orchestrator:
             _MASK_LABELS if settings.vision.profile == "mask" else (PERSON,)
         )
         self.supervisor = Supervisor(settings, self.config_file, settings.runtime.log_dir)
-        self.rules = RuleEngine(settings.alerts)
+        self.rules = RuleEngine(settings.alerts, settings.cameras)
         self.started = time.time()
         self._actions: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
         self._stop = threading.Event()

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from edgecam.config import AlertsConfig
+from edgecam.config import AlertsConfig, CameraConfig, check_rule_regions
 from edgecam.device.events import LineFrame, ZoneFrame
 from edgecam.protocol import WorkerState
 
@@ -69,8 +69,9 @@ class _MaskWindow:
 class RuleEngine:
     """The rules of :class:`~edgecam.config.AlertsConfig` over the device's cameras."""
 
-    def __init__(self, config: AlertsConfig) -> None:
+    def __init__(self, config: AlertsConfig, cameras: list[CameraConfig] | None = None) -> None:
         self.config = config
+        self._cameras = cameras  # whose zones and lines rules may name; None: any
         self.active: dict[tuple[str, str], ActiveAlert] = {}
         self._quiet_until: dict[tuple[str, str], float] = {}
         self._occupancy: dict[str, _Occupancy] = {}
@@ -91,7 +92,10 @@ class RuleEngine:
             raise ValueError(f"unknown rule {rule!r}; known: {list(RULES)}")
         current: BaseModel = getattr(self.config, rule)
         updated = type(current).model_validate({**current.model_dump(), **params})
-        self.config = self.config.model_copy(update={rule: updated})
+        config = self.config.model_copy(update={rule: updated})
+        if self._cameras is not None:
+            check_rule_regions(config, self._cameras)
+        self.config = config
         return updated.model_dump(mode="json")
 
     # -- evaluation -------------------------------------------------------------------
