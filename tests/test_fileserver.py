@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import math
@@ -427,13 +428,11 @@ def test_validators_and_conditional_requests(client: TestClient, clips: Path) ->
         assert r.status_code in (200, 206)
 
 
-@pytest.fixture
-def strict_server(tmp_path: Path, clips: Path) -> Iterator[int]:
-    """The file server under uvicorn with its own connection timeouts, shortened."""
+@contextlib.contextmanager
+def _guarded_server(tmp_path: Path, **limits: float) -> Iterator[int]:
+    """The file server under uvicorn with its own connection limits, changed by ``limits``."""
     settings = _settings(tmp_path, port=free_port())
-    config = fileserver.server_config(
-        create_app(settings), settings.fileserver, header_timeout_s=1, idle_timeout_s=1
-    )
+    config = fileserver.server_config(create_app(settings), settings.fileserver, **limits)  # type: ignore[arg-type]
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -444,6 +443,13 @@ def strict_server(tmp_path: Path, clips: Path) -> Iterator[int]:
     yield settings.fileserver.port
     srv.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture
+def strict_server(tmp_path: Path, clips: Path) -> Iterator[int]:
+    """The file server with its connection timeouts shortened."""
+    with _guarded_server(tmp_path, header_timeout_s=1, idle_timeout_s=1) as port:
+        yield port
 
 
 def _closed_after(sock: socket.socket, trickle: bytes = b"") -> float:
@@ -482,6 +488,51 @@ def test_idle_and_slow_connections_are_closed(strict_server: int) -> None:
         assert _closed_after(second, head * 10) < 2.5  # the next request's head trickles
     # A normal client is served as before.
     assert _raw(strict_server, "GET", "/health", {})[0] == 200
+
+
+def _closed_at_once(sock: socket.socket) -> bool:
+    """Whether the server closes ``sock`` within half a second (it sent nothing on it)."""
+    sock.settimeout(0.5)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def _served(port: int) -> bool:
+    try:
+        return _raw(port, "GET", "/health", {})[0] == 200
+    except (ConnectionError, http.client.RemoteDisconnected):
+        return False
+
+
+def test_connections_over_the_caps_are_closed_at_once(tmp_path: Path, clips: Path) -> None:
+    # Each held connection has sent part of a request head, as a slowloris client does.
+    limits = {"max_connections": 6, "max_connections_per_client": 3}
+    with _guarded_server(tmp_path, **limits) as port, contextlib.ExitStack() as held:
+
+        def connect(source: str) -> socket.socket:
+            sock = held.enter_context(
+                socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
+            )
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            return sock
+
+        flood = [connect("127.0.0.2") for _ in range(3)]
+        assert not any(_closed_at_once(s) for s in flood)
+        assert _closed_at_once(connect("127.0.0.2"))  # one address: no more than 3
+        assert _served(port)  # the others are served
+        assert not any(_closed_at_once(connect("127.0.0.3")) for _ in range(3))
+        assert _closed_at_once(connect("127.0.0.4"))  # 6 in all: no more
+        assert not _served(port)
+        for sock in flood:
+            sock.close()
+        deadline = time.monotonic() + 5
+        while not _served(port):
+            assert time.monotonic() < deadline, "not served once the flood ended"
+            time.sleep(0.1)
 
 
 def test_damaged_sidecars_and_odd_files_in_the_folder(tmp_path: Path) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 from fastapi.routing import APIRoute
 from server_support import FleetServer, server_settings, wait_until
 
+from edgecam import httpconn
 from edgecam.device.upload import UploadError, upload_clip
 from edgecam.protocol import ClipReady
 from edgecam.server import api, auth, dashboard
@@ -145,6 +148,28 @@ def test_only_names_the_server_is_known_by_are_served(
         assert fleet.http.get("/api/devices", headers={"Host": "fleet.example.com"}).is_success
     finally:
         fleet.close()
+
+
+def test_one_client_cannot_hold_every_connection(fleet: FleetServer) -> None:
+    """Slowloris: connections that never finish their request head, all from one address,
+    are held only up to that address's share; the rest of the world is served."""
+    port = int(fleet.url.rsplit(":", 1)[1])
+    with contextlib.ExitStack() as held:
+
+        def connect() -> socket.socket:
+            sock = held.enter_context(
+                socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
+            )
+            sock.sendall(b"GET /login HTTP/1.1\r\nHost: x\r\n")
+            sock.settimeout(0.5)
+            return sock
+
+        socks = [connect() for _ in range(httpconn.MAX_CONNECTIONS_PER_CLIENT)]
+        with pytest.raises(TimeoutError):
+            socks[-1].recv(1)  # held, waiting for the rest of its head
+        with pytest.raises(ConnectionResetError):  # closed as soon as accepted, head unread
+            connect().recv(1)
+        assert fleet.anon.get("/login").status_code == 200
 
 
 def test_token_revocation(fleet: FleetServer) -> None:

@@ -14,7 +14,6 @@ device's file-system paths.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import email.utils
 import hashlib
@@ -38,18 +37,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from edgecam.config import FileServerConfig, Settings
 from edgecam.errors import ConfigError
 from edgecam.hostnames import HostGate
+from edgecam.httpconn import (
+    HEADER_TIMEOUT_S,
+    IDLE_TIMEOUT_S,
+    MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_CLIENT,
+    guarded_protocol,
+)
 from edgecam.media.clips import CLIP_NAME_RE, ClipStore, camera_clip_re
 from edgecam.ratelimit import Failures, client_key
 
 __all__ = [
-    "HEADER_TIMEOUT_S",
-    "IDLE_TIMEOUT_S",
-    "GuardedH11Protocol",
     "QuietServer",
     "TokenGate",
     "TokenGuard",
@@ -454,72 +456,21 @@ def _clip_response(request: Request, fd: int, st: os.stat_result) -> Response:
     return _FileStream(fd, start, length, status, headers)
 
 
-# A client gets this long, from connecting or from the end of its previous response, to
-# send a whole request head; one that trickles bytes (slowloris) or sends nothing is cut off.
-HEADER_TIMEOUT_S = 10.0
-# A kept-alive connection with no request for this long is closed.
-IDLE_TIMEOUT_S = 5.0
-
-
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with a deadline for each request head: uvicorn's own
-    keep-alive timer is disarmed by any byte received, so a client that trickles a header
-    line a byte at a time (or connects and says nothing) holds a connection for ever."""
-
-    header_timeout_s = HEADER_TIMEOUT_S
-    _header_deadline: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm_header_deadline()
-
-    def data_received(self, data: bytes) -> None:
-        cycle = self.cycle
-        super().data_received(data)
-        # A whole request head arrived; or it was a WebSocket upgrade, and the connection
-        # is the WebSocket protocol's now (with its own pings): not to be cut off.
-        if self.cycle is not cycle or self._upgraded():
-            self._disarm_header_deadline()
-
-    def _upgraded(self) -> bool:
-        transport = self.transport
-        return transport is not None and transport.get_protocol() is not self
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self.cycle is None or self.cycle.response_complete:
-            self._arm_header_deadline()  # for the next request on this connection
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_header_deadline()
-        super().connection_lost(exc)
-
-    def _arm_header_deadline(self) -> None:
-        self._disarm_header_deadline()
-        self._header_deadline = self.loop.call_later(self.header_timeout_s, self._header_late)
-
-    def _disarm_header_deadline(self) -> None:
-        if self._header_deadline is not None:
-            self._header_deadline.cancel()
-            self._header_deadline = None
-
-    def _header_late(self) -> None:
-        self._header_deadline = None
-        if not self.transport.is_closing() and not self._upgraded():
-            log.info("file server: no request head within %.0f s; closing", self.header_timeout_s)
-            self.transport.close()
-
-
 def server_config(
     app: Starlette,
     cfg: FileServerConfig,
     *,
     header_timeout_s: float = HEADER_TIMEOUT_S,
     idle_timeout_s: float = IDLE_TIMEOUT_S,
+    max_connections: int = MAX_CONNECTIONS,
+    max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
 ) -> uvicorn.Config:
-    """The uvicorn configuration of the file server, with its connection timeouts."""
-    protocol = type(
-        "FileServerProtocol", (GuardedH11Protocol,), {"header_timeout_s": header_timeout_s}
+    """The uvicorn configuration of the file server, with its connection limits
+    (:mod:`edgecam.httpconn`)."""
+    protocol = guarded_protocol(
+        header_timeout_s=header_timeout_s,
+        max_connections=max_connections,
+        max_connections_per_client=max_connections_per_client,
     )
     return uvicorn.Config(
         app,

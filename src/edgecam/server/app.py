@@ -337,11 +337,18 @@ class BackgroundServer:
     def start(self, timeout: float = 30.0) -> BackgroundServer:
         import uvicorn
 
+        from edgecam.httpconn import guarded_protocol
+
         self.server.start()
         cfg = self._settings.server
         self._http = uvicorn.Server(
             uvicorn.Config(
-                self.app, host=cfg.host, port=cfg.port, log_level="warning", **_proxies(cfg)
+                self.app,
+                host=cfg.host,
+                port=cfg.port,
+                log_level="warning",
+                http=guarded_protocol(),
+                **_proxies(cfg),
             )
         )
         self._thread = threading.Thread(target=self._http.run, name="http", daemon=True)
@@ -393,6 +400,8 @@ def run_server(settings: Settings) -> int:
     """Run ``edgecam server`` until interrupted (SIGINT or SIGTERM), then stop in order."""
     import uvicorn
 
+    from edgecam.httpconn import guarded_protocol
+
     server = Server(settings)
     log.info(
         "fleet server: database %s, broker %s",
@@ -406,6 +415,7 @@ def run_server(settings: Settings) -> int:
             host=settings.server.host,
             port=settings.server.port,
             log_level="warning",
+            http=guarded_protocol(),
             **_proxies(settings.server),
         )
         http = _http_server(config)
