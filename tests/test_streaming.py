@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -365,6 +366,55 @@ def test_session_of_vanished_client_expires(rtp_port: int) -> None:
             proc.kill()  # no TEARDOWN, no more keep-alives
             proc.wait()
         _wait_for(lambda: server.session_count == 0, 15, "the stale session stayed")
+
+
+def _closed_at_once(sock: socket.socket) -> bool:
+    """Whether the server closes ``sock`` within half a second (it answered nothing)."""
+    sock.settimeout(0.5)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def _describes(server: StreamingServer) -> bool:
+    try:
+        return _rtsp_status(server.url, _port(server)).startswith("RTSP/1.0 200")
+    except ConnectionResetError:
+        return False
+
+
+def _port(server: StreamingServer) -> int:
+    return int(server.url.rsplit(":", 1)[1].split("/", 1)[0])
+
+
+def test_connections_over_the_caps_are_closed_at_once(rtp_port: int) -> None:
+    """One address holding connections (each with part of a request, as a slowloris client
+    sends) gets no more than its share; the server as a whole holds no more than its cap,
+    far from the limit of open files where it could no longer accept nor answer."""
+    config = StreamingConfig(host="127.0.0.1", port=free_port())
+    server = StreamingServer(config, {"main": rtp_port}, max_clients=6, max_clients_per_address=3)
+    with server, contextlib.ExitStack() as held:
+
+        def connect(source: str) -> socket.socket:
+            sock = held.enter_context(
+                socket.create_connection(("127.0.0.1", config.port), source_address=(source, 0))
+            )
+            sock.sendall(b"OPTIONS * RTSP/1.0\r\nCSeq: 1\r\n")
+            return sock
+
+        flood = [connect("127.0.0.2") for _ in range(3)]
+        assert not any(_closed_at_once(s) for s in flood)
+        assert _closed_at_once(connect("127.0.0.2"))  # one address: no more than 3
+        assert _describes(server)  # the others are served
+        assert not any(_closed_at_once(connect("127.0.0.3")) for _ in range(3))
+        assert _closed_at_once(connect("127.0.0.4"))  # 6 in all: no more
+        assert not _describes(server)
+        for sock in flood:
+            sock.close()
+        _wait_for(lambda: _describes(server), 5, "not served once the flood ended")
 
 
 def _wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:

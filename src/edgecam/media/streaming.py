@@ -13,6 +13,7 @@ sending, and its packets to the closed UDP port are simply lost.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TypeVar
@@ -35,7 +36,7 @@ gi.require_version("GstRtspServer", "1.0")
 gi.require_version("GstRtsp", "1.0")
 from gi.repository import GstRtsp, GstRtspServer
 
-__all__ = ["StreamingServer"]
+__all__ = ["MAX_CLIENTS", "MAX_CLIENTS_PER_ADDRESS", "StreamingServer"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,14 @@ _DECOY_ROLE = "nobody"
 _DECOY_LAUNCH = "( videotestsrc num-buffers=1 ! rtpvrawpay name=pay0 )"
 _CALL_TIMEOUT_S = 10.0
 _SESSION_CLEANUP_S = 1
+# RTSP connections held at once, well under the usual limit of 1024 open files: at that
+# limit GstRtspServer cannot accept and tries again at once, taking a core, its main loop
+# unable to answer. A connection that sends no whole request is closed after 60 s.
+MAX_CLIENTS = 256
+# Connections held at once from one address, so that one client cannot take them all.
+MAX_CLIENTS_PER_ADDRESS = 32
+# A refusal is logged at most once in this many seconds (a flood would flood the log).
+_REFUSAL_LOG_EVERY_S = 10.0
 
 _T = TypeVar("_T")
 
@@ -92,7 +101,8 @@ def _offer_basic_too(auth: GstRtspServer.RTSPAuth) -> None:
 
 class StreamingServer:
     """RTSP server for the cameras' RTP streams (``mounts``: camera -> RTP port), with an
-    explicit life.
+    explicit life. A connection over ``max_clients``, or over ``max_clients_per_address``
+    from one address, is closed as soon as it is accepted.
 
     ``start()`` runs a private GLib main loop in a thread and begins streaming;
     ``streaming_stop()`` / ``streaming_start()`` close and reopen the RTSP service without
@@ -106,7 +116,14 @@ class StreamingServer:
         mounts: Mapping[str, int],
         *,
         rtp_host: str = "127.0.0.1",
+        max_clients: int = MAX_CLIENTS,
+        max_clients_per_address: int = MAX_CLIENTS_PER_ADDRESS,
     ) -> None:
+        if not 1 <= max_clients_per_address <= max_clients:
+            raise ValueError(
+                "max_clients_per_address must be in 1..max_clients, got "
+                f"{max_clients_per_address} (max_clients {max_clients})"
+            )
         if not mounts:
             raise ValueError("mounts must name at least one camera")
         for camera, rtp_port in mounts.items():
@@ -118,6 +135,9 @@ class StreamingServer:
         self._mounts = dict(mounts)
         self._camera = next(iter(self._mounts))
         self._rtp_host = rtp_host
+        self._max_clients = max_clients
+        self._max_per_address = max_clients_per_address
+        self._refusal_logged = -_REFUSAL_LOG_EVERY_S
         self._loop = LoopThread("rtsp", "the RTSP main loop", _CALL_TIMEOUT_S)
         self._server: GstRtspServer.RTSPServer | None = None
         self._source: GLib.Source | None = None
@@ -304,7 +324,26 @@ class StreamingServer:
         cleanup.attach(self._loop.context)
         self._server, self._source, self._cleanup = server, source, cleanup
 
-    def _on_client(self, _server: object, client: GstRtspServer.RTSPClient) -> None:
+    def _on_client(
+        self, server: GstRtspServer.RTSPServer, client: GstRtspServer.RTSPClient
+    ) -> None:
+        connection = client.get_connection()
+        address = connection.get_ip()
+        held = [c for c in server.client_filter(None) if c is not client]
+        mine = sum(1 for c in held if c.get_connection().get_ip() == address)
+        why = ""
+        if len(held) >= self._max_clients:
+            why = f"{len(held)} RTSP connections held, the most there may be"
+        elif mine >= self._max_per_address:
+            why = f"{address} holds {mine} RTSP connections, the most one address may"
+        if why:
+            now = time.monotonic()
+            if now - self._refusal_logged >= _REFUSAL_LOG_EVERY_S:
+                self._refusal_logged = now
+                log.warning("%s; new connections are closed at once", why)
+            # The client reads the end of its stream and closes itself, as if it had left.
+            connection.get_read_socket().shutdown(True, True)
+            return
         client.connect("new-session", self._on_session)
 
     def _on_session(self, _client: object, session: GstRtspServer.RTSPSession) -> None:
