@@ -172,6 +172,35 @@ def test_one_client_cannot_hold_every_connection(fleet: FleetServer) -> None:
         assert fleet.anon.get("/login").status_code == 200
 
 
+def test_a_trusted_proxy_is_held_to_the_cap_in_all_only(
+    database_url: str, broker: int, prefix: str, tmp_path: Path
+) -> None:
+    """A reverse proxy's connections carry many clients: one address, but no share of one."""
+    settings = server_settings(
+        database_url, broker, prefix, tmp_path, trusted_proxies=["127.0.0.2"]
+    )
+    fleet = FleetServer(settings)
+    port = int(fleet.url.rsplit(":", 1)[1])
+    try:
+        with contextlib.ExitStack() as held:
+            socks = [
+                held.enter_context(
+                    socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
+                )
+                for _ in range(httpconn.MAX_CONNECTIONS_PER_CLIENT + 10)
+            ]
+            for sock in socks:
+                sock.sendall(b"GET /login HTTP/1.1\r\nHost: x\r\n")
+            socks[-1].settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                socks[-1].recv(1)  # held, waiting for the rest of its head
+            socks[-1].sendall(b"\r\n")
+            socks[-1].settimeout(5)
+            assert socks[-1].recv(12) == b"HTTP/1.1 200"
+    finally:
+        fleet.close()
+
+
 def test_token_revocation(fleet: FleetServer) -> None:
     made = fleet.http.post("/api/tokens", json={"label": "script"}).json()
     other = httpx.Client(base_url=fleet.url, headers={"Authorization": f"Bearer {made['token']}"})

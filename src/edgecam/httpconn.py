@@ -5,8 +5,11 @@ connections held, in all and from one client address."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import time
+from collections.abc import Iterable
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -44,6 +47,8 @@ class GuardedH11Protocol(H11Protocol):
     header_timeout_s = HEADER_TIMEOUT_S
     max_connections = MAX_CONNECTIONS
     max_connections_per_client = MAX_CONNECTIONS_PER_CLIENT
+    # Addresses that speak for many clients (trusted reverse proxies): no cap of their own.
+    many_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     _header_deadline: asyncio.TimerHandle | None = None
     _refusal_logged = -_REFUSAL_LOG_EVERY_S
 
@@ -61,12 +66,18 @@ class GuardedH11Protocol(H11Protocol):
         if len(held) > self.max_connections:
             return f"{len(held) - 1} connections held, the most there may be"
         host = self.client[0] if self.client else None
-        if host is None:
+        if host is None or self._speaks_for_many(host):
             return ""
         mine = sum(1 for c in held if (getattr(c, "client", None) or ("",))[0] == host)
         if mine > self.max_connections_per_client:
             return f"{host} holds {mine - 1} connections, the most one client may"
         return ""
+
+    def _speaks_for_many(self, host: str) -> bool:
+        with contextlib.suppress(ValueError):
+            address = ipaddress.ip_address(host)
+            return any(address in network for network in self.many_clients)
+        return False
 
     def _log_refusal(self, why: str) -> None:
         now = time.monotonic()
@@ -116,8 +127,11 @@ def guarded_protocol(
     header_timeout_s: float = HEADER_TIMEOUT_S,
     max_connections: int = MAX_CONNECTIONS,
     max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
+    many_clients: Iterable[str] = (),
 ) -> type[GuardedH11Protocol]:
-    """A :class:`GuardedH11Protocol` with these limits, for uvicorn's ``http`` option."""
+    """A :class:`GuardedH11Protocol` with these limits, for uvicorn's ``http`` option.
+    ``many_clients``: addresses or networks (trusted reverse proxies, whose connections
+    carry many clients') held to the cap in all only."""
     if header_timeout_s <= 0:
         raise ValueError(f"header_timeout_s must be > 0, got {header_timeout_s}")
     if not 1 <= max_connections_per_client <= max_connections:
@@ -132,5 +146,6 @@ def guarded_protocol(
             "header_timeout_s": header_timeout_s,
             "max_connections": max_connections,
             "max_connections_per_client": max_connections_per_client,
+            "many_clients": tuple(ipaddress.ip_network(n, strict=False) for n in many_clients),
         },
     )

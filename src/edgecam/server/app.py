@@ -337,8 +337,6 @@ class BackgroundServer:
     def start(self, timeout: float = 30.0) -> BackgroundServer:
         import uvicorn
 
-        from edgecam.httpconn import guarded_protocol
-
         self.server.start()
         cfg = self._settings.server
         self._http = uvicorn.Server(
@@ -347,8 +345,7 @@ class BackgroundServer:
                 host=cfg.host,
                 port=cfg.port,
                 log_level="warning",
-                http=guarded_protocol(),
-                **_proxies(cfg),
+                **_http_options(cfg),
             )
         )
         self._thread = threading.Thread(target=self._http.run, name="http", daemon=True)
@@ -388,19 +385,25 @@ def _http_server(config: Any) -> Any:
     return _Http(config)
 
 
-def _proxies(cfg: ServerConfig) -> dict[str, Any]:
-    """uvicorn's options for ``server.trusted_proxies``: their forwarded headers believed,
-    nobody else's."""
+def _http_options(cfg: ServerConfig) -> dict[str, Any]:
+    """uvicorn's options: the connection limits of :mod:`edgecam.httpconn`, and for
+    ``server.trusted_proxies`` their forwarded headers believed, nobody else's, and no
+    per-address cap (a proxy's connections are many clients')."""
+    from edgecam.httpconn import guarded_protocol
+
+    protocol = guarded_protocol(many_clients=cfg.trusted_proxies)
     if not cfg.trusted_proxies:
-        return {"proxy_headers": False}
-    return {"proxy_headers": True, "forwarded_allow_ips": ",".join(cfg.trusted_proxies)}
+        return {"http": protocol, "proxy_headers": False}
+    return {
+        "http": protocol,
+        "proxy_headers": True,
+        "forwarded_allow_ips": ",".join(cfg.trusted_proxies),
+    }
 
 
 def run_server(settings: Settings) -> int:
     """Run ``edgecam server`` until interrupted (SIGINT or SIGTERM), then stop in order."""
     import uvicorn
-
-    from edgecam.httpconn import guarded_protocol
 
     server = Server(settings)
     log.info(
@@ -415,8 +418,7 @@ def run_server(settings: Settings) -> int:
             host=settings.server.host,
             port=settings.server.port,
             log_level="warning",
-            http=guarded_protocol(),
-            **_proxies(settings.server),
+            **_http_options(settings.server),
         )
         http = _http_server(config)
         print(f"edgecam server: http://{settings.server.host}:{settings.server.port}/", flush=True)
