@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import uvicorn
@@ -24,6 +25,7 @@ from conftest import free_port
 from edgecam.config import Settings
 from edgecam.device import fileserver
 from edgecam.device.fileserver import TokenGuard, create_app, sign_link, signed_url
+from edgecam.device.liveview_http import live_url
 from edgecam.device.runner import run_worker
 from edgecam.device.workers import FileServerWorker
 from edgecam.errors import ConfigError
@@ -636,6 +638,28 @@ def test_allowed_hosts_star_takes_every_name(tmp_path: Path, clips: Path) -> Non
     with TestClient(create_app(_settings(tmp_path, allowed_hosts=["*"]))) as c:
         assert c.get("/clips", headers={**AUTH, "Host": "cams.example.com"}).status_code == 200
         assert c.get("/clips", headers={**AUTH, "Host": "evil%2e"}).status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("fileserver", "live"),
+    [
+        ({"host": "cam-7.example.com"}, {}),  # a name to listen on: the alerts' links
+        ({}, {"public_url": "https://live.example.net:8443"}),  # `edgecam live-url`'s links
+    ],
+)
+def test_the_links_the_device_gives_out_are_served(
+    tmp_path: Path, clips: Path, fileserver: dict[str, str], live: dict[str, str]
+) -> None:
+    settings = Settings(
+        cameras=[{"name": "main"}],
+        recorder={"clips_dir": tmp_path / "clips", "ring_dir": tmp_path / "ring"},
+        fileserver={"token": TOKEN, **fileserver},
+        live=live,
+    )
+    with TestClient(create_app(settings)) as c:
+        for link in (settings.fileserver.base_url(), live_url(settings)):
+            r = c.get("/clips", headers={**AUTH, "Host": urlsplit(link).netloc})
+            assert r.status_code == 200, (link, r.text)
 
 
 def test_allowed_hosts_are_checked_in_config(tmp_path: Path) -> None:

@@ -774,8 +774,9 @@ class FileServerConfig(_Section):
         default_factory=list,
         description="Names besides local ones under which browsers reach this server (shell "
         "patterns matched label by label, e.g. 'cams.example.com', '*.cams.example.com'). IP "
-        "addresses, local names (one label, .local, .lan, .home.arpa, .internal) and "
-        "public_url's host are always taken; a request naming any other host gets 400, "
+        "addresses, local names (one label, .local, .lan, .home.arpa, .internal) and the "
+        "hosts of the device's links (public_url or host, live.public_url) are always taken; "
+        "a request naming any other host gets 400, "
         "which stops DNS rebinding (another site's page resolving its own name to this "
         "device). '*' takes every name.",
     )

@@ -157,13 +157,15 @@ class TokenGate:
         await self.app(scope, receive, send)
 
 
-def _known_names(cfg: FileServerConfig) -> list[str]:
+def _known_names(settings: Settings) -> list[str]:
     """The names this server is reached under besides IP addresses and local names (see
     :class:`~edgecam.hostnames.HostGate`): ``fileserver.allowed_hosts``, this machine's
-    name and ``fileserver.public_url``'s host."""
-    names = [*cfg.allowed_hosts, socket.gethostname()]
-    if cfg.public_url:
-        names.append(urlsplit(cfg.public_url).hostname or "")
+    name and the hosts of the links the device gives out (alerts' and `edgecam live-url`'s).
+    """
+    names = [*settings.fileserver.allowed_hosts, socket.gethostname()]
+    for base in (settings.fileserver.base_url(), settings.live.public_url):
+        if base:
+            names.append(urlsplit(base).hostname or "")
     return names
 
 
@@ -362,7 +364,7 @@ def create_app(
             Route("/clips/{name:path}", get_clip, methods=["GET", "HEAD"]),
         ],
         middleware=[
-            Middleware(HostGate, names=_known_names(cfg), setting="fileserver.allowed_hosts"),
+            Middleware(HostGate, names=_known_names(settings), setting="fileserver.allowed_hosts"),
             Middleware(TokenGate, guard=guard),
         ],
     )
