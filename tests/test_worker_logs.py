@@ -3,10 +3,14 @@ device left for months must not fill its disk with logs."""
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -82,9 +86,58 @@ def test_a_log_is_emptied_even_where_it_cannot_be_kept(
     log = tmp_path / "recorder.log"
     log.write_bytes(b"a" * 5000)
     (tmp_path / "recorder.log.1.part").mkdir()  # the copy cannot be written
-    trim_log(log, 1000)
+    with caplog.at_level(logging.INFO, logger="edgecam.device.supervisor"):
+        trim_log(log, 1000)
     assert log.stat().st_size == 0
     assert "emptied without keeping it" in caplog.text
+    assert "moved to" not in caplog.text  # it was said to be kept, too
+
+
+def _plant_link(folder: Path, name: str, victim: Path) -> None:
+    os.symlink(victim, folder / name)
+
+
+def _plant_fifo(folder: Path, name: str, _victim: Path) -> None:
+    os.mkfifo(folder / name)
+
+
+def _plant_stale(folder: Path, name: str, _victim: Path) -> None:
+    (folder / name).write_bytes(b"left by a crash")
+    os.chmod(folder / name, 0o644)
+
+
+@pytest.mark.parametrize(
+    ("name", "plant"),
+    [
+        ("recorder.log", _plant_link),  # emptied the victim
+        ("recorder.log", _plant_fifo),
+        ("recorder.log.1.part", _plant_link),  # overwrote the victim with the log
+        ("recorder.log.1.part", _plant_fifo),  # hung the supervisor, opening it to write
+        ("recorder.log.1.part", _plant_stale),  # kept its mode: the log readable by others
+    ],
+)
+def test_what_is_planted_in_log_dir_is_not_followed(
+    tmp_path: Path, name: str, plant: Callable[[Path, str, Path], None]
+) -> None:
+    """Whoever can write in log_dir cannot have another file emptied or overwritten, nor
+    the supervisor hang on a FIFO, nor the kept log readable by others."""
+    logs, victim = tmp_path / "logs", tmp_path / "victim"
+    logs.mkdir()
+    victim.write_bytes(b"v" * 5000)
+    if name != "recorder.log":
+        (logs / "recorder.log").write_bytes(b"a" * 5000)
+    plant(logs, name, victim)
+    trimming = threading.Thread(target=trim_log, args=(logs / "recorder.log", 1000), daemon=True)
+    trimming.start()
+    trimming.join(timeout=5)
+    if trimming.is_alive() and stat.S_ISFIFO(os.lstat(logs / name).st_mode):
+        os.close(os.open(logs / name, os.O_RDONLY | os.O_NONBLOCK))  # let it go
+    assert not trimming.is_alive(), "trim_log hangs"
+    assert victim.read_bytes() == b"v" * 5000
+    kept = logs / "recorder.log.1"
+    if kept.exists():
+        assert kept.read_bytes() == b"a" * 5000
+        assert oct(kept.lstat().st_mode & 0o777) == "0o600"
 
 
 def test_the_supervisor_keeps_every_workers_log_bounded(tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 _EXIT_FINISHED = 0  # a worker that exits 0 on its own has finished (a file source ended)
 _LOG_CHECK_S = 10.0  # how often the workers' log files are measured
-_NEW_LOG = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+_NEW_LOG = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_COPY_CHUNK = 2**20
 
 
 def worker_command(name: str, camera: str | None, config: Path | None) -> list[str]:
@@ -56,31 +57,56 @@ def worker_command(name: str, camera: str | None, config: Path | None) -> list[s
 
 def trim_log(path: Path, max_bytes: int) -> None:
     """``path`` copied to ``path.1`` (replacing it) and emptied, if it has grown past
-    ``max_bytes``. Emptied even where the copy fails (a full disk): the bound holds."""
+    ``max_bytes``. Emptied even where the copy fails (a full disk): the bound holds.
+
+    Only a regular file is trimmed, and no link is followed, to it or to the copy: whoever
+    can write in the folder must not have another file emptied or overwritten, nor the
+    supervisor wait on a FIFO. The bytes there when it was measured are copied, no more: a
+    worker writing as fast as the copy would make it endless."""
     try:
-        if path.stat().st_size <= max_bytes:
-            return
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return
     except OSError as exc:
         log.warning("cannot look at log %s: %s", path, exc)
         return
-    old = path.with_name(f"{path.name}.1")
-    part = path.with_name(f"{path.name}.1.part")
     try:
-        with open(path, "rb") as src, open(os.open(part, _NEW_LOG, 0o600), "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size <= max_bytes:
+            return
+        old = path.with_name(f"{path.name}.1")
+        try:
+            _copy_log(fd, info.st_size, old)
+            kept = True
+        except OSError as exc:
+            kept = False
+            log.warning("log %s emptied without keeping it: cannot write %s: %s", path, old, exc)
+        try:
+            os.ftruncate(fd, 0)
+        except OSError as exc:
+            log.warning("cannot empty log %s: %s", path, exc)
+            return
+    finally:
+        os.close(fd)
+    if kept:
+        log.info("log %s passed %d bytes: moved to %s", path, max_bytes, old.name)
+
+
+def _copy_log(fd: int, size: int, old: Path) -> None:
+    """The first ``size`` bytes of ``fd`` to ``old``, through a new file beside it."""
+    part = old.with_name(f"{old.name}.part")
+    part.unlink(missing_ok=True)  # one left by a crash, or planted: made anew, 0600
+    try:
+        with open(os.open(part, _NEW_LOG, 0o600), "wb") as dst:
+            done = 0
+            while done < size and (chunk := os.pread(fd, min(_COPY_CHUNK, size - done), done)):
+                dst.write(chunk)
+                done += len(chunk)
         os.replace(part, old)
-    except OSError as exc:
+    except OSError:
         with contextlib.suppress(OSError):
             part.unlink(missing_ok=True)
-        log.warning("log %s emptied without keeping it: cannot write %s: %s", path, old, exc)
-    try:
-        os.truncate(path, 0)
-    except OSError as exc:
-        log.warning("cannot empty log %s: %s", path, exc)
-        return
-    log.info("log %s passed %d bytes: moved to %s", path, max_bytes, old.name)
+        raise
 
 
 @dataclass
