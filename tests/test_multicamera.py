@@ -418,3 +418,52 @@ def test_cameras_the_detector_cannot_keep_up_with_are_said_to_be_behind(
         sender.close()
     said = [r.getMessage() for r in caplog.records if "cannot keep up" in r.getMessage()]
     assert sorted(m.split(":")[0] for m in said) == ["camera c0", "camera c1", "camera c2"]
+
+
+def test_a_window_the_video_did_not_fill_does_not_say_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A window in which a camera's video did not flow throughout says nothing of the
+    detector: the detections asked for while the video was away were never asked. Here a
+    2 s file ends and an RTSP camera comes up 2.5 s late within one 4 s window (both were
+    said to be behind: 4 or 5 detections of the 12 asked for)."""
+    import edgecam.device.workers as workers
+
+    monkeypatch.setattr(workers, "_RATE_WINDOW_S", 4.0)
+    short = tmp_path / "short.mp4"
+    subprocess.run(
+        ["gst-launch-1.0", "-q", "videotestsrc", "num-buffers=60", "!",
+         "video/x-raw,width=320,height=240,framerate=30/1", "!", "x264enc", "!", "mp4mux",
+         "!", "filesink", f"location={short}"],
+        check=True,
+        timeout=30,
+    )  # fmt: skip
+    door = _RemoteCamera(MEDIA / "faces_720p30_15s.mp4")
+    cameras = [
+        {"name": "short", "source": str(short)},
+        {"name": "door", "source": door.url, "reconnect_min_s": 0.2, "reconnect_max_s": 0.5},
+    ]
+    settings = Settings.model_validate(
+        {"cameras": cameras, "vision": {"profile": "mask", "detect_fps": 3}}
+    )
+    sender = EventSender(tmp_path / "x.sock")
+    worker = InferenceWorker(WorkerContext(settings, None, sender))
+    stop = threading.Event()
+    server = threading.Thread(target=worker.serve, args=(stop,), daemon=True)
+    try:
+        worker.start()
+        started = time.monotonic()
+        server.start()
+        time.sleep(2.5)
+        door.start()
+        time.sleep(max(0.0, started + 4.0 + 1.0 - time.monotonic()))  # the window ended
+        cams = worker.status()["cameras"]
+        assert cams["short"]["finished"] and worker.figures()["door/frames_out"] > 0
+        assert not cams["short"]["behind"] and not cams["door"]["behind"]
+    finally:
+        stop.set()
+        server.join(timeout=30)
+        worker.close()
+        sender.close()
+        door.kill()
+    assert "cannot keep up" not in caplog.text

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import OrderedDict
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from edgecam.config import Settings, redact_url
 from edgecam.device.control import Handler
@@ -97,6 +97,16 @@ def _frame_summary(worker: str, camera: str, meta: FrameMeta) -> FrameSummary:
     )
 
 
+class _Window(NamedTuple):
+    """A camera's figures at the start (or end) of a rate window."""
+
+    start: float
+    frames: float
+    detections: float
+    breaks: float  # source restarts and pipeline rebuilds
+    flowing: bool  # its video came: not lost, rebuilding or ended
+
+
 class _CameraBranch:
     """One camera's live pipeline inside the inference worker, on a thread of its own.
 
@@ -125,7 +135,7 @@ class _CameraBranch:
         self._last_progress = time.monotonic()
         self.behind = False
         self.detections_per_s = 0.0  # over the last rate window
-        self._window: tuple[float, float, float] | None = None  # (start, frames, detections)
+        self._window: _Window | None = None  # the rate window under way
 
     def build(self) -> None:
         from edgecam.media.pipeline import Pipeline
@@ -245,21 +255,29 @@ class _CameraBranch:
 
     def keeps_up(self, now: float) -> bool | None:
         """At the end of each rate window, whether the detector made the detections this
-        camera asked for in it; None meanwhile, and when it asked for none (or had no video)."""
-        if self._window is not None and now - self._window[0] < _RATE_WINDOW_S:
+        camera asked for in it; None meanwhile, when it asked for none, and when its video
+        did not flow throughout (it was lost, not up yet, rebuilt or ended): what it asked
+        for while away is not known, and counting it made the camera look behind."""
+        if self._window is not None and now - self._window.start < _RATE_WINDOW_S:
             return None
         figures = self.figures()
-        frames, detections = figures["frames_out"], figures["detections"]
-        if self._window is None:
-            self._window = (now, frames, detections)
+        end = _Window(
+            now,
+            figures["frames_out"],
+            figures["detections"],
+            figures["source_restarts"] + figures["pipeline_rebuilds"],
+            flowing=not (self.finished or figures["waiting_for_source"]),
+        )
+        begin, self._window = self._window, end
+        if begin is None or not (begin.flowing and end.flowing) or begin.breaks != end.breaks:
             return None
-        start, frames_before, detections_before = self._window
-        self._window = (now, frames, detections)
-        asked = min(self.settings.vision.detect_fps * (now - start), frames - frames_before)
+        seconds = end.start - begin.start
+        asked = min(self.settings.vision.detect_fps * seconds, end.frames - begin.frames)
         if asked <= 0:
             return None
-        self.detections_per_s = (detections - detections_before) / (now - start)
-        return detections - detections_before >= _BEHIND_FRACTION * asked
+        made = end.detections - begin.detections
+        self.detections_per_s = made / seconds
+        return made >= _BEHIND_FRACTION * asked
 
     def figures(self) -> dict[str, float]:
         pipeline = self.pipeline
