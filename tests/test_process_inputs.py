@@ -18,7 +18,7 @@ from conftest import MEDIA
 
 from edgecam.config import load_settings
 from edgecam.errors import PipelineError
-from edgecam.media.offline import process_file
+from edgecam.media.offline import _FileRun, process_file
 from edgecam.vision.detections import Detections
 
 EDGECAM = [sys.executable, "-m", "edgecam.cli"]
@@ -333,6 +333,21 @@ def test_stopped_run_of_several_inputs_stops_them_all_and_keeps_the_old_outputs(
     assert "Traceback" not in stderr and "ERROR" not in stderr, stderr
     assert (tmp_path / "faces.mp4").read_bytes() == b"the previous result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["faces.mp4"]
+
+
+def test_a_stop_before_a_files_pipeline_has_started_is_kept(tmp_path: Path) -> None:
+    """A stop (Ctrl-C, or another file failing) that comes while a file's thread has not
+    yet started its pipeline stops that file too: starting cleared it, and the file ran
+    to its end, under a shared detector about to be stopped."""
+    settings = load_settings(**{"vision.detect_fps": 0})
+    cam = settings.cameras[0].model_copy(
+        update={"name": "p", "source": str(MEDIA / "pedestrians_30s.mp4"), "loop": False}
+    )
+    run = _FileRun(settings.model_copy(update={"cameras": [cam]}), tmp_path / "o.mp4", None, None)
+    run.stop()
+    run.thread.start()
+    assert run.done.wait(30)
+    assert run.pipeline.stats.frames < 100  # of 300
 
 
 def test_every_bad_input_among_several_is_named(odd: dict[str, Path], tmp_path: Path) -> None:

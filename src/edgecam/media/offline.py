@@ -480,6 +480,7 @@ class _FileRun:
         # Set when the run has ended and closed. Not ``thread.is_alive()``: a ``join`` that a
         # signal interrupts leaves a running thread looking finished (Python < 3.13).
         self.done = threading.Event()
+        self._stopped = threading.Event()
         self.thread = threading.Thread(
             target=self._run, name=f"process-{self.pipeline.camera.name}", daemon=True
         )
@@ -488,6 +489,8 @@ class _FileRun:
         start = time.monotonic()
         try:
             self.pipeline.start()
+            if self._stopped.is_set():  # asked before: starting made the pipeline forget it
+                self.pipeline.stop()
             self.pipeline.run()
         except BaseException as exc:  # re-raised in the caller's thread
             self.error = exc
@@ -495,6 +498,12 @@ class _FileRun:
             self.seconds = time.monotonic() - start
             self.close()
             self.done.set()
+
+    def stop(self) -> None:
+        """Ask the run to finish (from the caller's thread), whether or not its thread has
+        started the pipeline yet."""
+        self._stopped.set()
+        self.pipeline.stop()
 
     def close(self) -> None:
         self.pipeline.close()
@@ -524,7 +533,7 @@ def _run_side_by_side(runs: list[_FileRun], progress: bool) -> list[ProcessResul
             if not stopped and any(r.error is not None for r in runs):
                 stopped = True  # one file fails the run: the others stop too
                 for r in runs:
-                    r.pipeline.stop()
+                    r.stop()
             if progress and time.monotonic() - last >= _PROGRESS_EVERY_S:
                 last = time.monotonic()
                 log.info(
@@ -535,7 +544,7 @@ def _run_side_by_side(runs: list[_FileRun], progress: bool) -> list[ProcessResul
         started = [r for r in runs if r.thread.ident]
         for r in started:
             if not r.done.is_set():
-                r.pipeline.stop()
+                r.stop()
         for r in started:
             r.done.wait(timeout=30)
     for r in runs:
