@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from edgecam.config import Settings
-from edgecam.device.supervisor import Supervisor, trim_log
+from edgecam.device.supervisor import Supervisor, open_worker_log, trim_log
 
 _APPEND = os.O_WRONLY | os.O_CREAT | os.O_APPEND
 
@@ -158,3 +158,19 @@ def test_the_supervisor_keeps_every_workers_log_bounded(tmp_path: Path) -> None:
 def test_log_max_bytes_is_checked_in_config() -> None:
     with pytest.raises(ValueError, match="log_max_bytes"):
         Settings(runtime={"log_max_bytes": 1000})
+
+
+def test_a_link_planted_as_a_workers_log_is_not_followed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"kept")
+    (tmp_path / "recorder.main.log").symlink_to(target)
+    assert open_worker_log(tmp_path / "recorder.main.log") is None
+    assert "logs to the device's output" in caplog.text
+    fd = open_worker_log(tmp_path / "inference.log")
+    assert fd is not None
+    os.write(fd, b"line\n")
+    os.close(fd)
+    assert target.read_bytes() == b"kept"
+    assert oct(os.stat(tmp_path / "inference.log").st_mode & 0o777) == "0o600"

@@ -33,7 +33,7 @@ from edgecam.device.runner import EXIT_CONFIG, SUPERVISOR_ENV
 from edgecam.device.workers import START_ORDER, WORKERS
 from edgecam.protocol import WorkerState, WorkerStateName
 
-__all__ = ["Child", "Supervisor", "trim_log", "worker_command"]
+__all__ = ["Child", "Supervisor", "open_worker_log", "trim_log", "worker_command"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,19 @@ def worker_command(name: str, camera: str | None, config: Path | None) -> list[s
     if config is not None:
         cmd += ["--config", str(config)]
     return cmd
+
+
+def open_worker_log(path: Path) -> int | None:
+    """A descriptor appending to a worker's log file (made 0600), or None where ``path`` is
+    a link or cannot be opened: the worker then logs to the device's own output. A link
+    planted in the folder is not followed (the worker's output would go to its target)."""
+    try:
+        return os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+    except OSError as exc:
+        log.error("cannot open log %s (%s): that worker logs to the device's output", path, exc)
+        return None
 
 
 def trim_log(path: Path, max_bytes: int) -> None:
@@ -222,11 +235,7 @@ class Supervisor:
         out: int | None = None
         if self._log_dir is not None:
             self._log_dir.mkdir(parents=True, exist_ok=True)
-            out = os.open(
-                self._log_path(child),
-                os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                0o600,
-            )
+            out = open_worker_log(self._log_path(child))
         try:
             # A process group of its own: a Ctrl-C in the terminal reaches the orchestrator
             # alone, which stops the workers in order (they die with it in any case).
