@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -81,3 +82,14 @@ def rtp_sender() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
             proc.wait()
         if proc.stderr:
             proc.stderr.close()
+
+
+def closed_at_once(sock: socket.socket) -> bool:
+    """Whether the server closes ``sock`` within half a second (it answered nothing)."""
+    sock.settimeout(0.5)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False

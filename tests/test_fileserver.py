@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import uvicorn
-from conftest import free_port
+from conftest import closed_at_once, free_port
 
 from edgecam.config import Settings
 from edgecam.device import fileserver
@@ -492,17 +492,6 @@ def test_idle_and_slow_connections_are_closed(strict_server: int) -> None:
     assert _raw(strict_server, "GET", "/health", {})[0] == 200
 
 
-def _closed_at_once(sock: socket.socket) -> bool:
-    """Whether the server closes ``sock`` within half a second (it sent nothing on it)."""
-    sock.settimeout(0.5)
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-
-
 def _served(port: int) -> bool:
     try:
         return _raw(port, "GET", "/health", {})[0] == 200
@@ -510,7 +499,7 @@ def _served(port: int) -> bool:
         return False
 
 
-def test_connections_over_the_caps_are_closed_at_once(tmp_path: Path, clips: Path) -> None:
+def test_connections_over_the_caps_areclosed_at_once(tmp_path: Path, clips: Path) -> None:
     # Each held connection has sent part of a request head, as a slowloris client does.
     limits = {"max_connections": 6, "max_connections_per_client": 3}
     with _guarded_server(tmp_path, **limits) as port, contextlib.ExitStack() as held:
@@ -523,11 +512,11 @@ def test_connections_over_the_caps_are_closed_at_once(tmp_path: Path, clips: Pat
             return sock
 
         flood = [connect("127.0.0.2") for _ in range(3)]
-        assert not any(_closed_at_once(s) for s in flood)
-        assert _closed_at_once(connect("127.0.0.2"))  # one address: no more than 3
+        assert not any(closed_at_once(s) for s in flood)
+        assert closed_at_once(connect("127.0.0.2"))  # one address: no more than 3
         assert _served(port)  # the others are served
-        assert not any(_closed_at_once(connect("127.0.0.3")) for _ in range(3))
-        assert _closed_at_once(connect("127.0.0.4"))  # 6 in all: no more
+        assert not any(closed_at_once(connect("127.0.0.3")) for _ in range(3))
+        assert closed_at_once(connect("127.0.0.4"))  # 6 in all: no more
         assert not _served(port)
         for sock in flood:
             sock.close()

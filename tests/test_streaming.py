@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, free_udp_pair
+from conftest import ROOT, closed_at_once, free_port, free_udp_pair
 from pydantic import SecretStr
 
 from edgecam.config import StreamingConfig
@@ -368,17 +368,6 @@ def test_session_of_vanished_client_expires(rtp_port: int) -> None:
         _wait_for(lambda: server.session_count == 0, 15, "the stale session stayed")
 
 
-def _closed_at_once(sock: socket.socket) -> bool:
-    """Whether the server closes ``sock`` within half a second (it answered nothing)."""
-    sock.settimeout(0.5)
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-
-
 def _describes(server: StreamingServer) -> bool:
     try:
         return _rtsp_status(server.url, _port(server)).startswith("RTSP/1.0 200")
@@ -390,7 +379,7 @@ def _port(server: StreamingServer) -> int:
     return int(server.url.rsplit(":", 1)[1].split("/", 1)[0])
 
 
-def test_connections_over_the_caps_are_closed_at_once(rtp_port: int) -> None:
+def test_connections_over_the_caps_areclosed_at_once(rtp_port: int) -> None:
     """One address holding connections (each with part of a request, as a slowloris client
     sends) gets no more than its share; the server as a whole holds no more than its cap,
     far from the limit of open files where it could no longer accept nor answer."""
@@ -406,11 +395,11 @@ def test_connections_over_the_caps_are_closed_at_once(rtp_port: int) -> None:
             return sock
 
         flood = [connect("127.0.0.2") for _ in range(3)]
-        assert not any(_closed_at_once(s) for s in flood)
-        assert _closed_at_once(connect("127.0.0.2"))  # one address: no more than 3
+        assert not any(closed_at_once(s) for s in flood)
+        assert closed_at_once(connect("127.0.0.2"))  # one address: no more than 3
         assert _describes(server)  # the others are served
-        assert not any(_closed_at_once(connect("127.0.0.3")) for _ in range(3))
-        assert _closed_at_once(connect("127.0.0.4"))  # 6 in all: no more
+        assert not any(closed_at_once(connect("127.0.0.3")) for _ in range(3))
+        assert closed_at_once(connect("127.0.0.4"))  # 6 in all: no more
         assert not _describes(server)
         for sock in flood:
             sock.close()
