@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from sqlalchemy.exc import OperationalError
 from edgecam.config import MqttConfig, ServerConfig
 from edgecam.protocol import MAX_PAYLOAD_BYTES, Alert, ClipReady, CommandResult, Stats, Status
 from edgecam.server import db
-from edgecam.server.ingest import Ingest, Rejected, decode
+from edgecam.server.ingest import RECEIVE_MAXIMUM, Ingest, Rejected, decode
 from edgecam.server.simulate import SimDevice, make_stats
 from edgecam.server.store import Store
 
@@ -191,6 +192,46 @@ def test_a_message_the_store_cannot_handle_is_rejected_and_ingest_goes_on(
     wait_until(lambda: ingest.counters.snapshot()["rejected"] == 1)
     device.publish(make_stats("cam-1", 3, 1003.0)).wait_for_publish(5)
     wait_until(lambda: _count(engine, db.StatsRow) == 3)  # all but the culprit, and after it
+
+
+@contextlib.contextmanager
+def _stats_locked(engine: Engine) -> Iterator[None]:
+    """Writes into the stats table wait (the ingest writer included) until the block ends."""
+    raw = engine.raw_connection()
+    try:
+        if engine.dialect.name == "postgresql":
+            raw.cursor().execute("LOCK TABLE stats IN ACCESS EXCLUSIVE MODE")
+        else:
+            raw.driver_connection.isolation_level = None  # type: ignore[union-attr]
+            raw.cursor().execute("BEGIN IMMEDIATE")
+        yield
+    finally:
+        raw.rollback()
+        raw.close()
+
+
+def test_the_ingest_queue_is_bounded_while_the_database_is_slow(
+    start_ingest: IngestFactory, device: SimDevice, engine: Engine
+) -> None:
+    # A device flooding faster than the writer stores: the broker keeps the QoS 1 messages
+    # past the bound (it held 65,535, 4 GiB at the payload limit), QoS 0 ones are dropped.
+    ingest = start_ingest()
+    sent = 3 * RECEIVE_MAXIMUM
+    with _stats_locked(engine):
+        for seq in range(sent):
+            device.publish(make_stats("cam-1", seq, 1000.0 + seq))
+            flood = make_stats("cam-1", sent + seq, 1000.0 + seq).model_dump_json()
+            device.publish_raw("stats", flood, qos=0)
+        device.publish_raw("stats", "{}").wait_for_publish(10)
+        time.sleep(1)  # what the broker would send has come by now
+        assert ingest._queue.qsize() <= 2 * RECEIVE_MAXIMUM
+        assert ingest.counters.snapshot()["dropped"] > 0
+
+    def qos1_stored() -> int:
+        with engine.connect() as conn:
+            return int(conn.scalar(select(func.count()).where(db.StatsRow.seq < sent)) or 0)
+
+    wait_until(lambda: qos1_stored() == sent, timeout=15)  # none of them lost
 
 
 def test_a_new_device_in_a_batch_rolled_back_is_stored_when_it_is_tried_again(

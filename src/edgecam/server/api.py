@@ -662,6 +662,13 @@ def metrics(request: Request, _user: User, conn: Conn) -> PlainTextResponse:
     )
     _metric(
         lines,
+        "edgecam_messages_dropped_total",
+        "counter",
+        "QoS 0 messages dropped while ingest was behind.",
+        c["dropped"],
+    )
+    _metric(
+        lines,
         "edgecam_ingest_lag_seconds",
         "gauge",
         "Oldest message age in the last batch written.",

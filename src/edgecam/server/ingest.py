@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
@@ -59,6 +61,10 @@ TOUCH_INTERVAL_S = 1.0
 RETRY_DELAY_S = 1.0
 # At most one log line per this many seconds about rejected messages.
 REJECT_LOG_INTERVAL_S = 5.0
+# Most QoS 1 messages the broker may send an ingest client before it acknowledges any (MQTT 5
+# Receive Maximum; 65,535 unless said): the bound of its queue, 64 MiB at the payload limit.
+# QoS 0 messages, which the broker does not hold back, are dropped past as many queued.
+RECEIVE_MAXIMUM = 1000
 
 
 class Rejected(ValueError):
@@ -75,6 +81,7 @@ class Counters:
         self.duplicates = ctx.Value("q", 0)
         self.rejected = ctx.Value("q", 0)
         self.write_errors = ctx.Value("q", 0)
+        self.dropped = ctx.Value("q", 0)
         self.lag_s = ctx.Value("d", 0.0)
 
     def add(self, name: str, n: int) -> None:
@@ -83,7 +90,7 @@ class Counters:
             value.value += n
 
     def snapshot(self) -> dict[str, float]:
-        names = ("received", "stored", "duplicates", "rejected", "write_errors", "lag_s")
+        names = ("received", "stored", "duplicates", "rejected", "write_errors", "dropped", "lag_s")
         return {n: getattr(self, n).value for n in names}
 
 
@@ -157,6 +164,7 @@ class Ingest:
         self._client: mqtt.Client | None = None
         self._subscribed = threading.Event()
         self._last_reject_log = 0.0
+        self._last_drop_log = 0.0
 
     def start(self) -> None:
         client = make_client(self._mqtt_cfg, "ingest", manual_ack=True)
@@ -164,8 +172,11 @@ class Ingest:
         client.on_message = self._on_message
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
         self._writer.start()
-        assert self._mqtt_cfg.host is not None
-        client.connect_async(self._mqtt_cfg.host, self._mqtt_cfg.port, self._mqtt_cfg.keepalive_s)
+        cfg = self._mqtt_cfg
+        assert cfg.host is not None
+        props = Properties(PacketTypes.CONNECT)
+        props.ReceiveMaximum = RECEIVE_MAXIMUM
+        client.connect_async(cfg.host, cfg.port, cfg.keepalive_s, properties=props)
         client.loop_start()
         self._client = client
 
@@ -199,6 +210,13 @@ class Ingest:
         log.info("ingest connected to %s:%s", self._mqtt_cfg.host, self._mqtt_cfg.port)
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.qos == 0 and self._queue.qsize() >= RECEIVE_MAXIMUM:
+            self.counters.add("dropped", 1)
+            now = time.monotonic()
+            if now - self._last_drop_log >= REJECT_LOG_INTERVAL_S:
+                self._last_drop_log = now
+                log.warning("dropped QoS 0 messages: ingest is %d messages behind", RECEIVE_MAXIMUM)
+            return
         self._queue.put(_Raw(msg.topic, bytes(msg.payload), msg.mid, msg.qos))
 
     def _next_batch(self) -> list[_Raw]:

@@ -141,8 +141,8 @@ class SimDevice:
             retain=retain,
         )
 
-    def publish_raw(self, kind: str, payload: bytes | str) -> mqtt.MQTTMessageInfo:
-        return self._client.publish(f"{self.prefix}/{self.name}/{kind}", payload, qos=1)
+    def publish_raw(self, kind: str, payload: bytes | str, qos: int = 1) -> mqtt.MQTTMessageInfo:
+        return self._client.publish(f"{self.prefix}/{self.name}/{kind}", payload, qos=qos)
 
     def send_stats(self, at: float | None = None) -> Stats:
         msg = make_stats(self.name, self.seq, at if at is not None else time.time())
