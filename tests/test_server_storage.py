@@ -21,7 +21,7 @@ from edgecam.server import db
 from edgecam.server.api import _device_link
 from edgecam.server.app import prune_clips
 from edgecam.server.auth import LoginLimiter
-from edgecam.server.queries import downsample, stats_buckets, stats_raw
+from edgecam.server.queries import downsample, prune_history, stats_buckets, stats_raw
 from edgecam.server.simulate import make_stats
 from edgecam.server.store import Store
 
@@ -111,6 +111,49 @@ def test_sqlite_concurrent_ingest_and_reads_never_lock(tmp_path: object) -> None
     with eng.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(db.StatsRow)) == 2000
     eng.dispose()
+
+
+def test_statuses_commands_and_alerts_do_not_pile_up(engine: Engine) -> None:
+    """A device sending statuses at a kilohertz (or alerts without end) would otherwise grow
+    the database for good: only stats were ever deleted."""
+    now = time.time()
+    old, recent, ancient = now - 31 * 86400, now - 29 * 86400, now - 401 * 86400
+    with engine.begin() as conn:
+        conn.execute(db.Device.__table__.insert().values(name="cam-1"))
+        for i, ts in enumerate((old, recent)):
+            conn.execute(
+                db.StatusRow.__table__.insert().values(
+                    id=f"s{i}", device="cam-1", ts=ts, state="online"
+                )
+            )
+            conn.execute(
+                db.CommandRow.__table__.insert().values(
+                    id=f"c{i}", device="cam-1", name="status", args={}, ts=ts, sent=True
+                )
+            )
+            conn.execute(
+                db.CommandResult.__table__.insert().values(
+                    id=f"r{i}", command_id=f"c{i}", device="cam-1", ok=True, data={}, ts=ts
+                )
+            )
+        for i, ts in enumerate((ancient, old)):
+            conn.execute(
+                db.Alert.__table__.insert().values(
+                    id=f"a{i}", alert_id=f"a{i}", device="cam-1", rule="occupancy",
+                    state="raised", message="", started=ts, ts=ts,
+                )
+            )  # fmt: skip
+    deleted = prune_history(engine, raw_days=30, history_days=400)
+    assert deleted == {"statuses": 1, "commands": 1, "results": 1, "alerts": 1}
+    with engine.connect() as conn:
+        for table, kept in [
+            (db.StatusRow, ["s1"]),
+            (db.CommandRow, ["c1"]),
+            (db.CommandResult, ["r1"]),
+            (db.Alert, ["a1"]),
+        ]:
+            assert sorted(conn.scalars(select(table.id))) == kept, table
+    assert prune_history(engine, raw_days=30, history_days=400) == dict.fromkeys(deleted, 0)
 
 
 def test_clip_retention_by_age_then_size(tmp_path: Path) -> None:

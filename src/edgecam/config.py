@@ -1048,10 +1048,13 @@ class ServerConfig(_Section):
         512 * 1024 * 1024, ge=1024, description="Largest clip a device may upload."
     )
     stats_retention_days: float = Field(
-        30, gt=0, description="Raw stats messages older than this are deleted."
+        30,
+        gt=0,
+        description="Raw stats messages, status messages and commands with their results "
+        "older than this are deleted.",
     )
     history_retention_days: float = Field(
-        400, gt=0, description="Hourly downsampled stats older than this are deleted."
+        400, gt=0, description="Hourly downsampled stats and alerts older than this are deleted."
     )
     retention_interval_s: float = Field(
         600, ge=1, le=86400, description="How often retention and downsampling run."

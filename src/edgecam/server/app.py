@@ -39,7 +39,7 @@ from edgecam.server.auth import LoginLimiter, Principal
 from edgecam.server.commands import CommandPublisher
 from edgecam.server.context import LoginRequired, ServerContext, User, disk_full, page_user
 from edgecam.server.ingest import Counters, Ingest, run_ingest_process
-from edgecam.server.queries import downsample
+from edgecam.server.queries import downsample, prune_history
 
 __all__ = [
     "BackgroundServer",
@@ -243,9 +243,9 @@ class Server:
     def _retention_loop(self) -> None:
         while not self._stop.wait(self.cfg.retention_interval_s):
             try:
-                downsample(
-                    self.engine, self.cfg.stats_retention_days, self.cfg.history_retention_days
-                )
+                days = (self.cfg.stats_retention_days, self.cfg.history_retention_days)
+                downsample(self.engine, *days)
+                prune_history(self.engine, *days)
                 prune_clips(
                     self.cfg.clips_dir, self.cfg.clips_max_age_days, self.cfg.clips_max_bytes
                 )

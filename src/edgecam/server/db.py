@@ -82,6 +82,7 @@ class StatusRow(Base):
     """Each status message once, so that a replayed one never undoes a newer state."""
 
     __tablename__ = "status_messages"
+    __table_args__ = (Index("ix_status_messages_ts", "ts"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     device: Mapped[str] = mapped_column(String(64))
@@ -207,6 +208,7 @@ class CommandRow(Base):
 
 class CommandResult(Base):
     __tablename__ = "command_results"
+    __table_args__ = (Index("ix_command_results_ts", "ts"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     command_id: Mapped[str] = mapped_column(String(64), index=True)

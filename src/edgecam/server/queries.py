@@ -25,7 +25,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from edgecam.server.db import Device, StatsHourly, StatsMinute, StatsRow
+from edgecam.server.db import (
+    Alert,
+    CommandResult,
+    CommandRow,
+    Device,
+    StatsHourly,
+    StatsMinute,
+    StatsRow,
+    StatusRow,
+)
 
 __all__ = ["SUMMED", "downsample", "stats_buckets", "stats_raw", "stats_raw_json"]
 
@@ -239,3 +248,33 @@ def downsample(engine: Engine, raw_days: float, history_days: float) -> dict[str
     if dropped or old:
         log.info("retention: %d raw stats and %d hourly rows deleted", dropped, old)
     return {"hours": len(rows), "raw_deleted": dropped, "hourly_deleted": old}
+
+
+def prune_history(engine: Engine, raw_days: float, history_days: float) -> dict[str, int]:
+    """Drop what else a device's messages pile up: status messages (kept to tell a replayed
+    one from a new one) and commands with their results older than ``raw_days``, alerts
+    older than ``history_days``. A replayed status older than that changes nothing anyway:
+    the device's state is newer. Every statement reads through an index."""
+    now = time.time()
+    raw_cut, history_cut = now - raw_days * 86400, now - history_days * 86400
+    with engine.begin() as conn:
+        devices = [{"d": d, "cut": raw_cut} for d in conn.scalars(select(Device.name))]
+        commands = 0
+        if devices:  # per device, through the (device, ts) index
+            by_device = CommandRow.device == bindparam("d"), CommandRow.ts < bindparam("cut")
+            commands = _deleted(conn.execute(delete(CommandRow).where(*by_device), devices))
+        deleted = {
+            "statuses": _deleted(conn.execute(delete(StatusRow).where(StatusRow.ts < raw_cut))),
+            "commands": commands,
+            "results": _deleted(
+                conn.execute(delete(CommandResult).where(CommandResult.ts < raw_cut))
+            ),
+            "alerts": _deleted(conn.execute(delete(Alert).where(Alert.ts < history_cut))),
+        }
+    if any(deleted.values()):
+        log.info("retention: %s deleted", ", ".join(f"{n} {k}" for k, n in deleted.items()))
+    return deleted
+
+
+def _deleted(result: Any) -> int:
+    return int(result.rowcount)
