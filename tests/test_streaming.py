@@ -28,7 +28,7 @@ from edgecam.errors import PipelineError
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", ImportWarning)
     from edgecam.media.gst import Gst, init
-    from edgecam.media.streaming import StreamingServer
+    from edgecam.media.streaming import MAX_REQUEST_BODY, StreamingServer
 
 WIDTH, HEIGHT = 320, 180
 Sender = Callable[..., subprocess.Popen[bytes]]
@@ -404,6 +404,33 @@ def test_connections_over_the_caps_areclosed_at_once(rtp_port: int) -> None:
         for sock in flood:
             sock.close()
         _wait_for(lambda: _describes(server), 5, "not served once the flood ended")
+
+
+def test_a_request_body_over_the_limit_is_not_held(rtp_port: int) -> None:
+    """A request declaring a body of 256 MB, sent as fast as loopback goes: before, the
+    server held it all (RSS grew by the body's size) before answering."""
+    with _server(rtp_port) as server:
+
+        def get_parameter(length: int) -> socket.socket:
+            sock = socket.create_connection(("127.0.0.1", _port(server)), timeout=5)
+            sock.sendall(
+                f"GET_PARAMETER {server.url} RTSP/1.0\r\nCSeq: 1\r\n"
+                f"Content-Type: text/parameters\r\nContent-Length: {length}\r\n\r\n".encode()
+            )
+            return sock
+
+        with get_parameter(100) as sock:  # a small body is read and answered
+            sock.sendall(b"x" * 100)
+            assert sock.recv(100).startswith(b"RTSP/1.0 451")
+        with get_parameter(MAX_REQUEST_BODY + 1) as sock:
+            assert sock.recv(100).startswith(b"RTSP/1.0 413")
+        sent = 0
+        with get_parameter(256 << 20) as sock, contextlib.suppress(OSError):
+            while sent < 256 << 20:
+                sock.sendall(b"x" * (1 << 20))
+                sent += 1 << 20
+        assert sent < 16 << 20, f"{sent >> 20} MB of the body taken"
+        assert _describes(server)
 
 
 def _wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:

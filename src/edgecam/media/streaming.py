@@ -36,7 +36,7 @@ gi.require_version("GstRtspServer", "1.0")
 gi.require_version("GstRtsp", "1.0")
 from gi.repository import GstRtsp, GstRtspServer
 
-__all__ = ["MAX_CLIENTS", "MAX_CLIENTS_PER_ADDRESS", "StreamingServer"]
+__all__ = ["MAX_CLIENTS", "MAX_CLIENTS_PER_ADDRESS", "MAX_REQUEST_BODY", "StreamingServer"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,10 @@ _SESSION_CLEANUP_S = 1
 MAX_CLIENTS = 256
 # Connections held at once from one address, so that one client cannot take them all.
 MAX_CLIENTS_PER_ADDRESS = 32
+# The body of one request, in bytes: a request this server answers carries a few parameter
+# names at most, and GstRTSPConnection would otherwise hold whatever Content-Length says (a
+# 512 MB body took 512 MB). A larger one is answered 413, or its connection closed.
+MAX_REQUEST_BODY = 16 * 1024
 # A refusal is logged at most once in this many seconds (a flood would flood the log).
 _REFUSAL_LOG_EVERY_S = 10.0
 
@@ -344,6 +348,8 @@ class StreamingServer:
             # The client reads the end of its stream and closes itself, as if it had left.
             connection.get_read_socket().shutdown(True, True)
             return
+        # On the connection: the client's own setter reaches only a connection set after it.
+        connection.set_content_length_limit(MAX_REQUEST_BODY)
         client.connect("new-session", self._on_session)
 
     def _on_session(self, _client: object, session: GstRtspServer.RTSPSession) -> None:
