@@ -30,12 +30,18 @@ def rtp_sender() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Start a real H.264 RTP stream (the inference pipeline's output format) to a port.
 
     Same contract as the pipeline: payload 96, SPS/PPS with every keyframe, one keyframe a
-    second, timestamps from a live clock.
+    second, timestamps from a live clock. ``pattern="snow"`` with ``bitrate`` (kbit/s) makes
+    a stream that fills what it is given, for tests that need bytes flowing fast.
     """
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(
-        port: int, width: int = 640, height: int = 360, fps: int = 30
+        port: int,
+        width: int = 640,
+        height: int = 360,
+        fps: int = 30,
+        pattern: str = "ball",
+        bitrate: int = 2048,
     ) -> subprocess.Popen[bytes]:
         args = [
             "gst-launch-1.0",
@@ -43,7 +49,7 @@ def rtp_sender() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
             "-e",
             "videotestsrc",
             "is-live=true",
-            "pattern=ball",
+            f"pattern={pattern}",
             "!",
             f"video/x-raw,width={width},height={height},framerate={fps}/1",
             "!",
@@ -52,6 +58,7 @@ def rtp_sender() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
             "x264enc",
             "tune=zerolatency",
             "speed-preset=ultrafast",
+            f"bitrate={bitrate}",
             f"key-int-max={fps}",
             "!",
             "video/x-h264,profile=constrained-baseline",  # as the pipeline pins it

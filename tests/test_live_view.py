@@ -6,7 +6,10 @@ sender (the ``rtp_sender`` fixture, the pipeline's output format).
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
+import os
 import shutil
 import socket
 import threading
@@ -478,6 +481,72 @@ def test_a_slow_recorder_does_not_stop_the_server() -> None:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def _ws_connect(port: int, source: str, rcvbuf: int | None = None) -> socket.socket:
+    """A live viewer's WebSocket (MSE, by the bearer token) from ``source``, upgraded."""
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    sock.settimeout(5)
+    sock.sendall(
+        f"GET /live/main/ws?mode=mse HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+        f"Authorization: Bearer {TOKEN}\r\n\r\n".encode()
+    )
+    assert sock.recv(12) == b"HTTP/1.1 101"
+    return sock
+
+
+def test_a_viewer_that_stops_reading_is_cut_off(rtp_sender: Any) -> None:
+    """A viewer whose socket stops reading (a phone asleep with the page open; a script):
+    before, its sends waited for ever, and so did uvicorn's close after its ping timed out:
+    its WebSocket and its place (of max_viewers_per_client, and of max_viewers while its
+    keep-alives came) were held until it read again, its queue of counts growing."""
+    settings = _settings(max_viewers_per_client=1, viewer_timeout_s=60)
+    rtp_port = _free_udp_port()
+    rtp_sender(rtp_port, pattern="snow", bitrate=4000)  # 500 kB/s fills buffers at once
+    view = LiveView(settings.live, camera="main", rtp_port=rtp_port)
+    app = Starlette(routes=live_routes(settings, {"main": view}, lambda _c: {}, None))
+    port = free_port()
+    served = settings.fileserver.model_copy(update={"host": "127.0.0.1", "port": port})
+    server = uvicorn.Server(server_config(app, served, write_stall_s=2.0))
+    thread = threading.Thread(target=server.run, daemon=True)
+    with view, contextlib.ExitStack() as sockets:
+        thread.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not server.started and time.monotonic() < deadline:
+                time.sleep(0.05)
+            good = sockets.enter_context(_ws_connect(port, "127.0.0.2"))
+            stalled = sockets.enter_context(_ws_connect(port, "127.0.0.1", rcvbuf=4096))
+            deadline = time.monotonic() + 5
+            while view.counts()["mse"] < 2:
+                assert time.monotonic() < deadline, view.counts()
+                time.sleep(0.05)
+            received: list[int] = []  # by the good viewer, each second
+            deadline = time.monotonic() + 20
+            while view.counts()["mse"] == 2:
+                assert time.monotonic() < deadline, "the viewer that stopped reading stayed"
+                second = time.monotonic() + 1
+                received.append(0)
+                while time.monotonic() < second:
+                    received[-1] += len(good.recv(1 << 20))
+            # The good viewer got the stream all along: a keyframe's worth every second.
+            assert min(received[1:]) > 100_000, received
+            stalled.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                while stalled.recv(1 << 20):  # what was in flight, then the end
+                    pass
+            # Its place is given back: the same address may watch again.
+            again = sockets.enter_context(_ws_connect(port, "127.0.0.1"))
+            assert b'"type": "error"' not in again.recv(1 << 16)
+        finally:
+            server.should_exit = True
+            thread.join(10)
 
 
 def test_an_error_in_the_view_starts_it_afresh(rtp_sender: Any) -> None:

@@ -1,6 +1,7 @@
 """Connection limits of edgecam's HTTP servers (the device's and the fleet server's):
 uvicorn's HTTP/1.1 protocol with a deadline for each request head and a cap on the
-connections held, in all and from one client address."""
+connections held, in all and from one client address; on the device, uvicorn's WebSocket
+protocol cutting off a peer that stopped reading."""
 
 from __future__ import annotations
 
@@ -12,14 +13,18 @@ import time
 from collections.abc import Iterable
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 __all__ = [
     "HEADER_TIMEOUT_S",
     "IDLE_TIMEOUT_S",
     "MAX_CONNECTIONS",
     "MAX_CONNECTIONS_PER_CLIENT",
+    "WRITE_STALL_S",
     "GuardedH11Protocol",
+    "GuardedWebSocketProtocol",
     "guarded_protocol",
+    "guarded_websocket",
 ]
 
 log = logging.getLogger(__name__)
@@ -34,6 +39,10 @@ IDLE_TIMEOUT_S = 5.0
 MAX_CONNECTIONS = 400
 # Connections held at once from one address, so that one client cannot take them all.
 MAX_CONNECTIONS_PER_CLIENT = 50
+# A WebSocket whose peer takes none of what is sent for this long (the transport's buffer
+# stays over its high-water mark) is cut off. A peer that stopped reading keeps its TCP
+# window shut: sends wait for ever, and a close waits for ever to flush what is buffered.
+WRITE_STALL_S = 20.0
 # A refusal is logged at most once in this many seconds (a flood would flood the log).
 _REFUSAL_LOG_EVERY_S = 10.0
 
@@ -120,6 +129,49 @@ class GuardedH11Protocol(H11Protocol):
         if not self.transport.is_closing() and not self._upgraded():
             log.info("HTTP server: no request head within %.0f s; closing", self.header_timeout_s)
             self.transport.close()
+
+
+class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol, cutting off (aborting) a connection whose send buffer
+    stays full for ``write_stall_s`` (its peer stopped reading, or reads far slower than it
+    is sent to): the app's blocked send then fails, and what it held (a live viewer's place,
+    its queue) is let go. uvicorn's own ping timeout only closes, and a close waits for the
+    buffer to drain, which it then never does."""
+
+    write_stall_s = WRITE_STALL_S
+    _stall: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall is None:
+            self._stall = self.loop.call_later(self.write_stall_s, self._stalled)
+
+    def resume_writing(self) -> None:
+        self._cancel_stall()
+        super().resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_stall()
+        super().connection_lost(exc)
+
+    def _cancel_stall(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self) -> None:
+        self._stall = None
+        host = self.client[0] if self.client else "?"
+        log.info("WebSocket of %s: nothing drained for %.0f s; cut off", host, self.write_stall_s)
+        self.transport.abort()
+
+
+def guarded_websocket(*, write_stall_s: float = WRITE_STALL_S) -> type[GuardedWebSocketProtocol]:
+    """A :class:`GuardedWebSocketProtocol` with this stall limit, for uvicorn's ``ws``
+    option."""
+    if write_stall_s <= 0:
+        raise ValueError(f"write_stall_s must be > 0, got {write_stall_s}")
+    return type("GuardedWebSocket", (GuardedWebSocketProtocol,), {"write_stall_s": write_stall_s})
 
 
 def guarded_protocol(

@@ -46,7 +46,9 @@ from edgecam.httpconn import (
     IDLE_TIMEOUT_S,
     MAX_CONNECTIONS,
     MAX_CONNECTIONS_PER_CLIENT,
+    WRITE_STALL_S,
     guarded_protocol,
+    guarded_websocket,
 )
 from edgecam.media.clips import CLIP_NAME_RE, ClipStore, camera_clip_re
 from edgecam.ratelimit import Failures, client_key
@@ -466,6 +468,7 @@ def server_config(
     idle_timeout_s: float = IDLE_TIMEOUT_S,
     max_connections: int = MAX_CONNECTIONS,
     max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
+    write_stall_s: float = WRITE_STALL_S,
 ) -> uvicorn.Config:
     """The uvicorn configuration of the file server, with its connection limits
     (:mod:`edgecam.httpconn`)."""
@@ -479,6 +482,7 @@ def server_config(
         host=cfg.host,
         port=cfg.port,
         http=protocol,
+        ws=guarded_websocket(write_stall_s=write_stall_s),
         timeout_keep_alive=max(1, round(idle_timeout_s)),
         log_config=None,
         access_log=False,
