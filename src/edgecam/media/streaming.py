@@ -334,7 +334,9 @@ class StreamingServer:
         connection = client.get_connection()
         address = connection.get_ip()
         held = [c for c in server.client_filter(None) if c is not client]
-        mine = sum(1 for c in held if c.get_connection().get_ip() == address)
+        # A client on its way out may have no connection left.
+        ips = [conn.get_ip() for c in held if (conn := c.get_connection()) is not None]
+        mine = ips.count(address)
         why = ""
         if len(held) >= self._max_clients:
             why = f"{len(held)} RTSP connections held, the most there may be"
