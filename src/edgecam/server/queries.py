@@ -232,15 +232,7 @@ def downsample(engine: Engine, raw_days: float, history_days: float) -> dict[str
             )
         # On an hour boundary, so that no hour is half raw and half summed.
         raw_cut = min(math.floor((now - raw_days * 86400) / HOUR) * HOUR, this_hour)
-        devices = [{"d": d, "cut": raw_cut} for d in conn.scalars(select(Device.name))]
-        dropped = 0
-        if devices:  # per device, through the (device, t_start) index
-            dropped = conn.execute(
-                delete(StatsRow).where(
-                    StatsRow.device == bindparam("d"), StatsRow.t_start < bindparam("cut")
-                ),
-                devices,
-            ).rowcount  # type: ignore[attr-defined]
+        dropped = _delete_per_device(conn, StatsRow, StatsRow.t_start, raw_cut)
         conn.execute(delete(StatsMinute).where(StatsMinute.minute < raw_cut))
         old = conn.execute(
             delete(StatsHourly).where(StatsHourly.hour < now - history_days * 86400)
@@ -258,14 +250,9 @@ def prune_history(engine: Engine, raw_days: float, history_days: float) -> dict[
     now = time.time()
     raw_cut, history_cut = now - raw_days * 86400, now - history_days * 86400
     with engine.begin() as conn:
-        devices = [{"d": d, "cut": raw_cut} for d in conn.scalars(select(Device.name))]
-        commands = 0
-        if devices:  # per device, through the (device, ts) index
-            by_device = CommandRow.device == bindparam("d"), CommandRow.ts < bindparam("cut")
-            commands = _deleted(conn.execute(delete(CommandRow).where(*by_device), devices))
         deleted = {
             "statuses": _deleted(conn.execute(delete(StatusRow).where(StatusRow.ts < raw_cut))),
-            "commands": commands,
+            "commands": _delete_per_device(conn, CommandRow, CommandRow.ts, raw_cut),
             "results": _deleted(
                 conn.execute(delete(CommandResult).where(CommandResult.ts < raw_cut))
             ),
@@ -274,6 +261,16 @@ def prune_history(engine: Engine, raw_days: float, history_days: float) -> dict[
     if any(deleted.values()):
         log.info("retention: %s deleted", ", ".join(f"{n} {k}" for k, n in deleted.items()))
     return deleted
+
+
+def _delete_per_device(conn: Connection, table: Any, at: Any, cut: float) -> int:
+    """``table``'s rows whose ``at`` is before ``cut`` deleted device by device, through its
+    (device, time) index (one statement over all devices would scan the table); how many."""
+    devices = [{"d": d, "cut": cut} for d in conn.scalars(select(Device.name))]
+    if not devices:
+        return 0
+    stmt = delete(table).where(table.device == bindparam("d"), at < bindparam("cut"))
+    return _deleted(conn.execute(stmt, devices))
 
 
 def _deleted(result: Any) -> int:
