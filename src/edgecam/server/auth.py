@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -24,6 +25,7 @@ from edgecam.ratelimit import Failures, client_key
 from edgecam.server.db import SessionRow, Token, User
 
 __all__ = [
+    "Login",
     "LoginLimiter",
     "Principal",
     "check_login",
@@ -34,6 +36,7 @@ __all__ = [
     "delete_user",
     "end_session",
     "list_tokens",
+    "password_stamp",
     "revoke_token",
     "start_session",
 ]
@@ -139,8 +142,15 @@ def check_token(engine: Engine, token: str) -> Principal | None:
     return Principal(user_id=row[2], name=row[3], via="token", device=row[1], token_id=row[0])
 
 
-def check_login(engine: Engine, name: str, password: str) -> int | None:
-    """The user id when ``password`` is right for ``name``."""
+class Login(NamedTuple):
+    """A user whose password was right, and that password's :func:`password_stamp`."""
+
+    user_id: int
+    stamp: str
+
+
+def check_login(engine: Engine, name: str, password: str) -> Login | None:
+    """The user when ``password`` is right for ``name``."""
     with Session(engine) as s:
         user = s.scalar(select(User).where(User.name == name))
     digest = user.password_hash if user is not None else _DUMMY_HASH
@@ -148,7 +158,7 @@ def check_login(engine: Engine, name: str, password: str) -> int | None:
         _hasher.verify(digest, password)
     except (VerificationError, InvalidHashError):
         return None
-    return user.id if user is not None else None
+    return Login(user.id, _stamp(digest)) if user is not None else None
 
 
 def password_stamp(engine: Engine, name: str) -> str | None:
@@ -156,7 +166,11 @@ def password_stamp(engine: Engine, name: str) -> str | None:
     known-browser cookie is signed with); None when there is no such user."""
     with Session(engine) as s:
         digest = s.scalar(select(User.password_hash).where(User.name == name))
-    return None if digest is None else _sha(digest)
+    return None if digest is None else _stamp(digest)
+
+
+def _stamp(password_hash: str) -> str:
+    return _sha(password_hash)
 
 
 def start_session(engine: Engine, user_id: int, hours: float) -> str:

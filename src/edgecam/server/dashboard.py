@@ -139,17 +139,17 @@ def login(
     if not ctx.limiter.attempt(username, client, known):
         return _login_page(request, "Too many failed logins; try again later.", 429, username, next)
     try:
-        user_id = auth.check_login(ctx.engine, username, password)
+        user = auth.check_login(ctx.engine, username, password)
     except BaseException as exc:
         ctx.limiter.cancel(username, client, known)  # not judged: not a failure
         if isinstance(exc, OperationalError):
             return _database_failed(request, exc, username, next)
         raise
-    if user_id is None:  # counted as a failure already, by attempt()
+    if user is None:  # counted as a failure already, by attempt()
         return _login_page(request, "Wrong user name or password.", 401, username, next)
     ctx.limiter.succeeded(username, client, known)
     try:
-        session = auth.start_session(ctx.engine, user_id, ctx.cfg.session_hours)
+        session = auth.start_session(ctx.engine, user.user_id, ctx.cfg.session_hours)
     except OperationalError as exc:
         return _database_failed(request, exc, username, next)
     response = RedirectResponse(_safe_next(next), status_code=303)
@@ -164,13 +164,9 @@ def login(
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
     # This browser is known to the name from now on: the name's own lock, against many
     # addresses guessing, does not hold it (see LoginLimiter).
-    try:
-        stamp = auth.password_stamp(ctx.engine, username)
-    except OperationalError as exc:
-        return _database_failed(request, exc, username, next)
     response.set_cookie(
         KNOWN_COOKIE,
-        ctx.limiter.known_value(username, stamp or ""),
+        ctx.limiter.known_value(username, user.stamp),
         max_age=ctx.limiter.KNOWN_DAYS * 86400,
         path="/login",
         httponly=True,
