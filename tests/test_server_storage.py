@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, func, select
 
-from edgecam.ratelimit import MAX_TRACKED, Failures, client_key
+from edgecam.ratelimit import MAX_TRACKED, Every, Failures, client_key
 from edgecam.server import db
 from edgecam.server.api import _device_link
 from edgecam.server.app import prune_clips
@@ -244,6 +244,14 @@ def test_asking_the_limiter_about_new_names_costs_no_memory() -> None:
     # used to add an entry, ~1 KB, freed never while the lock lasted).
     assert not any(limiter.attempt(f"user:{i}", "10.0.0.1") for i in range(10_000))
     assert len(limiter) == tracked
+
+
+def test_every_is_due_at_once_then_once_a_window() -> None:
+    every = Every(0.3)
+    assert every.due()  # the first warning is said at once (right after boot too)
+    assert not every.due()
+    time.sleep(0.35)
+    assert every.due() and not every.due()
 
 
 def test_failures_stay_bounded_when_every_key_is_fresh() -> None:

@@ -9,11 +9,12 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import time
 from collections.abc import Iterable
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from edgecam.ratelimit import Every
 
 __all__ = [
     "HEADER_TIMEOUT_S",
@@ -43,8 +44,9 @@ MAX_CONNECTIONS_PER_CLIENT = 50
 # stays over its high-water mark) is cut off. A peer that stopped reading keeps its TCP
 # window shut: sends wait for ever, and a close waits for ever to flush what is buffered.
 WRITE_STALL_S = 20.0
-# A refusal is logged at most once in this many seconds (a flood would flood the log).
-_REFUSAL_LOG_EVERY_S = 10.0
+# A refusal is logged at most once in 10 s, for every server of the process (a flood would
+# flood the log).
+_REFUSALS = Every(10.0)
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -59,7 +61,6 @@ class GuardedH11Protocol(H11Protocol):
     # Addresses that speak for many clients (trusted reverse proxies): no cap of their own.
     many_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     _header_deadline: asyncio.TimerHandle | None = None
-    _refusal_logged = -_REFUSAL_LOG_EVERY_S
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -89,9 +90,7 @@ class GuardedH11Protocol(H11Protocol):
         return False
 
     def _log_refusal(self, why: str) -> None:
-        now = time.monotonic()
-        if now - GuardedH11Protocol._refusal_logged >= _REFUSAL_LOG_EVERY_S:
-            GuardedH11Protocol._refusal_logged = now
+        if _REFUSALS.due():
             log.warning("HTTP server: %s; new connections are closed at once", why)
 
     def data_received(self, data: bytes) -> None:

@@ -1,19 +1,37 @@
 """Failed attempts counted by key in a sliding window: the guard against guessing of the
-fleet server's logins and of the device's token."""
+fleet server's logins and of the device's token; and :class:`Every`, which lets a warning
+be said once in a while, not at every event of a flood."""
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
 
-__all__ = ["Failures", "client_key"]
+__all__ = ["Every", "Failures", "client_key"]
 
 #: Keys kept at most: past it, those with no recent failure are forgotten, then those with
 #: the fewest (keys sprayed at a form must not grow memory without bound).
 MAX_TRACKED = 10_000
+
+
+class Every:
+    """``due()`` is true at most once every ``seconds`` (the first time at once): for a
+    warning said once in a while during a flood of what it warns of."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._last = -math.inf
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last < self._seconds:
+            return False
+        self._last = now
+        return True
 
 
 def client_key(address: str, v6_prefix: int = 64) -> str:

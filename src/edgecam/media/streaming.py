@@ -13,7 +13,6 @@ sending, and its packets to the closed UDP port are simply lost.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TypeVar
@@ -31,6 +30,7 @@ from edgecam.media.gst import (
     init,
     require_elements,
 )
+from edgecam.ratelimit import Every
 
 gi.require_version("GstRtspServer", "1.0")
 gi.require_version("GstRtsp", "1.0")
@@ -59,8 +59,6 @@ MAX_CLIENTS_PER_ADDRESS = 32
 # names at most, and GstRTSPConnection would otherwise hold whatever Content-Length says (a
 # 512 MB body took 512 MB). A larger one is answered 413, or its connection closed.
 MAX_REQUEST_BODY = 16 * 1024
-# A refusal is logged at most once in this many seconds (a flood would flood the log).
-_REFUSAL_LOG_EVERY_S = 10.0
 
 _T = TypeVar("_T")
 
@@ -141,7 +139,7 @@ class StreamingServer:
         self._rtp_host = rtp_host
         self._max_clients = max_clients
         self._max_per_address = max_clients_per_address
-        self._refusal_logged = -_REFUSAL_LOG_EVERY_S
+        self._refusals = Every(10.0)  # a refusal logged at most once in 10 s
         self._loop = LoopThread("rtsp", "the RTSP main loop", _CALL_TIMEOUT_S)
         self._server: GstRtspServer.RTSPServer | None = None
         self._source: GLib.Source | None = None
@@ -343,9 +341,7 @@ class StreamingServer:
         elif mine >= self._max_per_address:
             why = f"{address} holds {mine} RTSP connections, the most one address may"
         if why:
-            now = time.monotonic()
-            if now - self._refusal_logged >= _REFUSAL_LOG_EVERY_S:
-                self._refusal_logged = now
+            if self._refusals.due():
                 log.warning("%s; new connections are closed at once", why)
             # The client reads the end of its stream and closes itself, as if it had left.
             connection.get_read_socket().shutdown(True, True)

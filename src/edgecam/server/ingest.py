@@ -39,6 +39,7 @@ from edgecam.protocol import (
     Status,
     parse_topic,
 )
+from edgecam.ratelimit import Every
 from edgecam.server.db import make_engine
 from edgecam.server.mqtt import make_client
 from edgecam.server.store import BatchResult, Store
@@ -163,8 +164,8 @@ class Ingest:
         self._writer: threading.Thread | None = None
         self._client: mqtt.Client | None = None
         self._subscribed = threading.Event()
-        self._last_reject_log = 0.0
-        self._last_drop_log = 0.0
+        self._reject_log = Every(REJECT_LOG_INTERVAL_S)
+        self._drop_log = Every(REJECT_LOG_INTERVAL_S)
 
     def start(self) -> None:
         client = make_client(self._mqtt_cfg, "ingest", manual_ack=True)
@@ -212,9 +213,7 @@ class Ingest:
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.qos == 0 and self._queue.qsize() >= RECEIVE_MAXIMUM:
             self.counters.add("dropped", 1)
-            now = time.monotonic()
-            if now - self._last_drop_log >= REJECT_LOG_INTERVAL_S:
-                self._last_drop_log = now
+            if self._drop_log.due():
                 log.warning("dropped QoS 0 messages: ingest is %d messages behind", RECEIVE_MAXIMUM)
             return
         self._queue.put(_Raw(msg.topic, bytes(msg.payload), msg.mid, msg.qos))
@@ -313,9 +312,7 @@ class Ingest:
                 messages.append(decode(self._mqtt_cfg.prefix, raw.topic, raw.payload))
             except Rejected as exc:
                 self.counters.add("rejected", 1)
-                now = time.monotonic()
-                if now - self._last_reject_log >= REJECT_LOG_INTERVAL_S:
-                    self._last_reject_log = now
+                if self._reject_log.due():
                     log.warning("rejected a message: %s", exc)
         return messages
 
