@@ -285,9 +285,10 @@ def live_routes(
     """
     if not settings.live.enabled:
         return []
-    # Made whether or not a guard is given: without a token, a ConfigError here.
-    own_guard = TokenGuard.from_config(settings.fileserver, "the live view")
-    auth = _Auth(settings, clock, guard or own_guard)
+    # Without a token (and so without a guard), a ConfigError here.
+    auth = _Auth(
+        settings, clock, guard or TokenGuard.from_config(settings.fileserver, "the live view")
+    )
     for name in views:
         settings.camera(name)  # validates the names
     ice_servers = [{"urls": settings.live.stun_server}] if settings.live.stun_server else []
