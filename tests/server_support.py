@@ -118,17 +118,19 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 class FleetServer:
     """A running fleet server (the real :class:`Server` parts, uvicorn on a free port)."""
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, port: int | None = None) -> None:
+        """``port``: where a server that was stopped came back (its user is there)."""
         from edgecam.server import auth
         from edgecam.server.app import BackgroundServer
 
-        self.port = free_port()
+        self.port = port or free_port()
         settings.server.port = self.port
         self.background = BackgroundServer(settings).start()
         self.ctx = self.background.ctx
         self.app = self.background.app
         self.url = self.background.url
-        auth.create_user(self.ctx.engine, "admin", "correct horse battery")
+        if port is None:
+            auth.create_user(self.ctx.engine, "admin", "correct horse battery")
         self.token = auth.create_token(self.ctx.engine, "admin", "tests")[1]
         self.http = httpx.Client(
             base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=30

@@ -1023,7 +1023,18 @@ class UploadConfig(_Section):
     token: SecretStr | None = Field(
         None, description="This device's upload token (edgecam server create-token --device)."
     )
-    attempts: int = Field(5, ge=1, le=100, description="Tries for each clip before giving up.")
+    attempts: int = Field(
+        5,
+        ge=1,
+        le=100,
+        description="Tries for each clip in a row; after them it waits in the queue and is "
+        "tried again later (after 30 s, doubling up to 15 min).",
+    )
+    queue: _FilePath = Field(
+        Path("state/uploads"),
+        description="Private folder (0700) of the clips still to upload, kept across "
+        "restarts and server outages until the server has them.",
+    )
 
     @model_validator(mode="after")
     def _check_token(self) -> UploadConfig:

@@ -237,7 +237,11 @@ def run_live_demo(settings: Settings, out: Path, seconds: float, token: str) -> 
             "with the demo: `edgecam demo --live-seconds 300` leaves time to look)"
         )
         config = demo_config(out, broker, token)
-        config["upload"] = {"url": fleet.url, "token": fleet.device_token}
+        config["upload"] = {
+            "url": fleet.url,
+            "token": fleet.device_token,
+            "queue": str(out / "uploads"),
+        }
         device = Device(
             out,
             config,

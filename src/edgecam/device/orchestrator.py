@@ -60,6 +60,7 @@ from edgecam.device.rules import ActiveAlert, AlertChange, RuleEngine
 from edgecam.device.runner import ProcessLock
 from edgecam.device.stats import CameraFigures, IntervalStats
 from edgecam.device.supervisor import Supervisor
+from edgecam.device.upload import Uploads
 from edgecam.device.workers import WORKERS
 from edgecam.errors import EdgecamError
 from edgecam.paths import secure_folder
@@ -90,7 +91,6 @@ _CALL_TIMEOUT_S = 30.0
 _RECORDER_TIMEOUT_S = 5.0
 _SEEN_COMMANDS = 1024
 _SIGNAL_BURST_S = 0.5
-_UPLOAD_QUEUE = 1000
 _EVENTS_PER_TURN = 500
 _MASK_LABELS = ("mask", "no_mask", "undecided")
 _ID_RE = re.compile(r"[0-9a-f]{32}")
@@ -122,9 +122,7 @@ class Orchestrator:
         self._alert_jobs: dict[str, ActiveAlert] = {}
         self._last_stats: dict[str, Stats] = {}
         self._outbox_errors = 0
-        self._uploads: queue.Queue[ClipReady | None] | None = (
-            queue.Queue(maxsize=_UPLOAD_QUEUE) if settings.upload.url else None
-        )
+        self._uploads: Uploads | None = None
         self._alerts_extended: dict[str, float] = {}
         self._clips_announced: OrderedDict[str, None] = OrderedDict()
         self._seen_commands: OrderedDict[str, None] = OrderedDict()
@@ -248,8 +246,7 @@ class Orchestrator:
                 target=self._command_loop, name="commands", daemon=True
             )
             command_thread.start()
-            if self._uploads is not None:
-                threading.Thread(target=self._upload_loop, name="uploads", daemon=True).start()
+            self._start_uploads()
             log.info(
                 "device %s: %d camera(s) %s, profile %s",
                 self.settings.device,
@@ -266,7 +263,7 @@ class Orchestrator:
                 log.info("worker %s stopped (exit %s)", key, code)
             self._commands_in.put(None)
             if self._uploads is not None:
-                self._uploads.put(None)
+                self._uploads.stop()
             if self.control is not None:
                 self.control.stop()
             self._fail_pending_calls()
@@ -494,7 +491,7 @@ class Orchestrator:
             log.info("clip ready: %s (%.1f s) %s", clip.name, clip.duration, clip.reason)
             self._send("clips", public)
             if self._uploads is not None:
-                self._uploads.put(clip)
+                self._uploads.add(clip)
         for a in {id(x): x for x in alerts}.values():
             if a.clip != clip.name:
                 a.clip = clip.name
@@ -666,25 +663,20 @@ class Orchestrator:
                 result = result.model_copy(update={"command_id": command_id})
             self._send_result(result)
 
-    def _upload_loop(self) -> None:
-        """Every clip to the fleet server, one at a time, off the main loop."""
-        from edgecam.device.upload import UploadError, upload_clip
-
+    def _start_uploads(self) -> None:
+        """Every clip to the fleet server, off the main loop, through a queue on disk."""
         cfg = self.settings.upload
-        assert self._uploads is not None and cfg.url is not None and cfg.token is not None
-        while (clip := self._uploads.get()) is not None:
-            try:
-                upload_clip(
-                    cfg.url,
-                    self.settings.device,
-                    cfg.token.get_secret_value(),
-                    clip.path,
-                    clip,
-                    attempts=cfg.attempts,
-                )
-                log.info("clip %s uploaded to %s", clip.name, cfg.url)
-            except (UploadError, OSError) as exc:
-                log.error("clip %s not uploaded: %s", clip.name, exc)
+        if cfg.url is None or cfg.token is None:
+            return
+        self._uploads = Uploads(
+            cfg.queue,
+            self.settings.recorder.clips_dir,
+            cfg.url,
+            self.settings.device,
+            cfg.token.get_secret_value(),
+            attempts=cfg.attempts,
+        )
+        self._uploads.start()
 
     def _send_result(self, result: CommandResult) -> None:
         self._send("cmd/result", result)

@@ -4,6 +4,9 @@
 the body and its SHA-256 in ``X-Content-SHA256``; the server checks the hash and keeps the
 clip. Retried with backoff on network errors and 5xx answers; an upload of a clip the server
 already has succeeds at once (idempotent).
+
+:class:`Uploads` keeps the clips still to upload on disk, a file each, so that a fleet server
+away for hours, or a device restart, loses none of them: they go when it is back.
 """
 
 from __future__ import annotations
@@ -11,14 +14,20 @@ from __future__ import annotations
 import hashlib
 import http.client
 import logging
+import os
+import re
+import threading
 import time
 import urllib.parse
 from pathlib import Path
 
-from edgecam.errors import EdgecamError
-from edgecam.protocol import ClipReady
+from pydantic import ValidationError
 
-__all__ = ["UploadError", "sha256_file", "upload_clip"]
+from edgecam.errors import EdgecamError
+from edgecam.paths import secure_folder
+from edgecam.protocol import CLIP_NAME, ClipReady
+
+__all__ = ["UploadError", "UploadRefused", "Uploads", "sha256_file", "upload_clip"]
 
 log = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
@@ -26,6 +35,10 @@ CHUNK = 1024 * 1024
 
 class UploadError(EdgecamError):
     """A clip could not be uploaded to the fleet server."""
+
+
+class UploadRefused(UploadError):
+    """The fleet server refused a clip (a 4xx answer): trying again now would not help."""
 
 
 def sha256_file(path: Path) -> str:
@@ -76,7 +89,7 @@ def upload_clip(
             return
         last = f"HTTP {status}: {text}" if status else text
         if 400 <= status < 500 and status != 429:
-            raise UploadError(f"the server refused clip {name}: {last}")
+            raise UploadRefused(f"the server refused clip {name}: {last}")
         if attempt < attempts:
             delay = backoff_s * 2 ** (attempt - 1)
             log.warning("upload of %s failed (%s); again in %.0f s", name, last, delay)
@@ -105,3 +118,157 @@ def _put(
         return response.status, response.read(500).decode(errors="replace")
     finally:
         conn.close()
+
+
+# After a round in which the server could not be reached, the next waits this long, doubling
+# up to MAX_PAUSE_S: a server away for a day is asked about a hundred times, not thousands.
+PAUSE_S = 30.0
+MAX_PAUSE_S = 900.0
+# A queued clip's file holds its ClipReady message: a few kB. A larger one is not ours.
+_ENTRY_MAX_BYTES = 64 * 1024
+
+
+class Uploads:
+    """The clips still to upload to the fleet server, and the thread that uploads them.
+
+    Each waits in ``folder`` as ``NAME.json`` (its :class:`ClipReady`) until the server has
+    it, so neither an outage nor a restart loses one. Oldest first. The clip is read from
+    ``clips_dir`` under its name, never from a path the file gives. A clip that retention
+    removed meanwhile is dropped from the queue; one the server refused (a wrong token, too
+    large) waits for the device's next start, when its config may have been put right.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        clips_dir: Path,
+        url: str,
+        device: str,
+        token: str,
+        *,
+        attempts: int = 5,
+        backoff_s: float = 1.0,
+        pause_s: float = PAUSE_S,
+        max_pause_s: float = MAX_PAUSE_S,
+        timeout_s: float = 60.0,
+    ) -> None:
+        secure_folder(folder, "upload.queue")
+        self.folder, self.clips_dir = folder, clips_dir
+        self._url, self._device, self._token = url, device, token
+        self._attempts, self._backoff_s, self._timeout_s = attempts, backoff_s, timeout_s
+        self._pause_s, self._max_pause_s = pause_s, max_pause_s
+        self._lock = threading.Lock()
+        self._unwritten: dict[str, ClipReady] = {}  # a clip whose file could not be written
+        self._refused: set[str] = set()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, clip: ClipReady) -> None:
+        """Queue ``clip`` (on disk first); the uploading thread takes it at once."""
+        target = self.folder / f"{clip.name}.json"
+        tmp = self.folder / f".{clip.name}.tmp"
+        try:
+            tmp.write_text(clip.model_dump_json(), encoding="utf-8")
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.warning(
+                "cannot queue clip %s in %s (%s): it is uploaded only if the device runs "
+                "until then",
+                clip.name,
+                self.folder,
+                exc.strerror or exc,
+            )
+            with self._lock:
+                self._unwritten[clip.name] = clip
+        self._wake.set()
+
+    def pending(self) -> list[tuple[str, ClipReady | None]]:
+        """The queued clips, oldest first: (name, message; None where its file is damaged,
+        and then the clip's hash is worked out again from the clip)."""
+        found: dict[str, ClipReady | None] = {}
+        try:
+            entries = [e for e in os.scandir(self.folder) if e.name.endswith(".json")]
+        except OSError as exc:
+            log.warning("cannot read the upload queue %s: %s", self.folder, exc)
+            entries = []
+        for entry in entries:
+            name = entry.name.removesuffix(".json")
+            if re.fullmatch(CLIP_NAME, name):  # fullmatch: "$" would take a final newline
+                found[name] = self._read(Path(entry.path), name)
+        with self._lock:
+            found.update(self._unwritten)
+        return sorted(found.items(), key=lambda item: (item[1].end if item[1] else 0.0, item[0]))
+
+    def _read(self, path: Path, name: str) -> ClipReady | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as f:
+                clip = ClipReady.model_validate_json(f.read(_ENTRY_MAX_BYTES + 1))
+        except (OSError, ValidationError):
+            return None
+        return clip if clip.name == name else None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="uploads", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop taking clips; one being sent is left to the next start (the server takes a
+        clip it has again as a success)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self._unwritten.pop(name, None)
+        try:
+            (self.folder / f"{name}.json").unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot remove %s from the upload queue: %s", name, exc)
+
+    def _run(self) -> None:
+        pause = self._pause_s
+        while not self._stop.is_set():
+            self._wake.clear()
+            if self._round():
+                pause = self._pause_s
+                self._wake.wait()
+            elif not self._stop.wait(pause):
+                pause = min(pause * 2, self._max_pause_s)
+
+    def _round(self) -> bool:
+        """Upload what is queued; False when the server could not be reached."""
+        for name, clip in self.pending():
+            if self._stop.is_set():
+                return True
+            if name in self._refused:
+                continue
+            path = self.clips_dir / name
+            if not path.is_file():
+                log.warning("clip %s is no longer in %s: not uploaded", name, self.clips_dir)
+                self._forget(name)
+                continue
+            try:
+                upload_clip(
+                    self._url,
+                    self._device,
+                    self._token,
+                    path,
+                    clip,
+                    attempts=self._attempts,
+                    backoff_s=self._backoff_s,
+                    timeout_s=self._timeout_s,
+                )
+            except UploadRefused as exc:
+                log.error("%s; it stays queued until the device starts again", exc)
+                self._refused.add(name)
+                continue
+            except (UploadError, OSError) as exc:
+                log.warning("%s; the queue (%s) is tried again later", exc, self.folder)
+                return False
+            self._forget(name)
+        return True
