@@ -277,3 +277,31 @@ def test_a_full_outbox_disk_loses_messages_not_the_device(tmp_path: Path) -> Non
         orchestrator.outbox.close()
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.parametrize(
+    ("mqtt", "upload", "said"),
+    [
+        ({"host": "mqtt.example.com", "username": "d", "password": "p"}, None, ["MQTT to"]),
+        ({"host": "1.2.3.4", "username": "d", "password": "p"}, None, ["MQTT to"]),
+        ({"host": "mqtt.example.com", "username": "d", "password": "p", "tls": True}, None, []),
+        ({"host": "broker.lan", "username": "d", "password": "p"}, None, []),
+        ({"host": "192.168.1.4", "username": "d", "password": "p"}, None, []),
+        ({}, "http://fleet.example.com:8000", ["upload.url is plain HTTP"]),
+        ({}, "http://[2606:4700::1111]:8000", ["upload.url is plain HTTP"]),
+        ({}, "https://fleet.example.com", []),
+        ({}, "http://10.0.0.2:8000", []),
+        ({}, "http://fleet:8000", []),
+    ],
+)
+def test_secrets_sent_in_clear_beyond_the_local_network_are_warned_of(
+    mqtt: dict[str, object], upload: str | None, said: list[str]
+) -> None:
+    from edgecam.device.orchestrator import sent_in_clear
+
+    config: dict[str, object] = {"mqtt": mqtt}
+    if upload:
+        config["upload"] = {"url": upload, "token": "t"}
+    warnings = sent_in_clear(Settings.model_validate(config))
+    assert [w for w in warnings if not any(w.startswith(s) for s in said)] == []
+    assert len(warnings) == len(said)

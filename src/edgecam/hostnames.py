@@ -15,7 +15,15 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-__all__ = ["LOCAL_SUFFIXES", "Address", "HostGate", "is_local_name", "matches", "read_host"]
+__all__ = [
+    "LOCAL_SUFFIXES",
+    "Address",
+    "HostGate",
+    "beyond_local_network",
+    "is_local_name",
+    "matches",
+    "read_host",
+]
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Names that only a local network resolves: one label, or one of these endings.
@@ -67,6 +75,17 @@ def matches(host: str | Address, patterns: Iterable[str]) -> bool:
 def is_local_name(name: str) -> bool:
     """Whether a name from :func:`read_host` is one only a local network resolves."""
     return "." not in name or name.endswith(LOCAL_SUFFIXES)
+
+
+def beyond_local_network(host: str) -> bool:
+    """Whether ``host`` (a name or an address, as config gives it) may be reached across
+    networks someone else runs: a public address, or a DNS name that is not local."""
+    read = read_host(host)
+    if read is None:
+        return True
+    if isinstance(read, str):
+        return not is_local_name(read)
+    return not (read.is_private or read.is_loopback or read.is_link_local)
 
 
 def _host_of(header: str) -> str | None:

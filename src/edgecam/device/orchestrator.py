@@ -23,6 +23,7 @@ import signal
 import sqlite3
 import threading
 import time
+import urllib.parse
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -63,6 +64,7 @@ from edgecam.device.supervisor import Supervisor
 from edgecam.device.upload import Uploads
 from edgecam.device.workers import WORKERS
 from edgecam.errors import EdgecamError
+from edgecam.hostnames import beyond_local_network
 from edgecam.paths import secure_folder
 from edgecam.protocol import (
     Alert,
@@ -599,6 +601,8 @@ class Orchestrator:
                 )
 
     def _start_mqtt(self) -> None:
+        for warning in sent_in_clear(self.settings):
+            log.warning("%s", warning)
         cfg = self.settings.mqtt
         if cfg.host is None:
             log.info(
@@ -692,6 +696,25 @@ class Orchestrator:
             self.settings, camera, self._last_stats.get(camera), alert, bool(streaming)
         )
         self.mqtt.publish_now(name, payload, retain=True)
+
+
+def sent_in_clear(settings: Settings) -> list[str]:
+    """What this config sends unencrypted to a host beyond the local network: a warning
+    each (a secret read on the way is a device taken over)."""
+    warnings = []
+    mqtt = settings.mqtt
+    if mqtt.host and not mqtt.tls and mqtt.password and beyond_local_network(mqtt.host):
+        warnings.append(
+            f"MQTT to {mqtt.host} without TLS: the broker password, the commands and every "
+            "message cross the network unencrypted; set mqtt.tls: true"
+        )
+    url = urllib.parse.urlsplit(settings.upload.url or "")
+    if url.scheme == "http" and url.hostname and beyond_local_network(url.hostname):
+        warnings.append(
+            f"upload.url is plain HTTP to {url.hostname}: the device's upload token and its "
+            "clips cross the network unencrypted; use https://"
+        )
+    return warnings
 
 
 def _peek_id(payload: bytes) -> str | None:
