@@ -174,3 +174,42 @@ def test_a_link_planted_as_a_workers_log_is_not_followed(
     os.close(fd)
     assert target.read_bytes() == b"kept"
     assert oct(os.stat(tmp_path / "inference.log").st_mode & 0o777) == "0o600"
+
+
+def test_a_worker_past_its_memory_bound_is_killed_and_restarted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that grows (a leak, or a client feeding it: 32 MB of RTSP header lines
+    took 44 MB of the streaming worker's) is restarted before it takes the machine."""
+    from edgecam.device import supervisor
+
+    hog = "x = bytearray(200 * 2**20)\nimport time\ntime.sleep(60)\n"
+    modest = "import time\ntime.sleep(60)\n"
+
+    def command(name: str, camera: str | None, config: Path | None) -> list[str]:
+        return [sys.executable, "-c", hog if name == "streaming" else modest]
+
+    monkeypatch.setattr(supervisor, "worker_command", command)
+    settings = Settings.model_validate(
+        {
+            "cameras": [{"name": "main", "source": str(tmp_path / "a.mp4")}],
+            "supervisor": {"max_worker_rss_mb": 150, "restart_min_s": 0.1},
+        }
+    )
+    sup = Supervisor(settings, None, None)
+    caplog.set_level(logging.INFO, logger="edgecam.device.supervisor")
+    sup.start_all()
+    others = {k: c.pid for k, c in sup.children.items() if c.name != "streaming"}
+    try:
+        end = time.monotonic() + 20
+        while sup.children["streaming"].restarts < 1:
+            assert time.monotonic() < end, caplog.text
+            sup.poll()
+            time.sleep(0.05)
+        error = sup.children["streaming"].error or ""
+        assert "over supervisor.max_worker_rss_mb (150)" in error and "SIGKILL" in error
+        assert "worker streaming uses" in caplog.text
+        # The others, well within the bound, were left alone.
+        assert {k: c.pid for k, c in sup.children.items() if c.name != "streaming"} == others
+    finally:
+        sup.stop_all(force=True)

@@ -840,6 +840,13 @@ class SupervisorConfig(_Section):
     stop_timeout_s: float = Field(
         10.0, gt=0, le=600, description="Wait this long for a worker to stop before killing it."
     )
+    max_worker_rss_mb: int | None = Field(
+        4096,
+        ge=64,
+        le=2**20,
+        description="A worker whose resident memory passes this many MiB is killed and "
+        "restarted: a leak, or a client feeding it, must not take the machine. None: no bound.",
+    )
 
     @model_validator(mode="after")
     def _check_backoff(self) -> SupervisorConfig:

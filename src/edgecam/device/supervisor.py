@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 _EXIT_FINISHED = 0  # a worker that exits 0 on its own has finished (a file source ended)
 _LOG_CHECK_S = 10.0  # how often the workers' log files are measured
+_MEMORY_CHECK_S = 2.0  # how often the workers' resident memory is read
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 _NEW_LOG = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _COPY_CHUNK = 2**20
 
@@ -185,7 +187,7 @@ class Supervisor:
         self._config_file = config_file
         self._log_dir = log_dir
         self._log_max = settings.runtime.log_max_bytes
-        self._next_log_check = 0.0
+        self._next_log_check = self._next_memory_check = 0.0
         self.children: dict[str, Child] = {}
         for name in START_ORDER:
             cls = WORKERS[name]
@@ -278,6 +280,32 @@ class Supervisor:
         for child in self.children.values():
             trim_log(self._log_path(child), self._log_max)
 
+    def _check_memory(self, now: float) -> None:
+        """Kill a worker past ``supervisor.max_worker_rss_mb``; it is restarted as one that
+        died. Read from /proc: cheap enough for every couple of seconds."""
+        limit = self.config.max_worker_rss_mb
+        if limit is None or now < self._next_memory_check:
+            return
+        self._next_memory_check = now + _MEMORY_CHECK_S
+        for child in self.children.values():
+            proc = child.proc
+            if proc is None or child._stop_requested is not None or proc.poll() is not None:
+                continue
+            try:
+                with open(f"/proc/{proc.pid}/statm", "rb") as f:
+                    rss_mb = int(f.read().split()[1]) * _PAGE / 2**20
+            except (OSError, ValueError, IndexError):
+                continue
+            if rss_mb > limit:
+                log.error(
+                    "worker %s uses %.0f MiB, over supervisor.max_worker_rss_mb (%d); killing it",
+                    child.key,
+                    rss_mb,
+                    limit,
+                )
+                child.error = f"used {rss_mb:.0f} MiB, over supervisor.max_worker_rss_mb ({limit})"
+                proc.kill()
+
     def on_ready(self, key: str, pid: int) -> None:
         child = self.children.get(key)
         if child is None or child.pid != pid or child.state in ("stopping", "stopped"):
@@ -308,6 +336,7 @@ class Supervisor:
         their log files within bounds."""
         now = time.monotonic()
         self._trim_logs(now)
+        self._check_memory(now)
         for child in self.children.values():
             proc = child.proc
             if proc is not None:
@@ -360,7 +389,7 @@ class Supervisor:
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
         child.error = (
             f"{how}; {child.error}"
-            if child.error and "hung" in child.error
+            if child.error and ("hung" in child.error or "max_worker_rss_mb" in child.error)
             else (child.error if child.error else how)
         )
         log.error("worker %s died (%s); restarting", child.key, how)
