@@ -205,14 +205,15 @@ def test_an_unknown_colour_matrix_is_gstreamers_default_for_the_height(
 ) -> None:
     from types import SimpleNamespace
 
-    from edgecam.media.frames import _colour_matrix, _yuv_to_rgb
+    from edgecam.media.frames import colour_matrix
+    from edgecam.vision.colour import YuvMatrix
 
     init()
     # Caps that leave the matrix out get GStreamer's default from VideoInfo itself ...
     info = _info(height * 16 // 9, height, ",colorimetry=2:0:0:0")
-    assert _colour_matrix(info) is _yuv_to_rgb(kr, 0.0722 if kr < 0.25 else 0.114, False)
+    assert colour_matrix(info) == YuvMatrix(kr, 0.0722 if kr < 0.25 else 0.114, False)
     # ... and a matrix that has no Kr/Kb (RGB) falls back to the same rule here.
     limited = getattr(GstVideo.VideoColorRange, "16_235")
     rgb = SimpleNamespace(matrix=GstVideo.VideoColorMatrix.RGB, range=limited)
     fake = SimpleNamespace(colorimetry=rgb, height=height)
-    assert _colour_matrix(fake) is _colour_matrix(info)
+    assert colour_matrix(fake) == colour_matrix(info)

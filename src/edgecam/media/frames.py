@@ -23,12 +23,14 @@ import numpy.typing as npt
 
 from edgecam.errors import PipelineError
 from edgecam.media.gst import Gst, GstVideo
+from edgecam.vision.colour import BT601, BT709, YuvMatrix
 from edgecam.vision.letterbox import Letterbox, letterbox
 
 __all__ = [
     "I420Frame",
     "MappedFrame",
     "ModelFit",
+    "colour_matrix",
     "from_model_frame",
 ]
 
@@ -107,24 +109,15 @@ def from_model_frame(
     return _to_source(size, letterbox(size, par, model))
 
 
-@functools.lru_cache(maxsize=8)
-def _yuv_to_rgb(kr: float, kb: float, full_range: bool) -> npt.NDArray[np.float32]:
-    """The 3x4 affine matrix taking (Y, U, V) to (R, G, B), 8-bit both."""
-    ys, cs, y0 = (1.0, 1.0, 0.0) if full_range else (255 / 219, 255 / 224, 16.0)
-    kg = 1 - kr - kb
-    rv, bu = 2 * (1 - kr), 2 * (1 - kb)
-    gu, gv = -kb * bu / kg, -kr * rv / kg
-    rows = [(ys, 0.0, cs * rv), (ys, cs * gu, cs * gv), (ys, cs * bu, 0.0)]
-    return np.array([[a, b, c, -a * y0 - (b + c) * 128] for a, b, c in rows], dtype=np.float32)
-
-
-def _colour_matrix(info: Any) -> npt.NDArray[np.float32]:
+def colour_matrix(info: Any) -> YuvMatrix:
+    """The Y'CbCr matrix and range of the frames ``info`` (a ``GstVideo.VideoInfo``)
+    describes, as their caps give them."""
     colorimetry = info.colorimetry
     ok, kr, kb = GstVideo.VideoColorMatrix.get_Kr_Kb(colorimetry.matrix)
     if not ok:  # unknown: GStreamer's own default for YUV of this height (HD: BT.709)
-        kr, kb = (0.2126, 0.0722) if info.height > 576 else (0.299, 0.114)
+        kr, kb = (BT709.kr, BT709.kb) if info.height > 576 else (BT601.kr, BT601.kb)
     full = colorimetry.range == getattr(GstVideo.VideoColorRange, "0_255")
-    return _yuv_to_rgb(round(kr, 6), round(kb, 6), full)
+    return YuvMatrix(round(kr, 6), round(kb, 6), full)
 
 
 def _resize(plane: U8, size: tuple[int, int]) -> U8:
@@ -156,7 +149,7 @@ class ModelFit:
         size, par = (info.width, info.height), (info.par_n, info.par_d)
         self._model = model
         self._box = letterbox(size, par, model)
-        self._matrix = _colour_matrix(info)
+        self._matrix = colour_matrix(info).yuv_to_rgb
         self.to_source = _to_source(size, self._box)  # as :func:`from_model_frame`
 
     def __call__(self, frame: I420Frame) -> U8:
