@@ -30,6 +30,7 @@ def test_bt601_is_the_table_drawn_with_before() -> None:
         (BT709, (255, 255, 255), (235, 128, 128)),
         (YuvMatrix(0.2126, 0.0722, True), (0, 0, 0), (0, 128, 128)),
         (YuvMatrix(0.2126, 0.0722, True), (255, 255, 255), (255, 128, 128)),
+        (YuvMatrix(0.2126, 0.0722, True), (255, 0, 0), (54, 99, 255)),  # V 255.5, kept 8-bit
     ],
 )
 def test_colours_by_matrix_and_range(

@@ -17,6 +17,7 @@ from edgecam.config import TrackerConfig
 from edgecam.errors import EdgecamError
 from edgecam.native import BoxBatch, Label, Translucent, draw_boxes
 from edgecam.native import match_iou as match_arrays
+from edgecam.vision.colour import BT601, BT709, YuvMatrix
 from edgecam.vision.drawing import GLYPH_PAD
 from edgecam.vision.tracking import NumpyTracker
 
@@ -182,29 +183,36 @@ def _coverage_reference(glyphs: overlay._Glyphs, text: str, pad: int) -> U8:
     return canvas
 
 
-def _label_reference(coverage: U8, colour: tuple[int, int, int]) -> tuple[U8, U8]:
+def _label_reference(
+    coverage: U8, colour: tuple[int, int, int], matrix: YuvMatrix
+) -> tuple[U8, U8]:
     """A box label's I420 images as numpy made them before they were compiled."""
     m = coverage.astype(np.float32) / 255
-    y, u, v = overlay._yuv(colour)
-    luma = y + (16 - y) * m
+    y, u, v = matrix.yuv(colour)
+    luma = y + (matrix.black - y) * m
     mh = overlay._half(m)
     chroma = np.stack([u + (128 - u) * mh, v + (128 - v) * mh])
     return (luma + 0.5).astype(np.uint8), (chroma + 0.5).astype(np.uint8)
 
 
-def _text_reference(coverage: U8, colour: tuple[int, int, int]) -> list[np.ndarray]:
+def _text_reference(
+    coverage: U8, colour: tuple[int, int, int], matrix: YuvMatrix
+) -> list[np.ndarray]:
     """A line of text's translucent images as numpy made them before they were compiled:
     luma add and keep, chroma add and keep."""
     m = coverage.astype(np.float32) / 255
-    y, u, v = overlay._yuv(colour)
+    y, u, v = matrix.yuv(colour)
     band = 0.6 * (1 - m)
     mh, bh = overlay._half(m), overlay._half(band)
     uv_p = np.stack([mh * u + bh * 128, mh * v + bh * 128])
-    return [m * y + band * 16, 1 - m - band, uv_p, 1 - mh - bh]
+    return [m * y + band * matrix.black, 1 - m - band, uv_p, 1 - mh - bh]
 
 
-@pytest.mark.parametrize("size", [10, 14, 23])
-def test_text_and_labels_equal_the_numpy_versions(size: int) -> None:
+@pytest.mark.parametrize(
+    ("size", "matrix"),
+    [(10, BT601), (14, BT601), (23, BT601), (14, BT709), (23, YuvMatrix(0.2126, 0.0722, True))],
+)
+def test_text_and_labels_equal_the_numpy_versions(size: int, matrix: YuvMatrix) -> None:
     glyphs = overlay._Glyphs(size)
     texts = [string.printable.strip(), "17 person", "no_mask: 3  mask: 12", "Wj|", "", " "]
     colours = [(0, 255, 0), (255, 0, 0), (255, 255, 255), (0, 0, 0), (17, 130, 201)]
@@ -216,12 +224,13 @@ def test_text_and_labels_equal_the_numpy_versions(size: int) -> None:
             covered += int(coverage.sum() > 0)
             rows = coverage[3 : 3 + size + 4 + size % 2]  # as the renderer cuts a label
             for colour in colours:
-                stamp = overlay._text_stamp(coverage, colour)
+                stamp = overlay._text_stamp(coverage, colour, matrix)
                 made = [stamp.luma.add, stamp.luma.keep, stamp.chroma.add, stamp.chroma.keep]
-                for got, want in zip(made, _text_reference(coverage, colour), strict=True):
+                want_text = _text_reference(coverage, colour, matrix)
+                for got, want in zip(made, want_text, strict=True):
                     assert got.tobytes() == want.astype(np.float32).tobytes(), text
-                label = overlay._label_stamp(rows, colour)
-                y8, uv8 = _label_reference(rows, colour)
+                label = overlay._label_stamp(rows, colour, matrix)
+                y8, uv8 = _label_reference(rows, colour, matrix)
                 assert np.array_equal(label.y8, y8) and np.array_equal(label.uv8, uv8), text
     assert covered >= 12  # the texts really had glyphs in them
 
@@ -248,9 +257,11 @@ def test_nan_and_out_of_range_values_give_defined_pixels() -> None:
     Translucent(add, np.zeros((4, 4), np.float32)).put(y, 0, 0)
     assert y[0, 0] == 255 and y[0, 1] == 0 and (y[1:4, 0:4] == 0).all()
     with pytest.raises(ValueError, match="8-bit colour"):
-        native.label_image(np.zeros((4, 4), np.uint8), (300, -5, 128))
+        native.label_image(np.zeros((4, 4), np.uint8), (300, -5, 128), 16)
     with pytest.raises(ValueError, match="8-bit colour"):
-        native.text_images(np.zeros((4, 4), np.uint8), (16, 128, 128), 1.5)
+        native.label_image(np.zeros((4, 4), np.uint8), (16, 128, 128), -1)
+    with pytest.raises(ValueError, match="8-bit colour"):
+        native.text_images(np.zeros((4, 4), np.uint8), (16, 128, 128), 1.5, 16)
 
 
 def test_draw_boxes_wants_both_chroma_planes() -> None:

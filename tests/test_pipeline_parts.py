@@ -29,7 +29,7 @@ from edgecam.media.backends import (
     resolve_backend,
     resolve_encoder,
 )
-from edgecam.media.detection import PipelineStats
+from edgecam.media.detection import PipelineStats, VideoFormat
 from edgecam.media.frames import MappedFrame
 from edgecam.media.gst import Gst, GstVideo, init
 from edgecam.media.launch import describe
@@ -37,6 +37,8 @@ from edgecam.media.offline import FileJob, process_file, process_files
 from edgecam.media.overlay import DirectRenderer, LruCache
 from edgecam.media.pipeline import Pipeline
 from edgecam.media.supervisor import Backoff, SourceSupervisor
+from edgecam.vision.analytics import FrameMeta, TrackInfo
+from edgecam.vision.colour import BT709
 from edgecam.vision.detections import Detections
 from edgecam.vision.drawing import DrawBox, DrawList
 from edgecam.vision.synthetic import SyntheticDetector
@@ -488,6 +490,110 @@ def test_direct_drawing_writes_outlines_and_cached_labels_into_the_frame() -> No
     u = chroma[: 160 * 120].reshape(120, 160)
     assert (u[40, 50:100] == 202).all()  # the top edge's chroma is magenta's too
     assert (renderer.label_cache.hits, renderer.label_cache.misses) == (1, 1)
+
+
+class _OneTrack:
+    """Every frame's analysis: one person tracked at ``box`` (what is tested is drawing it)."""
+
+    def __init__(self, box: tuple[float, float, float, float]) -> None:
+        track = TrackInfo(7, box, "mask", 0.9, True)
+        self.meta = FrameMeta("main", 0, 0.0, 0.0, (track,), {}, 30.0, True)
+
+    def step(self, _pts: int, _dur: int) -> FrameMeta:
+        return self.meta
+
+
+def _drawn_rgb(renderer: DirectRenderer, caps: str) -> np.ndarray:
+    """One black frame of ``caps`` through the direct element, then videoconvert (which
+    reads the frame's colours by the caps' matrix and range) to RGB."""
+    init()
+    pipeline = Gst.Pipeline()
+    source = Gst.parse_bin_from_description(
+        f'videotestsrc num-buffers=1 pattern=black ! capsfilter caps="{caps}"', True
+    )
+    to_rgb = Gst.parse_bin_from_description(
+        "videoconvert ! video/x-raw,format=RGB ! appsink name=sink sync=false", True
+    )
+    draw = renderer.element()
+    for element in (source, draw, to_rgb):
+        pipeline.add(element)
+    assert source.link(draw) and draw.link(to_rgb)
+    pipeline.set_state(Gst.State.PLAYING)
+    try:
+        sample = to_rgb.get_by_name("sink").emit("pull-sample")
+        assert sample is not None, "no frame came out"
+        info = GstVideo.VideoInfo.new_from_caps(sample.get_caps())
+        ok, mapinfo = sample.get_buffer().map(Gst.MapFlags.READ)
+        assert ok
+        rows = np.frombuffer(bytes(mapinfo.data), np.uint8)[: info.stride[0] * info.height]
+        sample.get_buffer().unmap(mapinfo)
+    finally:
+        pipeline.set_state(Gst.State.NULL)
+    return rows.reshape(info.height, info.stride[0])[:, : info.width * 3].reshape(
+        info.height, info.width, 3
+    )
+
+
+@pytest.mark.parametrize(
+    "caps",
+    [
+        "width=1280,height=720,colorimetry=bt709",  # HD, as most cameras tag it
+        "width=1280,height=720",  # HD untagged: GStreamer takes it for BT.709
+        "width=1280,height=720,colorimetry=1:3:5:1",  # BT.709 at full range (0-255)
+        "width=1280,height=720,colorimetry=bt2020",
+        "width=640,height=480",  # SD: BT.601, as everything was drawn before
+    ],
+)
+def test_direct_drawing_converts_colours_with_the_frames_own_matrix(caps: str) -> None:
+    mask_rgb, box_rgb = (255, 0, 255), (0, 200, 255)
+    settings = load_settings(
+        **{
+            "cameras": [{"privacy": {"masks": [[[0, 0.6], [0.35, 0.6], [0.35, 1], [0, 1]]],
+                                     "colour": list(mask_rgb)}}],
+            "overlay.colours": {"mask": list(box_rgb)},
+            "overlay.line_width": 12,
+        }
+    )  # fmt: skip
+    full = f"video/x-raw,format=I420,framerate=30/1,{caps}"
+    video = VideoFormat()
+    video.set_caps(Gst.Caps.from_string(full).get_structure(0))
+    assert video.size is not None
+    w, h = video.size
+    box = (0.5 * w, 0.3 * h, 0.9 * w, 0.9 * h)
+    renderer = DirectRenderer(settings, settings.cameras[0], _OneTrack(box), video)  # type: ignore[arg-type]
+    rgb = _drawn_rgb(renderer, full).astype(np.int64)
+    # Inside the mask, clear of its edges (chroma is shared by 2x2 pixels, and upsampled).
+    mask = rgb[int(0.6 * h) + 4 : h - 4, 4 : int(0.35 * w) - 4].reshape(-1, 3)
+    assert np.abs(mask - mask_rgb).max() <= 3, f"mask {mask.min(axis=0)}..{mask.max(axis=0)}"
+    # The middle of the box's right side (12 px wide; its label is on the top one).
+    side = rgb[int(0.5 * h) : int(0.7 * h), int(0.9 * w) - 8 : int(0.9 * w) - 4].reshape(-1, 3)
+    # videoconvert's own 8-bit arithmetic takes this colour 4 levels off (as drawn before
+    # on SD frames too); BT.601 into BT.709 frames was 16 off.
+    assert np.abs(side - box_rgb).max() <= 5, f"box {side.min(axis=0)}..{side.max(axis=0)}"
+
+
+def test_direct_drawing_makes_its_colours_again_when_the_matrix_changes() -> None:
+    settings = load_settings(**{"overlay.colours": {"mask": [255, 0, 255]}})
+    renderer = DirectRenderer(settings, settings.cameras[0], None, None)  # type: ignore[arg-type]
+    box = DrawBox(100, 80, 199, 159, (255, 0, 255), "7 mask")
+    lw = settings.overlay.line_width
+    label_h = settings.overlay.font_size + 4
+    for caps, magenta_y in (("", 106), (",colorimetry=bt709", 78), ("", 106)):
+        buf, info = _i420_buffer(320, 240)
+        renderer.set_info(
+            GstVideo.VideoInfo.new_from_caps(
+                Gst.Caps.from_string(f"video/x-raw,format=I420,width=320,height=240{caps}")
+            )
+        )
+        with MappedFrame(buf, info, Gst.MapFlags.READ | Gst.MapFlags.WRITE) as frame:
+            renderer._draw_list(frame, DrawList((box,), ()))
+        y, _chroma = _planes(buf, 320, 240)
+        assert (y[80 : 80 + lw, 100:200] == magenta_y).all()  # the outline
+        label = y[80 - label_h : 80, 100:160]
+        assert (label == magenta_y).any() and not ({106, 78} - {magenta_y} & set(label.flat))
+    # Each matrix change made the label again (3 misses), not taken from the cache.
+    assert renderer.label_cache.misses == 3
+    assert BT709.yuv((255, 0, 255))[0] == 78
 
 
 def test_direct_drawing_never_reaches_the_detectors_frames(tmp_path: Path) -> None:

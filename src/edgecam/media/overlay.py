@@ -9,6 +9,7 @@ frame's analytics (:class:`~edgecam.media.detection.FrameAnalysis`) before it dr
   images written straight into it by one call of the C drawing core (:mod:`edgecam.native`),
   and blends the few translucent images (counts, zones, masks) with numpy. The cheapest by
   far: ``overlaycomposition`` blends every row a layer covers across the frame's whole width.
+  Its colours are converted with the frames' own matrix and range, from their caps.
 * :class:`CompositionRenderer` (``overlaycomposition``): ARGB layers of each box, blended in
   C by ``overlaycomposition``.
 * :class:`CairoRenderer` (``cairooverlay``): cairo draws on a BGRx copy of the frame.
@@ -32,7 +33,7 @@ import numpy.typing as npt
 from edgecam import native
 from edgecam.config import CameraConfig, Settings
 from edgecam.media.detection import FrameAnalysis, VideoFormat
-from edgecam.media.frames import I420Frame, MappedFrame
+from edgecam.media.frames import I420Frame, MappedFrame, colour_matrix
 from edgecam.media.gst import Gst, GstVideo
 from edgecam.native import (
     BoxBatch,
@@ -45,6 +46,7 @@ from edgecam.native import (
     text_images,
 )
 from edgecam.vision.analytics import FrameMeta
+from edgecam.vision.colour import BT601, YuvMatrix
 from edgecam.vision.drawing import (
     GLYPH_PAD,
     DrawBox,
@@ -115,6 +117,10 @@ class LruCache(Generic[K, V]):
         if len(self._items) > self._size:
             self._items.popitem(last=False)
         return value
+
+    def clear(self) -> None:
+        """Drop every value (the counts stay)."""
+        self._items.clear()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -367,13 +373,19 @@ F32 = npt.NDArray[np.float32]
 _BAND_ALPHA = 0.6  # the dark band under a line of text, as ``render_text`` paints it
 
 
-def _yuv(colour: tuple[int, int, int]) -> tuple[int, int, int]:
-    """BT.601 limited-range Y, U, V of an RGB colour (as the overlay elements blend)."""
-    r, g, b = colour
-    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
-    u = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
-    v = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
-    return round(y), round(u), round(v)
+def _premultiplied_yuv(bgra: F32, matrix: YuvMatrix) -> tuple[F32, F32, F32, F32]:
+    """Y, U, V of a premultiplied BGRA image (float, 0..255), each weighted by its alpha,
+    and that alpha (0..1)."""
+    b, g, r, a = bgra[..., 0], bgra[..., 1], bgra[..., 2], bgra[..., 3] / 255
+    (yr, yg, yb), (ur, ug, ub), (vr, vg, vb) = matrix.rgb_to_yuv
+    y_p = matrix.black * a + (yr * r + yg * g + yb * b) / 255
+    u_p = 128 * a + (ur * r + ug * g + ub * b) / 255
+    v_p = 128 * a + (vr * r + vg * g + vb * b) / 255
+    if matrix.full_range:  # full-range chroma reaches 255.5: kept to 255 (as ``yuv``)
+        top = 255 * a
+        np.minimum(u_p, top, out=u_p)
+        np.minimum(v_p, top, out=v_p)
+    return y_p, u_p, v_p, a
 
 
 class _Stamp:
@@ -389,18 +401,16 @@ class _Stamp:
         self.chroma = chroma
 
     @classmethod
-    def from_bgra(cls, pixels: bytes, width: int, height: int, *, dx: int = 0, dy: int = 0
-                  ) -> _Stamp:  # fmt: skip
-        """From a premultiplied BGRA image; ``dx``/``dy`` (0 or 1): transparent columns
-        and rows put before it, so that it starts on the chroma grid."""
+    def from_bgra(cls, pixels: bytes, width: int, height: int, matrix: YuvMatrix, *,
+                  dx: int = 0, dy: int = 0) -> _Stamp:  # fmt: skip
+        """From a premultiplied BGRA image, in the frames' ``matrix``; ``dx``/``dy`` (0 or
+        1): transparent columns and rows put before it, so that it starts on the chroma
+        grid."""
         image = np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, 4)
         h2, w2 = (height + dy + 1) // 2 * 2, (width + dx + 1) // 2 * 2
         full = np.zeros((h2, w2, 4), dtype=np.float32)
         full[dy : dy + height, dx : dx + width] = image
-        b, g, r, a = full[..., 0], full[..., 1], full[..., 2], full[..., 3] / 255
-        y_p = 16 * a + (65.481 * r + 128.553 * g + 24.966 * b) / 255
-        u_p = 128 * a + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
-        v_p = 128 * a + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+        y_p, u_p, v_p, a = _premultiplied_yuv(full, matrix)
         uv_p = np.stack([_half(u_p), _half(v_p)])
         return cls(Translucent(y_p, 1 - a), Translucent(uv_p, 1 - _half(a)))
 
@@ -432,7 +442,8 @@ class _Sparse:
     c_k: F32
 
     @classmethod
-    def merge(cls, images: list[Rendered], size: tuple[int, int]) -> _Sparse | None:
+    def merge(cls, images: list[Rendered], size: tuple[int, int], matrix: YuvMatrix
+              ) -> _Sparse | None:  # fmt: skip
         if not images:
             return None
         w, h = size
@@ -443,11 +454,7 @@ class _Sparse:
             region = canvas[y : y + ih, x : x + iw]
             piece = piece[: region.shape[0], : region.shape[1]]
             region[...] = piece + region * (1 - piece[..., 3:] / 255)
-        b, g, r, a = (canvas[..., i] for i in range(4))
-        a = a / 255
-        y_p = 16 * a + (65.481 * r + 128.553 * g + 24.966 * b) / 255
-        u_p = 128 * a + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
-        v_p = 128 * a + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+        y_p, u_p, v_p, a = _premultiplied_yuv(canvas, matrix)
         rows, cols = np.nonzero(a[:h, :w] > 0)
         c_a = _half(a)
         uv = np.stack([_half(u_p), _half(v_p)])
@@ -561,14 +568,14 @@ class _Glyphs:
         return compose_text(placed, width + width % 2, self.height)
 
 
-def _label_stamp(coverage: U8, colour: tuple[int, int, int]) -> Label:
+def _label_stamp(coverage: U8, colour: tuple[int, int, int], matrix: YuvMatrix) -> Label:
     """A box label: black text on the box colour, opaque."""
-    return label_image(coverage, _yuv(colour))
+    return label_image(coverage, matrix.yuv(colour), matrix.black)
 
 
-def _text_stamp(coverage: U8, colour: tuple[int, int, int]) -> _Stamp:
+def _text_stamp(coverage: U8, colour: tuple[int, int, int], matrix: YuvMatrix) -> _Stamp:
     """A line of text in ``colour`` on a dark translucent band (as ``render_text``)."""
-    return _Stamp(*text_images(coverage, _yuv(colour), _BAND_ALPHA))
+    return _Stamp(*text_images(coverage, matrix.yuv(colour), _BAND_ALPHA, matrix.black))
 
 
 class DirectRenderer(_Drawing):
@@ -589,7 +596,9 @@ class DirectRenderer(_Drawing):
         self._static_stamps_size: tuple[int, int] | None = None
         self._mask_stamps: list[tuple[_Stamp, int, int]] = []
         self._regions: _Sparse | None = None
-        self._privacy_yuv = _yuv(camera.privacy.colour)
+        # Until the caps say otherwise (``set_info``): GStreamer's matrix for SD video.
+        self._matrix = BT601
+        self._privacy_yuv = BT601.yuv(camera.privacy.colour)
         self._info: Any = None
 
     def element(self) -> Gst.Element:
@@ -597,7 +606,22 @@ class DirectRenderer(_Drawing):
         return _draw_element(self)
 
     def set_info(self, info: Any) -> None:
+        """The frames' video info, from their caps: their size and layout, and the matrix
+        and range every colour is converted with."""
+        matrix = colour_matrix(info)
+        if matrix != self._matrix:
+            self._set_matrix(matrix)
         self._info = info
+
+    def _set_matrix(self, matrix: YuvMatrix) -> None:
+        """Convert colours with ``matrix`` from now on: everything converted with the one
+        before (colours, labels, texts, masks, zones) is made again when next drawn."""
+        self._matrix = matrix
+        self._colours = {}
+        self._labels.clear()
+        self._texts.clear()
+        self._static_stamps_size = None
+        self._privacy_yuv = matrix.yuv(self.camera.privacy.colour)
 
     @property
     def label_cache(self) -> LruCache[tuple[str, tuple[int, int, int]], Label]:
@@ -606,15 +630,15 @@ class DirectRenderer(_Drawing):
     def _colour(self, colour: tuple[int, int, int]) -> tuple[int, int, int]:
         yuv = self._colours.get(colour)
         if yuv is None:
-            yuv = self._colours[colour] = _yuv(colour)
+            yuv = self._colours[colour] = self._matrix.yuv(colour)
         return yuv
 
     def _static_stamps(self, size: tuple[int, int]) -> None:
         if size == self._static_stamps_size:
             return
         masks, regions = self.static_layers(size)
-        self._mask_stamps = [_stamp_at(r) for r in masks]
-        self._regions = _Sparse.merge(regions, size)
+        self._mask_stamps = [_stamp_at(r, self._matrix) for r in masks]
+        self._regions = _Sparse.merge(regions, size, self._matrix)
         self._static_stamps_size = size
 
     def _new_label(self, box: DrawBox) -> Label:
@@ -623,14 +647,14 @@ class DirectRenderer(_Drawing):
         def make() -> Label:
             # Rows 3.. of the text's coverage: the baseline at font_size, as render_box.
             coverage = self._glyphs.coverage(box.text, 4)[3 : 3 + self._label_h]
-            return _label_stamp(coverage, box.colour)
+            return _label_stamp(coverage, box.colour, self._matrix)
 
         return self._labels.get((box.text, box.colour), make)
 
     def _text(self, text: DrawText) -> _Stamp:
         return self._texts.get(
             (text.text, text.colour),
-            lambda: _text_stamp(self._glyphs.coverage(text.text, 6), text.colour),
+            lambda: _text_stamp(self._glyphs.coverage(text.text, 6), text.colour, self._matrix),
         )
 
     def draw(self, buf: Gst.Buffer) -> None:
@@ -696,9 +720,9 @@ class DirectRenderer(_Drawing):
             self._text(text).put(frame, text.x - text.x % 2, text.y - text.y % 2)
 
 
-def _stamp_at(rendered: Rendered) -> tuple[_Stamp, int, int]:
+def _stamp_at(rendered: Rendered, matrix: YuvMatrix) -> tuple[_Stamp, int, int]:
     pixels, x, y, w, h = rendered
-    return _Stamp.from_bgra(pixels, w, h, dx=x % 2, dy=y % 2), x - x % 2, y - y % 2
+    return _Stamp.from_bgra(pixels, w, h, matrix, dx=x % 2, dy=y % 2), x - x % 2, y - y % 2
 
 
 # The element is defined on first use: it subclasses a GStreamer class, and GStreamer must be

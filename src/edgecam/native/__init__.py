@@ -58,10 +58,12 @@ def _library() -> ctypes.CDLL:
             lib.edgecam_blend.restype = None
             lib.edgecam_coverage.argtypes = [vp, i32, vp, i32, i32]
             lib.edgecam_coverage.restype = None
-            lib.edgecam_label.argtypes = [vp, i32, i32, i32, i32, i32, i32, vp, vp]
+            lib.edgecam_label.argtypes = [vp, i32, i32, i32, i32, i32, i32, i32, vp, vp]
             lib.edgecam_label.restype = None
             f32 = ctypes.c_float
-            lib.edgecam_text.argtypes = [vp, i32, i32, i32, i32, i32, i32, f32, vp, vp, vp, vp]
+            lib.edgecam_text.argtypes = [
+                vp, i32, i32, i32, i32, i32, i32, i32, f32, vp, vp, vp, vp
+            ]  # fmt: skip
             lib.edgecam_text.restype = None
             lib.edgecam_track_step.argtypes = [ctypes.POINTER(_Tracks), vp, vp, vp, i64, i64]
             lib.edgecam_track_step.restype = i64
@@ -202,43 +204,48 @@ def compose_text(glyphs: list[tuple[Glyph, int]], width: int, height: int) -> np
     return canvas
 
 
-def label_image(coverage: npt.NDArray[np.uint8], yuv: tuple[int, int, int]) -> Label:
+def label_image(coverage: npt.NDArray[np.uint8], yuv: tuple[int, int, int], black: int
+                ) -> Label:  # fmt: skip
     """An opaque box label from an even-sized coverage image: the colour ``yuv`` where the
-    text does not cover it, black where it does (see ``edgecam_label`` in draw.c)."""
+    text does not cover it, black (luma ``black``) where it does (see ``edgecam_label`` in
+    draw.c)."""
     h, w = coverage.shape
     if h % 2 or w % 2 or coverage.dtype != np.uint8:
         raise ValueError(f"not an even-sized 8-bit coverage image: {coverage.shape}")
-    if not all(0 <= c <= 255 for c in yuv):
-        raise ValueError(f"not an 8-bit colour: {yuv}")
+    if not all(0 <= c <= 255 for c in (*yuv, black)):
+        raise ValueError(f"not an 8-bit colour and black: {yuv}, {black}")
     y8 = np.empty((h, w), dtype=np.uint8)
     uv8 = np.empty((2, h // 2, w // 2), dtype=np.uint8)
     if not coverage.size:
         return Label(y8, uv8)
     coverage = np.ascontiguousarray(coverage)
     _library().edgecam_label(
-        coverage.ctypes.data, coverage.strides[0], w, h, *yuv, y8.ctypes.data, uv8.ctypes.data
-    )
+        coverage.ctypes.data, coverage.strides[0], w, h, *yuv, black, y8.ctypes.data,
+        uv8.ctypes.data,
+    )  # fmt: skip
     return Label(y8, uv8)
 
 
 def text_images(
-    coverage: npt.NDArray[np.uint8], yuv: tuple[int, int, int], band_alpha: float
+    coverage: npt.NDArray[np.uint8], yuv: tuple[int, int, int], band_alpha: float, black: int
 ) -> tuple[Translucent, Translucent]:
-    """A line of text in the colour ``yuv`` on a dark band of opacity ``band_alpha``, from
-    an even-sized coverage image: its luma and chroma as translucent images (see
-    ``edgecam_text`` in draw.c)."""
+    """A line of text in the colour ``yuv`` on a black band (luma ``black``) of opacity
+    ``band_alpha``, from an even-sized coverage image: its luma and chroma as translucent
+    images (see ``edgecam_text`` in draw.c)."""
     h, w = coverage.shape
     if h % 2 or w % 2 or coverage.dtype != np.uint8:
         raise ValueError(f"not an even-sized 8-bit coverage image: {coverage.shape}")
-    if not all(0 <= c <= 255 for c in yuv) or not 0 <= band_alpha <= 1:
-        raise ValueError(f"not an 8-bit colour and an opacity: {yuv}, {band_alpha}")
+    if not all(0 <= c <= 255 for c in (*yuv, black)) or not 0 <= band_alpha <= 1:
+        raise ValueError(
+            f"not an 8-bit colour and black and an opacity: {yuv}, {black}, {band_alpha}"
+        )
     y_add, y_keep = np.empty((h, w), np.float32), np.empty((h, w), np.float32)
     uv_add = np.empty((2, h // 2, w // 2), np.float32)
     c_keep = np.empty((h // 2, w // 2), np.float32)
     if coverage.size:
         coverage = np.ascontiguousarray(coverage)
         _library().edgecam_text(
-            coverage.ctypes.data, coverage.strides[0], w, h, *yuv, band_alpha,
+            coverage.ctypes.data, coverage.strides[0], w, h, *yuv, black, band_alpha,
             y_add.ctypes.data, y_keep.ctypes.data, uv_add.ctypes.data, c_keep.ctypes.data,
         )  # fmt: skip
     return Translucent(y_add, y_keep), Translucent(uv_add, c_keep)

@@ -158,13 +158,13 @@ void edgecam_coverage(const int64_t *glyphs, int32_t n, uint8_t *canvas, int32_t
 }
 
 /* A box label, opaque, from a w x h coverage image (rows `stride` bytes apart; w and h
- * even): the box colour (Y, U, V) where the text does not cover it, black where it does.
- * In float as numpy computes it: m = coverage / 255, luma Y + (16 - Y) * m; chroma from the
- * 2 x 2 means of m; each + 0.5, truncated. out_y is w x h, out_uv the U then the V image,
- * (w / 2) x (h / 2) each. */
+ * even): the box colour (Y, U, V) where the text does not cover it, black (luma `black`:
+ * 16, or 0 at full range) where it does. In float as numpy computes it: m = coverage / 255,
+ * luma Y + (black - Y) * m; chroma from the 2 x 2 means of m; each + 0.5, truncated. out_y
+ * is w x h, out_uv the U then the V image, (w / 2) x (h / 2) each. */
 void edgecam_label(const uint8_t *coverage, int32_t stride, int32_t w, int32_t h, int32_t luma,
-                   int32_t u, int32_t v, uint8_t *out_y, uint8_t *out_uv) {
-    const float yl = (float)luma, ys = (float)(16 - luma);
+                   int32_t u, int32_t v, int32_t black, uint8_t *out_y, uint8_t *out_uv) {
+    const float yl = (float)luma, ys = (float)(black - luma);
     const float ul = (float)u, us = (float)(128 - u), vl = (float)v, vs = (float)(128 - v);
     int hw = w / 2, hh = h / 2;
     for (int r = 0; r < h; r++)
@@ -186,22 +186,23 @@ void edgecam_label(const uint8_t *coverage, int32_t stride, int32_t w, int32_t h
         }
 }
 
-/* A line of text in colour (Y, U, V) on a dark band of opacity `band_alpha`, from a w x h
- * coverage image (rows `stride` bytes apart; w and h even), as translucent images (see
- * edgecam_blend): with m = coverage / 255 and band = band_alpha * (1 - m), luma adds
- * m * Y + band * 16 and keeps 1 - m - band; chroma the same from the 2 x 2 means of m and
- * band, with U and V (over 128). In float as numpy computes it. y_add and y_keep are
- * w x h; uv_add the U then the V image, (w / 2) x (h / 2) each, as c_keep. */
+/* A line of text in colour (Y, U, V) on a black band (luma `black`) of opacity
+ * `band_alpha`, from a w x h coverage image (rows `stride` bytes apart; w and h even), as
+ * translucent images (see edgecam_blend): with m = coverage / 255 and band = band_alpha *
+ * (1 - m), luma adds m * Y + band * black and keeps 1 - m - band; chroma the same from the
+ * 2 x 2 means of m and band, with U and V (over 128). In float as numpy computes it. y_add
+ * and y_keep are w x h; uv_add the U then the V image, (w / 2) x (h / 2) each, as c_keep. */
 void edgecam_text(const uint8_t *coverage, int32_t stride, int32_t w, int32_t h, int32_t luma,
-                  int32_t u, int32_t v, float band_alpha, float *y_add, float *y_keep,
-                  float *uv_add, float *c_keep) {
+                  int32_t u, int32_t v, int32_t black, float band_alpha, float *y_add,
+                  float *y_keep, float *uv_add, float *c_keep) {
+    const float dark = (float)black;
     int hw = w / 2, hh = h / 2;
     for (int r = 0; r < h; r++)
         for (int c = 0; c < w; c++) {
             float m = (float)coverage[(ptrdiff_t)r * stride + c] / 255.0f;
             float band = band_alpha * (1.0f - m);
             ptrdiff_t at = (ptrdiff_t)r * w + c;
-            y_add[at] = m * (float)luma + band * 16.0f;
+            y_add[at] = m * (float)luma + band * dark;
             y_keep[at] = 1.0f - m - band;
         }
     for (int r = 0; r < hh; r++)

@@ -61,13 +61,14 @@ class YuvMatrix:
         return _yuv_to_rgb(self.kr, self.kb, self.full_range)
 
     def yuv(self, colour: tuple[int, int, int]) -> tuple[int, int, int]:
-        """The 8-bit Y, U, V of an RGB colour."""
+        """The 8-bit Y, U, V of an RGB colour (at full range, the chroma of pure blue and
+        red, 255.5, is 255)."""
         r, g, b = colour
         (yr, yg, yb), (ur, ug, ub), (vr, vg, vb) = self.rgb_to_yuv
         y = self.black + (yr * r + yg * g + yb * b) / 255
         u = 128 + (ur * r + ug * g + ub * b) / 255
         v = 128 + (vr * r + vg * g + vb * b) / 255
-        return round(y), round(u), round(v)
+        return round(y), min(round(u), 255), min(round(v), 255)
 
 
 def _scales(full_range: bool) -> tuple[int, float, float]:
