@@ -39,6 +39,7 @@ import numpy as np
 from edgecam.config import LineConfig, load_settings
 from edgecam.media.offline import process_file
 from edgecam.media.overlay import CompositionRenderer, DirectRenderer
+from edgecam.vision.colour import BT709
 from edgecam.vision.privacy import face_patch
 from edgecam.vision.synthetic import SyntheticDetector
 from edgecam.vision.zones import ZoneCounter
@@ -189,7 +190,7 @@ def micro() -> list[list[object]]:
             rect = (100, 100, 100 + side, 100 + int(side * 1.3))
 
             def patch(mode: str = mode, rect: tuple[int, int, int, int] = rect) -> None:
-                face_patch((y, u, v), rect, mode, 8, (0, 0, 0))
+                face_patch((y, u, v), rect, mode, 8, (0, 0, 0), BT709)
 
             rows.append([f"face_patch {mode}, {side}x{int(side * 1.3)} px face", _us(patch)])
     return rows

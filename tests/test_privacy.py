@@ -13,7 +13,11 @@ from conftest import MEDIA, ROOT
 
 import edgecam.media.overlay as overlay
 from edgecam.config import PrivacyConfig, VisionConfig, load_settings
+from edgecam.media.detection import VideoFormat
+from edgecam.media.gst import Gst, GstVideo, init
 from edgecam.media.offline import process_file
+from edgecam.vision.analytics import FrameMeta
+from edgecam.vision.colour import BT709
 from edgecam.vision.detectors import CenterFaceDetector
 from edgecam.vision.privacy import FaceHold, face_patch
 
@@ -228,12 +232,69 @@ def test_face_patch_reads_only_its_rectangle_and_is_opaque() -> None:
     v = np.full((50, 50), 128, np.uint8)
     y[20:60, 20:60] = 235  # a white square on black
     for mode, shape in (("fill", (2, 2)), ("blur", (4, 4)), ("pixelate", (48, 48))):
-        image = face_patch((y, u, v), (20, 20, 60, 60), mode, 8, (1, 2, 3))
+        image = face_patch((y, u, v), (20, 20, 60, 60), mode, 8, (1, 2, 3), BT709)
         assert image.shape[:2] == shape and (image[..., 3] == 255).all()
         if mode == "fill":
             assert image[0, 0].tolist() == [3, 2, 1, 255]  # BGRA
         else:
             assert image[..., :3].min() >= 250  # white: nothing from outside was read
+
+
+class _HiddenFace:
+    """Every frame's analysis: one face to hide at ``rect`` (what is tested is hiding it)."""
+
+    def __init__(self, rect: tuple[int, int, int, int]) -> None:
+        self.meta = FrameMeta("main", 0, 0.0, 0.0, (), {}, 30.0, True, hidden=(rect,))
+
+    def step(self, _pts: int, _dur: int) -> FrameMeta:
+        return self.meta
+
+
+@pytest.mark.parametrize(
+    "caps",
+    [
+        "width=640,height=480",
+        "width=1280,height=720,colorimetry=bt709",
+        "width=640,height=480,colorimetry=1:4:0:0",
+    ],
+)
+@pytest.mark.parametrize("mode", ["pixelate", "blur"])
+def test_a_face_hidden_by_overlaycomposition_keeps_its_colours(caps: str, mode: str) -> None:
+    init()
+    full = f"video/x-raw,format=I420,framerate=30/1,{caps}"
+    video = VideoFormat()
+    video.set_caps(Gst.Caps.from_string(full).get_structure(0))
+    assert video.size is not None
+    w, h = video.size
+    rect = (w // 4, h // 4, w // 2, h // 2)
+    settings = load_settings(**{"cameras": [{"privacy": {"faces": mode}}]})
+    renderer = overlay.CompositionRenderer(settings, settings.cameras[0], _HiddenFace(rect), video)  # type: ignore[arg-type]
+    # A flat green: a face's blocks are that colour, and must be put back as it. (Made RGB
+    # by BT.601 before, and blended back by GStreamer with BT.709 on every frame: 14 off.)
+    pipeline = Gst.parse_launch(
+        f"videotestsrc num-buffers=1 pattern=solid-color foreground-color=0xff3cc850 ! "
+        f'capsfilter caps="{full}" ! overlaycomposition name=draw ! appsink name=sink'
+    )
+    renderer.attach(pipeline.get_by_name("draw"))
+    pipeline.set_state(Gst.State.PLAYING)
+    try:
+        sample = pipeline.get_by_name("sink").emit("pull-sample")
+        info = GstVideo.VideoInfo.new_from_caps(sample.get_caps())
+        ok, mapinfo = sample.get_buffer().map(Gst.MapFlags.READ)
+        assert ok
+        data = np.frombuffer(bytes(mapinfo.data), np.uint8)
+        sample.get_buffer().unmap(mapinfo)
+    finally:
+        pipeline.set_state(Gst.State.NULL)
+    x1, y1, x2, y2 = rect
+    for plane, (sx, sy) in enumerate(((1, 1), (2, 2), (2, 2))):
+        rows = data[info.offset[plane] :][: info.stride[plane] * (h // sy)]
+        image = rows.reshape(h // sy, info.stride[plane]).astype(np.int64)
+        face = image[y1 // sy + 2 : y2 // sy - 2, x1 // sx + 2 : x2 // sx - 2]
+        picture = image[0, 0]
+        assert np.abs(face - picture).max() <= 2, (
+            f"plane {plane}: {picture} -> {face.min()}..{face.max()}"
+        )
 
 
 def test_boxes_line_up_with_the_picture_whatever_its_aspect(

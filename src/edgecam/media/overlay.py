@@ -46,7 +46,7 @@ from edgecam.native import (
     text_images,
 )
 from edgecam.vision.analytics import FrameMeta
-from edgecam.vision.colour import BT601, YuvMatrix
+from edgecam.vision.colour import BT601, BT709, YuvMatrix
 from edgecam.vision.drawing import (
     GLYPH_PAD,
     DrawBox,
@@ -233,8 +233,17 @@ def _compose(composition: Any, rectangles: list[Any]) -> Any:
     return composition
 
 
+# overlaycomposition turns its RGB layers into the frame's YUV with BT.709 limited-range
+# coefficients whatever the caps say (GStreamer 1.22, video-blend.c; measured: magenta came
+# out (78, 213, 229) on BT.601, BT.709 and full-range frames alike). What it draws is left
+# to it, off on SD and full-range video; a hidden face's pixels go to RGB by its matrix, so
+# that they come back as they were.
+_COMPOSITION_MATRIX = BT709
+
+
 class CompositionRenderer(_Drawing):
-    """Draws through ``overlaycomposition``: each box an ARGB layer, blended in C."""
+    """Draws through ``overlaycomposition``: each box an ARGB layer, blended in C (in
+    GStreamer's colours: see ``_COMPOSITION_MATRIX``)."""
 
     def __init__(self, settings: Settings, camera: CameraConfig, analysis: FrameAnalysis,
                  video: VideoFormat) -> None:  # fmt: skip
@@ -311,7 +320,8 @@ class CompositionRenderer(_Drawing):
         with MappedFrame(buf, info, Gst.MapFlags.READ) as frame:
             planes = (frame.y, frame.uv[0], frame.uv[1])
             for face in meta.hidden:
-                image = face_patch(planes, face, privacy.faces, privacy.blocks, privacy.colour)
+                image = face_patch(planes, face, privacy.faces, privacy.blocks, privacy.colour,
+                                   _COMPOSITION_MATRIX)  # fmt: skip
                 x1, y1, x2, y2 = face
                 ih, iw = image.shape[:2]
                 patch = _rectangle(image.tobytes(), x1, y1, x2 - x1, y2 - y1, iw, ih)
@@ -323,7 +333,9 @@ class CompositionRenderer(_Drawing):
 
 
 class CairoRenderer(_Drawing):
-    """Draws through ``cairooverlay`` on a BGRx copy of each frame."""
+    """Draws through ``cairooverlay`` on a BGRx copy of each frame. Its colours come out
+    right: the videoconverts on either side convert by the caps on their side (measured;
+    the frames leave tagged with GStreamer's default colorimetry for their height)."""
 
     def attach(self, element: Gst.Element) -> None:
         element.connect("draw", self._on_draw)

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgecam.config import PrivacyConfig
+from edgecam.vision.colour import YuvMatrix
 
 _PIXELATE_REPEAT = 6
 Planes = tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], npt.NDArray[np.uint8]]
@@ -131,13 +132,15 @@ def face_patch(
     mode: str,
     blocks: int,
     colour: tuple[int, int, int],
+    matrix: YuvMatrix,
 ) -> npt.NDArray[np.uint8]:
     """The opaque BGRA image that hides ``rect`` of an I420 frame (``planes`` Y, U, V).
 
     ``fill``: a 2x2 image of ``colour``; ``blur``: ``blocks / 2`` block means across the
     face, to be scaled up smoothly (linearly) by the overlay; ``pixelate``: ``blocks`` block
     means across it, each repeated 6 x 6 for the overlay to scale up. Only the rectangle's
-    pixels are read.
+    pixels are read. Their means go to RGB by ``matrix``: the one the overlay takes the
+    image back into the frame's YUV with, so that the colours come back as they were.
     """
     x1, y1, x2, y2 = rect
     w, h = x2 - x1, y2 - y1
@@ -152,12 +155,12 @@ def face_patch(
     bx = max(1, min(blocks, cx2 - cx1))
     by = max(1, min(round(blocks * h / w), cy2 - cy1))
     luma = _block_means(y_plane[::2, ::2], cy1, cy2, cx1, cx2, by, bx)
-    u = _block_means(u_plane, cy1, cy2, cx1, cx2, by, bx) - 128
-    v = _block_means(v_plane, cy1, cy2, cx1, cx2, by, bx) - 128
-    c = 1.164 * (luma - 16)  # BT.601, limited range
-    bgr = np.stack([c + 2.017 * u, c - 0.392 * u - 0.813 * v, c + 1.596 * v], axis=-1)
+    u = _block_means(u_plane, cy1, cy2, cx1, cx2, by, bx)
+    v = _block_means(v_plane, cy1, cy2, cx1, cx2, by, bx)
+    to_rgb = matrix.yuv_to_rgb
+    rgb = np.stack([luma, u, v], axis=-1) @ to_rgb[:, :3].T + to_rgb[:, 3]
     image = np.empty((by, bx, 4), dtype=np.uint8)
-    image[..., :3] = np.clip(bgr + 0.5, 0, 255)
+    image[..., :3] = np.clip(rgb[..., ::-1] + 0.5, 0, 255)
     image[..., 3] = 255
     if mode == "pixelate":
         # Each block repeated a few times: the overlay's smooth scaling then softens only a
