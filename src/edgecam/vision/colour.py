@@ -3,7 +3,7 @@ give: the one place for the coefficients of every conversion (the detector's fra
 drawing, the hidden faces).
 
 HD video is mostly BT.709, SD BT.601: a colour converted with the wrong one is visibly off
-(magenta drawn with BT.601 into BT.709 video shows as (255, 37, 255)).
+(magenta drawn with BT.601 into BT.709 video shows as (255, 36, 255)).
 """
 
 from __future__ import annotations
