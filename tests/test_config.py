@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgecam.config import load_settings, settings_to_yaml
+from edgecam.config import load_settings, settings_to_yaml, zone_depth_limit
 from edgecam.errors import ConfigError
 
 
@@ -114,6 +114,19 @@ def _circle(n: int) -> str:
         (
             "cameras:\n  - lines:\n      door: {start: [0, 0], end: [1, 1], in_side: up}\n",
             "cameras.0.lines.door.in_side",
+        ),
+        # A zone nowhere deeper than zone_band on any frame could never hold anyone.
+        (
+            "cameras:\n  - name: gate\n    zones:\n"
+            "      strip: [[0.1, 0.49], [0.9, 0.49], [0.9, 0.52], [0.1, 0.52]]\n",
+            "cameras.0: camera 'gate': zone 'strip' can never hold anyone: a track enters a "
+            "zone when zone_band (0.02 of the frame height) inside its edges, and no point of "
+            "'strip' is more than 0.015 inside them on any frame. Make the zone taller",
+        ),
+        (
+            "cameras:\n  - zone_band: 0.1\n    zones:\n"
+            "      kerb: [[0, 0.92], [1, 0.92], [1, 1], [0, 1]]\n",
+            "zone 'kerb' can never hold anyone",
         ),
         (
             "cameras:\n  - privacy:\n      masks: [[[0, 0], [1, 1], [1, 0], [0, 1]]]\n",
@@ -246,6 +259,31 @@ def test_cli_config_check_names_a_bad_zone_and_line(tmp_path: Path) -> None:
     bad.write_text("cameras:\n  - zones:\n      bow: [[0, 0], [1, 1], [1, 0], [0, 1]]\n")
     res = _cli("config", "check", str(bad))
     assert res.returncode == 1 and "zone 'bow': the polygon crosses itself" in res.stderr
+    bad.write_text(
+        "cameras:\n  - name: door\n    zones:\n"
+        "      mat: [[0.2, 0.8], [0.8, 0.8], [0.8, 0.83], [0.2, 0.83]]\n"
+    )
+    res = _cli("config", "check", str(bad))
+    assert res.returncode == 1
+    assert "camera 'door': zone 'mat' can never hold anyone" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("zone", "deepest"),
+    [
+        ([(0.1, 0.49), (0.9, 0.49), (0.9, 0.52), (0.1, 0.52)], 0.015),  # half its height
+        ([(0.0, 0.97), (1.0, 0.97), (1.0, 1.0), (0.0, 1.0)], 0.03),  # along the bottom edge
+        ([(0.1, 0.5), (0.45, 0.5), (0.45, 1.0), (0.1, 1.0)], 0.5),  # the README's queue
+        ([(0.2, 0.5), (0.5, 0.45), (0.8, 0.5), (0.5, 0.55)], 0.05),  # at its middle corners
+        ([(0.5, 0.1), (0.9, 0.9), (0.1, 0.9)], 0.4),  # a triangle, below its apex
+        ([(0, 0), (1, 0), (0, 1)], 1.0),  # two sides along the edge
+        # Top to bottom: on a wide enough frame anything is deep enough.
+        ([(0.45, 0.0), (0.46, 0.0), (0.46, 1.0), (0.45, 1.0)], float("inf")),
+        ([(0, 0), (1, 0), (1, 1), (0, 1)], float("inf")),
+    ],
+)
+def test_zone_depth_limit(zone: list[tuple[float, float]], deepest: float) -> None:
+    assert zone_depth_limit(zone) == pytest.approx(deepest)
 
 
 def test_streaming_auth_rules() -> None:

@@ -35,13 +35,17 @@ def _vertical(**kw: object) -> dict[str, LineConfig]:
 
 
 def _run(
-    counter: ZoneCounter, frames: list[dict[int, tuple[float, float]]]
+    counter: ZoneCounter, frames: list[dict[int, tuple[float, float]]], clip: bool = False
 ) -> list[tuple[tuple[ZoneState, ...], tuple[LineState, ...]]]:
-    """Feed ``frames`` (track id -> feet position) at FPS; every frame's states."""
+    """Feed ``frames`` (track id -> feet position) at FPS; every frame's states. ``clip``:
+    boxes clipped to the picture, as the analytics give them (one partly out of it ends on
+    its edge)."""
     out = []
     for k, tracks in enumerate(frames):
         ids = list(tracks)
-        boxes = [_box(*tracks[i]) for i in ids] or np.zeros((0, 4))
+        boxes = np.array([_box(*tracks[i]) for i in ids]).reshape(-1, 4)
+        if clip:
+            boxes = np.clip(boxes, 0, [*SIZE, *SIZE])
         out.append(counter.update(k / FPS, ids, boxes, SIZE))
     return out
 
@@ -236,6 +240,33 @@ def test_a_zone_reaching_the_frame_edge_holds_people_cut_off_by_it() -> None:
     assert queue_state.ids == (1,)  # the one beside the queue (x 0.05) is not in it
     assert [len(z.entered) for z in states[0][0]] == [3, 1]
     assert all(not z.exited for s, _ in states for z in s)
+
+
+# A zone nowhere deeper than zone_band (2 % of the height) can hold nobody: a track enters
+# when its anchor is that far inside the border.
+THIN = {
+    "strip": [(0.1, 0.485), (0.9, 0.485), (0.9, 0.515), (0.1, 0.515)],  # 3 % tall
+    "kerb": [(0.0, 0.985), (1.0, 0.985), (1.0, 1.0), (0.0, 1.0)],  # 1.5 % along the bottom
+    "sliver": [(0.2, 0.5), (0.8, 0.4825), (0.8, 0.5175)],  # 3.5 % at its widest
+}
+
+
+@pytest.mark.parametrize("name", list(THIN))
+def test_a_zone_thinner_than_its_band_holds_nobody_and_is_refused(name: str) -> None:
+    zone = THIN[name]
+    counter = ZoneCounter({name: zone}, {})
+    low, high = min(y for _, y in zone), max(y for _, y in zone)
+    # Walking along its middle (and the kerb's bottom): never in.
+    for y in (low + high) / 2, high:
+        states = _run(counter, [{1: p} for p in _walk(0.0, 1.0, 50, y=y)], clip=True)
+        assert all(not z[0].ids for z, _ in states)
+    with pytest.raises(ValueError, match=f"camera 'gate': zone '{name}' can never hold anyone"):
+        CameraConfig(name="gate", zones={name: zone})
+    # With a narrower band it is kept and holds who walks along it.
+    camera = CameraConfig(name="gate", zones={name: zone}, zone_band=0.005)
+    counter = ZoneCounter(camera.zones, {}, zone_band=camera.zone_band)
+    states = _run(counter, [{1: p} for p in _walk(0.0, 1.0, 50, y=(low + high) / 2)])
+    assert any(z[0].ids for z, _ in states)
 
 
 def test_counter_rejects_mismatched_arrays() -> None:

@@ -11,6 +11,7 @@ password, token and URL credential found in the raw config is scrubbed from the 
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import os
 import re
@@ -62,9 +63,11 @@ __all__ = [
     "UploadConfig",
     "VisionConfig",
     "VotingConfig",
+    "along_frame_edge",
     "check_polygon",
     "load_settings",
     "redact_url",
+    "zone_depth_limit",
 ]
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -161,6 +164,51 @@ def check_polygon(points: Polygon) -> None:
     )
     if abs(area) / 2 < 1e-6:
         raise ValueError("the polygon has no area (its points are on one line)")
+
+
+def along_frame_edge(p: Point, q: Point) -> bool:
+    """Whether the side pq of a zone runs along the frame's edge (both ends on x = 0, x = 1,
+    y = 0 or y = 1): no border, as nobody is seen beyond it."""
+    return any(p[i] == q[i] and p[i] in (0, 1) for i in (0, 1))
+
+
+def zone_depth_limit(points: Polygon) -> float:
+    """How far inside its border (the sides not along the frame's edge) a point of the zone
+    can lie, in shares of the frame height, on a frame of any shape (infinite where the
+    frame's shape decides).
+
+    The wider the frame, the farther apart points at different x are, and never nearer; so no
+    frame lets a point be deeper than an endlessly wide one, where the only border near a
+    point is straight above or below it: the depth is then half the zone's height at that x
+    (its height where one of the two sides is the frame's edge). The height changes linearly
+    between the x of two corners: its greatest is at one of them.
+    """
+    n = len(points)
+    sides = [(points[i], points[(i + 1) % n]) for i in range(n)]
+    border = [not along_frame_edge(p, q) for p, q in sides]
+
+    def y_at(side: tuple[Point, Point], x: float) -> float:
+        (x0, y0), (x1, y1) = side
+        return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+    deepest = 0.0
+    xs = sorted({p[0] for p in points})
+    for left, right in itertools.pairwise(xs):
+        middle = (left + right) / 2
+        over = sorted(
+            (y_at(side, middle), k)
+            for k, side in enumerate(sides)
+            if min(side[0][0], side[1][0]) <= left and max(side[0][0], side[1][0]) >= right
+        )
+        # A simple polygon: going down at one x, its sides go in, out, in, out...
+        for (_, top), (_, bottom) in zip(over[::2], over[1::2], strict=True):
+            edges = border[top] + border[bottom]
+            if edges == 0:
+                return float("inf")
+            for x in (left, right):
+                height = y_at(sides[bottom], x) - y_at(sides[top], x)
+                deepest = max(deepest, height / edges)
+    return deepest
 
 
 class LineConfig(_Section):
@@ -333,6 +381,21 @@ class CameraConfig(_Section):
             except ValueError as exc:
                 raise ValueError(f"zone {name!r}: {exc}") from None
         return zones
+
+    @model_validator(mode="after")
+    def _check_zone_depth(self) -> CameraConfig:
+        for name, polygon in self.zones.items():
+            depth = zone_depth_limit(polygon)
+            if depth <= self.zone_band:
+                raise ValueError(
+                    f"camera {self.name!r}: zone {name!r} can never hold anyone: a track enters "
+                    f"a zone when zone_band ({self.zone_band:g} of the frame height) inside "
+                    f"its edges, and no point of {name!r} is more than {depth:.3g} inside them "
+                    "on any frame. Make the zone taller (more than twice zone_band between "
+                    "its edges, or more than zone_band from a side along the frame's edge) "
+                    "or lower zone_band"
+                )
+        return self
 
 
 # Frames a call of the shared detector by default: on the CPU one (a batch of N costs N frames

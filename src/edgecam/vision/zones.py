@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from edgecam.config import Anchor, LineConfig, Polygon
+from edgecam.config import Anchor, LineConfig, Polygon, along_frame_edge
 
 __all__ = ["LineState", "ZoneCounter", "ZoneState", "anchors"]
 
@@ -100,9 +100,9 @@ def _depth(points: FloatArray, polygon: FloatArray, border: BoolArray) -> FloatA
 def _border_edges(unit: FloatArray) -> BoolArray:
     """Which edges of a polygon (in shares of the frame) are a border: those not along the
     frame's edge."""
-    ends = np.roll(unit, -1, axis=0)
-    along = (unit == ends) & ((unit == 0) | (unit == 1))  # both ends on x = 0, x = 1, ...
-    return np.asarray(~along.any(axis=1))
+    points = [(float(x), float(y)) for x, y in unit]
+    ends = points[1:] + points[:1]
+    return np.array([not along_frame_edge(p, q) for p, q in zip(points, ends, strict=True)])
 
 
 @dataclass
