@@ -269,6 +269,31 @@ def test_a_zone_thinner_than_its_band_holds_nobody_and_is_refused(name: str) -> 
     assert any(z[0].ids for z, _ in states)
 
 
+def test_a_zone_too_thin_at_the_frame_size_is_said_once_at_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # 1 % of the width across, top to bottom: 10 px at 1000 x 1000, under twice the 20 px band;
+    # on a frame over four times as wide as tall it would be deep enough, so the config check
+    # cannot refuse it.
+    narrow = [[0.45, 0], [0.46, 0], [0.46, 1], [0.45, 1]]
+    wide = [[0.2, 0], [0.3, 0], [0.3, 1], [0.2, 1]]
+    settings = Settings.model_validate(
+        {"cameras": [{"name": "gate", "zones": {"narrow": narrow, "wide": wide}}]}
+    )
+    analytics = Analytics(settings, "gate")
+    with caplog.at_level("WARNING", logger="edgecam.vision.analytics"):
+        for k in range(3):
+            analytics.step(k / FPS, None, SIZE)
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "camera 'gate': zone 'narrow' can never hold anyone at 1000x1000" in message
+    assert "zone_band (0.02 of the frame height, 20.0 px)" in message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="edgecam.vision.analytics"):
+        analytics.step(1.0, None, (5000, 1000))  # wide enough there
+    assert not caplog.records
+
+
 def test_counter_rejects_mismatched_arrays() -> None:
     with pytest.raises(ValueError, match="2 ids for 1 boxes"):
         ZoneCounter({}, _vertical()).update(0.0, [1, 2], [_box(0.1, 0.1)], SIZE)

@@ -160,6 +160,8 @@ class Analytics:
         self._zones = ZoneCounter(
             cam.zones, cam.lines, zone_anchor=cam.zone_anchor, zone_band=cam.zone_band
         )
+        self._zone_band = cam.zone_band
+        self._zones_checked: set[tuple[int, int]] = set()  # frame sizes
         hide_faces = cam.privacy.faces != "off"
         self._faces = FaceHold(cam.privacy) if hide_faces else None
         # The mask profile tracks faces already; any other tracks faces for privacy apart.
@@ -191,6 +193,27 @@ class Analytics:
             self._bounds_array = np.array([w, h, w, h], dtype=np.float32)
             self._bounds_size = frame_size
         return self._bounds_array
+
+    def _check_zones(self, frame_size: tuple[int, int]) -> None:
+        """Say once for each frame size which zones can never hold anyone at that size (how
+        thin a zone may be depends on the frame's shape: the config check refuses those too
+        thin on any frame)."""
+        self._zones_checked.add(frame_size)
+        w, h = frame_size
+        for name in self._zones.unreachable_zones(frame_size):
+            log.warning(
+                "camera %r: zone %r can never hold anyone at %dx%d: a track enters a zone when "
+                "zone_band (%g of the frame height, %.1f px) inside its edges, and no point of "
+                "%r is that far inside them at this frame size. Make the zone wider or taller, "
+                "or lower zone_band",
+                self._camera,
+                name,
+                w,
+                h,
+                self._zone_band,
+                self._zones.zone_band_pixels,
+                name,
+            )
 
     def share_settled(self, detectors: Iterable[object]) -> int:
         """Let every detector that can skip settled tracks follow :attr:`settled`; how many do.
@@ -282,6 +305,8 @@ class Analytics:
         hidden: tuple[Rect, ...] = ()
         blind = False
         if frame_size is not None and not self._zones.empty:
+            if frame_size not in self._zones_checked:
+                self._check_zones(frame_size)
             # Every shown track, counted or not yet: one that is still young when it
             # crosses (just out of a group, say) must not be missed.
             zones, lines = self._zones.update(

@@ -9,7 +9,9 @@ same tracks always give the same counts. Each track is reduced to one anchor poi
   when it is ``band`` pixels outside, so an anchor jittering on the border counts nothing.
   A side of the polygon along the frame's edge is no border: nobody is seen beyond it, and
   the box of someone the edge cuts off (clipped to the frame) has its anchor on it.
-  A track that ends (the tracker gave it up) leaves at the time it was last seen.
+  A track that ends (the tracker gave it up) leaves at the time it was last seen. A zone
+  nowhere more than ``band`` deep can hold nobody: the config refuses one that is so on any
+  frame, and the camera warns at start of one that is so at its frame size.
 * **Lines** (segments): a track crosses when its anchor goes from beyond a band on one side
   of the line to beyond it on the other, between any two frames (it may jump the band in one
   step); while it is in the band its last side is kept. So one standing on the line counts
@@ -43,6 +45,11 @@ BoolArray = npt.NDArray[np.bool_]
 # Anchors are kept this far (pixels) inside the frame: one on its edge (a clipped box) is
 # then inside a zone whose side runs along that edge.
 _EDGE_INSET = 0.5
+# Cells of a zone's first look whether anything can be in it (once, at a new frame size) and
+# the most it may split them into: a zone too close to the limit to tell goes unreported.
+_FIRST_CELLS = 4096
+_MAX_CELLS = 65536
+_CHUNK = 4096  # cells a call: (cells, sides, 2) arrays of at most 6.5 MB
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +110,40 @@ def _border_edges(unit: FloatArray) -> BoolArray:
     points = [(float(x), float(y)) for x, y in unit]
     ends = points[1:] + points[:1]
     return np.array([not along_frame_edge(p, q) for p, q in zip(points, ends, strict=True)])
+
+
+def _deeper_than(
+    band: float, polygon: FloatArray, border: BoolArray, size: tuple[int, int]
+) -> bool | None:
+    """Whether an anchor (kept ``_EDGE_INSET`` inside the frame) can be more than ``band``
+    pixels inside the zone; None where that could not be told in ``_MAX_CELLS`` cells.
+
+    Cells of the zone's box: the depth changes no faster than the distance, so a cell whose
+    centre is ``d`` deep holds no point deeper than ``d`` plus its half-diagonal. Cells that
+    might hold one are split in four until one point is found or none can be.
+    """
+    lo = np.maximum(polygon.min(axis=0), _EDGE_INSET)
+    hi = np.minimum(polygon.max(axis=0), np.asarray(size, dtype=np.float64) - _EDGE_INSET)
+    extent = hi - lo
+    if (extent < 0).any():
+        return False
+    step = max(band, float(np.sqrt(extent.prod() / _FIRST_CELLS)), 1e-3)
+    counts = np.maximum(np.ceil(extent / step), 1).astype(np.int64)
+    half = extent / counts / 2
+    gx, gy = (lo[i] + half[i] * (2 * np.arange(counts[i]) + 1) for i in (0, 1))
+    centres = np.stack(np.meshgrid(gx, gy), axis=-1).reshape(-1, 2)
+    while len(centres) <= _MAX_CELLS:
+        chunks = np.array_split(centres, -(-len(centres) // _CHUNK))
+        depth = np.concatenate([_depth(c, polygon, border) for c in chunks])
+        if (depth > band).any():
+            return True
+        centres = centres[depth + float(np.hypot(*half)) > band]
+        if not len(centres):
+            return False
+        half = half / 2
+        quarter = np.array([[-1, -1], [1, -1], [-1, 1], [1, 1]]) * half
+        centres = (centres[:, None, :] + quarter[None, :, :]).reshape(-1, 2)
+    return None
 
 
 @dataclass
@@ -167,6 +208,21 @@ class ZoneCounter:
             ln.name: (ln.origin, ln.origin + ln.along * ln.length, ln.normal) for ln in self._lines
         }
         return zones, lines
+
+    def unreachable_zones(self, frame_size: tuple[int, int]) -> list[str]:
+        """The zones no track can ever be in on a ``frame_size`` picture: none of their
+        points lies more than ``zone_band`` inside their border."""
+        self._resize(frame_size)
+        return [
+            z.name
+            for z in self._zones
+            if _deeper_than(self._zone_band, z.pixels, z.border, frame_size) is False
+        ]
+
+    @property
+    def zone_band_pixels(self) -> float:
+        """``zone_band`` in pixels of the last frame size seen."""
+        return self._zone_band
 
     def _resize(self, frame_size: tuple[int, int]) -> None:
         if frame_size == self._size:
