@@ -242,6 +242,62 @@ def test_a_zone_reaching_the_frame_edge_holds_people_cut_off_by_it() -> None:
     assert all(not z.exited for s, _ in states for z in s)
 
 
+def _down(y0: float, y1: float, n: int, x: float = 0.5) -> list[tuple[float, float]]:
+    return [(x, y) for y in np.linspace(y0, y1, n).tolist()]
+
+
+# Someone walking out of the picture and back in again, or only in, with their box cut off
+# by the frame's edge while they are partly out (feet 5 % past the bottom, or the box's
+# middle on the left edge).
+OUT_AND_BACK_DOWN = _down(0.6, 1.05, 15) + _down(1.05, 0.6, 15)
+IN_FROM_BELOW = _down(1.05, 0.6, 15)
+OUT_AND_BACK_LEFT = _walk(0.4, 0.0, 15) + _walk(0.0, 0.4, 15)
+
+
+@pytest.mark.parametrize(
+    ("line", "path", "order"),
+    [
+        # Along the bottom edge: "in" (left, walking from start to end) is the picture.
+        ({"start": [0, 1], "end": [1, 1]}, OUT_AND_BACK_DOWN, ["out", "in"]),
+        ({"start": [0, 1], "end": [1, 1]}, IN_FROM_BELOW, ["in"]),
+        ({"start": [1, 1], "end": [0, 1]}, OUT_AND_BACK_DOWN, ["in", "out"]),
+        # Near it: the band (3 % of the height) reaches past the bottom edge.
+        ({"start": [0, 0.98], "end": [1, 0.98]}, OUT_AND_BACK_DOWN, ["out", "in"]),
+        ({"start": [0, 0.99], "end": [1, 0.97]}, OUT_AND_BACK_DOWN, ["out", "in"]),
+        # A door in the bottom edge: through it, and beside it (nothing).
+        ({"start": [0.4, 1], "end": [0.6, 1]}, OUT_AND_BACK_DOWN, ["out", "in"]),
+        ({"start": [0.4, 1], "end": [0.6, 1]}, _down(0.6, 1.05, 15, x=0.8), []),
+        # Along the left edge, the anchor (the box's bottom centre) never reaches it.
+        ({"start": [0, 0], "end": [0, 1]}, OUT_AND_BACK_LEFT, ["out", "in"]),
+    ],
+)
+def test_a_line_along_or_near_the_frame_edge_counts_people_it_cuts_off(
+    line: dict[str, object], path: list[tuple[float, float]], order: list[str]
+) -> None:
+    # Before, the anchor could never be beyond the band on the picture's far side of the
+    # line: such a line counted nothing, and nothing said so.
+    counter = ZoneCounter({}, {"edge": LineConfig.model_validate(line)})
+    states = _run(counter, [{1: p} for p in path], clip=True)
+    assert [d for _, lines in states for _, d in lines[0].crossings] == order
+
+
+def test_standing_on_the_frame_edge_line_counts_once() -> None:
+    # Out over the bottom edge, then feet 1 % in and 1 % out of the picture by turns: the
+    # box is cut, then not (its anchor within the band), and so on.
+    jitter = [(0.5, 0.99 + 0.02 * (k % 2)) for k in range(50)]
+    counter = ZoneCounter({}, {"edge": LineConfig.model_validate({"start": [0, 1], "end": [1, 1]})})
+    states = _run(counter, [{1: p} for p in _down(0.6, 1.0, 10) + jitter], clip=True)
+    assert _totals(states) == (0, 1)
+
+
+def test_a_line_inside_the_picture_ignores_boxes_the_edge_cuts() -> None:
+    # The vertical line reaches the bottom edge; its band does not reach past the picture on
+    # either side: someone cut off by the bottom edge beside it is where their anchor is.
+    path = [(0.45, 1.05)] * 5 + [(0.55, 1.05)] * 5 + _walk(0.55, 0.8, 5, y=1.05)
+    states = _run(ZoneCounter({}, _vertical()), [{1: p} for p in path], clip=True)
+    assert _totals(states) == (1, 0)
+
+
 # A zone nowhere deeper than zone_band (2 % of the height) can hold nobody: a track enters
 # when its anchor is that far inside the border.
 THIN = {
@@ -454,13 +510,22 @@ def test_analytics_puts_zones_and_lines_in_frame_meta_and_events() -> None:
 # (the last ends 20 px past the line, just beyond the 17 px band).
 PEDESTRIAN_LINE = {"start": [0.45, 0.26], "end": [0.45, 0.69]}
 PEDESTRIAN_IN, PEDESTRIAN_OUT = 2, 7
+# Lines along the left and right edges, "in" being the picture: people walk into it over the
+# right edge (counted at 1.8, 2.3, 4.6, 13.8, 22.4 and 23.4 s) and out over it (14.8, 20.6 s),
+# and out over the left edge (17.5, 21.9, 28.1 s): each track's first or last box touches that
+# edge, and frames with the boxes drawn in show the people walking in or out there.
+EDGE_LINES = {
+    "left_edge": {"start": [0, 0], "end": [0, 1]},
+    "right_edge": {"start": [1, 0], "end": [1, 1], "in_side": "right"},
+}
+EDGE_COUNTS = {"left_edge": (0, 3), "right_edge": (6, 2)}
 
 
 def test_line_counts_on_the_pedestrian_clip(tmp_path: Path) -> None:
     settings = load_settings(
         **{
             "vision.profile": "people",
-            "cameras": [{"lines": {"walkway": PEDESTRIAN_LINE}}],
+            "cameras": [{"lines": {"walkway": PEDESTRIAN_LINE, **EDGE_LINES}}],
         }
     )
     events = tmp_path / "e.jsonl"
@@ -476,3 +541,7 @@ def test_line_counts_on_the_pedestrian_clip(tmp_path: Path) -> None:
     )
     # Offline runs are deterministic; allow one miscount for another machine's ONNX Runtime.
     assert abs(last["in"] - PEDESTRIAN_IN) + abs(last["out"] - PEDESTRIAN_OUT) <= 1, last
+    # Lines along the frame's edges counted nothing before: no anchor is ever beyond them.
+    for name, (true_in, true_out) in EDGE_COUNTS.items():
+        edge = frames[-1]["lines"][name]
+        assert abs(edge["in"] - true_in) + abs(edge["out"] - true_out) <= 1, (name, edge)

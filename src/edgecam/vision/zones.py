@@ -19,7 +19,10 @@ same tracks always give the same counts. Each track is reduced to one anchor poi
   carries through a detector gap counts once. The crossing must pass within the segment
   (its ends extended by the band). A track seen first in the band comes from the half of
   the band it is in. A track whose id changes (the tracker lost it) starts afresh: a
-  crossing needs one identity on both sides.
+  crossing needs one identity on both sides. Where the picture ends within the band on one
+  side (a line along the frame's edge, or close to it), no anchor is ever beyond the band
+  there: a box the frame's edge cuts on that side (someone partly out of the picture) is
+  beyond it, its anchor taken to be on that edge.
 
 Only positions a detection confirmed change anything: between detections the tracker's
 estimate carries a box on at its last speed, and a track the detector has stopped finding
@@ -50,6 +53,12 @@ _EDGE_INSET = 0.5
 _FIRST_CELLS = 4096
 _MAX_CELLS = 65536
 _CHUNK = 4096  # cells a call: (cells, sides, 2) arrays of at most 6.5 MB
+# A box's side this share of the frame from its edge is cut by it (detectors and the
+# analytics clip boxes to the frame: on the pedestrian clip, those of people walking in or out
+# end 0 or 1 px from it).
+_CUT_SHARE = 0.005
+# An edge of the frame stands in for a side of a line it faces within 60 degrees.
+_FACING = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +164,18 @@ class _Zone:
     entered_at: dict[int, float] = field(default_factory=dict)  # track -> time it entered
 
 
+@dataclass(frozen=True, slots=True)
+class _Cut:
+    """An edge of the frame facing a side of a line that the picture does not reach beyond
+    the band: a box this edge cuts is beyond the band on that side."""
+
+    side: int  # +1 "in", -1 "out"
+    axis: int  # 0: the left or right edge, 1: the top or bottom one
+    at: float  # its x or y (pixels)
+    outward: int  # -1: left or top, +1: right or bottom
+    tolerance: float  # a box's side this near the edge (pixels) is cut by it
+
+
 @dataclass
 class _Line:
     name: str
@@ -164,10 +185,73 @@ class _Line:
     normal: FloatArray = field(default_factory=lambda: np.zeros(2))  # unit, towards "in"
     length: float = 0.0
     band: float = 0.0
+    cuts: tuple[_Cut, ...] = ()
     # track -> (side +1 in / -1 out, signed distance, position along) at its last definite side
     side: dict[int, tuple[int, float, float]] = field(default_factory=dict)
     total_in: int = 0
     total_out: int = 0
+
+
+def _clip(
+    polygon: FloatArray, origin: FloatArray, direction: FloatArray, least: float
+) -> FloatArray:
+    """The part of a convex polygon where ``(p - origin) @ direction >= least``."""
+    value = (polygon - origin) @ direction - least
+    kept: list[FloatArray] = []
+    for i in range(len(polygon)):
+        j = (i + 1) % len(polygon)
+        if value[i] >= 0:
+            kept.append(polygon[i])
+        if (value[i] >= 0) != (value[j] >= 0):
+            kept.append(polygon[i] + (polygon[j] - polygon[i]) * (value[i] / (value[i] - value[j])))
+    return np.array(kept, dtype=np.float64).reshape(-1, 2)
+
+
+def _cuts(line: _Line, frame_size: tuple[int, int]) -> tuple[_Cut, ...]:
+    """The frame's edges that stand in for a side of ``line`` the picture does not reach
+    beyond the band, beside the segment (a line along the frame's edge, or within its band
+    of it): a track's anchor can never be beyond the band there, but its box, cut by the
+    edge, is seen to go past it."""
+    w, h = frame_size
+    picture = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float64)
+    # Never empty: the segment is in the picture.
+    beside = _clip(picture, line.origin, line.along, -line.band)
+    beside = _clip(beside, line.origin, -line.along, -(line.length + line.band))
+    signed = (beside - line.origin) @ line.normal
+    edges = ((0, 0.0, -1), (0, float(w), 1), (1, 0.0, -1), (1, float(h), 1))
+    return tuple(
+        _Cut(side, axis, at, outward, max(1.0, _CUT_SHARE * frame_size[axis]))
+        for side in (1, -1)
+        if (side * signed).max() <= line.band + _EDGE_INSET
+        for axis, at, outward in edges
+        if outward * side * line.normal[axis] > _FACING
+    )
+
+
+def _cut_off(line: _Line, points: FloatArray, boxes: FloatArray) -> dict[int, tuple[int, float]]:
+    """The boxes that an edge of ``line.cuts`` cuts, on its side of the line: box index ->
+    (that side, where its anchor, put on the edge, is along the line). A box cut by edges of
+    both sides is left out: which one it is beyond is not known."""
+    found: dict[int, tuple[int, float]] = {}
+    both: set[int] = set()
+    (ox, oy), (ax, ay), (nx, ny) = line.origin.tolist(), line.along.tolist(), line.normal.tolist()
+    for cut in line.cuts:
+        edge = boxes[:, cut.axis + (2 if cut.outward > 0 else 0)]
+        for k in np.flatnonzero(cut.outward * (edge - cut.at) >= -cut.tolerance).tolist():
+            x, y = points[k].tolist()
+            if cut.axis == 0:
+                x = cut.at
+            else:
+                y = cut.at
+            rx, ry = x - ox, y - oy
+            if cut.side * (rx * nx + ry * ny) < -_EDGE_INSET:
+                continue  # the edge is on the line's other side here
+            if found.get(k, (cut.side,))[0] != cut.side:
+                both.add(k)
+            found[k] = (cut.side, rx * ax + ry * ay)
+    for k in both:
+        del found[k]
+    return found
 
 
 class ZoneCounter:
@@ -245,6 +329,7 @@ class ZoneCounter:
             left = np.array([dy, -dx])
             ln.normal = left if ln.config.in_side == "left" else -left
             ln.band = ln.config.band * h
+            ln.cuts = _cuts(ln, frame_size)
 
     def update(
         self,
@@ -333,29 +418,37 @@ class ZoneCounter:
             line.side.pop(tid, None)
         crossings: list[tuple[int, str]] = []
         if ids:
-            rel = anchors(boxes, line.config.anchor) - line.origin
+            points = anchors(boxes, line.config.anchor)
+            rel = points - line.origin
             signed = rel @ line.normal
             along = rel @ line.along
+            cut_off = _cut_off(line, points, boxes) if line.cuts else {}
             band = line.band
-            for tid, s, a, sure in zip(
-                ids, signed.tolist(), along.tolist(), confirmed, strict=True
+            for k, (tid, s, a, sure) in enumerate(
+                zip(ids, signed.tolist(), along.tolist(), confirmed, strict=True)
             ):
                 if not sure:
                     continue  # an estimate: keep the last side
-                if abs(s) <= band:
+                off = cut_off.get(k)
+                if off is not None:
+                    # Cut off by the frame's edge where the picture ends within the band.
+                    side, a = off
+                    s = side * band
+                elif abs(s) <= band:
                     if tid not in line.side and s != 0:
                         # First seen on the line (out of a crowd, say): the half it is on
                         # is where it comes from.
                         line.side[tid] = (1 if s > 0 else -1, s, a)
                     continue  # on the line: keep the last side
-                side = 1 if s > 0 else -1
+                else:
+                    side = 1 if s > 0 else -1
                 before = line.side.get(tid)
                 line.side[tid] = (side, s, a)
                 if before is None or before[0] == side:
                     continue
                 # Where the anchor's path met the line, along the segment.
                 _, s0, a0 = before
-                at = a0 + (a - a0) * (s0 / (s0 - s))
+                at = a0 + (a - a0) * (s0 / (s0 - s) if s0 != s else 0.5)
                 if -band <= at <= line.length + band:
                     crossings.append((tid, "in" if side > 0 else "out"))
         line.total_in += sum(1 for _, d in crossings if d == "in")
