@@ -59,6 +59,9 @@ _CHUNK = 4096  # cells a call: (cells, sides, 2) arrays of at most 6.5 MB
 _CUT_SHARE = 0.005
 # An edge of the frame stands in for a side of a line it faces within 60 degrees.
 _FACING = 0.5
+# Pixels under which a line's side is taken as not reached: beyond its band by less, or
+# behind the line by less (an anchor put on the frame's edge that the line runs along).
+_SUBPIXEL = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +225,7 @@ def _cuts(line: _Line, frame_size: tuple[int, int]) -> tuple[_Cut, ...]:
     return tuple(
         _Cut(side, axis, at, outward, max(1.0, _CUT_SHARE * frame_size[axis]))
         for side in (1, -1)
-        if (side * signed).max() <= line.band + _EDGE_INSET
+        if (side * signed).max() <= line.band + _SUBPIXEL
         for axis, at, outward in edges
         if outward * side * line.normal[axis] > _FACING
     )
@@ -244,7 +247,7 @@ def _cut_off(line: _Line, points: FloatArray, boxes: FloatArray) -> dict[int, tu
             else:
                 y = cut.at
             rx, ry = x - ox, y - oy
-            if cut.side * (rx * nx + ry * ny) < -_EDGE_INSET:
+            if cut.side * (rx * nx + ry * ny) < -_SUBPIXEL:
                 continue  # the edge is on the line's other side here
             if found.get(k, (cut.side,))[0] != cut.side:
                 both.add(k)
