@@ -4,8 +4,10 @@ disk through a server outage and a device restart, and go when the server is bac
 from __future__ import annotations
 
 import hashlib
+import http.server
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -110,3 +112,42 @@ def test_clips_wait_through_an_outage_and_a_restart(
     finally:
         fleet.close()
     assert (clips / "main-1.mp4").is_file()  # uploading never removes the device's copy
+
+
+class _NotTheFleetServer(http.server.BaseHTTPRequestHandler):
+    """Whatever sits at a wrong upload.url (a proxy's or captive portal's page, another
+    service): reads the body and answers 200 without storing anything."""
+
+    def do_PUT(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = b"<html>Welcome</html>"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_200_that_is_not_the_fleet_servers_word_leaves_the_clip_queued(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clips, queue = tmp_path / "clips", tmp_path / "uploads"
+    clips.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotTheFleetServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    uploads = Uploads(queue, clips, url, "cam-1", "token", attempts=1, backoff_s=0.01,
+                      pause_s=0.1, max_pause_s=0.2)  # fmt: skip
+    try:
+        uploads.start()
+        uploads.add(_clip(clips, "main-1.mp4"))
+        wait_until(lambda: "without the fleet server's word that it stored" in caplog.text)
+        # Before, any 2xx was taken as stored: the clip left the queue, and was never uploaded.
+        assert _queued(queue) == {"main-1.mp4"}
+        assert "check upload.url" in caplog.text
+    finally:
+        uploads.stop()
+        server.shutdown()
+        server.server_close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import logging
 import os
 import re
@@ -31,6 +32,8 @@ __all__ = ["UploadError", "UploadRefused", "Uploads", "sha256_file", "upload_cli
 
 log = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
+# The fleet server answers an upload with the clip as it keeps it (a few hundred bytes).
+_ANSWER_MAX_BYTES = 64 * 1024
 
 
 class UploadError(EdgecamError):
@@ -84,10 +87,18 @@ def upload_clip(
             status, text = _put(url, target, headers, path, timeout_s)
         except (OSError, http.client.HTTPException) as exc:
             status, text = 0, str(exc)
-        if 200 <= status < 300:
+        if 200 <= status < 300 and _stored(text, name, sha):
             log.info("uploaded clip %s to %s", name, base_url)
             return
-        last = f"HTTP {status}: {text}" if status else text
+        if 200 <= status < 300:
+            # A proxy, a captive portal or another service at that address: the clip must
+            # stay queued until the fleet server itself says it has it.
+            last = (
+                f"HTTP {status} without the fleet server's word that it stored the clip "
+                f"(check upload.url: {base_url}): {text[:200]}"
+            )
+        else:
+            last = f"HTTP {status}: {text[:500]}" if status else text
         if 400 <= status < 500 and status != 429:
             raise UploadRefused(f"the server refused clip {name}: {last}")
         if attempt < attempts:
@@ -115,9 +126,24 @@ def _put(
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server answered early (a refusal): read why below
         response = conn.getresponse()
-        return response.status, response.read(500).decode(errors="replace")
+        return response.status, response.read(_ANSWER_MAX_BYTES).decode(errors="replace")
     finally:
         conn.close()
+
+
+def _stored(answer: str, name: str, sha: str) -> bool:
+    """Whether ``answer`` is the fleet server's record of clip ``name`` stored, with hash
+    ``sha`` (or none: a row from before the server kept hashes)."""
+    try:
+        clip = json.loads(answer)
+    except ValueError:
+        return False
+    return (
+        isinstance(clip, dict)
+        and clip.get("name") == name
+        and clip.get("sha256") in (sha, None)
+        and clip.get("stored") is True
+    )
 
 
 # After a round in which the server could not be reached, the next waits this long, doubling
