@@ -298,6 +298,25 @@ def test_a_line_inside_the_picture_ignores_boxes_the_edge_cuts() -> None:
     assert _totals(states) == (1, 0)
 
 
+def test_a_line_along_the_top_edge_counts_no_one_whose_head_it_cuts_off() -> None:
+    # Someone walking towards the camera and back, their feet (the anchor) never above the
+    # middle of the picture, their box growing past the top edge on the way. Before, a box
+    # the top edge cut was beyond the line whatever its anchor: one out and one in.
+    top = {"start": [0, 0], "end": [1, 0]}
+    feet = np.concatenate([np.linspace(500, 950, 20), np.linspace(950, 500, 20)])
+    heights = 300 + 0.4 * feet + 200 * (feet - 500) / 450  # 500 px tall, then 880 px
+    boxes = np.clip(np.stack([feet * 0 + 480, feet - heights, feet * 0 + 520, feet], 1), 0, 1000)
+    counter = ZoneCounter({}, {"top": LineConfig.model_validate(top)})
+    states = [counter.update(k / FPS, [1], boxes[k : k + 1], SIZE) for k in range(len(feet))]
+    assert boxes[:, 1].min() == 0  # the head was cut off
+    assert _totals(states) == (0, 0)
+    # With the box's top as its anchor, the top edge hides it: walking out over it counts.
+    line = LineConfig.model_validate({**top, "anchor": "top_centre"})
+    path = _down(0.6, 0.05, 15)
+    states = _run(ZoneCounter({}, {"top": line}), [{1: p} for p in path], clip=True)
+    assert [d for _, lines in states for _, d in lines[0].crossings] == ["in"]
+
+
 # A zone nowhere deeper than zone_band (2 % of the height) can hold nobody: a track enters
 # when its anchor is that far inside the border.
 THIN = {

@@ -59,6 +59,15 @@ _CHUNK = 4096  # cells a call: (cells, sides, 2) arrays of at most 6.5 MB
 _CUT_SHARE = 0.005
 # An edge of the frame stands in for a side of a line it faces within 60 degrees.
 _FACING = 0.5
+# The frame's edges (axis, outward: as in ``_Cut``) that, cutting a box, hide where its anchor
+# is: its x is the box's middle, so either side edge does; its y is the box's bottom, top or
+# middle, so only the edge that cuts that side (the feet of someone whose head the top edge
+# cuts off are in the picture).
+_HIDING_EDGES: dict[Anchor, frozenset[tuple[int, int]]] = {
+    "bottom_centre": frozenset({(0, -1), (0, 1), (1, 1)}),
+    "top_centre": frozenset({(0, -1), (0, 1), (1, -1)}),
+    "centre": frozenset({(0, -1), (0, 1), (1, -1), (1, 1)}),
+}
 # Pixels under which a line's side is taken as not reached: beyond its band by less, or
 # behind the line by less (an anchor put on the frame's edge that the line runs along).
 _SUBPIXEL = 0.5
@@ -214,7 +223,7 @@ def _cuts(line: _Line, frame_size: tuple[int, int]) -> tuple[_Cut, ...]:
     """The frame's edges that stand in for a side of ``line`` the picture does not reach
     beyond the band, beside the segment (a line along the frame's edge, or within its band
     of it): a track's anchor can never be beyond the band there, but its box, cut by the
-    edge, is seen to go past it."""
+    edge, is seen to go past it. Only edges that hide the anchor of a box they cut."""
     w, h = frame_size
     picture = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float64)
     # Never empty: the segment is in the picture.
@@ -228,6 +237,7 @@ def _cuts(line: _Line, frame_size: tuple[int, int]) -> tuple[_Cut, ...]:
         if (side * signed).max() <= line.band + _SUBPIXEL
         for axis, at, outward in edges
         if outward * side * line.normal[axis] > _FACING
+        and (axis, outward) in _HIDING_EDGES[line.config.anchor]
     )
 
 
