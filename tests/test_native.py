@@ -379,3 +379,17 @@ def test_matching_never_takes_a_nan_and_takes_the_closest_first() -> None:
     assert match_iou(np.zeros((0, 4)), b, 0.8) == []
     with pytest.raises(ValueError, match=r"\(n, 4\)"):
         match_iou(np.zeros((3, 3)), b, 0.8)
+
+
+def test_a_core_built_from_other_sources_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upgrade whose compiled core was not rebuilt would pass the changed calls their
+    arguments shifted (a number where a pointer is due): it is refused, saying what to do."""
+    monkeypatch.setattr(native, "_ABI", native._ABI + 1)
+    native._library.cache_clear()
+    try:
+        with pytest.raises(EdgecamError, match=r"built from other sources.*rebuild it"):
+            native._library()
+    finally:
+        monkeypatch.undo()
+        native._library.cache_clear()
+    assert native._library() is not None

@@ -31,6 +31,8 @@ __all__ = [
     "text_images",
 ]
 
+# draw.c's edgecam_abi(): the calls' signatures this module passes its arguments by.
+_ABI = 2
 _PER_BOX = 13
 # Positions handed to the C side are kept within +-_FAR: far enough to be off any picture,
 # near enough that its clipping arithmetic (in int) cannot overflow.
@@ -48,6 +50,14 @@ def _library() -> ctypes.CDLL:
         path = here / f"_core{suffix}"
         if path.is_file():
             lib = ctypes.CDLL(str(path))
+            abi = getattr(lib, "edgecam_abi", None)
+            if abi is not None:
+                abi.argtypes, abi.restype = [], ctypes.c_int32
+            if abi is None or abi() != _ABI:
+                raise EdgecamError(
+                    f"edgecam's compiled core {path} was built from other sources than this "
+                    "code: rebuild it (bash scripts/setup.sh, or pip install -e .)"
+                )
             vp, i32, f64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_double
             lib.edgecam_draw_boxes.argtypes = [vp, vp, vp, i32, i32, i32, i32, i32, vp, i32]
             lib.edgecam_draw_boxes.restype = None

@@ -12,6 +12,13 @@
 #include <stdint.h>
 #include <string.h>
 
+/* The calls' signatures, as a number: edgecam.native refuses a core built from other
+ * sources (an upgrade not rebuilt would pass its arguments shifted). Raise it with any change
+ * to an exported function's arguments, here, in match.c or in track.c, and in the Python. */
+int32_t edgecam_abi(void) {
+    return 2;
+}
+
 static int clamp(int value, int lo, int hi) {
     return value < lo ? lo : (value > hi ? hi : value);
 }
