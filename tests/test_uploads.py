@@ -84,11 +84,18 @@ def test_clips_wait_through_an_outage_and_a_restart(
     _clip(clips, "main-2.mp4")
     (queue / "main-2.mp4.json").write_text("{not json")
     (queue / "passwd.json").write_text("{}")  # not a clip's name: never read
+    # The oldest clip cannot be read (EIO, as from a failing card): it must not hold up the
+    # others behind it.
+    unreadable = _clip(clips, "main-0.mp4").model_copy(update={"end": 1.0})
+    (clips / "main-0.mp4").unlink()
+    (clips / "main-0.mp4").symlink_to("/proc/self/mem")  # a file whose first read is EIO
+    (queue / "main-0.mp4.json").write_text(unreadable.model_dump_json())
     fleet = FleetServer(settings, port)  # the server is back
     try:
         wait_until(lambda: _stored(fleet) == {"main-1.mp4", "main-2.mp4"}, timeout=15)
-        wait_until(lambda: _queued(queue) == {"passwd"})
+        wait_until(lambda: _queued(queue) == {"passwd", "main-0.mp4"})
         assert "clip main-gone.mp4 is no longer in" in caplog.text
+        assert "clip main-0.mp4 cannot be read" in caplog.text
         # A clip saved while the server is up goes at once.
         second.add(_clip(clips, "main-3.mp4"))
         wait_until(lambda: "main-3.mp4" in _stored(fleet))
@@ -99,7 +106,7 @@ def test_clips_wait_through_an_outage_and_a_restart(
         wrong = uploads(fleet.url, "wrong-token")
         wrong.start()
         wrong.add(_clip(clips, "main-4.mp4"))
-        wait_until(lambda: "stays queued until the device starts again" in caplog.text)
+        wait_until(lambda: "stays queued, tried again in an hour" in caplog.text)
         time.sleep(0.5)
         wrong.stop()
         assert caplog.text.count("the server refused clip main-4.mp4") == 1

@@ -28,7 +28,14 @@ from edgecam.errors import EdgecamError
 from edgecam.paths import secure_folder
 from edgecam.protocol import CLIP_NAME, ClipReady
 
-__all__ = ["UploadError", "UploadRefused", "Uploads", "sha256_file", "upload_clip"]
+__all__ = [
+    "ClipUnreadable",
+    "UploadError",
+    "UploadRefused",
+    "Uploads",
+    "sha256_file",
+    "upload_clip",
+]
 
 log = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
@@ -42,6 +49,10 @@ class UploadError(EdgecamError):
 
 class UploadRefused(UploadError):
     """The fleet server refused a clip (a 4xx answer): trying again now would not help."""
+
+
+class ClipUnreadable(UploadRefused):
+    """The clip itself cannot be read here (a failing card, its permissions)."""
 
 
 def sha256_file(path: Path) -> str:
@@ -66,7 +77,11 @@ def upload_clip(
     """Upload one clip; raises :class:`UploadError` when every attempt failed or the server
     refused it (bad token, bad hash, too large: not retried)."""
     path = Path(mp4_path)
-    sha = clip_ready.sha256 if clip_ready is not None else sha256_file(path)
+    try:
+        sha = clip_ready.sha256 if clip_ready is not None else sha256_file(path)
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ClipUnreadable(f"clip {path.name} cannot be read: {exc}") from exc
     name = clip_ready.name if clip_ready is not None else path.name
     url = urllib.parse.urlsplit(base_url)
     if url.scheme not in ("http", "https") or not url.hostname:
@@ -78,7 +93,7 @@ def upload_clip(
     headers = {
         "Authorization": f"Bearer {token}",
         "Content-Type": "video/mp4",
-        "Content-Length": str(path.stat().st_size),
+        "Content-Length": str(size),
         "X-Content-SHA256": sha,
     }
     last = ""
@@ -99,7 +114,7 @@ def upload_clip(
             )
         else:
             last = f"HTTP {status}: {text[:500]}" if status else text
-        if 400 <= status < 500 and status != 429:
+        if 400 <= status < 500 and status not in (408, 429):
             raise UploadRefused(f"the server refused clip {name}: {last}")
         if attempt < attempts:
             delay = backoff_s * 2 ** (attempt - 1)
@@ -112,19 +127,29 @@ def _put(
     url: urllib.parse.SplitResult, target: str, headers: dict[str, str], path: Path, timeout: float
 ) -> tuple[int, str]:
     """One PUT; the answer is read even when the server refused before taking the body."""
+    try:
+        f = path.open("rb")
+    except OSError as exc:
+        raise ClipUnreadable(f"clip {path.name} cannot be read: {exc}") from exc
     kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
     conn = kind(url.hostname or "", url.port, timeout=timeout)
     try:
-        conn.putrequest("PUT", target)
-        for key, value in headers.items():
-            conn.putheader(key, value)
-        conn.endheaders()
-        try:
-            with path.open("rb") as f:
-                while chunk := f.read(CHUNK):
+        with f:
+            conn.putrequest("PUT", target)
+            for key, value in headers.items():
+                conn.putheader(key, value)
+            conn.endheaders()
+            while True:
+                try:
+                    chunk = f.read(CHUNK)
+                except OSError as exc:  # the clip's own storage, not the network
+                    raise ClipUnreadable(f"clip {path.name} cannot be read: {exc}") from exc
+                if not chunk:
+                    break
+                try:
                     conn.send(chunk)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server answered early (a refusal): read why below
+                except (BrokenPipeError, ConnectionResetError):
+                    break  # the server answered early (a refusal): read why below
         response = conn.getresponse()
         return response.status, response.read(_ANSWER_MAX_BYTES).decode(errors="replace")
     finally:
@@ -150,6 +175,9 @@ def _stored(answer: str, name: str, sha: str) -> bool:
 # up to MAX_PAUSE_S: a server away for a day is asked about a hundred times, not thousands.
 PAUSE_S = 30.0
 MAX_PAUSE_S = 900.0
+# A clip the server refused, or that cannot be read here, is tried again after this long (or
+# at the device's next start): the cause may have been put right meanwhile.
+REFUSED_RETRY_S = 3600.0
 # A queued clip's file holds its ClipReady message: a few kB. A larger one is not ours.
 _ENTRY_MAX_BYTES = 64 * 1024
 
@@ -161,7 +189,8 @@ class Uploads:
     it, so neither an outage nor a restart loses one. Oldest first. The clip is read from
     ``clips_dir`` under its name, never from a path the file gives. A clip that retention
     removed meanwhile is dropped from the queue; one the server refused (a wrong token, too
-    large) waits for the device's next start, when its config may have been put right.
+    large) or that cannot be read here waits an hour, or for the device's next start, and
+    the others go on meanwhile.
     """
 
     def __init__(
@@ -185,7 +214,7 @@ class Uploads:
         self._pause_s, self._max_pause_s = pause_s, max_pause_s
         self._lock = threading.Lock()
         self._unwritten: dict[str, ClipReady] = {}  # a clip whose file could not be written
-        self._refused: set[str] = set()
+        self._refused: dict[str, float] = {}  # name: when (monotonic)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -249,6 +278,7 @@ class Uploads:
             self._thread.join(timeout=1.0)
 
     def _forget(self, name: str) -> None:
+        self._refused.pop(name, None)
         with self._lock:
             self._unwritten.pop(name, None)
         try:
@@ -271,7 +301,8 @@ class Uploads:
         for name, clip in self.pending():
             if self._stop.is_set():
                 return True
-            if name in self._refused:
+            refused = self._refused.get(name)
+            if refused is not None and time.monotonic() - refused < REFUSED_RETRY_S:
                 continue
             path = self.clips_dir / name
             if not path.is_file():
@@ -289,9 +320,9 @@ class Uploads:
                     backoff_s=self._backoff_s,
                     timeout_s=self._timeout_s,
                 )
-            except UploadRefused as exc:
-                log.error("%s; it stays queued until the device starts again", exc)
-                self._refused.add(name)
+            except UploadRefused as exc:  # this clip's trouble: the others go on
+                log.error("%s; it stays queued, tried again in an hour", exc)
+                self._refused[name] = time.monotonic()
                 continue
             except (UploadError, OSError) as exc:
                 log.warning("%s; the queue (%s) is tried again later", exc, self.folder)
