@@ -287,6 +287,7 @@ def test_a_full_outbox_disk_loses_messages_not_the_device(tmp_path: Path) -> Non
         ({"host": "mqtt.example.com", "username": "d", "password": "p", "tls": True}, None, []),
         ({"host": "broker.lan", "username": "d", "password": "p"}, None, []),
         ({"host": "192.168.1.4", "username": "d", "password": "p"}, None, []),
+        ({"host": "[fd00::1]", "username": "d", "password": "p"}, None, []),
         ({}, "http://fleet.example.com:8000", ["upload.url is plain HTTP"]),
         ({}, "http://[2606:4700::1111]:8000", ["upload.url is plain HTTP"]),
         ({}, "https://fleet.example.com", []),

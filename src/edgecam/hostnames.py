@@ -80,7 +80,7 @@ def is_local_name(name: str) -> bool:
 def beyond_local_network(host: str) -> bool:
     """Whether ``host`` (a name or an address, as config gives it) may be reached across
     networks someone else runs: a public address, or a DNS name that is not local."""
-    read = read_host(host)
+    read = read_host(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
     if read is None:
         return True
     if isinstance(read, str):
