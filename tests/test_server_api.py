@@ -232,6 +232,11 @@ def test_device_online_stats_with_seq_and_buckets(fleet: FleetServer, device: Si
     metrics = fleet.http.get("/metrics").text
     assert "edgecam_devices_online 1" in metrics
     assert re.search(r"edgecam_messages_ingested_total \d+", metrics)
+    # Clips the device has still to upload are shown on its page.
+    assert "clips to upload" not in fleet.http.get("/ui/devices/cam-1/state").text
+    device.publish(device.status().model_copy(update={"uploads": 3}), retain=True)
+    wait_until(lambda: fleet.http.get("/api/devices").json()[0]["uploads"] == 3)
+    assert "clips to upload 3" in fleet.http.get("/ui/devices/cam-1/state").text
 
 
 def test_command_and_its_result(fleet: FleetServer, device: SimDevice) -> None:

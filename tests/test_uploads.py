@@ -70,10 +70,12 @@ def test_clips_wait_through_an_outage_and_a_restart(
     first.add(_clip(clips, "main-1.mp4"))
     wait_until(lambda: "not uploaded after 1 attempts" in caplog.text)
     assert _queued(queue) == {"main-1.mp4"}
+    assert first.waiting() == 1  # the device's status says so
     assert queue.stat().st_mode & 0o777 == 0o700
     first.stop()  # the device restarts while the server is still away
 
     second = uploads(fleet.url, token)
+    assert second.waiting() == 1
     second.start()
     time.sleep(0.5)  # a few rounds fail
     assert _queued(queue) == {"main-1.mp4"}
@@ -96,6 +98,7 @@ def test_clips_wait_through_an_outage_and_a_restart(
         wait_until(lambda: _queued(queue) == {"passwd", "main-0.mp4"})
         assert "clip main-gone.mp4 is no longer in" in caplog.text
         assert "clip main-0.mp4 cannot be read" in caplog.text
+        assert second.waiting() == 1  # main-0
         # A clip saved while the server is up goes at once.
         second.add(_clip(clips, "main-3.mp4"))
         wait_until(lambda: "main-3.mp4" in _stored(fleet))

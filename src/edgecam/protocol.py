@@ -212,6 +212,9 @@ class Status(Payload):
         default_factory=dict, description="Alert rules and their parameters."
     )
     outbox: int | None = Field(None, ge=0, description="Messages waiting to be sent.")
+    uploads: int | None = Field(
+        None, ge=0, description="Clips waiting to be uploaded to the fleet server."
+    )
     outbox_dropped: int | None = Field(
         None, ge=0, description="Messages dropped (oldest first) because the outbox was full."
     )

@@ -556,6 +556,7 @@ class Orchestrator:
             rules=self.rules.describe(),
             outbox=len(self.outbox) if self.outbox is not None else None,
             outbox_dropped=self.outbox.dropped if self.outbox is not None else None,
+            uploads=self._uploads.waiting() if self._uploads is not None else None,
             broker=None
             if self.mqtt is None
             else ("connected" if self.mqtt.connected else "disconnected"),
@@ -563,7 +564,10 @@ class Orchestrator:
 
     def _maybe_publish_status(self) -> None:
         # Rule changes set _status_dirty themselves.
-        key = tuple((c.key, c.state, c.restarts) for c in self.supervisor.children.values())
+        key = (
+            tuple((c.key, c.state, c.restarts) for c in self.supervisor.children.values()),
+            self._uploads.waiting() if self._uploads is not None else None,
+        )
         now = time.monotonic()
         if key == self._last_status_key and not self._status_dirty:
             return

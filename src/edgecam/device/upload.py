@@ -214,6 +214,8 @@ class Uploads:
         self._pause_s, self._max_pause_s = pause_s, max_pause_s
         self._lock = threading.Lock()
         self._unwritten: dict[str, ClipReady] = {}  # a clip whose file could not be written
+        self._waiting: set[str] = set()
+        self.pending()  # counts them
         self._refused: dict[str, float] = {}  # name: when (monotonic)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -237,7 +239,14 @@ class Uploads:
             )
             with self._lock:
                 self._unwritten[clip.name] = clip
+        with self._lock:
+            self._waiting.add(clip.name)
         self._wake.set()
+
+    def waiting(self) -> int:
+        """How many clips wait to be uploaded."""
+        with self._lock:
+            return len(self._waiting)
 
     def pending(self) -> list[tuple[str, ClipReady | None]]:
         """The queued clips, oldest first: (name, message; None where its file is damaged,
@@ -254,6 +263,7 @@ class Uploads:
                 found[name] = self._read(Path(entry.path), name)
         with self._lock:
             found.update(self._unwritten)
+            self._waiting = set(found)
         return sorted(found.items(), key=lambda item: (item[1].end if item[1] else 0.0, item[0]))
 
     def _read(self, path: Path, name: str) -> ClipReady | None:
@@ -281,6 +291,7 @@ class Uploads:
         self._refused.pop(name, None)
         with self._lock:
             self._unwritten.pop(name, None)
+            self._waiting.discard(name)
         try:
             (self.folder / f"{name}.json").unlink(missing_ok=True)
         except OSError as exc:

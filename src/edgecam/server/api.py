@@ -64,6 +64,7 @@ class DeviceOut(BaseModel):
     rules: dict[str, Any]
     outbox: int | None
     outbox_dropped: int | None = Field(description="Messages the device's outbox dropped.")
+    uploads: int | None = Field(description="Clips the device has still to upload.")
 
 
 class StatsPoint(BaseModel):
@@ -195,6 +196,7 @@ def _device_out(d: db.Device, offline_s: float, now: float) -> DeviceOut:
         rules=dict(d.rules or {}),
         outbox=d.outbox,
         outbox_dropped=d.outbox_dropped,
+        uploads=d.uploads,
     )
 
 

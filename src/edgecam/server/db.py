@@ -76,6 +76,7 @@ class Device(Base):
     rules: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     outbox: Mapped[int | None] = mapped_column(Integer)
     outbox_dropped: Mapped[int | None] = mapped_column(BigInteger)
+    uploads: Mapped[int | None] = mapped_column(Integer)
 
 
 class StatusRow(Base):

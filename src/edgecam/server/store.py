@@ -289,6 +289,7 @@ class Store:
                     rules=m.rules,
                     outbox=m.outbox,
                     outbox_dropped=m.outbox_dropped,
+                    uploads=m.uploads,
                 )
             else:
                 values["workers"] = []
