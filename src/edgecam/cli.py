@@ -34,6 +34,7 @@ BENCHES: dict[str, str] = {
     "crops": "bench/bench_crops.py",
     "device": "bench/bench_device.py",
     "fleet": "bench/bench_fleet.py",
+    "fleet-memory": "bench/bench_fleet_memory.py",
     "liveview": "bench/bench_liveview.py",
     "zones": "bench/bench_zones.py",
     "gpu": "bench/bench_gpu.py",
