@@ -167,3 +167,12 @@ def test_camera_password_never_logged(tmp_path: Path) -> None:
     stderr = "".join(lines) + rest
     assert sum("reconnecting" in line for line in lines) >= 2, stderr  # it tried, and logged
     assert "Hunter2pw" not in stderr and "TOK123456" not in stderr
+
+
+def test_bench_command_runs_a_bench_that_imports_its_helpers() -> None:
+    # The benches import bench/_common.py, which `edgecam bench` did not put on sys.path.
+    res = subprocess.run(
+        [*EDGECAM, "bench", "fleet-memory", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
+    assert "--alerts" in res.stdout

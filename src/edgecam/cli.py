@@ -300,6 +300,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if not script.is_file():
         raise EdgecamError(f"benchmark script {script} not found (benchmarks run from a clone)")
     sys.argv = [str(script), *args.rest]
+    sys.path.insert(0, str(script.parent))  # as `python SCRIPT` does: the benches import _common
     runpy.run_path(str(script), run_name="__main__")
     return 0
 
