@@ -232,6 +232,13 @@ def test_device_online_stats_with_seq_and_buckets(fleet: FleetServer, device: Si
     metrics = fleet.http.get("/metrics").text
     assert "edgecam_devices_online 1" in metrics
     assert re.search(r"edgecam_messages_ingested_total \d+", metrics)
+    # A device whose clock is a day behind moves the messages' age, not the ingest lag (the
+    # time a message waited in this server, by this server's clock alone).
+    device.publish(make_stats("cam-1", 120, now - 86400))
+    device.seq = 121
+    wait_until(lambda: "edgecam_message_age_seconds 86" in fleet.http.get("/metrics").text)
+    lag = re.search(r"edgecam_ingest_lag_seconds ([0-9.e-]+)", fleet.http.get("/metrics").text)
+    assert lag and float(lag.group(1)) < 10
     # Clips the device has still to upload are shown on its page.
     assert "clips to upload" not in fleet.http.get("/ui/devices/cam-1/state").text
     device.publish(device.status().model_copy(update={"uploads": 3}), retain=True)

@@ -673,8 +673,16 @@ def metrics(request: Request, _user: User, conn: Conn) -> PlainTextResponse:
         lines,
         "edgecam_ingest_lag_seconds",
         "gauge",
-        "Oldest message age in the last batch written.",
+        "How long the oldest message of the last batch written waited here, from receipt "
+        "to stored.",
         c["lag_s"],
+    )
+    _metric(
+        lines,
+        "edgecam_message_age_seconds",
+        "gauge",
+        "Age of the oldest message of the last batch written, by its device's own clock.",
+        c["age_s"],
     )
     _metric(
         lines, "edgecam_devices_online", "gauge", "Devices whose status is online.", online or 0

@@ -88,7 +88,11 @@ class Counters:
         self.rejected = ctx.Value("q", 0)
         self.write_errors = ctx.Value("q", 0)
         self.dropped = ctx.Value("q", 0)
+        # Of the last batch written: how long its oldest message waited here, from receipt
+        # to stored (this server's clock alone), and the age of its oldest message by the
+        # device's own clock (the outbox and the broker included; a device's clock skews it).
         self.lag_s = ctx.Value("d", 0.0)
+        self.age_s = ctx.Value("d", 0.0)
 
     def add(self, name: str, n: int) -> None:
         value = getattr(self, name)
@@ -96,7 +100,16 @@ class Counters:
             value.value += n
 
     def snapshot(self) -> dict[str, float]:
-        names = ("received", "stored", "duplicates", "rejected", "write_errors", "dropped", "lag_s")
+        names = (
+            "received",
+            "stored",
+            "duplicates",
+            "rejected",
+            "write_errors",
+            "dropped",
+            "lag_s",
+            "age_s",
+        )
         return {n: getattr(self, n).value for n in names}
 
 
@@ -147,6 +160,7 @@ class _Raw:
     payload: bytes
     mid: int
     qos: int
+    received: float  # monotonic
 
 
 class Ingest:
@@ -221,7 +235,7 @@ class Ingest:
             if self._drop_log.due():
                 log.warning("dropped QoS 0 messages: ingest is %d messages behind", RECEIVE_MAXIMUM)
             return
-        self._queue.put(_Raw(msg.topic, bytes(msg.payload), msg.mid, msg.qos))
+        self._queue.put(_Raw(msg.topic, bytes(msg.payload), msg.mid, msg.qos, time.monotonic()))
 
     def _next_batch(self) -> list[_Raw]:
         try:
@@ -281,7 +295,8 @@ class Ingest:
             self.counters.add("stored", result.stored)
             self.counters.add("duplicates", result.duplicates)
             now = time.time()
-            self.counters.lag_s.value = max(now - m.ts for _, m in messages)
+            self.counters.lag_s.value = time.monotonic() - min(r.received for r in batch)
+            self.counters.age_s.value = max(0.0, max(now - m.ts for _, m in messages))
             for device, m in messages:
                 # Never ahead of this clock: a device whose own is wrong would otherwise
                 # look alive until then.
