@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,39 @@ def test_figures_after_a_worker_restart_count_from_zero() -> None:
     before, after = CameraFigures(100, 99, 30), CameraFigures(10, 10, 3)
     assert after.minus(before) == CameraFigures(10, 10, 3)
     assert CameraFigures(130, 129, 40).minus(before) == CameraFigures(30, 30, 10)
+
+
+class _Clock:
+    """Wall and monotonic time, each moved by the test: the wall clock may be stepped."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, wall: float = 1.7e9) -> None:
+        self.wall, self.steady = wall, 1000.0
+        monkeypatch.setattr(time, "time", lambda: self.wall)
+        monkeypatch.setattr(time, "monotonic", lambda: self.steady)
+
+    def advance(self, seconds: float, step: float = 0.0) -> None:
+        """``seconds`` pass; the wall clock is also stepped by ``step``."""
+        self.steady += seconds
+        self.wall += seconds + step
+
+
+@pytest.mark.parametrize("step", [-3 * 3600.0, 10 * 365 * 86400.0, 0.0])
+def test_stats_rates_hold_when_the_wall_clock_is_stepped(
+    monkeypatch: pytest.MonkeyPatch, step: float
+) -> None:
+    from edgecam.device.orchestrator import Orchestrator
+    from edgecam.protocol import Stats
+
+    clock = _Clock(monkeypatch)
+    orchestrator = Orchestrator(Settings())
+    sent: list[Stats] = []
+    monkeypatch.setattr(orchestrator, "_send", lambda _kind, payload: sent.append(payload))
+    orchestrator._figures["main"] = CameraFigures(300, 300, 60)
+    clock.advance(10.0, step)  # NTP, or an operator, sets the clock during the interval
+    orchestrator._emit_stats()
+    (stats,) = sent
+    assert (stats.fps_in, stats.fps_out, stats.detections_per_s) == (30.0, 30.0, 6.0)
+    assert stats.end == clock.wall and stats.end - stats.start == pytest.approx(10.0)
 
 
 # -- outbox -----------------------------------------------------------------------------------

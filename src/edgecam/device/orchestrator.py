@@ -96,6 +96,8 @@ _SIGNAL_BURST_S = 0.5
 _EVENTS_PER_TURN = 500
 _MASK_LABELS = ("mask", "no_mask", "undecided")
 _ID_RE = re.compile(r"[0-9a-f]{32}")
+# Wall and monotonic time disagreeing by more than this: the wall clock was stepped.
+_CLOCK_STEP_S = 5.0
 
 
 class Orchestrator:
@@ -116,7 +118,7 @@ class Orchestrator:
         self._signals = 0
         self._first_signal = 0.0
         now = time.time()
-        self._intervals = {c: IntervalStats(now) for c in self.cameras}
+        self._intervals = {c: IntervalStats(now, time.monotonic()) for c in self.cameras}
         self._figures = {c: CameraFigures() for c in self.cameras}
         self._figures_at_start = {c: CameraFigures() for c in self.cameras}
         self._last_frame: dict[str, float] = dict.fromkeys(self.cameras, now)
@@ -503,22 +505,33 @@ class Orchestrator:
 
     def _emit_stats(self) -> None:
         self.supervisor.measure()
-        now = time.time()
+        now, steady = time.time(), time.monotonic()
         interval = self.settings.stats.interval_s
         states = self.supervisor.states()
         for camera in self.cameras:
             current = self._intervals[camera]
-            self._intervals[camera] = IntervalStats(now)
+            self._intervals[camera] = IntervalStats(now, steady)
             figures = self._figures[camera]
             delta = figures.minus(self._figures_at_start[camera])
             self._figures_at_start[camera] = figures
-            span = max(now - current.start, 1e-6)
+            # Rates over the monotonic length; the interval is placed by the wall clock as
+            # it reads now, so that a step of that clock does not make it years long, or
+            # end before it starts.
+            span = current.span(steady)
+            if abs((now - current.start) - span) > _CLOCK_STEP_S:
+                log.warning(
+                    "stats %s: the wall clock moved %+.0f s during the interval; its start is "
+                    "reported as %.0f s before now",
+                    camera,
+                    (now - current.start) - span,
+                    span,
+                )
             counts = current.counts(self.labels)
             stats = Stats(
                 device=self.settings.device,
                 camera=camera,
                 seq=self.outbox.next_seq() if self.outbox is not None else 0,
-                start=current.start,
+                start=max(0.0, now - span),
                 end=now,
                 counts=counts,
                 people=sum(counts.values()),

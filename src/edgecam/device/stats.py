@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -60,9 +61,13 @@ class _ZoneInterval:
 @dataclass
 class IntervalStats:
     """One camera over ``[start, ...)``: each track counted once, under its last label; per
-    zone and per line what happened in the interval."""
+    zone and per line what happened in the interval.
+
+    ``start`` is the wall time it began; its length is measured from ``started`` (monotonic),
+    as the wall clock may be stepped meanwhile (NTP on a board without a clock battery)."""
 
     start: float
+    started: float = field(default_factory=time.monotonic)
     labels: dict[tuple[int, int], str] = field(default_factory=dict)
     peak: int = 0
     frames: int = 0
@@ -87,6 +92,10 @@ class IntervalStats:
             counts = self._lines.setdefault(name, {"in": 0, "out": 0})
             counts["in"] += line.crossed_in
             counts["out"] += line.crossed_out
+
+    def span(self, now: float) -> float:
+        """Seconds since the interval began, ``now`` a monotonic time; never zero."""
+        return max(now - self.started, 1e-6)
 
     def zone_figures(self) -> dict[str, ZoneStats]:
         return {name: zone.figures() for name, zone in self._zones.items()}
