@@ -9,6 +9,7 @@ import stat
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -21,6 +22,10 @@ from edgecam.device.rules import RuleEngine
 from edgecam.device.stats import CameraFigures, IntervalStats
 from edgecam.errors import ConfigError
 from edgecam.protocol import WorkerState
+
+if TYPE_CHECKING:
+    from edgecam.device.orchestrator import Orchestrator
+    from edgecam.protocol import Alert
 
 # -- rules ------------------------------------------------------------------------------------
 
@@ -166,6 +171,79 @@ def test_stats_rates_hold_when_the_wall_clock_is_stepped(
     (stats,) = sent
     assert (stats.fps_in, stats.fps_out, stats.detections_per_s) == (30.0, 30.0, 6.0)
     assert stats.end == clock.wall and stats.end - stats.start == pytest.approx(10.0)
+
+
+def _device_alerts(
+    monkeypatch: pytest.MonkeyPatch, **alerts: object
+) -> tuple[Orchestrator, list[Alert]]:
+    """An orchestrator (no processes started) and the alerts it sends."""
+    from edgecam.device.orchestrator import Orchestrator
+    from edgecam.protocol import Alert
+
+    orchestrator = Orchestrator(Settings(alerts=alerts))
+    sent: list[Alert] = []
+
+    def send(kind: str, payload: object) -> None:
+        if isinstance(payload, Alert):
+            sent.append(payload)
+
+    monkeypatch.setattr(orchestrator, "_send", send)
+    return orchestrator, sent
+
+
+def _frame(people: int, wall: float) -> FrameSummary:
+    tracks = [(i, "no_mask") for i in range(people)]
+    return FrameSummary(worker="inference", camera="main", frame=1, wall_time=wall, tracks=tracks)
+
+
+@pytest.mark.parametrize("step", [10 * 365 * 86400.0, -3 * 3600.0])
+def test_no_false_or_missed_alerts_when_the_wall_clock_is_stepped(
+    monkeypatch: pytest.MonkeyPatch, step: float
+) -> None:
+    clock = _Clock(monkeypatch)
+    orchestrator, sent = _device_alerts(
+        monkeypatch,
+        camera_offline={"after_s": 5},
+        worker_down={"after_s": 30},
+        occupancy={"max_people": 1, "hold_s": 2, "clear_s": 2, "cooldown_s": 5},
+        no_mask={"enabled": False},
+    )
+    recorder = orchestrator.supervisor.children["recorder/main"]
+    recorder.set_state("restarting")  # down for 1 s when the clock is stepped
+    recorder.restarts = 1
+    orchestrator._on_frame(_frame(2, clock.wall))
+    clock.advance(1.0, step)
+    orchestrator._on_frame(_frame(2, clock.wall))  # the camera goes on, a frame a second
+    orchestrator._tick_rules()
+    assert sent == []  # neither "no video for 315360001 s" nor a worker down for years
+    clock.advance(1.0)
+    orchestrator._on_frame(_frame(2, clock.wall))
+    (raised,) = sent  # over the limit for hold_s, however the clock was set meanwhile
+    assert (raised.rule, raised.state, raised.started) == ("occupancy", "raised", clock.wall)
+    orchestrator._on_frame(_frame(0, clock.wall))
+    clock.advance(2.0)
+    orchestrator._on_frame(_frame(0, clock.wall))
+    assert [(a.rule, a.state, a.ended) for a in sent[1:]] == [("occupancy", "ended", clock.wall)]
+    clock.advance(5.0)
+    orchestrator._tick_rules()  # 5 s silent: set back 3 h, it once needed 3 h more
+    assert [(a.rule, a.state) for a in sent[2:]] == [("camera_offline", "raised")]
+
+
+def test_an_alert_clip_is_extended_after_the_wall_clock_is_set_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = _Clock(monkeypatch)
+    orchestrator, _sent = _device_alerts(
+        monkeypatch, occupancy={"max_people": 0, "hold_s": 0}, no_mask={"enabled": False}
+    )
+    orchestrator.supervisor.children["recorder/main"].set_state("running")
+    asked: list[str] = []
+    monkeypatch.setattr(orchestrator, "_request_clip", lambda _c, args: asked.append(args.key))
+    orchestrator._on_frame(_frame(1, clock.wall))  # raised: its clip asked for
+    clock.advance(6.0, -3 * 3600)  # past half of recorder.post_s (10 s), the clock set back
+    orchestrator._on_frame(_frame(1, clock.wall))
+    orchestrator._tick_rules()
+    assert len(asked) == 2 and asked[0] == asked[1]  # the same clip, extended
 
 
 # -- outbox -----------------------------------------------------------------------------------

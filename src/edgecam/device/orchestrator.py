@@ -121,13 +121,14 @@ class Orchestrator:
         self._intervals = {c: IntervalStats(now, time.monotonic()) for c in self.cameras}
         self._figures = {c: CameraFigures() for c in self.cameras}
         self._figures_at_start = {c: CameraFigures() for c in self.cameras}
-        self._last_frame: dict[str, float] = dict.fromkeys(self.cameras, now)
+        # Monotonic, like every duration the rules measure: the wall clock may be stepped.
+        self._last_frame: dict[str, float] = dict.fromkeys(self.cameras, time.monotonic())
         self._current_counts: dict[str, dict[str, int]] = {c: {} for c in self.cameras}
         self._alert_jobs: dict[str, ActiveAlert] = {}
         self._last_stats: dict[str, Stats] = {}
         self._outbox_errors = 0
         self._uploads: Uploads | None = None
-        self._alerts_extended: dict[str, float] = {}
+        self._alerts_extended: dict[str, float] = {}  # alert id -> monotonic time
         self._clips_announced: OrderedDict[str, None] = OrderedDict()
         self._seen_commands: OrderedDict[str, None] = OrderedDict()
         self._last_status_key: object = None
@@ -390,26 +391,32 @@ class Orchestrator:
         if camera not in self._intervals:
             return
         self._intervals[camera].add_frame(event.pid, event.tracks, event.zones, event.lines)
-        self._last_frame[camera] = time.time()
+        self._last_frame[camera] = time.monotonic()
         counts = dict.fromkeys(self.labels, 0)
         for _tid, label in event.tracks:
             counts[label] = counts.get(label, 0) + 1
         self._current_counts[camera] = counts
         self._on_alerts(
             self.rules.on_frame(
-                camera, event.wall_time, event.pid, event.tracks, event.zones, event.lines
+                camera,
+                self._last_frame[camera],
+                event.pid,
+                event.tracks,
+                event.zones,
+                event.lines,
+                wall=event.wall_time,
             )
         )
 
     def _tick_rules(self) -> None:
-        now = time.time()
+        now, wall = time.monotonic(), time.time()
         inference = self.supervisor.children["inference"].enabled
         watched = {
             c: self._last_frame[c]
             for c in self.cameras
             if inference and self.settings.camera(c)[1].enabled
         }
-        self._on_alerts(self.rules.tick(now, watched, self.supervisor.states()))
+        self._on_alerts(self.rules.tick(now, watched, self.supervisor.states(), wall=wall))
         # While an alert lasts, its clip is extended (same key): one incident, one clip.
         every = max(1.0, self.settings.recorder.post_s / 2)
         for alert in self.rules.active.values():
@@ -437,7 +444,7 @@ class Orchestrator:
         if not self.settings.alerts.clip or recorder is None or recorder.state != "running":
             return
         assert camera is not None
-        self._alerts_extended[alert.alert_id] = time.time()
+        self._alerts_extended[alert.alert_id] = time.monotonic()
         job = uuid.uuid4().hex
         self._alert_jobs[job] = alert
         args = SaveClipArgs(

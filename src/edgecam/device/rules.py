@@ -1,6 +1,10 @@
 """Alert rules: what the device watches for, each with a cool-down, changeable at run time.
 
-Pure logic over a clock given by the caller, so that tests drive it frame by frame:
+Pure logic over a clock given by the caller, so that tests drive it frame by frame. The
+device gives it monotonic time, as every rule is about durations (a hold, a window, a
+cool-down) and the wall clock may be stepped by years (NTP on a board without a clock
+battery); the wall time, given beside it, only stamps the alerts' start and end.
+
 :meth:`RuleEngine.on_frame` for the per-frame rules (``no_mask``, ``occupancy``, and per
 zone or line ``zone_occupancy``, ``dwell``, ``line_crossing``),
 :meth:`RuleEngine.tick` for the ones about time passing (``camera_offline``,
@@ -39,7 +43,7 @@ class ActiveAlert:
     rule: str
     camera: str | None
     subject: str
-    started: float
+    started: float  # wall time
     value: float
     threshold: float
     message: str
@@ -78,6 +82,7 @@ class RuleEngine:
         self._masks: dict[str, _MaskWindow] = {}
         self._zone_occupancy: dict[str, _Occupancy] = {}
         self._forbidden_at: dict[str, float] = {}  # camera/line -> last forbidden crossing
+        self._wall: float | None = None  # the wall time of the frame or tick being evaluated
 
     # -- parameters -------------------------------------------------------------------
 
@@ -108,9 +113,12 @@ class RuleEngine:
         tracks: list[tuple[int, str]],
         zones: Mapping[str, ZoneFrame] | None = None,
         lines: Mapping[str, LineFrame] | None = None,
+        *,
+        wall: float | None = None,
     ) -> list[AlertChange]:
-        """One frame's counted tracks (id, label) of ``camera`` at wall time ``now``, and its
-        zones and lines."""
+        """One frame's counted tracks (id, label) of ``camera`` at time ``now``, and its
+        zones and lines; ``wall``: its wall time (default ``now``)."""
+        self._wall = wall
         changes: list[AlertChange] = []
         changes += self._check_occupancy(camera, now, len(tracks))
         changes += self._check_no_mask(camera, now, source, tracks)
@@ -197,9 +205,14 @@ class RuleEngine:
         now: float,
         last_frame: Mapping[str, float | None],
         workers: Iterable[WorkerState],
+        *,
+        wall: float | None = None,
     ) -> list[AlertChange]:
-        """Time passed: cameras without frames (``last_frame``: camera -> wall time of its
-        last frame, None when it never had one since ``since``) and workers down."""
+        """Time passed: cameras without frames (``last_frame``: camera -> time of its last
+        frame, on the clock of ``now``; None when it never had one) and workers down (their
+        ``since`` is a wall time: ``wall``, default ``now``, is the wall time now)."""
+        self._wall = wall
+        wall = now if wall is None else wall
         changes: list[AlertChange] = []
         off = self.config.camera_offline
         for camera, last in last_frame.items():
@@ -218,7 +231,7 @@ class RuleEngine:
             )
         down = self.config.worker_down
         for w in workers:
-            for_s = now - w.since if w.state in _DOWN_STATES and w.restarts > 0 else 0.0
+            for_s = wall - w.since if w.state in _DOWN_STATES and w.restarts > 0 else 0.0
             looping = w.state == "crash_loop"
             changes += self._update(
                 "worker_down",
@@ -307,16 +320,17 @@ class RuleEngine:
     ) -> list[AlertChange]:
         key = (rule, subject)
         alert = self.active.get(key)
+        stamp = now if self._wall is None else self._wall
         if alert is not None:
             alert.value = max(alert.value, value) if rule != "no_mask" else value
             if cleared and not tripped:
-                alert.ended = now
+                alert.ended = stamp
                 del self.active[key]
                 self._quiet_until[key] = now + cooldown
                 return [AlertChange("ended", alert)]
             return []
         if tripped and now >= self._quiet_until.get(key, float("-inf")):
-            alert = ActiveAlert(rule, camera, subject, now, value, threshold, message)
+            alert = ActiveAlert(rule, camera, subject, stamp, value, threshold, message)
             self.active[key] = alert
             return [AlertChange("raised", alert)]
         return []

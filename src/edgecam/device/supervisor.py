@@ -132,7 +132,7 @@ class Child:
     camera: str | None
     enabled: bool
     state: WorkerStateName = "stopped"
-    since: float = field(default_factory=time.time)
+    since: float = field(default_factory=time.monotonic)  # of the state
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     backoff: float = 0.0
@@ -160,7 +160,7 @@ class Child:
     def set_state(self, state: WorkerStateName, error: str | None = None) -> None:
         if state != self.state:
             self.state = state
-            self.since = time.time()
+            self.since = time.monotonic()
         if error is not None:
             self.error = error
 
@@ -171,7 +171,8 @@ class Child:
             state=self.state,
             pid=self.pid,
             restarts=self.restarts,
-            since=self.since,
+            # The wall clock may have been stepped since: the state's start as it reads now.
+            since=max(0.0, time.time() - (time.monotonic() - self.since)),
             cpu=self.cpu,
             rss_mb=self.rss_mb,
             error=self.error,
