@@ -516,6 +516,57 @@ def test_retention_removes_oldest_over_cap_and_too_old(tmp_path: Path) -> None:
     assert [c.name for c in store.clips()] == [names[5], names[4]]  # newest first
 
 
+def _clip_files(clips: Path, mtimes: list[float]) -> list[Path]:
+    paths = []
+    for i, mtime in enumerate(mtimes):
+        path = clips / f"main_1970011{i}T000000Z_abcdef.mp4"
+        path.write_bytes(b"\0" * 1000)
+        path.with_suffix(".json").write_text("{}")
+        os.utime(path, (mtime, mtime))
+        paths.append(path)
+    return paths
+
+
+def test_a_clock_stepped_forward_by_years_does_not_age_the_clips(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = {"wall": 1_000_000.0, "steady": 900.0}  # booted at 1970 (no clock battery)
+    monkeypatch.setattr(time, "time", lambda: clock["wall"])
+    monkeypatch.setattr(time, "monotonic", lambda: clock["steady"])
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    month = 30 * 86400
+
+    def store() -> ClipStore:
+        return ClipStore(clips, max_bytes=10**9, max_age_s=month, min_free_bytes=0)
+
+    recorder, fileserver = store(), store()  # each process has its own
+    paths = _clip_files(clips, [clock["wall"] - 600, clock["wall"] - 60])
+    step = 55 * 365 * 86400.0
+    clock["steady"] += 60
+    clock["wall"] += 60 + step  # NTP sets the clock
+    assert recorder.apply_retention() == []
+    assert fileserver.apply_retention() == []  # moved once only
+    now = clock["wall"]
+    assert [p.stat().st_mtime for p in paths] == [now - 660, now - 120]
+    clock["steady"] += month
+    clock["wall"] += month
+    assert len(recorder.apply_retention()) == 2  # they still age
+
+
+def test_a_clip_dated_before_the_clock_was_set_ages_from_when_it_is_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    (path,) = _clip_files(clips, [86400.0])  # saved in an earlier boot, before NTP
+    now = time.time()
+    store = ClipStore(clips, max_bytes=10**9, max_age_s=86400, min_free_bytes=0)
+    assert store.apply_retention(now) == []
+    assert path.stat().st_mtime == pytest.approx(now)
+    assert store.apply_retention(now + 86401) == [path.name]
+
+
 def _wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():

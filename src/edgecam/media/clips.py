@@ -80,6 +80,11 @@ _TMP_PREFIX = ".tmp-"
 _RESERVE_SEGMENTS = 2
 _MIN_DISK_RESERVE = 128 * 1024
 _COPY_CHUNK = 1 << 20
+# Wall and monotonic time drifting apart by more than this: the wall clock was stepped.
+_CLOCK_STEP_S = 300.0
+# A clip modified before this (2020-01-01) was written by a clock not yet set (a board
+# without a clock battery boots at 1970): its age is unknown.
+_CLOCK_FLOOR = 1_577_836_800.0
 
 
 class ClipError(EdgecamError):
@@ -528,6 +533,8 @@ class ClipStore:
         # The one writer (a camera's recorder) whose work folders carry this name: it may
         # remove them all when it starts, as no one else writes them. "." is in no camera name.
         self._tmp_prefix = f"{_TMP_PREFIX}{owner}." if owner is not None else _TMP_PREFIX
+        # Wall time less monotonic time: the wall time at boot, as long as nobody steps it.
+        self._boot_wall = time.time() - time.monotonic()
 
     def remove_own_leftovers(self) -> list[str]:
         """Remove the work folders of this store's owner left by a run that was killed
@@ -756,6 +763,8 @@ class ClipStore:
         ``keep``: a clip never deleted (the one just saved). Returns the deleted names.
         """
         now = time.time() if now is None else now
+        self._follow_clock_step()
+        self._restamp_unset_clock(now)
         removed: list[str] = []
         clips = sorted(self.clips(), key=lambda c: c.mtime)
         total = sum(c.size for c in clips)
@@ -770,6 +779,56 @@ class ClipStore:
         if removed:
             log.info("retention removed %d clip(s): %s", len(removed), ", ".join(removed))
         return removed
+
+    def _follow_clock_step(self) -> None:
+        """After the wall clock was stepped forward (NTP setting a board's clock at last),
+        move the clips written since boot under the old clock by the same step: their age
+        is the time since they were written, not the years the clock was wrong by.
+
+        Idempotent across the processes that share the folder: a moved clip lies past the
+        old clock's range and is not moved again.
+        """
+        boot_wall = time.time() - time.monotonic()
+        step, old_boot = boot_wall - self._boot_wall, self._boot_wall
+        self._boot_wall = boot_wall
+        if step <= _CLOCK_STEP_S:
+            return  # set back: clips are kept longer by as much, never deleted early
+        stepped_at = old_boot + time.monotonic()  # now, by the old clock
+        moved = 0
+        for clip in self.clips():
+            if old_boot <= clip.mtime <= stepped_at:
+                moved += self._set_mtime(clip, clip.mtime + step)
+        log.warning(
+            "the wall clock was stepped forward %.0f s; %d clip(s) written before that are "
+            "dated by the new clock, so that retention does not take them for old",
+            step,
+            moved,
+        )
+
+    def _restamp_unset_clock(self, now: float) -> None:
+        """A clip dated before any plausible date (written before the clock was set, in an
+        earlier boot) has an unknown age: it counts from now, not from 1970."""
+        if now < _CLOCK_FLOOR:
+            return
+        for clip in self.clips():
+            if clip.mtime < _CLOCK_FLOOR and self._set_mtime(clip, now):
+                log.warning(
+                    "clip %s is dated %.0f, before the clock was set; its age counts from now",
+                    clip.name,
+                    clip.mtime,
+                )
+
+    @staticmethod
+    def _set_mtime(clip: ClipInfo, mtime: float) -> bool:
+        try:
+            os.utime(clip.path, (mtime, mtime), follow_symlinks=False)
+        except OSError as exc:
+            log.warning("cannot re-date clip %s: %s", clip.name, exc)
+            return False
+        with contextlib.suppress(OSError):
+            side = clip.path.with_suffix(".json")
+            os.utime(side, (mtime, mtime), follow_symlinks=False)
+        return True
 
     def _remove_leftovers(self, now: float) -> None:
         try:
