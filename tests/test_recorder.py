@@ -319,6 +319,26 @@ def test_planner_and_protocol_refuse_non_finite_times(value: str) -> None:
         SaveClipArgs.model_validate(cmd.args)
 
 
+def test_a_pending_clip_is_cut_on_time_when_the_clock_is_set_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = {"wall": 1e9, "steady": 100.0}
+    monkeypatch.setattr(time, "time", lambda: clock["wall"])
+    monkeypatch.setattr(time, "monotonic", lambda: clock["steady"])
+    planner = ClipPlanner(max_clip_s=60)
+    planner.add(_req(1e9, pre=5, post=10))  # for [1e9 - 5, 1e9 + 10]
+
+    def due_after(seconds: float) -> list[ClipJob]:
+        clock["steady"] = 100.0 + seconds
+        clock["wall"] = 1e9 - 3 * 3600 + seconds  # set back 3 h meanwhile
+        covered = clock["wall"] - 1  # the ring's video, stamped by the clock as it is set
+        return planner.due(covered, time.time(), 5, steady=time.monotonic())
+
+    assert due_after(11) == []  # its video is stamped 3 h earlier now: never past its end
+    # 5 s (stall_s) past its end, it is cut with what the ring holds, not 3 h later.
+    assert [(j.start, j.end) for j in due_after(15)] == [(1e9 - 5, 1e9 + 10)]
+
+
 def test_planner_never_saves_video_twice() -> None:
     planner = ClipPlanner(max_clip_s=60)
     first = planner.add(_req(100))

@@ -353,6 +353,9 @@ class ClipJob:
     workdir: Path | None = None
     parts: list[Segment] = field(default_factory=list)
     error: Exception | None = None
+    # When it was made, by both clocks: how long it has waited is monotonic time.
+    made_wall: float = field(default_factory=lambda: time.time())
+    made_steady: float = field(default_factory=lambda: time.monotonic())
 
     @property
     def key(self) -> str | None:
@@ -462,10 +465,23 @@ class ClipPlanner:
         self._pending += new
         return new
 
-    def due(self, covered_until: float, now: float, stall_s: float) -> list[ClipJob]:
-        """Jobs whose video is all in the ring, or that waited ``stall_s`` past their end."""
+    def due(
+        self, covered_until: float, now: float, stall_s: float, *, steady: float | None = None
+    ) -> list[ClipJob]:
+        """Jobs whose video is all in the ring, or that waited ``stall_s`` past their end.
+
+        ``steady``: the monotonic time now, to measure the wait by (the wall clock ``now``
+        may have been set back by hours since a job was made: its video, stamped by the
+        new clock, is never after its end, and it would wait those hours).
+        """
+
+        def stalled(j: ClipJob) -> bool:
+            if steady is None:
+                return now >= j.end + stall_s
+            return steady - j.made_steady >= j.end - j.made_wall + stall_s
+
         with self._lock:
-            ready = [j for j in self._pending if j.end <= covered_until or now >= j.end + stall_s]
+            ready = [j for j in self._pending if j.end <= covered_until or stalled(j)]
             return self._finish(ready)
 
     def drain(self) -> list[ClipJob]:

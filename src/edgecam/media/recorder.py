@@ -408,7 +408,8 @@ class Recorder:
             try:
                 self._collect()
                 covered = self.ring.covered_until(self._run)
-                for job in self.planner.due(covered, time.time(), stall_s):
+                due = self.planner.due(covered, time.time(), stall_s, steady=time.monotonic())
+                for job in due:
                     self._cut(job, include_open=job.end > covered)
             except Exception:
                 # Whatever went wrong with one clip, the next ones must still be saved.
