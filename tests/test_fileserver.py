@@ -328,6 +328,18 @@ def test_signed_link_longer_than_ttl_rejected(
             assert "link_ttl_s" in r.json()["error"]
 
 
+def test_a_link_refused_for_the_device_clock_being_behind_says_so(
+    tmp_path: Path, clips: Path
+) -> None:
+    fleet_now = 1_000_000
+    device_now = fleet_now - 3 * 3600  # set back 3 h (or not yet set by NTP)
+    settings = _settings(tmp_path, link_secret="link-key", link_ttl_s=60)
+    with TestClient(create_app(settings, clock=lambda: device_now)) as c:
+        r = c.get(f"/clips/{CLIP}?" + sign_link("link-key", CLIP, fleet_now + 60))
+    assert r.status_code == 403  # still refused: it cannot be told from a long-lived link
+    assert "by 10800 s" in r.json()["error"] and "clock is behind" in r.json()["error"]
+
+
 def _clip_fds(folder: Path) -> list[str]:
     """This process's open descriptors on files in ``folder``."""
     found = []

@@ -217,7 +217,13 @@ def verify_link(
     if now > expires_at:
         return "link expired"
     if expires_at > now + ttl_s + _LINK_SKEW_S:
-        return "link lifetime longer than fileserver.link_ttl_s"
+        # Refused all the same: a device whose clock is behind (not yet set by NTP, or set
+        # back) cannot tell a fresh link from one made long ago with a longer lifetime.
+        return (
+            f"link lifetime longer than fileserver.link_ttl_s by {expires_at - now - ttl_s} s "
+            "by this device's clock: if links made just now are refused, this device's clock "
+            "is behind (check NTP)"
+        )
     return None
 
 
