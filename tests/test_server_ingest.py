@@ -373,6 +373,29 @@ def test_a_status_from_a_clock_ahead_does_not_hide_the_next_ones(
     wait_until(lambda: version() == "right")
 
 
+def test_a_run_whose_clock_is_set_back_keeps_its_state_shown(
+    start_ingest: IngestFactory, device: SimDevice, engine: Engine
+) -> None:
+    """Within one run, statuses are ordered by their number: a device whose clock is set
+    back 3 h goes on showing its state (before, its fleet view froze for 3 h), and a status
+    of the run delivered late changes nothing."""
+    start_ingest()
+
+    def version() -> str | None:
+        with engine.connect() as conn:
+            return conn.scalar(select(db.Device.version).where(db.Device.name == "cam-1"))
+
+    now, started = time.time(), time.time() - 60
+    run = {"device": "cam-1", "state": "online", "started": started}
+    device.publish(Status(**run, seq=1, version="first", ts=now)).wait_for_publish(5)
+    wait_until(lambda: version() == "first")
+    device.publish(Status(**run, seq=2, version="set back", ts=now - 3 * 3600))
+    wait_until(lambda: version() == "set back")
+    device.publish(Status(**run, seq=1, version="late", ts=now + 1)).wait_for_publish(5)
+    device.publish(Status(**run, seq=3, version="third", ts=now - 3 * 3600 + 15))
+    wait_until(lambda: version() == "third")  # "late" was never shown: it was older
+
+
 def _sqlite_heap() -> int:
     """Bytes that SQLite holds in this process (all its connections), by its own count."""
     spec = importlib.util.find_spec("_sqlite3")

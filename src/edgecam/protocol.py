@@ -208,6 +208,12 @@ class Status(Payload):
     cameras: list[str] = Field(default_factory=list, description="Camera names.")
     workers: list[WorkerState] = Field(default_factory=list, description="Worker states.")
     started: UnixTime | None = Field(None, description="When the device started (Unix s).")
+    seq: int | None = Field(
+        None,
+        ge=1,
+        description="This status's number in the device's run, from 1: orders a run's statuses "
+        "when the device's clock is set back.",
+    )
     rules: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Alert rules and their parameters."
     )

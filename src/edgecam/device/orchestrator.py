@@ -133,6 +133,7 @@ class Orchestrator:
         self._seen_commands: OrderedDict[str, None] = OrderedDict()
         self._last_status_key: object = None
         self._last_status_at = 0.0
+        self._status_seq = 0
         self._status_dirty = True
         self.outbox: Outbox | None = None
         self.mqtt: MqttLink | None = None
@@ -565,7 +566,9 @@ class Orchestrator:
             self._publish_homeassistant_state(camera, stats)
 
     def status(self, state: str = "online") -> Status:
+        self._status_seq += 1
         return Status(
+            seq=self._status_seq,
             device=self.settings.device,
             state=state,  # type: ignore[arg-type]
             version=edgecam.__version__,

@@ -77,6 +77,7 @@ class Device(Base):
     outbox: Mapped[int | None] = mapped_column(Integer)
     outbox_dropped: Mapped[int | None] = mapped_column(BigInteger)
     uploads: Mapped[int | None] = mapped_column(Integer)
+    status_seq: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class StatusRow(Base):

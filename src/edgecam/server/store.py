@@ -272,20 +272,24 @@ class Store:
         new = _insert_new(conn, _t(db.StatusRow), rows)
         for device, m in sorted(items, key=lambda item: item[1].ts):
             current = conn.execute(
-                select(db.Device.online, db.Device.state_ts, db.Device.started).where(
-                    db.Device.name == device
-                )
+                select(
+                    db.Device.online, db.Device.state_ts, db.Device.started, db.Device.status_seq
+                ).where(db.Device.name == device)
             ).one()
             # A seen id changes nothing, except a last will firing again: a device makes its
             # will once and the broker may publish that same message at each crash.
             will_again = m.state == "offline" and current.online
             if m.id not in new and not will_again:
                 continue
-            if not _status_applies(m, current.state_ts, current.started):
+            if not _status_applies(m, current.state_ts, current.started, current.status_seq):
                 continue
             # Never ahead of this clock: a device whose own was ahead once (wrong at boot)
             # would have every later, right status taken for an older one.
-            values: dict[str, Any] = {"online": m.state == "online", "state_ts": min(m.ts, now)}
+            values: dict[str, Any] = {
+                "online": m.state == "online",
+                "state_ts": min(m.ts, now),
+                "status_seq": m.seq,
+            }
             if m.state == "online":
                 values.update(
                     version=m.version,
@@ -304,10 +308,17 @@ class Store:
         return len(new)
 
 
-def _status_applies(m: Status, state_ts: float | None, started: float | None) -> bool:
+def _status_applies(
+    m: Status, state_ts: float | None, started: float | None, seq: int | None
+) -> bool:
     """Whether status ``m`` is the device's state now. A last will is made when the device
     connects, so it is older than that run's ``online``: it applies when it belongs to the
-    current run (or a newer one) even though its own timestamp is older."""
+    current run (or a newer one) even though its own timestamp and number are older. Within
+    one run, statuses are ordered by their number where they have one, not by the device's
+    clock, which may have been set back meanwhile."""
+    same_run = m.started is not None and m.started == started
+    if m.state != "offline" and same_run and m.seq is not None and seq is not None:
+        return m.seq > seq
     if state_ts is None or m.ts >= state_ts:
         return True
     if m.state == "offline":
