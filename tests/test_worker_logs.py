@@ -213,3 +213,55 @@ def test_a_worker_past_its_memory_bound_is_killed_and_restarted(
         assert {k: c.pid for k, c in sup.children.items() if c.name != "streaming"} == others
     finally:
         sup.stop_all(force=True)
+
+
+def test_why_a_worker_was_killed_is_said_of_that_death_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed for its memory that then fails on its own (exit 3, nothing reported)
+    again and again. Before, each death was put in front of the kill's reason, which stayed:
+    "exit 3; exit 3; ...; killed by SIGKILL; used 213 MiB, over ...", growing in every status
+    the device sent for as long as the crash loop lasted (past the 64 KiB payload limit in
+    days), and blaming the memory bound for deaths it had no part in."""
+    from edgecam.device import supervisor
+
+    ran = tmp_path / "ran"
+    hog_once = (
+        f"import pathlib, sys, time\nran = pathlib.Path({str(ran)!r})\n"
+        "if ran.exists():\n    sys.exit(3)\n"
+        "ran.touch()\nx = bytearray(200 * 2**20)\ntime.sleep(60)\n"
+    )
+    modest = "import time\ntime.sleep(60)\n"
+
+    def command(name: str, camera: str | None, config: Path | None) -> list[str]:
+        return [sys.executable, "-c", hog_once if name == "streaming" else modest]
+
+    monkeypatch.setattr(supervisor, "worker_command", command)
+    settings = Settings.model_validate(
+        {
+            "cameras": [{"name": "main", "source": str(tmp_path / "a.mp4")}],
+            "supervisor": {
+                "max_worker_rss_mb": 150,
+                "restart_min_s": 0.05,
+                "restart_max_s": 0.05,
+                "crash_loop_restarts": 100,
+            },
+        }
+    )
+    sup = Supervisor(settings, None, None)
+    sup.start_all()
+    streaming = sup.children["streaming"]
+    try:
+        end = time.monotonic() + 20
+        while streaming.restarts < 1:
+            assert time.monotonic() < end
+            sup.poll()
+            time.sleep(0.02)
+        assert "over supervisor.max_worker_rss_mb (150)" in (streaming.error or "")
+        while streaming.restarts < 5:
+            assert time.monotonic() < end
+            sup.poll()
+            time.sleep(0.02)
+        assert streaming.error == "exit 3"
+    finally:
+        sup.stop_all(force=True)

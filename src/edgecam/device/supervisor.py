@@ -148,6 +148,9 @@ class Child:
     rss_mb: float | None = None
     _ps: psutil.Process | None = None
     _stop_requested: float | None = None
+    # Of the run now going: the error the worker reported, and why the supervisor killed it.
+    _reported: str | None = None
+    _killed_for: str | None = None
 
     @property
     def key(self) -> str:
@@ -177,6 +180,13 @@ class Child:
             rss_mb=self.rss_mb,
             error=self.error,
         )
+
+
+def _kill(child: Child, reason: str) -> None:
+    """Kill ``child``'s running process for ``reason``, which its death is then put down to."""
+    assert child.proc is not None
+    child.error = child._killed_for = reason
+    child.proc.kill()
 
 
 class Supervisor:
@@ -263,6 +273,7 @@ class Supervisor:
         child.last_heartbeat = child.last_healthy = now
         child._stop_requested = None
         child._ps = None
+        child._reported = child._killed_for = None
         child.set_state("starting")
         log.info("worker %s started (pid %d)", child.key, child.proc.pid)
 
@@ -304,8 +315,7 @@ class Supervisor:
                     rss_mb,
                     limit,
                 )
-                child.error = f"used {rss_mb:.0f} MiB, over supervisor.max_worker_rss_mb ({limit})"
-                proc.kill()
+                _kill(child, f"used {rss_mb:.0f} MiB, over supervisor.max_worker_rss_mb ({limit})")
 
     def on_ready(self, key: str, pid: int) -> None:
         child = self.children.get(key)
@@ -330,7 +340,7 @@ class Supervisor:
     def on_failed(self, key: str, pid: int, error: str | None) -> None:
         child = self.children.get(key)
         if child is not None and child.pid == pid and error:
-            child.error = error
+            child.error = child._reported = error
 
     def poll(self) -> None:
         """Reap dead children, kill hung ones, start the ones whose delay is over; keep
@@ -355,16 +365,14 @@ class Supervisor:
                         else "unhealthy"
                     )
                     log.error("worker %s is hung (%s); killing it", child.key, why)
-                    child.error = f"hung ({why} for {self.config.heartbeat_timeout_s:.0f} s)"
-                    proc.kill()
+                    _kill(child, f"hung ({why} for {self.config.heartbeat_timeout_s:.0f} s)")
                 elif not child.ready and now - child.started_at > self.config.start_timeout_s:
                     log.error(
                         "worker %s not ready after %.0f s; killing it",
                         child.key,
                         now - child.started_at,
                     )
-                    child.error = "not ready in time"
-                    proc.kill()
+                    _kill(child, "not ready in time")
             elif (
                 child.enabled
                 and child.state in ("restarting", "crash_loop")
@@ -385,14 +393,11 @@ class Supervisor:
             return
         if code == EXIT_CONFIG:
             log.error("worker %s refused its configuration; not restarted", child.key)
-            child.set_state("stopped", child.error or "configuration error (see its log)")
+            child.set_state("stopped", child._reported or "configuration error (see its log)")
             return
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
-        child.error = (
-            f"{how}; {child.error}"
-            if child.error and ("hung" in child.error or "max_worker_rss_mb" in child.error)
-            else (child.error if child.error else how)
-        )
+        # Of this death alone: an earlier one's reason, kept, would blame this one on it.
+        child.error = f"{how}; {child._killed_for}" if child._killed_for else child._reported or how
         log.error("worker %s died (%s); restarting", child.key, how)
         self._schedule_restart(child, now)
 
