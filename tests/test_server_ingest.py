@@ -110,10 +110,6 @@ def test_duplicated_and_replayed_messages_are_stored_once(
 
 
 def _stats_with(**fields: object) -> str:
-    return make_stats("cam-1", 1, 1.0).model_copy(update=fields).model_dump_json()
-
-
-def _stats_with(**fields: object) -> str:
     """A valid stats message's JSON with ``fields`` set to what a model would not hold."""
     message = json.loads(make_stats("cam-1", 1, 1000.0).model_dump_json())
     return json.dumps({**message, **fields})  # NaN and infinities as Python writes them
@@ -125,6 +121,10 @@ def _clip(**fields: object) -> str:
         duration=1.0, sha256="0" * 64, start=1.0, end=2.0, trigger=1.5, reason="manual",
     )  # fmt: skip
     return json.dumps({**json.loads(clip.model_dump_json()), **fields})
+
+
+def _status_with(**changes: object) -> str:
+    return json.dumps(Status(device="cam-1", state="online").model_dump(mode="json") | changes)
 
 
 BAD_PAYLOADS = [
@@ -151,6 +151,9 @@ BAD_PAYLOADS = [
     ("stats", _stats_with(counts={"person": -2000000000})),
     ("stats", _stats_with(lines={"door": {"in": -1, "out": 0}})),
     ("stats", _stats_with(fps_in=float("nan"))),
+    # A count no integer column holds: the whole status was refused by PostgreSQL.
+    ("status", _status_with(uploads=2**31)),
+    ("status", _status_with(outbox=2**31)),
     # Names that go into paths and links, links that are not http(s).
     ("clips", _clip(name="../../logout")),
     ("clips", _clip(url="javascript:alert(1)")),

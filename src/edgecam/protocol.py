@@ -211,15 +211,16 @@ class Status(Payload):
     seq: int | None = Field(
         None,
         ge=1,
+        le=2**63 - 1,
         description="This status's number in the device's run, from 1: orders a run's statuses "
         "when the device's clock is set back.",
     )
     rules: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Alert rules and their parameters."
     )
-    outbox: int | None = Field(None, ge=0, description="Messages waiting to be sent.")
+    outbox: int | None = Field(None, ge=0, le=2**31 - 1, description="Messages waiting to be sent.")
     uploads: int | None = Field(
-        None, ge=0, description="Clips waiting to be uploaded to the fleet server."
+        None, ge=0, le=2**31 - 1, description="Clips waiting to be uploaded to the fleet server."
     )
     outbox_dropped: int | None = Field(
         None, ge=0, description="Messages dropped (oldest first) because the outbox was full."
