@@ -67,7 +67,8 @@ def _free_udp_port() -> int:
 
 @pytest.fixture
 def host() -> Iterator[Host]:
-    settings = _settings(viewer_timeout_s=3)
+    # The shortest deadlines: the pages' keep-alives, and their WebRTC, must hold them.
+    settings = _settings(viewer_timeout_s=3, connect_timeout_s=10)
     rtp_port = _free_udp_port()
     view = LiveView(settings.live, camera="main", rtp_port=rtp_port)
     clips: list[str] = []
@@ -302,6 +303,42 @@ def test_page_resumes_after_the_source_restarts(
         page.close()
 
 
+def test_a_webrtc_viewer_gone_silent_is_dropped(browser: Any, host: Host, rtp_sender: Any) -> None:
+    """A page whose peer connection is closed while its WebSocket goes on with keep-alives
+    (a script; a browser whose UDP path is lost): webrtcbin (1.22, with libnice) still
+    calls it connected 40 s later, and before, it stayed a viewer for as long as the
+    keep-alives came. Now it is dropped once nothing has come over its connection for
+    live.connect_timeout_s; a page that watches is not, however long it watches."""
+    rtp_sender(host.rtp_port, WIDTH, HEIGHT)
+    timeout = host.settings.live.connect_timeout_s
+    page = browser.new_page()
+    page.add_init_script(
+        """window.peerConnections = [];
+           window.RTCPeerConnection = class extends window.RTCPeerConnection {
+             constructor(config) { super(config); window.peerConnections.push(this); }
+           };"""
+    )
+    try:
+        page.goto(host.base + live_path(host.settings, "main") + "&mode=webrtc")
+        _wait_playing(page)
+        (viewer,) = host.view._viewers.values()
+        time.sleep(timeout + 2)  # past the deadline, watching: the same viewer still
+        assert list(host.view._viewers.values()) == [viewer]
+        assert page.evaluate("() => window.edgecamLive.connects") == 1
+        page.evaluate("() => window.peerConnections[0].close()")  # not the socket
+        closed = time.monotonic()
+        while viewer.id in host.view._viewers:
+            assert time.monotonic() < closed + timeout + 3, "still a viewer"
+            time.sleep(0.2)
+        assert time.monotonic() - closed > timeout - 1
+        # Its page is told, connects again and plays.
+        frames = page.evaluate("() => window.edgecamLive.frames")
+        page.wait_for_function(f"() => window.edgecamLive.frames > {frames + 30}", timeout=15000)
+        assert page.evaluate("() => window.edgecamLive.connects") == 2
+    finally:
+        page.close()
+
+
 def test_a_silent_viewer_is_dropped_after_the_timeout(host: Host) -> None:
     closed = threading.Event()
 
@@ -345,6 +382,7 @@ def test_viewer_limit_and_stopped_view() -> None:
         ({"max_viewers": 0}, "live.max_viewers"),
         ({"max_viewers_per_client": 0}, "live.max_viewers_per_client"),
         ({"viewer_timeout_s": 0.5}, "live.viewer_timeout_s"),
+        ({"connect_timeout_s": 5}, "live.connect_timeout_s"),
         ({"link_ttl_s": 1}, "live.link_ttl_s"),
         ({"stun_server": "http://stun.example"}, "live.stun_server"),
         ({"public_url": "https://cam.example/live"}, "live.public_url"),
@@ -544,6 +582,133 @@ def test_a_viewer_that_stops_reading_is_cut_off(rtp_sender: Any) -> None:
             # Its place is given back: the same address may watch again.
             again = sockets.enter_context(_ws_connect(port, "127.0.0.1"))
             assert b'"type": "error"' not in again.recv(1 << 16)
+        finally:
+            server.should_exit = True
+            thread.join(10)
+
+
+def _threads_and_descriptors() -> tuple[int, int]:
+    """This process's threads that Python did not start (GStreamer's, libnice's, GLib's),
+    and its open file descriptors."""
+    # Those Python started: not the GStreamer threads that merely called into it.
+    python = {
+        thread.native_id
+        for thread in threading.enumerate()
+        if not isinstance(thread, threading._DummyThread)
+    }
+    native = [task for task in os.listdir("/proc/self/task") if int(task) not in python]
+    return len(native), len(os.listdir("/proc/self/fd"))
+
+
+def _answer_without_ice(offer: str) -> str:
+    """An answer to the device's offer as a browser would make it, from a client that never
+    does ICE: credentials of its own, and no candidate ever."""
+    replaced = {
+        "a=setup:": "a=setup:active",
+        "a=ice-ufrag:": "a=ice-ufrag:neverconnects",
+        "a=ice-pwd:": "a=ice-pwd:neverconnectsneverconnects",
+        "a=sendonly": "a=recvonly",
+    }
+    lines = []
+    for line in offer.splitlines():
+        if not line or line.startswith(("a=candidate", "a=end-of-candidates")):
+            continue
+        prefix = next((p for p in replaced if line.startswith(p)), None)
+        lines.append(replaced[prefix] if prefix is not None else line)
+    return "\r\n".join(lines) + "\r\n"
+
+
+def test_a_webrtc_viewer_that_never_connects_is_dropped(
+    rtp_sender: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that takes the offer, answers it and sends keep-alives, but never does ICE
+    (a script holding places): before, it stayed a viewer for as long as it kept this up,
+    with a webrtcbin of its own (10 threads, 26 descriptors), and such clients could hold
+    every place of max_viewers, shutting real viewers out for good."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import ClientConnection, connect
+
+    settings = _settings(max_viewers=1, connect_timeout_s=10)
+    timeout = settings.live.connect_timeout_s
+    rtp_port = _free_udp_port()
+    rtp_sender(rtp_port, WIDTH, HEIGHT)
+    view = LiveView(settings.live, camera="main", rtp_port=rtp_port)
+    app = Starlette(routes=live_routes(settings, {"main": view}, lambda _c: {}, None))
+    port = free_port()
+    served = settings.fileserver.model_copy(update={"host": "127.0.0.1", "port": port})
+    server = uvicorn.Server(server_config(app, served))
+    thread = threading.Thread(target=server.run, daemon=True)
+    url = f"ws://127.0.0.1:{port}/live/main/ws?mode=webrtc"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    def offer(ws: ClientConnection) -> str:
+        while True:
+            message = json.loads(ws.recv(timeout=10))
+            if message["type"] == "offer":
+                return str(message["sdp"])
+            assert message["type"] == "counts", message
+
+    def settled(elements: int, resources: tuple[int, int] | None = None) -> bool:
+        """Within 5 s: no viewer, and no more elements (threads, descriptors) than given."""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            pipeline = view._pipeline
+            now = _threads_and_descriptors()
+            if (
+                view.counts()["webrtc"] == 0
+                and pipeline is not None
+                and len(pipeline.children) <= elements
+                and (resources is None or (now[0] <= resources[0] and now[1] <= resources[1]))
+            ):
+                return True
+            time.sleep(0.1)
+        return False
+
+    with view:
+        thread.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not server.started and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert view._pipeline is not None
+            elements = len(view._pipeline.children)
+            # A viewer in and out first: the stream is up, the server's worker threads made.
+            with connect(url, additional_headers=auth) as first:
+                offer(first)
+            assert settled(elements)
+            before = _threads_and_descriptors()
+            with connect(url, additional_headers=auth) as hostile:
+                answer = _answer_without_ice(offer(hostile))
+                hostile.send(json.dumps({"type": "answer", "sdp": answer}))
+                offered = time.monotonic()
+                with connect(url, additional_headers=auth) as refused:  # the one place is taken
+                    refusal = json.loads(refused.recv(timeout=5))
+                    assert "live.max_viewers" in refusal.get("error", ""), refusal
+                held = before
+                with pytest.raises(ConnectionClosed) as closed:
+                    while True:  # keep-alives as the page sends them, until the device ends it
+                        assert time.monotonic() < offered + timeout + 3, "still a viewer"
+                        hostile.send(json.dumps({"type": "ping"}))
+                        with contextlib.suppress(TimeoutError):
+                            while True:
+                                hostile.recv(timeout=0.5)
+                        now = _threads_and_descriptors()
+                        held = (max(held[0], now[0]), max(held[1], now[1]))
+                dropped_after = time.monotonic() - offered
+            assert closed.value.rcvd is not None, closed.value
+            assert closed.value.rcvd.code == 1013, closed.value.rcvd
+            assert "not connected" in closed.value.rcvd.reason, closed.value.rcvd
+            assert timeout - 1 <= dropped_after <= timeout + 3, dropped_after
+            # It did hold its own threads and descriptors; they are all given back.
+            assert held[0] > before[0] and held[1] >= before[1] + 10, (before, held)
+            assert settled(elements, before), (before, _threads_and_descriptors())
+            # And said so.
+            said = [r for r in caplog.records if "live.connect_timeout_s" in r.getMessage()]
+            assert [r.levelname for r in said] == ["WARNING"]
+            # Its place is another viewer's now.
+            with connect(url, additional_headers=auth) as again:
+                assert "m=video" in offer(again)
+            assert settled(elements)
         finally:
             server.should_exit = True
             thread.join(10)

@@ -1228,6 +1228,15 @@ class LiveViewConfig(_Section):
     viewer_timeout_s: float = Field(
         15, ge=1, le=600, description="Drop a viewer that sent no keep-alive for this long."
     )
+    # At least 10: longer than the page's own WebRTC attempt (8 s), so that a page whose
+    # WebRTC cannot connect falls back to MSE before the device drops it.
+    connect_timeout_s: float = Field(
+        30,
+        ge=10,
+        le=600,
+        description="Drop a WebRTC viewer not connected this long after the offer, or that "
+        "has sent nothing over its connection for this long since.",
+    )
     link_ttl_s: int = Field(
         3600, ge=10, le=7 * 86400, description="Lifetime of a signed live-page link."
     )

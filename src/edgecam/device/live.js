@@ -16,6 +16,8 @@
   window.edgecamLive = live;
 
   const RETRY_MS = 2000;
+  // No frame over WebRTC this soon: MSE instead. Shorter than the device's
+  // live.connect_timeout_s (at least 10 s), after which it drops a viewer not connected.
   const WEBRTC_TIMEOUT_MS = 8000;
   // MSE: how far behind the newest frame playback may fall before it jumps ahead.
   const MAX_LAG_S = 0.5;

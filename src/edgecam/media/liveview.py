@@ -10,7 +10,10 @@ One pipeline per camera, while started::
 Nothing is decoded or encoded: a viewer costs a queue and a payloader (WebRTC) or a socket
 write (MSE). The HTTP layer connects each browser through a :class:`ViewerLink` (how the
 view sends to it) and gets a :class:`Viewer` back (how the browser's messages reach the
-view). A viewer that sends nothing for ``live.viewer_timeout_s`` is dropped.
+view). A viewer that sends nothing for ``live.viewer_timeout_s`` is dropped, and so is a
+WebRTC viewer whose connection is not up ``live.connect_timeout_s`` after the offer, or
+from which nothing has come over it for that long since: keep-alives alone hold no place
+(nor a webrtcbin and its threads).
 
 The pipeline's clock runs on whether or not the camera's pipeline sends: when the inference
 worker restarts, its new stream continues the same timeline and viewers resume at its first
@@ -45,6 +48,7 @@ from edgecam.media.gst import (
     init,
     require_elements,
 )
+from edgecam.ratelimit import Every
 
 gi.require_version("GstSdp", "1.0")
 gi.require_version("GstWebRTC", "1.0")
@@ -57,10 +61,14 @@ log = logging.getLogger(__name__)
 ViewerKind = Literal["webrtc", "mse"]
 
 _ELEMENTS = ("udpsrc", "rtph264depay", "h264parse", "tee", "queue", "appsink")
-_WEBRTC_ELEMENTS = ("rtph264pay", "webrtcbin", "nicesrc")
+_ICE_SOURCE = "nicesrc"  # webrtcbin's: what the browser sends comes out of it
+_WEBRTC_ELEMENTS = ("rtph264pay", "webrtcbin", _ICE_SOURCE)
 _CALL_TIMEOUT_S = 10.0
 _REAP_INTERVAL_S = 1
 _RECOVER_INTERVAL_S = 2.0  # after an error, the view starts afresh at most this often
+# WebRTC viewers dropped for not connecting (or for going silent) are warned of at most this
+# often: a script that keeps trying is one line a minute, not one a viewer.
+_DEAD_WEBRTC_LOG_S = 60.0
 # Frames queued towards one WebRTC viewer before the oldest are dropped (about 2 s).
 _BRANCH_QUEUE_BUFFERS = 60
 # Until two frames give a real one: 30 fps.
@@ -122,6 +130,20 @@ def refuse_candidate(candidate: str) -> str | None:
     ):
         return f"address {address} (unicast, not loopback or link-local, only)"
     return None
+
+
+def _elements_made_by(bin_: Gst.Bin, factory: str) -> list[Gst.Element]:
+    """The elements in ``bin_``, at any depth, that ``factory`` made."""
+    for _attempt in range(3):
+        try:
+            return [
+                element
+                for element in bin_.iterate_recurse()
+                if (made_by := element.get_factory()) is not None and made_by.get_name() == factory
+            ]
+        except Gst.IteratorError:
+            continue  # the bin changed while it was looked through: again
+    return []
 
 
 class ViewerLink(Protocol):
@@ -206,6 +228,8 @@ class LiveView:
         self._reaper: GLib.Source | None = None
         self._recovery: GLib.Source | None = None  # a fresh start after an error, pending
         self._recovered_at = -_RECOVER_INTERVAL_S
+        self._dead_webrtc_log = Every(_DEAD_WEBRTC_LOG_S)
+        self._dead_webrtc_unsaid = 0  # dropped since the last warning said so (main loop)
         # Stream state, written by the appsink thread only.
         self._writer: Fmp4Writer | None = None
         self._caps: Gst.Caps | None = None
@@ -428,12 +452,38 @@ class LiveView:
         return False
 
     def _reap(self) -> bool:
-        deadline = self._clock() - self._config.viewer_timeout_s
+        now = self._clock()
+        deadline = now - self._config.viewer_timeout_s
         with self._lock:
-            stale = [v for v in self._viewers.values() if v.last_seen < deadline]
-        for viewer in stale:
-            self._drop(viewer, "no keep-alive from the browser")
+            viewers = list(self._viewers.values())
+        for viewer in viewers:
+            branch = viewer._branch
+            if viewer.last_seen < deadline:
+                self._drop(viewer, "no keep-alive from the browser")
+            elif branch is not None and branch.silent_s(now) > self._config.connect_timeout_s:
+                self._drop_dead_webrtc(viewer, branch.connected_once)
         return True
+
+    def _drop_dead_webrtc(self, viewer: Viewer, connected_once: bool) -> None:
+        """Drop a WebRTC viewer past ``live.connect_timeout_s``, and warn of it once in a
+        while (main loop)."""
+        timeout = self._config.connect_timeout_s
+        if connected_once:
+            why = f"nothing over its WebRTC connection for {timeout:g} s"
+        else:
+            why = f"WebRTC not connected {timeout:g} s after the offer"
+        self._drop(viewer, why)
+        self._dead_webrtc_unsaid += 1
+        if self._dead_webrtc_log.due():
+            more = self._dead_webrtc_unsaid - 1
+            log.warning(
+                "live view of %s: webrtc viewer %d dropped, %s (live.connect_timeout_s)%s",
+                self.camera,
+                viewer.id,
+                why,
+                f"; {more} more such since the last line" if more else "",
+            )
+            self._dead_webrtc_unsaid = 0
 
     # -- the stream (appsink thread) ------------------------------------------------------
 
@@ -534,6 +584,10 @@ class _WebRtcBranch:
     the browser answers. The branch joins the tee only once the answer is applied: webrtcbin
     holds data back until it is negotiated, and a streaming thread held inside it would
     block the branch's teardown. Built and torn down in the view's main loop thread.
+
+    Whether the browser is at the other end is told by what comes from it, not by
+    webrtcbin's connection state alone, which (1.22, with libnice) still said "connected"
+    40 s after the browser had closed its end: see :meth:`silent_s`.
     """
 
     def __init__(self, view: LiveView, viewer: Viewer) -> None:
@@ -547,9 +601,27 @@ class _WebRtcBranch:
         self._pipeline: Gst.Pipeline | None = None
         self._tee: Gst.Element | None = None
         self._remote_candidates = 0
+        # The last time the browser was known to be there: the offer, the connection's
+        # going up or down, then each packet from it while connected (its RTCP reports keep
+        # coming, about one a second, whether or not the camera sends). Written by
+        # GStreamer threads, read by the reaper.
+        self._alive_at = 0.0
+        self._connected = False
+        self._listening = False  # a probe sees the packets from the browser
+        self.connected_once = False
+
+    def silent_s(self, now: float) -> float:
+        """How long the browser has not been known to be there: since the offer while the
+        connection is not up; since the last packet from it once it is (or, where its
+        packets cannot be watched, 0 while webrtcbin calls it connected). 0 before the
+        offer (the stream has not started)."""
+        if not self.attached or (self._connected and not self._listening):
+            return 0.0
+        return now - self._alive_at
 
     def attach(self, pipeline: Gst.Pipeline, tee: Gst.Element, profile_level_id: str) -> None:
         self.attached = True
+        self._alive_at = self.view._clock()
         queue = Gst.ElementFactory.make("queue")
         queue.set_property("leaky", 2)  # downstream: drop the oldest
         queue.set_property("max-size-buffers", _BRANCH_QUEUE_BUFFERS)
@@ -691,6 +763,37 @@ class _WebRtcBranch:
 
     def _on_connection_state(self, webrtc: Gst.Element, _pspec: object) -> None:
         state = webrtc.get_property("connection-state")
+        view, viewer = self.view, self.viewer
+        connected = state == GstWebRTC.WebRTCPeerConnectionState.CONNECTED
+        if connected != self._connected:
+            self._alive_at = view._clock()  # up, or down: a silence counts from here
+            self._connected = connected
+        if connected and not self.connected_once:
+            self.connected_once = True
+            view._later(self._listen)
         if state == GstWebRTC.WebRTCPeerConnectionState.FAILED:
-            view, viewer = self.view, self.viewer
             view._later(lambda: view._drop(viewer, "WebRTC connection failed"))
+
+    def _listen(self) -> None:
+        """Watch for packets from the browser (main loop, once connected): a probe on
+        webrtcbin's ICE source, which passes on all that the browser sends but ICE's own
+        checks (DTLS, SRTP, SRTCP)."""
+        webrtc = self._webrtc
+        if webrtc is None:
+            return  # dropped meanwhile
+        for source in _elements_made_by(webrtc, _ICE_SOURCE):
+            probe = Gst.PadProbeType.BUFFER | Gst.PadProbeType.BUFFER_LIST
+            source.get_static_pad("src").add_probe(probe, self._heard)
+            self._listening = True
+        if not self._listening:
+            log.warning(
+                "viewer %d: no ICE source found in webrtcbin; its connection counts as alive "
+                "for as long as webrtcbin calls it connected",
+                self.viewer.id,
+            )
+
+    def _heard(self, _pad: Gst.Pad, _info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
+        """A packet from the browser (a streaming thread: only its time is kept)."""
+        if self._connected:
+            self._alive_at = self.view._clock()
+        return Gst.PadProbeReturn.OK
