@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -147,3 +148,25 @@ def _fmt(value: object) -> str:
 
 def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
+
+
+def start_broker(folder: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A Mosquitto of the bench's own on a free loopback port (anonymous, queues unbounded):
+    its process and port."""
+    from edgecam.ports import free_port
+
+    port = free_port()
+    conf = folder / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "max_queued_messages 10000000\nmax_inflight_messages 0\nlog_type error\n"
+    )
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    proc = subprocess.Popen([exe, "-c", str(conf)])
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("mosquitto did not start")

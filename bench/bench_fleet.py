@@ -19,7 +19,6 @@ import argparse
 import multiprocessing as mp
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
-import _common  # noqa: F401  (puts src/ on sys.path)
+import _common  # puts src/ on sys.path
 import httpx
 import paho.mqtt.client as mqtt
 import psutil
@@ -49,24 +48,6 @@ DAY_DEVICE = "day-cam"
 PG_DEFAULT = os.environ.get(
     "EDGECAM_TEST_PG", "postgresql://edgecam_test:edgecam_test@127.0.0.1:5432/edgecam_test"
 )
-
-
-def start_broker(folder: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    conf = folder / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_queued_messages 10000000\nmax_inflight_messages 0\nlog_type error\n"
-    )
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    proc = subprocess.Popen([exe, "-c", str(conf)])
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("mosquitto did not start")
 
 
 def fresh_database(admin_url: str) -> tuple[str, str]:
@@ -268,7 +249,7 @@ def drain_backlog(
 
 def run_once(args: argparse.Namespace, processes: int, work: Path) -> dict[str, object]:
     url, dbname = fresh_database(args.pg)
-    broker, port = start_broker(work)
+    broker, port = _common.start_broker(work)
     server = None
     try:
         t0 = time.perf_counter()

@@ -17,8 +17,6 @@ import argparse
 import ctypes
 import importlib.util
 import secrets
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,24 +38,6 @@ DEVICE = "cam-1"
 PREFIX = "bench"
 # Publishes in flight before the publisher waits for the broker's acknowledgements.
 WINDOW = 500
-
-
-def start_broker(folder: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    conf = folder / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_queued_messages 10000000\nmax_inflight_messages 0\nlog_type error\n"
-    )
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    proc = subprocess.Popen([exe, "-c", str(conf)])
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("mosquitto did not start")
 
 
 def publish_alerts(port: int, count: int, size: int) -> None:
@@ -116,7 +96,7 @@ def main() -> None:
     print(c.machine_note())
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        broker, port = start_broker(work)
+        broker, port = c.start_broker(work)
         url = f"sqlite:///{work / 'server.db'}"
         settings = Settings.model_validate(
             {
