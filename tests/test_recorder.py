@@ -547,12 +547,24 @@ def _clip_files(clips: Path, mtimes: list[float]) -> list[Path]:
     return paths
 
 
+def _fake_clocks(monkeypatch: pytest.MonkeyPatch, clock: dict[str, float]) -> None:
+    """The wall clock and the time since boot (``steady``), which the monotonic clock
+    follows unless ``awake`` is given: on Linux it stands still while suspended."""
+    real = time.clock_gettime
+    monkeypatch.setattr(time, "time", lambda: clock["wall"])
+    monkeypatch.setattr(time, "monotonic", lambda: clock.get("awake", clock["steady"]))
+    monkeypatch.setattr(
+        time,
+        "clock_gettime",
+        lambda which: clock["steady"] if which == time.CLOCK_BOOTTIME else real(which),
+    )
+
+
 def test_a_clock_stepped_forward_by_years_does_not_age_the_clips(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = {"wall": 1_000_000.0, "steady": 900.0}  # booted at 1970 (no clock battery)
-    monkeypatch.setattr(time, "time", lambda: clock["wall"])
-    monkeypatch.setattr(time, "monotonic", lambda: clock["steady"])
+    _fake_clocks(monkeypatch, clock)
     clips = tmp_path / "clips"
     clips.mkdir()
     month = 30 * 86400
@@ -572,6 +584,46 @@ def test_a_clock_stepped_forward_by_years_does_not_age_the_clips(
     clock["steady"] += month
     clock["wall"] += month
     assert len(recorder.apply_retention()) == 2  # they still age
+
+
+def test_a_step_shorter_than_the_uptime_moves_the_clips_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NTP correcting a clock 10 min behind, an hour after boot: the recorder and the file
+    server both see the step, and the clips move by it once (before, a clip moved by the
+    first lay again in the old clock's range for the second, and moved twice)."""
+    clock = {"wall": 1_700_000_000.0, "steady": 3600.0}
+    _fake_clocks(monkeypatch, clock)
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    day = 86400
+
+    def store() -> ClipStore:
+        return ClipStore(clips, max_bytes=10**9, max_age_s=day, min_free_bytes=0)
+
+    recorder, fileserver = store(), store()
+    paths = _clip_files(clips, [clock["wall"] - 3000, clock["wall"] - 60])
+    clock["steady"] += 60
+    clock["wall"] += 60 + 600
+    assert recorder.apply_retention() == []
+    assert fileserver.apply_retention() == []
+    now = clock["wall"]
+    assert [p.stat().st_mtime for p in paths] == [now - 3060, now - 120]
+
+
+def test_a_suspend_is_no_clock_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine suspended for a day: its clips are as old as they are (before, the monotonic
+    clock standing still read as the wall clock stepped a day, and they were moved a day on,
+    kept a day longer at each suspend)."""
+    clock = {"wall": 1_700_000_000.0, "steady": 3600.0, "awake": 3600.0}
+    _fake_clocks(monkeypatch, clock)
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    store = ClipStore(clips, max_bytes=10**9, max_age_s=86400, min_free_bytes=0)
+    (path,) = _clip_files(clips, [clock["wall"] - 60])
+    clock["steady"] += 86400
+    clock["wall"] += 86400
+    assert store.apply_retention() == [path.name]
 
 
 def test_a_clip_dated_before_the_clock_was_set_ages_from_when_it_is_seen(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import itertools
 import json
@@ -85,6 +86,10 @@ _CLOCK_STEP_S = 300.0
 # A clip modified before this (2020-01-01) was written by a clock not yet set (a board
 # without a clock battery boots at 1970): its age is unknown.
 _CLOCK_FLOOR = 1_577_836_800.0
+# In the clips folder: the boot and the wall time at boot that the clips' dates follow, so
+# that of the processes sharing the folder only the first to see a step re-dates them.
+_CLOCK_MARK = ".clock-step"
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
 class ClipError(EdgecamError):
@@ -550,7 +555,7 @@ class ClipStore:
         # remove them all when it starts, as no one else writes them. "." is in no camera name.
         self._tmp_prefix = f"{_TMP_PREFIX}{owner}." if owner is not None else _TMP_PREFIX
         # Wall time less monotonic time: the wall time at boot, as long as nobody steps it.
-        self._boot_wall = time.time() - time.monotonic()
+        self._boot_wall = time.time() - _since_boot()
 
     def remove_own_leftovers(self) -> list[str]:
         """Remove the work folders of this store's owner left by a run that was killed
@@ -801,19 +806,41 @@ class ClipStore:
         move the clips written since boot under the old clock by the same step: their age
         is the time since they were written, not the years the clock was wrong by.
 
-        Idempotent across the processes that share the folder: a moved clip lies past the
-        old clock's range and is not moved again.
+        Once per step across the processes that share the folder (each recorder, the file
+        server), by a mark in the folder taken under a lock: a moved clip's date alone does
+        not tell it was moved, when the step is shorter than the time since boot.
         """
-        boot_wall = time.time() - time.monotonic()
+        boot_wall = time.time() - _since_boot()
         step, old_boot = boot_wall - self._boot_wall, self._boot_wall
         self._boot_wall = boot_wall
         if step <= _CLOCK_STEP_S:
             return  # set back: clips are kept longer by as much, never deleted early
-        stepped_at = old_boot + time.monotonic()  # now, by the old clock
-        moved = 0
-        for clip in self.clips():
-            if old_boot <= clip.mtime <= stepped_at:
-                moved += self._set_mtime(clip, clip.mtime + step)
+        stepped_at = old_boot + _since_boot()  # now, by the old clock
+        boot = _boot_id()
+        try:
+            fd = os.open(self.folder / _CLOCK_MARK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            log.warning("cannot open %s: %s", self.folder / _CLOCK_MARK, exc)
+            fd = None
+        try:
+            if fd is not None:
+                # Held while the clips are moved: another process waits, then finds them moved.
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                seen = os.pread(fd, 100, 0).decode(errors="replace").split()
+                if len(seen) == 2 and seen[0] == boot:
+                    with contextlib.suppress(ValueError):
+                        if abs(float(seen[1]) - boot_wall) <= _CLOCK_STEP_S:
+                            return  # another process sharing the folder moved them
+            moved = 0
+            for clip in self.clips():
+                if old_boot <= clip.mtime <= stepped_at:
+                    moved += self._set_mtime(clip, clip.mtime + step)
+            if fd is not None:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{boot} {boot_wall:.0f}".encode(), 0)
+        finally:
+            if fd is not None:
+                os.close(fd)
         log.warning(
             "the wall clock was stepped forward %.0f s; %d clip(s) written before that are "
             "dated by the new clock, so that retention does not take them for old",
@@ -862,6 +889,19 @@ class ClipStore:
                 and now - entry.stat().st_mtime > 60
             ):
                 path.unlink(missing_ok=True)
+
+
+def _since_boot() -> float:
+    """Seconds since boot, the time suspended included: waking from a suspend is no step of
+    the wall clock (the monotonic clock stands still while suspended)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def _boot_id() -> str:
+    try:
+        return _BOOT_ID.read_text().strip() or "-"
+    except OSError:
+        return "-"
 
 
 def _digest(path: Path) -> tuple[int, str]:
