@@ -399,6 +399,29 @@ def test_a_run_whose_clock_is_set_back_keeps_its_state_shown(
     wait_until(lambda: version() == "third")  # "late" was never shown: it was older
 
 
+def test_a_reconnection_in_one_batch_after_the_clock_was_set_back_shows_the_device_online(
+    engine: Engine,
+) -> None:
+    """The broker publishes a run's last will as the device reconnects, then its new
+    ``online``: both may come in one batch. In the order they came, not by the device's
+    clock: once that clock was set back, the will (made before) had the later timestamp,
+    and the device, back online, was shown offline until its next status."""
+    store = Store(engine)
+    now, started = time.time(), time.time() - 600
+    run = {"device": "cam-1", "started": started}
+    will = Status(**run, state="offline", seq=1, ts=started)
+    store.write([("cam-1", Status(**run, state="online", seq=2, ts=started + 1))])
+    store.write([("cam-1", Status(**run, state="online", seq=5, ts=now - 3 * 3600))])
+    store.write(
+        [
+            ("cam-1", will),
+            ("cam-1", Status(**run, state="online", seq=7, ts=now - 3 * 3600 + 30)),
+        ]
+    )
+    with engine.connect() as conn:
+        assert conn.scalar(select(db.Device.online).where(db.Device.name == "cam-1"))
+
+
 def _sqlite_heap() -> int:
     """Bytes that SQLite holds in this process (all its connections), by its own count."""
     spec = importlib.util.find_spec("_sqlite3")

@@ -270,7 +270,9 @@ class Store:
     def _write_status(self, conn: Connection, items: list[tuple[str, Status]], now: float) -> int:
         rows = [{"id": m.id, "device": device, "ts": m.ts, "state": m.state} for device, m in items]
         new = _insert_new(conn, _t(db.StatusRow), rows)
-        for device, m in sorted(items, key=lambda item: item[1].ts):
+        # In the order they came, as a batch of one would be: a device's clock set back
+        # (or a last will made at connect) gives no order a batch may go by.
+        for device, m in items:
             current = conn.execute(
                 select(
                     db.Device.online, db.Device.state_ts, db.Device.started, db.Device.status_seq
