@@ -54,6 +54,9 @@ class UploadRefused(UploadError):
 class ClipUnreadable(UploadRefused):
     """The clip itself cannot be read here (a failing card, its permissions)."""
 
+    def __init__(self, path: Path, exc: OSError) -> None:
+        super().__init__(f"clip {path.name} cannot be read: {exc}")
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
@@ -81,7 +84,7 @@ def upload_clip(
         sha = clip_ready.sha256 if clip_ready is not None else sha256_file(path)
         size = path.stat().st_size
     except OSError as exc:
-        raise ClipUnreadable(f"clip {path.name} cannot be read: {exc}") from exc
+        raise ClipUnreadable(path, exc) from exc
     name = clip_ready.name if clip_ready is not None else path.name
     url = urllib.parse.urlsplit(base_url)
     if url.scheme not in ("http", "https") or not url.hostname:
@@ -130,7 +133,7 @@ def _put(
     try:
         f = path.open("rb")
     except OSError as exc:
-        raise ClipUnreadable(f"clip {path.name} cannot be read: {exc}") from exc
+        raise ClipUnreadable(path, exc) from exc
     kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
     conn = kind(url.hostname or "", url.port, timeout=timeout)
     try:
@@ -143,7 +146,7 @@ def _put(
                 try:
                     chunk = f.read(CHUNK)
                 except OSError as exc:  # the clip's own storage, not the network
-                    raise ClipUnreadable(f"clip {path.name} cannot be read: {exc}") from exc
+                    raise ClipUnreadable(path, exc) from exc
                 if not chunk:
                     break
                 try:
