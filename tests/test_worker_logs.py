@@ -176,37 +176,52 @@ def test_a_link_planted_as_a_workers_log_is_not_followed(
     assert oct(os.stat(tmp_path / "inference.log").st_mode & 0o777) == "0o600"
 
 
+_MODEST = "import time\ntime.sleep(60)\n"
+
+
+def _supervising(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, streaming: str, **supervisor: object
+) -> Supervisor:
+    """A supervisor whose workers are Python scripts: ``streaming`` for the streaming worker,
+    one that only sleeps for the others; started."""
+    from edgecam.device import supervisor as module
+
+    def command(name: str, camera: str | None, config: Path | None) -> list[str]:
+        return [sys.executable, "-c", streaming if name == "streaming" else _MODEST]
+
+    monkeypatch.setattr(module, "worker_command", command)
+    settings = Settings.model_validate(
+        {
+            "cameras": [{"name": "main", "source": str(tmp_path / "a.mp4")}],
+            "supervisor": {"max_worker_rss_mb": 150, **supervisor},
+        }
+    )
+    sup = Supervisor(settings, None, None)
+    sup.start_all()
+    return sup
+
+
+def _poll_until(sup: Supervisor, done: Callable[[], bool], end: float, why: str = "") -> None:
+    """Run the supervisor's loop until ``done``; fail past ``end`` (monotonic)."""
+    while not done():
+        assert time.monotonic() < end, why
+        sup.poll()
+        time.sleep(0.02)
+
+
 def test_a_worker_past_its_memory_bound_is_killed_and_restarted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A worker that grows (a leak, or a client feeding it: 32 MB of RTSP header lines
     took 44 MB of the streaming worker's) is restarted before it takes the machine."""
-    from edgecam.device import supervisor
-
     hog = "x = bytearray(200 * 2**20)\nimport time\ntime.sleep(60)\n"
-    modest = "import time\ntime.sleep(60)\n"
-
-    def command(name: str, camera: str | None, config: Path | None) -> list[str]:
-        return [sys.executable, "-c", hog if name == "streaming" else modest]
-
-    monkeypatch.setattr(supervisor, "worker_command", command)
-    settings = Settings.model_validate(
-        {
-            "cameras": [{"name": "main", "source": str(tmp_path / "a.mp4")}],
-            "supervisor": {"max_worker_rss_mb": 150, "restart_min_s": 0.1},
-        }
-    )
-    sup = Supervisor(settings, None, None)
     caplog.set_level(logging.INFO, logger="edgecam.device.supervisor")
-    sup.start_all()
+    sup = _supervising(tmp_path, monkeypatch, hog, restart_min_s=0.1)
     others = {k: c.pid for k, c in sup.children.items() if c.name != "streaming"}
     try:
-        end = time.monotonic() + 20
-        while sup.children["streaming"].restarts < 1:
-            assert time.monotonic() < end, caplog.text
-            sup.poll()
-            time.sleep(0.05)
-        error = sup.children["streaming"].error or ""
+        streaming = sup.children["streaming"]
+        _poll_until(sup, lambda: streaming.restarts >= 1, time.monotonic() + 20, caplog.text)
+        error = streaming.error or ""
         assert "over supervisor.max_worker_rss_mb (150)" in error and "SIGKILL" in error
         assert "worker streaming uses" in caplog.text
         # The others, well within the bound, were left alone.
@@ -223,45 +238,26 @@ def test_why_a_worker_was_killed_is_said_of_that_death_alone(
     "exit 3; exit 3; ...; killed by SIGKILL; used 213 MiB, over ...", growing in every status
     the device sent for as long as the crash loop lasted (past the 64 KiB payload limit in
     days), and blaming the memory bound for deaths it had no part in."""
-    from edgecam.device import supervisor
-
     ran = tmp_path / "ran"
     hog_once = (
         f"import pathlib, sys, time\nran = pathlib.Path({str(ran)!r})\n"
         "if ran.exists():\n    sys.exit(3)\n"
         "ran.touch()\nx = bytearray(200 * 2**20)\ntime.sleep(60)\n"
     )
-    modest = "import time\ntime.sleep(60)\n"
-
-    def command(name: str, camera: str | None, config: Path | None) -> list[str]:
-        return [sys.executable, "-c", hog_once if name == "streaming" else modest]
-
-    monkeypatch.setattr(supervisor, "worker_command", command)
-    settings = Settings.model_validate(
-        {
-            "cameras": [{"name": "main", "source": str(tmp_path / "a.mp4")}],
-            "supervisor": {
-                "max_worker_rss_mb": 150,
-                "restart_min_s": 0.05,
-                "restart_max_s": 0.05,
-                "crash_loop_restarts": 100,
-            },
-        }
+    sup = _supervising(
+        tmp_path,
+        monkeypatch,
+        hog_once,
+        restart_min_s=0.05,
+        restart_max_s=0.05,
+        crash_loop_restarts=100,
     )
-    sup = Supervisor(settings, None, None)
-    sup.start_all()
     streaming = sup.children["streaming"]
     try:
         end = time.monotonic() + 20
-        while streaming.restarts < 1:
-            assert time.monotonic() < end
-            sup.poll()
-            time.sleep(0.02)
+        _poll_until(sup, lambda: streaming.restarts >= 1, end)
         assert "over supervisor.max_worker_rss_mb (150)" in (streaming.error or "")
-        while streaming.restarts < 5:
-            assert time.monotonic() < end
-            sup.poll()
-            time.sleep(0.02)
+        _poll_until(sup, lambda: streaming.restarts >= 5, end)
         assert streaming.error == "exit 3"
     finally:
         sup.stop_all(force=True)
