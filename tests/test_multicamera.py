@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,24 @@ def _wait_for(pred: Callable[[], bool], timeout: float) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _serving(settings: Settings, sock: Path) -> Iterator[tuple[InferenceWorker, threading.Thread]]:
+    """An inference worker sending its events to ``sock``, and the thread to serve it on:
+    both for the test to start; stopped and closed after it, in that order."""
+    sender = EventSender(sock)
+    worker = InferenceWorker(WorkerContext(settings, None, sender))
+    stop = threading.Event()
+    server = threading.Thread(target=worker.serve, args=(stop,), daemon=True)
+    try:
+        yield worker, server
+    finally:
+        stop.set()
+        if server.is_alive():
+            server.join(timeout=30)
+        worker.close()
+        sender.close()
+
+
 def test_three_cameras_in_one_process_and_one_lost_camera_disturbs_no_other(
     tmp_path: Path,
 ) -> None:
@@ -205,11 +224,11 @@ def test_three_cameras_in_one_process_and_one_lost_camera_disturbs_no_other(
         {"cameras": cameras, "vision": {"profile": "mask", "detect_fps": 3}}
     )
     frames = _Frames(tmp_path / "events.sock")
-    sender = EventSender(tmp_path / "events.sock")
-    worker = InferenceWorker(WorkerContext(settings, None, sender))
-    stop = threading.Event()
-    server = threading.Thread(target=worker.serve, args=(stop,), daemon=True)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(frames.close)
+        for remote in remotes.values():
+            cleanup.callback(remote.kill)
+        worker, server = cleanup.enter_context(_serving(settings, tmp_path / "events.sock"))
         for remote in remotes.values():
             remote.start()
         worker.start()
@@ -251,14 +270,6 @@ def test_three_cameras_in_one_process_and_one_lost_camera_disturbs_no_other(
         # The faces clip is tracked under its own camera's name only.
         assert any(f.tracks for f in frames.frames if f.camera == "door")
         assert worker.batcher is not None and worker.batcher.stats.frames > 0
-    finally:
-        stop.set()
-        server.join(timeout=30)
-        worker.close()
-        sender.close()
-        frames.close()
-        for remote in remotes.values():
-            remote.kill()
     assert not server.is_alive()
 
 
@@ -400,22 +411,13 @@ def test_cameras_the_detector_cannot_keep_up_with_are_said_to_be_behind(
         vision={"profile": "mask", "detect_fps": 30},
         runtime={"dir": tmp_path / "run"},
     )
-    sender = EventSender(tmp_path / "x.sock")
-    worker = InferenceWorker(WorkerContext(settings, None, sender))
-    stop = threading.Event()
-    server = threading.Thread(target=worker.serve, args=(stop,), daemon=True)
-    try:
+    with _serving(settings, tmp_path / "x.sock") as (worker, server):
         worker.start()
         server.start()
         cams = ("c0", "c1", "c2")
         assert _wait_for(lambda: all(worker.status()["cameras"][c]["behind"] for c in cams), 15)
         assert not worker.status()["cameras"]["off"]["behind"]
         assert worker.healthy()  # behind is said, not a fault to restart for
-    finally:
-        stop.set()
-        server.join(timeout=30)
-        worker.close()
-        sender.close()
     said = [r.getMessage() for r in caplog.records if "cannot keep up" in r.getMessage()]
     assert sorted(m.split(":")[0] for m in said) == ["camera c0", "camera c1", "camera c2"]
 
@@ -446,11 +448,9 @@ def test_a_window_the_video_did_not_fill_does_not_say_behind(
     settings = Settings.model_validate(
         {"cameras": cameras, "vision": {"profile": "mask", "detect_fps": 3}}
     )
-    sender = EventSender(tmp_path / "x.sock")
-    worker = InferenceWorker(WorkerContext(settings, None, sender))
-    stop = threading.Event()
-    server = threading.Thread(target=worker.serve, args=(stop,), daemon=True)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(door.kill)
+        worker, server = cleanup.enter_context(_serving(settings, tmp_path / "x.sock"))
         worker.start()
         started = time.monotonic()
         server.start()
@@ -460,10 +460,4 @@ def test_a_window_the_video_did_not_fill_does_not_say_behind(
         cams = worker.status()["cameras"]
         assert cams["short"]["finished"] and worker.figures()["door/frames_out"] > 0
         assert not cams["short"]["behind"] and not cams["door"]["behind"]
-    finally:
-        stop.set()
-        server.join(timeout=30)
-        worker.close()
-        sender.close()
-        door.kill()
     assert "cannot keep up" not in caplog.text
